@@ -1,0 +1,27 @@
+"""Physics systems, their registry, excitation signals and the scipy reference solver.
+
+Pure numpy/scipy: importing this package never imports torch.
+"""
+
+from twin_ml.physics.registry import list_systems as list_systems
+from twin_ml.physics.registry import make_system as make_system
+from twin_ml.physics.registry import register_system as register_system
+from twin_ml.physics.registry import system_class as system_class
+from twin_ml.physics.signals import SIGNAL_KINDS as SIGNAL_KINDS
+from twin_ml.physics.signals import SignalSpec as SignalSpec
+from twin_ml.physics.solver import SolverSettings as SolverSettings
+from twin_ml.physics.solver import SolveResult as SolveResult
+from twin_ml.physics.solver import solve_looped as solve_looped
+from twin_ml.physics.solver import solve_stacked as solve_stacked
+from twin_ml.physics.system import Input as Input
+from twin_ml.physics.system import Output as Output
+from twin_ml.physics.system import Parameter as Parameter
+from twin_ml.physics.system import PhysicsSystem as PhysicsSystem
+from twin_ml.physics.system import Regime as Regime
+from twin_ml.physics.system import State as State
+
+__all__ = [
+    "Input", "Output", "Parameter", "PhysicsSystem", "Regime", "SIGNAL_KINDS", "SignalSpec",
+    "SolveResult", "SolverSettings", "State", "list_systems", "make_system", "register_system",
+    "solve_looped", "solve_stacked", "system_class",
+]

@@ -1,0 +1,62 @@
+"""One registry for the closed set of physics systems: by registered name or by import path."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, TypeVar
+
+from twin_ml.physics.system import PhysicsSystem
+
+_SYSTEMS: dict[str, type[PhysicsSystem]] = {}
+S = TypeVar("S", bound=type[PhysicsSystem])
+
+
+def register_system(name: str) -> Callable[[S], S]:
+    """Class decorator: make a PhysicsSystem subclass available as ``system.name=<name>``."""
+
+    def deco(cls: S) -> S:
+        if not (isinstance(cls, type) and issubclass(cls, PhysicsSystem)):
+            raise TypeError(f"@register_system({name!r}) decorates PhysicsSystem subclasses, got {cls!r}")
+        known = _SYSTEMS.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"system name {name!r} is already registered by {known.__module__}.{known.__qualname__}")
+        cls.name = name
+        _SYSTEMS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_systems() -> list[str]:
+    """Registered system names (the shipped ones, plus any a user module registered)."""
+    import twin_ml.physics.systems  # noqa: F401  (registers the shipped systems)
+
+    return sorted(_SYSTEMS)
+
+
+def system_class(name: str) -> type[PhysicsSystem]:
+    """The class for a registered name, or an import path ``pkg.module:Class`` / ``pkg.module.Class``."""
+    known = list_systems()
+    if name in _SYSTEMS:
+        return _SYSTEMS[name]
+    if "." in name or ":" in name:
+        module, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise KeyError(f"system {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
+        if not (isinstance(cls, type) and issubclass(cls, PhysicsSystem)):
+            raise KeyError(f"system {name!r} is not a PhysicsSystem subclass")
+        if not cls.name:
+            cls.name = name  # an unregistered class is addressed by its import path
+        return cls
+    raise KeyError(f"unknown system {name!r}; known systems: {', '.join(known)} (or an import path pkg.module:Class)")
+
+
+def make_system(name: str, **options: Any) -> PhysicsSystem:
+    """Build a system by registered name or import path; `options` go to its constructor.
+
+    >>> make_system("pendulum").parameter_names
+    ['length', 'damping', 'mass']
+    """
+    return system_class(name)(**options)

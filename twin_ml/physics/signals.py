@@ -1,0 +1,131 @@
+"""Excitation signals on a time grid, and their interpolation in between.
+
+Every signal is drawn on the grid `t [T]` from a small set of design variables (`offset`,
+`amplitude`; these are what a scenario design samples) plus a per-scenario random generator for
+what is random inside a signal (step levels, PRBS sequence, multisine phases, noise). Values are
+clipped to the input's allowed range.
+
+Kinds (all seeded, all `make_signal(kind=..., **options)`):
+
+- ``constant``: ``offset``.
+- ``step``: a step sequence; a new level every ``hold`` time units, levels uniform in
+  offset +- amplitude.
+- ``ramp``: a linear ramp from offset - amplitude to offset + amplitude over the horizon
+  (``direction: down`` reverses it).
+- ``prbs``: a maximum-length pseudo-random binary sequence between offset +- amplitude, clocked
+  every ``hold`` time units.
+- ``multisine``: ``n_tones`` sines with frequencies log-spaced in [f_min, f_max] and random
+  phases, scaled so the peak is ``amplitude``.
+- ``bandlimited``: white noise through a 4th-order Butterworth low-pass at ``f_cut``, scaled so
+  the peak is ``amplitude``.
+
+Frequencies are in cycles per time unit of the system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from array_api_compat import array_namespace
+from scipy import signal as sps
+
+SIGNAL_KINDS = ("constant", "step", "ramp", "prbs", "multisine", "bandlimited")
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """How one input is excited. Unset frequency/hold options default from the horizon."""
+
+    kind: str = "multisine"
+    hold: float | None = None  # step / prbs: time between level changes
+    f_min: float | None = None  # multisine: lowest frequency
+    f_max: float | None = None  # multisine: highest frequency
+    n_tones: int = 8  # multisine
+    f_cut: float | None = None  # bandlimited: cut-off frequency
+    direction: Literal["up", "down"] = "up"  # ramp
+
+    def __post_init__(self):
+        if self.kind not in SIGNAL_KINDS:
+            raise ValueError(f"signal kind {self.kind!r} is unknown; must be one of {SIGNAL_KINDS}")
+        for k in ("hold", "f_min", "f_max", "f_cut"):
+            v = getattr(self, k)
+            if v is not None and not v > 0:
+                raise ValueError(f"signal {self.kind}: {k} must be > 0, got {v}")
+        if self.n_tones < 1:
+            raise ValueError(f"signal multisine: n_tones must be >= 1, got {self.n_tones}")
+        if self.direction not in ("up", "down"):
+            raise ValueError(f"signal ramp: direction must be 'up' or 'down', got {self.direction!r}")
+
+
+def make_signal(kind: str = "multisine", **options: Any) -> SignalSpec:
+    return SignalSpec(kind=kind, **options)
+
+
+def generate(
+    spec: SignalSpec,
+    t: np.ndarray,
+    offset: float,
+    amplitude: float,
+    rng: np.random.Generator,
+    *,
+    clip: tuple[float, float] = (-np.inf, np.inf),
+) -> np.ndarray:
+    """The signal [T] on grid t [T] for one scenario."""
+    t = np.asarray(t, dtype=np.float64)
+    span = float(t[-1] - t[0]) if t.size > 1 else 1.0
+    dt = float(t[1] - t[0]) if t.size > 1 else 1.0
+    tau = t - t[0]
+    hold = spec.hold or span / 10.0
+    if spec.kind == "constant":
+        s = np.zeros_like(t)
+    elif spec.kind == "step":
+        n = int(np.floor(span / hold)) + 1
+        s = rng.uniform(-1.0, 1.0, size=n)[np.minimum((tau // hold).astype(int), n - 1)]
+    elif spec.kind == "ramp":
+        s = 2.0 * tau / span - 1.0
+        s = -s if spec.direction == "down" else s
+    elif spec.kind == "prbs":
+        n_clocks = int(np.floor(span / hold)) + 1
+        nbits = max(3, int(np.ceil(np.log2(n_clocks + 1))))
+        state = rng.integers(0, 2, size=nbits)
+        state[rng.integers(0, nbits)] = 1  # an all-zero register never leaves zero
+        seq = sps.max_len_seq(nbits, state=state, length=n_clocks)[0]
+        s = (2.0 * seq - 1.0)[np.minimum((tau // hold).astype(int), n_clocks - 1)]
+    elif spec.kind == "multisine":
+        f_lo = spec.f_min or 1.0 / span
+        f_hi = spec.f_max or min(10.0 / span, 0.25 / dt)
+        freqs = np.geomspace(f_lo, max(f_hi, f_lo), spec.n_tones)
+        phases = rng.uniform(0.0, 2 * np.pi, size=spec.n_tones)
+        s = np.sin(2 * np.pi * freqs[:, None] * tau[None, :] + phases[:, None]).sum(axis=0)
+        s = s / max(np.abs(s).max(), 1e-12)
+    else:  # bandlimited
+        f_cut = spec.f_cut or min(5.0 / span, 0.2 / dt)
+        wn = min(f_cut * 2.0 * dt, 0.99)  # normalized to Nyquist
+        sos = sps.butter(4, wn, output="sos")
+        pad = min(4 * int(np.ceil(1.0 / wn)), 10 * t.size)  # let the filter settle before t0
+        noise = rng.standard_normal(t.size + pad)
+        s = sps.sosfilt(sos, noise)[pad:]
+        s = s / max(np.abs(s).max(), 1e-12)
+    return np.clip(offset + amplitude * s, clip[0], clip[1])
+
+
+def interpolate(t_grid, u_grid, t, zoh_mask):
+    """u at time(s) t from values u_grid [..., T, nu] on t_grid [T].
+
+    Inputs with `zoh_mask[i]` True hold their last grid value (zero-order hold); the others are
+    linear in between. Outside the grid the end values hold. Works on numpy and torch arrays;
+    `t` is a scalar (returns [..., nu]).
+    """
+    xp = array_namespace(u_grid)
+    n = t_grid.shape[0]
+    # index of the grid interval holding t: t_grid[k] <= t < t_grid[k + 1]
+    k = int(np.clip(np.searchsorted(np.asarray(t_grid), float(t), side="right") - 1, 0, n - 1))
+    if k >= n - 1:
+        return u_grid[..., n - 1, :]
+    u0, u1 = u_grid[..., k, :], u_grid[..., k + 1, :]
+    w = (float(t) - float(t_grid[k])) / (float(t_grid[k + 1]) - float(t_grid[k]))
+    w = max(w, 0.0)
+    lin = u0 + w * (u1 - u0)
+    return xp.where(xp.asarray(zoh_mask), u0, lin)
