@@ -167,6 +167,7 @@ class ScenarioDesign:
         if not (isinstance(n_scenarios, (int, np.integer)) and n_scenarios > 0):
             raise ValueError(f"n_scenarios must be an integer > 0, got {n_scenarios!r}")
         box = self.box(system)
+        self.signal_specs(system)  # validate the signal options before anything runs
         d = len(box.names)
         unit = self._unit_sample(d, n_scenarios, seed)
         z_in = box.low + unit * (box.high - box.low)

@@ -1,0 +1,27 @@
+"""Shared pieces of the entry points: one-line errors, and the summary.json every command writes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from twin_ml._io import atomic_write_json
+
+# The configs/ tree of this checkout (the entry points run from an editable install of it).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def fail(err: BaseException, code: int = 2) -> NoReturn:
+    """Print a one-line error a user can act on and exit non-zero (no traceback for bad input)."""
+    while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
+        err = err.__cause__  # hydra wraps a constructor's own error; show that one
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = run_dir / "summary.json"
+    atomic_write_json(path, summary)
+    return path

@@ -1,0 +1,61 @@
+"""twin-generate: a physics system + a scenario design -> a dataset directory.
+
+    twin-generate system=pendulum n_scenarios=256 seed=0 out_dir=data/pendulum
+    twin-generate system.name=my_pkg.my_module:MySystem      # a system by import path
+
+Prints the path of summary.json last.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from training._common import CONFIG_DIR, fail, write_summary
+
+log = logging.getLogger("twin-generate")
+
+
+def generate(cfg: DictConfig) -> dict:
+    """Build the system, design and solver from `cfg`, generate the dataset, return the summary."""
+    from twin_ml.data import generate_dataset
+
+    log.info(f"Instantiating system <{cfg.system.name}>")
+    system = hydra.utils.instantiate(cfg.system, _convert_="all")
+    design = hydra.utils.instantiate(cfg.design, _convert_="all")
+    solver = hydra.utils.instantiate(cfg.solver, _convert_="all")
+    log.info(f"Generating {cfg.n_scenarios} scenarios of {system!r} into {cfg.out_dir}")
+    res = generate_dataset(
+        system, design, n_scenarios=cfg.n_scenarios, seed=cfg.seed, out_dir=cfg.out_dir, solver=solver,
+        shard_size=cfg.shard_size, workers=cfg.workers, overwrite=cfg.overwrite,
+        max_new_shards=cfg.max_new_shards, progress=cfg.progress,
+    )
+    summary = res.summary()
+    if res.complete:
+        (res.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = generate(cfg)
+    except (ValueError, KeyError, TypeError, InstantiationException) as e:
+        fail(e)
+    path = write_summary(Path(cfg.out_dir), summary)
+    c = summary["counts"] or {}
+    if summary["complete"]:
+        log.info(f"dataset {summary['dataset_sha256'][:16]}: {c.get('ok')} ok / {c.get('total')} scenarios "
+                 f"({c.get('failed')} failed) {summary['shape']}")
+    else:
+        log.info("stopped before the last shard (max_new_shards); run the same command again to resume")
+    print(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
