@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import zipfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,7 @@ def _shard_ok(path: Path, start: int, stop: int, n_t: int) -> bool:
         with np.load(path, allow_pickle=False) as z:
             return (set(z.files) == set(SHARD_KEYS) and np.array_equal(z["index"], np.arange(start, stop))
                     and z["t"].shape == (n_t,))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return False
 
 
