@@ -16,6 +16,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from twin_ml._io import atomic_write_bytes
 from training._common import CONFIG_DIR, fail, write_summary
 
 log = logging.getLogger("twin-generate")
@@ -37,7 +38,13 @@ def generate(cfg: DictConfig) -> dict:
     )
     summary = res.summary()
     if res.complete:
-        (res.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_bytes(res.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+        if cfg.plot:
+            from twin_ml.data import Dataset
+            from twin_ml.data.plots import plot_dataset
+
+            plot_dataset(Dataset.open(res.path), res.path / "overview.png")
+            summary["plot"] = str(res.path / "overview.png")
     return summary
 
 

@@ -46,7 +46,7 @@ from twin_ml.physics.system import PhysicsSystem
 FORMAT = "twin-ml/dataset/v1"
 MANIFEST, PROGRESS, SHARDS = "manifest.json", ".generating.json", "shards"
 SHARD_KEYS = ("t", "index", "split", "p", "x0", "u", "x", "y", "status", "reason", "signal")
-_OWN = {MANIFEST, PROGRESS, SHARDS, "summary.json", "config.yaml"}
+_OWN = {MANIFEST, PROGRESS, SHARDS, "summary.json", "config.yaml", "overview.png"}
 
 
 @dataclass
@@ -107,10 +107,14 @@ def generate_dataset(
     t = design.time_grid(system)
     specs = design.signal_specs(system)
     solver = solver.resolved(system)
-    settings = {
+    box = design.box(system)
+    settings = {  # everything the bytes depend on; a change to any of it is a different dataset
         "format": FORMAT,
-        "system": {"name": system.name, "options": system.options},
+        "system": system.describe(),
         "design": design.to_dict(),
+        "box": {n: [float(lo), float(hi)] for n, lo, hi in zip(box.names, box.low, box.high)},
+        "signals": {inp.name: vars(spec) for inp, spec in zip(system.inputs, specs)},
+        "time": [float(t[0]), float(t[-1]), int(t.size)],
         "solver": solver.to_dict(),
         "n_scenarios": int(n_scenarios),
         "seed": int(seed),
@@ -139,7 +143,7 @@ def generate_dataset(
     if missing:
         partial = {**settings, "settings_sha256": settings_sha, "shards_missing": len(missing)}
         return GenerationResult(out, partial, len(todo), reused, False, time.perf_counter() - t0)
-    manifest, failures = _finalize(out, system, design, solver, settings, settings_sha, scen, t, names, bounds)
+    manifest, failures = _finalize(out, system, solver, settings, settings_sha, scen, t, names, bounds)
     return GenerationResult(out, manifest, len(todo), reused, True, time.perf_counter() - t0, failures)
 
 
@@ -239,7 +243,7 @@ def _make_shard(system: PhysicsSystem, t: np.ndarray, specs: list[SignalSpec], s
     atomic_write_bytes(path, npz_bytes(arrays))
 
 
-def _finalize(out, system, design, solver, settings, settings_sha, scen, t, names, bounds):
+def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bounds):
     shards, failures = [], []
     for name, (a, b) in zip(names, bounds):
         with np.load(out / name, allow_pickle=False) as z:
@@ -256,16 +260,14 @@ def _finalize(out, system, design, solver, settings, settings_sha, scen, t, name
     counts.update(total=len(scen), ok=int((~status_all).sum()), failed=len(failures))
     dataset_sha = sha256_bytes(canonical_json({"settings_sha256": settings_sha,
                                                "shards": [s["sha256"] for s in shards]}).encode())
-    desc = system.describe()
-    box = design.box(system)
+    desc = settings["system"]
     manifest = {
         "format": FORMAT,
         "dataset_sha256": dataset_sha,
         "settings_sha256": settings_sha,
         "system": desc,
-        "design": {**settings["design"], "box": {n: [float(lo), float(hi)] for n, lo, hi in
-                                                  zip(box.names, box.low, box.high)}},
-        "signals": {inp.name: vars(spec) for inp, spec in zip(system.inputs, design.signal_specs(system))},
+        "design": {**settings["design"], "box": settings["box"]},
+        "signals": settings["signals"],
         "regimes": desc["regimes"],
         "solver": solver.to_dict(),
         "seeds": {"seed": settings["seed"], "scheme": "SeedSequence([seed, stream, index]); streams: "
