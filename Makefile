@@ -22,7 +22,7 @@ demo: $(STAMP)
 	    echo "== overview plot: $(DEMO_DIR)/overview.png"
 
 test: $(STAMP)
-	CI=$${CI:-} $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/solver.py

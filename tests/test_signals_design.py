@@ -6,7 +6,7 @@ import pytest
 from twin_ml.data import ScenarioDesign
 from twin_ml.data.design import SPLITS
 from twin_ml.physics import SIGNAL_KINDS, SignalSpec, make_system
-from twin_ml.physics.signals import generate, interpolate
+from twin_ml.physics.signals import generate, interpolator
 
 T = np.linspace(0.0, 100.0, 1001)
 
@@ -57,10 +57,17 @@ def test_interpolate_zoh_and_linear_in_numpy_and_torch():
     tg = np.array([0.0, 1.0, 2.0])
     ug = np.array([[0.0, 0.0], [2.0, 2.0], [4.0, 4.0]])  # inputs: held, linear
     zoh = np.array([True, False])
-    np.testing.assert_allclose(interpolate(tg, ug, 0.25, zoh), [0.0, 0.5])
-    np.testing.assert_allclose(interpolate(tg, ug, 1.5, zoh), [2.0, 3.0])
-    np.testing.assert_allclose(interpolate(tg, ug, 7.0, zoh), [4.0, 4.0])  # past the grid: hold the end
-    np.testing.assert_allclose(interpolate(tg, torch.from_numpy(ug), 1.5, zoh).numpy(), [2.0, 3.0])
+    at = interpolator(tg, ug, zoh)
+    np.testing.assert_allclose(at(0.25), [0.0, 0.5])
+    np.testing.assert_allclose(at(1.5), [2.0, 3.0])
+    np.testing.assert_allclose(at(1.0), [2.0, 2.0])  # on a grid point both agree
+    np.testing.assert_allclose(at(7.0), [4.0, 4.0])  # past the grid: hold the end
+    np.testing.assert_allclose(at(-1.0), [0.0, 0.0])  # before it: the first value holds
+    ugt = torch.from_numpy(ug).requires_grad_(True)
+    val = interpolator(tg, ugt, zoh)(1.5)
+    np.testing.assert_allclose(val.detach().numpy(), [2.0, 3.0])
+    val.sum().backward()  # differentiable with respect to the samples
+    np.testing.assert_allclose(ugt.grad.numpy(), [[0, 0], [1, 0.5], [0, 0.5]])
 
 
 def test_lhs_is_stratified_in_every_dimension():

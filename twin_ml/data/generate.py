@@ -224,8 +224,8 @@ def _run_jobs(jobs: list, workers: int, progress: bool, *, total: int, done: int
         bar.close()
 
 
-def _make_shard(system: PhysicsSystem, t: np.ndarray, specs: list[SignalSpec], scen: Scenarios,
-                start: int, seed: int, solver: SolverSettings, path: str) -> None:
+def scenario_inputs(t: np.ndarray, specs: list[SignalSpec], scen: Scenarios, seed: int, start: int = 0) -> np.ndarray:
+    """The input signals u [n, T, nu] of scenarios start .. start + n (their global indices)."""
     n, nu = len(scen), len(specs)
     u = np.zeros((n, t.size, nu))
     for i in range(n):
@@ -233,6 +233,13 @@ def _make_shard(system: PhysicsSystem, t: np.ndarray, specs: list[SignalSpec], s
         rng = np.random.default_rng(np.random.SeedSequence([seed, 3, start + i]))
         for j, spec in enumerate(specs):
             u[i, :, j] = generate(spec, t, scen.offset[i, j], scen.amplitude[i, j], rng, clip=tuple(scen.clip[i, j]))
+    return u
+
+
+def _make_shard(system: PhysicsSystem, t: np.ndarray, specs: list[SignalSpec], scen: Scenarios,
+                start: int, seed: int, solver: SolverSettings, path: str) -> None:
+    n = len(scen)
+    u = scenario_inputs(t, specs, scen, seed, start)
     res = solve_looped(system, t, u, scen.p, scen.x0, solver)
     arrays = {
         "t": t, "index": np.arange(start, start + n, dtype=np.int64), "split": scen.split,

@@ -111,21 +111,28 @@ def generate(
     return np.clip(offset + amplitude * s, clip[0], clip[1])
 
 
-def interpolate(t_grid, u_grid, t, zoh_mask):
-    """u at time(s) t from values u_grid [..., T, nu] on t_grid [T].
+def interpolator(t_grid, u_grid, zoh_mask):
+    """A function u(t) -> [..., nu] of the values u_grid [..., T, nu] given on t_grid [T] (numpy).
 
     Inputs with `zoh_mask[i]` True hold their last grid value (zero-order hold); the others are
-    linear in between. Outside the grid the end values hold. Works on numpy and torch arrays;
-    `t` is a scalar (returns [..., nu]).
+    linear in between. Outside the grid the end values hold. `u_grid` may be a numpy array or a
+    torch tensor (the result is then differentiable with respect to it).
     """
     xp = array_namespace(u_grid)
-    n = t_grid.shape[0]
-    # index of the grid interval holding t: t_grid[k] <= t < t_grid[k + 1]
-    k = int(np.clip(np.searchsorted(np.asarray(t_grid), float(t), side="right") - 1, 0, n - 1))
-    if k >= n - 1:
-        return u_grid[..., n - 1, :]
-    u0, u1 = u_grid[..., k, :], u_grid[..., k + 1, :]
-    w = (float(t) - float(t_grid[k])) / (float(t_grid[k + 1]) - float(t_grid[k]))
-    w = max(w, 0.0)
-    lin = u0 + w * (u1 - u0)
-    return xp.where(xp.asarray(zoh_mask), u0, lin)
+    t_grid = np.asarray(t_grid, dtype=np.float64)
+    dt = xp.asarray(np.diff(t_grid)[:, None], dtype=u_grid.dtype)
+    if hasattr(u_grid, "device") and not isinstance(u_grid, np.ndarray):
+        dt = xp.asarray(dt, device=u_grid.device)
+    slope = (u_grid[..., 1:, :] - u_grid[..., :-1, :]) / dt  # [..., T-1, nu]
+    slope = xp.where(xp.asarray(np.asarray(zoh_mask, dtype=bool)), xp.zeros_like(slope), slope)
+    last = t_grid.size - 1
+
+    def at(t: float):
+        k = int(np.searchsorted(t_grid, t, side="right")) - 1
+        if k >= last:
+            return u_grid[..., last, :]
+        if k < 0:
+            return u_grid[..., 0, :]
+        return u_grid[..., k, :] + (float(t) - t_grid[k]) * slope[..., k, :]
+
+    return at

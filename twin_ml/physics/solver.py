@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from twin_ml.physics.signals import interpolator
 from twin_ml.physics.system import SOLVER_METHODS, PhysicsSystem
 
 # status codes stored per scenario in datasets
@@ -131,28 +132,9 @@ def _guard(count: list[int], settings: SolverSettings, limit: float, tt: float, 
         raise _Abort(FAILED_NONFINITE, f"non-finite state at t={tt:.6g}")
 
 
-def _input_fn(t: np.ndarray, u: np.ndarray, zoh: np.ndarray):
-    """u(tt) [..., nu] from u [..., T, nu] on grid t [T]: a fast numpy closure for the solver loop.
-
-    Same semantics as `signals.interpolate` (zoh inputs hold, linear ones interpolate).
-    """
-    slope = np.diff(u, axis=-2) / np.diff(t)[:, None]  # [..., T-1, nu]
-    slope = np.where(zoh, 0.0, slope)
-    last = t.size - 1
-
-    def at(tt: float) -> np.ndarray:
-        k = int(np.searchsorted(t, tt, side="right")) - 1
-        if k >= last:
-            return u[..., last, :]
-        k = max(k, 0)
-        return u[..., k, :] + (tt - t[k]) * slope[..., k, :]
-
-    return at
-
-
 def _solve_one(system, t, u, p, x0, zoh, settings):
     count = [0]
-    u_at = _input_fn(t, u, zoh)
+    u_at = interpolator(t, u, zoh)
 
     def f(tt, xx):
         _guard(count, settings, system.divergence_limit, tt, xx)
@@ -189,7 +171,7 @@ def solve_stacked(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings =
     n, nx = x0.shape
     zoh = np.array([i.interpolation == "zoh" for i in system.inputs], dtype=bool)
     count = [0]
-    u_at = _input_fn(t, u, zoh)
+    u_at = interpolator(t, u, zoh)
 
     def f(tt, xx):
         _guard(count, settings, system.divergence_limit, tt, xx)

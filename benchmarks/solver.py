@@ -1,0 +1,93 @@
+"""Physics baselines: looped vs stacked solve_ivp, per shipped system, side by side in one run.
+
+For each system, the same N scenarios (the dataset generator's design and signals) are solved
+  - looped:  one solve_ivp call per scenario (what dataset generation does), and
+  - stacked: all N in one solve_ivp call on the stacked state, vectorized right-hand side
+             (block-diagonal Jacobian sparsity / band for the implicit methods),
+with the system's preferred method at the default tolerances. Reports median and p95 wall time
+over --repeats runs, the looped/stacked ratio, and how far apart the two answers are. These are
+the baselines surrogate speedups are measured against (later benchmarks use both).
+
+    python benchmarks/solver.py [--n 256] [--repeats 3] [--systems pendulum,cstr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from twin_ml import code_version
+from twin_ml._io import atomic_write_json
+from twin_ml.data import ScenarioDesign
+from twin_ml.data.generate import scenario_inputs
+from twin_ml.physics import SolverSettings, list_systems, make_system, solve_looped, solve_stacked
+
+OUT = Path(__file__).parent / "results" / "solver.json"
+
+
+def bench_system(name: str, n: int, repeats: int, seed: int) -> dict:
+    system = make_system(name)
+    design = ScenarioDesign(extrapolation_fraction=0.0)
+    scen = design.sample(system, n, seed)
+    t = design.time_grid(system)
+    u = scenario_inputs(t, design.signal_specs(system), scen, seed)
+    settings = SolverSettings().resolved(system)
+    times = {"looped": [], "stacked": []}
+    results = {}
+    for _ in range(repeats):
+        for mode, fn in (("looped", solve_looped), ("stacked", solve_stacked)):
+            t0 = time.perf_counter()
+            results[mode] = fn(system, t, u, scen.p, scen.x0, settings)
+            times[mode].append(time.perf_counter() - t0)
+    a, b = results["looped"], results["stacked"]
+    ok = (a.status == 0) & (b.status == 0)
+    scale = np.abs(a.x[ok]).max(axis=(0, 1)) + 1e-300 if ok.any() else 1.0
+    diff = float(np.max(np.abs(a.x[ok] - b.x[ok]) / scale)) if ok.any() else float("nan")
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {
+        "system": name, "method": settings.method, "n_scenarios": n, "n_times": int(t.size),
+        "looped_s_median": med["looped"], "looped_s_p95": float(np.percentile(times["looped"], 95)),
+        "stacked_s_median": med["stacked"], "stacked_s_p95": float(np.percentile(times["stacked"], 95)),
+        "looped_per_scenario_ms": 1e3 * med["looped"] / n,
+        "looped_over_stacked": med["looped"] / med["stacked"],
+        "looped_failed": a.n_failed, "stacked_failed": b.n_failed,
+        "max_rel_diff_looped_vs_stacked": diff,
+        "rhs_evals_looped_mean": float(a.nfev.mean()), "rhs_evals_stacked": int(b.nfev[0]),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--systems", default=",".join(list_systems()))
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    rows = []
+    for name in args.systems.split(","):
+        print(f"... {name}", file=sys.stderr, flush=True)
+        rows.append(bench_system(name, args.n, args.repeats, args.seed))
+    header = f"{'system':15s} {'method':7s} {'T':>5s} {'looped s':>9s} {'stacked s':>9s} {'looped/stacked':>15s} {'ms/scen':>8s} {'max rel diff':>12s}"
+    print(header)
+    for r in rows:
+        print(f"{r['system']:15s} {r['method']:7s} {r['n_times']:5d} {r['looped_s_median']:9.3f} "
+              f"{r['stacked_s_median']:9.3f} {r['looped_over_stacked']:15.1f} {r['looped_per_scenario_ms']:8.2f} "
+              f"{r['max_rel_diff_looped_vs_stacked']:12.2e}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, {
+        "benchmark": "solver", "code_version": code_version(), "machine": platform.platform(),
+        "python": platform.python_version(), "n_scenarios": args.n, "repeats": args.repeats, "rows": rows,
+    })
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

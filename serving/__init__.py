@@ -1,0 +1,1 @@
+"""The BentoML scenario-inference service (issue #5). Never imports torch or lightning."""
