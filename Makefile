@@ -1,4 +1,6 @@
 # Two commands do all set-up on a fresh machine:  make demo  |  make test
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -5,7 +5,9 @@ For each system, the same N scenarios (the dataset generator's design and signal
   - stacked: all N in one solve_ivp call on the stacked state, vectorized right-hand side
              (block-diagonal Jacobian sparsity / band for the implicit methods),
 with the system's preferred method at the default tolerances. Reports median and p95 wall time
-over --repeats runs, the looped/stacked ratio, and how far apart the two answers are. These are
+over --repeats runs, the looped/stacked ratio, and each one's error against a tight-tolerance
+reference (rtol 1e-10; Radau for stiff/moderate systems, DOP853 otherwise) on the first --n-ref
+scenarios, as max |error| / range of each state. These are
 the baselines surrogate speedups are measured against (later benchmarks use both).
 
     python benchmarks/solver.py [--n 256] [--repeats 3] [--systems pendulum,cstr]
@@ -31,7 +33,7 @@ from twin_ml.physics import SolverSettings, list_systems, make_system, solve_loo
 OUT = Path(__file__).parent / "results" / "solver.json"
 
 
-def bench_system(name: str, n: int, repeats: int, seed: int) -> dict:
+def bench_system(name: str, n: int, repeats: int, seed: int, n_ref: int) -> dict:
     system = make_system(name)
     design = ScenarioDesign(extrapolation_fraction=0.0)
     scen = design.sample(system, n, seed)
@@ -46,9 +48,14 @@ def bench_system(name: str, n: int, repeats: int, seed: int) -> dict:
             results[mode] = fn(system, t, u, scen.p, scen.x0, settings)
             times[mode].append(time.perf_counter() - t0)
     a, b = results["looped"], results["stacked"]
-    ok = (a.status == 0) & (b.status == 0)
-    scale = np.abs(a.x[ok]).max(axis=(0, 1)) + 1e-300 if ok.any() else 1.0
-    diff = float(np.max(np.abs(a.x[ok] - b.x[ok]) / scale)) if ok.any() else float("nan")
+    ref_method = "DOP853" if system.stiffness == "nonstiff" else "Radau"
+    k = min(n_ref, n)
+    ref = solve_looped(system, t, u[:k], scen.p[:k], scen.x0[:k],
+                       SolverSettings(method=ref_method, rtol=1e-10, atol=1e-12))
+    span = np.ptp(ref.x, axis=(0, 1)) + 1e-300
+
+    def err(r):
+        return float(np.max(np.abs(r.x[:k] - ref.x) / span))
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {
         "system": name, "method": settings.method, "n_scenarios": n, "n_times": int(t.size),
@@ -57,7 +64,8 @@ def bench_system(name: str, n: int, repeats: int, seed: int) -> dict:
         "looped_per_scenario_ms": 1e3 * med["looped"] / n,
         "looped_over_stacked": med["looped"] / med["stacked"],
         "looped_failed": a.n_failed, "stacked_failed": b.n_failed,
-        "max_rel_diff_looped_vs_stacked": diff,
+        "reference": f"{ref_method} rtol=1e-10 atol=1e-12 on {k} scenarios",
+        "looped_err_vs_ref": err(a), "stacked_err_vs_ref": err(b),
         "rhs_evals_looped_mean": float(a.nfev.mean()), "rhs_evals_stacked": int(b.nfev[0]),
     }
 
@@ -67,19 +75,20 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-ref", type=int, default=16, help="scenarios checked against the tight reference")
     ap.add_argument("--systems", default=",".join(list_systems()))
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     rows = []
     for name in args.systems.split(","):
         print(f"... {name}", file=sys.stderr, flush=True)
-        rows.append(bench_system(name, args.n, args.repeats, args.seed))
-    header = f"{'system':15s} {'method':7s} {'T':>5s} {'looped s':>9s} {'stacked s':>9s} {'looped/stacked':>15s} {'ms/scen':>8s} {'max rel diff':>12s}"
-    print(header)
+        rows.append(bench_system(name, args.n, args.repeats, args.seed, args.n_ref))
+    print("| system | method | T | looped s | stacked s | looped/stacked | looped ms/scenario | looped err | stacked err |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"{r['system']:15s} {r['method']:7s} {r['n_times']:5d} {r['looped_s_median']:9.3f} "
-              f"{r['stacked_s_median']:9.3f} {r['looped_over_stacked']:15.1f} {r['looped_per_scenario_ms']:8.2f} "
-              f"{r['max_rel_diff_looped_vs_stacked']:12.2e}")
+        print(f"| {r['system']} | {r['method']} | {r['n_times']} | {r['looped_s_median']:.3f} | "
+              f"{r['stacked_s_median']:.3f} | {r['looped_over_stacked']:.1f} | {r['looped_per_scenario_ms']:.2f} | "
+              f"{r['looped_err_vs_ref']:.1e} | {r['stacked_err_vs_ref']:.1e} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, {
         "benchmark": "solver", "code_version": code_version(), "machine": platform.platform(),

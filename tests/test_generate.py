@@ -168,3 +168,42 @@ def test_every_shipped_system_generates_a_dataset(tmp_path, name):
     d = Dataset.open(res.path).load()
     assert d["x"].shape == (9, 21, len(sys_.states)) and np.isfinite(d["y"]).all()
     assert np.ptp(d["x"], axis=1).max() > 0  # something moves
+
+
+def test_resume_across_a_code_change_is_refused_unless_overwrite(tmp_path):
+    full = _gen(tmp_path, "full")
+    part = _gen(tmp_path, "part", max_new_shards=2)
+    marker = part.path / ".generating.json"
+    m = json.loads(marker.read_text())
+    m["code_version"] = "0.0.1+gdeadbee"
+    marker.write_text(json.dumps(m))
+    (part.path / ".generating.json.x1y2.tmp").write_text("{")  # a marker write cut off by a kill
+    with pytest.raises(ValueError, match="started by code version 0.0.1"):
+        _gen(tmp_path, "part")
+    restarted = _gen(tmp_path, "part", overwrite=True)
+    assert restarted.shards_reused == 0 and restarted.manifest["dataset_sha256"] == full.manifest["dataset_sha256"]
+    assert not list(part.path.glob(".*.tmp"))
+
+
+def test_a_corrupt_marker_or_manifest_is_a_clear_error(tmp_path):
+    res = _gen(tmp_path)
+    mf = res.path / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["dataset_sha256"] = "0" * 64
+    mf.write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match="dataset_sha256 does not match the shard hashes"):
+        Dataset.open(res.path)
+    mf.write_text("{ not json")
+    with pytest.raises(DatasetError, match="unreadable manifest"):
+        Dataset.open(res.path)
+    with pytest.raises(ValueError, match="unreadable JSON.*overwrite=true"):
+        _gen(tmp_path)
+
+
+def test_system_options_are_checked_and_normalized():
+    from twin_ml.physics import make_system
+
+    with pytest.raises(ValueError, match=r"unknown options \['overflw'\]; its options are \['h1_max'"):
+        make_system("cascaded_tanks", overflw=False)
+    assert make_system("cascaded_tanks", h1_max=10).options == make_system("cascaded_tanks").options
+    assert make_system("cstr").options == {}

@@ -262,3 +262,46 @@ def test_bad_batch_shapes_name_the_array():
     sys_ = make_system("pendulum")
     with pytest.raises(ValueError, match=r"u must have shape \(2, 3, 1\)"):
         solve_looped(sys_, np.arange(3.0), np.zeros((2, 4, 1)), np.ones((2, 3)), np.zeros((2, 2)))
+
+
+def test_a_short_held_pulse_is_not_stepped_over():
+    # one 4 s pump pulse in 1000 s: an adaptive solver over the whole horizon would jump it
+    sys_ = make_system("cascaded_tanks", overflow=False)
+    t = np.arange(0.0, 1004.0, 4.0)
+    u = np.zeros((1, t.size, 1))
+    u[0, 50, 0] = 8.0  # held on [200, 204)
+    p = np.array([[0.05, 0.05, 0.05, 0.025, 0.5]])
+    res = solve_looped(sys_, t, u, p, np.array([[1.0, 1.0]]))
+    # during the pulse h1 gains ~k4 * u * 4 s (the drain changes little in 4 s)
+    gain = res.x[0, 51, 0] - res.x[0, 50, 0]
+    exact_drain_free = 0.025 * 8.0 * 4.0
+    assert 0.8 * exact_drain_free < gain < 1.0 * exact_drain_free
+    stacked = solve_stacked(sys_, t, np.repeat(u, 2, 0), np.repeat(p, 2, 0), np.array([[1.0, 1.0], [2.0, 2.0]]))
+    np.testing.assert_allclose(stacked.x[0], res.x[0], rtol=1e-4, atol=1e-6)
+
+
+def test_prbs_held_input_matches_piecewise_reference():
+    # FirstOrderHeld under a fast PRBS: the exact answer is piecewise exponential, step by step
+    t = np.arange(0.0, 10.05, 0.1)
+    rng = np.random.default_rng(0)
+    u = rng.choice([-1.0, 1.0], size=t.size)
+    a, b = 3.0, 2.0
+    res = solve_looped(FirstOrderHeld(), t, u[None, :, None], np.array([[a, b]]), np.array([[0.0]]))
+    x, exact = 0.0, [0.0]
+    for k in range(t.size - 1):
+        x = b * u[k] / a + (x - b * u[k] / a) * math.exp(-a * 0.1)
+        exact.append(x)
+    np.testing.assert_allclose(res.x[0, :, 0], exact, atol=1e-6)
+
+
+def test_outputs_on_a_requested_grid():
+    t = np.linspace(0.0, 4.0, 9)
+    a, b, c0, c1, x0 = 2.0, 1.5, 0.3, 0.4, 0.8
+    t_out = np.array([0.05, 1.3, 2.71, 4.0])
+    res = solve_looped(FirstOrder(), t, (c0 + c1 * t)[None, :, None], np.array([[a, b]]), np.array([[x0]]),
+                       SolverSettings(rtol=1e-10, atol=1e-12), t_out=t_out)
+    exact = b / a * (c0 + c1 * t_out) - b * c1 / a**2 + (x0 - b * c0 / a + b * c1 / a**2) * np.exp(-a * t_out)
+    assert res.x.shape == (1, 4, 1)
+    np.testing.assert_allclose(res.x[0, :, 0], exact, atol=1e-8)
+    with pytest.raises(ValueError, match="t_out must lie inside the input grid"):
+        solve_looped(FirstOrder(), t, np.zeros((1, 9, 1)), np.array([[a, b]]), np.array([[x0]]), t_out=[5.0])

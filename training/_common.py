@@ -25,3 +25,17 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / "summary.json"
     atomic_write_json(path, summary)
     return path
+
+
+def check_group_choices(argv: list[str], groups: list[str]) -> None:
+    """`group=choice` overrides must name a YAML in configs/<group>/: else one line that lists them.
+
+    (Hydra's own message for this is a multi-line error; this one matches every other bad input.)
+    """
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in groups:
+            options = sorted(p.stem for p in (Path(CONFIG_DIR) / key).glob("*.yaml"))
+            if value not in options:
+                print(f"error: {key}={value!r} is unknown; known {key} configs: {', '.join(options)}", file=sys.stderr)
+                sys.exit(2)

@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from twin_ml._io import atomic_write_bytes
-from training._common import CONFIG_DIR, fail, write_summary
+from training._common import CONFIG_DIR, check_group_choices, fail, write_summary
 
 log = logging.getLogger("twin-generate")
 
@@ -49,10 +49,10 @@ def generate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     try:
         summary = generate(cfg)
-    except (ValueError, KeyError, TypeError, InstantiationException) as e:
+    except (ValueError, KeyError, InstantiationException) as e:  # bad input: one line, nothing written
         fail(e)
     path = write_summary(Path(cfg.out_dir), summary)
     c = summary["counts"] or {}
@@ -64,5 +64,10 @@ def main(cfg: DictConfig) -> None:
     print(path)
 
 
+def main() -> None:
+    check_group_choices(sys.argv[1:], ["system", "design", "solver", "paths"])
+    _main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

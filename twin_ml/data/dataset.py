@@ -12,7 +12,7 @@ import numpy as np
 
 from twin_ml._io import sha256_file
 from twin_ml.data.design import SPLITS
-from twin_ml.data.generate import FORMAT, MANIFEST, SHARD_KEYS
+from twin_ml.data.generate import FORMAT, MANIFEST, SHARD_KEYS, dataset_sha256
 
 
 class DatasetError(ValueError):
@@ -32,7 +32,10 @@ class Dataset:
         if not mf.exists():
             hint = " (generation did not finish: run twin-generate again to resume)" if (path / ".generating.json").exists() else ""
             raise DatasetError(f"{path}: no {MANIFEST}; not a complete twin-ml dataset{hint}")
-        manifest = json.loads(mf.read_text())
+        try:
+            manifest = json.loads(mf.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DatasetError(f"{mf}: unreadable manifest ({e})") from None
         if manifest.get("format") != FORMAT:
             raise DatasetError(f"{mf}: format {manifest.get('format')!r} is not {FORMAT!r}")
         ds = cls(path, manifest)
@@ -41,6 +44,10 @@ class Dataset:
         return ds
 
     def verify(self) -> None:
+        """Every shard's sha256, and dataset_sha256 from them; raises DatasetError on a mismatch."""
+        expect = dataset_sha256(self.manifest["settings_sha256"], [s["sha256"] for s in self.manifest["shards"]])
+        if expect != self.manifest["dataset_sha256"]:
+            raise DatasetError(f"{self.path}: dataset_sha256 does not match the shard hashes in the manifest")
         for s in self.manifest["shards"]:
             f = self.path / s["file"]
             if not f.exists():

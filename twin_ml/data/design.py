@@ -114,9 +114,11 @@ class ScenarioDesign:
         for inp in system.inputs:
             opts = {**dict(inp.signal), **dict(self.signals.get(inp.name, {}))}
             try:
-                specs.append(make_signal(**opts))
+                spec = make_signal(**opts)
+                spec.check_grid(self.time_grid(system))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"design.signals.{inp.name}: {e}") from None
+            specs.append(spec)
         return specs
 
     # ---- the box -----------------------------------------------------------------------------
@@ -164,7 +166,7 @@ class ScenarioDesign:
 
     def sample(self, system: PhysicsSystem, n_scenarios: int, seed: int) -> Scenarios:
         """In-box scenarios (split train/val/test), then the extrapolation scenarios."""
-        if not (isinstance(n_scenarios, (int, np.integer)) and n_scenarios > 0):
+        if isinstance(n_scenarios, bool) or not (isinstance(n_scenarios, (int, np.integer)) and n_scenarios > 0):
             raise ValueError(f"n_scenarios must be an integer > 0, got {n_scenarios!r}")
         box = self.box(system)
         self.signal_specs(system)  # validate the signal options before anything runs

@@ -97,12 +97,11 @@ def generate_dataset(
     overwrite: replace an existing dataset in `out_dir` made with other settings.
     """
     t0 = time.perf_counter()
-    if not (isinstance(seed, (int, np.integer)) and seed >= 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if not (isinstance(shard_size, (int, np.integer)) and shard_size > 0):
-        raise ValueError(f"shard_size must be an integer > 0, got {shard_size!r}")
-    if not (isinstance(workers, (int, np.integer)) and workers >= 0):
-        raise ValueError(f"workers must be an integer >= 0 (0 = one per core), got {workers!r}")
+    _check_int("seed", seed, 0)
+    _check_int("shard_size", shard_size, 1)
+    _check_int("workers", workers, 0, " (0 = one per core)")
+    if max_new_shards is not None:
+        _check_int("max_new_shards", max_new_shards, 0, " (or null for all)")
     scen = design.sample(system, n_scenarios, seed)  # validates n_scenarios and the design
     t = design.time_grid(system)
     specs = design.signal_specs(system)
@@ -147,6 +146,11 @@ def generate_dataset(
     return GenerationResult(out, manifest, len(todo), reused, True, time.perf_counter() - t0, failures)
 
 
+def _check_int(name: str, v: Any, lo: int, hint: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}{hint}, got {v!r}")
+
+
 def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) -> Path:
     """Create `out`, or check that what is in it is this dataset (complete or partial)."""
     try:
@@ -155,14 +159,16 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
         raise ValueError(f"out_dir {str(out)!r} cannot be created: {e.strerror or e}") from None
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"out_dir {str(out)!r} is not a writable directory")
+    for stale in out.glob(".*.tmp"):  # temp files of a killed run (the marker being written)
+        stale.unlink(missing_ok=True)
     existing = {p.name for p in out.iterdir()}
     marker = out / MANIFEST if MANIFEST in existing else out / PROGRESS if PROGRESS in existing else None
     if marker is not None:
         try:
-            found = _read_json(marker).get("settings_sha256")
-        except ValueError:
-            found = None
-        if found != settings_sha:
+            found = _read_json(marker)
+        except ValueError as e:
+            raise ValueError(f"{e}; pass overwrite=true to regenerate, or choose another out_dir") from None
+        if found.get("settings_sha256") != settings_sha:
             if not overwrite:
                 raise ValueError(
                     f"out_dir {str(out)!r} holds a dataset made with different settings; "
@@ -171,16 +177,25 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
             for name in _OWN & existing:
                 shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
             marker = None
-    elif existing - _OWN:
+        elif marker.name == PROGRESS and found.get("code_version") != code_version():
+            # shards of two code versions could differ from an uninterrupted run of either
+            if not overwrite:
+                raise ValueError(
+                    f"out_dir {str(out)!r} holds a generation started by code version "
+                    f"{found.get('code_version')}, this is {code_version()}; pass overwrite=true to restart it"
+                )
+            shutil.rmtree(out / SHARDS, ignore_errors=True)
+            marker = None
+    elif existing:
         raise ValueError(
             f"out_dir {str(out)!r} is not empty and holds no twin-ml dataset "
             f"(found {sorted(existing)[:5]}); choose an empty or new directory"
         )
+    if marker is None:  # the marker first: a directory holding anything of ours always has one
+        atomic_write_json(out / PROGRESS, {**settings, "settings_sha256": settings_sha, "code_version": code_version()})
     (out / SHARDS).mkdir(exist_ok=True)
     for stale in (out / SHARDS).glob(".*.tmp"):  # temp files of a killed run
         stale.unlink(missing_ok=True)
-    if marker is None:
-        atomic_write_json(out / PROGRESS, {**settings, "settings_sha256": settings_sha})
     return out
 
 
@@ -265,8 +280,7 @@ def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bound
     splits = {s: np.flatnonzero(scen.split == k).tolist() for k, s in enumerate(SPLITS)}
     counts = {s: len(v) for s, v in splits.items()}
     counts.update(total=len(scen), ok=int((~status_all).sum()), failed=len(failures))
-    dataset_sha = sha256_bytes(canonical_json({"settings_sha256": settings_sha,
-                                               "shards": [s["sha256"] for s in shards]}).encode())
+    dataset_sha = dataset_sha256(settings_sha, [s["sha256"] for s in shards])
     desc = settings["system"]
     manifest = {
         "format": FORMAT,
@@ -294,6 +308,11 @@ def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bound
     atomic_write_json(out / MANIFEST, manifest)  # the dataset is complete from here on
     (out / PROGRESS).unlink(missing_ok=True)
     return manifest, failures
+
+
+def dataset_sha256(settings_sha256: str, shard_sha256s: list[str]) -> str:
+    """The dataset's identity: the settings hash and the shard hashes, in order."""
+    return sha256_bytes(canonical_json({"settings_sha256": settings_sha256, "shards": shard_sha256s}).encode())
 
 
 def _read_json(path: Path) -> dict:

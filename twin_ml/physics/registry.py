@@ -18,7 +18,7 @@ def register_system(name: str) -> Callable[[S], S]:
         if not (isinstance(cls, type) and issubclass(cls, PhysicsSystem)):
             raise TypeError(f"@register_system({name!r}) decorates PhysicsSystem subclasses, got {cls!r}")
         known = _SYSTEMS.get(name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"system name {name!r} is already registered by {known.__module__}.{known.__qualname__}")
         cls.name = name
         _SYSTEMS[name] = cls

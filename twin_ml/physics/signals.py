@@ -53,10 +53,21 @@ class SignalSpec:
             v = getattr(self, k)
             if v is not None and not v > 0:
                 raise ValueError(f"signal {self.kind}: {k} must be > 0, got {v}")
+        if self.f_min is not None and self.f_max is not None and self.f_min > self.f_max:
+            raise ValueError(f"signal multisine: f_min ({self.f_min}) > f_max ({self.f_max})")
         if self.n_tones < 1:
             raise ValueError(f"signal multisine: n_tones must be >= 1, got {self.n_tones}")
         if self.direction not in ("up", "down"):
             raise ValueError(f"signal ramp: direction must be 'up' or 'down', got {self.direction!r}")
+
+
+    def check_grid(self, t: np.ndarray) -> None:
+        """Frequencies must be resolvable on the grid: below Nyquist, 1 / (2 dt)."""
+        nyquist = 0.5 / float(t[1] - t[0])
+        for k in ("f_min", "f_max", "f_cut"):
+            v = getattr(self, k)
+            if v is not None and v >= nyquist:
+                raise ValueError(f"{k} ({v}) must be below the grid's Nyquist frequency {nyquist:.6g}")
 
 
 def make_signal(kind: str = "multisine", **options: Any) -> SignalSpec:
@@ -127,8 +138,12 @@ def interpolator(t_grid, u_grid, zoh_mask):
     slope = xp.where(xp.asarray(np.asarray(zoh_mask, dtype=bool)), xp.zeros_like(slope), slope)
     last = t_grid.size - 1
 
-    def at(t: float):
+    def at(t: float, k_max: int | None = None):
+        # k_max caps the grid interval: an integration segment that ends where a held input
+        # jumps keeps the held value up to and including its end point
         k = int(np.searchsorted(t_grid, t, side="right")) - 1
+        if k_max is not None and k > k_max:
+            k = k_max
         if k >= last:
             return u_grid[..., last, :]
         if k < 0:

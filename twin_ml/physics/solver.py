@@ -47,16 +47,19 @@ class SolverSettings:
     method: str | None = None
     rtol: float = 1e-6
     atol: float = 1e-8
-    max_step: float = math.inf
+    max_step: float | None = math.inf  # None = no limit
     max_rhs_evals: int = 200_000
 
     def __post_init__(self):
+        if self.max_step is None:  # JSON/YAML null: no limit
+            object.__setattr__(self, "max_step", math.inf)
         if self.method is not None and self.method not in SOLVER_METHODS:
             raise ValueError(f"solver.method must be one of {SOLVER_METHODS} (or null), got {self.method!r}")
         for k in ("rtol", "atol", "max_step"):
-            if not getattr(self, k) > 0:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"solver.{k} must be > 0, got {getattr(self, k)}")
-        if self.max_rhs_evals < 1:
+        if isinstance(self.max_rhs_evals, bool) or not isinstance(self.max_rhs_evals, int) or self.max_rhs_evals < 1:
             raise ValueError(f"solver.max_rhs_evals must be >= 1, got {self.max_rhs_evals}")
 
     def resolved(self, system: PhysicsSystem) -> "SolverSettings":
@@ -89,7 +92,7 @@ class _Abort(Exception):
         self.status, self.reason = status, reason
 
 
-def _check_batch(system: PhysicsSystem, t, u, p, x0):
+def _check_batch(system: PhysicsSystem, t, u, p, x0, t_out):
     t = np.asarray(t, dtype=np.float64)
     u, p, x0 = (np.asarray(a, dtype=np.float64) for a in (u, p, x0))
     nx, nu, n_p = len(system.states), len(system.inputs), len(system.parameters)
@@ -100,24 +103,54 @@ def _check_batch(system: PhysicsSystem, t, u, p, x0):
     for name, (shape, a) in expect.items():
         if a.shape != shape:
             raise ValueError(f"{name} must have shape {shape} (N, ...), got {a.shape}")
-    return t, u, p, x0
+    if t_out is None:
+        t_out = t
+    else:
+        t_out = np.asarray(t_out, dtype=np.float64)
+        if t_out.ndim != 1 or t_out.size < 1 or np.any(np.diff(t_out) <= 0):
+            raise ValueError(f"t_out must be a strictly increasing 1-D array, got shape {t_out.shape}")
+        if t_out[0] < t[0] or t_out[-1] > t[-1]:
+            raise ValueError(f"t_out must lie inside the input grid [{t[0]}, {t[-1]}], got [{t_out[0]}, {t_out[-1]}]")
+    return t, u, p, x0, t_out
 
 
-def solve_looped(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = SolverSettings()) -> SolveResult:
-    """One solve_ivp call per scenario: t [T], u [N, T, nu], p [N, np], x0 [N, nx]."""
-    t, u, p, x0 = _check_batch(system, t, u, p, x0)
-    settings = settings.resolved(system)
-    n, nx = x0.shape
-    zoh = np.array([i.interpolation == "zoh" for i in system.inputs], dtype=bool)
-    x = np.full((n, t.size, nx), np.nan)
-    status = np.zeros(n, dtype=np.int8)
-    reasons = [""] * n
-    nfev = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        xi, status[i], reasons[i], nfev[i] = _solve_one(system, t, u[i], p[i], x0[i], zoh, settings)
-        if status[i] == OK:
-            x[i] = xi
-    return _finish(system, t, u, p, x, status, reasons, nfev)
+def _segments(t: np.ndarray, u: np.ndarray, zoh: np.ndarray) -> list[tuple[int, int]]:
+    """Grid-index intervals [ka, kb] between changes of any held (zoh) input.
+
+    A held input jumps where its value changes; an adaptive solver can step right over a jump
+    (a short pulse vanishes), so each interval is integrated on its own, restarting at the jump.
+    Linear inputs only have kinks, which error control handles.
+    """
+    last = t.size - 1
+    if not zoh.any():
+        return [(0, last)]
+    uz = np.moveaxis(u[..., zoh], -2, 0)  # [T, ..., n_zoh]
+    changed = np.flatnonzero((uz[1:] != uz[:-1]).reshape(last, -1).any(axis=1)) + 1
+    cuts = [0, *changed.tolist()]
+    if cuts[-1] != last:
+        cuts.append(last)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _integrate(make_f, t, t_out, y0, settings, segments, **kwargs) -> np.ndarray:
+    """solve_ivp over each segment in turn; the states at t_out, [state, len(t_out)]."""
+    out = np.empty((y0.size, t_out.size))
+    y, filled = y0, 0
+    for ka, kb in segments:
+        stop = int(np.searchsorted(t_out, t[kb], side="right"))
+        want = t_out[filled:stop]
+        t_eval = np.union1d(want, [t[kb]])
+        sol = solve_ivp(make_f(kb - 1), (t[ka], t[kb]), y, method=settings.method, t_eval=t_eval,
+                        rtol=settings.rtol, atol=settings.atol, max_step=settings.max_step, **kwargs)
+        if not sol.success:
+            raise _Abort(FAILED_SOLVER, str(sol.message))
+        if sol.y.shape[1] != t_eval.size:
+            raise _Abort(FAILED_SOLVER, "the solver stopped before the end of the horizon")
+        out[:, filled:stop] = sol.y[:, np.searchsorted(t_eval, want)]
+        y, filled = sol.y[:, -1], stop
+    if not np.all(np.isfinite(out)):
+        raise _Abort(FAILED_NONFINITE, "non-finite values in the solution")
+    return out
 
 
 def _guard(count: list[int], settings: SolverSettings, limit: float, tt: float, xx: np.ndarray) -> None:
@@ -132,50 +165,67 @@ def _guard(count: list[int], settings: SolverSettings, limit: float, tt: float, 
         raise _Abort(FAILED_NONFINITE, f"non-finite state at t={tt:.6g}")
 
 
-def _solve_one(system, t, u, p, x0, zoh, settings):
-    count = [0]
-    u_at = interpolator(t, u, zoh)
+def solve_looped(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = SolverSettings(), *,
+                 t_out=None) -> SolveResult:
+    """One solve_ivp call per scenario: t [T], u [N, T, nu], p [N, np], x0 [N, nx].
 
-    def f(tt, xx):
-        _guard(count, settings, system.divergence_limit, tt, xx)
-        dx = system.rhs(tt, xx, u_at(tt), p)
-        if not np.isfinite(dx).all():
-            raise _Abort(FAILED_NONFINITE, f"non-finite derivative at t={tt:.6g}")
-        return dx
-
-    try:
-        with np.errstate(all="ignore"):
-            sol = solve_ivp(
-                f, (t[0], t[-1]), x0, method=settings.method, t_eval=t,
-                rtol=settings.rtol, atol=settings.atol, max_step=settings.max_step,
-            )
-    except _Abort as e:
-        return None, e.status, e.reason, count[0]
-    except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
-        return None, FAILED_SOLVER, f"{type(e).__name__}: {e}", count[0]
-    if not sol.success:
-        return None, FAILED_SOLVER, str(sol.message), count[0]
-    if sol.y.shape[1] != t.size or not np.all(np.isfinite(sol.y)):
-        return None, FAILED_NONFINITE, "non-finite or missing values in the solution", count[0]
-    return sol.y.T, OK, "", count[0]
-
-
-def solve_stacked(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = SolverSettings()) -> SolveResult:
-    """All N scenarios in one solve_ivp call on the stacked state [N * nx].
-
-    The error norm is shared, so step sizes follow the hardest scenario. A failure fails the
-    whole batch (recorded for every scenario).
+    Inputs are given on the grid `t`; states and outputs come back at `t_out` (default: `t`),
+    x [N, len(t_out), nx].
     """
-    t, u, p, x0 = _check_batch(system, t, u, p, x0)
+    t, u, p, x0, t_out = _check_batch(system, t, u, p, x0, t_out)
     settings = settings.resolved(system)
     n, nx = x0.shape
-    zoh = np.array([i.interpolation == "zoh" for i in system.inputs], dtype=bool)
+    zoh = _zoh_mask(system)
+    x = np.full((n, t_out.size, nx), np.nan)
+    status = np.zeros(n, dtype=np.int8)
+    reasons = [""] * n
+    nfev = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        count = [0]
+        u_at = interpolator(t, u[i], zoh)
+
+        def make_f(k_max, u_at=u_at, count=count, p_i=p[i]):
+            def f(tt, xx):
+                _guard(count, settings, system.divergence_limit, tt, xx)
+                dx = system.rhs(tt, xx, u_at(tt, k_max), p_i)
+                if not np.isfinite(dx).all():
+                    raise _Abort(FAILED_NONFINITE, f"non-finite derivative at t={tt:.6g}")
+                return dx
+
+            return f
+
+        try:
+            with np.errstate(all="ignore"):
+                x[i] = _integrate(make_f, t, t_out, x0[i], settings, _segments(t, u[i], zoh)).T
+        except _Abort as e:
+            status[i], reasons[i] = e.status, e.reason
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
+            status[i], reasons[i] = FAILED_SOLVER, f"{type(e).__name__}: {e}"
+        nfev[i] = count[0]
+    return _finish(system, t, u, p, x, status, reasons, nfev, t_out)
+
+
+def solve_stacked(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = SolverSettings(), *,
+                  t_out=None) -> SolveResult:
+    """All N scenarios in one solve_ivp call on the stacked state [N * nx].
+
+    The error norm is shared, so step sizes follow the hardest scenario; held inputs restart the
+    integration wherever any scenario's held input changes. A failure fails the whole batch
+    (recorded for every scenario).
+    """
+    t, u, p, x0, t_out = _check_batch(system, t, u, p, x0, t_out)
+    settings = settings.resolved(system)
+    n, nx = x0.shape
+    zoh = _zoh_mask(system)
     count = [0]
     u_at = interpolator(t, u, zoh)
 
-    def f(tt, xx):
-        _guard(count, settings, system.divergence_limit, tt, xx)
-        return system.rhs(tt, xx.reshape(n, nx), u_at(tt), p).reshape(-1)
+    def make_f(k_max):
+        def f(tt, xx):
+            _guard(count, settings, system.divergence_limit, tt, xx)
+            return system.rhs(tt, xx.reshape(n, nx), u_at(tt, k_max), p).reshape(-1)
+
+        return f
 
     kwargs: dict[str, Any] = {}
     if settings.method in ("Radau", "BDF"):
@@ -184,29 +234,29 @@ def solve_stacked(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings =
         kwargs["jac_sparsity"] = block_diag([np.ones((nx, nx))] * n, format="csc")
     elif settings.method == "LSODA":
         kwargs.update(lband=nx - 1, uband=nx - 1)  # block diagonal => banded
-    x = np.full((n, t.size, nx), np.nan)
+    x = np.full((n, t_out.size, nx), np.nan)
     status = np.zeros(n, dtype=np.int8)
+    reasons = [""] * n
     try:
         with np.errstate(all="ignore"):
-            sol = solve_ivp(
-                f, (t[0], t[-1]), x0.reshape(-1), method=settings.method, t_eval=t,
-                rtol=settings.rtol, atol=settings.atol, max_step=settings.max_step, **kwargs,
-            )
-        if not sol.success:
-            raise _Abort(FAILED_SOLVER, str(sol.message))
-        x = sol.y.reshape(n, nx, t.size).transpose(0, 2, 1).copy()
-        reasons = [""] * n
+            y = _integrate(make_f, t, t_out, x0.reshape(-1), settings, _segments(t, u, zoh), **kwargs)
+        x = y.reshape(n, nx, t_out.size).transpose(0, 2, 1).copy()
     except _Abort as e:
         status[:], reasons = e.status, [e.reason] * n
-    bad = ~np.all(np.isfinite(x), axis=(1, 2)) & (status == OK)
-    status[bad] = FAILED_NONFINITE
-    reasons = [r or ("non-finite values in the solution" if bad[i] else "") for i, r in enumerate(reasons)]
-    return _finish(system, t, u, p, x, status, reasons, np.full(n, count[0], dtype=np.int64))
+    except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
+        status[:], reasons = FAILED_SOLVER, [f"{type(e).__name__}: {e}"] * n
+    return _finish(system, t, u, p, x, status, reasons, np.full(n, count[0], dtype=np.int64), t_out)
 
 
-def _finish(system, t, u, p, x, status, reasons, nfev) -> SolveResult:
+def _zoh_mask(system: PhysicsSystem) -> np.ndarray:
+    return np.array([i.interpolation == "zoh" for i in system.inputs], dtype=bool)
+
+
+def _finish(system, t, u, p, x, status, reasons, nfev, t_out) -> SolveResult:
     n, T, _ = x.shape
     ny = len(system.outputs)
+    if t_out is not t:  # the inputs at the output times
+        u = np.stack([interpolator(t, u, _zoh_mask(system))(tt) for tt in t_out], axis=-2)
     y = np.full((n, T, ny), np.nan)
     ok = status == OK
     if ok.any():

@@ -26,6 +26,7 @@ Example (a complete 2-state system; see the README)::
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, Mapping
@@ -152,8 +153,34 @@ class PhysicsSystem:
         if args:
             raise TypeError(f"{cls.__name__} takes keyword arguments only, got positional {args!r}")
         obj = super().__new__(cls)
-        obj._options = dict(kwargs)
+        obj._options = cls._bind_options(kwargs)
         return obj
+
+    @classmethod
+    def _bind_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """All constructor options with defaults applied and numbers in their default's type,
+        so `CascadedTanks()` and `CascadedTanks(h1_max=10)` record (and hash) the same."""
+        if cls.__init__ is object.__init__:
+            params: dict[str, inspect.Parameter] = {}
+        else:
+            params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        unknown = set(kwargs) - set(params)
+        if unknown:
+            raise ValueError(
+                f"system {cls.name or cls.__name__!r}: unknown options {sorted(unknown)}; "
+                f"its options are {sorted(params) or 'none'}"
+            )
+        out = {}
+        for k, prm in params.items():
+            v = kwargs.get(k, prm.default)
+            if v is inspect.Parameter.empty:
+                raise ValueError(f"system {cls.name or cls.__name__!r}: option {k!r} is required")
+            if isinstance(prm.default, bool) and not isinstance(v, bool):
+                raise ValueError(f"system option {k!r} must be true or false, got {v!r}")
+            if isinstance(prm.default, float) and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            out[k] = v
+        return out
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
