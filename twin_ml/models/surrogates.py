@@ -1,0 +1,225 @@
+"""Surrogate models: neural ODE, hybrid (physics + learned residual), one-shot emulator.
+
+Every model is a deep ensemble of M members (`StackedMLP`) and carries what it needs to be used
+alone: normalization statistics, the system's declaration, a homoscedastic log-variance per
+member and output (the aleatoric part), and the conformal scale of its intervals. Shapes::
+
+    x0 [B, nx]   u [B, T, nu]   p [B, np]   t [T]   ->   x [M, B, T, nx],  y [M, B, T, ny]
+
+`predict` combines the members: mean, and std = conformal_scale * sqrt(epistemic + aleatoric).
+A model rebuilds from `model.config` (plain JSON) plus its state_dict.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from twin_ml.models.ensemble import StackedMLP
+from twin_ml.physics import make_system
+from twin_ml.physics.signals import interpolator
+from twin_ml.physics.system import PhysicsSystem
+
+ODE_SOLVERS = ("rk4", "euler", "midpoint", "dopri5", "bosh3")
+STAT_KEYS = ("x_mean", "x_std", "u_mean", "u_std", "p_mean", "p_std", "y_mean", "y_std", "dx_std")
+
+
+def compute_stats(x: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, t: np.ndarray) -> dict[str, list]:
+    """Normalization statistics from training arrays x [N,T,nx], u [N,T,nu], p [N,np], y [N,T,ny]."""
+
+    def ms(a, axes):
+        m, s = a.mean(axis=axes), a.std(axis=axes)
+        return m.tolist(), np.maximum(s, 1e-8 * np.maximum(np.abs(m), 1.0)).tolist()
+
+    dx = np.diff(x, axis=1) / np.diff(t)[None, :, None]
+    st = {}
+    st["x_mean"], st["x_std"] = ms(x, (0, 1))
+    st["u_mean"], st["u_std"] = ms(u, (0, 1)) if u.shape[-1] else ([], [])
+    st["p_mean"], st["p_std"] = ms(p, (0,))
+    st["y_mean"], st["y_std"] = ms(y, (0, 1))
+    st["dx_std"] = ms(dx, (0, 1))[1]
+    return st
+
+
+class Surrogate(nn.Module):
+    """Shared parts: statistics as buffers, aleatoric log-variance, conformal scale, predict()."""
+
+    kind = ""
+
+    def __init__(self, system: dict[str, Any], stats: dict[str, list], members: int, seed: int):
+        super().__init__()
+        self.system = make_system(system["name"], **system.get("options", {}))
+        self.members, self.seed = members, seed
+        self.nx, self.nu = len(self.system.states), len(self.system.inputs)
+        self.n_p, self.ny = len(self.system.parameters), len(self.system.outputs)
+        missing = [k for k in STAT_KEYS if k not in stats]
+        if missing:
+            raise ValueError(f"stats: missing {missing}")
+        for k in STAT_KEYS:
+            self.register_buffer(k, torch.tensor(stats[k], dtype=torch.float32))
+        self.logvar = nn.Parameter(torch.full((members, self.ny), -4.0))  # per member and output, normalized y
+        self.register_buffer("conformal_scale", torch.ones(self.ny))
+        self._config: dict[str, Any] = {"system": {"name": self.system.name, "options": self.system.options},
+                                        "stats": {k: list(stats[k]) for k in STAT_KEYS},
+                                        "members": members, "seed": seed}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self._config}
+
+    def forward(self, x0, u, p, t) -> tuple[torch.Tensor | None, torch.Tensor]:
+        raise NotImplementedError
+
+    def observe(self, x: torch.Tensor, u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """y [M, B, T, ny] from states x [M, B, T, nx] (the system's observation function)."""
+        return self.system.observe(x, u, p[:, None, :])
+
+    @torch.no_grad()
+    def predict(self, x0, u, p, t) -> dict[str, torch.Tensor]:
+        """Ensemble mean and calibrated std of the outputs, [B, T, ny] each, plus the members."""
+        _, y = self(x0, u, p, t)
+        mean = y.mean(dim=0)
+        epi = y.var(dim=0, unbiased=False) if self.members > 1 else torch.zeros_like(mean)
+        ale = (torch.exp(self.logvar) * self.y_std**2).mean(dim=0)  # [ny], physical units
+        std = self.conformal_scale * torch.sqrt(epi + ale)
+        return {"mean": mean, "std": std, "members": y}
+
+
+class VectorFieldODE(Surrogate):
+    """dx/dt = f_phys(x, u, p) + g_theta(x, u, p) (hybrid) or g_theta alone (neural ODE).
+
+    g_theta sees normalized states, inputs (interpolated inside the vector field, per trajectory)
+    and parameters; its output is scaled by the data's typical rate of change. In the hybrid,
+    g_theta starts at zero, and `learn_parameters` names physical parameters that get a learnable
+    per-member factor exp(theta) (starting at 1).
+    """
+
+    def __init__(self, system: dict[str, Any], stats: dict[str, list], *, members: int = 5, seed: int = 0,
+                 hidden: int = 64, depth: int = 2, activation: str = "tanh", solver: str = "rk4",
+                 step_fraction: float = 1.0, rtol: float = 1e-4, atol: float = 1e-6, physics: bool = False,
+                 learn_parameters: list[str] | tuple[str, ...] = ()):
+        super().__init__(system, stats, members, seed)
+        if solver not in ODE_SOLVERS:
+            raise ValueError(f"model.solver must be one of {ODE_SOLVERS}, got {solver!r}")
+        if not 0 < step_fraction <= 1:
+            raise ValueError(f"model.step_fraction must be in (0, 1], got {step_fraction}")
+        unknown = set(learn_parameters) - set(self.system.parameter_names)
+        if unknown:
+            raise ValueError(f"model.learn_parameters: unknown {sorted(unknown)}; parameters: {self.system.parameter_names}")
+        if learn_parameters and not physics:
+            raise ValueError("model.learn_parameters needs the physics term (a hybrid model)")
+        self.solver, self.step_fraction, self.rtol, self.atol = solver, step_fraction, rtol, atol
+        self.physics = physics
+        self.net = StackedMLP(members, self.nx + self.nu + self.n_p, self.nx, hidden=hidden, depth=depth,
+                              activation=activation, seed=seed, zero_last=physics)
+        idx = [self.system.parameter_names.index(n) for n in learn_parameters]
+        self.register_buffer("learn_idx", torch.tensor(idx, dtype=torch.long))
+        self.log_factors = nn.Parameter(torch.zeros(members, len(idx)))
+        self.zoh = np.array([i.interpolation == "zoh" for i in self.system.inputs], dtype=bool)
+        self._config.update(hidden=hidden, depth=depth, activation=activation, solver=solver,
+                            step_fraction=step_fraction, rtol=rtol, atol=atol, physics=physics,
+                            learn_parameters=list(learn_parameters))
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "hybrid" if self.physics else "node"
+
+    def physical_parameters(self, p: torch.Tensor) -> torch.Tensor:
+        """p [B, np] -> [M, B, np] with the learned factors applied."""
+        pm = p.unsqueeze(0).expand(self.members, -1, -1)
+        if self.learn_idx.numel():
+            pm = pm.clone()
+            pm[..., self.learn_idx] = pm[..., self.learn_idx] * torch.exp(self.log_factors)[:, None, :]
+        return pm
+
+    def vector_field(self, x: torch.Tensor, u_t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """dx/dt for x [M, B, nx], u_t [B, nu], p [B, np]."""
+        m, b = x.shape[0], x.shape[1]
+        z = torch.cat([(x - self.x_mean) / self.x_std,
+                       ((u_t - self.u_mean) / self.u_std).expand(m, b, -1),
+                       ((p - self.p_mean) / self.p_std).expand(m, b, -1)], dim=-1)
+        dx = self.net(z) * self.dx_std
+        if self.physics:
+            dx = dx + self.system.rhs(None, x, u_t, self.physical_parameters(p))
+        return dx
+
+    def forward(self, x0, u, p, t):
+        from torchdiffeq import odeint
+
+        t_np = t.detach().cpu().double().numpy()
+        u_at = interpolator(t_np, u, self.zoh)
+        eps = 1e-6 * float(t_np[1] - t_np[0])
+
+        def f(tt, x):
+            # the left limit at a grid point: a held input keeps its value up to the step's end
+            return self.vector_field(x, u_at(float(tt) - eps), p)
+
+        opts = {}
+        if self.solver in ("rk4", "euler", "midpoint"):
+            opts = {"options": {"step_size": self.step_fraction * float(t_np[1] - t_np[0])}}
+        else:
+            opts = {"rtol": self.rtol, "atol": self.atol}
+        x_init = x0.unsqueeze(0).expand(self.members, -1, -1)
+        xs = odeint(f, x_init, t, method=self.solver, **opts)  # [T, M, B, nx]
+        x = xs.permute(1, 2, 0, 3)
+        return x, self.observe(x, u, p)
+
+
+class Emulator(Surrogate):
+    """One forward pass: (p, x0, the input signal on the grid) -> the whole output trajectory.
+
+    The input signal is given by its samples (step levels, PRBS bits and multisine phases are
+    random, so a handful of design variables would not determine it). Fixed to the training grid.
+    """
+
+    kind = "emulator"
+
+    def __init__(self, system: dict[str, Any], stats: dict[str, list], *, n_times: int, members: int = 5,
+                 seed: int = 0, hidden: int = 256, depth: int = 3, activation: str = "silu"):
+        super().__init__(system, stats, members, seed)
+        if n_times < 2:
+            raise ValueError(f"emulator n_times must be >= 2, got {n_times}")
+        self.n_times = n_times
+        self.net = StackedMLP(members, self.n_p + self.nx + n_times * self.nu, n_times * self.ny,
+                              hidden=hidden, depth=depth, activation=activation, seed=seed)
+        self._config.update(n_times=n_times, hidden=hidden, depth=depth, activation=activation)
+
+    def forward(self, x0, u, p, t):
+        if u.shape[1] != self.n_times or t.shape[0] != self.n_times:
+            raise ValueError(f"the emulator is fixed to {self.n_times} time steps, got {u.shape[1]}")
+        b = x0.shape[0]
+        z = torch.cat([(p - self.p_mean) / self.p_std, (x0 - self.x_mean) / self.x_std,
+                       ((u - self.u_mean) / self.u_std).reshape(b, -1)], dim=-1)
+        yn = self.net(z.unsqueeze(0).expand(self.members, -1, -1)).reshape(self.members, b, self.n_times, self.ny)
+        return None, yn * self.y_std + self.y_mean
+
+
+MODEL_KINDS = {"node": VectorFieldODE, "hybrid": VectorFieldODE, "emulator": Emulator}
+
+
+def build_model(kind: str, system: PhysicsSystem | dict, stats: dict[str, list], **kwargs) -> Surrogate:
+    """A surrogate of `kind` (node | hybrid | emulator) for `system` with normalization `stats`."""
+    if kind not in MODEL_KINDS:
+        raise KeyError(f"unknown model kind {kind!r}; kinds: {sorted(MODEL_KINDS)}")
+    if isinstance(system, PhysicsSystem):
+        system = {"name": system.name, "options": system.options}
+    if kind == "hybrid":
+        kwargs["physics"] = True
+    elif kind == "node":
+        kwargs["physics"] = False
+    return MODEL_KINDS[kind](system, stats, **kwargs)
+
+
+def model_from_config(config: dict[str, Any]) -> Surrogate:
+    """Rebuild an (untrained) model from `model.config`; load its state_dict next."""
+    cfg = dict(config)
+    kind = cfg.pop("kind")
+    return build_model(kind, cfg.pop("system"), cfg.pop("stats"), **cfg)
+
+
+def gaussian_nll(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.log(2 * math.pi * var) + (y - mean) ** 2 / var)
