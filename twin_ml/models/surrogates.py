@@ -101,8 +101,11 @@ class VectorFieldODE(Surrogate):
     def __init__(self, system: dict[str, Any], stats: dict[str, list], *, members: int = 5, seed: int = 0,
                  hidden: int = 64, depth: int = 2, activation: str = "tanh", solver: str = "rk4",
                  step_fraction: float = 1.0, rtol: float = 1e-4, atol: float = 1e-6, physics: bool = False,
-                 learn_parameters: list[str] | tuple[str, ...] = ()):
+                 physics_options: dict[str, Any] | None = None, learn_parameters: list[str] | tuple[str, ...] = ()):
         super().__init__(system, stats, members, seed)
+        # the physics term may be a deliberately incomplete variant of the data's system
+        # (e.g. the pendulum without damping): the residual learns what it lacks
+        self.physics_system = make_system(self.system.name, **{**self.system.options, **(physics_options or {})})
         if solver not in ODE_SOLVERS:
             raise ValueError(f"model.solver must be one of {ODE_SOLVERS}, got {solver!r}")
         if not 0 < step_fraction <= 1:
@@ -122,7 +125,7 @@ class VectorFieldODE(Surrogate):
         self.zoh = np.array([i.interpolation == "zoh" for i in self.system.inputs], dtype=bool)
         self._config.update(hidden=hidden, depth=depth, activation=activation, solver=solver,
                             step_fraction=step_fraction, rtol=rtol, atol=atol, physics=physics,
-                            learn_parameters=list(learn_parameters))
+                            physics_options=dict(physics_options or {}), learn_parameters=list(learn_parameters))
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -144,7 +147,7 @@ class VectorFieldODE(Surrogate):
                        ((p - self.p_mean) / self.p_std).expand(m, b, -1)], dim=-1)
         dx = self.net(z) * self.dx_std
         if self.physics:
-            dx = dx + self.system.rhs(None, x, u_t, self.physical_parameters(p))
+            dx = dx + self.physics_system.rhs(None, x, u_t, self.physical_parameters(p))
         return dx
 
     def forward(self, x0, u, p, t):

@@ -1,0 +1,102 @@
+"""Evaluate a trained surrogate on dataset splits: metrics, speed against the solver, report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from twin_ml.evaluate.metrics import accuracy, error_vs_horizon, regime_masks
+from twin_ml.physics.solver import SolverSettings, solve_looped, solve_stacked
+from twin_ml.uq import conformal_scale, interval_report
+
+
+def predict_numpy(model, d: dict[str, np.ndarray], t: np.ndarray, *, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Ensemble mean and calibrated std [N, T, ny] for the scenarios of one split."""
+    means, stds = [], []
+    tt = torch.tensor(t, dtype=torch.float32)
+    for s in range(0, len(d["p"]), chunk):
+        sl = slice(s, s + chunk)
+        args = (torch.tensor(d[k][sl], dtype=torch.float32) for k in ("x0", "u", "p"))
+        pred = model.predict(*args, tt)
+        means.append(pred["mean"].numpy())
+        stds.append(pred["std"].numpy())
+    return np.concatenate(means).astype(np.float64), np.concatenate(stds).astype(np.float64)
+
+
+def calibrate(model, val: dict[str, np.ndarray], t: np.ndarray, level: float = 0.9) -> np.ndarray:
+    """Split-conformal: set model.conformal_scale from the validation split; returns it [ny]."""
+    model.conformal_scale.fill_(1.0)
+    mean, std = predict_numpy(model, val, t)
+    scale = conformal_scale(val["y"], mean, std, level)
+    model.conformal_scale.copy_(torch.tensor(scale, dtype=torch.float32))
+    return scale
+
+
+def evaluate_splits(model, system, splits: dict[str, dict[str, np.ndarray]], t: np.ndarray) -> tuple[dict, dict]:
+    """Metrics per split (and per regime), and the predictions for the report."""
+    y_scale = model.y_std.numpy().astype(np.float64)
+    names = system.output_names
+    metrics: dict[str, Any] = {}
+    preds = {}
+    for split, d in splits.items():
+        if len(d["p"]) == 0:
+            continue
+        mean, std = predict_numpy(model, d, t)
+        preds[split] = (mean, std)
+        m = {**accuracy(d["y"], mean, y_scale, names), **interval_report(d["y"], mean, std)}
+        m["error_vs_horizon"] = error_vs_horizon(d["y"], mean, y_scale)
+        regimes = {}
+        for rname, mask in regime_masks(system, d["p"], d["x0"], d["u"]).items():
+            if mask.sum() >= 1:
+                acc = accuracy(d["y"][mask], mean[mask], y_scale, names)
+                regimes[rname] = {k: v for k, v in acc.items() if k.startswith(("nrmse", "rel_l2", "n_"))}
+        m["regimes"] = regimes
+        metrics[split] = m
+    return metrics, preds
+
+
+def speed(model, system, d: dict[str, np.ndarray], t: np.ndarray, *, n: int = 64, repeats: int = 3) -> dict[str, float]:
+    """Surrogate rollout (torch, this process) vs the solver on the same n scenarios, as ratios."""
+    n = min(n, len(d["p"]))
+    sub = {k: v[:n] for k, v in d.items()}
+    settings = SolverSettings().resolved(system)
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    s_sur = best(lambda: predict_numpy(model, sub, t))
+    s_loop = best(lambda: solve_looped(system, t, sub["u"], sub["p"], sub["x0"], settings))
+    s_stack = best(lambda: solve_stacked(system, t, sub["u"], sub["p"], sub["x0"], settings))
+    return {"n_scenarios": n, "surrogate_s": s_sur, "solver_looped_s": s_loop, "solver_stacked_s": s_stack,
+            "speedup_vs_looped": s_loop / s_sur, "speedup_vs_stacked": s_stack / s_sur}
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """'test/coverage_90'-style keys of the scalar metrics (for loggers, sweeps and thresholds)."""
+    out = {}
+    for split, m in metrics.items():
+        if not isinstance(m, dict):
+            continue
+        for k, v in m.items():
+            if isinstance(v, (int, float)):
+                out[f"{split}/{k}"] = float(v)
+            elif k == "regimes":
+                for r, rm in v.items():
+                    for kk, vv in rm.items():
+                        out[f"{split}/regime/{r}/{kk}"] = float(vv)
+    return out
+
+
+def write_report(out_dir: Path, model, system, splits, preds, metrics, t) -> Path:
+    from twin_ml.evaluate.report import write_report as _write
+
+    return _write(out_dir, model, system, splits, preds, metrics, t)

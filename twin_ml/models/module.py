@@ -1,0 +1,102 @@
+"""The LightningModule that trains any surrogate (all ensemble members at once)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from twin_ml.models.surrogates import Surrogate
+
+
+class SurrogateModule(L.LightningModule):
+    """Trains `model` on trajectory windows with a horizon curriculum.
+
+    Windows start at `curriculum_start` steps and double every `curriculum_every` epochs up to
+    the full horizon (or `max_horizon`); the window start is drawn from a generator keyed by
+    (seed, epoch, batch), so a resumed run sees the same windows. Loss per member: MSE of the
+    normalized states (ODE models) or outputs (emulator), plus the Gaussian NLL of the outputs
+    under the member's learned variance; members are summed, so each gets its own gradient.
+    `bootstrap` weights each member's scenarios with Poisson(1) counts (bagging).
+    """
+
+    def __init__(self, model: Surrogate, *, lr: float = 3e-3, weight_decay: float = 0.0, nll_weight: float = 0.1,
+                 curriculum_start: int = 10, curriculum_every: int = 5, max_horizon: int | None = None,
+                 scheduler: str = "cosine", bootstrap: bool = False, seed: int = 0):
+        super().__init__()
+        if scheduler not in ("cosine", "none"):
+            raise ValueError(f"module.scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        if curriculum_start < 1 or curriculum_every < 1:
+            raise ValueError("module.curriculum_start and curriculum_every must be >= 1")
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])  # plain numbers and strings only: weights_only-safe
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def window(self, n_t: int) -> int:
+        """Training window length in steps for the current epoch."""
+        hp = self.hparams
+        full = n_t - 1 if hp.max_horizon is None else min(hp.max_horizon, n_t - 1)
+        if self.model.kind == "emulator":
+            return n_t - 1
+        return min(full, hp.curriculum_start * 2 ** (self.current_epoch // hp.curriculum_every))
+
+    def _t(self) -> torch.Tensor:
+        return self.trainer.datamodule.t.to(self.device)
+
+    def _loss(self, batch, start: int, steps: int) -> torch.Tensor:
+        index, x0, u, p, x, y = batch
+        m = self.model
+        t = self._t()
+        sl = slice(start, start + steps + 1)
+        if m.kind == "emulator":
+            _, ym = m(x0, u, p, t)
+            fit = ((ym - y) / m.y_std) ** 2  # [M, B, T, ny]
+        else:
+            xm, ym = m(x[:, start], u[:, sl], p, t[sl] - t[start])
+            fit = ((xm - x[:, sl]) / m.x_std) ** 2  # [M, B, T, nx]
+        yn, ymn = (y[:, sl] - m.y_mean) / m.y_std, (ym - m.y_mean) / m.y_std
+        lv = m.logvar[:, None, None, :]
+        nll = 0.5 * (lv + (yn - ymn) ** 2 / torch.exp(lv))
+        per = fit.mean(dim=(2, 3)) + self.hparams.nll_weight * nll.mean(dim=(2, 3))  # [M, B]
+        if self.hparams.bootstrap and m.members > 1:
+            w = self._bootstrap_weights(index)
+            return (per * w).sum(dim=1).div(w.sum(dim=1).clamp_min(1.0)).sum()
+        return per.mean(dim=1).sum()
+
+    def _bootstrap_weights(self, index: torch.Tensor) -> torch.Tensor:
+        """Poisson(1) count of each scenario for each member, fixed by (seed, member, scenario)."""
+        g = torch.Generator().manual_seed(self.hparams.seed + 17)
+        table = torch.poisson(torch.ones(self.model.members, int(index.max()) + 1), generator=g)
+        return table[:, index.cpu()].to(self.device)
+
+    # ---- lightning ---------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        n_t = self._t().shape[0]
+        steps = self.window(n_t)
+        g = torch.Generator().manual_seed((self.hparams.seed * 1009 + self.current_epoch) * 100_003 + batch_idx)
+        start = int(torch.randint(0, n_t - steps, (1,), generator=g)) if steps < n_t - 1 else 0
+        loss = self._loss(batch, start, steps)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
+        self.log("train/window", float(steps), batch_size=batch[0].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        index, x0, u, p, x, y = batch
+        pred = self.model.predict(x0, u, p, self._t())
+        mean = pred["mean"]
+        err = ((mean - y) / self.model.y_std) ** 2
+        rel = torch.linalg.vector_norm((mean - y).flatten(1), dim=1) / torch.linalg.vector_norm(y.flatten(1), dim=1).clamp_min(1e-12)
+        self.log("val/loss", err.mean(), prog_bar=True, batch_size=x0.shape[0])
+        self.log("val/rel_l2_median", rel.median(), batch_size=x0.shape[0])
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "none":
+            return opt
+        max_epochs = max(1, int(self.trainer.max_epochs or 1))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=self.hparams.lr * 0.02)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["twin_model_config"] = self.model.config  # JSON-plain: rebuilds the model without code paths
