@@ -159,7 +159,7 @@ class VectorFieldODE(Surrogate):
 
         def f(tt, x):
             # the left limit at a grid point: a held input keeps its value up to the step's end
-            return self.vector_field(x, u_at(float(tt) - eps), p)
+            return self.vector_field(x, u_at(float(tt.detach()) - eps), p)
 
         opts = {}
         if self.solver in ("rk4", "euler", "midpoint"):

@@ -1,0 +1,127 @@
+"""twin-train end to end on tiny configs: contract, resume, checkpoints, loggers, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from twin_ml.data import ScenarioDesign, generate_dataset
+from twin_ml.physics import make_system
+
+BIN = Path(sys.executable).parent / "twin-train"
+TINY = ["ensemble.size=2", "trainer.max_epochs=4", "data.batch_size=8", "model.net.hidden=16",
+        "model.optim.curriculum_start=5", "model.optim.curriculum_every=1", "speed_scenarios=4"]
+
+
+@pytest.fixture(scope="module")
+def pendulum_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "pendulum"
+    generate_dataset(make_system("pendulum"), ScenarioDesign(t_end=2.0, dt=0.1), n_scenarios=24, seed=0,
+                     out_dir=out, progress=False)
+    return out
+
+
+def run(*args, env=None):
+    e = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=600, env=e)
+
+
+def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_path):
+    out = tmp_path / "run"
+    r = run("experiment=pendulum_node", f"data_dir={pendulum_data}", f"out_dir={out}", "ensemble.size=2",
+            "trainer.max_epochs=3", "logger=none", "seed=1", *TINY[2:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip().splitlines()[-1]) == out / "summary.json"
+    m = json.loads((out / "metrics.json").read_text())
+    for split in ("test", "extrapolation"):
+        assert 0.0 <= m[f"{split}/coverage_90"] <= 1.0 and m[f"{split}/rel_l2_median"] > 0
+    assert {"test/coverage_50", "test/coverage_95", "test/nll", "test/crps", "test/width_90"} <= set(m)
+    assert m["detail"]["speed"]["speedup_vs_looped"] > 0
+    for f in ("report.html", "trajectories.png", "parity.png", "calibration.png", "error_vs_horizon.png",
+              "config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "model/model.pt", "model/model.json"):
+        assert (out / f).exists(), f
+    # checkpoints and weights hold no pickled objects
+    ck = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ck["twin_model_config"]["kind"] == "node" and ck["twin_model_config"]["members"] == 2
+    from twin_ml.models import model_from_config
+
+    meta = json.loads((out / "model" / "model.json").read_text())
+    model = model_from_config(meta["config"])
+    model.load_state_dict(torch.load(out / "model" / "model.pt", weights_only=True))
+    assert model.conformal_scale.tolist() == pytest.approx(meta["conformal_scale"])
+
+
+def test_resumed_run_reaches_the_same_metrics(pendulum_data, tmp_path):
+    common = ["experiment=pendulum_hybrid", f"data_dir={pendulum_data}", "logger=none", *TINY]
+    full = run(*common, f"out_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = run(*common, f"out_dir={tmp_path / 'part'}", "stop_after_epochs=2")
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert not (tmp_path / "part" / "metrics.json").exists() and (tmp_path / "part" / "checkpoints" / "last.ckpt").exists()
+    resumed = run(*common, f"out_dir={tmp_path / 'part'}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    for k in ("val/rel_l2_median", "test/rel_l2_median", "test/coverage_90", "extrapolation/nll"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_loggers_work_offline(pendulum_data, tmp_path, logger):
+    out = tmp_path / logger
+    r = run("experiment=pendulum_node", f"data_dir={pendulum_data}", f"out_dir={out}", f"logger={logger}", *TINY,
+            "trainer.max_epochs=1", env={"WANDB_API_KEY": "", "NO_PROXY": "*"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    if logger == "csv":
+        assert list(out.glob("csv/version_0/metrics.csv"))
+    else:
+        assert list(out.glob("wandb/offline-run-*"))
+
+
+def test_emulator_trains(pendulum_data, tmp_path):
+    no_curriculum = [a for a in TINY if "curriculum" not in a]  # the emulator has no rollout windows
+    r = run("experiment=pendulum_emulator", f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'e'}", "logger=none",
+            *no_curriculum)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["detail"]["train"]["members"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["experiment=pendulm_node"], "experiment='pendulm_node' is unknown; known experiment configs: cascaded_tanks_hybrid"),
+    (["experiment=cascaded_tanks_hybrid"], "was made for system pendulum"),
+    (["data.horizon=500"], "data.horizon (500 steps) must be in [1, 20]"),
+    (["+model.net.learn_parameters=[dampng]", "model=hybrid"], "model.learn_parameters: unknown ['dampng']"),
+])
+def test_bad_input_fails_before_training(pendulum_data, tmp_path, args, message):
+    r = run(f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_missing_data_dir_and_nan_in_data(pendulum_data, tmp_path):
+    r = run(f"data_dir={tmp_path / 'nope'}", f"out_dir={tmp_path / 'x'}", "logger=none")
+    assert r.returncode == 2 and "does not exist; make it with twin-generate" in r.stderr
+    # a dataset whose kept scenarios hold NaN (re-hashed so only the NaN check can catch it)
+    import shutil
+
+    import numpy as np
+
+    from twin_ml._io import npz_bytes, sha256_file
+    from twin_ml.data.generate import dataset_sha256
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pendulum_data, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    f = bad / m["shards"][0]["file"]
+    z = dict(np.load(f, allow_pickle=False))
+    z["x"][1, 3, 0] = np.nan
+    f.write_bytes(npz_bytes(z))
+    m["shards"][0]["sha256"] = sha256_file(f)
+    m["dataset_sha256"] = dataset_sha256(m["settings_sha256"], [s["sha256"] for s in m["shards"]])
+    (bad / "manifest.json").write_text(json.dumps(m))
+    r = run(f"data_dir={bad}", f"out_dir={tmp_path / 'y'}", "logger=none")
+    assert r.returncode == 2 and "NaN or inf in" in r.stderr and f"[{int(z['index'][1])}]" in r.stderr
