@@ -53,6 +53,18 @@ def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_pat
     model = model_from_config(meta["config"])
     model.load_state_dict(torch.load(out / "model" / "model.pt", weights_only=True))
     assert model.conformal_scale.tolist() == pytest.approx(meta["conformal_scale"])
+    # twin-evaluate reproduces the run's own evaluation, and refuses modified weights
+    ev = subprocess.run([str(BIN.parent / "twin-evaluate"), f"run_dir={out}"], capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    em = json.loads((out / "evaluation" / "metrics.json").read_text())
+    for k in ("test/rel_l2_median", "test/coverage_90", "extrapolation/crps"):
+        assert em[k] == pytest.approx(m[k], rel=1e-6), k
+    w = out / "model" / "model.pt"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 1
+    w.write_bytes(bytes(data))
+    ev = subprocess.run([str(BIN.parent / "twin-evaluate"), f"run_dir={out}"], capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 2 and "sha256 does not match model.json" in ev.stderr
 
 
 def test_resumed_run_reaches_the_same_metrics(pendulum_data, tmp_path):
