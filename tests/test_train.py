@@ -137,3 +137,17 @@ def test_missing_data_dir_and_nan_in_data(pendulum_data, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(m))
     r = run(f"data_dir={bad}", f"out_dir={tmp_path / 'y'}", "logger=none")
     assert r.returncode == 2 and "NaN or inf in" in r.stderr and f"[{int(z['index'][1])}]" in r.stderr
+
+
+def test_optuna_sweep_returns_the_optimized_metric(pendulum_data, tmp_path):
+    import yaml
+
+    r = run("-m", "hparams_search=pendulum_node_optuna", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2", f"data_dir={pendulum_data}", f"paths.root_dir={tmp_path}",
+            "logger=none", *TINY[:4], "trainer.max_epochs=1", "speed_scenarios=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = sorted((tmp_path / "multirun" / "pendulum-optuna").glob("*/metrics.json"))
+    assert len(trials) == 2  # one run directory per trial
+    values = [json.loads(p.read_text())["val/rel_l2_median"] for p in trials]
+    (result,) = list((tmp_path / "multirun").glob("*/optimization_results.yaml"))
+    assert yaml.safe_load(result.read_text())["best_value"] == pytest.approx(min(values), rel=1e-6)
