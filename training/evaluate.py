@@ -24,7 +24,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     from twin_ml.data.dataset import DatasetError
     from twin_ml.data.torch_data import ScenarioDataModule
-    from twin_ml.evaluate.evaluate import evaluate_splits, flat_metrics, speed, write_report
+    from twin_ml.evaluate.evaluate import evaluate_splits, flat_metrics, speed
+    from twin_ml.evaluate.report import write_report
     from twin_ml.models import model_from_config
 
     run = Path(cfg.run_dir)

@@ -38,18 +38,16 @@ def _loggers(cfg: DictConfig, out_dir: Path):
     return [hydra.utils.instantiate(c) for c in cfg.logger.values()]
 
 
-class _StopAfter:
-    """End this run after n epochs (checkpoints are written; resume=true continues)."""
+def _stop_after(n: int):
+    """A callback that ends this run after n epochs (checkpoints are written; resume=true continues)."""
+    import lightning as L
 
-    def __new__(cls, n: int):
-        import lightning as L
+    class StopAfter(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch + 1 >= n:
+                trainer.should_stop = True
 
-        class StopAfter(L.Callback):
-            def on_train_epoch_end(self, trainer, pl_module):
-                if trainer.current_epoch + 1 >= n:
-                    trainer.should_stop = True
-
-        return StopAfter()
+    return StopAfter()
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -57,7 +55,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
     from twin_ml.data.torch_data import ScenarioDataModule
-    from twin_ml.evaluate.evaluate import calibrate, evaluate_splits, flat_metrics, speed, write_report
+    from twin_ml.evaluate.evaluate import calibrate, evaluate_splits, flat_metrics, speed
+    from twin_ml.evaluate.report import write_report
     from twin_ml.models import compute_stats
 
     t_start = time.perf_counter()
@@ -77,7 +76,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module = hydra.utils.instantiate(cfg.model.optim, _convert_="all")(model=model, seed=cfg.seed)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     if cfg.stop_after_epochs:
-        callbacks.append(_StopAfter(int(cfg.stop_after_epochs)))
+        callbacks.append(_stop_after(int(cfg.stop_after_epochs)))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, out_dir),

@@ -95,8 +95,3 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                         out[f"{split}/regime/{r}/{kk}"] = float(vv)
     return out
 
-
-def write_report(out_dir: Path, model, system, splits, preds, metrics, t) -> Path:
-    from twin_ml.evaluate.report import write_report as _write
-
-    return _write(out_dir, model, system, splits, preds, metrics, t)
