@@ -61,6 +61,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = hydra.utils.instantiate(cfg.system, _convert_="all")
     log.info(f"Instantiating datamodule <{cfg.data_dir}>")
