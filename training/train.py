@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                           "extrapolation/rel_l2_median", "extrapolation/coverage_90") if k in flat},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    return {**flat, "val/rel_l2_median": metrics["val"]["rel_l2_median"]}, summary
+    return flat, summary
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

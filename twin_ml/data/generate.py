@@ -274,12 +274,9 @@ def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bound
                 failures.append({"index": int(a + i), "status": int(status[i]),
                                  "kind": STATUS_NAMES.get(int(status[i]), "?"), "reason": str(reason[i])})
         shards.append({"file": name, "start": a, "stop": b, "sha256": sha256_file(out / name)})
-    status_all = np.zeros(len(scen), dtype=bool)
-    for f in failures:
-        status_all[f["index"]] = True
     splits = {s: np.flatnonzero(scen.split == k).tolist() for k, s in enumerate(SPLITS)}
     counts = {s: len(v) for s, v in splits.items()}
-    counts.update(total=len(scen), ok=int((~status_all).sum()), failed=len(failures))
+    counts.update(total=len(scen), ok=len(scen) - len(failures), failed=len(failures))
     dataset_sha = dataset_sha256(settings_sha, [s["sha256"] for s in shards])
     desc = settings["system"]
     manifest = {
