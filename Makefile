@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= data/demo-cascaded-tanks
+DEMO_RUN ?= runs/demo-cascaded-tanks-hybrid
 
 .PHONY: demo test bench clean
 
@@ -19,15 +20,20 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@summary=$$($(BIN)/twin-generate system=cascaded_tanks n_scenarios=128 seed=0 out_dir=$(DEMO_DIR) \
-	    workers=0 plot=true | tail -n 1) && echo "== $$summary" && cat "$$summary" && echo && \
+	@summary=$$($(BIN)/twin-generate system=cascaded_tanks n_scenarios=256 seed=0 out_dir=$(DEMO_DIR) \
+	    workers=0 plot=true | tail -n 1) && echo "== dataset: $$summary" && cat "$$summary" && echo && \
 	    echo "== overview plot: $(DEMO_DIR)/overview.png"
+	@summary=$$($(BIN)/twin-train experiment=cascaded_tanks_hybrid data_dir=$(DEMO_DIR) out_dir=$(DEMO_RUN) \
+	    trainer.max_epochs=60 model.optim.curriculum_every=6 logger=csv | tail -n 1) && \
+	    echo "== training run: $$summary" && cat "$$summary" && echo && \
+	    echo "== report: $(DEMO_RUN)/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/solver.py
+	$(BIN)/python benchmarks/training.py
 
 clean:
-	rm -rf $(VENV) data/demo-* .pytest_cache
+	rm -rf $(VENV) data/demo-* runs/demo-* .pytest_cache

@@ -32,7 +32,7 @@ def sh(*args: str) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=None, help="override every experiment's max_epochs")
-    ap.add_argument("--cost-epochs", type=int, default=5, help="epochs of the M=5 vs M=1 cost comparison")
+    ap.add_argument("--cost-epochs", type=int, default=30, help="epochs of the M=5 vs M=1 cost comparison")
     ap.add_argument("--quick", action="store_true", help="64-scenario datasets, 5 epochs (a smoke run)")
     args = ap.parse_args(argv)
     n = 64 if args.quick else 256

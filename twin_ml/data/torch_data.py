@@ -57,6 +57,9 @@ class ScenarioDataModule(L.LightningDataModule):
             if len(self.splits[split]["index"]) == 0:
                 raise DatasetError(f"{data_dir}: the {split} split is empty; generate more scenarios")
         n_t = self.t.shape[0]
+        dt = np.diff(self._t())
+        if n_t < 2 or not np.allclose(dt, dt[0], rtol=1e-6, atol=0.0):
+            raise DatasetError(f"{data_dir}: training needs a uniform time grid of >= 2 points")
         if horizon is not None and not 1 <= horizon <= n_t - 1:
             raise ValueError(f"data.horizon ({horizon} steps) must be in [1, {n_t - 1}]: the data has {n_t} time points")
 

@@ -11,14 +11,16 @@ from twin_ml.models.surrogates import Surrogate
 
 
 class SurrogateModule(L.LightningModule):
-    """Trains `model` on trajectory windows with a horizon curriculum.
+    """Trains `model` on trajectory windows with a horizon curriculum (multiple shooting).
 
-    Windows start at `curriculum_start` steps and double every `curriculum_every` epochs up to
-    the full horizon (or `max_horizon`); the window start is drawn from a generator keyed by
-    (seed, epoch, batch), so a resumed run sees the same windows. Loss per member: MSE of the
-    normalized states (ODE models) or outputs (emulator), plus the Gaussian NLL of the outputs
-    under the member's learned variance; members are summed, so each gets its own gradient.
-    `bootstrap` weights each member's scenarios with Poisson(1) counts (bagging).
+    The window starts at `curriculum_start` steps and doubles every `curriculum_every` epochs up
+    to the full horizon (or `max_horizon`). Each trajectory is cut into consecutive windows of
+    that length (shooting segments, each started from the data's state at its first step), so
+    every epoch uses all the data whatever the window; the segments' offset is drawn from a
+    generator keyed by (seed, epoch, batch), so a resumed run sees the same windows. Loss per
+    member: MSE of the normalized states (ODE models) or outputs (emulator), plus the Gaussian NLL
+    of the outputs under the member's learned variance; members are summed, so each gets its own
+    gradient. `bootstrap` weights each member's scenarios with Poisson(1) counts (bagging).
     """
 
     def __init__(self, model: Surrogate, *, lr: float = 3e-3, weight_decay: float = 0.0, nll_weight: float = 0.1,
@@ -44,18 +46,34 @@ class SurrogateModule(L.LightningModule):
     def _t(self) -> torch.Tensor:
         return self.trainer.datamodule.t.to(self.device)
 
-    def _loss(self, batch, start: int, steps: int) -> torch.Tensor:
+    @staticmethod
+    def segments(batch, offset: int, steps: int):
+        """Cut each trajectory into consecutive windows of `steps` steps from `offset`:
+        the batch's scenarios become B*K windows (K per scenario), with the relative time grid."""
         index, x0, u, p, x, y = batch
+        n_t = x.shape[1]
+        starts = torch.arange(offset, n_t - steps, steps, device=x.device)  # [K]
+        idx = starts[:, None] + torch.arange(steps + 1, device=x.device)  # [K, steps+1]
+        k = len(starts)
+
+        def cut(a):  # [B, T, d] -> [B*K, steps+1, d]
+            return a[:, idx].reshape(a.shape[0] * k, steps + 1, a.shape[-1])
+
+        xw = cut(x)
+        return (index.repeat_interleave(k), xw[:, 0], cut(u), p.repeat_interleave(k, dim=0), xw, cut(y))
+
+    def _loss(self, batch, offset: int, steps: int) -> torch.Tensor:
         m = self.model
         t = self._t()
-        sl = slice(start, start + steps + 1)
         if m.kind == "emulator":
+            index, x0, u, p, x, y = batch
             _, ym = m(x0, u, p, t)
             fit = ((ym - y) / m.y_std) ** 2  # [M, B, T, ny]
         else:
-            xm, ym = m(x[:, start], u[:, sl], p, t[sl] - t[start])
-            fit = ((xm - x[:, sl]) / m.x_std) ** 2  # [M, B, T, nx]
-        yn, ymn = (y[:, sl] - m.y_mean) / m.y_std, (ym - m.y_mean) / m.y_std
+            index, x0, u, p, x, y = self.segments(batch, offset, steps)
+            xm, ym = m(x0, u, p, t[: steps + 1] - t[0])  # the grid is uniform (checked by the datamodule)
+            fit = ((xm - x) / m.x_std) ** 2  # [M, B*K, steps+1, nx]
+        yn, ymn = (y - m.y_mean) / m.y_std, (ym - m.y_mean) / m.y_std
         lv = m.logvar[:, None, None, :]
         nll = 0.5 * (lv + (yn - ymn) ** 2 / torch.exp(lv))
         per = fit.mean(dim=(2, 3)) + self.hparams.nll_weight * nll.mean(dim=(2, 3))  # [M, B]
@@ -75,8 +93,8 @@ class SurrogateModule(L.LightningModule):
         n_t = self._t().shape[0]
         steps = self.window(n_t)
         g = torch.Generator().manual_seed((self.hparams.seed * 1009 + self.current_epoch) * 100_003 + batch_idx)
-        start = int(torch.randint(0, n_t - steps, (1,), generator=g)) if steps < n_t - 1 else 0
-        loss = self._loss(batch, start, steps)
+        offset = int(torch.randint(0, min(steps, n_t - steps), (1,), generator=g))
+        loss = self._loss(batch, offset, steps)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
         self.log("train/window", float(steps), batch_size=batch[0].shape[0])
         return loss

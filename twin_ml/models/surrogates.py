@@ -29,10 +29,18 @@ STAT_KEYS = ("x_mean", "x_std", "u_mean", "u_std", "p_mean", "p_std", "y_mean", 
 
 
 def compute_stats(x: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, t: np.ndarray) -> dict[str, list]:
-    """Normalization statistics from training arrays x [N,T,nx], u [N,T,nu], p [N,np], y [N,T,ny]."""
+    """Normalization statistics from training arrays x [N,T,nx], u [N,T,nu], p [N,np], y [N,T,ny].
+
+    Robust: center = median, scale = IQR / 1.349 (the std of a normal), falling back to the std
+    where the IQR is 0 (a signal that is mostly constant). A few extreme trajectories (a pendulum
+    that goes over the top and winds up 100 rad) must not set the scale of the typical ones.
+    """
 
     def ms(a, axes):
-        m, s = a.mean(axis=axes), a.std(axis=axes)
+        a = np.moveaxis(a, axes, tuple(range(len(axes)))).reshape(-1, a.shape[-1]).astype(np.float64)
+        q25, m, q75 = np.percentile(a, [25, 50, 75], axis=0)
+        s = (q75 - q25) / 1.349
+        s = np.where(s > 0, s, a.std(axis=0))
         return m.tolist(), np.maximum(s, 1e-8 * np.maximum(np.abs(m), 1.0)).tolist()
 
     dx = np.diff(x, axis=1) / np.diff(t)[None, :, None]
