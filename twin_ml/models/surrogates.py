@@ -21,10 +21,10 @@ from torch import nn
 
 from twin_ml.models.ensemble import StackedMLP
 from twin_ml.physics import make_system
-from twin_ml.physics.signals import interpolator
 from twin_ml.physics.system import PhysicsSystem
 
-ODE_SOLVERS = ("rk4", "euler", "midpoint", "dopri5", "bosh3")
+FIXED_STEP = ("rk4", "euler", "midpoint")
+ODE_SOLVERS = (*FIXED_STEP, "dopri5", "bosh3")
 STAT_KEYS = ("x_mean", "x_std", "u_mean", "u_std", "p_mean", "p_std", "y_mean", "y_std", "dx_std")
 
 
@@ -116,8 +116,9 @@ class VectorFieldODE(Surrogate):
         self.physics_system = make_system(self.system.name, **{**self.system.options, **(physics_options or {})})
         if solver not in ODE_SOLVERS:
             raise ValueError(f"model.solver must be one of {ODE_SOLVERS}, got {solver!r}")
-        if not 0 < step_fraction <= 1:
-            raise ValueError(f"model.step_fraction must be in (0, 1], got {step_fraction}")
+        if not 0 < step_fraction <= 1 or abs(1.0 / step_fraction - round(1.0 / step_fraction)) > 1e-9:
+            raise ValueError(f"model.step_fraction must be 1/n for an integer n >= 1 (1, 0.5, 0.25, ...), "
+                             f"got {step_fraction}")
         unknown = set(learn_parameters) - set(self.system.parameter_names)
         if unknown:
             raise ValueError(f"model.learn_parameters: unknown {sorted(unknown)}; parameters: {self.system.parameter_names}")
@@ -158,26 +159,54 @@ class VectorFieldODE(Surrogate):
             dx = dx + self.physics_system.rhs(None, x, u_t, self.physical_parameters(p))
         return dx
 
+    @property
+    def substeps(self) -> int:
+        """Fixed-step solvers: integration steps per grid interval (1 / step_fraction)."""
+        return int(round(1.0 / self.step_fraction))
+
     def forward(self, x0, u, p, t):
+        """Integrate grid interval by grid interval with torchdiffeq.
+
+        On [t_k, t_k+1] the input is u_k + s (u_k+1 - u_k), s in [0, 1] (linear inputs), or u_k
+        (held inputs, up to and including the interval's end): the same semantics as the reference
+        solver, which restarts at every jump of a held input, and as the exported ONNX graph.
+        """
         from torchdiffeq import odeint
 
         t_np = t.detach().cpu().double().numpy()
-        u_at = interpolator(t_np, u, self.zoh)
-        eps = 1e-6 * float(t_np[1] - t_np[0])
+        zoh = torch.as_tensor(self.zoh, device=u.device)
+        fixed = self.solver in FIXED_STEP
+        n_sub = self.substeps
+        x = x0.unsqueeze(0).expand(self.members, -1, -1)
+        xs = [x]
+        for k in range(len(t_np) - 1):
+            u0 = u[:, k]
+            du = torch.where(zoh, torch.zeros_like(u0), u[:, k + 1] - u0)
+            t0, h = float(t_np[k]), float(t_np[k + 1] - t_np[k])
 
-        def f(tt, x):
-            # the left limit at a grid point: a held input keeps its value up to the step's end
-            return self.vector_field(x, u_at(float(tt.detach()) - eps), p)
+            def f(tt, xx, u0=u0, du=du, t0=t0, h=h):
+                s = min(max((float(tt) - t0) / h, 0.0), 1.0)
+                return self.vector_field(xx, u0 + s * du, p)
 
-        opts = {}
-        if self.solver in ("rk4", "euler", "midpoint"):
-            opts = {"options": {"step_size": self.step_fraction * float(t_np[1] - t_np[0])}}
-        else:
-            opts = {"rtol": self.rtol, "atol": self.atol}
-        x_init = x0.unsqueeze(0).expand(self.members, -1, -1)
-        xs = odeint(f, x_init, t, method=self.solver, **opts)  # [T, M, B, nx]
-        x = xs.permute(1, 2, 0, 3)
+            if fixed:  # an exact grid of n_sub steps (a step_size could round to an extra sliver)
+                opts = {"options": {"grid_constructor": _substep_grid(n_sub)}}
+            else:
+                opts = {"rtol": self.rtol, "atol": self.atol}
+            x = odeint(f, x, t[k:k + 2], method=self.solver, **opts)[-1]
+            xs.append(x)
+        x = torch.stack(xs, dim=2)  # [M, B, T, nx]
         return x, self.observe(x, u, p)
+
+
+def _substep_grid(n: int):
+    """torchdiffeq grid constructor: n equal steps from t[0] to t[-1], end points exact."""
+
+    def grid(_f, _y0, t):
+        g = torch.linspace(float(t[0]), float(t[-1]), n + 1, dtype=t.dtype, device=t.device)
+        g[0], g[-1] = t[0], t[-1]
+        return g
+
+    return grid
 
 
 class Emulator(Surrogate):
