@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -14,31 +13,19 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from training._common import CONFIG_DIR, fail, write_summary
-from twin_ml._io import atomic_write_json, sha256_file
+from twin_ml._io import atomic_write_json
 
 log = logging.getLogger("twin-evaluate")
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    import torch
-
-    from twin_ml.data.dataset import DatasetError
     from twin_ml.data.torch_data import ScenarioDataModule
     from twin_ml.evaluate.evaluate import evaluate_splits, flat_metrics, speed
     from twin_ml.evaluate.report import write_report
-    from twin_ml.models import model_from_config
+    from twin_ml.models import load_trained
 
     run = Path(cfg.run_dir)
-    meta_path = run / "model" / "model.json"
-    if not meta_path.exists():
-        raise DatasetError(f"run_dir {str(run)!r} holds no model/model.json; train one with twin-train")
-    meta = json.loads(meta_path.read_text())
-    weights = run / "model" / "model.pt"
-    if sha256_file(weights) != meta["weights_sha256"]:
-        raise DatasetError(f"{weights}: sha256 does not match model.json; refusing a modified model")
-    model = model_from_config(meta["config"])
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model.eval()
+    model, _ = load_trained(run / "model")
     data_dir = cfg.data_dir or OmegaConf.load(run / "config.yaml").data_dir
     dm = ScenarioDataModule(str(data_dir), model.system, seed=0)
     t = dm.t.numpy().astype("float64")

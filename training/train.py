@@ -118,6 +118,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "config": model.config, "conformal_scale": scale.tolist(), "weights_sha256": sha256_file(model_dir / "model.pt"),
         "dataset_sha256": dm.dataset.sha256, "config_sha256": sha256_bytes(config_text.encode()),
         "time": {"t0": float(t[0]), "dt": float(t[1] - t[0]), "n": len(t), "unit": system.time_unit},
+        "design": dm.dataset.manifest["design"],  # the training domain (its box), for export and serving
+        "metrics": {k: flat[k] for k in sorted(flat) if k.startswith(("val/", "test/")) and "/regime/" not in k},
     })
     atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
     report = write_report(out_dir, model, system, splits, preds, metrics, t)

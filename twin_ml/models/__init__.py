@@ -5,4 +5,5 @@ from twin_ml.models.surrogates import MODEL_KINDS as MODEL_KINDS
 from twin_ml.models.surrogates import Surrogate as Surrogate
 from twin_ml.models.surrogates import build_model as build_model
 from twin_ml.models.surrogates import compute_stats as compute_stats
+from twin_ml.models.surrogates import load_trained as load_trained
 from twin_ml.models.surrogates import model_from_config as model_from_config

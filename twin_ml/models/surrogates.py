@@ -12,13 +12,16 @@ A model rebuilds from `model.config` (plain JSON) plus its state_dict.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from twin_ml._io import sha256_file
 from twin_ml.models.ensemble import StackedMLP
 from twin_ml.physics import make_system
 from twin_ml.physics.system import PhysicsSystem
@@ -259,6 +262,23 @@ def model_from_config(config: dict[str, Any]) -> Surrogate:
     cfg = dict(config)
     kind = cfg.pop("kind")
     return build_model(kind, cfg.pop("system"), cfg.pop("stats"), **cfg)
+
+
+def load_trained(model_dir: str | Path) -> tuple[Surrogate, dict[str, Any]]:
+    """A trained model from `model_dir` (model.json + model.pt, as twin-train writes them).
+
+    The weights' sha256 must match model.json; they load with weights_only=True (no pickle).
+    """
+    model_dir = Path(model_dir)
+    meta_path, weights = model_dir / "model.json", model_dir / "model.pt"
+    if not meta_path.exists() or not weights.exists():
+        raise ValueError(f"{str(model_dir)!r} holds no model.json + model.pt; train one with twin-train")
+    meta = json.loads(meta_path.read_text())
+    if sha256_file(weights) != meta.get("weights_sha256"):
+        raise ValueError(f"{weights}: sha256 does not match model.json; refusing a modified model")
+    model = model_from_config(meta["config"])
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval(), meta
 
 
 def gaussian_nll(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

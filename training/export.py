@@ -1,0 +1,76 @@
+"""twin-export: a training run -> one parity-checked, self-describing ONNX file in the model store.
+
+    twin-export run_dir=runs/pendulum-node-s0 name=pendulum-node [stage=production]
+
+Writes out_dir/model.onnx + manifest.json, stores them with the run's report in the BentoML model
+store (BENTOML_HOME) as NAME:VERSION, and prints the path of out_dir/summary.json last. A failed
+parity check stores nothing and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from training._common import CONFIG_DIR, fail, write_summary
+from twin_ml._io import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger("twin-export")
+
+
+def export(cfg: DictConfig) -> dict:
+    from twin_ml import registry
+    from twin_ml.export.export import export_run
+    from twin_ml.models import load_trained
+
+    t0 = time.perf_counter()
+    run = Path(cfg.run_dir)
+    model, meta = load_trained(run / "model")
+    name = registry.check_name(cfg.name or f"{model.system.name}-{model.kind}".replace("_", "-"))
+    version = cfg.version or registry.new_version(meta["weights_sha256"])
+    log.info(f"Exporting {run} as {name}:{version} (parity check on {cfg.parity_scenarios} scenarios)")
+    data, manifest = export_run(run, name=name, version=version, max_steps=cfg.max_steps,
+                                parity_scenarios=cfg.parity_scenarios, parity_steps=cfg.parity_steps, seed=cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "model.onnx", data)
+    atomic_write_json(out / "manifest.json", manifest)
+    extra = {p.name: p for p in sorted(run.glob("*.png"))}
+    if (run / "report.html").exists():
+        extra["report.html"] = run / "report.html"
+    if (run / "metrics.json").exists():
+        extra["metrics.json"] = run / "metrics.json"
+    tag = registry.save(name, version, data, manifest, extra_files=extra,
+                        labels={"system": model.system.name, "kind": model.kind, "stage": cfg.stage or "none"})
+    if cfg.stage:
+        registry.promote(tag, cfg.stage)
+    return {"tag": tag, "onnx": str(out / "model.onnx"), "manifest": str(out / "manifest.json"),
+            "onnx_sha256": manifest["onnx_sha256"], "stage": cfg.stage, "parity": manifest["parity"],
+            "integrator_error": manifest["integrator_error"], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def _main(cfg: DictConfig) -> None:
+    from twin_ml.export.onnx_export import ExportError
+    from twin_ml.registry import RegistryError
+
+    try:
+        summary = export(cfg)
+    except (ValueError, KeyError, ExportError, RegistryError) as e:
+        fail(e)
+    path = write_summary(Path(cfg.out_dir), summary)
+    log.info(f"stored {summary['tag']}")
+    print(path)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

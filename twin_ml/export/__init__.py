@@ -1,0 +1,1 @@
+"""Export of trained ensembles to ONNX (imports torch and onnx)."""

@@ -1,0 +1,235 @@
+"""One ONNX file per trained ensemble: members, integrator, normalization and provenance.
+
+Graph interface (float32; B is dynamic, T is the requested horizon, up to `max_steps` + 1)::
+
+    x0 [B, nx]   u [B, T, nu]   p [B, np]
+      ->  members [M, B, T, ny]   mean [B, T, ny]   std [B, T, ny]   (std: calibrated)
+
+Neural ODE and hybrid models: one grid interval of the rollout (n fixed RK4 / midpoint / Euler
+substeps, the same stages as torchdiffeq's, the input interpolated inside the interval exactly as
+in `VectorFieldODE.forward`; the hybrid's physics right-hand side included) is exported from torch
+as a graph, and becomes the body of an ONNX `Loop` whose trip count is T, read from `u`'s shape at
+run time. Emulators are one forward pass on their fixed grid. The mean / calibrated std of the
+ensemble are graph nodes after the members.
+
+`metadata_props` carry the manifest (JSON under the key "twin_ml.manifest", plus a few flat keys),
+so onnxruntime alone can tell what the file is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from twin_ml.models.surrogates import FIXED_STEP, Emulator, Surrogate, VectorFieldODE
+
+OPSET = 17
+INPUTS = ("x0", "u", "p")
+OUTPUTS = ("members", "mean", "std")
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported, or the export failed its parity check."""
+
+
+class IntervalStep(nn.Module):
+    """One grid interval of a VectorFieldODE rollout: (x [M,B,nx], u0, u1 [B,nu], p [B,np]) ->
+    (x at the interval's end, y = h(x, u0, p) [M,B,ny] at its start)."""
+
+    def __init__(self, model: VectorFieldODE, dt: float):
+        super().__init__()
+        if model.solver not in FIXED_STEP:
+            raise ExportError(f"export integrates with a fixed-step method; the model uses {model.solver!r}. "
+                              f"Train with model.net.solver in {FIXED_STEP}, or export with solver='rk4'")
+        self.model, self.dt, self.n_sub = model, float(dt), model.substeps
+        self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
+
+    def forward(self, x, u0, u1, p):
+        m = self.model
+        du = torch.where(self.held, torch.zeros_like(u0), u1 - u0)
+        y = m.observe(x.unsqueeze(2), u0.unsqueeze(1), p).squeeze(2)
+        n, h = self.n_sub, self.dt / self.n_sub
+
+        def f(xx, s):
+            return m.vector_field(xx, u0 + s * du, p)
+
+        for j in range(n):
+            s0 = j / n
+            k1 = f(x, s0)
+            if m.solver == "euler":
+                x = x + h * k1
+            elif m.solver == "midpoint":
+                x = x + h * f(x + k1 * (0.5 * h), s0 + 0.5 / n)
+            else:  # rk4: torchdiffeq's "rk4" (the 3/8 rule)
+                k2 = f(x + h * k1 * (1.0 / 3.0), s0 + 1.0 / (3 * n))
+                k3 = f(x + h * (k2 - k1 * (1.0 / 3.0)), s0 + 2.0 / (3 * n))
+                k4 = f(x + h * (k1 - k2 + k3), s0 + 1.0 / n)
+                x = x + (k1 + 3.0 * (k2 + k3) + k4) * h * 0.125
+        return x, y
+
+
+class _EmulatorMembers(nn.Module):
+    def __init__(self, model: Emulator):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0, u, p):
+        return self.model(x0, u, p, torch.zeros(self.model.n_times))[1]
+
+
+def _torch_to_onnx(module: nn.Module, args: tuple, names_in: list[str], names_out: list[str],
+                   dynamic: dict[str, dict[int, str]]) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=names_in,
+                          output_names=names_out, dynamic_axes=dynamic, do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _prefixed(graph: onnx.GraphProto, prefix: str, keep: set[str]) -> None:
+    """Rename every value of `graph` (except `keep`) with `prefix`, in place."""
+
+    def ren(name: str) -> str:
+        return name if (not name or name in keep) else prefix + name
+
+    for node in graph.node:
+        node.input[:] = [ren(n) for n in node.input]
+        node.output[:] = [ren(n) for n in node.output]
+        node.name = ren(node.name) if node.name else ""
+    for coll in (graph.input, graph.output, graph.value_info):
+        for v in coll:
+            v.name = ren(v.name)
+    for init in graph.initializer:
+        init.name = ren(init.name)
+
+
+def _vi(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _ensemble_nodes(model: Surrogate, members: str) -> tuple[list, list]:
+    """mean / calibrated std of `members` [M, B, T, ny]: nodes and their constants."""
+    ale = (torch.exp(model.logvar.detach()) * model.y_std**2).mean(dim=0).numpy().astype(np.float32)
+    scale = model.conformal_scale.detach().numpy().astype(np.float32)
+    inits = [_const("ens/aleatoric_var", ale), _const("ens/conformal_scale", scale)]
+    nodes = [
+        helper.make_node("ReduceMean", [members], ["mean"], axes=[0], keepdims=0),
+        helper.make_node("Sub", [members, "mean"], ["ens/dev"]),
+        helper.make_node("Mul", ["ens/dev", "ens/dev"], ["ens/dev2"]),
+        helper.make_node("ReduceMean", ["ens/dev2"], ["ens/epistemic_var"], axes=[0], keepdims=0),
+        helper.make_node("Add", ["ens/epistemic_var", "ens/aleatoric_var"], ["ens/var"]),
+        helper.make_node("Sqrt", ["ens/var"], ["ens/sd"]),
+        helper.make_node("Mul", ["ens/sd", "ens/conformal_scale"], ["std"]),
+    ]
+    return nodes, inits
+
+
+def build_onnx(model: Surrogate, dt: float, *, max_steps: int) -> onnx.ModelProto:
+    """The rollout graph of `model` (eval mode, float32) on a grid of step `dt`."""
+    model = model.float().eval()
+    nx, nu, n_p, ny, m = model.nx, model.nu, model.n_p, model.ny, model.members
+    ins = [_vi("x0", ["batch", nx]), _vi("u", ["batch", "time", nu]), _vi("p", ["batch", n_p])]
+    outs = [_vi("members", [m, "batch", "time", ny]), _vi("mean", ["batch", "time", ny]),
+            _vi("std", ["batch", "time", ny])]
+    if isinstance(model, Emulator):
+        b = 2
+        g = _torch_to_onnx(_EmulatorMembers(model), (torch.zeros(b, nx), torch.zeros(b, model.n_times, nu),
+                                                      torch.ones(b, n_p)),
+                           ["x0", "u", "p"], ["members"],
+                           {"x0": {0: "batch"}, "u": {0: "batch"}, "p": {0: "batch"}, "members": {1: "batch"}}).graph
+        nodes, inits = _ensemble_nodes(model, "members")
+        graph = helper.make_graph(list(g.node) + nodes, "twin_ml_emulator", ins, outs,
+                                  initializer=list(g.initializer) + inits)
+        return _model(graph)
+    if not isinstance(model, VectorFieldODE):
+        raise ExportError(f"cannot export a model of kind {model.kind!r}")
+
+    # the interval step, from torch
+    b = 2
+    step = IntervalStep(model, dt).eval()
+    sg = _torch_to_onnx(step, (torch.zeros(m, b, nx), torch.zeros(b, nu), torch.zeros(b, nu), torch.ones(b, n_p)),
+                        ["x", "u0", "u1", "p"], ["x_next", "y"],
+                        {"x": {1: "batch"}, "u0": {0: "batch"}, "u1": {0: "batch"}, "p": {0: "batch"},
+                         "x_next": {1: "batch"}, "y": {1: "batch"}}).graph
+    _prefixed(sg, "step/", keep={"p"})  # p: the outer graph's input, visible inside the loop body
+    body_nodes = [
+        helper.make_node("Add", ["iter", "one_i64"], ["body/next"]),
+        helper.make_node("Min", ["body/next", "last_index"], ["body/next_c"]),
+        helper.make_node("Gather", ["u", "iter"], ["step/u0"], axis=1),
+        helper.make_node("Gather", ["u", "body/next_c"], ["step/u1"], axis=1),
+        helper.make_node("Identity", ["step/x_in"], ["step/x"]),
+        *sg.node,
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        helper.make_node("Identity", ["step/x_next"], ["body/x_out"]),
+        helper.make_node("Identity", ["step/y"], ["body/y_out"]),
+    ]
+    body = helper.make_graph(
+        body_nodes, "interval",
+        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _vi("step/x_in", [m, "batch", nx])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _vi("body/x_out", [m, "batch", nx]),
+         _vi("body/y_out", [m, "batch", ny])],
+    )
+    nodes = [
+        helper.make_node("Shape", ["u"], ["shape_u"]),
+        helper.make_node("Gather", ["shape_u", "one_i64"], ["n_times"], axis=0),  # scalar: the trip count
+        helper.make_node("Sub", ["n_times", "one_i64"], ["last_index"]),
+        helper.make_node("Unsqueeze", ["x0", "zero_axis"], ["x0_1"]),
+        helper.make_node("Expand", ["x0_1", "member_shape"], ["x_init"]),
+        helper.make_node("Loop", ["n_times", "", "x_init"], ["x_end", "y_scan"], body=body),
+        helper.make_node("Transpose", ["y_scan"], ["members"], perm=[1, 2, 0, 3]),
+    ]
+    ens_nodes, ens_inits = _ensemble_nodes(model, "members")
+    inits = [
+        _const("one_i64", np.array(1, dtype=np.int64)),
+        _const("zero_axis", np.array([0], dtype=np.int64)),
+        _const("member_shape", np.array([m, 1, 1], dtype=np.int64)),
+        *sg.initializer, *ens_inits,
+    ]
+    graph = helper.make_graph(nodes + ens_nodes, f"twin_ml_{model.kind}", ins, outs, initializer=inits)
+    return _model(graph)
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    mp = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="twin-ml")
+    mp.ir_version = 8  # onnxruntime reads IR 8 with opset 17 everywhere
+    onnx.checker.check_model(mp, full_check=True)
+    return mp
+
+
+def set_metadata(mp: onnx.ModelProto, manifest: dict[str, Any]) -> None:
+    """The manifest as JSON under "twin_ml.manifest", and a few flat keys for quick reading."""
+    del mp.metadata_props[:]
+    flat = {"twin_ml.manifest": json.dumps(manifest, sort_keys=True)}
+    for k in ("name", "version", "kind", "members", "code_version", "dataset_sha256", "created_at"):
+        if k in manifest:
+            flat[f"twin_ml.{k}"] = str(manifest[k])
+    flat["twin_ml.system"] = manifest["system"]["name"]
+    onnx.helper.set_model_props(mp, flat)
+    mp.doc_string = f"twin-ml {manifest.get('kind', '')} ensemble of {manifest['system']['name']}"
+
+
+def read_metadata(path_or_session) -> dict[str, Any]:
+    """The manifest of an exported file, read with onnxruntime alone (no twin-ml model code)."""
+    import onnxruntime as ort
+
+    sess = path_or_session
+    if not isinstance(sess, ort.InferenceSession):
+        sess = ort.InferenceSession(str(path_or_session), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "twin_ml.manifest" not in meta:
+        raise ExportError("not a twin-ml model: no 'twin_ml.manifest' in its metadata")
+    return json.loads(meta["twin_ml.manifest"])

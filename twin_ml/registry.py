@@ -1,0 +1,171 @@
+"""The BentoML model store as the model registry (torch-free: the server uses it).
+
+A stored model is a BentoML model directory holding ``model.onnx``, ``manifest.json`` (the ONNX
+file's manifest plus the sha256 of every file) and the evaluation report. The manifest's own
+sha256 sits in the BentoML model's metadata (model.yaml), so a swapped manifest is caught too.
+
+Addressing: ``NAME:VERSION``, ``NAME:latest`` (BentoML's newest) or ``NAME:<stage>`` (the version
+promoted to that stage, e.g. ``production``). Stages are pointers kept in
+``<BENTOML_HOME>/twin-ml/stages.json``; promoting never rewrites a stored model.
+
+`verify` recomputes every hash and refuses a tampered, truncated, missing or swapped file before
+anything reads it; `onnx_path` verifies first.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from twin_ml._io import atomic_write_json, sha256_bytes, sha256_file
+
+STAGES = ("staging", "production", "archived")
+ONNX_FILE, MANIFEST_FILE = "model.onnx", "manifest.json"
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+
+
+class RegistryError(Exception):
+    """A model is missing, cannot be addressed as given, or failed its integrity check."""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 63:
+        raise RegistryError(f"model name {name!r} is not allowed: use lowercase letters, digits, '-', '_' and '.' "
+                            "(at most 63 characters, starting and ending with a letter or digit)")
+    return name
+
+
+def new_version(weights_sha256: str) -> str:
+    """A sortable, unique-enough version: UTC time + the weights' hash prefix."""
+    return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d%H%M%S}-{weights_sha256[:8]}"
+
+
+def _bentoml():
+    import bentoml
+
+    return bentoml
+
+
+def _home() -> Path:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.bentoml_home.get())
+
+
+def _stages_path() -> Path:
+    return _home() / "twin-ml" / "stages.json"
+
+
+def _stages() -> dict[str, dict[str, str]]:
+    p = _stages_path()
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def save(name: str, version: str, onnx_bytes: bytes, manifest: dict[str, Any], *,
+         extra_files: dict[str, Path] | None = None, labels: dict[str, str] | None = None) -> str:
+    """Store a model; returns its tag NAME:VERSION. `extra_files`: store name -> local file."""
+    bentoml = _bentoml()
+    check_name(name)
+    files = {ONNX_FILE: sha256_bytes(onnx_bytes)}
+    for fname, src in (extra_files or {}).items():
+        files[fname] = sha256_file(src)
+    full = {**manifest, "files": files}
+    manifest_bytes = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
+    meta = {"manifest_sha256": sha256_bytes(manifest_bytes), "format": manifest.get("format", "")}
+    with bentoml.models.create(f"{name}:{version}", labels=labels or {}, metadata=meta) as bm:
+        d = Path(bm.path)
+        (d / ONNX_FILE).write_bytes(onnx_bytes)
+        for fname, src in (extra_files or {}).items():
+            (d / fname).parent.mkdir(parents=True, exist_ok=True)
+            (d / fname).write_bytes(Path(src).read_bytes())
+        (d / MANIFEST_FILE).write_bytes(manifest_bytes)
+    return f"{name}:{version}"
+
+
+def resolve(ref: str):
+    """The BentoML model for NAME:VERSION, NAME:latest or NAME:<stage>."""
+    bentoml = _bentoml()
+    from bentoml.exceptions import NotFound
+
+    if not isinstance(ref, str) or ref.count(":") != 1:
+        raise RegistryError(f"model reference {ref!r}: use NAME:VERSION, NAME:latest or NAME:<stage> ({', '.join(STAGES)})")
+    name, version = ref.split(":")
+    check_name(name)
+    if version in STAGES:
+        pinned = _stages().get(name, {}).get(version)
+        if not pinned:
+            raise RegistryError(f"no version of {name} is promoted to {version}; twin-models promote {name}:VERSION "
+                                f"--stage {version}")
+        version = pinned
+    try:
+        return bentoml.models.get(f"{name}:{version}")
+    except NotFound:
+        known = sorted(str(m.tag) for m in bentoml.models.list() if m.tag.name == name)
+        raise RegistryError(f"model {name}:{version} is not in the store; known: {', '.join(known) or 'none'}") from None
+
+
+def verify(ref: str) -> dict[str, Any]:
+    """Recompute the hash of the manifest and of every file it lists; the manifest if all match."""
+    bm = resolve(ref)
+    d = Path(bm.path)
+    mpath = d / MANIFEST_FILE
+    if not mpath.exists():
+        raise RegistryError(f"{bm.tag}: {MANIFEST_FILE} is missing")
+    raw = mpath.read_bytes()
+    want = (bm.info.metadata or {}).get("manifest_sha256")
+    if sha256_bytes(raw) != want:
+        raise RegistryError(f"{bm.tag}: {MANIFEST_FILE} does not match the sha256 recorded at save time; refusing it")
+    manifest = json.loads(raw)
+    for fname, sha in manifest["files"].items():
+        p = d / fname
+        if not p.exists():
+            raise RegistryError(f"{bm.tag}: {fname} is missing")
+        if sha256_file(p) != sha:
+            raise RegistryError(f"{bm.tag}: {fname} does not match its sha256 in {MANIFEST_FILE} "
+                                "(tampered, truncated or swapped); refusing it")
+    return manifest
+
+
+def onnx_path(ref: str) -> tuple[Path, dict[str, Any]]:
+    """(the verified ONNX file, its manifest): nothing reads the file before the check passed."""
+    manifest = verify(ref)
+    return Path(resolve(ref).path) / ONNX_FILE, manifest
+
+
+def promote(ref: str, stage: str) -> str:
+    """Point NAME:<stage> at the (verified) model `ref`; returns NAME:VERSION."""
+    if stage not in STAGES:
+        raise RegistryError(f"stage {stage!r} is unknown; stages: {', '.join(STAGES)}")
+    verify(ref)
+    bm = resolve(ref)
+    stages = _stages()
+    stages.setdefault(bm.tag.name, {})[stage] = bm.tag.version
+    _stages_path().parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(_stages_path(), stages)
+    return str(bm.tag)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One row per stored twin-ml model, newest first."""
+    bentoml = _bentoml()
+    stages = _stages()
+    rows = []
+    for bm in bentoml.models.list():
+        if (bm.info.metadata or {}).get("format") != "twin-ml/onnx/v1":
+            continue
+        pinned = [s for s, v in stages.get(bm.tag.name, {}).items() if v == bm.tag.version]
+        rows.append({"tag": str(bm.tag), "system": bm.info.labels.get("system", ""),
+                     "kind": bm.info.labels.get("kind", ""), "stages": pinned,
+                     "created": bm.info.creation_time.isoformat(timespec="seconds")})
+    return sorted(rows, key=lambda r: r["created"], reverse=True)
+
+
+def show(ref: str) -> dict[str, Any]:
+    """The stored manifest of `ref` (verified), with its tag and stages."""
+    manifest = verify(ref)
+    bm = resolve(ref)
+    stages = [s for s, v in _stages().get(bm.tag.name, {}).items() if v == bm.tag.version]
+    return {"tag": str(bm.tag), "stages": stages, "path": str(bm.path), **manifest}
