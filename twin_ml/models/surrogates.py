@@ -188,7 +188,7 @@ class VectorFieldODE(Surrogate):
             t0, h = float(t_np[k]), float(t_np[k + 1] - t_np[k])
 
             def f(tt, xx, u0=u0, du=du, t0=t0, h=h):
-                s = min(max((float(tt) - t0) / h, 0.0), 1.0)
+                s = min(max((float(tt.detach()) - t0) / h, 0.0), 1.0)
                 return self.vector_field(xx, u0 + s * du, p)
 
             if fixed:  # an exact grid of n_sub steps (a step_size could round to an extra sliver)
