@@ -1,10 +1,11 @@
-"""The import rules of the design: the library's numpy side never pulls in torch, hydra or wandb."""
+"""The import rules of the design: the library's numpy side (and the registry the server uses) never
+pulls in torch, hydra or wandb."""
 
 import subprocess
 import sys
 
 CODE = """
-import sys, tempfile, twin_ml, twin_ml.physics, twin_ml.data
+import sys, tempfile, twin_ml, twin_ml.physics, twin_ml.data, twin_ml.registry
 from twin_ml.data import Dataset, ScenarioDesign, generate_dataset
 from twin_ml.data.plots import plot_dataset
 res = generate_dataset(twin_ml.physics.make_system('pendulum'), ScenarioDesign(t_end=1.0), n_scenarios=4, seed=0,

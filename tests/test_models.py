@@ -90,3 +90,35 @@ def test_model_rebuilds_from_its_config(kind):
     torch.testing.assert_close(a["mean"], b["mean"])
     torch.testing.assert_close(a["std"], b["std"])
     assert a["members"].shape == (3, 3, t.size, 1)
+
+
+def test_robust_normalization_ignores_a_wound_up_trajectory():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 0.5, size=(50, 40, 2))
+    t = np.arange(40.0)
+    base = compute_stats(x, x[..., :1], x[:, 0], x[..., :1], t)
+    x[0, :, 0] = np.linspace(0, 120, 40)  # one pendulum over the top: theta winds up to 120 rad
+    st = compute_stats(x, x[..., :1], x[:, 0], x[..., :1], t)
+    assert st["x_std"][0] == pytest.approx(base["x_std"][0], rel=0.05)  # a plain std would be ~10x
+    assert st["x_std"][0] == pytest.approx(0.5, rel=0.1)
+    assert np.std(x[..., 0]) > 5 * st["x_std"][0]
+
+
+def test_shooting_segments_tile_the_trajectory_from_the_data_states():
+    from twin_ml.models import SurrogateModule
+
+    b, n_t, steps, offset = 3, 21, 4, 2
+    x = torch.arange(b * n_t * 2, dtype=torch.float32).reshape(b, n_t, 2)
+    u, y = x[..., :1] * 10, x[..., 1:] * 100
+    p = torch.arange(b * 3, dtype=torch.float32).reshape(b, 3)
+    batch = (torch.arange(b), x[:, 0], u, p, x, y)
+    index, x0, uw, pw, xw, yw = SurrogateModule.segments(batch, offset, steps)
+    k = (n_t - 1 - offset) // steps  # 4 windows: starts 2, 6, 10, 14 (the last ends at 18 <= 20)
+    assert xw.shape == (b * k, steps + 1, 2) and uw.shape == (b * k, steps + 1, 1) and yw.shape == (b * k, steps + 1, 1)
+    assert torch.equal(index, torch.arange(b).repeat_interleave(k)) and torch.equal(pw, p.repeat_interleave(k, 0))
+    for i in range(b):
+        for j in range(k):
+            s = offset + j * steps
+            assert torch.equal(xw[i * k + j], x[i, s:s + steps + 1])  # consecutive, sharing end points
+            assert torch.equal(x0[i * k + j], x[i, s])
+            assert torch.equal(uw[i * k + j], u[i, s:s + steps + 1])

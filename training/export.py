@@ -1,6 +1,6 @@
 """twin-export: a training run -> one parity-checked, self-describing ONNX file in the model store.
 
-    twin-export run_dir=runs/pendulum-node-s0 name=pendulum-node [stage=production]
+    twin-export run_dir=runs/pendulum-node-s0 name=pendulum_node [stage=production]
 
 Writes out_dir/model.onnx + manifest.json, stores them with the run's report in the BentoML model
 store (BENTOML_HOME) as NAME:VERSION, and prints the path of out_dir/summary.json last. A failed
@@ -31,7 +31,7 @@ def export(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     run = Path(cfg.run_dir)
     model, meta = load_trained(run / "model")
-    name = registry.check_name(cfg.name or f"{model.system.name}-{model.kind}".replace("_", "-"))
+    name = registry.check_name(cfg.name or f"{model.system.name}_{model.kind}")
     version = cfg.version or registry.new_version(meta["weights_sha256"])
     log.info(f"Exporting {run} as {name}:{version} (parity check on {cfg.parity_scenarios} scenarios)")
     data, manifest = export_run(run, name=name, version=version, max_steps=cfg.max_steps,

@@ -51,10 +51,11 @@ def parity_check(model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], 
                  tol: float = PARITY_TOL) -> dict[str, Any]:
     """onnxruntime vs torch (float32) on the scenarios `s`, at batch 1 and batch 64.
 
-    A scenario passes when max |onnx - torch| <= tol (normalized units), or when the dynamics
-    amplify round-off so much that float32 itself is off by more (a pendulum going over the top):
-    then onnxruntime must be as close to the float64 rollout as torch's float32 one is (within
-    2x). The report counts the scenarios that needed that allowance.
+    Every well-conditioned scenario must agree to max |onnx - torch| <= tol (normalized units).
+    A scenario whose dynamics amplify round-off (a pendulum going over the top) is one where
+    torch's own float32 rollout is off from the float64 one by more than tol / 2; no two float32
+    programs agree to tol there, so it must only stay within 10x of that float32 error of the
+    float64 rollout (a wrong graph misses by orders of magnitude). The report counts them.
     """
     import onnxruntime as ort
 
@@ -75,11 +76,12 @@ def parity_check(model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], 
             got.append(sess.run(["members"], {k: v[i:i + batch] for k, v in feeds.items()})[0])
         y = np.concatenate(got, axis=1).astype(np.float64)
         diff = per_scenario(y, ref32)
-        bad = np.flatnonzero((diff > tol) & (per_scenario(y, ref64) > 2.0 * roundoff))
+        ill = roundoff > tol / 2
+        bad = np.flatnonzero(np.where(ill, per_scenario(y, ref64) > 10.0 * roundoff, diff > tol))
         out[f"batch_{batch}"] = {"max_diff": float(diff.max()), "median_diff": float(np.median(diff)),
                                  "n_over_tol": int((diff > tol).sum()), "n_failed": int(len(bad))}
         ok &= len(bad) == 0
-    out["n_roundoff_limited"] = int((roundoff > tol).sum())
+    out["n_roundoff_limited"] = int((roundoff > tol / 2).sum())
     out["passed"] = bool(ok)
     return out
 
