@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/solver.py
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/export.py
 
 clean:
 	rm -rf $(VENV) data/demo-* runs/demo-* .pytest_cache

@@ -126,10 +126,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="64-scenario datasets, 5 epochs, batch 64 (a smoke run)")
+    ap.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated subset")
     args = ap.parse_args(argv)
     n, epochs, batch = (64, 5, 64) if args.quick else (256, None, args.batch)
     results = []
-    for experiment, system in EXPERIMENTS.items():
+    for experiment in args.experiments.split(","):
+        system = EXPERIMENTS[experiment]
         run = ensure_run(experiment, system, n, epochs)
         results.append(bench(experiment, run, batch, args.repeats, seed=11))
     print(f"| experiment | ort x torch b1 | ort(1 thread) x torch b1 | ort x torch b{batch} | ort x looped | "
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
               f"{v['rel_l2_median']:.4f} | {v['rel_l2_p95']:.4f} | "
               f"{r['parity']['batch_1']['max_diff']:.1e} / {r['parity']['batch_64']['max_diff']:.1e} |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"batch": batch, "results": results}, indent=2))
+    out = OUT.with_name(f"export-{'-'.join(r['experiment'] for r in results)}.json") if len(results) < len(EXPERIMENTS) else OUT
+    out.write_text(json.dumps({"batch": batch, "results": results}, indent=2))
     return 0
 
 
