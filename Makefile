@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= data/demo-cascaded-tanks
 DEMO_RUN ?= runs/demo-cascaded-tanks-hybrid
+# the local model store (the registry); export BENTOML_HOME to use another
+BENTOML_HOME ?= $(CURDIR)/.bentoml
 
 .PHONY: demo test bench clean
 
@@ -27,6 +29,9 @@ demo: $(STAMP)
 	    trainer.max_epochs=60 model.optim.curriculum_every=6 logger=csv | tail -n 1) && \
 	    echo "== training run: $$summary" && cat "$$summary" && echo && \
 	    echo "== report: $(DEMO_RUN)/report.html"
+	@summary=$$(BENTOML_HOME=$(BENTOML_HOME) $(BIN)/twin-export run_dir=$(DEMO_RUN) name=demo_cascaded_tanks_hybrid \
+	    stage=production | tail -n 1) && echo "== exported: $$summary" && cat "$$summary" && echo && \
+	    BENTOML_HOME=$(BENTOML_HOME) $(BIN)/twin-models list
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -37,4 +42,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/export.py
 
 clean:
-	rm -rf $(VENV) data/demo-* runs/demo-* .pytest_cache
+	rm -rf $(VENV) data/demo-* runs/demo-* .bentoml .pytest_cache

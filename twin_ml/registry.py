@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def new_version(weights_sha256: str) -> str:
 
 
 def _bentoml():
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage reports: commands never need the network
     import bentoml
 
     return bentoml
