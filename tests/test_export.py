@@ -175,3 +175,33 @@ def test_export_bad_input(runs, tmp_path):
     assert r.returncode == 1 and "use NAME:VERSION" in r.stderr
     with pytest.raises(ExportError, match="max_steps must be >= 1"):
         export_run(run, name="x", version="v1", max_steps=-1)
+
+
+def test_parity_check_fails_a_graph_that_outputs_nan(runs):
+    run, _ = runs["pendulum_hybrid"]
+    model, meta = load_trained(run / "model")
+    mp = build_onnx(load_trained(run / "model")[0], meta["time"]["dt"], max_steps=100)
+    for init in mp.graph.initializer:  # the conformal scale -> NaN: std is NaN, and so on
+        if init.name == "ens/conformal_scale":
+            init.CopyFrom(onnx.numpy_helper.from_array(np.full(model.ny, np.nan, np.float32), init.name))
+    # the members themselves NaN: multiply the loop's output by the NaN scale before it is returned
+    for node in mp.graph.node:
+        if node.op_type == "Transpose":
+            node.output[0] = "members_raw"
+    mp.graph.node.append(onnx.helper.make_node("Mul", ["members_raw", "ens/conformal_scale"], ["members"]))
+    s = in_domain_scenarios(model, meta["design"], 4, 11, meta["time"]["dt"], seed=1)
+    assert not parity_check(model, mp.SerializeToString(), s)["passed"]
+
+
+def test_registry_refuses_an_existing_version_or_a_bad_stage_before_exporting(runs, tmp_path):
+    run, _ = runs["pendulum_hybrid"]
+    home = tmp_path / "store"
+    assert _cli("twin-export", f"run_dir={run}", "name=p", "version=v1", "parity_scenarios=4", home=home).returncode == 0
+    r = _cli("twin-export", f"run_dir={run}", "name=p", "version=v1", "parity_scenarios=4", home=home)
+    assert r.returncode == 2 and "p:v1 is already in the store" in r.stderr
+    r = _cli("twin-export", f"run_dir={run}", "name=p", "version=v2", "stage=live", home=home)
+    assert r.returncode == 2 and "stage 'live' is unknown" in r.stderr
+    r = _cli("twin-export", f"run_dir={run}", "name=p", "version=production", home=home)
+    assert r.returncode == 2 and "not 'latest' or a stage" in r.stderr
+    listing = _cli("twin-models", "list", home=home).stdout
+    assert "p:v1" in listing and "p:v2" not in listing

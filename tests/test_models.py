@@ -122,3 +122,11 @@ def test_shooting_segments_tile_the_trajectory_from_the_data_states():
             assert torch.equal(xw[i * k + j], x[i, s:s + steps + 1])  # consecutive, sharing end points
             assert torch.equal(x0[i * k + j], x[i, s])
             assert torch.equal(uw[i * k + j], u[i, s:s + steps + 1])
+
+
+def test_a_constant_column_is_left_unscaled():
+    x = np.random.default_rng(0).normal(size=(8, 5, 2))
+    p = np.column_stack([np.full(8, 9.81), np.linspace(1, 2, 8)])  # a parameter the design fixed
+    st = compute_stats(x, x[..., :1], p, x[..., :1], np.arange(5.0))
+    assert st["p_std"][0] == 1.0 and st["p_mean"][0] == pytest.approx(9.81)
+    assert 0.2 < st["p_std"][1] < 1.0

@@ -32,7 +32,8 @@ def export(cfg: DictConfig) -> dict:
     run = Path(cfg.run_dir)
     model, meta = load_trained(run / "model")
     name = registry.check_name(cfg.name or f"{model.system.name}_{model.kind}")
-    version = cfg.version or registry.new_version(meta["weights_sha256"])
+    version = str(cfg.version) if cfg.version is not None else registry.new_version(meta["weights_sha256"])
+    registry.check_new(name, version, cfg.stage)  # before the export's minutes of work
     log.info(f"Exporting {run} as {name}:{version} (parity check on {cfg.parity_scenarios} scenarios)")
     data, manifest = export_run(run, name=name, version=version, max_steps=cfg.max_steps,
                                 parity_scenarios=cfg.parity_scenarios, parity_steps=cfg.parity_steps, seed=cfg.seed)

@@ -15,6 +15,7 @@ anything reads it; `onnx_path` verifies first.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import re
@@ -37,6 +38,25 @@ def check_name(name: str) -> str:
         raise RegistryError(f"model name {name!r} is not allowed: use lowercase letters, digits, '-', '_' and '.' "
                             "(at most 63 characters, starting and ending with a letter or digit)")
     return name
+
+
+def check_new(name: str, version: str, stage: str | None = None) -> None:
+    """Refuse, before any work, a version that exists, reads as a stage or 'latest', or a bad stage."""
+    check_name(name)
+    if not isinstance(version, str) or not _NAME.match(version) or version in (*STAGES, "latest"):
+        raise RegistryError(f"version {version!r} is not allowed: lowercase letters, digits, '-', '_' and '.', "
+                            f"and not 'latest' or a stage ({', '.join(STAGES)})")
+    if stage is not None and stage not in STAGES:
+        raise RegistryError(f"stage {stage!r} is unknown; stages: {', '.join(STAGES)}")
+    bentoml = _bentoml()
+    from bentoml.exceptions import NotFound
+
+    try:
+        existing = {m.tag.version for m in bentoml.models.list(name)}
+    except NotFound:
+        existing = set()
+    if version in existing:
+        raise RegistryError(f"{name}:{version} is already in the store; pick another version (or leave it unset)")
 
 
 def new_version(weights_sha256: str) -> str:
@@ -70,20 +90,23 @@ def save(name: str, version: str, onnx_bytes: bytes, manifest: dict[str, Any], *
          extra_files: dict[str, Path] | None = None, labels: dict[str, str] | None = None) -> str:
     """Store a model; returns its tag NAME:VERSION. `extra_files`: store name -> local file."""
     bentoml = _bentoml()
-    check_name(name)
-    files = {ONNX_FILE: sha256_bytes(onnx_bytes)}
-    for fname, src in (extra_files or {}).items():
-        files[fname] = sha256_file(src)
+    from bentoml.exceptions import BentoMLException
+
+    check_new(name, version)
+    blobs = {ONNX_FILE: onnx_bytes, **{fname: Path(src).read_bytes() for fname, src in (extra_files or {}).items()}}
+    files = {fname: sha256_bytes(b) for fname, b in blobs.items()}  # the hashes of the bytes written below
     full = {**manifest, "files": files}
     manifest_bytes = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
     meta = {"manifest_sha256": sha256_bytes(manifest_bytes), "format": manifest.get("format", "")}
-    with bentoml.models.create(f"{name}:{version}", labels=labels or {}, metadata=meta) as bm:
-        d = Path(bm.path)
-        (d / ONNX_FILE).write_bytes(onnx_bytes)
-        for fname, src in (extra_files or {}).items():
-            (d / fname).parent.mkdir(parents=True, exist_ok=True)
-            (d / fname).write_bytes(Path(src).read_bytes())
-        (d / MANIFEST_FILE).write_bytes(manifest_bytes)
+    try:
+        with bentoml.models.create(f"{name}:{version}", labels=labels or {}, metadata=meta) as bm:
+            d = Path(bm.path)
+            for fname, b in blobs.items():
+                (d / fname).parent.mkdir(parents=True, exist_ok=True)
+                (d / fname).write_bytes(b)
+            (d / MANIFEST_FILE).write_bytes(manifest_bytes)
+    except BentoMLException as e:
+        raise RegistryError(f"storing {name}:{version} failed: {e}") from None
     return f"{name}:{version}"
 
 
@@ -111,7 +134,10 @@ def resolve(ref: str):
 
 def verify(ref: str) -> dict[str, Any]:
     """Recompute the hash of the manifest and of every file it lists; the manifest if all match."""
-    bm = resolve(ref)
+    return _verify(resolve(ref))
+
+
+def _verify(bm) -> dict[str, Any]:
     d = Path(bm.path)
     mpath = d / MANIFEST_FILE
     if not mpath.exists():
@@ -133,20 +159,23 @@ def verify(ref: str) -> dict[str, Any]:
 
 def onnx_path(ref: str) -> tuple[Path, dict[str, Any]]:
     """(the verified ONNX file, its manifest): nothing reads the file before the check passed."""
-    manifest = verify(ref)
-    return Path(resolve(ref).path) / ONNX_FILE, manifest
+    bm = resolve(ref)  # resolved once: NAME:latest / NAME:<stage> may move meanwhile
+    return Path(bm.path) / ONNX_FILE, _verify(bm)
 
 
 def promote(ref: str, stage: str) -> str:
     """Point NAME:<stage> at the (verified) model `ref`; returns NAME:VERSION."""
     if stage not in STAGES:
         raise RegistryError(f"stage {stage!r} is unknown; stages: {', '.join(STAGES)}")
-    verify(ref)
     bm = resolve(ref)
-    stages = _stages()
-    stages.setdefault(bm.tag.name, {})[stage] = bm.tag.version
-    _stages_path().parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(_stages_path(), stages)
+    _verify(bm)
+    path = _stages_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:  # concurrent promotions: read-modify-write under a lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stages = _stages()
+        stages.setdefault(bm.tag.name, {})[stage] = bm.tag.version
+        atomic_write_json(path, stages)
     return str(bm.tag)
 
 
@@ -167,7 +196,7 @@ def list_models() -> list[dict[str, Any]]:
 
 def show(ref: str) -> dict[str, Any]:
     """The stored manifest of `ref` (verified), with its tag and stages."""
-    manifest = verify(ref)
     bm = resolve(ref)
+    manifest = _verify(bm)
     stages = [s for s, v in _stages().get(bm.tag.name, {}).items() if v == bm.tag.version]
     return {"tag": str(bm.tag), "stages": stages, "path": str(bm.path), **manifest}

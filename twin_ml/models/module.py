@@ -31,6 +31,8 @@ class SurrogateModule(L.LightningModule):
             raise ValueError(f"module.scheduler must be 'cosine' or 'none', got {scheduler!r}")
         if curriculum_start < 1 or curriculum_every < 1:
             raise ValueError("module.curriculum_start and curriculum_every must be >= 1")
+        if max_horizon is not None and max_horizon < 1:
+            raise ValueError(f"module.max_horizon must be >= 1 (steps) or null, got {max_horizon}")
         self.model = model
         self.save_hyperparameters(ignore=["model"])  # plain numbers and strings only: weights_only-safe
 
@@ -83,10 +85,15 @@ class SurrogateModule(L.LightningModule):
         return per.mean(dim=1).sum()
 
     def _bootstrap_weights(self, index: torch.Tensor) -> torch.Tensor:
-        """Poisson(1) count of each scenario for each member, fixed by (seed, member, scenario)."""
-        g = torch.Generator().manual_seed(self.hparams.seed + 17)
-        table = torch.poisson(torch.ones(self.model.members, int(index.max()) + 1), generator=g)
-        return table[:, index.cpu()].to(self.device)
+        """Poisson(1) count of each scenario for each member, fixed by (seed, member, scenario):
+        one generator per member, drawn in scenario order, so a count never depends on the batch."""
+        n = int(index.max()) + 1
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            n = max(n, int(dm.splits["train"]["index"].max()) + 1)
+        rows = [torch.poisson(torch.ones(n), generator=torch.Generator().manual_seed(self.hparams.seed * 7919 + 17 + m))
+                for m in range(self.model.members)]
+        return torch.stack(rows)[:, index.cpu()].to(self.device)
 
     # ---- lightning ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

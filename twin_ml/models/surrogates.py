@@ -35,7 +35,8 @@ def compute_stats(x: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, t:
     """Normalization statistics from training arrays x [N,T,nx], u [N,T,nu], p [N,np], y [N,T,ny].
 
     Robust: center = median, scale = IQR / 1.349 (the std of a normal), falling back to the std
-    where the IQR is 0 (a signal that is mostly constant). A few extreme trajectories (a pendulum
+    where the IQR is 0 (a signal that is mostly constant), and to 1 for a constant column (a
+    parameter fixed by the design), which must not blow up float32 round-off. A few extreme trajectories (a pendulum
     that goes over the top and winds up 100 rad) must not set the scale of the typical ones.
     """
 
@@ -44,7 +45,8 @@ def compute_stats(x: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, t:
         q25, m, q75 = np.percentile(a, [25, 50, 75], axis=0)
         s = (q75 - q25) / 1.349
         s = np.where(s > 0, s, a.std(axis=0))
-        return m.tolist(), np.maximum(s, 1e-8 * np.maximum(np.abs(m), 1.0)).tolist()
+        s = np.where(s > 1e-12 * np.maximum(np.abs(m), 1.0), s, 1.0)  # a constant column: leave it unscaled
+        return m.tolist(), s.tolist()
 
     dx = np.diff(x, axis=1) / np.diff(t)[None, :, None]
     st = {}
