@@ -1,0 +1,123 @@
+"""The BentoML service, started for real on 127.0.0.1 (no mocks): answers, errors, manifest."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twin_ml.data import ScenarioDesign, generate_dataset
+from twin_ml.physics import make_system
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    data, run, home = root / "data", root / "run", root / "store"
+    generate_dataset(make_system("cascaded_tanks"), ScenarioDesign(t_end=80.0, dt=4.0), n_scenarios=24, seed=0,
+                     out_dir=data, progress=False)
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    r = subprocess.run([str(BIN / "twin-train"), "experiment=cascaded_tanks_hybrid", f"data_dir={data}",
+                        f"out_dir={run}", "ensemble.size=3", "trainer.max_epochs=2", "data.batch_size=8",
+                        "model.net.hidden=16", "speed_scenarios=2", "logger=none"], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(BIN / "twin-export"), f"run_dir={run}", "name=tanks", "version=v1", "parity_scenarios=8",
+                        "stage=production"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:TwinService", "--host", "127.0.0.1",
+                             "--port", str(port)], env={**env, "TWIN_ML_MODEL": "tanks:production"},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not become ready:\n" + (root / "server.log").read_text()[-3000:])
+    yield url, json.loads((run / "export" / "manifest.json").read_text()), run
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def post(url, body):
+    req = urllib.request.Request(f"{url}/simulate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def scenario(manifest, n=10):
+    box = manifest["domain"]["box"]
+    p = {q["name"]: sum(box[f"parameter:{q['name']}"]) / 2 for q in manifest["system"]["parameters"]}
+    return {"parameters": p, "initial_state": {"h1": 4.0, "h2": 3.0}, "t_end": 4.0 * n,
+            "inputs": {"pump": (3.0 + np.sin(np.arange(n + 1) / 3)).tolist()}, "quantiles": [0.1, 0.9]}
+
+
+def test_simulate_answers_like_the_runtime(server):
+    from serving.runtime import Runtime
+
+    url, manifest, run_dir = server
+    sc = scenario(manifest)
+    status, body = post(url, {"scenarios": [sc, scenario(manifest, 5)]})
+    assert status == 200 and len(body) == 2
+    a = body[0]
+    assert a["model"] == {"name": "tanks", "version": "v1"} and a["in_domain"]
+    assert len(a["outputs"]["h2"]["mean"]) == 11 and set(a["outputs"]["h2"]["quantiles"]) == {"0.1", "0.9"}
+    ref = Runtime(run_dir / "export" / "model.onnx", manifest).simulate(sc)[0]  # the same file, in-process
+    assert np.allclose(a["outputs"]["h2"]["mean"], ref["outputs"]["h2"]["mean"], atol=1e-6)
+    assert np.allclose(a["outputs"]["h2"]["std"], ref["outputs"]["h2"]["std"], atol=1e-6)
+
+
+def test_model_endpoint_serves_the_manifest(server):
+    url, manifest, _ = server
+    with urllib.request.urlopen(f"{url}/model/", timeout=10) as r:
+        served = json.loads(r.read())
+    assert served["system"]["name"] == "cascaded_tanks" and served["domain"] == manifest["domain"]
+    assert served["onnx_sha256"] == manifest["onnx_sha256"]
+
+
+def test_bad_input_is_a_400_naming_the_field_and_the_server_stays_up(server):
+    url, manifest, _ = server
+    bad = scenario(manifest)
+    bad["inputs"]["pump"] = bad["inputs"]["pump"][:3]
+    status, body = post(url, {"scenarios": [bad]})
+    assert status == 400 and "scenarios[0].inputs.pump: has 3 values, but the time grid has 11" in json.dumps(body)
+    bad = scenario(manifest)
+    bad["parameters"]["nonsense"] = 1.0
+    status, body = post(url, {"scenarios": [bad]})
+    assert status == 400 and "unknown names ['nonsense']" in json.dumps(body)
+    status, _ = post(url, {"scenarios": []})
+    assert status == 400
+    status, body = post(url, {"scenarios": [scenario(manifest)]})
+    assert status == 200 and body[0]["in_domain"]
+
+
+def test_service_module_does_not_import_torch():
+    code = "import sys, serving.service; print(','.join(m for m in ('torch', 'lightning') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ""
