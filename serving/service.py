@@ -1,16 +1,19 @@
 """The BentoML scenario-inference service (issue #5, first cut): POST /simulate, GET /model.
 
     TWIN_ML_MODEL=pendulum_node:production bentoml serve serving.service:TwinService --host 127.0.0.1
+    twin-serve model=pendulum_node:production [port=3000]
 
 The model comes from the store (BENTOML_HOME) as NAME:VERSION, NAME:latest or NAME:<stage>; it is
-hash-verified before onnxruntime opens it. Never imports torch or lightning.
+hash-verified before onnxruntime opens it. The request and answer schemas are built from its
+manifest at import, so /docs.json documents this model's own names, units and ranges, with an
+example request it answers. Never imports torch or lightning.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Union
 
 import bentoml
 from bentoml.exceptions import InvalidArgument
@@ -20,22 +23,35 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.runtime import RequestError, Runtime
+from serving.schemas import build_models
 from twin_ml import registry
 
 MODEL_ENV = "TWIN_ML_MODEL"
 
-_manifest: dict[str, Any] = {}
+
+def _load() -> tuple[Any, dict[str, Any]]:
+    ref = os.environ.get(MODEL_ENV)
+    if not ref:
+        return None, {}
+    return registry.onnx_path(ref)  # verified before any InferenceSession exists
+
+
+ONNX_PATH, MANIFEST = _load()
+if MANIFEST:
+    Scenario, Answer = build_models(MANIFEST)
+else:  # imported without a model (tools, tests): untyped placeholders
+    Scenario, Answer = dict[str, Any], dict[str, Any]
 
 
 async def _model_route(request: Request) -> JSONResponse:
-    return JSONResponse(_manifest)
+    return JSONResponse(MANIFEST)
 
 
 manifest_app = Starlette(routes=[Route("/", _model_route, methods=["GET"])])
 
 
 def _finite(obj: Any) -> Any:
-    """JSON has no NaN / inf: None in their place (a warning says why)."""
+    """JSON has no NaN / inf: None in their place (the answer's warnings say why)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, list):
@@ -49,18 +65,17 @@ def _finite(obj: Any) -> Any:
 @bentoml.service(name="twin_ml", traffic={"timeout": 30, "max_concurrency": 64}, http={"host": "127.0.0.1"})
 class TwinService:
     def __init__(self) -> None:
-        ref = os.environ.get(MODEL_ENV)
-        if not ref:
+        if not MANIFEST:
             raise RuntimeError(f"set {MODEL_ENV} to the model to serve (NAME:VERSION, NAME:latest or NAME:production)")
-        path, manifest = registry.onnx_path(ref)  # verified before any InferenceSession exists
-        _manifest.clear()
-        _manifest.update(manifest)
-        self.runtime = Runtime(path, manifest, threads=int(os.environ.get("TWIN_ML_THREADS", "1")))
+        self.runtime = Runtime(ONNX_PATH, MANIFEST, threads=int(os.environ.get("TWIN_ML_THREADS", "1")))
 
     @bentoml.api(route="/simulate")
-    def simulate(self, scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Trajectories with calibrated uncertainty for each scenario (see serving/runtime.py)."""
+    def simulate(self, scenarios: Union[list[Scenario], Scenario]) -> list[Answer]:  # type: ignore[valid-type]
+        """Trajectories with calibrated uncertainty: per output and step the ensemble mean, std and
+        the requested quantiles, plus an in-domain flag with reasons (see serving/runtime.py)."""
+        items = scenarios if isinstance(scenarios, list) else [scenarios]
+        plain = [s.model_dump(exclude_none=True) if hasattr(s, "model_dump") else s for s in items]
         try:
-            return _finite(self.runtime.simulate(scenarios))
+            return _finite(self.runtime.simulate(plain))
         except RequestError as e:
             raise InvalidArgument(str(e)) from None

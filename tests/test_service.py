@@ -109,11 +109,30 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_stays_up(server):
     bad = scenario(manifest)
     bad["parameters"]["nonsense"] = 1.0
     status, body = post(url, {"scenarios": [bad]})
-    assert status == 400 and "unknown names ['nonsense']" in json.dumps(body)
+    assert status == 400 and '"nonsense"' in json.dumps(body) and "extra_forbidden" in json.dumps(body)
+    bad = scenario(manifest)
+    bad["parameters"]["k1"] = "big"
+    status, body = post(url, {"scenarios": [bad]})
+    assert status == 400 and "\"k1\"" in json.dumps(body)
     status, _ = post(url, {"scenarios": []})
     assert status == 400
     status, body = post(url, {"scenarios": [scenario(manifest)]})
     assert status == 200 and body[0]["in_domain"]
+
+
+def test_docs_json_example_is_a_valid_request(server):
+    url, manifest, _ = server
+    with urllib.request.urlopen(f"{url}/docs.json", timeout=10) as r:
+        spec = json.loads(r.read())
+    assert "/simulate" in spec["paths"]
+    schemas = spec["components"]["schemas"]
+    scen = schemas["Scenario"]
+    assert set(schemas["Parameters"]["properties"]) == {p["name"] for p in manifest["system"]["parameters"]}
+    assert "training range" in schemas["Parameters"]["properties"]["k1"]["description"]
+    example = scen["example"]
+    status, body = post(url, {"scenarios": example})  # one scenario, not a list, is accepted too
+    assert status == 200 and body[0]["in_domain"]
+    assert {"mean", "std"} <= set(body[0]["outputs"]["h2"])
 
 
 def test_service_module_does_not_import_torch():
