@@ -42,8 +42,7 @@ def server(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     port = _free_port()
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:TwinService", "--host", "127.0.0.1",
-                             "--port", str(port)], env={**env, "TWIN_ML_MODEL": "tanks:production"},
+    proc = subprocess.Popen([str(BIN / "twin-serve"), "model=tanks:production", f"port={port}"], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
@@ -55,7 +54,7 @@ def server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("server did not become ready:\n" + (root / "server.log").read_text()[-3000:])
-    yield url, json.loads((run / "export" / "manifest.json").read_text()), run
+    yield url, json.loads((run / "export" / "manifest.json").read_text()), run, env
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
 
@@ -80,7 +79,7 @@ def scenario(manifest, n=10):
 def test_simulate_answers_like_the_runtime(server):
     from serving.runtime import Runtime
 
-    url, manifest, run_dir = server
+    url, manifest, run_dir, _ = server
     sc = scenario(manifest)
     status, body = post(url, {"scenarios": [sc, scenario(manifest, 5)]})
     assert status == 200 and len(body) == 2
@@ -93,7 +92,7 @@ def test_simulate_answers_like_the_runtime(server):
 
 
 def test_model_endpoint_serves_the_manifest(server):
-    url, manifest, _ = server
+    url, manifest, _, _ = server
     with urllib.request.urlopen(f"{url}/model/", timeout=10) as r:
         served = json.loads(r.read())
     assert served["system"]["name"] == "cascaded_tanks" and served["domain"] == manifest["domain"]
@@ -101,7 +100,7 @@ def test_model_endpoint_serves_the_manifest(server):
 
 
 def test_bad_input_is_a_400_naming_the_field_and_the_server_stays_up(server):
-    url, manifest, _ = server
+    url, manifest, _, _ = server
     bad = scenario(manifest)
     bad["inputs"]["pump"] = bad["inputs"]["pump"][:3]
     status, body = post(url, {"scenarios": [bad]})
@@ -121,7 +120,7 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_stays_up(server):
 
 
 def test_docs_json_example_is_a_valid_request(server):
-    url, manifest, _ = server
+    url, manifest, _, _ = server
     with urllib.request.urlopen(f"{url}/docs.json", timeout=10) as r:
         spec = json.loads(r.read())
     assert "/simulate" in spec["paths"]
@@ -133,6 +132,12 @@ def test_docs_json_example_is_a_valid_request(server):
     status, body = post(url, {"scenarios": example})  # one scenario, not a list, is accepted too
     assert status == 200 and body[0]["in_domain"]
     assert {"mean", "std"} <= set(body[0]["outputs"]["h2"])
+
+
+def test_twin_serve_refuses_a_missing_model_before_starting(server):
+    env = server[3]
+    r = subprocess.run([str(BIN / "twin-serve"), "model=tanks:v9"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "model tanks:v9 is not in the store; known: tanks:v1" in r.stderr
 
 
 def test_service_module_does_not_import_torch():
