@@ -9,6 +9,7 @@ DEMO_DIR ?= data/demo-cascaded-tanks
 DEMO_RUN ?= runs/demo-cascaded-tanks-hybrid
 # the local model store (the registry); export BENTOML_HOME to use another
 BENTOML_HOME ?= $(CURDIR)/.bentoml
+DEMO_PORT ?= 3000
 
 .PHONY: demo test bench clean
 
@@ -32,6 +33,11 @@ demo: $(STAMP)
 	@summary=$$(BENTOML_HOME=$(BENTOML_HOME) $(BIN)/twin-export run_dir=$(DEMO_RUN) name=demo_cascaded_tanks_hybrid \
 	    stage=production | tail -n 1) && echo "== exported: $$summary" && cat "$$summary" && echo && \
 	    BENTOML_HOME=$(BENTOML_HOME) $(BIN)/twin-models list
+	@echo "== serving demo_cascaded_tanks_hybrid:production on 127.0.0.1:$(DEMO_PORT), one request:"
+	@BENTOML_HOME=$(BENTOML_HOME) $(BIN)/twin-serve model=demo_cascaded_tanks_hybrid:production port=$(DEMO_PORT) \
+	    > $(DEMO_RUN)/serve.log 2>&1 & pid=$$!; \
+	    $(BIN)/python -m serving.demo --url http://127.0.0.1:$(DEMO_PORT) --wait 90; rc=$$?; \
+	    kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; exit $$rc
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -134,6 +134,15 @@ def test_docs_json_example_is_a_valid_request(server):
     assert {"mean", "std"} <= set(body[0]["outputs"]["h2"])
 
 
+def test_bentoml_sync_client_as_in_the_readme(server):
+    import bentoml
+
+    url, manifest, _, _ = server
+    with bentoml.SyncHTTPClient(url) as client:
+        answers = client.simulate(scenarios=[scenario(manifest)])
+    assert len(answers) == 1 and len(answers[0]["outputs"]["h2"]["std"]) == 11
+
+
 def test_twin_serve_refuses_a_missing_model_before_starting(server):
     env = server[3]
     r = subprocess.run([str(BIN / "twin-serve"), "model=tanks:v9"], capture_output=True, text=True, timeout=120, env=env)
