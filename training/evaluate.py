@@ -28,7 +28,7 @@ def evaluate(cfg: DictConfig) -> dict:
     model, _ = load_trained(run / "model")
     data_dir = cfg.data_dir or OmegaConf.load(run / "config.yaml").data_dir
     dm = ScenarioDataModule(str(data_dir), model.system, seed=0)
-    t = dm.t.numpy().astype("float64")
+    t = dm.t_grid
     splits = {s: dm.numpy(s) for s in ("val", "test", "extrapolation")}
     metrics, preds = evaluate_splits(model, model.system, splits, t)
     metrics["speed"] = speed(model, model.system, splits["test"] if len(splits["test"]["p"]) else splits["val"], t,

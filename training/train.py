@@ -69,7 +69,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     dm = ScenarioDataModule(str(cfg.data_dir), system, batch_size=cfg.data.batch_size, horizon=cfg.data.horizon,
                             seed=cfg.seed)
     tr = dm.numpy("train")
-    t = dm.t.numpy().astype("float64")
+    t = dm.t_grid
     stats = compute_stats(tr["x"], tr["u"], tr["p"], tr["y"], t)
     extra = {"n_times": len(t)} if cfg.model.net.kind == "emulator" else {}
     log.info(f"Instantiating model <{cfg.model.net.kind}> x {cfg.ensemble.size}")

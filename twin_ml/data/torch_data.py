@@ -49,7 +49,8 @@ class ScenarioDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.data_dir, self.system, self.batch_size, self.horizon, self.seed = data_dir, system, batch_size, horizon, seed
         self.dataset = self._open()
-        self.t = torch.tensor(self._t(), dtype=torch.float32)
+        self.t_grid = self._t()  # float64, as generated (model.json records its dt exactly)
+        self.t = torch.tensor(self.t_grid, dtype=torch.float32)
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         for split in ("train", "val", "test", "extrapolation"):
             self.splits[split] = self._load(split)
@@ -57,7 +58,7 @@ class ScenarioDataModule(L.LightningDataModule):
             if len(self.splits[split]["index"]) == 0:
                 raise DatasetError(f"{data_dir}: the {split} split is empty; generate more scenarios")
         n_t = self.t.shape[0]
-        dt = np.diff(self._t())
+        dt = np.diff(self.t_grid)
         if n_t < 2 or not np.allclose(dt, dt[0], rtol=1e-6, atol=0.0):
             raise DatasetError(f"{data_dir}: training needs a uniform time grid of >= 2 points")
         if horizon is not None and not 1 <= horizon <= n_t - 1:
