@@ -11,6 +11,8 @@ example request it answers. Never imports torch or lightning.
 
 from __future__ import annotations
 
+import hmac
+import json
 import math
 import os
 from typing import Any, Union
@@ -27,6 +29,58 @@ from serving.schemas import build_models
 from twin_ml import registry
 
 MODEL_ENV = "TWIN_ML_MODEL"
+TOKEN_ENV = "TWIN_ML_TOKEN"  # when set: bearer token for /simulate, /calibrate and /model
+MAX_BODY_ENV = "TWIN_ML_MAX_BODY_BYTES"
+PROTECTED = ("/simulate", "/calibrate", "/model")
+
+
+class Guard:
+    """ASGI middleware in front of the APIs: optional bearer-token auth (constant-time compare,
+    never logged), a request-body size limit (413), and no pickle bodies (415). Health, readiness
+    and metrics stay open."""
+
+    def __init__(self, app, token: str | None = None, max_body: int = 8 << 20):
+        self.app, self.token, self.max_body = app, (token or "").encode(), max_body
+
+    async def _reply(self, send, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.token and path.startswith(PROTECTED):
+            got = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(got, b"Bearer " + self.token):
+                return await self._reply(send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+        if b"pickle" in headers.get(b"content-type", b""):
+            return await self._reply(send, 415, "pickle bodies are not accepted; send application/json")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _load() -> tuple[Any, dict[str, Any]]:
@@ -79,3 +133,7 @@ class TwinService:
             return _finite(self.runtime.simulate(plain))
         except RequestError as e:
             raise InvalidArgument(str(e)) from None
+
+
+TwinService.add_asgi_middleware(Guard, token=os.environ.get(TOKEN_ENV),
+                                max_body=int(os.environ.get(MAX_BODY_ENV, str(8 << 20))))

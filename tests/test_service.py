@@ -40,28 +40,35 @@ def server(tmp_path_factory):
     r = subprocess.run([str(BIN / "twin-export"), f"run_dir={run}", "name=tanks", "version=v1", "parity_scenarios=8",
                         "stage=production"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    proc, url = _start(env, root / "server.log")
+    yield url, json.loads((run / "export" / "manifest.json").read_text()), run, env
+    _stop(proc)
+
+
+def _start(env, log_path, model="tanks:production"):
     port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "twin-serve"), "model=tanks:production", f"port={port}"], env=env,
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(BIN / "twin-serve"), f"model={model}", f"port={port}"], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
             if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
-                break
+                return proc, url
         except OSError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not become ready:\n" + (root / "server.log").read_text()[-3000:])
-    yield url, json.loads((run / "export" / "manifest.json").read_text()), run, env
+    _stop(proc)
+    pytest.fail("server did not become ready:\n" + Path(log_path).read_text()[-3000:])
+
+
+def _stop(proc):
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
 
 
-def post(url, body):
-    req = urllib.request.Request(f"{url}/simulate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+def post(url, body, headers=None, raw=None):
+    req = urllib.request.Request(f"{url}/simulate", data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -154,3 +161,29 @@ def test_service_module_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == ""
+
+
+def test_token_auth_body_limit_and_no_pickle(server, tmp_path):
+    url0, manifest, _, env = server
+    proc, url = _start({**env, "TWIN_ML_TOKEN": "s3cret-token", "TWIN_ML_MAX_BODY_BYTES": "20000"}, tmp_path / "log")
+    try:
+        body = {"scenarios": [scenario(manifest)]}
+        assert post(url, body)[0] == 401
+        assert post(url, body, {"Authorization": "Bearer wrong"})[0] == 401
+        status, answer = post(url, body, {"Authorization": "Bearer s3cret-token"})
+        assert status == 200 and answer[0]["in_domain"]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}/model/", timeout=10)
+        assert e.value.code == 401
+        assert urllib.request.urlopen(f"{url}/readyz", timeout=10).status == 200  # health stays open
+        assert urllib.request.urlopen(f"{url}/metrics", timeout=10).status == 200
+        auth = {"Authorization": "Bearer s3cret-token"}
+        big = {"scenarios": [scenario(manifest, 20)] * 40}
+        assert post(url, big, auth)[0] == 413
+        status, _ = post(url, None, {**auth, "Content-Type": "application/vnd.bentoml+pickle"}, raw=b"\x80\x04N.")
+        assert status == 415
+        assert post(url, body, auth)[0] == 200  # still up
+        assert "s3cret-token" not in (tmp_path / "log").read_text()  # never logged
+    finally:
+        _stop(proc)
+    assert post(url0, {"scenarios": [scenario(manifest)]})[0] == 200  # the open server needs no token
