@@ -84,10 +84,10 @@ def test_parity_check_catches_a_wrong_graph(runs):
     other = load_trained(run / "model")[0]
     with torch.no_grad():
         other.net.biases[-1].add_(1e-3)  # a graph of slightly different weights
-    wrong = build_onnx(other, meta["time"]["dt"], max_steps=100).SerializeToString()
+    wrong = build_onnx(other, meta["time"]["dt"]).SerializeToString()
     s = in_domain_scenarios(model, meta["design"], 8, 21, meta["time"]["dt"], seed=1)
     assert not parity_check(model, wrong, s)["passed"]
-    right = build_onnx(load_trained(run / "model")[0], meta["time"]["dt"], max_steps=100).SerializeToString()
+    right = build_onnx(load_trained(run / "model")[0], meta["time"]["dt"]).SerializeToString()
     assert parity_check(model, right, s)["passed"]
 
 
@@ -180,7 +180,7 @@ def test_export_bad_input(runs, tmp_path):
 def test_parity_check_fails_a_graph_that_outputs_nan(runs):
     run, _ = runs["pendulum_hybrid"]
     model, meta = load_trained(run / "model")
-    mp = build_onnx(load_trained(run / "model")[0], meta["time"]["dt"], max_steps=100)
+    mp = build_onnx(load_trained(run / "model")[0], meta["time"]["dt"])
     for init in mp.graph.initializer:  # the conformal scale -> NaN: std is NaN, and so on
         if init.name == "ens/conformal_scale":
             init.CopyFrom(onnx.numpy_helper.from_array(np.full(model.ny, np.nan, np.float32), init.name))

@@ -86,6 +86,12 @@ def _stages() -> dict[str, dict[str, str]]:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def _stages_of(bm, stages: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """The stages that point at the stored model `bm`."""
+    stages = _stages() if stages is None else stages
+    return [s for s, v in stages.get(bm.tag.name, {}).items() if v == bm.tag.version]
+
+
 def save(name: str, version: str, onnx_bytes: bytes, manifest: dict[str, Any], *,
          extra_files: dict[str, Path] | None = None, labels: dict[str, str] | None = None) -> str:
     """Store a model; returns its tag NAME:VERSION. `extra_files`: store name -> local file."""
@@ -187,7 +193,7 @@ def list_models() -> list[dict[str, Any]]:
     for bm in bentoml.models.list():
         if (bm.info.metadata or {}).get("format") != "twin-ml/onnx/v1":
             continue
-        pinned = [s for s, v in stages.get(bm.tag.name, {}).items() if v == bm.tag.version]
+        pinned = _stages_of(bm, stages)
         rows.append({"tag": str(bm.tag), "system": bm.info.labels.get("system", ""),
                      "kind": bm.info.labels.get("kind", ""), "stages": pinned,
                      "created": bm.info.creation_time.isoformat(timespec="seconds")})
@@ -198,5 +204,4 @@ def show(ref: str) -> dict[str, Any]:
     """The stored manifest of `ref` (verified), with its tag and stages."""
     bm = resolve(ref)
     manifest = _verify(bm)
-    stages = [s for s, v in _stages().get(bm.tag.name, {}).items() if v == bm.tag.version]
-    return {"tag": str(bm.tag), "stages": stages, "path": str(bm.path), **manifest}
+    return {"tag": str(bm.tag), "stages": _stages_of(bm), "path": str(bm.path), **manifest}

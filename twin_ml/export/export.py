@@ -120,7 +120,7 @@ def export_run(run_dir: str | Path, *, name: str, version: str, max_steps: int |
     max_steps = int(4 * (n_train - 1) if max_steps is None else max_steps)
     if max_steps < 1:
         raise ExportError(f"max_steps must be >= 1, got {max_steps}")
-    mp = build_onnx(copy.deepcopy(model), dt, max_steps=max_steps)
+    mp = build_onnx(copy.deepcopy(model), dt)
     n_times = n_train if is_emulator else min(parity_steps, max_steps) + 1
     s = in_domain_scenarios(model, meta["design"], parity_scenarios, n_times, dt, seed=seed + 7919)
     raw = mp.SerializeToString()

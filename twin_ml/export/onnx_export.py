@@ -137,8 +137,9 @@ def _ensemble_nodes(model: Surrogate, members: str) -> tuple[list, list]:
     return nodes, inits
 
 
-def build_onnx(model: Surrogate, dt: float, *, max_steps: int) -> onnx.ModelProto:
-    """The rollout graph of `model` (eval mode, float32) on a grid of step `dt`."""
+def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
+    """The rollout graph of `model` (eval mode, float32) on a grid of step `dt`; any horizon (the
+    declared maximum lives in the manifest and is enforced by the server)."""
     model = model.float().eval()
     nx, nu, n_p, ny, m = model.nx, model.nu, model.n_p, model.ny, model.members
     ins = [_vi("x0", ["batch", nx]), _vi("u", ["batch", "time", nu]), _vi("p", ["batch", n_p])]
