@@ -172,9 +172,9 @@ class Runtime:
         return out
 
     # ---- run -----------------------------------------------------------------------------------
-    def simulate(self, scenarios: Any) -> list[dict[str, Any]]:
-        """Answers for one scenario (a dict) or a list of them, in order. Scenarios of the same
-        horizon run as one batch."""
+    def parse_request(self, scenarios: Any) -> list[dict[str, Any]]:
+        """One scenario (a dict) or a list of them -> parsed scenarios; every check of `parse`,
+        plus the per-request count limit."""
         if isinstance(scenarios, dict):
             scenarios = [scenarios]
         if not isinstance(scenarios, list) or not scenarios:
@@ -182,18 +182,24 @@ class Runtime:
         if len(scenarios) > self.max_scenarios:
             raise RequestError("scenarios", f"{len(scenarios)} scenarios exceed the limit of {self.max_scenarios} "
                                             "per request")
-        parsed = [self.parse(sc, f"scenarios[{i}]") for i, sc in enumerate(scenarios)]
+        return [self.parse(sc, f"scenarios[{i}]") for i, sc in enumerate(scenarios)]
+
+    def simulate(self, scenarios: Any) -> list[dict[str, Any]]:
+        """Answers for one scenario (a dict) or a list of them, in order."""
+        return self.run(self.parse_request(scenarios))
+
+    def run(self, parsed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answers for parsed scenarios, in order, in as few onnxruntime calls as `plan` allows."""
         answers: list[dict[str, Any] | None] = [None] * len(parsed)
-        groups: dict[int, list[int]] = {}
-        for i, s in enumerate(parsed):
-            groups.setdefault(len(s["t"]), []).append(i)
-        for idx in groups.values():
+        for idx in plan([len(s["t"]) for s in parsed]):
+            n = len(parsed[idx[0]]["t"])  # the group's longest grid; shorter ones are padded
             feeds = {"x0": np.stack([parsed[i]["x0"] for i in idx]).astype(np.float32),
-                     "u": np.stack([parsed[i]["u"] for i in idx]).astype(np.float32),
+                     "u": np.stack([_pad(parsed[i]["u"], n) for i in idx]).astype(np.float32),
                      "p": np.stack([parsed[i]["p"] for i in idx]).astype(np.float32)}
             mean, std = self.session.run(["mean", "std"], feeds)
             for k, i in enumerate(idx):
-                answers[i] = self._answer(parsed[i], mean[k].astype(np.float64), std[k].astype(np.float64))
+                m = len(parsed[i]["t"])  # the mask: a scenario's own steps only
+                answers[i] = self._answer(parsed[i], mean[k, :m].astype(np.float64), std[k, :m].astype(np.float64))
         return answers  # type: ignore[return-value]
 
     def _answer(self, s: dict[str, Any], mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
@@ -205,9 +211,37 @@ class Runtime:
             warnings.append("the model produced non-finite values (far outside its training domain?)")
         outputs = {}
         for j, name in enumerate(self.outputs):
-            q = {f"{lv:g}": (mean[:, j] + NormalDist().inv_cdf(lv) * std[:, j]).tolist() for lv in s["quantiles"]}
-            outputs[name] = {"mean": mean[:, j].tolist(), "std": std[:, j].tolist(), "quantiles": q}
+            q = {f"{lv:g}": _list(mean[:, j] + NormalDist().inv_cdf(lv) * std[:, j]) for lv in s["quantiles"]}
+            outputs[name] = {"mean": _list(mean[:, j]), "std": _list(std[:, j]), "quantiles": q}
         return {"times": s["t"].tolist(), "outputs": outputs, "in_domain": not s["reasons"],
                 "domain_reasons": s["reasons"], "model": {"name": self.manifest["name"],
                                                           "version": self.manifest["version"]},
                 "warnings": warnings}
+
+
+PAD_RATIO = 1.5  # a scenario joins a padded group when the group's longest grid is at most this much longer
+
+
+def plan(lengths: list[int]) -> list[list[int]]:
+    """Groups of scenario indices run as one batch each, longest first in every group. Scenarios
+    of different horizons share a batch (padded to its longest, masked back) while the padding
+    costs at most PAD_RATIO x their own steps; the rollout is causal, so a scenario's answer does
+    not depend on the padding after its end."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] <= PAD_RATIO * lengths[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _list(a: np.ndarray) -> list[float | None]:
+    """JSON has no NaN or inf: None in their place (the answer's warnings say why)."""
+    return a.tolist() if np.isfinite(a).all() else [float(v) if math.isfinite(v) else None for v in a]
+
+
+def _pad(u: np.ndarray, n: int) -> np.ndarray:
+    """Inputs [T, nu] -> [n, nu], holding the last value after the end."""
+    return u if len(u) == n else np.concatenate([u, np.repeat(u[-1:], n - len(u), axis=0)])

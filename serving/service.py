@@ -1,4 +1,4 @@
-"""The BentoML scenario-inference service (issue #5, first cut): POST /simulate, GET /model.
+"""The BentoML scenario-inference service: POST /simulate, GET /model.
 
     TWIN_ML_MODEL=pendulum_node:production bentoml serve serving.service:TwinService --host 127.0.0.1
     twin-serve model=pendulum_node:production [port=3000]
@@ -7,13 +7,23 @@ The model comes from the store (BENTOML_HOME) as NAME:VERSION, NAME:latest or NA
 hash-verified before onnxruntime opens it. The request and answer schemas are built from its
 manifest at import, so /docs.json documents this model's own names, units and ranges, with an
 example request it answers. Never imports torch or lightning.
+
+Requests are validated on the event loop (a bad one gets its own 400), then join the adaptive
+batcher (serving/batching.py): one worker thread runs onnxruntime on everything queued, scenarios
+of different horizons padded and masked (serving/runtime.py `plan`). Settings come from the
+environment (twin-serve sets them): TWIN_ML_MODEL, TWIN_ML_THREADS, TWIN_ML_STRICT,
+TWIN_ML_BATCHING, TWIN_ML_MAX_BATCH, TWIN_ML_MAX_SCENARIOS, TWIN_ML_MAX_STEPS,
+TWIN_ML_MAX_CONCURRENCY, TWIN_ML_WORKERS, TWIN_ML_TOKEN, TWIN_ML_MAX_BODY_BYTES.
+
+Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
+twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
+scenario's mean predicted std, per output) and twin_ml_batch_scenarios (scenarios per model call).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-import math
 import os
 from typing import Any, Union
 
@@ -21,9 +31,10 @@ import bentoml
 from bentoml.exceptions import InvalidArgument
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serving.batching import Batcher
 from serving.runtime import RequestError, Runtime
 from serving.schemas import build_models
 from twin_ml import registry
@@ -32,6 +43,14 @@ MODEL_ENV = "TWIN_ML_MODEL"
 TOKEN_ENV = "TWIN_ML_TOKEN"  # when set: bearer token for /simulate, /calibrate and /model
 MAX_BODY_ENV = "TWIN_ML_MAX_BODY_BYTES"
 PROTECTED = ("/simulate", "/calibrate", "/model")
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    return (os.environ.get(name) or ("1" if default else "0")).lower() in ("1", "true", "yes", "on")
 
 
 class Guard:
@@ -104,35 +123,68 @@ async def _model_route(request: Request) -> JSONResponse:
 manifest_app = Starlette(routes=[Route("/", _model_route, methods=["GET"])])
 
 
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN / inf: None in their place (the answer's warnings say why)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    return obj
+_METRICS: dict[str, Any] = {}
+
+
+def _metrics() -> dict[str, Any]:
+    """Created on first use, in the worker (prometheus_client must see BentoML's multiprocess
+    directory, which is set after this module is imported)."""
+    if not _METRICS:
+        import prometheus_client as prom
+
+        _METRICS.update(
+            requests=prom.Counter("twin_ml_requests", "Answered /simulate requests; in_domain=false when any "
+                                  "scenario left the training domain", ["in_domain"]),
+            scenarios=prom.Counter("twin_ml_scenarios", "Answered scenarios by in-domain status", ["in_domain"]),
+            std=prom.Histogram("twin_ml_predicted_std", "Mean predicted std of each answered scenario, per "
+                               "output (output units)", ["output"],
+                               buckets=[10.0 ** (k / 2) for k in range(-10, 7)]),
+            batch=prom.Histogram("twin_ml_batch_scenarios", "Scenarios per onnxruntime call (adaptive batching)",
+                                 buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
+        )
+    return _METRICS
 
 
 @bentoml.asgi_app(manifest_app, path="/model")
-@bentoml.service(name="twin_ml", traffic={"timeout": 30, "max_concurrency": 64}, http={"host": "127.0.0.1"})
+@bentoml.service(name="twin_ml", workers=_env_int("TWIN_ML_WORKERS", 1), http={"host": "127.0.0.1"},
+                 traffic={"timeout": 30, "max_concurrency": _env_int("TWIN_ML_MAX_CONCURRENCY", 64)})
 class TwinService:
     def __init__(self) -> None:
         if not MANIFEST:
             raise RuntimeError(f"set {MODEL_ENV} to the model to serve (NAME:VERSION, NAME:latest or NAME:production)")
-        self.runtime = Runtime(ONNX_PATH, MANIFEST, threads=int(os.environ.get("TWIN_ML_THREADS", "1")))
+        self.runtime = Runtime(ONNX_PATH, MANIFEST, threads=_env_int("TWIN_ML_THREADS", 1),
+                               strict=_env_flag("TWIN_ML_STRICT", False),
+                               max_scenarios=_env_int("TWIN_ML_MAX_SCENARIOS", 256),
+                               max_steps=_env_int("TWIN_ML_MAX_STEPS", 0) or None)
+        self.metrics = _metrics()
+        self.batcher = Batcher(self._run, max_batch=_env_int("TWIN_ML_MAX_BATCH", 256),
+                               merge=_env_flag("TWIN_ML_BATCHING", True), observe=self.metrics["batch"].observe)
+
+    def _run(self, parsed: list[dict[str, Any]]) -> list[tuple[bytes, bool]]:
+        """The batcher's worker thread: per scenario its answer as JSON and its in-domain flag."""
+        out = []
+        for a in self.runtime.run(parsed):
+            self.metrics["scenarios"].labels(in_domain=str(a["in_domain"]).lower()).inc()
+            for name, series in a["outputs"].items():
+                std = [v for v in series["std"] if v is not None]
+                if std:
+                    self.metrics["std"].labels(output=name).observe(sum(std) / len(std))
+            out.append((json.dumps(a, allow_nan=False, separators=(",", ":")).encode(), a["in_domain"]))
+        return out
 
     @bentoml.api(route="/simulate")
-    def simulate(self, scenarios: Union[list[Scenario], Scenario]) -> list[Answer]:  # type: ignore[valid-type]
+    async def simulate(self, scenarios: Union[list[Scenario], Scenario]) -> list[Answer]:  # type: ignore[valid-type]
         """Trajectories with calibrated uncertainty: per output and step the ensemble mean, std and
         the requested quantiles, plus an in-domain flag with reasons (see serving/runtime.py)."""
         items = scenarios if isinstance(scenarios, list) else [scenarios]
         plain = [s.model_dump(exclude_none=True) if hasattr(s, "model_dump") else s for s in items]
         try:
-            return _finite(self.runtime.simulate(plain))
+            parsed = self.runtime.parse_request(plain)
         except RequestError as e:
             raise InvalidArgument(str(e)) from None
+        done = await self.batcher.submit(parsed)
+        self.metrics["requests"].labels(in_domain=str(all(ok for _, ok in done)).lower()).inc()
+        return Response(b"[" + b",".join(body for body, _ in done) + b"]", media_type="application/json")
 
 
 TwinService.add_asgi_middleware(Guard, token=os.environ.get(TOKEN_ENV),

@@ -1,6 +1,17 @@
 """twin-serve: serve a stored model over HTTP (the BentoML service in serving/service.py).
 
-    twin-serve model=pendulum_node:production [port=3000] [host=127.0.0.1] [threads=1]
+    twin-serve model=pendulum_node:production [port=3000] [host=127.0.0.1] [threads=1] [strict=false]
+               [batching=true] [max_batch=256] [max_scenarios=256] [max_steps=...] [max_concurrency=64]
+               [workers=1]
+
+  threads          onnxruntime intra-op threads per worker
+  strict           refuse (400) scenarios outside the training domain instead of flagging them
+  batching         adaptive batching across concurrent requests (false: one request per model call)
+  max_batch        scenarios per model call when batching
+  max_scenarios    scenarios per request (more: 400)
+  max_steps        longest horizon in steps (default and upper bound: the model's declared maximum)
+  max_concurrency  requests in flight per server; more get 429 at once
+  workers          server processes (each loads the model and batches on its own)
 
 Settings are key=value like the other commands (not a Hydra app: `model` names a config group
 there). Verifies the model in the store first (a tampered or missing model is one `error:` line
@@ -15,7 +26,12 @@ from pathlib import Path
 
 from training._common import fail
 
-DEFAULTS = {"model": None, "host": "127.0.0.1", "port": "3000", "threads": "1"}
+DEFAULTS = {"model": None, "host": "127.0.0.1", "port": "3000", "threads": "1", "strict": "false",
+            "batching": "true", "max_batch": "256", "max_scenarios": "256", "max_steps": "0",
+            "max_concurrency": "64", "workers": "1"}
+POSITIVE = ("threads", "max_batch", "max_scenarios", "max_concurrency", "workers")
+FLAGS = ("strict", "batching")
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -29,8 +45,15 @@ def parse(argv: list[str]) -> dict[str, str]:
         raise ValueError("model=NAME:VERSION (or NAME:latest, NAME:production) is required")
     if not cfg["port"].isdigit() or not 0 < int(cfg["port"]) < 65536:
         raise ValueError(f"port must be an integer in 1..65535, got {cfg['port']!r}")
-    if not cfg["threads"].isdigit() or int(cfg["threads"]) < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {cfg['threads']!r}")
+    for key in POSITIVE:
+        if not cfg[key].isdigit() or int(cfg[key]) < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
+    if not cfg["max_steps"].isdigit():
+        raise ValueError(f"max_steps must be an integer >= 1 (0: the model's maximum), got {cfg['max_steps']!r}")
+    for key in FLAGS:
+        if cfg[key].lower() not in TRUE + FALSE:
+            raise ValueError(f"{key} must be true or false, got {cfg[key]!r}")
+        cfg[key] = "1" if cfg[key].lower() in TRUE else "0"
     return cfg
 
 
@@ -42,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         registry.verify(cfg["model"])
     except (ValueError, registry.RegistryError) as e:
         fail(e)
-    env = {**os.environ, "TWIN_ML_MODEL": cfg["model"], "TWIN_ML_THREADS": cfg["threads"],
+    env = {**os.environ, "TWIN_ML_MODEL": cfg["model"],
+           **{f"TWIN_ML_{k.upper()}": cfg[k] for k in DEFAULTS if k not in ("model", "host", "port")},
            "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True")}
     bentoml = str(Path(sys.executable).parent / "bentoml")
     os.execve(bentoml, [bentoml, "serve", "serving.service:TwinService", "--host", cfg["host"], "--port", cfg["port"]],

@@ -1,0 +1,390 @@
+"""Serving benchmark: the real server (twin-serve: BentoML + onnxruntime) against the HTTP floor,
+with the load client in its own process, everything in one run.
+
+    python benchmarks/serving.py [--model NAME:REF --bentoml-home DIR] [--requests 2000] [--quick]
+
+Without --model it trains and exports a pendulum neural ODE (M=5 members, the default network,
+2 epochs: latency does not depend on accuracy) into a store under runs/bench-serving/. Every
+request carries one in-domain scenario with a 100-step rollout, drawn from 64 pre-built bodies.
+
+Phases (each a fresh client process; the server keeps running between phases of one config):
+  floor     a minimal asyncio HTTP/1.1 server returning a fixed body of the size of a real answer,
+            at concurrency 1: the cost of HTTP + this client alone;
+  c1        the served model at concurrency 1, with adaptive batching off and on;
+  c32       10,000 requests at concurrency 32 with batching on: throughput, p50/p99, errors;
+  overload  4x the configured max concurrency: the status codes seen (only 200 and 429 allowed),
+            then the time until /readyz answers and a valid request succeeds again.
+
+The client is a raw asyncio HTTP/1.1 keep-alive client (one connection per concurrent worker), so
+that the client's own cost stays small next to the server's on a 2-core machine; the floor uses
+the same client. Writes benchmarks/results/serving.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+# this file is benchmarks/serving.py: keep its folder off the path so `serving` is the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+BIN = Path(sys.executable).parent
+OUT = ROOT / "benchmarks" / "results" / "serving.json"
+WORK = ROOT / "runs" / "bench-serving"
+STEPS = 100
+
+
+# ---- the load client (runs in its own process: `serving.py client ...`) -----------------------
+async def _request(reader, writer, head: bytes, body: bytes) -> tuple[int, bytes]:
+    writer.write(head + body)
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("server closed the connection")
+    status = int(status_line.split()[1])
+    length, close = 0, False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        key, _, value = line.decode("latin-1").partition(":")
+        key = key.strip().lower()
+        if key == "content-length":
+            length = int(value.strip())
+        elif key == "connection" and value.strip().lower() == "close":
+            close = True
+    payload = await reader.readexactly(length) if length else b""
+    if close:
+        raise ConnectionResetError("server asked to close")
+    return status, payload
+
+
+async def _load(host: str, port: int, path: str, bodies: list[bytes], n: int, concurrency: int,
+                token: str | None) -> dict:
+    heads = []
+    for b in bodies:
+        h = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(b)}\r\n")
+        if token:
+            h += f"Authorization: Bearer {token}\r\n"
+        heads.append((h + "\r\n").encode())
+    lat, statuses, errors = [], {}, []
+    counter = iter(range(n))
+
+    async def worker():
+        reader = writer = None
+        for i in counter:
+            k = i % len(bodies)
+            t0 = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                status, _ = await _request(reader, writer, heads[k], bodies[k])
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+                errors.append(type(e).__name__)
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                continue
+            lat.append(time.perf_counter() - t0)
+            statuses[status] = statuses.get(status, 0) + 1
+        if writer is not None:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000 if lat else np.array([np.nan])
+    ok = statuses.get(200, 0)
+    return {"requests": n, "concurrency": concurrency, "wall_s": wall, "ok": ok,
+            "statuses": {str(k): v for k, v in sorted(statuses.items())}, "connection_errors": len(errors),
+            "throughput_per_s": ok / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max())}
+
+
+def client_main(args) -> int:
+    bodies = [b.encode() for b in json.loads(Path(args.bodies).read_text())]
+    if args.warmup:
+        asyncio.run(_load(args.host, args.port, args.path, bodies, args.warmup, min(args.concurrency, 4),
+                          args.token))
+    out = asyncio.run(_load(args.host, args.port, args.path, bodies, args.n, args.concurrency, args.token))
+    print(json.dumps(out))
+    return 0
+
+
+# ---- the HTTP floor (its own process: `serving.py floor PORT BODYFILE`) ------------------------
+def floor_main(args) -> int:
+    body = Path(args.body).read_bytes()
+    response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                length = 0
+                line = await reader.readline()
+                if not line:
+                    break
+                while True:
+                    line = await reader.readline()
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                writer.write(response)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        writer.close()
+
+    async def serve():
+        server = await asyncio.start_server(handle, "127.0.0.1", args.port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+    return 0
+
+
+# ---- orchestration ----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(*args, env=None) -> None:
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
+
+
+def prepare_model(env: dict) -> str:
+    """A pendulum neural ODE, M=5, in a store under runs/bench-serving (reused when present)."""
+    from twin_ml import registry
+
+    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
+    try:
+        registry.verify("bench_pendulum:v1")
+        return "bench_pendulum:v1"
+    except registry.RegistryError:
+        pass
+    data, run = WORK / "data", WORK / "run"
+    sh(BIN / "twin-generate", "system=pendulum", "n_scenarios=32", "seed=0", f"out_dir={data}", "workers=0",
+       "progress=false", "overwrite=true", env=env)
+    sh(BIN / "twin-train", "experiment=pendulum_node", f"data_dir={data}", f"out_dir={run}", "ensemble.size=5",
+       "trainer.max_epochs=2", "speed_scenarios=2", "logger=none", env=env)
+    sh(BIN / "twin-export", f"run_dir={run}", "name=bench_pendulum", "version=v1", "parity_scenarios=8", env=env)
+    return "bench_pendulum:v1"
+
+
+def make_bodies(manifest: dict, n: int, seed: int) -> list[str]:
+    from serving.schemas import example_scenario
+
+    rng = np.random.default_rng(seed)
+    box = manifest["domain"]["box"]
+    bodies = []
+    for _ in range(n):
+        sc = example_scenario(manifest, STEPS)
+        for name in sc["parameters"]:
+            lo, hi = box[f"parameter:{name}"]
+            sc["parameters"][name] = float(rng.uniform(lo, hi))
+        for name in sc["initial_state"]:
+            lo, hi = box.get(f"state:{name}", (0.0, 0.0))
+            sc["initial_state"][name] = float(rng.uniform(lo, hi))
+        for name, series in sc["inputs"].items():
+            lo, hi = box.get(f"input:{name}:offset", (0.0, 0.0))
+            sc["inputs"][name] = [float(rng.uniform(lo, hi))] * len(series)
+        bodies.append(json.dumps(sc))
+    return bodies
+
+
+def wait_ready(url: str, seconds: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        try:
+            if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
+                return time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"no server ready at {url} after {seconds} s")
+
+
+def start_server(model: str, env: dict, port: int, log: Path, **settings) -> subprocess.Popen:
+    extra = [f"{k}={v}" for k, v in settings.items()]
+    proc = subprocess.Popen([str(BIN / "twin-serve"), f"model={model}", f"port={port}", *extra], env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_ready(f"http://127.0.0.1:{port}", 120)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_client(port: int, path: str, bodies_file: Path, n: int, concurrency: int, warmup: int = 200) -> dict:
+    r = subprocess.run([sys.executable, __file__, "client", "--port", str(port), "--path", path,
+                        "--bodies", str(bodies_file), "--n", str(n), "--concurrency", str(concurrency),
+                        "--warmup", str(warmup)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"load client failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def recovery(url: str, body: bytes, seconds: float = 30.0) -> float:
+    """Seconds from now until /readyz is 200 and a valid /simulate answers 200."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        try:
+            if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
+                req = urllib.request.Request(f"{url}/simulate", data=body,
+                                             headers={"Content-Type": "application/json"})
+                if urllib.request.urlopen(req, timeout=5).status == 200:
+                    return time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.02)
+    return float("inf")
+
+
+def main_bench(args) -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "BENTOML_HOME": args.bentoml_home or str(WORK / "store"), "BENTOML_DO_NOT_TRACK": "True"}
+    model = args.model or prepare_model(env)
+    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
+    from twin_ml import registry
+
+    _, manifest = registry.onnx_path(model)
+    bodies = make_bodies(manifest, 64, args.seed)
+    bodies_file = WORK / "bodies.json"
+    bodies_file.write_text(json.dumps(bodies))
+    wrapped = [json.dumps({"scenarios": json.loads(b)}) for b in bodies]
+    wrapped_file = WORK / "bodies-wrapped.json"
+    wrapped_file.write_text(json.dumps(wrapped))
+    n, big = (300, 1000) if args.quick else (args.requests, 10_000)
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": model,
+                     "members": manifest["members"], "steps": STEPS, "phases": {}}
+    phases = results["phases"]
+
+    # a real answer's size for the floor's fixed body
+    port = _free_port()
+    proc = start_server(model, env, port, WORK / "server-nobatch.log", batching="false")
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/simulate", data=wrapped[0].encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer = urllib.request.urlopen(req, timeout=30).read()
+        print(f"served c=1, batching off ({n} requests)...", flush=True)
+        phases["c1_nobatch"] = run_client(port, "/simulate", wrapped_file, n, 1)
+    finally:
+        stop(proc)
+    (WORK / "answer.json").write_bytes(answer)
+
+    fport = _free_port()
+    floor = subprocess.Popen([sys.executable, __file__, "floor", "--port", str(fport), "--body",
+                              str(WORK / "answer.json")], start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", fport), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        print(f"HTTP floor c=1 ({n} requests)...", flush=True)
+        phases["floor_c1"] = run_client(fport, "/simulate", wrapped_file, n, 1)
+    finally:
+        stop(floor)
+
+    port = _free_port()
+    max_conc = args.max_concurrency
+    proc = start_server(model, env, port, WORK / "server.log", max_concurrency=str(max_conc))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        print(f"served c=1, batching on ({n} requests)...", flush=True)
+        phases["c1"] = run_client(port, "/simulate", wrapped_file, n, 1)
+        print(f"served c=32, batching on ({big} requests)...", flush=True)
+        phases["c32"] = run_client(port, "/simulate", wrapped_file, big, 32)
+        over = 4 * max_conc
+        print(f"overload: concurrency {over} (4x max_concurrency={max_conc}, {big // 2} requests)...", flush=True)
+        phases["overload"] = run_client(port, "/simulate", wrapped_file, big // 2, over, warmup=0)
+        phases["overload"]["recovery_s"] = recovery(url, wrapped[0].encode())
+    finally:
+        stop(proc)
+
+    c1, c1n, fl, c32, ov = (phases[k] for k in ("c1", "c1_nobatch", "floor_c1", "c32", "overload"))
+    results["summary"] = {
+        "c1_p50_ms": c1["p50_ms"], "c1_p99_ms": c1["p99_ms"], "floor_p50_ms": fl["p50_ms"],
+        "served_over_floor_p50": c1["p50_ms"] / fl["p50_ms"],
+        "c1_p99_batching_over_nobatch": c1["p99_ms"] / c1n["p99_ms"],
+        "c32_scenarios_per_s": c32["throughput_per_s"], "c32_p99_ms": c32["p99_ms"],
+        "c32_errors": c32["requests"] - c32["ok"],
+        "overload_statuses": ov["statuses"], "overload_connection_errors": ov["connection_errors"],
+        "overload_recovery_s": ov["recovery_s"],
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    from twin_ml._io import atomic_write_json
+
+    atomic_write_json(OUT, results)
+    s = results["summary"]
+    print(f"\nmodel {model}: M={manifest['members']}, {STEPS}-step rollout, one scenario per request, "
+          f"{results['machine']}")
+    print("| phase | requests | concurrency | p50 ms | p99 ms | throughput /s | statuses |")
+    print("|---|---|---|---|---|---|---|")
+    for key, p in phases.items():
+        print(f"| {key} | {p['requests']} | {p['concurrency']} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | "
+              f"{p['throughput_per_s']:.0f} | {p['statuses']} (+{p['connection_errors']} conn. errors) |")
+    print(f"\nserved p50 / floor p50 = {s['served_over_floor_p50']:.1f} (goal <= 15); "
+          f"c1 p99 batching on / off = {s['c1_p99_batching_over_nobatch']:.2f} (goal <= 1.5); "
+          f"c32: {s['c32_scenarios_per_s']:.0f} scenarios/s (goal >= 1500) at p99 {s['c32_p99_ms']:.1f} ms "
+          f"(goal <= 20), {s['c32_errors']} errors; overload: {s['overload_statuses']}, ready again after "
+          f"{s['overload_recovery_s']:.2f} s (goal <= 5)")
+    print(f"wrote {OUT}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd")
+    c = sub.add_parser("client", help="(internal) the load client")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--path", default="/simulate")
+    c.add_argument("--bodies", required=True)
+    c.add_argument("--n", type=int, default=1000)
+    c.add_argument("--concurrency", type=int, default=1)
+    c.add_argument("--warmup", type=int, default=0)
+    c.add_argument("--token", default=None)
+    f = sub.add_parser("floor", help="(internal) the HTTP floor server")
+    f.add_argument("--port", type=int, required=True)
+    f.add_argument("--body", required=True)
+    ap.add_argument("--model", default=None, help="NAME:REF in the store (default: train a small pendulum NODE)")
+    ap.add_argument("--bentoml-home", default=None)
+    ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency-1 phase")
+    ap.add_argument("--max-concurrency", type=int, default=64, help="the server's max_concurrency")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="few requests (a smoke run)")
+    args = ap.parse_args(argv)
+    if args.cmd == "client":
+        return client_main(args)
+    if args.cmd == "floor":
+        return floor_main(args)
+    return main_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
