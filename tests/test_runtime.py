@@ -71,9 +71,14 @@ def test_answer_matches_the_torch_model_with_gaussian_quantiles(rt, exported):
 
 
 def test_mixed_horizons_batch_like_single_calls(rt):
+    from serving.runtime import plan
+
     scs = [scenario(10), scenario(25, parameters={"length": 1.5, "damping": 0.1, "mass": 0.7}), scenario(10, t_end=1.0)]
     scs.append({**scenario(40), "times": (np.arange(41) * 0.1).tolist()})
     del scs[-1]["t_end"]
+    scs += [scenario(30, initial_state={"theta": -0.5, "omega": 0.3}), scenario(22)]
+    # padded groups: 41 and 31 points share a batch, 26 and 23 another, the two 11s a third
+    assert plan([len(rt.parse(sc)["t"]) for sc in scs]) == [[3, 4], [1, 5], [0, 2]]
     together = rt.simulate(scs)
     for sc, a in zip(scs, together):
         alone = rt.simulate(sc)[0]

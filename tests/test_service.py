@@ -45,10 +45,10 @@ def server(tmp_path_factory):
     _stop(proc)
 
 
-def _start(env, log_path, model="tanks:production"):
+def _start(env, log_path, model="tanks:production", *settings):
     port = _free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen([str(BIN / "twin-serve"), f"model={model}", f"port={port}"], env=env,
+    proc = subprocess.Popen([str(BIN / "twin-serve"), f"model={model}", f"port={port}", *settings], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
@@ -124,6 +124,124 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_stays_up(server):
     assert status == 400
     status, body = post(url, {"scenarios": [scenario(manifest)]})
     assert status == 200 and body[0]["in_domain"]
+
+
+def _mutated(manifest, mutate, n=10):
+    sc = scenario(manifest, n)
+    mutate(sc)
+    return {"scenarios": [sc]}
+
+
+@pytest.mark.parametrize("body, field", [
+    (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=float("nan"))), "k1"),
+    (lambda m: _mutated(m, lambda s: s["inputs"]["pump"].__setitem__(2, float("inf"))), "pump"),
+    (lambda m: _mutated(m, lambda s: s.update(t_end=float("-inf"))), "t_end"),
+    (lambda m: _mutated(m, lambda s: s["inputs"].update(pump=[1.0] * 4)), "scenarios[0].inputs.pump"),
+    (lambda m: _mutated(m, lambda s: s["inputs"].update(pump=[])), "pump"),
+    (lambda m: {"scenarios": []}, "scenarios"),
+    (lambda m: _mutated(m, lambda s: s["parameters"].pop("k1")), "k1"),
+    (lambda m: _mutated(m, lambda s: s["inputs"].update(valve=[0.0] * 11)), "valve"),
+    (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=[1, 2])), "k1"),
+    (lambda m: _mutated(m, lambda s: s.update(t_end=4.0 * 1000)), "scenarios[0].t_end"),
+    (lambda m: {"scenarios": [scenario(m, 2)] * 257}, "257 scenarios exceed the limit of 256"),
+    (lambda m: _mutated(m, lambda s: s.update(dt=0.0)), "scenarios[0].dt: must be > 0"),
+    (lambda m: _mutated(m, lambda s: s.update(dt=-4.0)), "scenarios[0].dt: must be > 0"),
+])
+def test_every_kind_of_bad_input_is_a_4xx_naming_the_field(server, body, field):
+    url, manifest, _, _ = server
+    raw = json.dumps(body(manifest)).encode()  # NaN / Infinity literals: what a careless client sends
+    status, answer = post(url, None, raw=raw)
+    assert 400 <= status < 500 and field in json.dumps(answer), (status, answer)
+    assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200  # the server stays up
+
+
+@pytest.mark.parametrize("raw", [b'{"scenarios": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                 b'{"scenarios": {"parameters": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001 + b"}",
+                                 b'{"scenarios": [', b"not json", b"\xff\xfe"])
+def test_deeply_nested_or_malformed_json_is_a_4xx(server, raw):
+    url, manifest, _, _ = server
+    status, _ = post(url, None, raw=raw)
+    assert 400 <= status < 500
+    assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(server):
+    """Requests of different horizons, sent at once, share model calls (the batch-size histogram
+    says so) and get the same numbers as when each is sent alone, within 1e-6."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, manifest, _, _ = server
+    scs = []
+    for i in range(48):
+        sc = scenario(manifest, 3 + i % 17)
+        sc["initial_state"] = {"h1": 2.0 + 0.1 * i, "h2": 1.0 + 0.05 * i}
+        scs.append(sc)
+    alone = [post(url, {"scenarios": [sc]})[1][0] for sc in scs]
+    before = _batch_histogram(url)
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(lambda sc: post(url, {"scenarios": [sc]}), scs))
+    after = _batch_histogram(url)
+    assert all(status == 200 for status, _ in together)
+    for a, (_, b) in zip(alone, together):
+        for name in a["outputs"]:
+            assert np.allclose(a["outputs"][name]["mean"], b[0]["outputs"][name]["mean"], rtol=0, atol=1e-6)
+            assert np.allclose(a["outputs"][name]["std"], b[0]["outputs"][name]["std"], rtol=0, atol=1e-6)
+    calls, scenarios = after[0] - before[0], after[1] - before[1]
+    assert scenarios == len(scs) and calls < len(scs)  # some model calls answered several requests
+
+
+def _batch_histogram(url) -> tuple[float, float]:
+    """(model calls, scenarios) so far, from the twin_ml_batch_scenarios histogram at /metrics."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("twin_ml_batch_scenarios_")}
+    return values.get("twin_ml_batch_scenarios_count", 0.0), values.get("twin_ml_batch_scenarios_sum", 0.0)
+
+
+def test_custom_metrics_count_requests_by_domain_status_and_record_std(server):
+    url, manifest, _, _ = server
+    out = scenario(manifest)
+    out["parameters"]["k1"] = 10 * manifest["domain"]["box"]["parameter:k1"][1]
+    status, body = post(url, {"scenarios": [out]})
+    assert status == 200 and not body[0]["in_domain"] and "parameter k1" in body[0]["domain_reasons"][0]
+    assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    metric = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("twin_ml_")}
+    assert metric['twin_ml_requests_total{in_domain="false"}'] >= 1
+    assert metric['twin_ml_requests_total{in_domain="true"}'] >= 1
+    assert metric['twin_ml_scenarios_total{in_domain="false"}'] >= 1
+    assert metric['twin_ml_predicted_std_count{output="h2"}'] >= 2
+    assert any(k.startswith("twin_ml_predicted_std_bucket") for k in metric)
+    assert "bentoml_service_request_total" in text  # BentoML's own metrics, as they come
+
+
+def test_strict_mode_limits_and_overload_get_429_then_recover(server, tmp_path):
+    """twin-serve strict=true max_concurrency=2 max_scenarios=4 max_steps=15: out-of-domain is refused,
+    the limits name their field, and a burst of 24 concurrent requests gets only 200 or 429, after
+    which the server is ready and answers at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, manifest, _, env = server
+    proc, url = _start(env, tmp_path / "log", "tanks:production", "strict=true", "max_concurrency=2",
+                       "max_scenarios=4", "max_steps=15")
+    try:
+        out = scenario(manifest)
+        out["parameters"]["k1"] = 10 * manifest["domain"]["box"]["parameter:k1"][1]
+        status, body = post(url, {"scenarios": [out]})
+        assert status == 400 and "strict mode" in json.dumps(body) and "parameter k1" in json.dumps(body)
+        status, body = post(url, {"scenarios": [scenario(manifest, 16)]})
+        assert status == 400 and "exceed this model's maximum of 15" in json.dumps(body)
+        status, body = post(url, {"scenarios": [scenario(manifest, 2)] * 5})
+        assert status == 400 and "5 scenarios exceed the limit of 4" in json.dumps(body)
+        heavy = {"scenarios": [scenario(manifest, 15)] * 4}
+        with ThreadPoolExecutor(24) as pool:
+            statuses = list(pool.map(lambda _: post(url, heavy)[0], range(96)))
+        assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
+        assert urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200
+        assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200
+    finally:
+        _stop(proc)
 
 
 def test_docs_json_example_is_a_valid_request(server):

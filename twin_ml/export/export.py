@@ -51,11 +51,12 @@ def parity_check(model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], 
                  tol: float = PARITY_TOL) -> dict[str, Any]:
     """onnxruntime vs torch (float32) on the scenarios `s`, at batch 1 and batch 64.
 
-    Every well-conditioned scenario must agree to max |onnx - torch| <= tol (normalized units).
-    A scenario whose dynamics amplify round-off (a pendulum going over the top) is one where
-    torch's own float32 rollout is off from the float64 one by more than tol / 2; no two float32
-    programs agree to tol there, so it must only stay within 10x of that float32 error of the
-    float64 rollout (a wrong graph misses by orders of magnitude). The report counts them.
+    A scenario passes when max |onnx - torch| <= tol (normalized units), or when onnx is as close
+    to the exact (float64) rollout as max(tol, 10x torch's own float32 error there): the graph
+    computes the same function in a differently rounded float32 program (folded weights), and
+    where the dynamics amplify round-off (a pendulum going over the top) no two float32 programs
+    agree to tol. A wrong graph misses by orders of magnitude. "n_roundoff_limited" counts the
+    scenarios whose float32 error alone exceeds tol / 2.
     """
     import onnxruntime as ort
 
@@ -76,8 +77,7 @@ def parity_check(model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], 
             got.append(sess.run(["members"], {k: v[i:i + batch] for k, v in feeds.items()})[0])
         y = np.concatenate(got, axis=1).astype(np.float64)
         diff = per_scenario(y, ref32)
-        ill = roundoff > tol / 2
-        ok_i = np.where(ill, per_scenario(y, ref64) <= 10.0 * roundoff, diff <= tol)
+        ok_i = (diff <= tol) | (per_scenario(y, ref64) <= np.maximum(tol, 10.0 * roundoff))
         bad = np.flatnonzero(~(ok_i & np.isfinite(diff)))  # NaN compares False: count it as a failure
         out[f"batch_{batch}"] = {"max_diff": float(diff.max()), "median_diff": float(np.median(diff)),
                                  "n_over_tol": int((diff > tol).sum()), "n_failed": int(len(bad))}

@@ -29,6 +29,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from twin_ml.models.ensemble import ACTIVATIONS
 from twin_ml.models.surrogates import FIXED_STEP, Emulator, Surrogate, VectorFieldODE
 
 OPSET = 17
@@ -42,7 +43,13 @@ class ExportError(RuntimeError):
 
 class IntervalStep(nn.Module):
     """One grid interval of a VectorFieldODE rollout: (x [M,B,nx], u0, u1 [B,nu], p [B,np]) ->
-    (x at the interval's end, y = h(x, u0, p) [M,B,ny] at its start)."""
+    (x at the interval's end, y = h(x, u0, p) [M,B,ny] at its start).
+
+    The network is folded for inference, the same function in fewer graph nodes: the input
+    normalization goes into the first layer's weights, the output scale into the last layer's,
+    and the first layer is split by input (x, u, p) so that the u and p terms are computed once
+    per interval instead of once per stage, with no concatenation or broadcast shape logic.
+    """
 
     def __init__(self, model: VectorFieldODE, dt: float):
         super().__init__()
@@ -51,15 +58,55 @@ class IntervalStep(nn.Module):
                               f"Train with model.net.solver in {FIXED_STEP}, or export with solver='rk4'")
         self.model, self.dt, self.n_sub = model, float(dt), model.substeps
         self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
+        self.all_held = bool(np.all(model.zoh))
+        net, nx, nu = model.net, model.nx, model.nu
+        with torch.no_grad():
+            w0, b0 = net.weights[0].detach().double(), net.biases[0].detach().double()
+            folded_b0 = b0.clone()
+            parts = {}
+            for name, sl, mean, std in (("x", slice(0, nx), model.x_mean, model.x_std),
+                                        ("u", slice(nx, nx + nu), model.u_mean, model.u_std),
+                                        ("p", slice(nx + nu, None), model.p_mean, model.p_std)):
+                w = w0[:, sl] / std.double()[None, :, None]           # [M, d, H]
+                if w.shape[1]:  # (v - mean) / std @ W = v @ w - mean @ w
+                    folded_b0 = folded_b0 - torch.matmul(mean.double()[None, None, :], w)
+                parts[name] = w
+            self.register_buffer("w_x", parts["x"].float())
+            self.register_buffer("w_u", parts["u"].float())
+            self.register_buffer("w_p", parts["p"].float())
+            self.register_buffer("b_0", folded_b0.float())
+            self.hidden_w = nn.ParameterList([nn.Parameter(w.detach().clone(), requires_grad=False)
+                                              for w in net.weights[1:-1]])
+            self.hidden_b = nn.ParameterList([nn.Parameter(b.detach().clone(), requires_grad=False)
+                                              for b in net.biases[1:-1]])
+            scale = model.dx_std.detach()
+            self.register_buffer("w_last", (net.weights[-1].detach() * scale).float())
+            self.register_buffer("b_last", (net.biases[-1].detach() * scale).float())
+        self.act = ACTIVATIONS[net.activation]
 
     def forward(self, x, u0, u1, p):
         m = self.model
-        du = torch.where(self.held, torch.zeros_like(u0), u1 - u0)
         y = m.observe(x.unsqueeze(2), u0.unsqueeze(1), p).squeeze(2)
         n, h = self.n_sub, self.dt / self.n_sub
+        du = None if (m.nu == 0 or self.all_held) else torch.where(self.held, torch.zeros_like(u0), u1 - u0)
+        c0 = self.b_0
+        if m.n_p:
+            c0 = c0 + torch.matmul(p, self.w_p)                       # [B,np] @ [M,np,H] -> [M,B,H]
+        if m.nu:
+            c0 = c0 + torch.matmul(u0, self.w_u)
+        cdu = torch.matmul(du, self.w_u) if du is not None else None
+        pm = m.physical_parameters(p) if m.physics else None
 
         def f(xx, s):
-            return m.vector_field(xx, u0 + s * du, p)
+            pre = c0 if (cdu is None or s == 0) else c0 + cdu * s
+            z = self.act(torch.matmul(xx, self.w_x) + pre)
+            for w, b in zip(self.hidden_w, self.hidden_b):
+                z = self.act(torch.baddbmm(b, z, w))
+            dx = torch.baddbmm(self.b_last, z, self.w_last)
+            if m.physics:
+                u_t = u0 if (du is None or s == 0) else u0 + s * du
+                dx = dx + m.physics_system.rhs(None, xx, u_t, pm)
+            return dx
 
         for j in range(n):
             s0 = j / n
