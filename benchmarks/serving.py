@@ -1,11 +1,16 @@
 """Serving benchmark: the real server (twin-serve: BentoML + onnxruntime) against the HTTP floor,
 with the load client in its own process, everything in one run.
 
-    python benchmarks/serving.py [--model NAME:REF --bentoml-home DIR] [--requests 2000] [--quick]
+    python benchmarks/serving.py [--kinds node,emulator | --model NAME:REF --bentoml-home DIR]
+                                 [--requests 2000] [--quick]
 
-Without --model it trains and exports a pendulum neural ODE (M=5 members, the default network,
-2 epochs: latency does not depend on accuracy) into a store under runs/bench-serving/. Every
-request carries one in-domain scenario with a 100-step rollout, drawn from 64 pre-built bodies.
+Without --model it trains and exports two pendulum models on 100-step scenarios, M=5 members,
+the default networks, 2 epochs (latency does not depend on accuracy), into a store under
+runs/bench-serving/: the neural ODE (an RK4 rollout: an ONNX Loop of 100 steps, 4 network
+evaluations each) and the one-shot emulator (one network pass for the whole trajectory). Every
+request carries one in-domain scenario of 100 steps, drawn from 64 pre-built bodies.
+
+The server runs with workers=2 (one per core) and its access log off (--workers, --access-log).
 
 Phases (each a fresh client process; the server keeps running between phases of one config):
   floor     a minimal asyncio HTTP/1.1 server returning a fixed body of the size of a real answer,
@@ -172,23 +177,30 @@ def sh(*args, env=None) -> None:
         raise SystemExit(f"{' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
 
 
-def prepare_model(env: dict) -> str:
-    """A pendulum neural ODE, M=5, in a store under runs/bench-serving (reused when present)."""
+KINDS = {"node": "pendulum_node", "emulator": "pendulum_emulator"}
+
+
+def prepare_model(env: dict, kind: str) -> str:
+    """A pendulum model (M=5, the default network) trained 2 epochs on 100-step scenarios, in a
+    store under runs/bench-serving (reused when present and intact)."""
     from twin_ml import registry
 
+    ref = f"bench_pendulum_{kind}:v1"
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
     try:
-        registry.verify("bench_pendulum:v1")
-        return "bench_pendulum:v1"
+        registry.verify(ref)
+        return ref
     except registry.RegistryError:
         pass
-    data, run = WORK / "data", WORK / "run"
-    sh(BIN / "twin-generate", "system=pendulum", "n_scenarios=32", "seed=0", f"out_dir={data}", "workers=0",
-       "progress=false", "overwrite=true", env=env)
-    sh(BIN / "twin-train", "experiment=pendulum_node", f"data_dir={data}", f"out_dir={run}", "ensemble.size=5",
+    data, run = WORK / "data", WORK / f"run-{kind}"
+    if not (data / "manifest.json").exists():
+        sh(BIN / "twin-generate", "system=pendulum", "n_scenarios=32", "seed=0", f"out_dir={data}", "workers=0",
+           f"design.t_end={STEPS * 0.05:g}", "design.dt=0.05", "progress=false", "overwrite=true", env=env)
+    sh(BIN / "twin-train", f"experiment={KINDS[kind]}", f"data_dir={data}", f"out_dir={run}", "ensemble.size=5",
        "trainer.max_epochs=2", "speed_scenarios=2", "logger=none", env=env)
-    sh(BIN / "twin-export", f"run_dir={run}", "name=bench_pendulum", "version=v1", "parity_scenarios=8", env=env)
-    return "bench_pendulum:v1"
+    sh(BIN / "twin-export", f"run_dir={run}", f"name=bench_pendulum_{kind}", "version=v1", "parity_scenarios=8",
+       env=env)
+    return ref
 
 
 def make_bodies(manifest: dict, n: int, seed: int) -> list[str]:
@@ -223,8 +235,11 @@ def wait_ready(url: str, seconds: float) -> float:
     raise SystemExit(f"no server ready at {url} after {seconds} s")
 
 
+SERVER_SETTINGS: dict[str, str] = {}  # from the command line: workers, access_log
+
+
 def start_server(model: str, env: dict, port: int, log: Path, **settings) -> subprocess.Popen:
-    extra = [f"{k}={v}" for k, v in settings.items()]
+    extra = [f"{k}={v}" for k, v in {**SERVER_SETTINGS, **settings}.items()]
     proc = subprocess.Popen([str(BIN / "twin-serve"), f"model={model}", f"port={port}", *extra], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_ready(f"http://127.0.0.1:{port}", 120)
@@ -263,41 +278,35 @@ def recovery(url: str, body: bytes, seconds: float = 30.0) -> float:
     return float("inf")
 
 
-def main_bench(args) -> int:
-    WORK.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "BENTOML_HOME": args.bentoml_home or str(WORK / "store"), "BENTOML_DO_NOT_TRACK": "True"}
-    model = args.model or prepare_model(env)
-    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
+def bench_model(model: str, env: dict, args) -> dict:
     from twin_ml import registry
 
     _, manifest = registry.onnx_path(model)
+    tag = model.replace(":", "-")
     bodies = make_bodies(manifest, 64, args.seed)
-    bodies_file = WORK / "bodies.json"
-    bodies_file.write_text(json.dumps(bodies))
     wrapped = [json.dumps({"scenarios": json.loads(b)}) for b in bodies]
-    wrapped_file = WORK / "bodies-wrapped.json"
+    wrapped_file = WORK / f"bodies-{tag}.json"
     wrapped_file.write_text(json.dumps(wrapped))
     n, big = (300, 1000) if args.quick else (args.requests, 10_000)
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": model,
-                     "members": manifest["members"], "steps": STEPS, "phases": {}}
-    phases = results["phases"]
+    out: dict = {"model": model, "kind": manifest["kind"], "members": manifest["members"], "steps": STEPS,
+                 "phases": {}}
+    phases = out["phases"]
 
-    # a real answer's size for the floor's fixed body
     port = _free_port()
-    proc = start_server(model, env, port, WORK / "server-nobatch.log", batching="false")
+    proc = start_server(model, env, port, WORK / f"server-{tag}-nobatch.log", batching="false")
     try:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/simulate", data=wrapped[0].encode(),
                                      headers={"Content-Type": "application/json"})
         answer = urllib.request.urlopen(req, timeout=30).read()
-        print(f"served c=1, batching off ({n} requests)...", flush=True)
+        print(f"[{model}] served c=1, batching off ({n} requests)...", flush=True)
         phases["c1_nobatch"] = run_client(port, "/simulate", wrapped_file, n, 1)
     finally:
         stop(proc)
-    (WORK / "answer.json").write_bytes(answer)
+    (WORK / f"answer-{tag}.json").write_bytes(answer)
 
     fport = _free_port()
     floor = subprocess.Popen([sys.executable, __file__, "floor", "--port", str(fport), "--body",
-                              str(WORK / "answer.json")], start_new_session=True)
+                              str(WORK / f"answer-{tag}.json")], start_new_session=True)
     try:
         for _ in range(100):
             try:
@@ -305,29 +314,30 @@ def main_bench(args) -> int:
                 break
             except OSError:
                 time.sleep(0.05)
-        print(f"HTTP floor c=1 ({n} requests)...", flush=True)
+        print(f"[{model}] HTTP floor c=1 ({n} requests)...", flush=True)
         phases["floor_c1"] = run_client(fport, "/simulate", wrapped_file, n, 1)
     finally:
         stop(floor)
 
     port = _free_port()
     max_conc = args.max_concurrency
-    proc = start_server(model, env, port, WORK / "server.log", max_concurrency=str(max_conc))
+    proc = start_server(model, env, port, WORK / f"server-{tag}.log", max_concurrency=str(max_conc))
     url = f"http://127.0.0.1:{port}"
     try:
-        print(f"served c=1, batching on ({n} requests)...", flush=True)
+        print(f"[{model}] served c=1, batching on ({n} requests)...", flush=True)
         phases["c1"] = run_client(port, "/simulate", wrapped_file, n, 1)
-        print(f"served c=32, batching on ({big} requests)...", flush=True)
+        print(f"[{model}] served c=32, batching on ({big} requests)...", flush=True)
         phases["c32"] = run_client(port, "/simulate", wrapped_file, big, 32)
         over = 4 * max_conc
-        print(f"overload: concurrency {over} (4x max_concurrency={max_conc}, {big // 2} requests)...", flush=True)
+        print(f"[{model}] overload: concurrency {over} (4x max_concurrency={max_conc}, {big // 2} requests)...",
+              flush=True)
         phases["overload"] = run_client(port, "/simulate", wrapped_file, big // 2, over, warmup=0)
         phases["overload"]["recovery_s"] = recovery(url, wrapped[0].encode())
     finally:
         stop(proc)
 
     c1, c1n, fl, c32, ov = (phases[k] for k in ("c1", "c1_nobatch", "floor_c1", "c32", "overload"))
-    results["summary"] = {
+    out["summary"] = {
         "c1_p50_ms": c1["p50_ms"], "c1_p99_ms": c1["p99_ms"], "floor_p50_ms": fl["p50_ms"],
         "served_over_floor_p50": c1["p50_ms"] / fl["p50_ms"],
         "c1_p99_batching_over_nobatch": c1["p99_ms"] / c1n["p99_ms"],
@@ -336,23 +346,39 @@ def main_bench(args) -> int:
         "overload_statuses": ov["statuses"], "overload_connection_errors": ov["connection_errors"],
         "overload_recovery_s": ov["recovery_s"],
     }
+    return out
+
+
+def main_bench(args) -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "BENTOML_HOME": args.bentoml_home or str(WORK / "store"), "BENTOML_DO_NOT_TRACK": "True"}
+    models = [args.model] if args.model else [prepare_model(env, k) for k in args.kinds.split(",")]
+    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
+    SERVER_SETTINGS.update(workers=str(args.workers), access_log=args.access_log)
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "max_concurrency": args.max_concurrency,
+               "workers": args.workers, "access_log": args.access_log,
+               "models": [bench_model(m, env, args) for m in models]}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     from twin_ml._io import atomic_write_json
 
     atomic_write_json(OUT, results)
-    s = results["summary"]
-    print(f"\nmodel {model}: M={manifest['members']}, {STEPS}-step rollout, one scenario per request, "
-          f"{results['machine']}")
-    print("| phase | requests | concurrency | p50 ms | p99 ms | throughput /s | statuses |")
-    print("|---|---|---|---|---|---|---|")
-    for key, p in phases.items():
-        print(f"| {key} | {p['requests']} | {p['concurrency']} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | "
-              f"{p['throughput_per_s']:.0f} | {p['statuses']} (+{p['connection_errors']} conn. errors) |")
-    print(f"\nserved p50 / floor p50 = {s['served_over_floor_p50']:.1f} (goal <= 15); "
-          f"c1 p99 batching on / off = {s['c1_p99_batching_over_nobatch']:.2f} (goal <= 1.5); "
-          f"c32: {s['c32_scenarios_per_s']:.0f} scenarios/s (goal >= 1500) at p99 {s['c32_p99_ms']:.1f} ms "
-          f"(goal <= 20), {s['c32_errors']} errors; overload: {s['overload_statuses']}, ready again after "
-          f"{s['overload_recovery_s']:.2f} s (goal <= 5)")
+    print(f"\none scenario per request, {STEPS}-step rollout, {results['machine']}; twin-serve workers={args.workers} "
+          f"access_log={args.access_log} max_concurrency={args.max_concurrency}")
+    print("| model | phase | requests | concurrency | p50 ms | p99 ms | scenarios/s | statuses |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["models"]:
+        for key, p in r["phases"].items():
+            errors = f" + {p['connection_errors']} connection errors" if p["connection_errors"] else ""
+            print(f"| {r['model']} ({r['kind']}, M={r['members']}) | {key} | {p['requests']} | {p['concurrency']} | "
+                  f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['throughput_per_s']:.0f} | {p['statuses']}{errors} |")
+    for r in results["models"]:
+        s = r["summary"]
+        print(f"\n{r['model']}: served p50 / floor p50 = {s['served_over_floor_p50']:.1f} (goal <= 15); "
+              f"c1 p50 {s['c1_p50_ms']:.2f} ms (goal <= 2), p99 {s['c1_p99_ms']:.2f} ms (goal <= 5); "
+              f"c1 p99 batching on / off = {s['c1_p99_batching_over_nobatch']:.2f} (goal <= 1.5); "
+              f"c32: {s['c32_scenarios_per_s']:.0f} scenarios/s (goal >= 1500) at p99 {s['c32_p99_ms']:.1f} ms "
+              f"(goal <= 20), {s['c32_errors']} errors; overload: {s['overload_statuses']}, ready again after "
+              f"{s['overload_recovery_s']:.2f} s (goal <= 5)")
     print(f"wrote {OUT}")
     return 0
 
@@ -372,10 +398,13 @@ def main(argv=None) -> int:
     f = sub.add_parser("floor", help="(internal) the HTTP floor server")
     f.add_argument("--port", type=int, required=True)
     f.add_argument("--body", required=True)
-    ap.add_argument("--model", default=None, help="NAME:REF in the store (default: train a small pendulum NODE)")
+    ap.add_argument("--model", default=None, help="NAME:REF in the store (default: train the --kinds below)")
+    ap.add_argument("--kinds", default="node,emulator", help="pendulum models to train and serve: node, emulator")
     ap.add_argument("--bentoml-home", default=None)
     ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency-1 phase")
     ap.add_argument("--max-concurrency", type=int, default=64, help="the server's max_concurrency")
+    ap.add_argument("--workers", type=int, default=2, help="server processes (twin-serve workers=)")
+    ap.add_argument("--access-log", default="false", choices=["true", "false"], help="twin-serve access_log=")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="few requests (a smoke run)")
     args = ap.parse_args(argv)

@@ -305,3 +305,22 @@ def test_token_auth_body_limit_and_no_pickle(server, tmp_path):
     finally:
         _stop(proc)
     assert post(url0, {"scenarios": [scenario(manifest)]})[0] == 200  # the open server needs no token
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=a:b", "strict=maybe"], "strict must be true or false, got 'maybe'"),
+    (["model=a:b", "workers=0"], "workers must be an integer >= 1, got '0'"),
+    (["model=a:b", "max_concurrency=lots"], "max_concurrency must be an integer >= 1"),
+    (["model=a:b", "max_steps=-3"], "max_steps must be an integer >= 1 (0: the model's maximum)"),
+    (["model=a:b", "port=70000"], "port must be an integer in 1..65535"),
+    (["model=a:b", "colour=red"], "unknown setting 'colour=red'; settings: model=..."),
+    (["port=3000"], "model=NAME:VERSION (or NAME:latest, NAME:production) is required"),
+])
+def test_twin_serve_settings_are_checked_before_anything_starts(args, message):
+    from training.serve import parse
+
+    with pytest.raises(ValueError) as e:
+        parse(args)
+    assert message in str(e.value)
+    cfg = parse(["model=a:b", "strict=TRUE", "batching=off", "max_steps=40"])
+    assert (cfg["strict"], cfg["batching"], cfg["max_steps"], cfg["host"]) == ("1", "0", "40", "127.0.0.1")

@@ -2,7 +2,7 @@
 
     twin-serve model=pendulum_node:production [port=3000] [host=127.0.0.1] [threads=1] [strict=false]
                [batching=true] [max_batch=256] [max_scenarios=256] [max_steps=...] [max_concurrency=64]
-               [workers=1]
+               [workers=1] [access_log=true]
 
   threads          onnxruntime intra-op threads per worker
   strict           refuse (400) scenarios outside the training domain instead of flagging them
@@ -12,6 +12,7 @@
   max_steps        longest horizon in steps (default and upper bound: the model's declared maximum)
   max_concurrency  requests in flight per server; more get 429 at once
   workers          server processes (each loads the model and batches on its own)
+  access_log       one log line per request (BentoML's access log)
 
 Settings are key=value like the other commands (not a Hydra app: `model` names a config group
 there). Verifies the model in the store first (a tampered or missing model is one `error:` line
@@ -28,9 +29,9 @@ from training._common import fail
 
 DEFAULTS = {"model": None, "host": "127.0.0.1", "port": "3000", "threads": "1", "strict": "false",
             "batching": "true", "max_batch": "256", "max_scenarios": "256", "max_steps": "0",
-            "max_concurrency": "64", "workers": "1"}
+            "max_concurrency": "64", "workers": "1", "access_log": "true"}
 POSITIVE = ("threads", "max_batch", "max_scenarios", "max_concurrency", "workers")
-FLAGS = ("strict", "batching")
+FLAGS = ("strict", "batching", "access_log")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
