@@ -1,4 +1,4 @@
-"""The BentoML scenario-inference service: POST /simulate, GET /model.
+"""The BentoML scenario-inference service: POST /simulate, POST /calibrate, GET /model.
 
     TWIN_ML_MODEL=pendulum_node:production bentoml serve serving.service:TwinService --host 127.0.0.1
     twin-serve model=pendulum_node:production [port=3000]
@@ -13,7 +13,7 @@ batcher (serving/batching.py): one worker thread runs onnxruntime on everything 
 of different horizons padded and masked (serving/runtime.py `plan`). Settings come from the
 environment (twin-serve sets them): TWIN_ML_MODEL, TWIN_ML_THREADS, TWIN_ML_STRICT,
 TWIN_ML_BATCHING, TWIN_ML_MAX_BATCH, TWIN_ML_MAX_SCENARIOS, TWIN_ML_MAX_STEPS,
-TWIN_ML_MAX_CONCURRENCY, TWIN_ML_WORKERS, TWIN_ML_ACCESS_LOG, TWIN_ML_TOKEN, TWIN_ML_MAX_BODY_BYTES.
+TWIN_ML_MAX_CONCURRENCY, TWIN_ML_TIMEOUT, TWIN_ML_WORKERS, TWIN_ML_ACCESS_LOG, TWIN_ML_TOKEN, TWIN_ML_MAX_BODY_BYTES.
 
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
@@ -22,10 +22,12 @@ scenario's mean predicted std, per output) and twin_ml_batch_scenarios (scenario
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
-from typing import Any, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional, Union
 
 import bentoml
 from bentoml.exceptions import InvalidArgument
@@ -34,10 +36,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from serving.batching import Batcher
 from serving.runtime import RequestError, Runtime
 from serving.schemas import build_models
 from twin_ml import registry
+from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, SurrogateBackend, calibrate
+from twin_ml.calibrate.fit import public
 
 MODEL_ENV = "TWIN_ML_MODEL"
 TOKEN_ENV = "TWIN_ML_TOKEN"  # when set: bearer token for /simulate, /calibrate and /model
@@ -123,6 +129,15 @@ async def _model_route(request: Request) -> JSONResponse:
 manifest_app = Starlette(routes=[Route("/", _model_route, methods=["GET"])])
 
 
+class MCMC(BaseModel):
+    """Posterior sampling with emcee on the surrogate."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(600, ge=10, le=5000)
+    burn: int = Field(200, ge=0, le=4999)
+    walkers: int = Field(32, ge=4, le=128)
+
+
 _METRICS: dict[str, Any] = {}
 
 
@@ -148,7 +163,7 @@ def _metrics() -> dict[str, Any]:
 @bentoml.asgi_app(manifest_app, path="/model")
 @bentoml.service(name="twin_ml", workers=_env_int("TWIN_ML_WORKERS", 1), http={"host": "127.0.0.1"},
                  logging={"access": {"enabled": _env_flag("TWIN_ML_ACCESS_LOG", True)}},
-                 traffic={"timeout": 30, "max_concurrency": _env_int("TWIN_ML_MAX_CONCURRENCY", 64)})
+                 traffic={"timeout": _env_int("TWIN_ML_TIMEOUT", 120), "max_concurrency": _env_int("TWIN_ML_MAX_CONCURRENCY", 64)})
 class TwinService:
     def __init__(self) -> None:
         if not MANIFEST:
@@ -158,6 +173,7 @@ class TwinService:
                                max_scenarios=_env_int("TWIN_ML_MAX_SCENARIOS", 256),
                                max_steps=_env_int("TWIN_ML_MAX_STEPS", 0) or None)
         self.metrics = _metrics()
+        self._calibrations = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twin-ml-calibrate")
         self.batcher = Batcher(self._run, max_batch=_env_int("TWIN_ML_MAX_BATCH", 256),
                                merge=_env_flag("TWIN_ML_BATCHING", True), observe=self.metrics["batch"].observe)
 
@@ -186,6 +202,34 @@ class TwinService:
         done = await self.batcher.submit(parsed)
         self.metrics["requests"].labels(in_domain=str(all(ok for _, ok in done)).lower()).inc()
         return Response(b"[" + b",".join(body for body, _ in done) + b"]", media_type="application/json")
+
+    @bentoml.api(route="/calibrate")
+    async def calibrate(self, times: list[float], outputs: dict[str, list[Optional[float]]], fit: list[str],
+                        inputs: dict[str, list[float]] = {}, parameters: dict[str, float] = {},  # noqa: B006
+                        initial_state: dict[str, float] = {}, bounds: dict[str, list[float]] = {},  # noqa: B006
+                        noise: dict[str, float] = {}, mcmc: Optional[MCMC] = None,  # noqa: B006
+                        starts: int = Field(4, ge=1, le=32), refine: int = Field(0, ge=0, le=200)) -> dict:
+        """Fit parameters (and "state:<name>" initial states) to observations with the surrogate in the
+        loop: multi-start weighted least squares, optional MCMC posterior, and the solver's check of
+        the estimate (see twin_ml/calibrate). Bounds default to the training domain; missing noise
+        is estimated. One calibration runs at a time; others wait their turn."""
+        request = {"times": times, "outputs": outputs, "inputs": inputs, "fit": fit, "parameters": parameters,
+                   "initial_state": initial_state, "bounds": bounds, "noise": noise}
+        try:
+            problem = Problem.build(request, MANIFEST)
+        except CalibrationError as e:
+            raise InvalidArgument(str(e)) from None
+        options = {"n_starts": starts, "refine_nfev": refine,
+                   "mcmc": mcmc.model_dump() if mcmc is not None else None}
+        if mcmc is not None and mcmc.burn >= mcmc.steps:
+            raise InvalidArgument(f"mcmc.burn: must be < mcmc.steps ({mcmc.steps}), got {mcmc.burn}")
+        result = await asyncio.get_running_loop().run_in_executor(self._calibrations, self._calibrate, problem, options)
+        body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
+        return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
+
+    def _calibrate(self, problem: Problem, options: dict[str, Any]) -> dict[str, Any]:
+        surrogate = SurrogateBackend(ONNX_PATH, MANIFEST)  # counters per calibration
+        return calibrate(problem, surrogate, SolverBackend(MANIFEST), **options)
 
 
 TwinService.add_asgi_middleware(Guard, token=os.environ.get(TOKEN_ENV),

@@ -324,3 +324,38 @@ def test_twin_serve_settings_are_checked_before_anything_starts(args, message):
     assert message in str(e.value)
     cfg = parse(["model=a:b", "strict=TRUE", "batching=off", "max_steps=40"])
     assert (cfg["strict"], cfg["batching"], cfg["max_steps"], cfg["host"]) == ("1", "0", "40", "127.0.0.1")
+
+
+def _post_path(url, path, body):
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
+    from twin_ml.calibrate.synthetic import synthetic_request
+
+    url, manifest, _, _ = server
+    request, truth = synthetic_request(manifest, ["k1", "k3"], seed=2)
+    status, body = _post_path(url, "/calibrate", {**request, "mcmc": {"steps": 60, "burn": 20, "walkers": 8},
+                                                  "starts": 2})
+    assert status == 200, body
+    assert set(body["estimate"]) == {"k1", "k3"} and set(body["posterior"]) == {"k1", "k3"}
+    for k in ("k1", "k3"):
+        lo, hi = manifest["domain"]["box"][f"parameter:{k}"]
+        assert lo <= body["estimate"][k] <= hi
+    ver = body["verification"]
+    assert ver["n_candidates"] == 9 and ver["verified"] == (ver["within_2std"][0] >= 0.9)
+    assert body["evaluations"]["solver_scenarios"] == 9 and body["model"] == {"name": "tanks", "version": "v1"}
+    status, body = _post_path(url, "/calibrate", {**request, "fit": ["k1", "k9"]})
+    assert status == 400 and "fit: unknown names ['k9']; valid: k1, k2, k3, k4, k5" in json.dumps(body)
+    status, body = _post_path(url, "/calibrate", {**request, "mcmc": {"steps": 50, "burn": 60}})
+    assert status == 400 and "mcmc.burn" in json.dumps(body)
+    bad = dict(request, times=list(reversed(request["times"])))
+    status, body = _post_path(url, "/calibrate", bad)
+    assert status == 400 and "times: not sorted" in json.dumps(body)
+    assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200

@@ -21,6 +21,18 @@ def fail(err: BaseException, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def key_values(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`key=value` settings over `defaults` (for commands that are not Hydra apps); unknown keys
+    are one error that lists the known ones."""
+    cfg = dict(defaults)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"unknown setting {arg!r}; settings: {', '.join(f'{k}=...' for k in defaults)}")
+        cfg[key] = value
+    return cfg
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / "summary.json"
     atomic_write_json(path, summary)

@@ -2,7 +2,7 @@
 
     twin-serve model=pendulum_node:production [port=3000] [host=127.0.0.1] [threads=1] [strict=false]
                [batching=true] [max_batch=256] [max_scenarios=256] [max_steps=...] [max_concurrency=64]
-               [workers=1] [access_log=true]
+               [timeout=120] [workers=1] [access_log=true]
 
   threads          onnxruntime intra-op threads per worker
   strict           refuse (400) scenarios outside the training domain instead of flagging them
@@ -11,6 +11,7 @@
   max_scenarios    scenarios per request (more: 400)
   max_steps        longest horizon in steps (default and upper bound: the model's declared maximum)
   max_concurrency  requests in flight per server; more get 429 at once
+  timeout          seconds a request may take (a long /calibrate included) before a 504
   workers          server processes (each loads the model and batches on its own)
   access_log       one log line per request (BentoML's access log)
 
@@ -25,23 +26,18 @@ import os
 import sys
 from pathlib import Path
 
-from training._common import fail
+from training._common import fail, key_values
 
 DEFAULTS = {"model": None, "host": "127.0.0.1", "port": "3000", "threads": "1", "strict": "false",
             "batching": "true", "max_batch": "256", "max_scenarios": "256", "max_steps": "0",
-            "max_concurrency": "64", "workers": "1", "access_log": "true"}
-POSITIVE = ("threads", "max_batch", "max_scenarios", "max_concurrency", "workers")
+            "max_concurrency": "64", "timeout": "120", "workers": "1", "access_log": "true"}
+POSITIVE = ("threads", "max_batch", "max_scenarios", "max_concurrency", "timeout", "workers")
 FLAGS = ("strict", "batching", "access_log")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise ValueError(f"unknown setting {arg!r}; settings: {', '.join(f'{k}=...' for k in DEFAULTS)}")
-        cfg[key] = value
+    cfg = key_values(argv, DEFAULTS)
     if not cfg["model"]:
         raise ValueError("model=NAME:VERSION (or NAME:latest, NAME:production) is required")
     if not cfg["port"].isdigit() or not 0 < int(cfg["port"]) < 65536:

@@ -1,0 +1,171 @@
+"""Calibration benchmark: the surrogate in the loop against the solver in the loop, on synthetic
+observations from the solver at known parameters with 2% noise (and 5% of points missing).
+
+    python benchmarks/calibration.py [--out benchmarks/results/calibration.json] [--trials 20] [--quick]
+
+For each system (pendulum: hybrid, fitting length and damping; cascaded tanks: hybrid, k1 and k3;
+Robertson, the stiff system: emulator, k1 and k3), in one run:
+  1. trains the default experiment on the default 256-scenario dataset and exports it, when the
+     model is not in the store under runs/bench-calibration/ (training time reported apart);
+  2. point estimate: the same multi-start least squares (8 starts) with the surrogate, then with
+     the solver (looped: one solve_ivp per candidate; and stacked: one vectorized solve per
+     call): wall clock ratio, the parameter error, and the solver's verification of the estimate;
+  3. Bayesian: emcee on the surrogate (32 walkers) with solver verification, over --trials seeded
+     problems (different true values and noise): how often the 90% credible intervals hold the
+     true values, and how many solver calls a whole Bayesian run used.
+Writes one row per system with keys system, speedup, max_param_rel_error, verified (and more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WORK = ROOT / "runs" / "bench-calibration"
+OUT = ROOT / "benchmarks" / "results" / "calibration.json"
+CASES = [("pendulum", "pendulum_hybrid", ["length", "damping"]),
+         ("cascaded_tanks", "cascaded_tanks_hybrid", ["k1", "k3"]),
+         ("robertson", "robertson_emulator", ["k1", "k3"])]
+
+
+def sh(*args, env=None) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def ensure_model(system: str, experiment: str, env: dict, n: int, epochs: int | None) -> tuple[str, float | None]:
+    from twin_ml import registry
+
+    ref = f"bench_{experiment}:v1"
+    try:
+        registry.verify(ref)
+        return ref, None
+    except registry.RegistryError:
+        pass
+    data, run = WORK / "data" / f"{system}-n{n}", WORK / "runs" / experiment
+    sh(BIN / "twin-generate", f"system={system}", f"n_scenarios={n}", "seed=0", f"out_dir={data}", "workers=0",
+       "progress=false", env=env)
+    extra = [f"trainer.max_epochs={epochs}"] if epochs else []
+    train_s = sh(BIN / "twin-train", f"experiment={experiment}", f"data_dir={data}", f"out_dir={run}",
+                 "logger=none", *extra, env=env)
+    sh(BIN / "twin-export", f"run_dir={run}", f"name=bench_{experiment}", "version=v1", env=env)
+    (WORK / f"train_s-{experiment}.json").write_text(json.dumps({"train_s": train_s}))
+    return ref, train_s
+
+
+def rel_error(estimate: dict, truth: dict) -> float:
+    return max(abs(estimate[k] - v) / abs(v) for k, v in truth.items())
+
+
+def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) -> dict:
+    from twin_ml import registry
+    from twin_ml.calibrate import Problem, SolverBackend, SurrogateBackend, calibrate
+    from twin_ml.calibrate.synthetic import synthetic_request
+
+    ref, train_s = ensure_model(system, experiment, env, args.n, args.epochs)
+    if train_s is None and (WORK / f"train_s-{experiment}.json").exists():
+        train_s = json.loads((WORK / f"train_s-{experiment}.json").read_text())["train_s"]
+    path, manifest = registry.onnx_path(ref)
+    request, truth = synthetic_request(manifest, fit, seed=args.seed, noise_level=0.02)
+    problem = Problem.build(request, manifest)
+    row: dict = {"system": system, "model": ref, "kind": manifest["kind"], "fit": fit, "truth": truth,
+                 "steps": len(problem.times) - 1, "train_s": train_s}
+
+    # point estimate: the same optimizer and starts, surrogate vs solver (looped, stacked)
+    sur = SurrogateBackend(path, manifest)
+    res_s = calibrate(problem, sur, SolverBackend(manifest), n_starts=args.starts, mcmc=None, seed=args.seed)
+    row["surrogate"] = {"estimate": res_s["estimate"], "least_squares_s": res_s["timings"]["least_squares_s"],
+                        "scenarios": res_s["evaluations"]["surrogate_scenarios"],
+                        "verification": {k: v for k, v in res_s["verification"].items()}}
+    for mode in ("looped", "stacked"):
+        solver = SolverBackend(manifest, mode=mode)
+        res = calibrate(problem, None, solver, backend="solver", n_starts=args.starts, seed=args.seed)
+        row[f"solver_{mode}"] = {"estimate": res["estimate"], "least_squares_s": res["timings"]["least_squares_s"],
+                                 "scenarios": res["evaluations"]["solver_scenarios"],
+                                 "max_param_rel_error": rel_error(res["estimate"], truth)}
+    row["speedup"] = row["solver_looped"]["least_squares_s"] / row["surrogate"]["least_squares_s"]
+    row["speedup_vs_stacked"] = row["solver_stacked"]["least_squares_s"] / row["surrogate"]["least_squares_s"]
+    row["max_param_rel_error"] = rel_error(res_s["estimate"], truth)
+    row["verified"] = bool(res_s["verification"]["verified"])
+
+    # Bayesian: coverage of the 90% credible intervals over seeded trials
+    hits, total, solver_calls, accept, mcmc_s = 0, 0, [], [], []
+    for trial in range(args.trials):
+        req, tr = synthetic_request(manifest, fit, seed=1000 + trial, noise_level=0.02)
+        prob = Problem.build(req, manifest)
+        solver = SolverBackend(manifest)
+        res = calibrate(prob, SurrogateBackend(path, manifest), solver, n_starts=4,
+                        mcmc={"steps": args.mcmc_steps, "burn": args.mcmc_steps // 3, "walkers": 32},
+                        seed=trial)
+        for k, v in tr.items():
+            post = res["posterior"][k]
+            hits += int(post["q05"] <= v <= post["q95"])
+            total += 1
+        solver_calls.append(res["evaluations"]["solver_scenarios"])
+        accept.append(res["diagnostics"]["acceptance"])
+        mcmc_s.append(res["timings"]["mcmc_s"])
+        print(f"  [{system}] trial {trial + 1}/{args.trials}: coverage so far {hits}/{total}", flush=True)
+    row["coverage90"] = hits / max(total, 1)
+    row["trials"] = args.trials
+    row["bayesian_solver_calls_max"] = int(max(solver_calls)) if solver_calls else 0
+    row["mcmc_acceptance_median"] = float(np.median(accept)) if accept else None
+    row["mcmc_s_median"] = float(np.median(mcmc_s)) if mcmc_s else None
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--starts", type=int, default=8)
+    ap.add_argument("--mcmc-steps", type=int, default=600)
+    ap.add_argument("--n", type=int, default=256, help="training scenarios per system")
+    ap.add_argument("--epochs", type=int, default=None, help="override the experiments' max_epochs")
+    ap.add_argument("--systems", default=",".join(c[0] for c in CASES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="64 scenarios, 5 epochs, 2 trials (a smoke run)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.epochs, args.trials, args.mcmc_steps, args.starts = 64, 5, 2, 200, 4
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.environ["BENTOML_HOME"] = str(WORK / ("store-quick" if args.quick else "store"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    env = dict(os.environ)
+    wanted = args.systems.split(",")
+    rows = []
+    for system, experiment, fit in CASES:
+        if system in wanted:
+            print(f"[{system}] {experiment}, fitting {', '.join(fit)}", flush=True)
+            rows.append(bench_case(system, experiment, fit, env, args))
+    from twin_ml._io import atomic_write_json
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, rows)
+    print("\n| system | model | steps | LS surrogate s | LS solver looped s | speedup | vs stacked | max param rel err "
+          "| (solver looped) | verified | coverage90 | trials | Bayesian solver calls | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['system']} | {r['kind']} | {r['steps']} | {r['surrogate']['least_squares_s']:.2f} | "
+              f"{r['solver_looped']['least_squares_s']:.2f} | {r['speedup']:.1f} | {r['speedup_vs_stacked']:.1f} | "
+              f"{r['max_param_rel_error']:.4f} | {r['solver_looped']['max_param_rel_error']:.4f} | {r['verified']} | "
+              f"{r['coverage90']:.2f} | {r['trials']} | {r['bayesian_solver_calls_max']} | "
+              f"{r['train_s'] if r['train_s'] is None else round(r['train_s'])} |")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Calibration (twin_ml/calibrate, twin-calibrate): bad input, the solver backend against known
+truth, the surrogate loop with MCMC and solver verification, and an unverified result when the
+solver disagrees with the surrogate."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, SurrogateBackend, calibrate
+from twin_ml.calibrate.synthetic import synthetic_request
+from twin_ml.data import ScenarioDesign, generate_dataset
+from twin_ml.physics import make_system
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A pendulum hybrid (undamped physics plus a learned residual), briefly trained, exported and
+    stored: a rough surrogate, which is what verification is for."""
+    root = tmp_path_factory.mktemp("calibrate")
+    data, run, home = root / "data", root / "run", root / "store"
+    generate_dataset(make_system("pendulum"), ScenarioDesign(t_end=2.0, dt=0.1), n_scenarios=24, seed=0,
+                     out_dir=data, progress=False)
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    r = subprocess.run([str(BIN / "twin-train"), "experiment=pendulum_hybrid", f"data_dir={data}", f"out_dir={run}",
+                        "ensemble.size=3", "trainer.max_epochs=2", "data.batch_size=8", "model.net.hidden=16",
+                        "speed_scenarios=2", "logger=none"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(BIN / "twin-export"), f"run_dir={run}", "name=pend", "version=v1", "parity_scenarios=8"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    return run / "export" / "model.onnx", manifest, env, root
+
+
+def _request(manifest, **kw):
+    return synthetic_request(manifest, ["length", "damping"], seed=3, **kw)
+
+
+@pytest.mark.parametrize("mutate, field, text", [
+    (lambda r: r["outputs"].update(theta=[None] * len(r["times"])), "outputs.theta", "every value is missing"),
+    (lambda r: r["times"].__setitem__(3, r["times"][1]), "times", "not sorted"),
+    (lambda r: r["times"].__setitem__(2, r["times"][1]), "times", "duplicated timestamp"),
+    (lambda r: r.update(fit=["length", "gravity"]), "fit", "unknown names ['gravity']; valid: length, damping, mass"),
+    (lambda r: r["inputs"].pop("torque"), "inputs", "missing ['torque']"),
+    (lambda r: r["outputs"].update(angle=[0.0] * len(r["times"])), "outputs", "unknown outputs ['angle']"),
+    (lambda r: r["outputs"]["theta"].__setitem__(4, "x"), "outputs.theta[4]", "must be a number or null"),
+    (lambda r: r.update(bounds={"length": [2.0, 1.0]}), "bounds.length", "low < high"),
+    (lambda r: r.update(noise={"theta": -1.0}), "noise.theta", "must be > 0"),
+    (lambda r: r["parameters"].pop("mass"), "parameters", "missing 'mass'"),
+    (lambda r: r.update(times=r["times"][:2]), "times", "at least 3 timestamps"),
+])
+def test_bad_requests_name_the_field(exported, mutate, field, text):
+    _, manifest, _, _ = exported
+    request, _ = _request(manifest)
+    mutate(request)
+    with pytest.raises(CalibrationError) as e:
+        Problem.build(request, manifest)
+    assert e.value.field == field and text in str(e.value)
+
+
+def test_bounds_outside_the_training_domain_warn_that_the_surrogate_extrapolates(exported):
+    _, manifest, _, _ = exported
+    request, _ = _request(manifest)
+    request["bounds"] = {"length": [0.3, 1.5]}
+    problem = Problem.build(request, manifest)
+    assert any("bounds.length = [0.3, 1.5] reach outside the training domain" in w for w in problem.warnings)
+    assert problem.lower[0] == 0.3
+
+
+def test_solver_backend_recovers_the_true_parameters_from_clean_data(exported):
+    """The oracle: data simulated by the solver at known values, fitted with the solver in the loop."""
+    _, manifest, _, _ = exported
+    request, truth = _request(manifest, noise_level=1e-6, missing=0.0)
+    problem = Problem.build(request, manifest)
+    solver = SolverBackend(manifest)
+    result = calibrate(problem, None, solver, backend="solver", n_starts=2, max_nfev=40)
+    for name, value in truth.items():
+        assert result["estimate"][name] == pytest.approx(value, rel=1e-3)
+    assert result["evaluations"]["solver_scenarios"] == solver.scenarios > 0
+
+
+def test_surrogate_loop_with_mcmc_and_solver_verification(exported, tmp_path):
+    path, manifest, _, _ = exported
+    request, truth = _request(manifest, noise_level=0.02)
+    problem = Problem.build(request, manifest)
+    surrogate, solver = SurrogateBackend(path, manifest), SolverBackend(manifest)
+    result = calibrate(problem, surrogate, solver, n_starts=3, mcmc={"steps": 150, "burn": 50, "walkers": 8},
+                       verify_samples=4, refine_nfev=6, seed=1)
+    post, diag, ver = result["posterior"], result["diagnostics"], result["verification"]
+    for name in problem.fit:
+        lo, hi = problem.lower[problem.fit.index(name)], problem.upper[problem.fit.index(name)]
+        assert lo <= post[name]["q05"] < post[name]["q95"] <= hi
+        assert lo <= result["estimate"][name] <= hi and result["std_error"][name] > 0
+    assert 0 < diag["acceptance"] < 1 and len(diag["rhat"]) == 2 and all(math.isfinite(x) for x in diag["rhat"])
+    assert result["_samples"].shape == (100 * 8, 2)
+    # the estimate plus 4 posterior samples re-simulated by the solver, then the refinement's solves
+    assert ver["n_candidates"] == 5 and len(ver["within_2std"]) == 5
+    assert ver["verified"] == (ver["within_2std"][0] >= 0.9 and not ver["solver_failed"][0])
+    assert set(result["refined"]) == set(problem.fit)
+    assert result["evaluations"]["solver_scenarios"] == solver.scenarios >= 5
+    assert result["evaluations"]["surrogate_scenarios"] == surrogate.scenarios > 100 * 8
+    # the refinement (solver in the loop from the surrogate's optimum) lands near the truth
+    for name, value in truth.items():
+        assert result["refined"][name] == pytest.approx(value, rel=0.05)
+
+
+def test_a_solver_that_disagrees_with_the_surrogate_marks_the_result_unverified(exported):
+    """The 'solver' here is the undamped pendulum: its trajectories leave the surrogate's band."""
+    path, manifest, _, _ = exported
+    request, _ = _request(manifest, noise_level=0.02)
+    problem = Problem.build(request, manifest)
+    wrong = {**manifest, "system": {**manifest["system"], "options": {**manifest["system"].get("options", {}),
+                                                                       "damped": False}}}
+    result = calibrate(problem, SurrogateBackend(path, manifest), SolverBackend(wrong), n_starts=2, mcmc=None)
+    assert result["verification"]["verified"] is False
+    assert any(w.startswith("unverified") for w in result["warnings"])
+
+
+def test_twin_calibrate_cli_writes_json_and_plot(exported, tmp_path):
+    _, manifest, env, _ = exported
+    request, truth = _request(manifest)
+    obs = tmp_path / "obs.json"
+    obs.write_text(json.dumps(request))
+    out = tmp_path / "cal"
+    r = subprocess.run([str(BIN / "twin-calibrate"), "model=pend:v1", f"observations={obs}", f"out_dir={out}",
+                        "steps=120", "burn=40", "walkers=8", "starts=2"], capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str(out / "calibration.json")
+    result = json.loads((out / "calibration.json").read_text())
+    assert set(result["estimate"]) == set(truth) and "verification" in result and "posterior" in result
+    assert result["model"] == "pend:v1" and (out / "calibration.png").stat().st_size > 10_000
+    bad = dict(request, fit=["length", "gravity"])
+    obs.write_text(json.dumps(bad))
+    r = subprocess.run([str(BIN / "twin-calibrate"), "model=pend:v1", f"observations={obs}", f"out_dir={out}"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 2 and "fit: unknown names ['gravity']; valid: length, damping, mass" in r.stderr

@@ -1,0 +1,118 @@
+"""twin-calibrate: fit physics parameters of a stored model's system to observations, with the
+surrogate in the loop, checked by the solver.
+
+    twin-calibrate model=NAME:REF observations=obs.json [out_dir=runs/calibrate] [backend=surrogate]
+                   [mcmc=true] [steps=1000] [burn=300] [walkers=32] [starts=8] [max_nfev=60]
+                   [verify_samples=8] [refine=0] [solver_mode=looped] [seed=0]
+
+  observations    a JSON file: times, outputs (null = missing), inputs, fit, and optionally
+                  parameters, initial_state, bounds (default: the training domain), priors, noise
+                  (per-output std; missing: estimated). See twin_ml/calibrate/problem.py.
+  backend         surrogate (the model's ONNX file in onnxruntime) or solver (the same optimizer
+                  and starts with the physics solver in the loop, for comparison; no MCMC)
+  mcmc            posterior samples with emcee on the surrogate (steps, burn, walkers)
+  refine          solver-in-the-loop least-squares evaluations started from the surrogate's optimum
+  solver_mode     looped (one solve_ivp per candidate) or stacked (one vectorized solve per call)
+
+Writes calibration.json and calibration.png in out_dir and prints the JSON's path last.
+Settings are key=value (not a Hydra app: `model` names a config group there).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from training._common import fail, key_values
+
+DEFAULTS = {"model": None, "observations": None, "out_dir": "runs/calibrate", "backend": "surrogate",
+            "mcmc": "true", "steps": "1000", "burn": "300", "walkers": "32", "starts": "8", "max_nfev": "60",
+            "verify_samples": "8", "refine": "0", "solver_mode": "looped", "seed": "0"}
+INTS = ("steps", "burn", "walkers", "starts", "max_nfev", "verify_samples", "refine", "seed")
+
+
+def parse(argv: list[str]) -> dict:
+    cfg = key_values(argv, DEFAULTS)
+    for key in ("model", "observations"):
+        if not cfg[key]:
+            raise ValueError(f"{key}=... is required")
+    for key in INTS:
+        if not str(cfg[key]).isdigit():
+            raise ValueError(f"{key} must be an integer >= 0, got {cfg[key]!r}")
+        cfg[key] = int(cfg[key])
+    if cfg["starts"] < 1 or cfg["steps"] < 1:
+        raise ValueError("starts and steps must be >= 1")
+    if cfg["backend"] not in ("surrogate", "solver"):
+        raise ValueError(f"backend must be surrogate or solver, got {cfg['backend']!r}")
+    if cfg["solver_mode"] not in ("looped", "stacked"):
+        raise ValueError(f"solver_mode must be looped or stacked, got {cfg['solver_mode']!r}")
+    if cfg["mcmc"] not in ("true", "false"):
+        raise ValueError(f"mcmc must be true or false, got {cfg['mcmc']!r}")
+    cfg["mcmc"] = cfg["mcmc"] == "true"
+    return cfg
+
+
+def run(cfg: dict) -> Path:
+    import numpy as np
+
+    from twin_ml import registry
+    from twin_ml._io import atomic_write_json
+    from twin_ml.calibrate import Problem, SolverBackend, SurrogateBackend, calibrate
+    from twin_ml.calibrate.fit import public
+    from twin_ml.calibrate.report import plot
+
+    onnx_path, manifest = registry.onnx_path(cfg["model"])
+    obs_path = Path(cfg["observations"])
+    if not obs_path.is_file():
+        raise ValueError(f"observations: no such file {obs_path}")
+    try:
+        request = json.loads(obs_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"observations: {obs_path} is not valid JSON ({e})") from None
+    problem = Problem.build(request, manifest)
+    surrogate = SurrogateBackend(onnx_path, manifest)
+    solver = SolverBackend(manifest, mode=cfg["solver_mode"])
+    mcmc = {"steps": cfg["steps"], "burn": cfg["burn"], "walkers": cfg["walkers"]} if cfg["mcmc"] else None
+    result = calibrate(problem, surrogate, solver, backend=cfg["backend"], n_starts=cfg["starts"],
+                       max_nfev=cfg["max_nfev"], mcmc=mcmc, verify_samples=cfg["verify_samples"],
+                       refine_nfev=cfg["refine"], seed=cfg["seed"])
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    theta = np.array([result["estimate"][k] for k in problem.fit])
+    engine = surrogate if cfg["backend"] == "surrogate" else solver
+    mean, std = engine.predict(problem, theta[None])
+    plot(problem, result, mean[0], std[0], out / "calibration.png", samples=result.get("_samples"))
+    result = public(result)
+    result.update(model=f"{manifest['name']}:{manifest['version']}", system=manifest["system"]["name"],
+                  observations=str(obs_path), plot=str(out / "calibration.png"))
+    atomic_write_json(out / "calibration.json", result)
+    return out / "calibration.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from twin_ml import registry
+    from twin_ml.calibrate import CalibrationError
+
+    try:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+        path = run(cfg)
+    except (ValueError, CalibrationError, registry.RegistryError) as e:
+        fail(e)
+    result = json.loads(path.read_text())
+    for k in result["fit"]:
+        post = result.get("posterior", {}).get(k)
+        band = f"  90% [{post['q05']:.5g}, {post['q95']:.5g}]" if post else ""
+        print(f"{k:>12} = {result['estimate'][k]:.6g} +- {result['std_error'][k]:.2g}{band}")
+    ver = result.get("verification")
+    if ver:
+        print(f"solver verification: {'verified' if ver['verified'] else 'UNVERIFIED'} "
+              f"({100 * ver['within_2std'][0]:.0f}% of points within 2 std of the surrogate)")
+    ev, tm = result["evaluations"], result["timings"]
+    print(f"{ev['surrogate_scenarios']} surrogate / {ev['solver_scenarios']} solver simulations, "
+          f"{tm['total_s']:.1f} s")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""What calibration calls in its loop: the exported surrogate (onnxruntime, vectorized over
+candidates) or the physics solver (scipy), behind one interface:
+
+    backend.predict(problem, theta [K, n_fit]) -> (mean [K, T, ny], std [K, T, ny])
+
+The solver's std is 0. Both count their calls and the scenarios they simulated. Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twin_ml.calibrate.problem import Problem
+from twin_ml.physics import SolverSettings, make_system, solve_looped, solve_stacked
+
+
+class SurrogateBackend:
+    name = "surrogate"
+
+    def __init__(self, onnx: str | Path | bytes, manifest: dict[str, Any], threads: int = 1):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        source = onnx if isinstance(onnx, bytes) else str(onnx)
+        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        self.manifest = manifest
+        self.calls = self.scenarios = 0
+
+    def predict(self, problem: Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p, x0 = problem.arguments(theta)
+        u = np.repeat(problem.u[None], len(p), axis=0)
+        mean, std = self.session.run(["mean", "std"], {"x0": x0.astype(np.float32), "u": u.astype(np.float32),
+                                                       "p": p.astype(np.float32)})
+        self.calls += 1
+        self.scenarios += len(p)
+        return mean.astype(np.float64), std.astype(np.float64)
+
+
+class SolverBackend:
+    """The system's reference solver: `looped` (one solve_ivp per candidate, as a plain calibration
+    loop does) or `stacked` (all candidates of a call in one vectorized solve)."""
+
+    name = "solver"
+
+    def __init__(self, manifest: dict[str, Any], mode: str = "looped", settings: SolverSettings | None = None):
+        if mode not in ("looped", "stacked"):
+            raise ValueError(f"solver mode must be 'looped' or 'stacked', got {mode!r}")
+        sysd = manifest["system"]
+        self.system = make_system(sysd["name"], **(sysd.get("options") or {}))
+        self.mode, self.settings = mode, settings or SolverSettings()
+        self.calls = self.scenarios = 0
+
+    def predict(self, problem: Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p, x0 = problem.arguments(theta)
+        u = np.repeat(problem.u[None], len(p), axis=0)
+        solve = solve_looped if self.mode == "looped" else solve_stacked
+        res = solve(self.system, problem.times, u, p, x0, self.settings)
+        y = res.y.astype(np.float64)
+        y[res.status != 0] = np.nan  # a failed solve: no prediction (the objective makes it a bad fit)
+        self.calls += 1
+        self.scenarios += len(p)
+        return y, np.zeros_like(y)

@@ -1,0 +1,244 @@
+"""Calibration: weighted least squares with multi-start, MCMC (emcee), and solver verification.
+
+The likelihood is Gaussian per observed point with variance sigma^2 + s^2: sigma is the noise
+model, s the surrogate's calibrated std at that point, so the surrogate's own uncertainty widens
+the likelihood (the solver's s is 0). Parameters are searched in the unit box of their bounds.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares
+from scipy.stats import qmc
+
+from twin_ml.calibrate.problem import Problem
+
+BAD = 1e3  # residual given to a point the model could not predict (a failed solve, NaN)
+FD_STEP = 1e-3  # finite-difference step in the unit box (float32 surrogates: well above round-off)
+
+
+def residuals(problem: Problem, mean: np.ndarray, std: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Normalized residuals [K, n_observed] of predictions mean/std [K, T, ny]."""
+    mask = ~np.isnan(problem.y)
+    var = sigma[None, None, :] ** 2 + std ** 2
+    r = (problem.y[None] - mean) / np.sqrt(var)
+    r = r[:, mask]
+    return np.where(np.isfinite(r), r, BAD)
+
+
+def log_likelihood(problem: Problem, mean: np.ndarray, std: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    mask = ~np.isnan(problem.y)
+    var = (sigma[None, None, :] ** 2 + std ** 2)[:, mask]
+    r2 = ((problem.y[None] - mean)[:, mask]) ** 2 / var
+    ll = -0.5 * (r2 + np.log(2 * math.pi * var)).sum(axis=1)
+    return np.where(np.isfinite(ll), ll, -np.inf)
+
+
+def starts(problem: Problem, n: int, seed: int) -> np.ndarray:
+    """n starting points in the unit box: its centre, then a scrambled Sobol sequence."""
+    if n < 1:
+        raise ValueError(f"starts must be >= 1, got {n}")
+    pts = [np.full(problem.n_fit, 0.5)]
+    if n > 1:
+        pts += list(qmc.Sobol(problem.n_fit, scramble=True, seed=seed).random(n - 1))
+    return np.array(pts)
+
+
+def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray, *,
+                   max_nfev: int = 60) -> dict[str, Any]:
+    """Multi-start least squares (scipy, trust-region reflective) on the normalized residuals, with
+    forward-difference Jacobians computed in one vectorized backend call per Jacobian."""
+    last: dict[bytes, np.ndarray] = {}
+
+    def fun(z):
+        mean, std = backend.predict(problem, problem.from_unit(z[None]))
+        r = residuals(problem, mean, std, sigma)[0]
+        last.clear()
+        last[z.tobytes()] = r
+        return r
+
+    def jac(z):
+        r0 = last.get(z.tobytes())
+        if r0 is None:
+            r0 = fun(z)
+        steps = np.where(z + FD_STEP <= 1.0, FD_STEP, -FD_STEP)
+        zs = z[None] + np.diag(steps)
+        mean, std = backend.predict(problem, problem.from_unit(zs))
+        return ((residuals(problem, mean, std, sigma) - r0[None]) / steps[:, None]).T
+
+    runs = []
+    for z0 in z0s:
+        res = least_squares(fun, z0, jac=jac, bounds=(0.0, 1.0), method="trf", max_nfev=max_nfev,
+                            xtol=1e-10, ftol=1e-10, gtol=1e-10)
+        runs.append({"start": problem.from_unit(z0).tolist(), "theta": problem.from_unit(res.x).tolist(),
+                     "cost": float(res.cost), "nfev": int(res.nfev), "z": res.x, "jac": res.jac})
+    best = min(runs, key=lambda r: r["cost"])
+    cov_z = np.linalg.pinv(best["jac"].T @ best["jac"])
+    scale = problem.upper - problem.lower
+    std_err = np.sqrt(np.clip(np.diag(cov_z), 0, None)) * scale
+    return {"theta": np.array(best["theta"]), "z": best["z"], "cost": best["cost"], "std_error": std_err,
+            "starts": [{k: v for k, v in r.items() if k not in ("z", "jac")} for r in runs]}
+
+
+def estimate_noise(backend, problem: Problem, theta: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Outputs with no declared noise: the RMS residual at theta, less the model's own variance."""
+    mean, std = backend.predict(problem, theta[None])
+    out = sigma.copy()
+    for j in np.flatnonzero(np.isnan(sigma)):
+        m = ~np.isnan(problem.y[:, j])
+        res2 = float(np.mean((problem.y[m, j] - mean[0, m, j]) ** 2))
+        var = max(res2 - float(np.mean(std[0, m, j] ** 2)), 1e-6 * res2, 1e-24)
+        out[j] = math.sqrt(var)
+    return out
+
+
+def _rhat(chain: np.ndarray) -> np.ndarray:
+    """Split-chain Gelman-Rubin R-hat per parameter; chain [S, W, n] (walkers as chains)."""
+    s = chain.shape[0] // 2
+    chains = np.concatenate([chain[:s], chain[s:2 * s]], axis=1)  # [s, 2W, n]
+    w = chains.var(axis=0, ddof=1).mean(axis=0)
+    b = s * chains.mean(axis=0).var(axis=0, ddof=1)
+    var = (s - 1) / s * w + b / s
+    return np.sqrt(var / np.maximum(w, 1e-300))
+
+
+def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *, walkers: int = 32,
+              steps: int = 1000, burn: int = 300, seed: int = 0) -> dict[str, Any]:
+    """emcee's affine-invariant ensemble sampler, vectorized: every walker move is one backend call.
+    Uniform prior on the bounds times the optional normal priors; walkers start in a small ball
+    around the point estimate."""
+    import emcee
+
+    n = problem.n_fit
+    walkers = max(walkers, 2 * n + 2)
+    if not 0 <= burn < steps:
+        raise ValueError(f"mcmc burn must be in [0, steps), got burn={burn}, steps={steps}")
+    prior_idx = [(problem.fit.index(k), mu, sd) for k, (mu, sd) in problem.priors.items()]
+
+    def log_prob(zs):
+        zs = np.atleast_2d(zs)
+        out = np.full(len(zs), -np.inf)
+        inside = np.all((zs >= 0) & (zs <= 1), axis=1)
+        if inside.any():
+            theta = problem.from_unit(zs[inside])
+            mean, std = backend.predict(problem, theta)
+            lp = log_likelihood(problem, mean, std, sigma)
+            for k, mu, sd in prior_idx:
+                lp = lp - 0.5 * ((theta[:, k] - mu) / sd) ** 2
+            out[inside] = lp
+        return out
+
+    rng = np.random.default_rng(seed)
+    p0 = np.clip(z_hat[None] + 1e-3 * rng.standard_normal((walkers, n)), 1e-6, 1 - 1e-6)
+    sampler = emcee.EnsembleSampler(walkers, n, log_prob, vectorize=True)
+    sampler.random_state = np.random.RandomState(seed).get_state()
+    sampler.run_mcmc(p0, steps, progress=False)
+    chain = sampler.get_chain(discard=burn)                    # [S, W, n], unit box
+    flat = problem.from_unit(chain.reshape(-1, n))
+    tau = sampler.get_autocorr_time(discard=burn, quiet=True)
+    q05, q95 = np.quantile(flat, [0.05, 0.95], axis=0)
+    return {"samples": flat, "mean": flat.mean(axis=0), "std": flat.std(axis=0), "q05": q05, "q95": q95,
+            "diagnostics": {"walkers": walkers, "steps": steps, "burn": burn,
+                            "acceptance": float(np.mean(sampler.acceptance_fraction)),
+                            "autocorr_time": [float(x) for x in tau],
+                            "ess": [float(chain.shape[0] * walkers / max(x, 1.0)) for x in tau],
+                            "rhat": [float(x) for x in _rhat(chain)]}}
+
+
+def verify(surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.ndarray) -> dict[str, Any]:
+    """Re-simulate candidates thetas [K, n_fit] (the estimate first) with the solver. Per candidate:
+    the fraction of grid points where the solver lies within 2 stated stds of the surrogate mean,
+    and the RMS normalized residual against the observations with each. Verified when the
+    estimate's fraction is >= 0.9 and no solve failed."""
+    y_solver, _ = solver.predict(problem, thetas)
+    mean, std = surrogate.predict(problem, thetas)
+    mask = ~np.isnan(problem.y)
+    within = (np.abs(y_solver - mean) <= 2 * std)[:, mask].mean(axis=1)
+    chi_solver = np.sqrt(np.mean(residuals(problem, y_solver, np.zeros_like(std), sigma) ** 2, axis=1))
+    chi_surrogate = np.sqrt(np.mean(residuals(problem, mean, std, sigma) ** 2, axis=1))
+    failed = ~np.all(np.isfinite(y_solver[:, mask]), axis=1)
+    return {"n_candidates": int(len(thetas)), "within_2std": within.tolist(),
+            "rms_residual_solver": chi_solver.tolist(), "rms_residual_surrogate": chi_surrogate.tolist(),
+            "solver_failed": failed.tolist(),
+            "verified": bool(within[0] >= 0.9 and not failed[0]),
+            "_y_solver": y_solver[0]}
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-ready part of a result: without the arrays kept for plotting ("_" keys)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate", n_starts: int = 8,
+              max_nfev: int = 60, mcmc: dict[str, Any] | None = None, verify_samples: int = 8,
+              refine_nfev: int = 0, seed: int = 0) -> dict[str, Any]:
+    """The whole loop. backend="surrogate": least squares (and MCMC when `mcmc` is given) on the
+    surrogate, then solver verification (and optional solver-in-the-loop refinement from the
+    surrogate's optimum). backend="solver": the same least squares, same starts, on the solver.
+    Arrays for plots ride along under "_" keys (`public` drops them): "_samples" (posterior
+    samples [S, n_fit]) and "_y_solver" (the solver at the estimate, [T, ny])."""
+    if backend not in ("surrogate", "solver"):
+        raise ValueError(f"backend must be 'surrogate' or 'solver', got {backend!r}")
+    engine = surrogate if backend == "surrogate" else solver
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    z0s = starts(problem, n_starts, seed)
+    sigma = problem.noise.copy()
+    if np.isnan(sigma).any():  # unknown noise: a first fit with a rough scale, then the residual RMS
+        rough = np.where(np.isnan(sigma), 0.05 * np.nanstd(problem.y, axis=0) + 1e-12, sigma)
+        first = point_estimate(engine, problem, rough, z0s, max_nfev=max_nfev)
+        sigma = estimate_noise(engine, problem, first["theta"], sigma)
+        z0s = np.vstack([first["z"][None], z0s[: max(0, n_starts - 1)]])
+    t0 = time.perf_counter()
+    best = point_estimate(engine, problem, sigma, z0s, max_nfev=max_nfev)
+    timings["least_squares_s"] = time.perf_counter() - t0
+    out: dict[str, Any] = {
+        "backend": backend, "fit": problem.fit,
+        "estimate": dict(zip(problem.fit, best["theta"].tolist())),
+        "std_error": dict(zip(problem.fit, best["std_error"].tolist())),
+        "cost": best["cost"], "starts": best["starts"],
+        "bounds": {k: [lo, hi] for k, lo, hi in zip(problem.fit, problem.lower.tolist(), problem.upper.tolist())},
+        "noise": {n: float(s) for n, s in zip(problem.outputs, sigma) if not np.all(np.isnan(problem.y[:, problem.outputs.index(n)]))},
+        "noise_estimated": [n for n, s in zip(problem.outputs, problem.noise) if np.isnan(s)
+                            and not np.all(np.isnan(problem.y[:, problem.outputs.index(n)]))],
+        "warnings": list(problem.warnings),
+    }
+    samples = np.zeros((0, problem.n_fit))
+    if mcmc is not None and backend == "surrogate":
+        t0 = time.perf_counter()
+        post = posterior(engine, problem, sigma, best["z"], seed=seed, **mcmc)
+        timings["mcmc_s"] = time.perf_counter() - t0
+        samples = post["samples"]
+        out["_samples"] = samples
+        out["posterior"] = {k: {"mean": float(post["mean"][i]), "std": float(post["std"][i]),
+                                "q05": float(post["q05"][i]), "q95": float(post["q95"][i])}
+                            for i, k in enumerate(problem.fit)}
+        out["diagnostics"] = post["diagnostics"]
+    if backend == "surrogate":
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed + 1)
+        picks = samples[rng.choice(len(samples), size=min(verify_samples, len(samples)), replace=False)] \
+            if len(samples) else samples
+        ver = verify(surrogate, solver, problem, sigma, np.vstack([best["theta"][None], picks]))
+        out["_y_solver"] = ver.pop("_y_solver")
+        out["verification"] = ver
+        if not ver["verified"]:
+            out["warnings"].append("unverified: the solver at the estimate leaves the surrogate's stated "
+                                   "uncertainty (see verification)")
+        timings["verification_s"] = time.perf_counter() - t0
+        if refine_nfev > 0:
+            t0 = time.perf_counter()
+            ref = point_estimate(solver, problem, sigma, best["z"][None], max_nfev=refine_nfev)
+            out["refined"] = dict(zip(problem.fit, ref["theta"].tolist()))
+            timings["refine_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    out["timings"] = timings
+    out["evaluations"] = {"surrogate_calls": surrogate.calls if surrogate else 0,
+                          "surrogate_scenarios": surrogate.scenarios if surrogate else 0,
+                          "solver_calls": solver.calls, "solver_scenarios": solver.scenarios}
+    return out
