@@ -112,14 +112,23 @@ def test_surrogate_loop_with_mcmc_and_solver_verification(exported, tmp_path):
         assert result["refined"][name] == pytest.approx(value, rel=0.05)
 
 
-def test_a_solver_that_disagrees_with_the_surrogate_marks_the_result_unverified(exported):
-    """The 'solver' here is the undamped pendulum: its trajectories leave the surrogate's band."""
+def test_an_overconfident_surrogate_is_caught_by_the_solver(exported):
+    """The same surrogate with its stated std shrunk 1000x (its conformal scale edited in the file):
+    the solver's trajectory at the estimate leaves that band, so the result is unverified."""
+    import onnx
+    from onnx import numpy_helper
+
     path, manifest, _, _ = exported
     request, _ = _request(manifest, noise_level=0.02)
     problem = Problem.build(request, manifest)
-    wrong = {**manifest, "system": {**manifest["system"], "options": {**manifest["system"].get("options", {}),
-                                                                       "damped": False}}}
-    result = calibrate(problem, SurrogateBackend(path, manifest), SolverBackend(wrong), n_starts=2, mcmc=None)
+    honest = calibrate(problem, SurrogateBackend(path, manifest), SolverBackend(manifest), n_starts=2, mcmc=None)
+    mp = onnx.load(str(path))
+    for init in mp.graph.initializer:
+        if init.name == "ens/conformal_scale":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1e-3, init.name))
+    shrunk = SurrogateBackend(mp.SerializeToString(), manifest)
+    result = calibrate(problem, shrunk, SolverBackend(manifest), n_starts=2, mcmc=None)
+    assert result["verification"]["within_2std"][0] < honest["verification"]["within_2std"][0]
     assert result["verification"]["verified"] is False
     assert any(w.startswith("unverified") for w in result["warnings"])
 
