@@ -10,7 +10,7 @@ Robertson, the stiff system: emulator, k1 and k3), in one run:
   2. point estimate: the same multi-start least squares (8 starts) with the surrogate, then with
      the solver (looped: one solve_ivp per candidate; and stacked: one vectorized solve per
      call): wall clock ratio, the parameter error, and the solver's verification of the estimate;
-  3. Bayesian: emcee on the surrogate (32 walkers) with solver verification, over --trials seeded
+  3. Bayesian: emcee on the surrogate (16 walkers, 300 steps, 100 burn-in) with solver verification, over --trials seeded
      problems (different true values and noise): how often the 90% credible intervals hold the
      true values, and how many solver calls a whole Bayesian run used.
 Writes one row per system with keys system, speedup, max_param_rel_error, verified (and more).
@@ -54,14 +54,14 @@ def ensure_model(system: str, experiment: str, env: dict, n: int, epochs: int | 
         return ref, None
     except registry.RegistryError:
         pass
-    data, run = WORK / "data" / f"{system}-n{n}", WORK / "runs" / experiment
+    data, run = WORK / "data" / f"{system}-n{n}", WORK / f"runs-n{n}-e{epochs or 'default'}" / experiment
     sh(BIN / "twin-generate", f"system={system}", f"n_scenarios={n}", "seed=0", f"out_dir={data}", "workers=0",
        "progress=false", env=env)
     extra = [f"trainer.max_epochs={epochs}"] if epochs else []
     train_s = sh(BIN / "twin-train", f"experiment={experiment}", f"data_dir={data}", f"out_dir={run}",
                  "logger=none", *extra, env=env)
     sh(BIN / "twin-export", f"run_dir={run}", f"name=bench_{experiment}", "version=v1", env=env)
-    (WORK / f"train_s-{experiment}.json").write_text(json.dumps({"train_s": train_s}))
+    (run.parent / f"train_s-{experiment}.json").write_text(json.dumps({"train_s": train_s}))
     return ref, train_s
 
 
@@ -75,8 +75,9 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
     from twin_ml.calibrate.synthetic import synthetic_request
 
     ref, train_s = ensure_model(system, experiment, env, args.n, args.epochs)
-    if train_s is None and (WORK / f"train_s-{experiment}.json").exists():
-        train_s = json.loads((WORK / f"train_s-{experiment}.json").read_text())["train_s"]
+    saved = WORK / f"runs-n{args.n}-e{args.epochs or 'default'}" / f"train_s-{experiment}.json"
+    if train_s is None and saved.exists():
+        train_s = json.loads(saved.read_text())["train_s"]
     path, manifest = registry.onnx_path(ref)
     request, truth = synthetic_request(manifest, fit, seed=args.seed, noise_level=0.02)
     problem = Problem.build(request, manifest)
@@ -101,13 +102,13 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
     row["verified"] = bool(res_s["verification"]["verified"])
 
     # Bayesian: coverage of the 90% credible intervals over seeded trials
-    hits, total, solver_calls, accept, mcmc_s = 0, 0, [], [], []
+    hits, total, solver_calls, accept, mcmc_s, mcmc_scen = 0, 0, [], [], [], []
     for trial in range(args.trials):
         req, tr = synthetic_request(manifest, fit, seed=1000 + trial, noise_level=0.02)
         prob = Problem.build(req, manifest)
         solver = SolverBackend(manifest)
         res = calibrate(prob, SurrogateBackend(path, manifest), solver, n_starts=4,
-                        mcmc={"steps": args.mcmc_steps, "burn": args.mcmc_steps // 3, "walkers": 32},
+                        mcmc={"steps": args.mcmc_steps, "burn": args.mcmc_steps // 3, "walkers": args.walkers},
                         seed=trial)
         for k, v in tr.items():
             post = res["posterior"][k]
@@ -116,12 +117,19 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
         solver_calls.append(res["evaluations"]["solver_scenarios"])
         accept.append(res["diagnostics"]["acceptance"])
         mcmc_s.append(res["timings"]["mcmc_s"])
+        mcmc_scen.append(res["evaluations"]["surrogate_scenarios"])
         print(f"  [{system}] trial {trial + 1}/{args.trials}: coverage so far {hits}/{total}", flush=True)
     row["coverage90"] = hits / max(total, 1)
     row["trials"] = args.trials
     row["bayesian_solver_calls_max"] = int(max(solver_calls)) if solver_calls else 0
     row["mcmc_acceptance_median"] = float(np.median(accept)) if accept else None
     row["mcmc_s_median"] = float(np.median(mcmc_s)) if mcmc_s else None
+    # what the same MCMC would cost with the solver: its measured time per solve (the looped least
+    # squares above) times the simulations the surrogate run made (an extrapolation, labelled so)
+    per_solve = row["solver_looped"]["least_squares_s"] / row["solver_looped"]["scenarios"]
+    if mcmc_s:
+        row["mcmc_solver_s_extrapolated"] = per_solve * float(np.median(mcmc_scen))
+        row["mcmc_speedup_extrapolated"] = row["mcmc_solver_s_extrapolated"] / row["mcmc_s_median"]
     return row
 
 
@@ -130,7 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--starts", type=int, default=8)
-    ap.add_argument("--mcmc-steps", type=int, default=600)
+    ap.add_argument("--mcmc-steps", type=int, default=300)
+    ap.add_argument("--walkers", type=int, default=16)
     ap.add_argument("--n", type=int, default=256, help="training scenarios per system")
     ap.add_argument("--epochs", type=int, default=None, help="override the experiments' max_epochs")
     ap.add_argument("--systems", default=",".join(c[0] for c in CASES))
@@ -155,13 +164,15 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, rows)
     print("\n| system | model | steps | LS surrogate s | LS solver looped s | speedup | vs stacked | max param rel err "
-          "| (solver looped) | verified | coverage90 | trials | Bayesian solver calls | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| (solver looped) | verified | coverage90 | trials | Bayesian solver calls | MCMC s | MCMC x solver (extrap.) "
+          "| train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['system']} | {r['kind']} | {r['steps']} | {r['surrogate']['least_squares_s']:.2f} | "
               f"{r['solver_looped']['least_squares_s']:.2f} | {r['speedup']:.1f} | {r['speedup_vs_stacked']:.1f} | "
               f"{r['max_param_rel_error']:.4f} | {r['solver_looped']['max_param_rel_error']:.4f} | {r['verified']} | "
               f"{r['coverage90']:.2f} | {r['trials']} | {r['bayesian_solver_calls_max']} | "
+              f"{r.get('mcmc_s_median') or 0:.1f} | {r.get('mcmc_speedup_extrapolated') or 0:.0f} | "
               f"{r['train_s'] if r['train_s'] is None else round(r['train_s'])} |")
     print(f"wrote {out}")
     return 0

@@ -208,7 +208,8 @@ class TwinService:
                         inputs: dict[str, list[float]] = {}, parameters: dict[str, float] = {},  # noqa: B006
                         initial_state: dict[str, float] = {}, bounds: dict[str, list[float]] = {},  # noqa: B006
                         noise: dict[str, float] = {}, mcmc: Optional[MCMC] = None,  # noqa: B006
-                        starts: int = Field(4, ge=1, le=32), refine: int = Field(0, ge=0, le=200)) -> dict:
+                        starts: int = Field(4, ge=1, le=32), corrections: int = Field(2, ge=0, le=10),
+                        refine: int = Field(0, ge=0, le=200)) -> dict:
         """Fit parameters (and "state:<name>" initial states) to observations with the surrogate in the
         loop: multi-start weighted least squares, optional MCMC posterior, and the solver's check of
         the estimate (see twin_ml/calibrate). Bounds default to the training domain; missing noise
@@ -219,7 +220,7 @@ class TwinService:
             problem = Problem.build(request, MANIFEST)
         except CalibrationError as e:
             raise InvalidArgument(str(e)) from None
-        options = {"n_starts": starts, "refine_nfev": refine,
+        options = {"n_starts": starts, "refine_nfev": refine, "corrections": corrections,
                    "mcmc": mcmc.model_dump() if mcmc is not None else None}
         if mcmc is not None and mcmc.burn >= mcmc.steps:
             raise InvalidArgument(f"mcmc.burn: must be < mcmc.steps ({mcmc.steps}), got {mcmc.burn}")

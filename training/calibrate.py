@@ -3,7 +3,7 @@ surrogate in the loop, checked by the solver.
 
     twin-calibrate model=NAME:REF observations=obs.json [out_dir=runs/calibrate] [backend=surrogate]
                    [mcmc=true] [steps=1000] [burn=300] [walkers=32] [starts=8] [max_nfev=60]
-                   [verify_samples=8] [refine=0] [solver_mode=looped] [seed=0]
+                   [verify_samples=8] [corrections=2] [refine=0] [solver_mode=looped] [seed=0]
 
   observations    a JSON file: times, outputs (null = missing), inputs, fit, and optionally
                   parameters, initial_state, bounds (default: the training domain), priors, noise
@@ -11,6 +11,8 @@ surrogate in the loop, checked by the solver.
   backend         surrogate (the model's ONNX file in onnxruntime) or solver (the same optimizer
                   and starts with the physics solver in the loop, for comparison; no MCMC)
   mcmc            posterior samples with emcee on the surrogate (steps, burn, walkers)
+  corrections     solver simulations that correct the surrogate's output near the optimum, each
+                  followed by a refit on the corrected surrogate (0: the surrogate alone)
   refine          solver-in-the-loop least-squares evaluations started from the surrogate's optimum
   solver_mode     looped (one solve_ivp per candidate) or stacked (one vectorized solve per call)
 
@@ -28,8 +30,8 @@ from training._common import fail, key_values
 
 DEFAULTS = {"model": None, "observations": None, "out_dir": "runs/calibrate", "backend": "surrogate",
             "mcmc": "true", "steps": "1000", "burn": "300", "walkers": "32", "starts": "8", "max_nfev": "60",
-            "verify_samples": "8", "refine": "0", "solver_mode": "looped", "seed": "0"}
-INTS = ("steps", "burn", "walkers", "starts", "max_nfev", "verify_samples", "refine", "seed")
+            "verify_samples": "8", "corrections": "2", "refine": "0", "solver_mode": "looped", "seed": "0"}
+INTS = ("steps", "burn", "walkers", "starts", "max_nfev", "verify_samples", "corrections", "refine", "seed")
 
 
 def parse(argv: list[str]) -> dict:
@@ -54,8 +56,6 @@ def parse(argv: list[str]) -> dict:
 
 
 def run(cfg: dict) -> Path:
-    import numpy as np
-
     from twin_ml import registry
     from twin_ml._io import atomic_write_json
     from twin_ml.calibrate import Problem, SolverBackend, SurrogateBackend, calibrate
@@ -76,13 +76,10 @@ def run(cfg: dict) -> Path:
     mcmc = {"steps": cfg["steps"], "burn": cfg["burn"], "walkers": cfg["walkers"]} if cfg["mcmc"] else None
     result = calibrate(problem, surrogate, solver, backend=cfg["backend"], n_starts=cfg["starts"],
                        max_nfev=cfg["max_nfev"], mcmc=mcmc, verify_samples=cfg["verify_samples"],
-                       refine_nfev=cfg["refine"], seed=cfg["seed"])
+                       refine_nfev=cfg["refine"], corrections=cfg["corrections"], seed=cfg["seed"])
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    theta = np.array([result["estimate"][k] for k in problem.fit])
-    engine = surrogate if cfg["backend"] == "surrogate" else solver
-    mean, std = engine.predict(problem, theta[None])
-    plot(problem, result, mean[0], std[0], out / "calibration.png", samples=result.get("_samples"))
+    plot(problem, result, result["_mean"], result["_std"], out / "calibration.png", samples=result.get("_samples"))
     result = public(result)
     result.update(model=f"{manifest['name']}:{manifest['version']}", system=manifest["system"]["name"],
                   observations=str(obs_path), plot=str(out / "calibration.png"))

@@ -64,3 +64,26 @@ class SolverBackend:
         self.calls += 1
         self.scenarios += len(p)
         return y, np.zeros_like(y)
+
+
+class CorrectedSurrogate:
+    """The surrogate plus an additive output correction d(t) = solver - surrogate, measured by the
+    solver at one point (multi-fidelity output correction): exact there, and close nearby, where
+    the surrogate's error changes slowly. Its std stays the surrogate's own."""
+
+    name = "surrogate"
+
+    def __init__(self, surrogate: SurrogateBackend, correction: np.ndarray):
+        self.surrogate, self.correction = surrogate, correction  # [T, ny]
+
+    @property
+    def calls(self) -> int:
+        return self.surrogate.calls
+
+    @property
+    def scenarios(self) -> int:
+        return self.surrogate.scenarios
+
+    def predict(self, problem: Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = self.surrogate.predict(problem, theta)
+        return mean + self.correction[None], std

@@ -8,14 +8,17 @@ Torch-free.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares
 from scipy.stats import qmc
 
+from twin_ml.calibrate.backends import CorrectedSurrogate
 from twin_ml.calibrate.problem import Problem
 
 BAD = 1e3  # residual given to a point the model could not predict (a failed solve, NaN)
@@ -45,7 +48,9 @@ def starts(problem: Problem, n: int, seed: int) -> np.ndarray:
         raise ValueError(f"starts must be >= 1, got {n}")
     pts = [np.full(problem.n_fit, 0.5)]
     if n > 1:
-        pts += list(qmc.Sobol(problem.n_fit, scramble=True, seed=seed).random(n - 1))
+        with warnings.catch_warnings():  # n - 1 need not be a power of 2 for starting points
+            warnings.simplefilter("ignore", UserWarning)
+            pts += list(qmc.Sobol(problem.n_fit, scramble=True, seed=seed).random(n - 1))
     return np.array(pts)
 
 
@@ -140,14 +145,21 @@ def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *
     sampler.run_mcmc(p0, steps, progress=False)
     chain = sampler.get_chain(discard=burn)                    # [S, W, n], unit box
     flat = problem.from_unit(chain.reshape(-1, n))
-    tau = sampler.get_autocorr_time(discard=burn, quiet=True)
+    logger = logging.getLogger("emcee")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # a short chain is reported in the diagnostics instead
+    try:
+        tau = sampler.get_autocorr_time(discard=burn, quiet=True)
+    finally:
+        logger.setLevel(level)
     q05, q95 = np.quantile(flat, [0.05, 0.95], axis=0)
     return {"samples": flat, "mean": flat.mean(axis=0), "std": flat.std(axis=0), "q05": q05, "q95": q95,
             "diagnostics": {"walkers": walkers, "steps": steps, "burn": burn,
                             "acceptance": float(np.mean(sampler.acceptance_fraction)),
                             "autocorr_time": [float(x) for x in tau],
                             "ess": [float(chain.shape[0] * walkers / max(x, 1.0)) for x in tau],
-                            "rhat": [float(x) for x in _rhat(chain)]}}
+                            "rhat": [float(x) for x in _rhat(chain)],
+                            "chain_over_50_tau": bool(chain.shape[0] >= 50 * float(np.max(tau)))}}
 
 
 def verify(surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.ndarray) -> dict[str, Any]:
@@ -176,12 +188,20 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
 
 def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate", n_starts: int = 8,
               max_nfev: int = 60, mcmc: dict[str, Any] | None = None, verify_samples: int = 8,
-              refine_nfev: int = 0, seed: int = 0) -> dict[str, Any]:
+              refine_nfev: int = 0, corrections: int = 2, seed: int = 0) -> dict[str, Any]:
     """The whole loop. backend="surrogate": least squares (and MCMC when `mcmc` is given) on the
     surrogate, then solver verification (and optional solver-in-the-loop refinement from the
     surrogate's optimum). backend="solver": the same least squares, same starts, on the solver.
+
+    `corrections` > 0 (surrogate backend): after the multi-start fit, the solver simulates the
+    estimate, the difference to the surrogate becomes an additive output correction, and the fit
+    restarts from the estimate on the corrected surrogate; repeated `corrections` times (one
+    solver simulation each). This removes the surrogate's systematic error near the optimum,
+    which its per-point std cannot describe (the error is correlated in time), so estimates and
+    credible intervals follow the physics. MCMC and verification then use the corrected surrogate.
     Arrays for plots ride along under "_" keys (`public` drops them): "_samples" (posterior
-    samples [S, n_fit]) and "_y_solver" (the solver at the estimate, [T, ny])."""
+    samples [S, n_fit]), "_y_solver" (the solver at the estimate, [T, ny]) and "_mean", "_std"
+    (the calibrated prediction at the estimate, [T, ny])."""
     if backend not in ("surrogate", "solver"):
         raise ValueError(f"backend must be 'surrogate' or 'solver', got {backend!r}")
     engine = surrogate if backend == "surrogate" else solver
@@ -196,12 +216,24 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
         z0s = np.vstack([first["z"][None], z0s[: max(0, n_starts - 1)]])
     t0 = time.perf_counter()
     best = point_estimate(engine, problem, sigma, z0s, max_nfev=max_nfev)
+    raw_estimate = best["theta"]
+    history = []
+    if backend == "surrogate":
+        for _ in range(corrections):
+            y_solver, _ = solver.predict(problem, best["theta"][None])
+            if not np.all(np.isfinite(y_solver)):
+                break  # the solver failed there: keep the last estimate (verification reports it)
+            mean, _ = surrogate.predict(problem, best["theta"][None])
+            engine = CorrectedSurrogate(surrogate, y_solver[0] - mean[0])
+            best = point_estimate(engine, problem, sigma, best["z"][None], max_nfev=max_nfev)
+            history.append(dict(zip(problem.fit, best["theta"].tolist())))
     timings["least_squares_s"] = time.perf_counter() - t0
     out: dict[str, Any] = {
         "backend": backend, "fit": problem.fit,
         "estimate": dict(zip(problem.fit, best["theta"].tolist())),
         "std_error": dict(zip(problem.fit, best["std_error"].tolist())),
         "cost": best["cost"], "starts": best["starts"],
+        "uncorrected_estimate": dict(zip(problem.fit, raw_estimate.tolist())), "corrections": history,
         "bounds": {k: [lo, hi] for k, lo, hi in zip(problem.fit, problem.lower.tolist(), problem.upper.tolist())},
         "noise": {n: float(s) for n, s in zip(problem.outputs, sigma) if not np.all(np.isnan(problem.y[:, problem.outputs.index(n)]))},
         "noise_estimated": [n for n, s in zip(problem.outputs, problem.noise) if np.isnan(s)
@@ -224,8 +256,13 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
         rng = np.random.default_rng(seed + 1)
         picks = samples[rng.choice(len(samples), size=min(verify_samples, len(samples)), replace=False)] \
             if len(samples) else samples
-        ver = verify(surrogate, solver, problem, sigma, np.vstack([best["theta"][None], picks]))
+        ver = verify(engine, solver, problem, sigma, np.vstack([best["theta"][None], picks]))
         out["_y_solver"] = ver.pop("_y_solver")
+        if engine is not surrogate:  # how far the uncorrected surrogate was from the solver there
+            raw_mean, raw_std = surrogate.predict(problem, best["theta"][None])
+            mask = ~np.isnan(problem.y)
+            ver["uncorrected_within_2std"] = float((np.abs(out["_y_solver"] - raw_mean[0])
+                                                    <= 2 * raw_std[0])[mask].mean())
         out["verification"] = ver
         if not ver["verified"]:
             out["warnings"].append("unverified: the solver at the estimate leaves the surrogate's stated "
@@ -236,6 +273,8 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
             ref = point_estimate(solver, problem, sigma, best["z"][None], max_nfev=refine_nfev)
             out["refined"] = dict(zip(problem.fit, ref["theta"].tolist()))
             timings["refine_s"] = time.perf_counter() - t0
+    mean, std = engine.predict(problem, best["theta"][None])
+    out["_mean"], out["_std"] = mean[0], std[0]  # the calibrated prediction, for plots
     timings["total_s"] = time.perf_counter() - t_start
     out["timings"] = timings
     out["evaluations"] = {"surrogate_calls": surrogate.calls if surrogate else 0,
