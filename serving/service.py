@@ -77,6 +77,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        if path == "/model":  # the manifest app is mounted at /model/: answer GET /model too, without a redirect
+            scope = {**scope, "path": "/model/", "raw_path": b"/model/"}
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         if self.token and path.startswith(PROTECTED):
             got = headers.get(b"authorization", b"")

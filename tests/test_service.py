@@ -104,6 +104,8 @@ def test_model_endpoint_serves_the_manifest(server):
         served = json.loads(r.read())
     assert served["system"]["name"] == "cascaded_tanks" and served["domain"] == manifest["domain"]
     assert served["onnx_sha256"] == manifest["onnx_sha256"]
+    with urllib.request.urlopen(f"{url}/model", timeout=10) as r:  # without the slash: no redirect
+        assert r.status == 200 and r.url.endswith("/model") and json.loads(r.read()) == served
 
 
 def test_bad_input_is_a_400_naming_the_field_and_the_server_stays_up(server):
