@@ -156,3 +156,17 @@ def test_twin_calibrate_cli_writes_json_and_plot(exported, tmp_path):
     r = subprocess.run([str(BIN / "twin-calibrate"), "model=pend:v1", f"observations={obs}", f"out_dir={out}"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 2 and "fit: unknown names ['gravity']; valid: length, damping, mass" in r.stderr
+
+
+def test_missing_noise_is_estimated_from_the_residuals(exported):
+    """No noise given: a first fit, then the residual RMS; with the solver in the loop it recovers
+    the noise the synthetic data was made with."""
+    _, manifest, _, _ = exported
+    request, truth = _request(manifest, noise_level=0.02, missing=0.0)
+    sigma = request.pop("noise")["theta"]
+    problem = Problem.build(request, manifest)
+    result = calibrate(problem, None, SolverBackend(manifest), backend="solver", n_starts=2, max_nfev=40)
+    assert result["noise_estimated"] == ["theta"]
+    assert result["noise"]["theta"] == pytest.approx(sigma, rel=0.25)
+    for name, value in truth.items():
+        assert result["estimate"][name] == pytest.approx(value, rel=0.05)

@@ -228,6 +228,7 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
             best = point_estimate(engine, problem, sigma, best["z"][None], max_nfev=max_nfev)
             history.append(dict(zip(problem.fit, best["theta"].tolist())))
     timings["least_squares_s"] = time.perf_counter() - t0
+    observed = [j for j in range(len(problem.outputs)) if not np.all(np.isnan(problem.y[:, j]))]
     out: dict[str, Any] = {
         "backend": backend, "fit": problem.fit,
         "estimate": dict(zip(problem.fit, best["theta"].tolist())),
@@ -235,9 +236,8 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
         "cost": best["cost"], "starts": best["starts"],
         "uncorrected_estimate": dict(zip(problem.fit, raw_estimate.tolist())), "corrections": history,
         "bounds": {k: [lo, hi] for k, lo, hi in zip(problem.fit, problem.lower.tolist(), problem.upper.tolist())},
-        "noise": {n: float(s) for n, s in zip(problem.outputs, sigma) if not np.all(np.isnan(problem.y[:, problem.outputs.index(n)]))},
-        "noise_estimated": [n for n, s in zip(problem.outputs, problem.noise) if np.isnan(s)
-                            and not np.all(np.isnan(problem.y[:, problem.outputs.index(n)]))],
+        "noise": {problem.outputs[j]: float(sigma[j]) for j in observed},
+        "noise_estimated": [problem.outputs[j] for j in observed if np.isnan(problem.noise[j])],
         "warnings": list(problem.warnings),
     }
     samples = np.zeros((0, problem.n_fit))
