@@ -31,6 +31,7 @@ class Batcher:
         self.run, self.max_batch, self.merge, self.observe = run, max_batch, merge, observe
         self._queue: collections.deque[tuple[list[Any], asyncio.Future]] = collections.deque()
         self._busy = False
+        self._task: asyncio.Task | None = None  # a reference keeps the running drain task alive
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twin-ml-model")
 
     async def submit(self, items: list[Any]) -> list[Any]:
@@ -39,7 +40,7 @@ class Batcher:
         self._queue.append((items, future))
         if not self._busy:
             self._busy = True
-            loop.create_task(self._drain())
+            self._task = loop.create_task(self._drain())
         return await future
 
     def _take(self) -> list[tuple[list[Any], asyncio.Future]]:
@@ -62,14 +63,18 @@ class Batcher:
                 if not jobs:
                     continue
                 items = [x for job_items, _ in jobs for x in job_items]
-                if self.observe is not None:
-                    self.observe(len(items))
                 try:
+                    if self.observe is not None:
+                        self.observe(len(items))
                     results = await loop.run_in_executor(self._executor, self.run, items)
-                except Exception as e:  # noqa: BLE001 - handed to every waiting request
+                    if len(results) != len(items):
+                        raise RuntimeError(f"the model call returned {len(results)} results for {len(items)} items")
+                except BaseException as e:  # handed to every waiting request (cancellation: then re-raised)
                     for _, future in jobs:
                         if not future.done():
-                            future.set_exception(e)
+                            future.set_exception(e if isinstance(e, Exception) else RuntimeError("batcher stopped"))
+                    if not isinstance(e, Exception):
+                        raise
                     continue
                 k = 0
                 for job_items, future in jobs:

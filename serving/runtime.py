@@ -107,6 +107,9 @@ class Runtime:
         if t_end <= 0:
             raise RequestError(f"{where}.t_end", "must be > 0")
         n = int(round(t_end / self.dt))
+        if n > self.max_steps:  # before any array of that length exists
+            raise RequestError(f"{where}.t_end", f"{n} steps exceed this model's maximum of {self.max_steps} "
+                                                 f"(t_end <= {self.max_steps * self.dt:g})")
         if not math.isclose(n * self.dt, t_end, rel_tol=1e-6, abs_tol=1e-9):
             raise RequestError(f"{where}.t_end", f"must be a multiple of dt = {self.dt}, got {t_end}")
         return np.arange(n + 1) * self.dt
@@ -141,6 +144,8 @@ class Runtime:
         for i, q in enumerate(qs):
             if not 0 < q < 1:
                 raise RequestError(f"{where}.quantiles[{i}]", f"must be in (0, 1), got {q}")
+        if len({f"{q:g}" for q in qs}) != len(qs):
+            raise RequestError(f"{where}.quantiles", f"levels must differ (as the answer names them, {{q:g}}): {qs}")
         reasons = self.domain_reasons(p, x0, u)
         if reasons and self.strict:
             raise RequestError(where, "outside the training domain (strict mode): " + "; ".join(reasons))

@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.batching import Batcher
 from serving.runtime import RequestError, Runtime
@@ -89,25 +89,26 @@ class Guard:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
-        seen = 0
+        seen, refused = 0, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _TooLarge()
+                if seen > self.max_body:  # a chunked body with no Content-Length: answer here, once
+                    refused = True
+                    await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
+        async def guarded_send(message):
+            if not refused:  # after a 413, whatever the app still says is dropped
+                await send(message)
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited, guarded_send)
 
 
 def _load() -> tuple[Any, dict[str, Any]]:
@@ -135,9 +136,15 @@ class MCMC(BaseModel):
     """Posterior sampling with emcee on the surrogate."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(600, ge=10, le=5000)
-    burn: int = Field(200, ge=0, le=4999)
+    steps: int = Field(600, ge=20, le=5000)
+    burn: int = Field(200, ge=0, le=4980)
     walkers: int = Field(32, ge=4, le=128)
+
+    @model_validator(mode="after")
+    def _enough_kept(self) -> "MCMC":
+        if self.steps - self.burn < 20:
+            raise ValueError(f"mcmc.burn must leave at least 20 steps (steps={self.steps}, burn={self.burn})")
+        return self
 
 
 _METRICS: dict[str, Any] = {}
@@ -209,6 +216,7 @@ class TwinService:
     async def calibrate(self, times: list[float], outputs: dict[str, list[Optional[float]]], fit: list[str],
                         inputs: dict[str, list[float]] = {}, parameters: dict[str, float] = {},  # noqa: B006
                         initial_state: dict[str, float] = {}, bounds: dict[str, list[float]] = {},  # noqa: B006
+                        priors: dict[str, dict[str, list[float]]] = {},  # noqa: B006
                         noise: dict[str, float] = {}, mcmc: Optional[MCMC] = None,  # noqa: B006
                         starts: int = Field(4, ge=1, le=32), corrections: int = Field(2, ge=0, le=10),
                         refine: int = Field(0, ge=0, le=200)) -> dict:
@@ -217,16 +225,18 @@ class TwinService:
         the estimate (see twin_ml/calibrate). Bounds default to the training domain; missing noise
         is estimated. One calibration runs at a time; others wait their turn."""
         request = {"times": times, "outputs": outputs, "inputs": inputs, "fit": fit, "parameters": parameters,
-                   "initial_state": initial_state, "bounds": bounds, "noise": noise}
+                   "initial_state": initial_state, "bounds": bounds, "priors": priors, "noise": noise}
         try:
             problem = Problem.build(request, MANIFEST)
         except CalibrationError as e:
             raise InvalidArgument(str(e)) from None
         options = {"n_starts": starts, "refine_nfev": refine, "corrections": corrections,
                    "mcmc": mcmc.model_dump() if mcmc is not None else None}
-        if mcmc is not None and mcmc.burn >= mcmc.steps:
-            raise InvalidArgument(f"mcmc.burn: must be < mcmc.steps ({mcmc.steps}), got {mcmc.burn}")
-        result = await asyncio.get_running_loop().run_in_executor(self._calibrations, self._calibrate, problem, options)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._calibrations, self._calibrate, problem,
+                                                                      options)
+        except CalibrationError as e:  # found during the fit (e.g. noise that cannot be estimated)
+            raise InvalidArgument(str(e)) from None
         body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
         return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
 

@@ -56,6 +56,8 @@ def _request(manifest, **kw):
     (lambda r: r.update(noise={"theta": -1.0}), "noise.theta", "must be > 0"),
     (lambda r: r["parameters"].pop("mass"), "parameters", "missing 'mass'"),
     (lambda r: r.update(times=r["times"][:2]), "times", "at least 3 timestamps"),
+    (lambda r: r.update(priors={"length": {"normal": [1.0, 0.1, 3.0]}}), "priors.length.normal", "[mean, std]"),
+    (lambda r: r["outputs"]["theta"].__setitem__(1, 10 ** 400), "outputs.theta[1]", "too large for a float"),
 ])
 def test_bad_requests_name_the_field(exported, mutate, field, text):
     _, manifest, _, _ = exported
@@ -73,6 +75,18 @@ def test_bounds_outside_the_training_domain_warn_that_the_surrogate_extrapolates
     problem = Problem.build(request, manifest)
     assert any("bounds.length = [0.3, 1.5] reach outside the training domain" in w for w in problem.warnings)
     assert problem.lower[0] == 0.3
+    request["parameters"]["mass"] = 5.0
+    assert any("parameters.mass = 5 is outside the training domain" in w
+               for w in Problem.build(request, manifest).warnings)
+
+
+def test_a_posterior_needs_enough_kept_steps(exported):
+    from twin_ml.calibrate.fit import posterior
+
+    path, manifest, _, _ = exported
+    problem = Problem.build(_request(manifest)[0], manifest)
+    with pytest.raises(ValueError, match="steps - burn must be >= 20"):
+        posterior(SurrogateBackend(path, manifest), problem, problem.noise, np.full(2, 0.5), steps=30, burn=15)
 
 
 def test_solver_backend_recovers_the_true_parameters_from_clean_data(exported):

@@ -116,6 +116,8 @@ def test_out_of_domain_is_flagged_with_reasons_and_refused_in_strict_mode(rt, ex
     (lambda s: s.update(dt=0.0), "scenarios[0].dt", "must be > 0"),
     (lambda s: s.update(dt=0.05), "scenarios[0].dt", "must equal the model's dt = 0.1"),
     (lambda s: s.update(quantiles=[1.5]), "scenarios[0].quantiles[0]", "must be in (0, 1)"),
+    (lambda s: s.update(quantiles=[0.05, 0.0500000001]), "scenarios[0].quantiles", "levels must differ"),
+    (lambda s: s.update(t_end=1e300), "scenarios[0].t_end", "exceed this model's maximum of 80"),
     (lambda s: s.update(colour="red"), "scenarios[0]", "unknown fields ['colour']"),
 ])
 def test_bad_input_names_the_field(rt, mutate, field, text):

@@ -145,6 +145,7 @@ def _mutated(manifest, mutate, n=10):
     (lambda m: _mutated(m, lambda s: s["inputs"].update(valve=[0.0] * 11)), "valve"),
     (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=[1, 2])), "k1"),
     (lambda m: _mutated(m, lambda s: s.update(t_end=4.0 * 1000)), "scenarios[0].t_end"),
+    (lambda m: _mutated(m, lambda s: s.update(t_end=1e300)), "scenarios[0].t_end"),
     (lambda m: {"scenarios": [scenario(m, 2)] * 257}, "257 scenarios exceed the limit of 256"),
     (lambda m: _mutated(m, lambda s: s.update(dt=0.0)), "scenarios[0].dt: must be > 0"),
     (lambda m: _mutated(m, lambda s: s.update(dt=-4.0)), "scenarios[0].dt: must be > 0"),
@@ -300,6 +301,12 @@ def test_token_auth_body_limit_and_no_pickle(server, tmp_path):
         auth = {"Authorization": "Bearer s3cret-token"}
         big = {"scenarios": [scenario(manifest, 20)] * 40}
         assert post(url, big, auth)[0] == 413
+        raw = json.dumps(big).encode()  # the same body chunked, with no Content-Length to refuse it early
+        chunked = urllib.request.Request(f"{url}/simulate", data=iter([raw[i:i + 4096] for i in range(0, len(raw), 4096)]),
+                                         headers={"Content-Type": "application/json", **auth})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(chunked, timeout=30)
+        assert e.value.code == 413
         status, _ = post(url, None, {**auth, "Content-Type": "application/vnd.bentoml+pickle"}, raw=b"\x80\x04N.")
         assert status == 415
         assert post(url, body, auth)[0] == 200  # still up
@@ -357,6 +364,10 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
     assert status == 400 and "fit: unknown names ['k9']; valid: k1, k2, k3, k4, k5" in json.dumps(body)
     status, body = _post_path(url, "/calibrate", {**request, "mcmc": {"steps": 50, "burn": 60}})
     assert status == 400 and "mcmc.burn" in json.dumps(body)
+    status, body = _post_path(url, "/calibrate", {**request, "mcmc": {"steps": 30, "burn": 20}})
+    assert status == 400 and "must leave at least 20 steps" in json.dumps(body)
+    status, body = _post_path(url, "/calibrate", {**request, "priors": {"k1": {"normal": [0.05]}}})
+    assert status == 400 and "priors.k1.normal: must be [mean, std]" in json.dumps(body)
     bad = dict(request, times=list(reversed(request["times"])))
     status, body = _post_path(url, "/calibrate", bad)
     assert status == 400 and "times: not sorted" in json.dumps(body)

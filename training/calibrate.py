@@ -49,6 +49,8 @@ def parse(argv: list[str]) -> dict:
         raise ValueError(f"backend must be surrogate or solver, got {cfg['backend']!r}")
     if cfg["solver_mode"] not in ("looped", "stacked"):
         raise ValueError(f"solver_mode must be looped or stacked, got {cfg['solver_mode']!r}")
+    if cfg["steps"] - cfg["burn"] < 20:
+        raise ValueError(f"burn must leave at least 20 steps (steps={cfg['steps']}, burn={cfg['burn']})")
     if cfg["mcmc"] not in ("true", "false"):
         raise ValueError(f"mcmc must be true or false, got {cfg['mcmc']!r}")
     cfg["mcmc"] = cfg["mcmc"] == "true"

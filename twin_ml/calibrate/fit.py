@@ -19,10 +19,11 @@ from scipy.optimize import least_squares
 from scipy.stats import qmc
 
 from twin_ml.calibrate.backends import CorrectedSurrogate
-from twin_ml.calibrate.problem import Problem
+from twin_ml.calibrate.problem import CalibrationError, Problem
 
 BAD = 1e3  # residual given to a point the model could not predict (a failed solve, NaN)
 FD_STEP = 1e-3  # finite-difference step in the unit box (float32 surrogates: well above round-off)
+MIN_KEPT = 20  # MCMC steps per walker after burn-in, at least (R-hat splits them in halves)
 
 
 def residuals(problem: Problem, mean: np.ndarray, std: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -95,7 +96,10 @@ def estimate_noise(backend, problem: Problem, theta: np.ndarray, sigma: np.ndarr
     mean, std = backend.predict(problem, theta[None])
     out = sigma.copy()
     for j in np.flatnonzero(np.isnan(sigma)):
-        m = ~np.isnan(problem.y[:, j])
+        m = ~np.isnan(problem.y[:, j]) & np.isfinite(mean[0, :, j]) & np.isfinite(std[0, :, j])
+        if not m.any():
+            raise CalibrationError(f"noise.{problem.outputs[j]}", "cannot be estimated: the model predicts no "
+                                   "finite value at the first estimate (give the noise std)")
         res2 = float(np.mean((problem.y[m, j] - mean[0, m, j]) ** 2))
         var = max(res2 - float(np.mean(std[0, m, j] ** 2)), 1e-6 * res2, 1e-24)
         out[j] = math.sqrt(var)
@@ -112,6 +116,12 @@ def _rhat(chain: np.ndarray) -> np.ndarray:
     return np.sqrt(var / np.maximum(w, 1e-300))
 
 
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: a diagnostic that could not be computed is None."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
 def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *, walkers: int = 32,
               steps: int = 1000, burn: int = 300, seed: int = 0) -> dict[str, Any]:
     """emcee's affine-invariant ensemble sampler, vectorized: every walker move is one backend call.
@@ -121,8 +131,9 @@ def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *
 
     n = problem.n_fit
     walkers = max(walkers, 2 * n + 2)
-    if not 0 <= burn < steps:
-        raise ValueError(f"mcmc burn must be in [0, steps), got burn={burn}, steps={steps}")
+    if not 0 <= burn or steps - burn < MIN_KEPT:
+        raise ValueError(f"mcmc: steps - burn must be >= {MIN_KEPT} (kept steps per walker), got steps={steps}, "
+                         f"burn={burn}")
     prior_idx = [(problem.fit.index(k), mu, sd) for k, (mu, sd) in problem.priors.items()]
 
     def log_prob(zs):
@@ -156,9 +167,9 @@ def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *
     return {"samples": flat, "mean": flat.mean(axis=0), "std": flat.std(axis=0), "q05": q05, "q95": q95,
             "diagnostics": {"walkers": walkers, "steps": steps, "burn": burn,
                             "acceptance": float(np.mean(sampler.acceptance_fraction)),
-                            "autocorr_time": [float(x) for x in tau],
-                            "ess": [float(chain.shape[0] * walkers / max(x, 1.0)) for x in tau],
-                            "rhat": [float(x) for x in _rhat(chain)],
+                            "autocorr_time": [_finite(x) for x in tau],
+                            "ess": [_finite(chain.shape[0] * walkers / max(x, 1.0)) for x in tau],
+                            "rhat": [_finite(x) for x in _rhat(chain)],
                             "chain_over_50_tau": bool(chain.shape[0] >= 50 * float(np.max(tau)))}}
 
 

@@ -42,7 +42,10 @@ def _array(values: Any, where: str, n: int | None = None, allow_nan: bool = Fals
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
             raise CalibrationError(f"{where}[{i}]", f"must be a number{' or null' if allow_nan else ''}, "
                                                     f"got {type(v).__name__}")
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:
+            raise CalibrationError(f"{where}[{i}]", "is too large for a float") from None
         if math.isinf(v) or (math.isnan(v) and not allow_nan):
             raise CalibrationError(f"{where}[{i}]", f"must be finite, got {v}")
         out.append(v)
@@ -60,7 +63,7 @@ class Problem:
     y: np.ndarray                         # [T, ny] observations, NaN = missing
     u: np.ndarray                         # [T, nu]
     fit: list[str]                        # parameter names and "state:<name>" entries
-    base_p: np.ndarray                    # [np] values of every parameter (fitted ones: the start)
+    base_p: np.ndarray                    # [np] values of every parameter (fitted ones: placeholders)
     base_x0: np.ndarray                   # [nx]
     lower: np.ndarray                     # [n_fit]
     upper: np.ndarray                     # [n_fit]
@@ -179,12 +182,18 @@ class Problem:
             upper.append(hi)
 
         priors = {}
-        for name, spec in (request.get("priors") or {}).items():
+        priors_in = request.get("priors") or {}
+        if not isinstance(priors_in, dict):
+            raise CalibrationError("priors", 'must be an object: name -> {"normal": [mean, std]}')
+        for name, spec in priors_in.items():
             if name not in fit:
                 raise CalibrationError("priors", f"prior for {name!r}, which is not fitted; fitted: {', '.join(fit)}")
             if not isinstance(spec, dict) or set(spec) != {"normal"}:
                 raise CalibrationError(f"priors.{name}", 'must be {"normal": [mean, std]}')
-            mu, sd = _array(spec["normal"], f"priors.{name}.normal")
+            pair = _array(spec["normal"], f"priors.{name}.normal")
+            if len(pair) != 2:
+                raise CalibrationError(f"priors.{name}.normal", f"must be [mean, std], got {len(pair)} numbers")
+            mu, sd = pair
             if not sd > 0:
                 raise CalibrationError(f"priors.{name}.normal", "std must be > 0")
             priors[name] = (float(mu), float(sd))
@@ -194,9 +203,14 @@ class Problem:
             raise CalibrationError("parameters", f"must be an object keyed by parameter name ({', '.join(params)})")
         base_p = []
         for n in params:
-            if n in given_p:
-                base_p.append(_array([given_p[n]], f"parameters.{n}")[0])
-            elif n in fit:
+            if n in given_p and n not in fit:
+                v = _array([given_p[n]], f"parameters.{n}")[0]
+                lo, hi = box.get(f"parameter:{n}", (-math.inf, math.inf))
+                if not lo <= v <= hi:
+                    warnings.append(f"parameters.{n} = {v:g} is outside the training domain [{lo:g}, {hi:g}]: "
+                                    "the surrogate extrapolates there")
+                base_p.append(v)
+            elif n in fit:  # a placeholder: fitted values come from the optimizer's starts
                 lo, hi = lower[fit.index(n)], upper[fit.index(n)]
                 base_p.append((lo + hi) / 2)
             else:
@@ -206,8 +220,13 @@ class Problem:
             raise CalibrationError("initial_state", f"must be an object keyed by state name ({', '.join(states)})")
         base_x0 = []
         for n in states:
-            if n in given_x:
-                base_x0.append(_array([given_x[n]], f"initial_state.{n}")[0])
+            if n in given_x and f"state:{n}" not in fit:
+                v = _array([given_x[n]], f"initial_state.{n}")[0]
+                lo, hi = box.get(f"state:{n}", (-math.inf, math.inf))
+                if not lo <= v <= hi:
+                    warnings.append(f"initial_state.{n} = {v:g} is outside the training domain [{lo:g}, {hi:g}]: "
+                                    "the surrogate extrapolates there")
+                base_x0.append(v)
             elif f"state:{n}" in fit:
                 k = fit.index(f"state:{n}")
                 base_x0.append((lower[k] + upper[k]) / 2)
