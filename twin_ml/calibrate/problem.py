@@ -198,18 +198,22 @@ class Problem:
                 raise CalibrationError(f"priors.{name}.normal", "std must be > 0")
             priors[name] = (float(mu), float(sd))
 
+        def fixed(value: Any, field: str, key: str) -> float:
+            """A value not fitted, with a warning when it lies outside the training domain."""
+            v = _array([value], field)[0]
+            lo, hi = box.get(key, (-math.inf, math.inf))
+            if not lo <= v <= hi:
+                warnings.append(f"{field} = {v:g} is outside the training domain [{lo:g}, {hi:g}]: "
+                                "the surrogate extrapolates there")
+            return v
+
         given_p = request.get("parameters") or {}
         if not isinstance(given_p, dict) or set(given_p) - set(params):
             raise CalibrationError("parameters", f"must be an object keyed by parameter name ({', '.join(params)})")
         base_p = []
         for n in params:
             if n in given_p and n not in fit:
-                v = _array([given_p[n]], f"parameters.{n}")[0]
-                lo, hi = box.get(f"parameter:{n}", (-math.inf, math.inf))
-                if not lo <= v <= hi:
-                    warnings.append(f"parameters.{n} = {v:g} is outside the training domain [{lo:g}, {hi:g}]: "
-                                    "the surrogate extrapolates there")
-                base_p.append(v)
+                base_p.append(fixed(given_p[n], f"parameters.{n}", f"parameter:{n}"))
             elif n in fit:  # a placeholder: fitted values come from the optimizer's starts
                 lo, hi = lower[fit.index(n)], upper[fit.index(n)]
                 base_p.append((lo + hi) / 2)
@@ -221,12 +225,7 @@ class Problem:
         base_x0 = []
         for n in states:
             if n in given_x and f"state:{n}" not in fit:
-                v = _array([given_x[n]], f"initial_state.{n}")[0]
-                lo, hi = box.get(f"state:{n}", (-math.inf, math.inf))
-                if not lo <= v <= hi:
-                    warnings.append(f"initial_state.{n} = {v:g} is outside the training domain [{lo:g}, {hi:g}]: "
-                                    "the surrogate extrapolates there")
-                base_x0.append(v)
+                base_x0.append(fixed(given_x[n], f"initial_state.{n}", f"state:{n}"))
             elif f"state:{n}" in fit:
                 k = fit.index(f"state:{n}")
                 base_x0.append((lower[k] + upper[k]) / 2)
