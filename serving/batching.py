@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 
 class Batcher:
     """`await batcher.submit(items)` -> `run`'s results for those items, computed in one worker
-    thread together with whatever other requests were waiting (`merge=False`: one request per call). `run(items) -> results` (same
-    length and order) must be thread-safe only with respect to itself."""
+    thread together with whatever other requests were waiting (`merge=False`: one request per
+    call). `run(items) -> results` (same length and order) runs in that one thread only."""
 
     def __init__(self, run: Callable[[list[Any]], Sequence[Any]], max_batch: int = 256, merge: bool = True,
                  observe: Callable[[int], None] | None = None):

@@ -13,7 +13,8 @@ batcher (serving/batching.py): one worker thread runs onnxruntime on everything 
 of different horizons padded and masked (serving/runtime.py `plan`). Settings come from the
 environment (twin-serve sets them): TWIN_ML_MODEL, TWIN_ML_THREADS, TWIN_ML_STRICT,
 TWIN_ML_BATCHING, TWIN_ML_MAX_BATCH, TWIN_ML_MAX_SCENARIOS, TWIN_ML_MAX_STEPS,
-TWIN_ML_MAX_CONCURRENCY, TWIN_ML_TIMEOUT, TWIN_ML_WORKERS, TWIN_ML_ACCESS_LOG, TWIN_ML_TOKEN, TWIN_ML_MAX_BODY_BYTES.
+TWIN_ML_MAX_CONCURRENCY, TWIN_ML_TIMEOUT, TWIN_ML_WORKERS, TWIN_ML_ACCESS_LOG, TWIN_ML_TOKEN,
+TWIN_ML_MAX_BODY_BYTES.
 
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
@@ -172,7 +173,8 @@ def _metrics() -> dict[str, Any]:
 @bentoml.asgi_app(manifest_app, path="/model")
 @bentoml.service(name="twin_ml", workers=_env_int("TWIN_ML_WORKERS", 1), http={"host": "127.0.0.1"},
                  logging={"access": {"enabled": _env_flag("TWIN_ML_ACCESS_LOG", True)}},
-                 traffic={"timeout": _env_int("TWIN_ML_TIMEOUT", 120), "max_concurrency": _env_int("TWIN_ML_MAX_CONCURRENCY", 64)})
+                 traffic={"timeout": _env_int("TWIN_ML_TIMEOUT", 120),
+                          "max_concurrency": _env_int("TWIN_ML_MAX_CONCURRENCY", 64)})
 class TwinService:
     def __init__(self) -> None:
         if not MANIFEST:
