@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -55,40 +57,97 @@ def starts(problem: Problem, n: int, seed: int) -> np.ndarray:
     return np.array(pts)
 
 
+class _Lockstep:
+    """The starts' least-squares runs, each in its own thread, meet at every model call: once every
+    running start has submitted its candidates, they go to the backend in one call (in start
+    order, so the batches and so the results are deterministic). A vectorized surrogate then
+    costs about one call per iteration for all starts; a looped solver still solves them one by
+    one; a stacked one in one vectorized solve."""
+
+    def __init__(self, backend, problem: Problem, n: int):
+        self.backend, self.problem = backend, problem
+        self.cv = threading.Condition()
+        self.active = n
+        self.pending: dict[int, np.ndarray] = {}
+        self.results: dict[int, Any] = {}
+
+    def predict(self, i: int, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self.cv:
+            self.pending[i] = theta
+            self._flush_if_ready()
+            while i not in self.results:
+                self.cv.wait()
+            out = self.results.pop(i)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def leave(self) -> None:
+        with self.cv:
+            self.active -= 1
+            self._flush_if_ready()
+
+    def _flush_if_ready(self) -> None:
+        if not self.pending or len(self.pending) < self.active:
+            return
+        keys = sorted(self.pending)
+        thetas = [self.pending[k] for k in keys]
+        self.pending = {}
+        try:
+            mean, std = self.backend.predict(self.problem, np.vstack(thetas))
+            edges = np.cumsum([0] + [len(t) for t in thetas])
+            for k, a, b in zip(keys, edges[:-1], edges[1:]):
+                self.results[k] = (mean[a:b], std[a:b])
+        except Exception as e:  # every waiting start gets the failure
+            for k in keys:
+                self.results[k] = e
+        self.cv.notify_all()
+
+
 def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray, *,
                    max_nfev: int = 60) -> dict[str, Any]:
-    """Multi-start least squares (scipy, trust-region reflective) on the normalized residuals, with
-    forward-difference Jacobians computed in one vectorized backend call per Jacobian."""
-    last: dict[bytes, np.ndarray] = {}
+    """Multi-start least squares (scipy, trust-region reflective) on the normalized residuals. The
+    starts run in lockstep (`_Lockstep`), and each forward-difference Jacobian is computed from
+    one vectorized set of candidates."""
+    gate = _Lockstep(backend, problem, len(z0s))
 
-    def fun(z):
-        mean, std = backend.predict(problem, problem.from_unit(z[None]))
-        r = residuals(problem, mean, std, sigma)[0]
-        last.clear()
-        last[z.tobytes()] = r
-        return r
+    def one(i: int, z0: np.ndarray) -> dict[str, Any]:
+        last: dict[bytes, np.ndarray] = {}
 
-    def jac(z):
-        r0 = last.get(z.tobytes())
-        if r0 is None:
-            r0 = fun(z)
-        steps = np.where(z + FD_STEP <= 1.0, FD_STEP, -FD_STEP)
-        zs = z[None] + np.diag(steps)
-        mean, std = backend.predict(problem, problem.from_unit(zs))
-        return ((residuals(problem, mean, std, sigma) - r0[None]) / steps[:, None]).T
+        def fun(z):
+            mean, std = gate.predict(i, problem.from_unit(z[None]))
+            r = residuals(problem, mean, std, sigma)[0]
+            last.clear()
+            last[z.tobytes()] = r
+            return r
 
-    runs = []
-    for z0 in z0s:
-        res = least_squares(fun, z0, jac=jac, bounds=(0.0, 1.0), method="trf", max_nfev=max_nfev,
-                            xtol=1e-10, ftol=1e-10, gtol=1e-10)
-        runs.append({"start": problem.from_unit(z0).tolist(), "theta": problem.from_unit(res.x).tolist(),
-                     "cost": float(res.cost), "nfev": int(res.nfev), "z": res.x, "jac": res.jac})
+        def jac(z):
+            r0 = last.get(z.tobytes())
+            if r0 is None:
+                r0 = fun(z)
+            steps = np.where(z + FD_STEP <= 1.0, FD_STEP, -FD_STEP)
+            mean, std = gate.predict(i, problem.from_unit(z[None] + np.diag(steps)))
+            return ((residuals(problem, mean, std, sigma) - r0[None]) / steps[:, None]).T
+
+        try:
+            res = least_squares(fun, z0, jac=jac, bounds=(0.0, 1.0), method="trf", max_nfev=max_nfev,
+                                xtol=1e-10, ftol=1e-10, gtol=1e-10)
+        finally:
+            gate.leave()
+        return {"start": problem.from_unit(z0).tolist(), "theta": problem.from_unit(res.x).tolist(),
+                "cost": float(res.cost), "nfev": int(res.nfev), "z": res.x, "jac": res.jac}
+
+    if len(z0s) == 1:
+        runs = [one(0, z0s[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=len(z0s), thread_name_prefix="twin-ml-start") as pool:
+            runs = list(pool.map(one, range(len(z0s)), z0s))
     best = min(runs, key=lambda r: r["cost"])
     cov_z = np.linalg.pinv(best["jac"].T @ best["jac"])
     scale = problem.upper - problem.lower
     std_err = np.sqrt(np.clip(np.diag(cov_z), 0, None)) * scale
-    return {"theta": np.array(best["theta"]), "z": best["z"], "cost": best["cost"], "std_error": std_err,
-            "starts": [{k: v for k, v in r.items() if k not in ("z", "jac")} for r in runs]}
+    return {"theta": np.array(best["theta"]), "z": best["z"], "cov_z": cov_z, "cost": best["cost"],
+            "std_error": std_err, "starts": [{k: v for k, v in r.items() if k not in ("z", "jac")} for r in runs]}
 
 
 def estimate_noise(backend, problem: Problem, theta: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -123,10 +182,12 @@ def _finite(x: float) -> float | None:
 
 
 def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *, walkers: int = 32,
-              steps: int = 1000, burn: int = 300, seed: int = 0) -> dict[str, Any]:
+              steps: int = 1000, burn: int = 300, seed: int = 0, cov_z: np.ndarray | None = None) -> dict[str, Any]:
     """emcee's affine-invariant ensemble sampler, vectorized: every walker move is one backend call.
-    Uniform prior on the bounds times the optional normal priors; walkers start in a small ball
-    around the point estimate."""
+    Uniform prior on the bounds times the optional normal priors. Walkers start drawn from the
+    Laplace approximation at the point estimate (covariance `cov_z`, from the least-squares
+    Jacobian) when given, else in a small ball around it: a ball far narrower than the posterior
+    takes many autocorrelation times to spread, and a short chain then understates the width."""
     import emcee
 
     n = problem.n_fit
@@ -150,7 +211,12 @@ def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *
         return out
 
     rng = np.random.default_rng(seed)
-    p0 = np.clip(z_hat[None] + 1e-3 * rng.standard_normal((walkers, n)), 1e-6, 1 - 1e-6)
+    if cov_z is not None and np.all(np.isfinite(cov_z)):
+        w, v = np.linalg.eigh((cov_z + cov_z.T) / 2)  # a square root that tolerates a singular cov_z
+        p0 = z_hat[None] + rng.standard_normal((walkers, n)) @ (v * np.sqrt(np.clip(w, 0, None))).T
+    else:
+        p0 = z_hat[None] + 1e-3 * rng.standard_normal((walkers, n))
+    p0 = np.clip(p0, 1e-6, 1 - 1e-6)
     sampler = emcee.EnsembleSampler(walkers, n, log_prob, vectorize=True)
     sampler.random_state = np.random.RandomState(seed).get_state()
     sampler.run_mcmc(p0, steps, progress=False)
@@ -254,7 +320,7 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
     samples = np.zeros((0, problem.n_fit))
     if mcmc is not None and backend == "surrogate":
         t0 = time.perf_counter()
-        post = posterior(engine, problem, sigma, best["z"], seed=seed, **mcmc)
+        post = posterior(engine, problem, sigma, best["z"], seed=seed, cov_z=best["cov_z"], **mcmc)
         timings["mcmc_s"] = time.perf_counter() - t0
         samples = post["samples"]
         out["_samples"] = samples
