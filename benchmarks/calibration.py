@@ -10,7 +10,7 @@ Robertson, the stiff system: emulator, k1 and k3), in one run:
   2. point estimate: the same multi-start least squares (8 starts) with the surrogate, then with
      the solver (looped: one solve_ivp per candidate; and stacked: one vectorized solve per
      call): wall clock ratio, the parameter error, and the solver's verification of the estimate;
-  3. Bayesian: emcee on the surrogate (16 walkers, 300 steps, 100 burn-in) with solver
+  3. Bayesian: emcee on the surrogate (16 walkers, 200 steps, 66 burn-in, started from the Laplace approximation) with solver
      verification, over --trials seeded problems (different true values and noise): how often the
      90% credible intervals hold the true values, and how many solver calls a whole Bayesian run
      used. Beside it, the solver's own intervals on the same trials (least squares with the solver,
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--starts", type=int, default=8)
-    ap.add_argument("--mcmc-steps", type=int, default=300)
+    ap.add_argument("--mcmc-steps", type=int, default=200)
     ap.add_argument("--walkers", type=int, default=16)
     ap.add_argument("--n", type=int, default=256, help="training scenarios per system")
     ap.add_argument("--epochs", type=int, default=None, help="override the experiments' max_epochs")

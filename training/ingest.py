@@ -1,0 +1,92 @@
+"""twin-ingest: check telemetry against a data contract, align it onto the model's grid, report
+its quality; or convert one of the real benchmark datasets into the telemetry format.
+
+    twin-ingest source=FILE contract=NAME|FILE.yaml [out_dir=runs/ingest] [layout=auto]
+                [timestamp=timestamp] [timezone=] [start=] [end=]
+    twin-ingest convert=cascaded_tanks|silverbox [source=data/real/<name>/<file>] [out_dir=data/telemetry/<name>]
+
+  source      telemetry file (.parquet or .csv), long (timestamp, signal, value[, unit, quality])
+              or wide (timestamp + a column per signal, "name [unit]" headers allowed)
+  contract    a contract under configs/contract/ by name, or a YAML file
+  timezone    for naive timestamps (e.g. UTC, Europe/Berlin); numbers are seconds after 1970-01-01Z
+  start, end  the grid's first and last time (ISO 8601 with offset); default: the data's span
+
+Ingest writes out_dir/telemetry.parquet (aligned, with a mask column per signal), quality.json and
+quality.png. Convert writes one long Parquet file per record and, beside each, its quality report
+(<record>.quality.json). Prints summary.json's path last.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from training._common import CONFIG_DIR, fail, key_values, write_summary
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"source": None, "contract": None, "convert": None, "out_dir": None, "layout": "auto",
+            "timestamp": "timestamp", "timezone": None, "start": None, "end": None}
+
+
+def contract_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    known = sorted(p.stem for p in (Path(CONFIG_DIR) / "contract").glob("*.yaml"))
+    if name not in known:
+        raise ValueError(f"contract={name!r} is unknown; known contracts: {', '.join(known)} (or a .yaml file)")
+    return Path(CONFIG_DIR) / "contract" / f"{name}.yaml"
+
+
+def run(cfg: dict) -> Path:
+    from twin_ml._io import atomic_write_json
+    from twin_ml.data import real
+    from twin_ml.data.telemetry import Contract, ingest, read_telemetry, save
+
+    if cfg["convert"]:
+        name = cfg["convert"]
+        if name not in real.SOURCES:
+            raise ValueError(f"convert={name!r} is unknown; known datasets: {', '.join(real.SOURCES)}")
+        source = Path(cfg["source"] or ROOT / "data" / "real" / name / real.SOURCES[name]["file"])
+        out = Path(cfg["out_dir"] or ROOT / "data" / "telemetry" / name)
+        contract = Contract.load(contract_path(real.SOURCES[name]["contract"]))
+        written = real.convert(name, source, out)
+        reports = {}
+        for rec, path in written.items():
+            tel = ingest(read_telemetry(path), contract)
+            reports[rec] = str(out / f"{rec}.quality.json")
+            atomic_write_json(reports[rec], tel.report)
+            print(f"{rec:>28}: {len(tel.t)} steps, masked {int((~tel.mask).sum())}, "
+                  f"stuck runs {sum(len(s['stuck_runs']) for s in tel.report['signals'].values())}")
+        return write_summary(out, {"command": "twin-ingest", "dataset": name, "source": str(source),
+                                   "records": {k: str(v) for k, v in written.items()}, "quality": reports})
+    if not cfg["source"] or not cfg["contract"]:
+        raise ValueError("give source=FILE and contract=NAME (or convert=DATASET)")
+    contract = Contract.load(contract_path(cfg["contract"]))
+    frame = read_telemetry(cfg["source"], layout=cfg["layout"], timestamp=cfg["timestamp"], timezone=cfg["timezone"])
+    tel = ingest(frame, contract, start=cfg["start"], end=cfg["end"])
+    out = Path(cfg["out_dir"] or "runs/ingest")
+    paths = save(tel, out)
+    for name, info in tel.report["signals"].items():
+        print(f"{name:>12}: {info['samples']} samples -> {info['sampled']} sampled, {info['interpolated']} "
+              f"interpolated, {info['masked']} masked; {info.get('out_of_range', 0)} out of range, "
+              f"{len(info['stuck_runs'])} stuck runs, {len(info['gaps'])} gaps")
+    for w in tel.report["warnings"]:
+        print(f"warning: {w}")
+    return write_summary(out, {"command": "twin-ingest", "source": str(cfg["source"]), "contract": contract.system,
+                               "steps": len(tel.t), **{k: str(v) for k, v in paths.items()}})
+
+
+def main(argv: list[str] | None = None) -> None:
+    from twin_ml.data.telemetry import TelemetryError
+
+    try:
+        cfg = key_values(sys.argv[1:] if argv is None else argv, DEFAULTS)
+        path = run(cfg)
+    except (ValueError, TelemetryError, OSError) as e:
+        fail(e)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
