@@ -51,6 +51,10 @@ def _stop_after(n: int):
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    if cfg.get("telemetry"):
+        from training.train_telemetry import train_telemetry
+
+        return train_telemetry(cfg)
     import lightning as L
     import torch
 

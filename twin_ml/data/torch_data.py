@@ -107,3 +107,43 @@ class ScenarioDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test", shuffle=False)
+
+
+class _Repeat(torch.utils.data.Dataset):
+    """One item, `n` times: an epoch of n steps over the same records."""
+
+    def __init__(self, item: dict[str, torch.Tensor], n: int):
+        self.item, self.n = item, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.item
+
+
+class TelemetryDataModule(L.LightningDataModule):
+    """Measured records on one uniform grid, for `TelemetryModule`: each batch holds all training
+    records (u [R, T, nu], p [R, np], y [R, T, ny], mask [R, T, ny]); an epoch is
+    `iterations_per_epoch` batches. Validation: the same records, as free runs."""
+
+    def __init__(self, t: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, mask: np.ndarray, *,
+                 iterations_per_epoch: int = 50):
+        super().__init__()
+        if iterations_per_epoch < 1:
+            raise ValueError(f"telemetry.iterations_per_epoch must be >= 1, got {iterations_per_epoch}")
+        dt = np.diff(t)
+        if len(t) < 3 or not np.allclose(dt, dt[0], rtol=1e-6, atol=0.0):
+            raise ValueError("telemetry records must share a uniform grid of >= 3 points")
+        self.t_grid = np.asarray(t, dtype=np.float64)
+        self.t = torch.tensor(self.t_grid, dtype=torch.float32)
+        y = np.where(mask, y, 0.0)  # masked points carry no value (and no NaN into the graph)
+        self.batch = {"u": torch.tensor(u, dtype=torch.float32), "p": torch.tensor(p, dtype=torch.float32),
+                      "y": torch.tensor(y, dtype=torch.float32), "mask": torch.tensor(mask, dtype=torch.bool)}
+        self.iterations_per_epoch = iterations_per_epoch
+
+    def train_dataloader(self):
+        return DataLoader(_Repeat(self.batch, self.iterations_per_epoch), batch_size=None, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(_Repeat(self.batch, 1), batch_size=None, shuffle=False)

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from twin_ml.models.ensemble import ACTIVATIONS
-from twin_ml.models.surrogates import FIXED_STEP, Emulator, Surrogate, VectorFieldODE
+from twin_ml.models.surrogates import FIXED_STEP, Emulator, Surrogate, VectorFieldODE, fixed_steps
 
 OPSET = 17
 INPUTS = ("x0", "u", "p")
@@ -87,7 +87,7 @@ class IntervalStep(nn.Module):
     def forward(self, x, u0, u1, p):
         m = self.model
         y = m.observe(x.unsqueeze(2), u0.unsqueeze(1), p).squeeze(2)
-        n, h = self.n_sub, self.dt / self.n_sub
+        n = self.n_sub
         du = None if (m.nu == 0 or self.all_held) else torch.where(self.held, torch.zeros_like(u0), u1 - u0)
         c0 = self.b_0
         if m.n_p:
@@ -108,19 +108,7 @@ class IntervalStep(nn.Module):
                 dx = dx + m.physics_system.rhs(None, xx, u_t, pm)
             return dx
 
-        for j in range(n):
-            s0 = j / n
-            k1 = f(x, s0)
-            if m.solver == "euler":
-                x = x + h * k1
-            elif m.solver == "midpoint":
-                x = x + h * f(x + k1 * (0.5 * h), s0 + 0.5 / n)
-            else:  # rk4: torchdiffeq's "rk4" (the 3/8 rule)
-                k2 = f(x + h * k1 * (1.0 / 3.0), s0 + 1.0 / (3 * n))
-                k3 = f(x + h * (k2 - k1 * (1.0 / 3.0)), s0 + 2.0 / (3 * n))
-                k4 = f(x + h * (k1 - k2 + k3), s0 + 1.0 / n)
-                x = x + (k1 + 3.0 * (k2 + k3) + k4) * h * 0.125
-        return x, y
+        return fixed_steps(f, x, self.dt, n, m.solver), y
 
 
 class _EmulatorMembers(nn.Module):

@@ -125,3 +125,87 @@ class SurrogateModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["twin_model_config"] = self.model.config  # JSON-plain: rebuilds the model without code paths
+
+
+class TelemetryModule(SurrogateModule):
+    """Trains an ODE surrogate on measured records, where only the outputs are observed (and some
+    of them masked), by multiple shooting with estimated states.
+
+    Every record r of T steps gets a table of states s[m, r, k] per member (a parameter, started
+    from `init_states` [R, T, nx], e.g. the physics simulated along the record with the measured
+    outputs in place). Each step cuts every record into consecutive windows of `window` steps from a
+    random offset; member m rolls each window out from s[m, r, start]. Loss per member: the MSE of
+    the observed outputs (normalized, masked points excluded), plus `consistency` x the MSE between
+    a window's end state and the table's state there (normalized), plus the outputs' Gaussian NLL.
+    The table learns the unobserved states; the consistency term ties the windows into one
+    trajectory, so the model learns long-horizon behaviour from short, parallel windows.
+    """
+
+    def __init__(self, model, *, init_states, window: int = 32, consistency: float = 1.0,
+                 state_lr: float = 1e-2, iterations_per_epoch: int = 50, **kwargs):
+        super().__init__(model, **kwargs)
+        init = torch.as_tensor(init_states, dtype=torch.float32)
+        if init.dim() != 3 or init.shape[-1] != model.nx:
+            raise ValueError(f"init_states must be [records, T, {model.nx}], got {tuple(init.shape)}")
+        if window < 1 or window >= init.shape[1]:
+            raise ValueError(f"telemetry.window must be in [1, {init.shape[1] - 1}] steps, got {window}")
+        self.states = torch.nn.Parameter(init.unsqueeze(0).repeat(model.members, 1, 1, 1))  # [M, R, T, nx]
+        self.hparams.update(window=window, consistency=consistency, state_lr=state_lr,
+                            iterations_per_epoch=iterations_per_epoch)
+
+    def _windows(self, offset: int, steps: int, n_t: int):
+        starts = torch.arange(offset, n_t - steps, steps, device=self.states.device)
+        return starts, starts[:, None] + torch.arange(steps + 1, device=self.states.device)
+
+    def record_loss(self, batch, offset: int) -> torch.Tensor:
+        m = self.model
+        u, p, y, mask = batch["u"], batch["p"], batch["y"], batch["mask"]  # [R,T,nu] [R,np] [R,T,ny] [R,T,ny]
+        r, n_t = y.shape[0], y.shape[1]
+        steps = self.hparams.window
+        starts, idx = self._windows(offset, steps, n_t)
+        k = len(starts)
+        x0 = self.states[:, :, starts].reshape(m.members, r * k, m.nx)     # [M, R*K, nx]
+        uw = u[:, idx].reshape(r * k, steps + 1, -1)
+        pw = p.repeat_interleave(k, dim=0)
+        xm, ym = m(x0, uw, pw, self._t()[: steps + 1] - self._t()[0])      # [M, R*K, W+1, .]
+        yw = y[:, idx].reshape(r * k, steps + 1, -1)
+        ok = mask[:, idx].reshape(r * k, steps + 1, -1).to(ym.dtype)
+        yn, ymn = (yw - m.y_mean) / m.y_std, (ym - m.y_mean) / m.y_std
+        err2 = torch.where(ok.bool(), (yn - ymn) ** 2, torch.zeros_like(ymn))
+        n_ok = ok.sum().clamp_min(1.0)
+        fit = err2.sum(dim=(1, 2, 3)) / n_ok                                # [M]
+        lv = m.logvar[:, None, None, :]
+        nll = (0.5 * (lv + err2 / torch.exp(lv)) * ok).sum(dim=(1, 2, 3)) / n_ok
+        end = self.states[:, :, starts + steps].reshape(m.members, r * k, m.nx)
+        cons = (((xm[:, :, -1] - end) / m.x_std) ** 2).mean(dim=(1, 2))
+        self.log("train/fit", fit.mean(), batch_size=r)
+        self.log("train/consistency", cons.mean(), batch_size=r)
+        return (fit + self.hparams.consistency * cons + self.hparams.nll_weight * nll).sum()
+
+    def training_step(self, batch, batch_idx):
+        g = torch.Generator().manual_seed((self.hparams.seed * 1009 + self.current_epoch) * 100_003 + batch_idx)
+        offset = int(torch.randint(0, self.hparams.window, (1,), generator=g))
+        loss = self.record_loss(batch, offset)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["y"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        """RMSE of the ensemble mean's free run over each record, from the table's first state."""
+        m = self.model
+        x0 = self.states[:, :, 0]                                           # [M, R, nx]
+        _, ym = m(x0, batch["u"], batch["p"], self._t()[: batch["u"].shape[1]])
+        ok = batch["mask"].bool()
+        err = torch.where(ok, ym.mean(dim=0) - batch["y"], torch.zeros_like(batch["y"]))
+        rmse = torch.sqrt((err ** 2).sum() / ok.sum().clamp_min(1))
+        self.log("val/loss", rmse, prog_bar=True, batch_size=batch["y"].shape[0])
+
+    def configure_optimizers(self):
+        groups = [{"params": [p for n, p in self.named_parameters() if not n.startswith("states")],
+                   "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay},
+                  {"params": [self.states], "lr": self.hparams.state_lr, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups)
+        if self.hparams.scheduler == "none":
+            return opt
+        max_epochs = max(1, int(self.trainer.max_epochs or 1))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=self.hparams.lr * 0.02)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

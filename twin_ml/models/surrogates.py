@@ -153,15 +153,17 @@ class VectorFieldODE(Surrogate):
             pm[..., self.learn_idx] = pm[..., self.learn_idx] * torch.exp(self.log_factors)[:, None, :]
         return pm
 
-    def vector_field(self, x: torch.Tensor, u_t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """dx/dt for x [M, B, nx], u_t [B, nu], p [B, np]."""
+    def vector_field(self, x: torch.Tensor, u_t: torch.Tensor, p: torch.Tensor,
+                     pm: torch.Tensor | None = None) -> torch.Tensor:
+        """dx/dt for x [M, B, nx], u_t [B, nu], p [B, np] (pm: `physical_parameters(p)`, when the
+        caller has it already)."""
         m, b = x.shape[0], x.shape[1]
         z = torch.cat([(x - self.x_mean) / self.x_std,
                        ((u_t - self.u_mean) / self.u_std).expand(m, b, -1),
                        ((p - self.p_mean) / self.p_std).expand(m, b, -1)], dim=-1)
         dx = self.net(z) * self.dx_std
         if self.physics:
-            dx = dx + self.physics_system.rhs(None, x, u_t, self.physical_parameters(p))
+            dx = dx + self.physics_system.rhs(None, x, u_t, self.physical_parameters(p) if pm is None else pm)
         return dx
 
     @property
@@ -170,11 +172,15 @@ class VectorFieldODE(Surrogate):
         return int(round(1.0 / self.step_fraction))
 
     def forward(self, x0, u, p, t):
-        """Integrate grid interval by grid interval with torchdiffeq.
+        """Integrate grid interval by grid interval.
 
         On [t_k, t_k+1] the input is u_k + s (u_k+1 - u_k), s in [0, 1] (linear inputs), or u_k
         (held inputs, up to and including the interval's end): the same semantics as the reference
         solver, which restarts at every jump of a held input, and as the exported ONNX graph.
+        Fixed-step solvers take their n = 1 / step_fraction steps per interval directly
+        (`fixed_steps`: torchdiffeq's formulas, without its per-call overhead, which dominates
+        on long records); adaptive ones call torchdiffeq's odeint per interval. x0 [B, nx] starts
+        every member at the same state; x0 [M, B, nx] gives each member its own.
         """
         from torchdiffeq import odeint
 
@@ -182,36 +188,47 @@ class VectorFieldODE(Surrogate):
         zoh = torch.as_tensor(self.zoh, device=u.device)
         fixed = self.solver in FIXED_STEP
         n_sub = self.substeps
-        x = x0.unsqueeze(0).expand(self.members, -1, -1)
+        x = x0 if x0.dim() == 3 else x0.unsqueeze(0).expand(self.members, -1, -1)
+        pm = self.physical_parameters(p) if self.physics else None
         xs = [x]
         for k in range(len(t_np) - 1):
             u0 = u[:, k]
             du = torch.where(zoh, torch.zeros_like(u0), u[:, k + 1] - u0)
             t0, h = float(t_np[k]), float(t_np[k + 1] - t_np[k])
-
-            def f(tt, xx, u0=u0, du=du, t0=t0, h=h):
-                s = min(max((float(tt.detach()) - t0) / h, 0.0), 1.0)
-                return self.vector_field(xx, u0 + s * du, p)
-
-            if fixed:  # an exact grid of n_sub steps (a step_size could round to an extra sliver)
-                opts = {"options": {"grid_constructor": _substep_grid(n_sub)}}
+            if fixed:
+                x = fixed_steps(lambda xx, s, u0=u0, du=du: self.vector_field(xx, u0 + s * du, p, pm), x, h,
+                                n_sub, self.solver)
             else:
-                opts = {"rtol": self.rtol, "atol": self.atol}
-            x = odeint(f, x, t[k:k + 2], method=self.solver, **opts)[-1]
+                def f(tt, xx, u0=u0, du=du, t0=t0, h=h):
+                    s = min(max((float(tt.detach()) - t0) / h, 0.0), 1.0)
+                    return self.vector_field(xx, u0 + s * du, p, pm)
+
+                x = odeint(f, x, t[k:k + 2], method=self.solver, rtol=self.rtol, atol=self.atol)[-1]
             xs.append(x)
         x = torch.stack(xs, dim=2)  # [M, B, T, nx]
         return x, self.observe(x, u, p)
 
 
-def _substep_grid(n: int):
-    """torchdiffeq grid constructor: n equal steps from t[0] to t[-1], end points exact."""
-
-    def grid(_f, _y0, t):
-        g = torch.linspace(float(t[0]), float(t[-1]), n + 1, dtype=t.dtype, device=t.device)
-        g[0], g[-1] = t[0], t[-1]
-        return g
-
-    return grid
+def fixed_steps(f, x, h: float, n: int, solver: str):
+    """One grid interval of length h in n equal steps of a fixed-step solver; f(x, s) is the vector
+    field at the interval's fraction s. The formulas are torchdiffeq's ("rk4" is its 3/8 rule); the
+    ONNX export builds its loop body from this function too."""
+    h = h / n
+    for j in range(n):
+        s0 = j / n
+        k1 = f(x, s0)
+        if solver == "euler":
+            x = x + h * k1
+        elif solver == "midpoint":
+            x = x + h * f(x + k1 * (0.5 * h), s0 + 0.5 / n)
+        elif solver == "rk4":
+            k2 = f(x + h * k1 * (1.0 / 3.0), s0 + 1.0 / (3 * n))
+            k3 = f(x + h * (k2 - k1 * (1.0 / 3.0)), s0 + 2.0 / (3 * n))
+            k4 = f(x + h * (k1 - k2 + k3), s0 + 1.0 / n)
+            x = x + (k1 + 3.0 * (k2 + k3) + k4) * h * 0.125
+        else:
+            raise ValueError(f"fixed_steps: solver must be one of {FIXED_STEP}, got {solver!r}")
+    return x
 
 
 class Emulator(Surrogate):

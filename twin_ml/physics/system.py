@@ -179,6 +179,8 @@ class PhysicsSystem:
                 raise ValueError(f"system option {k!r} must be true or false, got {v!r}")
             if isinstance(prm.default, float) and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
+            if v is None and prm.default is None:
+                continue  # an optional feature left off is not recorded: older manifests stay equal
             out[k] = v
         return out
 

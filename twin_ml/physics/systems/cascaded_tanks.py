@@ -13,7 +13,8 @@ The fraction k5 of the upper tank's overflow reaches the lower tank; the rest, a
 lower tank's overflow, is lost to the reservoir.
 ``CascadedTanks(overflow=False)`` drops both overflows (pure Torricelli), the model a hybrid
 surrogate has to correct on the real rig, where tank 1 overflows and the sensor clips at 10 V.
-Measured output: the lower tank level h2.
+Measured output: the lower tank level h2, or min(h2, sensor_max) with ``sensor_max`` set (the
+rig's level sensor saturates at 10 V).
 
 Reference: M. Schoukens, P. Mattsson, T. Wigren, J.-P. Noel, "Cascaded tanks benchmark combining
 soft and hard nonlinearities", Workshop on Nonlinear System Identification Benchmarks, 2016
@@ -54,11 +55,21 @@ class CascadedTanks(PhysicsSystem):
     stiffness = "moderate"  # the overflow term is fast compared with the drain
     solver = "LSODA"
 
-    def __init__(self, *, overflow: bool = True, h1_max: float = 10.0, h2_max: float = 10.0, k_overflow: float = 0.5):
+    def __init__(self, *, overflow: bool = True, h1_max: float = 10.0, h2_max: float = 10.0, k_overflow: float = 0.5,
+                 sensor_max: float | None = None):
         if min(h1_max, h2_max, k_overflow) <= 0:
             raise ValueError(f"h1_max, h2_max and k_overflow must be > 0, got {h1_max}, {h2_max}, {k_overflow}")
+        if sensor_max is not None and not float(sensor_max) > 0:
+            raise ValueError(f"sensor_max must be > 0 or null, got {sensor_max}")
         self.overflow, self.k_overflow = bool(overflow), float(k_overflow)
         self.h1_max, self.h2_max = float(h1_max), float(h2_max)
+        self.sensor_max = None if sensor_max is None else float(sensor_max)
+
+    def observe(self, x, u, p):
+        y = x[..., 1:2]
+        if self.sensor_max is None:
+            return y
+        return self.xp(x).clip(y, max=self.sensor_max)
 
     def rhs(self, t, x, u, p):
         xp = self.xp(x)
