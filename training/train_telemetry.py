@@ -166,7 +166,10 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    max_time = {"max_time": {"seconds": int(tcfg.max_seconds)}} if tcfg.get("max_seconds") else {}
+    max_time = {}
+    if tcfg.get("max_seconds"):  # Lightning's "DD:HH:MM:SS"
+        secs = int(tcfg.max_seconds)
+        max_time["max_time"] = f"{secs // 86400:02d}:{secs % 86400 // 3600:02d}:{secs % 3600 // 60:02d}:{secs % 60:02d}"
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, out_dir),
                                       default_root_dir=str(out_dir), enable_progress_bar=sys.stderr.isatty(),
                                       **max_time)

@@ -150,6 +150,8 @@ class TelemetryModule(SurrogateModule):
         if window < 1 or window >= init.shape[1]:
             raise ValueError(f"telemetry.window must be in [1, {init.shape[1] - 1}] steps, got {window}")
         self.states = torch.nn.Parameter(init.unsqueeze(0).repeat(model.members, 1, 1, 1))  # [M, R, T, nx]
+        for hp in (self._hparams, self._hparams_initial):  # the table is a parameter, not a hyperparameter
+            hp.pop("init_states", None)
         self.hparams.update(window=window, consistency=consistency, state_lr=state_lr,
                             iterations_per_epoch=iterations_per_epoch)
 
