@@ -67,14 +67,19 @@ class SolverBackend:
 
 
 class CorrectedSurrogate:
-    """The surrogate plus an additive output correction d(t) = solver - surrogate, measured by the
-    solver at one point (multi-fidelity output correction): exact there, and close nearby, where
-    the surrogate's error changes slowly. Its std stays the surrogate's own."""
+    """The surrogate plus an output correction measured by the solver at one point z0 (unit box of
+    the fitted values): d(t) = solver - surrogate there (zero order, multi-fidelity output
+    correction), and optionally its slope, d(t) + (z - z0) . dd/dz (first order, so the corrected
+    surrogate matches the solver's value and sensitivities at z0; its optimum is then a stationary
+    point of the solver's objective, and its posterior width follows the solver's sensitivities).
+    Its std stays the surrogate's own."""
 
     name = "surrogate"
 
-    def __init__(self, surrogate: SurrogateBackend, correction: np.ndarray):
+    def __init__(self, surrogate: SurrogateBackend, correction: np.ndarray, z0: np.ndarray | None = None,
+                 slope: np.ndarray | None = None):
         self.surrogate, self.correction = surrogate, correction  # [T, ny]
+        self.z0, self.slope = z0, slope                          # [n_fit], [n_fit, T, ny]
 
     @property
     def calls(self) -> int:
@@ -86,4 +91,8 @@ class CorrectedSurrogate:
 
     def predict(self, problem: Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mean, std = self.surrogate.predict(problem, theta)
-        return mean + self.correction[None], std
+        mean = mean + self.correction[None]
+        if self.slope is not None:
+            dz = problem.to_unit(np.atleast_2d(theta)) - self.z0[None]
+            mean = mean + np.einsum("kf,fty->kty", dz, self.slope)
+        return mean, std

@@ -25,6 +25,7 @@ from twin_ml.calibrate.problem import CalibrationError, Problem
 
 BAD = 1e3  # residual given to a point the model could not predict (a failed solve, NaN)
 FD_STEP = 1e-3  # finite-difference step in the unit box (float32 surrogates: well above round-off)
+SLOPE_STEP = 1e-2  # the solver's secant step for a first-order correction (about a posterior width)
 MIN_KEPT = 20  # MCMC steps per walker after burn-in, at least (R-hat splits them in halves)
 
 
@@ -265,7 +266,7 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
 
 def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate", n_starts: int = 8,
               max_nfev: int = 60, mcmc: dict[str, Any] | None = None, verify_samples: int = 8,
-              refine_nfev: int = 0, corrections: int = 2, seed: int = 0) -> dict[str, Any]:
+              refine_nfev: int = 0, corrections: int = 2, slopes: bool = True, seed: int = 0) -> dict[str, Any]:
     """The whole loop. backend="surrogate": least squares (and MCMC when `mcmc` is given) on the
     surrogate, then solver verification (and optional solver-in-the-loop refinement from the
     surrogate's optimum). backend="solver": the same least squares, same starts, on the solver.
@@ -275,7 +276,10 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
     restarts from the estimate on the corrected surrogate; repeated `corrections` times (one
     solver simulation each). This removes the surrogate's systematic error near the optimum,
     which its per-point std cannot describe (the error is correlated in time), so estimates and
-    credible intervals follow the physics. MCMC and verification then use the corrected surrogate.
+    credible intervals follow the physics. With `slopes`, the last round also measures the
+    correction's slope (n_fit more simulations, secant steps of SLOPE_STEP in the unit box): the
+    corrected surrogate then has the solver's sensitivities at the estimate, which set the
+    posterior's width. MCMC and verification then use the corrected surrogate.
     Arrays for plots ride along under "_" keys (`public` drops them): "_samples" (posterior
     samples [S, n_fit]), "_y_solver" (the solver at the estimate, [T, ny]) and "_mean", "_std"
     (the calibrated prediction at the estimate, [T, ny])."""
@@ -296,13 +300,22 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
     raw_estimate = best["theta"]
     history = []
     if backend == "surrogate":
-        for _ in range(corrections):
-            y_solver, _ = solver.predict(problem, best["theta"][None])
-            if not np.all(np.isfinite(y_solver)):
+        for round_ in range(corrections):
+            z = best["z"]
+            zs = z[None]
+            if slopes and round_ == corrections - 1:
+                steps = np.where(z + SLOPE_STEP <= 1.0, SLOPE_STEP, -SLOPE_STEP)
+                zs = np.vstack([z[None], z[None] + np.diag(steps)])
+            y_solver, _ = solver.predict(problem, problem.from_unit(zs))
+            if not np.all(np.isfinite(y_solver[0])):
                 break  # the solver failed there: keep the last estimate (verification reports it)
-            mean, _ = surrogate.predict(problem, best["theta"][None])
-            engine = CorrectedSurrogate(surrogate, y_solver[0] - mean[0])
-            best = point_estimate(engine, problem, sigma, best["z"][None], max_nfev=max_nfev)
+            mean, _ = surrogate.predict(problem, problem.from_unit(zs))
+            d = y_solver - mean
+            slope = None
+            if len(zs) > 1 and np.all(np.isfinite(d)):
+                slope = (d[1:] - d[:1]) / steps[:, None, None]
+            engine = CorrectedSurrogate(surrogate, d[0], z0=z, slope=slope)
+            best = point_estimate(engine, problem, sigma, z[None], max_nfev=max_nfev)
             history.append(dict(zip(problem.fit, best["theta"].tolist())))
     timings["least_squares_s"] = time.perf_counter() - t0
     observed = [j for j in range(len(problem.outputs)) if not np.all(np.isnan(problem.y[:, j]))]
