@@ -223,3 +223,25 @@ def test_lockstep_backend_failure_reaches_every_start(exported):
     problem = Problem.build(_request(manifest)[0], manifest)
     with pytest.raises(RuntimeError, match="backend down"):
         point_estimate(Broken(), problem, problem.noise, starts(problem, 4, seed=0))
+
+
+def test_first_order_correction_matches_the_solver_at_its_measured_points(exported):
+    """The corrected surrogate equals the solver where the correction was measured: at the
+    estimate (value) and at its secant points (slopes), and the slope-free one only at the first."""
+    from twin_ml.calibrate.backends import CorrectedSurrogate
+
+    path, manifest, _, _ = exported
+    problem = Problem.build(_request(manifest)[0], manifest)
+    surrogate, solver = SurrogateBackend(path, manifest), SolverBackend(manifest)
+    z0 = np.array([0.4, 0.6])
+    zs = np.vstack([z0, z0 + np.diag([0.01, -0.01])])
+    thetas = problem.from_unit(zs)
+    y_solver, _ = solver.predict(problem, thetas)
+    d = y_solver - surrogate.predict(problem, thetas)[0]
+    slope = (d[1:] - d[:1]) / np.array([0.01, -0.01])[:, None, None]
+    first = CorrectedSurrogate(surrogate, d[0], z0=z0, slope=slope)
+    zero = CorrectedSurrogate(surrogate, d[0])
+    scale = np.ptp(y_solver)
+    np.testing.assert_allclose(first.predict(problem, thetas)[0], y_solver, atol=1e-9 * scale)
+    np.testing.assert_allclose(zero.predict(problem, thetas[:1])[0], y_solver[:1], atol=1e-9 * scale)
+    assert np.max(np.abs(zero.predict(problem, thetas[1:])[0] - y_solver[1:])) > 1e-6 * scale
