@@ -1,0 +1,127 @@
+"""Residual-based drift detection (torch-free: the server and clients use it too).
+
+A model predicts a telemetry stream window by window (short horizons from re-estimated states, so
+the model's own long-horizon error does not pile up); the measured outputs' residuals are
+normalized by the predicted std, z = (y - mean) / std. Per window of `window` steps the detector
+takes two statistics per output, standardized by a clean reference record (the same procedure on
+data known to be healthy, e.g. the training record):
+
+    level  = mean of z over the window             (a bias or gain change shifts it)
+    spread = RMS of z over the window               (a time skew or noise inflates it)
+
+and runs a two-sided CUSUM on each standardized level and a one-sided CUSUM on each standardized
+spread (slack `slack`, alarm at `threshold`; both in reference standard deviations). Window
+statistics are what make the reference meaningful: consecutive residuals of a dynamical model are
+strongly correlated, so a per-sample CUSUM tuned for independent noise alarms on healthy data.
+Input-domain drift: the share of input samples outside the training range (plus `margin` of its
+width) per window; a window above `max_outside` raises an input alarm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    window: int = 32          # steps per monitoring window
+    slack: float = 0.5        # CUSUM allowance k (reference stds)
+    threshold: float = 5.0    # CUSUM alarm level h (reference stds)
+    margin: float = 0.05      # input range margin, as a share of the training range's width
+    max_outside: float = 0.2  # share of a window's inputs outside the range that raises an input alarm
+
+    def check(self) -> "DriftSettings":
+        if self.window < 2:
+            raise ValueError(f"drift.window must be >= 2 steps, got {self.window}")
+        for name in ("slack", "threshold", "margin"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"drift.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.max_outside <= 1:
+            raise ValueError(f"drift.max_outside must be in [0, 1], got {self.max_outside}")
+        return self
+
+
+def window_statistics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                      window: int) -> dict[str, np.ndarray]:
+    """Per window (full windows only) and output: level = mean z, spread = RMS z, n = points used.
+    y, mask, mean, std: [T, ny]."""
+    z = np.where(mask, (y - mean) / np.maximum(std, 1e-12), np.nan)
+    n_w = len(z) // window
+    zw = z[: n_w * window].reshape(n_w, window, -1)
+    n = np.sum(~np.isnan(zw), axis=1)
+    with np.errstate(invalid="ignore"):
+        level = np.nanmean(zw, axis=1) if n_w else np.zeros((0, z.shape[1]))
+        spread = np.sqrt(np.nanmean(zw ** 2, axis=1)) if n_w else np.zeros((0, z.shape[1]))
+    return {"level": level, "spread": spread, "n": n}
+
+
+def reference(stats: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Location and scale of the window statistics on clean data (per output)."""
+    level, spread = stats["level"], stats["spread"]
+    if len(level) < 3:
+        raise ValueError(f"the reference needs >= 3 full windows, got {len(level)}")
+    return {"level_mean": np.nanmean(level, axis=0).tolist(), "level_std": np.maximum(np.nanstd(level, axis=0), 1e-6).tolist(),
+            "spread_mean": np.nanmean(spread, axis=0).tolist(),
+            "spread_std": np.maximum(np.nanstd(spread, axis=0), 1e-6).tolist(), "windows": int(len(level))}
+
+
+def cusum(x: np.ndarray, slack: float, threshold: float, two_sided: bool = True) -> tuple[np.ndarray, int | None]:
+    """CUSUM of a standardized series x [n] (reset after an alarm): the statistic max(S+, S-) per
+    step and the index of the first alarm (None if none). NaN steps leave the sums unchanged."""
+    s_hi = s_lo = 0.0
+    out = np.zeros(len(x))
+    first = None
+    for i, v in enumerate(x):
+        if np.isfinite(v):
+            s_hi = max(0.0, s_hi + v - slack)
+            s_lo = max(0.0, s_lo - v - slack) if two_sided else 0.0
+        out[i] = max(s_hi, s_lo)
+        if out[i] > threshold and first is None:
+            first = i
+    return out, first
+
+
+def detect(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, ref: dict[str, Any],
+           names: list[str], settings: DriftSettings = DriftSettings(), *, u: np.ndarray | None = None,
+           input_range: np.ndarray | None = None, input_names: list[str] | None = None,
+           period: float = 1.0) -> dict[str, Any]:
+    """The drift report of one stream: per output the CUSUM statistics per window and the first
+    alarm (window index and time), plus the input-domain check. `ref` from `reference`."""
+    settings.check()
+    w = settings.window
+    stats = window_statistics(y, mask, mean, std, w)
+    report: dict[str, Any] = {"window": w, "windows": int(len(stats["level"])), "settings": settings.__dict__,
+                              "outputs": {}, "alarms": []}
+    for j, name in enumerate(names):
+        lvl = (stats["level"][:, j] - ref["level_mean"][j]) / ref["level_std"][j]
+        spr = (stats["spread"][:, j] - ref["spread_mean"][j]) / ref["spread_std"][j]
+        c_lvl, a_lvl = cusum(lvl, settings.slack, settings.threshold, two_sided=True)
+        c_spr, a_spr = cusum(spr, settings.slack, settings.threshold, two_sided=False)
+        report["outputs"][name] = {"level": lvl.tolist(), "spread": spr.tolist(), "cusum_level": c_lvl.tolist(),
+                                   "cusum_spread": c_spr.tolist(), "first_alarm_window": None}
+        firsts = [(a, kind) for a, kind in ((a_lvl, "level"), (a_spr, "spread")) if a is not None]
+        if firsts:
+            a, kind = min(firsts)
+            report["outputs"][name]["first_alarm_window"] = int(a)
+            report["alarms"].append({"signal": name, "kind": kind, "window": int(a),
+                                     "time_s": float((a + 1) * w * period)})
+    if u is not None and input_range is not None:
+        lo, hi = input_range[:, 0], input_range[:, 1]
+        pad = settings.margin * (hi - lo)
+        outside = (u < lo - pad) | (u > hi + pad)                       # [T, nu]
+        n_w = len(u) // w
+        share = outside[: n_w * w].reshape(n_w, w, -1).mean(axis=1)       # [W, nu]
+        report["inputs"] = {}
+        for j, name in enumerate(input_names or [f"u{j}" for j in range(u.shape[1])]):
+            bad = np.flatnonzero(share[:, j] > settings.max_outside)
+            report["inputs"][name] = {"outside_share": share[:, j].tolist(),
+                                      "first_alarm_window": int(bad[0]) if len(bad) else None}
+            if len(bad):
+                report["alarms"].append({"signal": name, "kind": "input_domain", "window": int(bad[0]),
+                                         "time_s": float((bad[0] + 1) * w * period)})
+    report["alarms"].sort(key=lambda a: a["window"])
+    report["drift"] = bool(report["alarms"])
+    return report
