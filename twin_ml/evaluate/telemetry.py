@@ -76,8 +76,36 @@ def initial_state(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask
 def free_run(model, x0: torch.Tensor, u: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> dict[str, np.ndarray]:
     """Mean, calibrated std [T, ny] and members [M, T, ny] of per-member free runs from x0 [M, 1, nx]."""
     pred = model.predict(x0, u[None], p[None], t)
-    return {k: v[..., 0, :, :].numpy().astype(np.float64) if k == "members" else v[0].numpy().astype(np.float64)
+    return {k: v[..., 0, :, :].numpy().astype(np.float64) if k in ("members", "states") else v[0].numpy().astype(np.float64)
             for k, v in pred.items()}
+
+
+@torch.no_grad()
+def windowed_run(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, *,
+                 window: int, init_samples: int, ranges: np.ndarray) -> dict[str, np.ndarray]:
+    """Predictions window by window, as a monitor makes them: each window starts from the measured
+    values of the measured states (where not masked) and, for the hidden ones, each member's own
+    prediction carried over from the previous window (the first window: `initial_state`). Short
+    horizons keep the model's long-run error from piling up, while a sensor fault still shows:
+    the prediction runs from the (faulty) measurement at the window's start towards what the
+    inputs and the physics imply. Returns mean and std [T, ny]."""
+    hidden, observed = state_layout(model)
+    n_t = len(t)
+    x0 = initial_state(model, u, p, y, mask, t, init_samples=init_samples, ranges=ranges)
+    mean = np.zeros((n_t, model.ny))
+    std = np.zeros((n_t, model.ny))
+    for s in range(0, n_t - 1, window):
+        e = min(s + window, n_t - 1)
+        if s > 0:
+            x0 = x0.clone()
+            for i, j in observed.items():
+                if bool(mask[s, j]):
+                    x0[:, 0, i] = y[s, j]
+        pred = model.predict(x0, u[None, s:e + 1], p[None], t[s:e + 1] - t[s])
+        mean[s:e + 1] = pred["mean"][0].numpy()
+        std[s:e + 1] = pred["std"][0].numpy()
+        x0 = pred["states"][:, :, -1:].reshape(model.members, 1, model.nx)
+    return {"mean": mean, "std": std}
 
 
 def record_metrics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray,

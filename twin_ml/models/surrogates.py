@@ -93,13 +93,17 @@ class Surrogate(nn.Module):
 
     @torch.no_grad()
     def predict(self, x0, u, p, t) -> dict[str, torch.Tensor]:
-        """Ensemble mean and calibrated std of the outputs, [B, T, ny] each, plus the members."""
-        _, y = self(x0, u, p, t)
+        """Ensemble mean and calibrated std of the outputs, [B, T, ny] each, plus the members' outputs
+        and (ODE models) their states [M, B, T, nx]."""
+        x, y = self(x0, u, p, t)
         mean = y.mean(dim=0)
         epi = y.var(dim=0, unbiased=False) if self.members > 1 else torch.zeros_like(mean)
         ale = (torch.exp(self.logvar) * self.y_std**2).mean(dim=0)  # [ny], physical units
         std = self.conformal_scale * torch.sqrt(epi + ale)
-        return {"mean": mean, "std": std, "members": y}
+        out = {"mean": mean, "std": std, "members": y}
+        if x is not None:
+            out["states"] = x
+        return out
 
 
 class VectorFieldODE(Surrogate):
