@@ -195,11 +195,11 @@ def test_lockstep_starts_equal_each_start_alone_and_share_calls(exported):
     problem = Problem.build(_request(manifest)[0], manifest)
     z0s = starts(problem, 3, seed=0)
     together = SolverBackend(manifest)
-    joint = point_estimate(together, problem, problem.noise, z0s, max_nfev=15)
+    joint = point_estimate(together, problem, problem.noise, z0s, max_nfev=6)
     apart_calls = apart_scenarios = 0
     for i, z0 in enumerate(z0s):
         alone = SolverBackend(manifest)
-        single = point_estimate(alone, problem, problem.noise, z0[None], max_nfev=15)
+        single = point_estimate(alone, problem, problem.noise, z0[None], max_nfev=6)
         assert joint["starts"][i]["theta"] == single["starts"][0]["theta"]
         assert joint["starts"][i]["nfev"] == single["starts"][0]["nfev"]
         apart_calls += alone.calls

@@ -359,7 +359,8 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
         assert lo <= body["estimate"][k] <= hi
     ver = body["verification"]
     assert ver["n_candidates"] == 9 and ver["verified"] == (ver["within_2std"][0] >= 0.9)
-    assert body["evaluations"]["solver_scenarios"] == 9 + 2 and body["model"] == {"name": "tanks", "version": "v1"}
+    # corrections: 1, then 1 + 2 (value and slopes), and 9 verification candidates
+    assert body["evaluations"]["solver_scenarios"] == 1 + 3 + 9 and body["model"] == {"name": "tanks", "version": "v1"}
     status, body = _post_path(url, "/calibrate", {**request, "fit": ["k1", "k9"]})
     assert status == 400 and "fit: unknown names ['k9']; valid: k1, k2, k3, k4, k5" in json.dumps(body)
     status, body = _post_path(url, "/calibrate", {**request, "mcmc": {"steps": 50, "burn": 60}})

@@ -67,11 +67,11 @@ def test_free_run_with_estimated_initial_state_matches_the_solver(record):
 
 
 def test_cascaded_tanks_real_runs_and_reports_the_test_record_rmse(tmp_path):
-    """The experiment, shortened (2 members, 10 steps): metrics.json carries the benchmark's metric."""
+    """The experiment, shortened (2 members, 4 steps): metrics.json carries the benchmark's metric."""
     out = tmp_path / "run"
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "store")}
     r = subprocess.run([str(BIN / "twin-train"), "experiment=cascaded_tanks_real", f"out_dir={out}", "logger=none",
-                        "ensemble.size=2", "trainer.max_epochs=2", "telemetry.iterations_per_epoch=5",
+                        "ensemble.size=2", "trainer.max_epochs=1", "telemetry.iterations_per_epoch=4",
                         "telemetry.window=16", "model.net.hidden=8"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
