@@ -80,11 +80,16 @@ def run(cfg: dict) -> Path:
 def main(argv: list[str] | None = None) -> None:
     from twin_ml.data.telemetry import TelemetryError
 
+    import pandera.errors
+    import yaml
+
     try:
         cfg = key_values(sys.argv[1:] if argv is None else argv, DEFAULTS)
         path = run(cfg)
-    except (ValueError, TelemetryError, OSError) as e:
+    except (ValueError, TelemetryError, OSError, yaml.YAMLError) as e:
         fail(e)
+    except pandera.errors.SchemaError as e:  # the frame's structure (e.g. an empty signal name)
+        fail(ValueError(f"telemetry structure: {str(e).splitlines()[0]}"))
     print(path)
 
 

@@ -69,8 +69,8 @@ def reference(stats: dict[str, np.ndarray]) -> dict[str, list[float]]:
 
 
 def cusum(x: np.ndarray, slack: float, threshold: float, two_sided: bool = True) -> tuple[np.ndarray, int | None]:
-    """CUSUM of a standardized series x [n] (reset after an alarm): the statistic max(S+, S-) per
-    step and the index of the first alarm (None if none). NaN steps leave the sums unchanged."""
+    """CUSUM of a standardized series x [n]: the statistic max(S+, S-) per step (not reset by an
+    alarm) and the index of the first alarm (None if none). NaN steps leave the sums unchanged."""
     s_hi = s_lo = 0.0
     out = np.zeros(len(x))
     first = None

@@ -213,8 +213,9 @@ def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *
 
     rng = np.random.default_rng(seed)
     if cov_z is not None and np.all(np.isfinite(cov_z)):
-        w, v = np.linalg.eigh((cov_z + cov_z.T) / 2)  # a square root that tolerates a singular cov_z
-        p0 = z_hat[None] + rng.standard_normal((walkers, n)) @ (v * np.sqrt(np.clip(w, 0, None))).T
+        w, v = np.linalg.eigh((cov_z + cov_z.T) / 2)
+        w = np.clip(w, 1e-6, None)  # a floor: a singular cov_z would put every walker on one line
+        p0 = z_hat[None] + rng.standard_normal((walkers, n)) @ (v * np.sqrt(w)).T
     else:
         p0 = z_hat[None] + 1e-3 * rng.standard_normal((walkers, n))
     p0 = np.clip(p0, 1e-6, 1 - 1e-6)

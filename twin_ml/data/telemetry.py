@@ -20,10 +20,11 @@ sampling period. `ingest` then:
    (the last sample wins; conflicting values are counted);
 3. masks values outside the physical range, flags stuck runs (a value repeated for
    `stuck_samples` samples or more; masked only when the contract says so);
-4. brings every signal onto the grid (start, start + period, ...): a sample within `tolerance_s`
-   of a grid point is taken as is; between samples the declared interpolation fills in (zoh holds
-   the last value, linear interpolates), but never across a gap longer than `max_gap_s`: such grid
-   points are masked;
+4. brings every signal onto the grid (start, start + period, ...) with its declared interpolation
+   (zoh holds the last value, linear interpolates between the samples around a grid point; at a
+   record's end or a gap's edge, the nearest sample within `tolerance_s`), but never across a gap
+   longer than `max_gap_s`: such grid points are masked. A grid point with a sample within
+   `tolerance_s` counts as sampled, the others as interpolated;
 5. estimates each signal's time skew against the first input (the lag of the largest
    cross-correlation of first differences).
 
@@ -380,7 +381,7 @@ def ingest(frame: pd.DataFrame, contract: Contract, *, start: str | pd.Timestamp
         ts = rows["timestamp"] + pd.Timedelta(seconds=s.clock_offset_s)
         if s.clock_offset_s:
             info["clock_offset_s"] = s.clock_offset_s
-        df = pd.DataFrame({"timestamp": ts.to_numpy(), "value": values,
+        df = pd.DataFrame({"timestamp": ts.reset_index(drop=True), "value": values,
                            "bad_quality": (rows["quality"] == "bad").to_numpy()})
         df = df.sort_values("timestamp", kind="stable")
         dup = df["timestamp"].duplicated(keep="last")
@@ -495,8 +496,9 @@ def _skews(report: dict, contract: Contract, values: np.ndarray, mask: np.ndarra
         if j == r:
             continue
         both = mask[:, r] & mask[:, j]
-        a = np.diff(np.where(both, values[:, r], 0.0))
-        b = np.diff(np.where(both, values[:, j], 0.0))
+        pair = both[1:] & both[:-1]  # differences only between two usable points
+        a = np.where(pair, np.diff(np.nan_to_num(values[:, r])), 0.0)
+        b = np.where(pair, np.diff(np.nan_to_num(values[:, j])), 0.0)
         if np.std(a) == 0 or np.std(b) == 0:
             report["signals"][name]["skew_s"] = None
             continue

@@ -49,6 +49,9 @@ def initial_state(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask
     """x0 [M, 1, nx] per member from the record's first `init_samples` samples (u [T, nu], p [np],
     y [T, ny], mask [T, ny]); `ranges` [nx, 2] bound the hidden states' search."""
     hidden, observed = state_layout(model)
+    # a measured state whose first sample is masked is searched for like a hidden one
+    observed = {i: j for i, j in observed.items() if bool(mask[0, j])}
+    hidden = [i for i in range(model.nx) if i not in observed]
     n = min(init_samples, len(t))
     uu, yy, mm, tt = u[None, :n], y[:n], mask[:n], t[:n]
     if not hidden:
@@ -63,12 +66,13 @@ def initial_state(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask
     start = torch.tensor([(ranges[i][0] + ranges[i][1]) / 2 for i in hidden], dtype=torch.float32)
     h = torch.nn.Parameter(start[None, None].repeat(model.members, 1, 1))
     opt = torch.optim.Adam([h], lr=0.05 * float(np.max(ranges[:, 1] - ranges[:, 0])))
-    for _ in range(150):
-        opt.zero_grad()
-        x0 = _x0_with(model, y[0], h, hidden, observed)
-        _, ym = model(x0, uu, p[None], tt)
-        ((((ym - yy) ** 2) * mm).sum()).backward()
-        opt.step()
+    with torch.enable_grad():  # callers may run under no_grad
+        for _ in range(150):
+            opt.zero_grad()
+            x0 = _x0_with(model, y[0], h, hidden, observed)
+            _, ym = model(x0, uu, p[None], tt)
+            ((((ym - yy) ** 2) * mm).sum()).backward()
+            opt.step()
     return _x0_with(model, y[0], h.detach(), hidden, observed)
 
 
@@ -120,7 +124,8 @@ def record_metrics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.nd
         sq.append(e2)
     out["rmse"] = float(np.sqrt(np.concatenate(sq).mean()))
     ok = mask.all(axis=1)  # time points where every output was measured
-    out.update(interval_report(y[None, ok], mean[None, ok], std[None, ok]))
+    if ok.any():
+        out.update(interval_report(y[None, ok], mean[None, ok], std[None, ok]))
     return out
 
 

@@ -147,8 +147,8 @@ class TelemetryModule(SurrogateModule):
         init = torch.as_tensor(init_states, dtype=torch.float32)
         if init.dim() != 3 or init.shape[-1] != model.nx:
             raise ValueError(f"init_states must be [records, T, {model.nx}], got {tuple(init.shape)}")
-        if window < 1 or window >= init.shape[1]:
-            raise ValueError(f"telemetry.window must be in [1, {init.shape[1] - 1}] steps, got {window}")
+        if window < 1 or window >= init.shape[1] - 1:
+            raise ValueError(f"telemetry.window must be in [1, {init.shape[1] - 2}] steps, got {window}")
         self.states = torch.nn.Parameter(init.unsqueeze(0).repeat(model.members, 1, 1, 1))  # [M, R, T, nx]
         for hp in (self._hparams, self._hparams_initial):  # the table is a parameter, not a hyperparameter
             hp.pop("init_states", None)
@@ -186,7 +186,8 @@ class TelemetryModule(SurrogateModule):
 
     def training_step(self, batch, batch_idx):
         g = torch.Generator().manual_seed((self.hparams.seed * 1009 + self.current_epoch) * 100_003 + batch_idx)
-        offset = int(torch.randint(0, self.hparams.window, (1,), generator=g))
+        n_t, w = batch["y"].shape[1], self.hparams.window
+        offset = int(torch.randint(0, max(1, min(w, n_t - w)), (1,), generator=g))  # at least one window
         loss = self.record_loss(batch, offset)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["y"].shape[0])
         return loss
