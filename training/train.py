@@ -50,6 +50,23 @@ def _stop_after(n: int):
     return StopAfter()
 
 
+def save_model(out_dir: Path, model, cfg: DictConfig, scale, t, system, **extra: Any) -> Path:
+    """out_dir/model/: model.pt (temp file, then rename) and model.json (the config to rebuild it,
+    the conformal scale, sha256 of weights and config, the time grid, plus `extra`)."""
+    import torch
+
+    model_dir = out_dir / "model"
+    model_dir.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), model_dir / ".model.pt.tmp")
+    os.replace(model_dir / ".model.pt.tmp", model_dir / "model.pt")
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write_json(model_dir / "model.json", {
+        "config": model.config, "conformal_scale": scale.tolist(), "weights_sha256": sha256_file(model_dir / "model.pt"),
+        "config_sha256": sha256_bytes(config_text.encode()),
+        "time": {"t0": float(t[0]), "dt": float(t[1] - t[0]), "n": len(t), "unit": system.time_unit}, **extra})
+    return model_dir
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("telemetry"):
         from training.train_telemetry import train_telemetry
@@ -113,18 +130,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                         "members": model.members, "best_checkpoint": Path(best).name if best else None}
     flat = flat_metrics(metrics)
 
-    model_dir = out_dir / "model"
-    model_dir.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), model_dir / ".model.pt.tmp")
-    os.replace(model_dir / ".model.pt.tmp", model_dir / "model.pt")
-    config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_json(model_dir / "model.json", {
-        "config": model.config, "conformal_scale": scale.tolist(), "weights_sha256": sha256_file(model_dir / "model.pt"),
-        "dataset_sha256": dm.dataset.sha256, "config_sha256": sha256_bytes(config_text.encode()),
-        "time": {"t0": float(t[0]), "dt": float(t[1] - t[0]), "n": len(t), "unit": system.time_unit},
-        "design": dm.dataset.manifest["design"],  # the training domain (its box), for export and serving
-        "metrics": {k: flat[k] for k in sorted(flat) if k.startswith(("val/", "test/")) and "/regime/" not in k},
-    })
+    model_dir = save_model(out_dir, model, cfg, scale, t, system, dataset_sha256=dm.dataset.sha256,
+                           design=dm.dataset.manifest["design"],  # the training domain, for export and serving
+                           metrics={k: flat[k] for k in sorted(flat)
+                                    if k.startswith(("val/", "test/")) and "/regime/" not in k})
     atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
     report = write_report(out_dir, model, system, splits, preds, metrics, t)
     summary = {

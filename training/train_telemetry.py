@@ -20,7 +20,6 @@ The telemetry section:
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -250,20 +249,14 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                              "iterations": trainer.global_step, "records": names}
     metrics["quality"] = {r: records[r].report for r in records}
 
-    model_dir = out_dir / "model"
-    model_dir.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), model_dir / ".model.pt.tmp")
-    os.replace(model_dir / ".model.pt.tmp", model_dir / "model.pt")
-    config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_json(model_dir / "model.json", {
-        "config": model.config, "conformal_scale": scale.tolist(), "weights_sha256": sha256_file(model_dir / "model.pt"),
-        "dataset_sha256": sha256_bytes("".join(sorted(loaded["sha256"].values())).encode()),
-        "config_sha256": sha256_bytes(config_text.encode()),
-        "time": {"t0": float(t[0]), "dt": float(t[1] - t[0]), "n": len(t), "unit": system.time_unit},
-        "telemetry": {"contract": contract.model_dump(), "parameters": dict(zip(system.parameter_names, p.tolist())),
-                      "train": names, "test": test_names},
-        "metrics": {k: v for k, v in flat.items() if k.startswith("test/")},
-    })
+    from training.train import save_model
+
+    model_dir = save_model(out_dir, model, cfg, scale, t, system,
+                           dataset_sha256=sha256_bytes("".join(sorted(loaded["sha256"].values())).encode()),
+                           telemetry={"contract": contract.model_dump(),
+                                      "parameters": dict(zip(system.parameter_names, p.tolist())),
+                                      "train": names, "test": test_names},
+                           metrics={k: v for k, v in flat.items() if k.startswith("test/")})
     atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
     summary = {"run_dir": str(out_dir), "model": str(model_dir / "model.json"), "metrics": str(out_dir / "metrics.json"),
                "plots": plots, "headline": {k: flat[k] for k in ("test/rmse", "test/coverage_90") if k in flat},
