@@ -115,8 +115,12 @@ class SurrogateModule(L.LightningModule):
         self.log("val/loss", err.mean(), prog_bar=True, batch_size=x0.shape[0])
         self.log("val/rel_l2_median", rel.median(), batch_size=x0.shape[0])
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups (a subclass adds its own, e.g. with another learning rate)."""
+        return [{"params": list(self.parameters()), "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}]
+
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(self.param_groups())
         if self.hparams.scheduler == "none":
             return opt
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
@@ -202,13 +206,7 @@ class TelemetryModule(SurrogateModule):
         rmse = torch.sqrt((err ** 2).sum() / ok.sum().clamp_min(1))
         self.log("val/loss", rmse, prog_bar=True, batch_size=batch["y"].shape[0])
 
-    def configure_optimizers(self):
-        groups = [{"params": [p for n, p in self.named_parameters() if not n.startswith("states")],
-                   "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay},
-                  {"params": [self.states], "lr": self.hparams.state_lr, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups)
-        if self.hparams.scheduler == "none":
-            return opt
-        max_epochs = max(1, int(self.trainer.max_epochs or 1))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=self.hparams.lr * 0.02)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for n, p in self.named_parameters() if not n.startswith("states")],
+                 "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay},
+                {"params": [self.states], "lr": self.hparams.state_lr, "weight_decay": 0.0}]
