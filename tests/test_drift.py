@@ -5,7 +5,7 @@ injected bias, gain change and noise increase (none on the clean stream)."""
 import numpy as np
 import pytest
 
-from twin_ml.drift import DriftSettings, cusum, detect, reference, window_statistics
+from twin_ml.drift import DriftSettings, Fault, cusum, detect, inject, reference, window_statistics
 
 
 def test_cusum_matches_the_recursion_by_hand():
@@ -87,3 +87,42 @@ def test_bad_settings_are_refused():
         DriftSettings(window=1).check()
     with pytest.raises(ValueError, match="drift.max_outside"):
         DriftSettings(max_outside=2).check()
+
+
+def test_injected_sensor_faults_follow_their_definitions():
+    t = np.arange(10) * 0.5
+    y = np.stack([np.arange(10.0), 100.0 + np.arange(10.0)], axis=1)
+    mask = np.ones_like(y, dtype=bool)
+    mask[3, 1] = False
+    names = ["a", "b"]
+    yb, mb = inject(y, mask, t, names, [Fault.parse("bias:a:0.25@2.0")])
+    np.testing.assert_array_equal(yb[:, 0], np.r_[np.arange(4.0), np.arange(4.0, 10.0) + 0.25])  # from t = 2.0 (k = 4)
+    np.testing.assert_array_equal(yb[:, 1], y[:, 1])
+    yg, _ = inject(y, mask, t, names, [Fault.parse("gain:b:1.1@1.0")])
+    np.testing.assert_allclose(yg[:, 1], np.r_[y[:2, 1], 1.1 * y[2:, 1]])
+    ys, ms = inject(y, mask, t, names, [Fault.parse("skew:b:2@2.5")])
+    # from k = 5 on, sample k shows sample k - 2 (its value and its mask)
+    np.testing.assert_array_equal(ys[:, 1], np.r_[y[:5, 1], y[3:8, 1]])
+    np.testing.assert_array_equal(ms[:, 1], np.r_[mask[:5, 1], mask[3:8, 1]])
+    assert not ms[5, 1] and ys is not y
+    np.testing.assert_array_equal(y[:, 0], np.arange(10.0))  # the input arrays are untouched
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bias:y:0.1", "KIND:SIGNAL:SIZE@ONSET_S"),
+    ("drop:y:0.1@3", "kind 'drop' is unknown; kinds: bias, gain, skew"),
+    ("bias:y:abc@3", "SIZE and ONSET_S must be numbers"),
+    ("skew:y:1.5@3", "whole number of samples"),
+    ("bias:y:0.1@-1", "ONSET_S must be >= 0"),
+])
+def test_bad_fault_specs_name_what_is_allowed(spec, message):
+    with pytest.raises(ValueError, match=message):
+        Fault.parse(spec)
+
+
+def test_faults_on_unknown_signals_or_after_the_end_are_refused():
+    t, y = np.arange(4.0), np.zeros((4, 1))
+    with pytest.raises(ValueError, match="signal 'z' is not a monitored output; outputs: y"):
+        inject(y, np.ones_like(y, dtype=bool), t, ["y"], [Fault.parse("bias:z:1@0")])
+    with pytest.raises(ValueError, match="after the record's end"):
+        inject(y, np.ones_like(y, dtype=bool), t, ["y"], [Fault.parse("bias:y:1@9")])

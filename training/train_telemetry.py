@@ -12,7 +12,11 @@ The telemetry section:
               hybrid's `learn_parameters` refine them jointly with the residual
   initial_state  a guess for hidden states at a record's start (default: the middle of the state's
               bounds); the physics simulated from it fills the state table's hidden columns
-  window, consistency, state_lr, iterations_per_epoch: see twin_ml.models.module.TelemetryModule
+  derivatives  {hidden state: measured output} for hidden states that are an output's time
+              derivative (a velocity): their column starts as the output's central difference, and
+              when every hidden state is covered no physics simulation is needed
+  window, consistency, state_lr, iterations_per_epoch, windows_per_step, val_steps: see
+              twin_ml.models.module.TelemetryModule
   init_samples  samples of a test record used to estimate its initial state
   max_seconds  a wall-clock budget for fitting (Lightning's max_time); evaluation follows
 """
@@ -96,17 +100,32 @@ def _inputs(system, tel) -> np.ndarray:
     return u
 
 
-def state_table(system, t, u, y, mask, p, guess: dict[str, float]) -> np.ndarray:
+def state_table(system, t, u, y, mask, p, guess: dict[str, float],
+                derivatives: dict[str, str] | None = None) -> np.ndarray:
     """[T, nx]: the physics simulated along the record from a guessed start (hidden states), with
-    the measured values in place for states that are measured outputs."""
+    the measured values in place for states that are measured outputs, and the central difference
+    of a measured output for hidden states named in `derivatives` ({state: output})."""
     from twin_ml.physics import SolverSettings, solve_looped
 
-    outs = system.output_names
+    outs, states = system.output_names, system.state_names
+    derivatives = dict(derivatives or {})
+    for st, out in derivatives.items():
+        if st not in states or out not in outs:
+            raise ValueError(f"telemetry.derivatives: {st!r}: {out!r} must map a state ({', '.join(states)}) to a "
+                             f"measured output ({', '.join(outs)})")
     x0 = np.array([y[0, outs.index(s.name)] if s.name in outs and mask[0, outs.index(s.name)]
                    else guess.get(s.name, 0.5 * (s.bounds[0] + s.bounds[1])) for s in system.states])
-    res = solve_looped(system, t, u[None], p[None], x0[None], SolverSettings())
-    x = res.x[0] if res.status[0] == 0 else np.repeat(x0[None], len(t), axis=0)
-    x = np.where(np.isfinite(x), x, x0[None])
+    if all(s.name in outs or s.name in derivatives for s in system.states):
+        x = np.repeat(x0[None], len(t), axis=0)
+    else:  # an input interpolated between samples costs the adaptive solver steps at every sample
+        res = solve_looped(system, t, u[None], p[None], x0[None], SolverSettings(max_rhs_evals=max(200_000, 200 * len(t))))
+        x = res.x[0] if res.status[0] == 0 else np.repeat(x0[None], len(t), axis=0)
+        x = np.where(np.isfinite(x), x, x0[None])
+    for st, out in derivatives.items():
+        j = outs.index(out)
+        ok = mask[:, j]
+        filled = np.interp(t, t[ok], y[ok, j]) if ok.sum() >= 2 else np.zeros(len(t))
+        x[:, states.index(st)] = np.gradient(filled, t)
     for i, s in enumerate(system.states):
         if s.name in outs:
             j = outs.index(s.name)
@@ -129,6 +148,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     out_dir = Path(cfg.out_dir)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    torch.set_flush_denormal(True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = hydra.utils.instantiate(cfg.system, _convert_="all")
     loaded = load_records(tcfg, system)
@@ -149,7 +169,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         u = _inputs(system, records[r])
         y, mask = _full_outputs(system, contract, records[r])
         us.append(u), ys.append(y), masks.append(mask)
-        tables.append(state_table(system, t, u, y, mask, p, guess))
+        tables.append(state_table(system, t, u, y, mask, p, guess, tcfg.get("derivatives")))
     u, y, mask, table = (np.stack(a) for a in (us, ys, masks, tables))
     P = np.repeat(p[None], len(names), axis=0)
     stats = compute_stats(table, u, P, np.where(mask, y, np.nan_to_num(np.nanmedian(np.where(mask, y, np.nan)))), t)
@@ -160,6 +180,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     optim = {k: v for k, v in optim.items() if k not in ("_target_", "_partial_", "bootstrap")}
     module = TelemetryModule(model, init_states=table, window=int(tcfg.window), consistency=float(tcfg.consistency),
                              state_lr=float(tcfg.state_lr), iterations_per_epoch=int(tcfg.iterations_per_epoch),
+                             windows_per_step=tcfg.get("windows_per_step"), val_steps=tcfg.get("val_steps"),
                              seed=cfg.seed, **optim)
     dm = TelemetryDataModule(t, u, P, y, mask, iterations_per_epoch=int(tcfg.iterations_per_epoch))
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
@@ -188,7 +209,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model.conformal_scale.fill_(1.0)
     runs = {}
     for i, r in enumerate(names):
-        x0 = module.states[:, i, 0].detach()[:, None]
+        x0 = module.table[:, i, 0].detach()[:, None]
         runs[r] = free_run(model, x0, torch.tensor(u[i], dtype=torch.float32), torch.tensor(p, dtype=torch.float32), tt)
     ys_all, ms_all = np.concatenate(ys), np.concatenate(masks)
     mean_all = np.concatenate([runs[r]["mean"] for r in names])
@@ -200,30 +221,37 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             scale[j] = conformal_scale(ys_all[ok, j][None, :, None], mean_all[ok, j][None, :, None],
                                        std_all[ok, j][None, :, None])[0]
     model.conformal_scale.copy_(torch.tensor(scale, dtype=torch.float32))
-    table_np = module.states.detach().numpy()
+    for r in names:  # those runs had scale 1
+        runs[r]["std"] = runs[r]["std"] * scale
+    table_np = module.table.detach().numpy()
     lo, hi = table_np.min(axis=(0, 1, 2)), table_np.max(axis=(0, 1, 2))
     ranges = np.stack([lo - 0.2 * (hi - lo), hi + 0.2 * (hi - lo)], axis=1)
     outs = system.output_names
     metrics: dict[str, Any] = {}
     plots = {}
+    done: list[tuple[np.ndarray, ...]] = []  # (u, y, mask, t, pred, x0) of the records run so far
     for split, recs in (("train", names), ("test", list(tcfg.test))):
         for r in recs:
             tel = records[r]
             ur, (yr, mr) = _inputs(system, tel), _full_outputs(system, contract, tel)
-            if len(tel.t) != len(t) or not np.allclose(tel.t, t):
-                tr = torch.tensor(tel.t, dtype=torch.float32)
+            if split == "train":  # the free run the conformal scale came from: from the table's first state
+                x0 = module.table[:, names.index(r), 0].detach()[:, None]
+                pred, how = runs[r], "initial state from the state table"
             else:
-                tr = tt
-            ut, pt = torch.tensor(ur, dtype=torch.float32), torch.tensor(p, dtype=torch.float32)
-            x0 = initial_state(model, ut, pt, torch.tensor(yr, dtype=torch.float32), torch.tensor(mr), tr,
-                               init_samples=int(tcfg.init_samples), ranges=ranges)
-            pred = free_run(model, x0, ut, pt, tr)
+                pred, x0 = _prefix_run(done, ur, yr, mr, tel.t, int(tcfg.init_samples))
+                if pred is None:
+                    tr = tt if len(tel.t) == len(t) and np.allclose(tel.t, t) else torch.tensor(tel.t, dtype=torch.float32)
+                    ut, pt = torch.tensor(ur, dtype=torch.float32), torch.tensor(p, dtype=torch.float32)
+                    x0 = initial_state(model, ut, pt, torch.tensor(yr, dtype=torch.float32), torch.tensor(mr), tr,
+                                       init_samples=int(tcfg.init_samples), ranges=ranges)
+                    pred = free_run(model, x0, ut, pt, tr)
+                how = f"initial state from the first {tcfg.init_samples} samples"
+            done.append((ur, yr, mr, tel.t, pred, x0))
             m = record_metrics(yr, mr, pred["mean"], pred["std"], outs)
             m["initial_state"] = {s.name: [float(v) for v in x0[:, 0, i]] for i, s in enumerate(system.states)}
             metrics[f"{split}/{r}"] = m
             plots[r] = str(plot_record(tel.t, yr, mr, pred["mean"], pred["std"], outs,
-                                       f"{cfg.get('name', system.name)}: {r} record, free run "
-                                       f"(initial state from the first {tcfg.init_samples} samples)",
+                                       f"{cfg.get('name', system.name)}: {r} record, free run ({how})",
                                        out_dir / f"free_run_{r}.png", int(tcfg.init_samples)))
     flat: dict[str, Any] = {}
     for key, m in metrics.items():
@@ -255,13 +283,27 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                            dataset_sha256=sha256_bytes("".join(sorted(loaded["sha256"].values())).encode()),
                            telemetry={"contract": contract.model_dump(),
                                       "parameters": dict(zip(system.parameter_names, p.tolist())),
-                                      "train": names, "test": test_names},
+                                      "train": names, "test": test_names, "state_ranges": ranges.tolist(),
+                                      "input_range": np.stack([u.min(axis=(0, 1)), u.max(axis=(0, 1))], 1).tolist(),
+                                      "init_samples": int(tcfg.init_samples)},
                            metrics={k: v for k, v in flat.items() if k.startswith("test/")})
     atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
     summary = {"run_dir": str(out_dir), "model": str(model_dir / "model.json"), "metrics": str(out_dir / "metrics.json"),
                "plots": plots, "headline": {k: flat[k] for k in ("test/rmse", "test/coverage_90") if k in flat},
                "seconds": round(time.perf_counter() - t_start, 1)}
     return flat, summary
+
+
+def _prefix_run(done, u, y, mask, t, init_samples: int):
+    """(pred, x0) of a record already run whose first len(t) samples are this record (the Silverbox's
+    arrow without extrapolation is the full arrow's beginning): the initial state comes from the
+    same first samples, so the free run is the same; (None, None) if there is none."""
+    n = len(t)
+    for du, dy, dm, dt_, pred, x0 in done:
+        if len(dt_) >= n >= init_samples and np.array_equal(dt_[:n] - dt_[0], t - t[0]) and np.array_equal(du[:n], u) \
+                and np.array_equal(dm[:n], mask) and np.array_equal(np.where(mask, dy[:n], 0.0), np.where(mask, y, 0.0)):
+            return {k: v[:, :n] if v.ndim == 3 else v[:n] for k, v in pred.items()}, x0
+    return None, None
 
 
 def _loggers(cfg, out_dir):

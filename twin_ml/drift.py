@@ -15,11 +15,16 @@ statistics are what make the reference meaningful: consecutive residuals of a dy
 strongly correlated, so a per-sample CUSUM tuned for independent noise alarms on healthy data.
 Input-domain drift: the share of input samples outside the training range (plus `margin` of its
 width) per window; a window above `max_outside` raises an input alarm.
+
+`Fault` / `inject` put known sensor faults into a clean record (to test a monitor on real data):
+a bias (added), a gain change (multiplied) or a time skew (the signal arrives `size` samples late),
+each from an onset time on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,60 @@ class DriftSettings:
         if not 0 <= self.max_outside <= 1:
             raise ValueError(f"drift.max_outside must be in [0, 1], got {self.max_outside}")
         return self
+
+
+FAULT_KINDS = ("bias", "gain", "skew")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A sensor fault from `onset_s` (seconds after the record's start) on: bias adds `size` (in the
+    signal's unit), gain multiplies by `size`, skew delays the signal by `size` samples."""
+    kind: str
+    signal: str
+    size: float
+    onset_s: float
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        """'KIND:SIGNAL:SIZE@ONSET_S', e.g. 'bias:h2:0.5@2000' or 'skew:y:3@10.0'."""
+        head, at, onset = spec.partition("@")
+        parts = head.split(":")
+        if not at or len(parts) != 3:
+            raise ValueError(f"inject: {spec!r} must be KIND:SIGNAL:SIZE@ONSET_S (kinds: {', '.join(FAULT_KINDS)})")
+        try:
+            fault = cls(parts[0], parts[1], float(parts[2]), float(onset))
+        except ValueError:
+            raise ValueError(f"inject: {spec!r}: SIZE and ONSET_S must be numbers") from None
+        if fault.kind not in FAULT_KINDS:
+            raise ValueError(f"inject: kind {fault.kind!r} is unknown; kinds: {', '.join(FAULT_KINDS)}")
+        if fault.kind == "skew" and (fault.size != int(fault.size) or fault.size < 1):
+            raise ValueError(f"inject: a skew's SIZE is a whole number of samples >= 1, got {parts[2]}")
+        if fault.onset_s < 0:
+            raise ValueError(f"inject: ONSET_S must be >= 0, got {onset}")
+        return fault
+
+
+def inject(y: np.ndarray, mask: np.ndarray, t: np.ndarray, names: list[str],
+           faults: list[Fault]) -> tuple[np.ndarray, np.ndarray]:
+    """(y, mask) [T, ny] with the faults applied to the named outputs (copies; the input is kept).
+    A skewed sample takes the value and the mask of the sample `size` steps earlier."""
+    y, mask = y.copy(), mask.copy()
+    for f in faults:
+        if f.signal not in names:
+            raise ValueError(f"inject: signal {f.signal!r} is not a monitored output; outputs: {', '.join(names)}")
+        j, k = names.index(f.signal), int(np.searchsorted(t - t[0], f.onset_s - 1e-9 * max(1.0, abs(f.onset_s))))
+        if k >= len(t):
+            raise ValueError(f"inject: onset {f.onset_s} s is after the record's end ({t[-1] - t[0]:.6g} s)")
+        if f.kind == "bias":
+            y[k:, j] += f.size
+        elif f.kind == "gain":
+            y[k:, j] *= f.size
+        else:
+            d = int(f.size)
+            src = np.maximum(np.arange(k, len(t)) - d, 0)
+            y[k:, j], mask[k:, j] = y[src, j], mask[src, j]
+    return y, mask
 
 
 def window_statistics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray,
@@ -125,3 +184,47 @@ def detect(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, r
     report["alarms"].sort(key=lambda a: a["window"])
     report["drift"] = bool(report["alarms"])
     return report
+
+
+def plot_report(report: dict[str, Any], t: np.ndarray, y: np.ndarray, mask: np.ndarray, mean: np.ndarray,
+                std: np.ndarray, names: list[str], path: str | Path, *, title: str = "",
+                onsets: list[float] | None = None) -> Path:
+    """Per output: measured against predicted (90% band), and the CUSUM statistics per window
+    against the threshold, alarms marked; `onsets` (s) marks injected faults."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w, thr = report["window"], report["settings"]["threshold"]
+    tw = t[0] + (np.arange(report["windows"]) + 1) * w * (t[1] - t[0])  # each window's end
+    fig, axes = plt.subplots(2 * len(names), 1, figsize=(10, 2.6 * 2 * len(names)), squeeze=False, sharex=True)
+    for j, name in enumerate(names):
+        ax, axc = axes[2 * j, 0], axes[2 * j + 1, 0]
+        ok = mask[:, j]
+        ax.plot(t[ok], y[ok, j], ".", ms=2, color="k", label="measured")
+        ax.plot(t, mean[:, j], color="C0", lw=1, label="predicted")
+        ax.fill_between(t, mean[:, j] - 1.645 * std[:, j], mean[:, j] + 1.645 * std[:, j], color="C0", alpha=0.25,
+                        lw=0, label="90% band")
+        ax.set_ylabel(name)
+        out = report["outputs"][name]
+        axc.step(tw, out["cusum_level"], where="post", color="C1", label="CUSUM level")
+        axc.step(tw, out["cusum_spread"], where="post", color="C2", label="CUSUM spread")
+        axc.axhline(thr, color="r", ls="--", lw=1, label="threshold")
+        axc.set_yscale("symlog", linthresh=thr)
+        axc.set_ylabel("CUSUM [ref. std]")
+        for a in (ax, axc):
+            for o in onsets or []:
+                a.axvline(t[0] + o, color="m", lw=1, ls=":", label="injected fault")
+            for alarm in report["alarms"]:
+                if alarm["signal"] == name:
+                    a.axvline(t[0] + alarm["time_s"], color="r", lw=1.5, alpha=0.6, label="first alarm")
+                    break
+            a.legend(loc="upper left", fontsize=7)
+    axes[-1, 0].set_xlabel("time [s]")
+    fig.suptitle(title or ("drift: " + (", ".join(f"{a['signal']} {a['kind']}" for a in report["alarms"]) or "none")),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

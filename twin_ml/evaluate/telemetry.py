@@ -112,6 +112,48 @@ def windowed_run(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask:
     return {"mean": mean, "std": std}
 
 
+def monitor(model, u: np.ndarray, p: np.ndarray, y: np.ndarray, mask: np.ndarray, t: np.ndarray, *,
+            settings, horizon: int | None, init_samples: int, ranges: np.ndarray,
+            input_range: np.ndarray | None = None, reference_record: dict[str, np.ndarray] | None = None,
+            reference_windows: int = 8) -> dict[str, Any]:
+    """Replay a record (u [T, nu], y/mask [T, ny], t [T]) against a model and detect drift.
+
+    Predictions: `windowed_run` with the measured states reset every `horizon` steps (None: one
+    free run over the record). The detector's reference (`twin_ml.drift.reference`) comes from
+    `reference_record` (a clean record: {"u", "y", "mask", "t"}, predicted the same way) or, without
+    one, from the stream's own first `reference_windows` windows, which are then assumed healthy.
+    Returns the drift report with the predictions (mean, std [T, ny])."""
+    from twin_ml.drift import detect, reference, window_statistics
+
+    settings = settings.check()
+    names = model.system.output_names
+
+    def predict(uu, yy, mm, tt):
+        n = len(tt) if horizon is None else int(horizon)
+        return windowed_run(model, *(torch.tensor(a, dtype=torch.float32) for a in (uu, p, yy)),
+                            torch.tensor(mm), torch.tensor(tt, dtype=torch.float32),
+                            window=max(1, min(n, len(tt) - 1)), init_samples=init_samples, ranges=ranges)
+
+    pred = predict(u, y, mask, t)
+    if reference_record is not None:
+        r = reference_record
+        rp = predict(r["u"], r["y"], r["mask"], r["t"])
+        ref = reference(window_statistics(r["y"], r["mask"], rp["mean"], rp["std"], settings.window))
+        ref["source"] = "reference record"
+    else:
+        stats = window_statistics(y, mask, pred["mean"], pred["std"], settings.window)
+        if len(stats["level"]) <= reference_windows:
+            raise ValueError(f"reference_windows={reference_windows}: the stream has only {len(stats['level'])} "
+                             f"full windows of {settings.window} steps; give a reference record or fewer windows")
+        ref = reference({k: v[:reference_windows] for k, v in stats.items()})
+        ref["source"] = f"the stream's first {reference_windows} windows"
+    report = detect(y, mask, pred["mean"], pred["std"], ref, names, settings, u=u, input_range=input_range,
+                    input_names=model.system.input_names, period=float(t[1] - t[0]))
+    report["reference"] = ref
+    report["horizon"] = horizon
+    return {"report": report, "mean": pred["mean"], "std": pred["std"]}
+
+
 def record_metrics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray,
                    names: list[str]) -> dict[str, Any]:
     """RMSE per output and overall (unmasked points), and the interval report (coverage, width)."""

@@ -135,7 +135,8 @@ class TelemetryModule(SurrogateModule):
     """Trains an ODE surrogate on measured records, where only the outputs are observed (and some
     of them masked), by multiple shooting with estimated states.
 
-    Every record r of T steps gets a table of states s[m, r, k] per member (a parameter, started
+    Every record r of T steps gets a table of states s[m, r, k] per member (a parameter, held in
+    the model's normalized state units so that `state_lr` means the same for every state; started
     from `init_states` [R, T, nx], e.g. the physics simulated along the record with the measured
     outputs in place). Each step cuts every record into consecutive windows of `window` steps from a
     random offset; member m rolls each window out from s[m, r, start]. Loss per member: the MSE of
@@ -143,34 +144,53 @@ class TelemetryModule(SurrogateModule):
     a window's end state and the table's state there (normalized), plus the outputs' Gaussian NLL.
     The table learns the unobserved states; the consistency term ties the windows into one
     trajectory, so the model learns long-horizon behaviour from short, parallel windows.
+
+    Long records: `windows_per_step` rolls out a random subset of the windows per step (None: all),
+    and `val_steps` limits the validation free run to each record's first steps (None: all).
     """
 
     def __init__(self, model, *, init_states, window: int = 32, consistency: float = 1.0,
-                 state_lr: float = 1e-2, iterations_per_epoch: int = 50, **kwargs):
+                 state_lr: float = 1e-2, iterations_per_epoch: int = 50, windows_per_step: int | None = None,
+                 val_steps: int | None = None, **kwargs):
         super().__init__(model, **kwargs)
         init = torch.as_tensor(init_states, dtype=torch.float32)
         if init.dim() != 3 or init.shape[-1] != model.nx:
             raise ValueError(f"init_states must be [records, T, {model.nx}], got {tuple(init.shape)}")
         if window < 1 or window >= init.shape[1] - 1:
             raise ValueError(f"telemetry.window must be in [1, {init.shape[1] - 2}] steps, got {window}")
-        self.states = torch.nn.Parameter(init.unsqueeze(0).repeat(model.members, 1, 1, 1))  # [M, R, T, nx]
+        for name, v in (("windows_per_step", windows_per_step), ("val_steps", val_steps)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"telemetry.{name} must be a positive integer or null, got {v!r}")
+        norm = (init - model.x_mean) / model.x_std
+        self.states = torch.nn.Parameter(norm.unsqueeze(0).repeat(model.members, 1, 1, 1))  # [M, R, T, nx]
         for hp in (self._hparams, self._hparams_initial):  # the table is a parameter, not a hyperparameter
             hp.pop("init_states", None)
         self.hparams.update(window=window, consistency=consistency, state_lr=state_lr,
-                            iterations_per_epoch=iterations_per_epoch)
+                            iterations_per_epoch=iterations_per_epoch, windows_per_step=windows_per_step,
+                            val_steps=val_steps)
 
-    def _windows(self, offset: int, steps: int, n_t: int):
-        starts = torch.arange(offset, n_t - steps, steps, device=self.states.device)
+    @property
+    def table(self) -> torch.Tensor:
+        """The state table [M, R, T, nx] in the states' own units."""
+        return self.states * self.model.x_std + self.model.x_mean
+
+    def _windows(self, offset: int, steps: int, n_t: int, generator: torch.Generator | None = None):
+        starts = torch.arange(offset, n_t - steps, steps)
+        keep = self.hparams.get("windows_per_step")
+        if keep is not None and len(starts) > keep:
+            starts = starts[torch.randperm(len(starts), generator=generator)[:keep].sort().values]
+        starts = starts.to(self.states.device)
         return starts, starts[:, None] + torch.arange(steps + 1, device=self.states.device)
 
-    def record_loss(self, batch, offset: int) -> torch.Tensor:
+    def record_loss(self, batch, offset: int, generator: torch.Generator | None = None) -> torch.Tensor:
         m = self.model
         u, p, y, mask = batch["u"], batch["p"], batch["y"], batch["mask"]  # [R,T,nu] [R,np] [R,T,ny] [R,T,ny]
         r, n_t = y.shape[0], y.shape[1]
         steps = self.hparams.window
-        starts, idx = self._windows(offset, steps, n_t)
+        starts, idx = self._windows(offset, steps, n_t, generator)
         k = len(starts)
-        x0 = self.states[:, :, starts].reshape(m.members, r * k, m.nx)     # [M, R*K, nx]
+        table = self.table
+        x0 = table[:, :, starts].reshape(m.members, r * k, m.nx)          # [M, R*K, nx]
         uw = u[:, idx].reshape(r * k, steps + 1, -1)
         pw = p.repeat_interleave(k, dim=0)
         xm, ym = m(x0, uw, pw, self._t()[: steps + 1] - self._t()[0])      # [M, R*K, W+1, .]
@@ -182,7 +202,7 @@ class TelemetryModule(SurrogateModule):
         fit = err2.sum(dim=(1, 2, 3)) / n_ok                                # [M]
         lv = m.logvar[:, None, None, :]
         nll = (0.5 * (lv + err2 / torch.exp(lv)) * ok).sum(dim=(1, 2, 3)) / n_ok
-        end = self.states[:, :, starts + steps].reshape(m.members, r * k, m.nx)
+        end = table[:, :, starts + steps].reshape(m.members, r * k, m.nx)
         cons = (((xm[:, :, -1] - end) / m.x_std) ** 2).mean(dim=(1, 2))
         self.log("train/fit", fit.mean(), batch_size=r)
         self.log("train/consistency", cons.mean(), batch_size=r)
@@ -192,15 +212,19 @@ class TelemetryModule(SurrogateModule):
         g = torch.Generator().manual_seed((self.hparams.seed * 1009 + self.current_epoch) * 100_003 + batch_idx)
         n_t, w = batch["y"].shape[1], self.hparams.window
         offset = int(torch.randint(0, max(1, min(w, n_t - w)), (1,), generator=g))  # at least one window
-        loss = self.record_loss(batch, offset)
+        loss = self.record_loss(batch, offset, g)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["y"].shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx):
-        """RMSE of the ensemble mean's free run over each record, from the table's first state."""
+        """RMSE of the ensemble mean's free run over each record (its first `val_steps`), from the
+        table's first state."""
         m = self.model
-        x0 = self.states[:, :, 0]                                           # [M, R, nx]
-        _, ym = m(x0, batch["u"], batch["p"], self._t()[: batch["u"].shape[1]])
+        n = batch["u"].shape[1] if self.hparams.get("val_steps") is None else min(self.hparams.val_steps,
+                                                                                  batch["u"].shape[1])
+        batch = {k: v[:, :n] if v.dim() > 2 else v for k, v in batch.items()}
+        x0 = self.table[:, :, 0]                                            # [M, R, nx]
+        _, ym = m(x0, batch["u"], batch["p"], self._t()[:n])
         ok = batch["mask"].bool()
         err = torch.where(ok, ym.mean(dim=0) - batch["y"], torch.zeros_like(batch["y"]))
         rmse = torch.sqrt((err ** 2).sum() / ok.sum().clamp_min(1))

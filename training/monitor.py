@@ -1,0 +1,158 @@
+"""twin-monitor: replay a telemetry stream against a model trained on telemetry and report drift.
+
+    twin-monitor model=RUN_DIR|MODEL_DIR source=FILE|DATASET:RECORD [reference=FILE|DATASET:RECORD]
+                 [reference_windows=8] [window=32] [horizon=32] [slack=0.5] [threshold=5]
+                 [inject=KIND:SIGNAL:SIZE@ONSET_S[,...]] [steps=] [out_dir=runs/monitor]
+
+  model       a twin-train run on telemetry (its model/ directory is used) or a model directory
+  source      the stream: a telemetry file (.parquet/.csv, as twin-ingest reads them), replayed in
+              order under the model's data contract; or DATASET:RECORD for a real dataset's record
+              (e.g. silverbox:test_multisine)
+  reference   a clean record to standardize the detector by; default: the stream's own first
+              `reference_windows` windows, which are then assumed healthy
+  window      steps per monitoring window; horizon: the model's prediction restarts from the
+              measured states every `horizon` steps (`none`: one free run)
+  slack, threshold  the CUSUM's allowance and alarm level, in reference standard deviations
+  inject      known sensor faults to put into the stream first (bias adds SIZE, gain multiplies by
+              SIZE, skew delays by SIZE samples), e.g. inject=bias:y:0.005@20 (what-if checks)
+  steps       replay only the stream's first `steps` samples
+
+Writes out_dir/drift.json (alarms, per-window statistics, the reference, settings) and drift.png,
+and prints summary.json's path last. Exit status 0 whether or not drift is found; the report's
+"drift" field says which.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training._common import fail, key_values, write_summary
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"model": None, "source": None, "reference": None, "reference_windows": "8", "window": "32",
+            "horizon": "32", "slack": "0.5", "threshold": "5.0", "inject": None, "steps": None, "out_dir": "runs/monitor"}
+
+
+def _int(cfg: dict, key: str, allow_none: bool = False) -> int | None:
+    v = cfg[key]
+    if allow_none and (v is None or str(v).lower() in ("none", "null")):
+        return None
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a whole number{' or none' if allow_none else ''}, got {v!r}") from None
+    if n < 1:
+        raise ValueError(f"{key} must be >= 1, got {n}")
+    return n
+
+
+def _float(cfg: dict, key: str) -> float:
+    try:
+        return float(cfg[key])
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {cfg[key]!r}") from None
+
+
+def load_stream(spec: str, contract, system) -> dict[str, np.ndarray]:
+    """{"t", "u", "y", "mask"} of a telemetry file or a real dataset's record, under the contract."""
+    from training.train_telemetry import _full_outputs, _inputs
+    from twin_ml.data import real
+    from twin_ml.data.telemetry import ingest, read_telemetry
+
+    path = Path(spec)
+    if path.suffix.lower() in (".parquet", ".csv"):
+        if not path.is_file():
+            raise ValueError(f"source: no such telemetry file {spec!r}")
+        frame = read_telemetry(path)
+    else:
+        name, sep, record = spec.partition(":")
+        if not sep or name not in real.SOURCES:
+            raise ValueError(f"source {spec!r} must be a .parquet/.csv file or DATASET:RECORD with a dataset among "
+                             f"{', '.join(real.SOURCES)}")
+        frames = real.records(name, ROOT / "data" / "real" / name / real.SOURCES[name]["file"])
+        if record not in frames:
+            raise ValueError(f"source {spec!r}: record {record!r} is unknown; records: {', '.join(frames)}")
+        frame = frames[record]
+    tel = ingest(frame, contract)
+    y, mask = _full_outputs(system, contract, tel)
+    return {"t": tel.t - tel.t[0], "u": _inputs(system, tel), "y": y, "mask": mask}
+
+
+def run(cfg: dict[str, Any]) -> Path:
+    from twin_ml._io import atomic_write_json
+    from twin_ml.data.telemetry import Contract
+    from twin_ml.drift import DriftSettings, Fault, inject, plot_report
+    from twin_ml.evaluate.telemetry import monitor
+    from twin_ml.models import load_trained
+
+    if not cfg["model"] or not cfg["source"]:
+        raise ValueError("give model=RUN_DIR and source=FILE|DATASET:RECORD")
+    model_dir = Path(cfg["model"])
+    if (model_dir / "model").is_dir():
+        model_dir = model_dir / "model"
+    model, meta = load_trained(model_dir)
+    tmeta = meta.get("telemetry")
+    if not tmeta or "state_ranges" not in tmeta:
+        raise ValueError(f"model={cfg['model']!r} was not trained on telemetry by this version (model.json has no "
+                         "telemetry.state_ranges); train it with an experiment like cascaded_tanks_real")
+    system = model.system
+    contract = Contract.model_validate(tmeta["contract"])
+    settings = DriftSettings(window=_int(cfg, "window"), slack=_float(cfg, "slack"),
+                             threshold=_float(cfg, "threshold")).check()
+    horizon, ref_windows = _int(cfg, "horizon", allow_none=True), _int(cfg, "reference_windows")
+    faults = [Fault.parse(f) for f in cfg["inject"].split(",")] if cfg["inject"] else []
+    stream = load_stream(cfg["source"], contract, system)
+    steps = _int(cfg, "steps", allow_none=True)
+    if steps is not None:
+        stream = {k: v[:steps] for k, v in stream.items()}
+    names = system.output_names
+    dt = float(stream["t"][1] - stream["t"][0])
+    if abs(dt - meta["time"]["dt"]) > 1e-6 * meta["time"]["dt"]:
+        raise ValueError(f"source: sampling period {dt:.6g} s differs from the model's {meta['time']['dt']:.6g} s")
+    y, mask = inject(stream["y"], stream["mask"], stream["t"], names, faults)
+    ref = load_stream(cfg["reference"], contract, system) if cfg["reference"] else None
+    if ref is None:
+        for f in faults:
+            if f.onset_s < ref_windows * settings.window * dt:
+                raise ValueError(f"inject: onset {f.onset_s} s falls in the reference (the first {ref_windows} windows, "
+                                 f"{ref_windows * settings.window * dt:.6g} s); move it later or give reference=")
+    p = np.array([tmeta["parameters"][n] for n in system.parameter_names])
+    result = monitor(model, stream["u"], p, y, mask, stream["t"], settings=settings, horizon=horizon,
+                     init_samples=int(tmeta.get("init_samples", 25)), ranges=np.array(tmeta["state_ranges"]),
+                     input_range=np.array(tmeta["input_range"]) if tmeta.get("input_range") else None,
+                     reference_record=ref, reference_windows=ref_windows)
+    report = result["report"]
+    report.update(source=cfg["source"], model=str(model_dir), faults=[f.__dict__ for f in faults],
+                  steps=len(stream["t"]), period_s=dt)
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "drift.json", report)
+    plot = plot_report(report, stream["t"], y, mask, result["mean"], result["std"], names, out / "drift.png",
+                       title=f"{system.name}: {cfg['source']}" + (f" with {cfg['inject']}" if faults else ""),
+                       onsets=[f.onset_s for f in faults])
+    for a in report["alarms"]:
+        print(f"alarm: {a['signal']} {a['kind']} in window {a['window']} (by t = {a['time_s']:.6g} s)")
+    if not report["alarms"]:
+        print(f"no drift over {report['windows']} windows of {settings.window} steps")
+    return write_summary(out, {"command": "twin-monitor", "model": str(model_dir), "source": cfg["source"],
+                               "drift": report["drift"], "alarms": report["alarms"],
+                               "report": str(out / "drift.json"), "plot": str(plot)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    from twin_ml.data.telemetry import TelemetryError
+
+    try:
+        cfg = key_values(sys.argv[1:] if argv is None else argv, DEFAULTS)
+        path = run(cfg)
+    except (ValueError, TelemetryError, OSError) as e:
+        fail(e)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
