@@ -1,7 +1,7 @@
 """twin-monitor: replay a telemetry stream against a model trained on telemetry and report drift.
 
     twin-monitor model=RUN_DIR|MODEL_DIR source=FILE|DATASET:RECORD [reference=FILE|DATASET:RECORD]
-                 [reference_windows=8] [window=32] [horizon=32] [slack=0.5] [threshold=5]
+                 [reference_windows=25] [window=32] [horizon=32] [slack=1] [threshold=6]
                  [inject=KIND:SIGNAL:SIZE@ONSET_S[,...]] [steps=] [out_dir=runs/monitor]
 
   model       a twin-train run on telemetry (its model/ directory is used) or a model directory
@@ -33,8 +33,8 @@ import numpy as np
 from training._common import fail, key_values, write_summary
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {"model": None, "source": None, "reference": None, "reference_windows": "8", "window": "32",
-            "horizon": "32", "slack": "0.5", "threshold": "5.0", "inject": None, "steps": None, "out_dir": "runs/monitor"}
+DEFAULTS = {"model": None, "source": None, "reference": None, "reference_windows": "25", "window": "32",
+            "horizon": "32", "slack": "1.0", "threshold": "6.0", "inject": None, "steps": None, "out_dir": "runs/monitor"}
 
 
 def _int(cfg: dict, key: str, allow_none: bool = False) -> int | None:

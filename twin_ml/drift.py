@@ -7,7 +7,8 @@ takes two statistics per output, standardized by a clean reference record (the s
 data known to be healthy, e.g. the training record):
 
     level  = mean of z over the window             (a bias or gain change shifts it)
-    spread = RMS of z over the window               (a time skew or noise inflates it)
+    spread = log of the RMS of z over the window    (a time skew or noise inflates it; the log
+                                                     makes its skewed distribution near-symmetric)
 
 and runs a two-sided CUSUM on each standardized level and a one-sided CUSUM on each standardized
 spread (slack `slack`, alarm at `threshold`; both in reference standard deviations). Window
@@ -33,8 +34,8 @@ import numpy as np
 @dataclass(frozen=True)
 class DriftSettings:
     window: int = 32          # steps per monitoring window
-    slack: float = 0.5        # CUSUM allowance k (reference stds)
-    threshold: float = 5.0    # CUSUM alarm level h (reference stds)
+    slack: float = 1.0        # CUSUM allowance k (reference stds)
+    threshold: float = 6.0    # CUSUM alarm level h (reference stds)
     margin: float = 0.05      # input range margin, as a share of the training range's width
     max_outside: float = 0.2  # share of a window's inputs outside the range that raises an input alarm
 
@@ -105,7 +106,7 @@ def inject(y: np.ndarray, mask: np.ndarray, t: np.ndarray, names: list[str],
 
 def window_statistics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray,
                       window: int) -> dict[str, np.ndarray]:
-    """Per window (full windows only) and output: level = mean z, spread = RMS z, n = points used.
+    """Per window (full windows only) and output: level = mean z, spread = log RMS z, n = points used.
     y, mask, mean, std: [T, ny]."""
     z = np.where(mask, (y - mean) / np.maximum(std, 1e-12), np.nan)
     n_w = len(z) // window
@@ -113,7 +114,7 @@ def window_statistics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np
     n = np.sum(~np.isnan(zw), axis=1)
     with np.errstate(invalid="ignore"):
         level = np.nanmean(zw, axis=1) if n_w else np.zeros((0, z.shape[1]))
-        spread = np.sqrt(np.nanmean(zw ** 2, axis=1)) if n_w else np.zeros((0, z.shape[1]))
+        spread = 0.5 * np.log(np.maximum(np.nanmean(zw ** 2, axis=1), 1e-24)) if n_w else np.zeros((0, z.shape[1]))
     return {"level": level, "spread": spread, "n": n}
 
 
