@@ -28,7 +28,12 @@ def _run(tmp_path, name, **kw):
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    return tmp_path_factory.mktemp("monitor")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as twin-monitor runs (small sequential steps)
+    yield tmp_path_factory.mktemp("monitor")
+    torch.set_num_threads(threads)
 
 
 def test_the_whole_clean_held_back_record_raises_no_alarm(out):

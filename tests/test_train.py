@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from twin_ml.data import ScenarioDesign, generate_dataset
 from twin_ml.physics import make_system
@@ -28,6 +29,30 @@ def pendulum_data(tmp_path_factory):
 def run(*args, env=None):
     e = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=600, env=e)
+
+
+def train_here(*overrides):
+    """twin-train's config and run in this process (the checks and the run are the command's own;
+    what only the command adds, the one-line error and exit status, is tested by subprocess above)."""
+    from hydra import compose, initialize_config_dir
+
+    from training._common import CONFIG_DIR
+    from training.train import train
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return train(cfg)
+
+
+def error_here(*overrides) -> str:
+    """The message twin-train would print for these overrides (the cause hydra wraps, as `fail` shows it)."""
+    with pytest.raises(Exception) as info:
+        train_here(*overrides)
+    err = info.value
+    while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
+        err = err.__cause__
+    assert isinstance(err, (ValueError, KeyError)), repr(err)
+    return err.args[0] if isinstance(err, KeyError) else str(err)
 
 
 def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_path):
@@ -63,16 +88,17 @@ def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_pat
     data = bytearray(w.read_bytes())
     data[len(data) // 2] ^= 1
     w.write_bytes(bytes(data))
-    ev = subprocess.run([str(BIN.parent / "twin-evaluate"), f"run_dir={out}"], capture_output=True, text=True, timeout=300)
-    assert ev.returncode == 2 and "sha256 does not match model.json" in ev.stderr
+    from training.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="sha256 does not match model.json"):
+        evaluate(OmegaConf.create({"run_dir": str(out), "data_dir": None, "out_dir": str(out / "ev2"),
+                                   "speed_scenarios": 4}))
 
 
 def test_resumed_run_reaches_the_same_metrics(pendulum_data, tmp_path):
     common = ["experiment=pendulum_hybrid", f"data_dir={pendulum_data}", "logger=none", *TINY]
-    full = run(*common, f"out_dir={tmp_path / 'full'}")
-    assert full.returncode == 0, full.stderr[-3000:]
-    part = run(*common, f"out_dir={tmp_path / 'part'}", "stop_after_epochs=2")
-    assert part.returncode == 0, part.stderr[-3000:]
+    train_here(*common, f"out_dir={tmp_path / 'full'}")
+    train_here(*common, f"out_dir={tmp_path / 'part'}", "stop_after_epochs=2")
     assert not (tmp_path / "part" / "metrics.json").exists() and (tmp_path / "part" / "checkpoints" / "last.ckpt").exists()
     resumed = run(*common, f"out_dir={tmp_path / 'part'}", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -102,21 +128,32 @@ def test_emulator_trains(pendulum_data, tmp_path):
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["detail"]["train"]["members"] == 2
 
 
+def test_bad_input_is_one_line_from_the_command(pendulum_data, tmp_path):
+    """The command's own path: an unknown config group choice (checked before Hydra), and an error
+    raised inside the run, each one line on stderr with exit status 2."""
+    r = run(f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", "experiment=pendulm_node")
+    assert r.returncode == 2 and r.stderr.startswith(
+        "error: experiment='pendulm_node' is unknown; known experiment configs: cascaded_tanks_hybrid"), r.stderr[-2000:]
+    r = run(f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", "data.horizon=500")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == \
+        "error: data.horizon (500 steps) must be in [1, 20]: the data has 21 time points"
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["experiment=pendulm_node"], "experiment='pendulm_node' is unknown; known experiment configs: cascaded_tanks_hybrid"),
     (["experiment=cascaded_tanks_hybrid"], "was made for system pendulum"),
     (["data.horizon=500"], "data.horizon (500 steps) must be in [1, 20]"),
     (["+model.net.learn_parameters=[dampng]", "model=hybrid"], "model.learn_parameters: unknown ['dampng']"),
 ])
 def test_bad_input_fails_before_training(pendulum_data, tmp_path, args, message):
-    r = run(f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", *args)
-    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert message in error_here(f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", *args)
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
 def test_missing_data_dir_and_nan_in_data(pendulum_data, tmp_path):
-    r = run(f"data_dir={tmp_path / 'nope'}", f"out_dir={tmp_path / 'x'}", "logger=none")
-    assert r.returncode == 2 and "does not exist; make it with twin-generate" in r.stderr
+    assert "does not exist; make it with twin-generate" in error_here(f"data_dir={tmp_path / 'nope'}",
+                                                                     f"out_dir={tmp_path / 'x'}", "logger=none")
     # a dataset whose kept scenarios hold NaN (re-hashed so only the NaN check can catch it)
     import shutil
 
@@ -135,8 +172,8 @@ def test_missing_data_dir_and_nan_in_data(pendulum_data, tmp_path):
     m["shards"][0]["sha256"] = sha256_file(f)
     m["dataset_sha256"] = dataset_sha256(m["settings_sha256"], [s["sha256"] for s in m["shards"]])
     (bad / "manifest.json").write_text(json.dumps(m))
-    r = run(f"data_dir={bad}", f"out_dir={tmp_path / 'y'}", "logger=none")
-    assert r.returncode == 2 and "NaN or inf in" in r.stderr and f"[{int(z['index'][1])}]" in r.stderr
+    message = error_here(f"data_dir={bad}", f"out_dir={tmp_path / 'y'}", "logger=none")
+    assert "NaN or inf in" in message and f"[{int(z['index'][1])}]" in message
 
 
 def test_optuna_sweep_returns_the_optimized_metric(pendulum_data, tmp_path):

@@ -144,8 +144,12 @@ def run(cfg: dict[str, Any]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import torch
+
     from twin_ml.data.telemetry import TelemetryError
 
+    torch.set_num_threads(1)  # a replay is many small sequential steps: a second thread only costs
+    torch.set_flush_denormal(True)
     try:
         cfg = key_values(sys.argv[1:] if argv is None else argv, DEFAULTS)
         path = run(cfg)

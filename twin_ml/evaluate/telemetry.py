@@ -179,19 +179,28 @@ def plot_record(t: np.ndarray, y: np.ndarray, mask: np.ndarray, mean: np.ndarray
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(names), 1, figsize=(10, 3.0 * len(names)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2 * len(names), 1, figsize=(10, 4.6 * len(names)), squeeze=False, sharex=True,
+                             gridspec_kw={"height_ratios": [3, 2] * len(names)})
     for j, name in enumerate(names):
-        ax = axes[j, 0]
+        ax, axr = axes[2 * j, 0], axes[2 * j + 1, 0]
         ok = mask[:, j]
         ax.plot(t[ok], y[ok, j], ".", ms=2.5, color="k", label="measured")
         ax.plot(t, mean[:, j], color="C0", lw=1.2, label="free run (ensemble mean)")
         ax.fill_between(t, mean[:, j] - 1.645 * std[:, j], mean[:, j] + 1.645 * std[:, j], color="C0", alpha=0.25,
                         lw=0, label="90% band")
+        # the error against the band's half-width: what a long, dense record hides in the top panel
+        axr.fill_between(t, -1.645 * std[:, j], 1.645 * std[:, j], color="C0", alpha=0.25, lw=0, label="90% band")
+        axr.plot(t[ok], y[ok, j] - mean[ok, j], lw=0.6, color="C3", label="measured - mean")
+        axr.axhline(0.0, color="0.5", lw=0.6)
+        axr.set_ylabel(f"{name} error")
         if init_samples:
-            ax.axvspan(t[0], t[min(init_samples, len(t)) - 1], color="0.85", lw=0, label="initial-state window")
+            for a in (ax, axr):
+                a.axvspan(t[0], t[min(init_samples, len(t)) - 1], color="0.85", lw=0,
+                          label="initial-state window" if a is ax else None)
         rmse = float(np.sqrt(np.mean((mean[ok, j] - y[ok, j]) ** 2)))
         ax.set_title(f"{name}: RMSE {rmse:.3g}", fontsize=9)
         ax.legend(loc="upper right", fontsize=7)
+        axr.legend(loc="upper right", fontsize=7)
     axes[-1, 0].set_xlabel("time [s]")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -47,7 +47,8 @@ class StackedMLP(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         act = ACTIVATIONS[self.activation]
         n = len(self.weights)
-        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+        # the lists' own dicts: iterating a ParameterList indexes it, which costs more than the matmul
+        for k, (w, b) in enumerate(zip(self.weights._parameters.values(), self.biases._parameters.values())):
             z = torch.baddbmm(b, z, w)  # [M, B, a] @ [M, a, b] + [M, 1, b]
             if k < n - 1:
                 z = act(z)

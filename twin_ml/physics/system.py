@@ -35,6 +35,8 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import numpy as _NP
 
+_NAMESPACES: dict[type, Any] = {}  # array type -> its array-api namespace (see PhysicsSystem.xp)
+
 Interpolation = Literal["zoh", "linear"]
 Stiffness = Literal["nonstiff", "moderate", "stiff"]
 SOLVER_METHODS = ("RK45", "DOP853", "RK23", "LSODA", "Radau", "BDF")
@@ -231,9 +233,16 @@ class PhysicsSystem:
 
     @staticmethod
     def xp(*arrays):
-        """The array namespace (numpy, torch, ...) of the given arrays."""
-        if type(arrays[0]) is np.ndarray:  # the solver's hot loop: skip the generic dispatch
+        """The array namespace (numpy, torch, ...) of the given arrays (one type: its namespace is
+        looked up once; the solver's and the hybrid model's hot loops call this every step)."""
+        kind = type(arrays[0])
+        if kind is np.ndarray:
             return _NP
+        if len(arrays) == 1 or all(type(a) is kind for a in arrays[1:]):
+            ns = _NAMESPACES.get(kind)
+            if ns is None:
+                ns = _NAMESPACES[kind] = array_namespace(*arrays)
+            return ns
         return array_namespace(*arrays)
 
     # ---- declarations as arrays --------------------------------------------------------------
