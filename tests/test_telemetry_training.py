@@ -50,6 +50,24 @@ def test_shooting_loss_vanishes_on_the_true_states_and_physics(record):
         assert float(module.record_loss(batch, offset=3)) > 1e3 * max(exact, 1e-9)
 
 
+def test_block_bootstrap_weights_each_member_by_whole_windows(record):
+    """bootstrap=true: per member, Poisson(1) counts per block of `window` samples, fixed by the
+    seed (the same module twice gives the same weights), different between members; off: all 1,
+    and the loss is the plain masked MSE."""
+    system, t, u, p, x, y = record
+    stats = compute_stats(x[None], u[None], p[None], y[None], t)
+    model = build_model("hybrid", system, stats, members=3)
+    a = TelemetryModule(model, init_states=x[None], window=16, bootstrap=True, seed=4).sample_weights
+    b = TelemetryModule(model, init_states=x[None], window=16, bootstrap=True, seed=4).sample_weights
+    assert a.shape == (3, 1, len(t)) and torch.equal(a, b)
+    blocks = a[:, 0, : 16 * (len(t) // 16)].reshape(3, -1, 16)
+    assert torch.equal(blocks, blocks[:, :, :1].expand_as(blocks))  # constant within each block
+    assert torch.equal(a, a.round()) and float(a.min()) >= 0.0 and not torch.equal(a[0], a[1])
+    assert 0.6 < float(a.mean()) < 1.4  # Poisson(1): mean 1 (13 blocks x 3 members)
+    off = TelemetryModule(model, init_states=x[None], window=16, seed=4).sample_weights
+    assert torch.equal(off, torch.ones_like(off))
+
+
 def test_free_run_with_estimated_initial_state_matches_the_solver(record):
     system, t, u, p, x, y = record
     stats = compute_stats(x[None], u[None], p[None], y[None], t)

@@ -177,7 +177,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = hydra.utils.instantiate(cfg.model.net, system=system, stats=stats, members=cfg.ensemble.size,
                                     seed=cfg.seed, _convert_="all")
     optim = OmegaConf.to_container(cfg.model.optim, resolve=True)
-    optim = {k: v for k, v in optim.items() if k not in ("_target_", "_partial_", "bootstrap")}
+    optim = {k: v for k, v in optim.items() if k not in ("_target_", "_partial_")}
     module = TelemetryModule(model, init_states=table, window=int(tcfg.window), consistency=float(tcfg.consistency),
                              state_lr=float(tcfg.state_lr), iterations_per_epoch=int(tcfg.iterations_per_epoch),
                              windows_per_step=tcfg.get("windows_per_step"), val_steps=tcfg.get("val_steps"),

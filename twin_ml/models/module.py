@@ -147,6 +147,9 @@ class TelemetryModule(SurrogateModule):
 
     Long records: `windows_per_step` rolls out a random subset of the windows per step (None: all),
     and `val_steps` limits the validation free run to each record's first steps (None: all).
+    `bootstrap` (block bagging): each member weights the record's blocks of `window` samples by
+    Poisson(1) counts fixed by (seed, member), so the members see different resamplings of one
+    record and disagree where the data do not pin the model down.
     """
 
     def __init__(self, model, *, init_states, window: int = 32, consistency: float = 1.0,
@@ -168,6 +171,15 @@ class TelemetryModule(SurrogateModule):
         self.hparams.update(window=window, consistency=consistency, state_lr=state_lr,
                             iterations_per_epoch=iterations_per_epoch, windows_per_step=windows_per_step,
                             val_steps=val_steps)
+        r, n_t = init.shape[0], init.shape[1]
+        weights = torch.ones(model.members, r, n_t)
+        if self.hparams.bootstrap and model.members > 1:
+            n_blocks = -(-n_t // window)
+            for m in range(model.members):
+                g = torch.Generator().manual_seed(self.hparams.seed * 7919 + 17 + m)
+                counts = torch.poisson(torch.ones(r, n_blocks), generator=g)
+                weights[m] = counts.repeat_interleave(window, dim=1)[:, :n_t]
+        self.register_buffer("sample_weights", weights, persistent=False)  # [M, R, T]
 
     @property
     def table(self) -> torch.Tensor:
@@ -198,10 +210,11 @@ class TelemetryModule(SurrogateModule):
         ok = mask[:, idx].reshape(r * k, steps + 1, -1).to(ym.dtype)
         yn, ymn = (yw - m.y_mean) / m.y_std, (ym - m.y_mean) / m.y_std
         err2 = torch.where(ok.bool(), (yn - ymn) ** 2, torch.zeros_like(ymn))
-        n_ok = ok.sum().clamp_min(1.0)
-        fit = err2.sum(dim=(1, 2, 3)) / n_ok                                # [M]
+        wts = self.sample_weights[:, :, idx].reshape(m.members, r * k, steps + 1, 1) * ok  # [M, R*K, W+1, ny]
+        n_ok = wts.sum(dim=(1, 2, 3)).clamp_min(1.0)                        # [M]
+        fit = (err2 * wts).sum(dim=(1, 2, 3)) / n_ok                        # [M]
         lv = m.logvar[:, None, None, :]
-        nll = (0.5 * (lv + err2 / torch.exp(lv)) * ok).sum(dim=(1, 2, 3)) / n_ok
+        nll = (0.5 * (lv + err2 / torch.exp(lv)) * wts).sum(dim=(1, 2, 3)) / n_ok
         end = table[:, :, starts + steps].reshape(m.members, r * k, m.nx)
         cons = (((xm[:, :, -1] - end) / m.x_std) ** 2).mean(dim=(1, 2))
         self.log("train/fit", fit.mean(), batch_size=r)
