@@ -67,6 +67,8 @@ def test_bad_monitor_input_names_the_setting(out, tmp_path):
         _run(out, "bad", source="somewhere")
     with pytest.raises(ValueError, match="falls in the reference"):
         _run(out, "bad", inject="bias:y:0.01@0.1")
+    with pytest.raises(ValueError, match="source: 40 samples; the monitor needs >= 3 windows of 32"):
+        _run(out, "bad", steps="40")
     with pytest.raises(ValueError, match="horizon must be a whole number or none"):
         _run(out, "bad", horizon="soon")
     with pytest.raises(ValueError, match="holds no model.json"):

@@ -52,8 +52,8 @@ def test_shooting_loss_vanishes_on_the_true_states_and_physics(record):
 
 def test_block_bootstrap_weights_each_member_by_whole_windows(record):
     """bootstrap=true: per member, Poisson(1) counts per block of `window` samples, fixed by the
-    seed (the same module twice gives the same weights), different between members; off: all 1,
-    and the loss is the plain masked MSE."""
+    seed (the same module twice gives the same weights), different between members; off: all 1.
+    The loss is the weighted mean of the masked squared errors."""
     system, t, u, p, x, y = record
     stats = compute_stats(x[None], u[None], p[None], y[None], t)
     model = build_model("hybrid", system, stats, members=3)
@@ -64,8 +64,22 @@ def test_block_bootstrap_weights_each_member_by_whole_windows(record):
     assert torch.equal(blocks, blocks[:, :, :1].expand_as(blocks))  # constant within each block
     assert torch.equal(a, a.round()) and float(a.min()) >= 0.0 and not torch.equal(a[0], a[1])
     assert 0.6 < float(a.mean()) < 1.4  # Poisson(1): mean 1 (13 blocks x 3 members)
-    off = TelemetryModule(model, init_states=x[None], window=16, seed=4).sample_weights
+    off_module = TelemetryModule(model, init_states=x[None], window=16, nll_weight=0.0, seed=4)
+    off = off_module.sample_weights
     assert torch.equal(off, torch.ones_like(off))
+    # the loss uses them: a wrong hidden state makes it non-zero; uniform weights (any scale) leave
+    # it as it is (it is a weighted mean), zero weights on the record's second half change it
+    off_module._t = lambda: torch.tensor(t, dtype=torch.float32)
+    off_module.log = lambda *a, **k: None
+    batch = {"u": torch.tensor(u[None], dtype=torch.float32), "p": torch.tensor(p[None], dtype=torch.float32),
+             "y": torch.tensor(y[None], dtype=torch.float32), "mask": torch.ones(1, len(t), 1, dtype=torch.bool)}
+    with torch.no_grad():
+        off_module.states[:, 0, :, 0] += 1.0
+        plain = float(off_module.record_loss(batch, offset=0))
+        off_module.sample_weights.fill_(3.0)
+        assert float(off_module.record_loss(batch, offset=0)) == pytest.approx(plain, rel=1e-5)
+        off_module.sample_weights[:, :, len(t) // 2:] = 0.0
+        assert abs(float(off_module.record_loss(batch, offset=0)) - plain) > 1e-3 * plain > 0
 
 
 def test_free_run_with_estimated_initial_state_matches_the_solver(record):

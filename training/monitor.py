@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 
 from training._common import fail, key_values, write_summary
+from twin_ml.drift import REFERENCE_WINDOWS, DriftSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {"model": None, "source": None, "reference": None, "reference_windows": "25", "window": "32",
-            "horizon": "32", "slack": "1.0", "threshold": "6.0", "inject": None, "steps": None, "out_dir": "runs/monitor"}
+DEFAULTS = {"model": None, "source": None, "reference": None, "reference_windows": str(REFERENCE_WINDOWS),
+            "window": str(DriftSettings.window), "horizon": "32", "slack": str(DriftSettings.slack),
+            "threshold": str(DriftSettings.threshold), "inject": None, "steps": None, "out_dir": "runs/monitor"}
 
 
 def _int(cfg: dict, key: str, allow_none: bool = False) -> int | None:
@@ -85,7 +87,7 @@ def load_stream(spec: str, contract, system) -> dict[str, np.ndarray]:
 def run(cfg: dict[str, Any]) -> Path:
     from twin_ml._io import atomic_write_json
     from twin_ml.data.telemetry import Contract
-    from twin_ml.drift import DriftSettings, Fault, inject, plot_report
+    from twin_ml.drift import Fault, inject, plot_report
     from twin_ml.evaluate.telemetry import monitor
     from twin_ml.models import load_trained
 
@@ -109,12 +111,13 @@ def run(cfg: dict[str, Any]) -> Path:
     steps = _int(cfg, "steps", allow_none=True)
     if steps is not None:
         stream = {k: v[:steps] for k, v in stream.items()}
+    ref = load_stream(cfg["reference"], contract, system) if cfg["reference"] else None
+    for key, rec in (("source", stream), ("reference", ref)):
+        if rec is not None and len(rec["t"]) < 3 * settings.window:
+            raise ValueError(f"{key}: {len(rec['t'])} samples; the monitor needs >= 3 windows of {settings.window}")
     names = system.output_names
     dt = float(stream["t"][1] - stream["t"][0])
-    if abs(dt - meta["time"]["dt"]) > 1e-6 * meta["time"]["dt"]:
-        raise ValueError(f"source: sampling period {dt:.6g} s differs from the model's {meta['time']['dt']:.6g} s")
     y, mask = inject(stream["y"], stream["mask"], stream["t"], names, faults)
-    ref = load_stream(cfg["reference"], contract, system) if cfg["reference"] else None
     if ref is None:
         for f in faults:
             if f.onset_s < ref_windows * settings.window * dt:

@@ -117,6 +117,10 @@ def state_table(system, t, u, y, mask, p, guess: dict[str, float],
                    else guess.get(s.name, 0.5 * (s.bounds[0] + s.bounds[1])) for s in system.states])
     if all(s.name in outs or s.name in derivatives for s in system.states):
         x = np.repeat(x0[None], len(t), axis=0)
+        for i, s in enumerate(system.states):  # masked samples of a measured state: interpolated
+            ok = mask[:, outs.index(s.name)] if s.name in outs else None
+            if ok is not None and ok.sum() >= 2:
+                x[:, i] = np.interp(t, t[ok], y[ok, outs.index(s.name)])
     else:  # an input interpolated between samples costs the adaptive solver steps at every sample
         res = solve_looped(system, t, u[None], p[None], x0[None], SolverSettings(max_rhs_evals=max(200_000, 200 * len(t))))
         x = res.x[0] if res.status[0] == 0 else np.repeat(x0[None], len(t), axis=0)
@@ -229,7 +233,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     outs = system.output_names
     metrics: dict[str, Any] = {}
     plots = {}
-    done: list[tuple[np.ndarray, ...]] = []  # (u, y, mask, t, pred, x0) of the records run so far
+    done: list[tuple[np.ndarray, ...]] = []  # (u, y, mask, t, pred, x0) of the test records run so far
     for split, recs in (("train", names), ("test", list(tcfg.test))):
         for r in recs:
             tel = records[r]
@@ -246,7 +250,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                        init_samples=int(tcfg.init_samples), ranges=ranges)
                     pred = free_run(model, x0, ut, pt, tr)
                 how = f"initial state from the first {tcfg.init_samples} samples"
-            done.append((ur, yr, mr, tel.t, pred, x0))
+                done.append((ur, yr, mr, tel.t, pred, x0))  # test runs only: a train run started from the table
             m = record_metrics(yr, mr, pred["mean"], pred["std"], outs)
             m["initial_state"] = {s.name: [float(v) for v in x0[:, 0, i]] for i, s in enumerate(system.states)}
             metrics[f"{split}/{r}"] = m

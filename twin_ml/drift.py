@@ -51,6 +51,7 @@ class DriftSettings:
 
 
 FAULT_KINDS = ("bias", "gain", "skew")
+REFERENCE_WINDOWS = 25  # windows of a stream's own start taken as its clean reference (SPC's 20-25 subgroups)
 
 
 @dataclass(frozen=True)

@@ -115,17 +115,19 @@ def windowed_run(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask:
 def monitor(model, u: np.ndarray, p: np.ndarray, y: np.ndarray, mask: np.ndarray, t: np.ndarray, *,
             settings, horizon: int | None, init_samples: int, ranges: np.ndarray,
             input_range: np.ndarray | None = None, reference_record: dict[str, np.ndarray] | None = None,
-            reference_windows: int = 8) -> dict[str, Any]:
+            reference_windows: int | None = None) -> dict[str, Any]:
     """Replay a record (u [T, nu], y/mask [T, ny], t [T]) against a model and detect drift.
 
     Predictions: `windowed_run` with the measured states reset every `horizon` steps (None: one
     free run over the record). The detector's reference (`twin_ml.drift.reference`) comes from
     `reference_record` (a clean record: {"u", "y", "mask", "t"}, predicted the same way) or, without
-    one, from the stream's own first `reference_windows` windows, which are then assumed healthy.
+    one, from the stream's own first `reference_windows` windows (default `REFERENCE_WINDOWS`),
+    which are then assumed healthy.
     Returns the drift report with the predictions (mean, std [T, ny])."""
-    from twin_ml.drift import detect, reference, window_statistics
+    from twin_ml.drift import REFERENCE_WINDOWS, detect, reference, window_statistics
 
     settings = settings.check()
+    reference_windows = REFERENCE_WINDOWS if reference_windows is None else reference_windows
     names = model.system.output_names
 
     def predict(uu, yy, mm, tt):

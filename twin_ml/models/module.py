@@ -91,7 +91,7 @@ class SurrogateModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             n = max(n, int(dm.splits["train"]["index"].max()) + 1)
-        rows = [torch.poisson(torch.ones(n), generator=torch.Generator().manual_seed(self.hparams.seed * 7919 + 17 + m))
+        rows = [torch.poisson(torch.ones(n), generator=_member_generator(self.hparams.seed, m))
                 for m in range(self.model.members)]
         return torch.stack(rows)[:, index.cpu()].to(self.device)
 
@@ -129,6 +129,11 @@ class SurrogateModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["twin_model_config"] = self.model.config  # JSON-plain: rebuilds the model without code paths
+
+
+def _member_generator(seed: int, member: int) -> torch.Generator:
+    """The generator of a member's bootstrap counts (scenarios or blocks), fixed by (seed, member)."""
+    return torch.Generator().manual_seed(seed * 7919 + 17 + member)
 
 
 class TelemetryModule(SurrogateModule):
@@ -176,8 +181,7 @@ class TelemetryModule(SurrogateModule):
         if self.hparams.bootstrap and model.members > 1:
             n_blocks = -(-n_t // window)
             for m in range(model.members):
-                g = torch.Generator().manual_seed(self.hparams.seed * 7919 + 17 + m)
-                counts = torch.poisson(torch.ones(r, n_blocks), generator=g)
+                counts = torch.poisson(torch.ones(r, n_blocks), generator=_member_generator(self.hparams.seed, m))
                 weights[m] = counts.repeat_interleave(window, dim=1)[:, :n_t]
         self.register_buffer("sample_weights", weights, persistent=False)  # [M, R, T]
 
