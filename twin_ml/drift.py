@@ -188,6 +188,14 @@ def detect(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, r
     return report
 
 
+def band_panel(ax, t: np.ndarray, y: np.ndarray, ok: np.ndarray, mean: np.ndarray, std: np.ndarray,
+               label: str) -> None:
+    """One output on a matplotlib axis: measured points (where `ok`), the prediction and its 90% band."""
+    ax.plot(t[ok], y[ok], ".", ms=2.5, color="k", label="measured")
+    ax.plot(t, mean, color="C0", lw=1.2, label=label)
+    ax.fill_between(t, mean - 1.645 * std, mean + 1.645 * std, color="C0", alpha=0.25, lw=0, label="90% band")
+
+
 def plot_report(report: dict[str, Any], t: np.ndarray, y: np.ndarray, mask: np.ndarray, mean: np.ndarray,
                 std: np.ndarray, names: list[str], path: str | Path, *, title: str = "",
                 onsets: list[float] | None = None) -> Path:
@@ -204,10 +212,7 @@ def plot_report(report: dict[str, Any], t: np.ndarray, y: np.ndarray, mask: np.n
     for j, name in enumerate(names):
         ax, axc = axes[2 * j, 0], axes[2 * j + 1, 0]
         ok = mask[:, j]
-        ax.plot(t[ok], y[ok, j], ".", ms=2, color="k", label="measured")
-        ax.plot(t, mean[:, j], color="C0", lw=1, label="predicted")
-        ax.fill_between(t, mean[:, j] - 1.645 * std[:, j], mean[:, j] + 1.645 * std[:, j], color="C0", alpha=0.25,
-                        lw=0, label="90% band")
+        band_panel(ax, t, y[:, j], ok, mean[:, j], std[:, j], "predicted")
         ax.set_ylabel(name)
         out = report["outputs"][name]
         axc.step(tw, out["cusum_level"], where="post", color="C1", label="CUSUM level")

@@ -181,15 +181,14 @@ def plot_record(t: np.ndarray, y: np.ndarray, mask: np.ndarray, mean: np.ndarray
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from twin_ml.drift import band_panel
+
     fig, axes = plt.subplots(2 * len(names), 1, figsize=(10, 4.6 * len(names)), squeeze=False, sharex=True,
                              gridspec_kw={"height_ratios": [3, 2] * len(names)})
     for j, name in enumerate(names):
         ax, axr = axes[2 * j, 0], axes[2 * j + 1, 0]
         ok = mask[:, j]
-        ax.plot(t[ok], y[ok, j], ".", ms=2.5, color="k", label="measured")
-        ax.plot(t, mean[:, j], color="C0", lw=1.2, label="free run (ensemble mean)")
-        ax.fill_between(t, mean[:, j] - 1.645 * std[:, j], mean[:, j] + 1.645 * std[:, j], color="C0", alpha=0.25,
-                        lw=0, label="90% band")
+        band_panel(ax, t, y[:, j], ok, mean[:, j], std[:, j], "free run (ensemble mean)")
         # the error against the band's half-width: what a long, dense record hides in the top panel
         axr.fill_between(t, -1.645 * std[:, j], 1.645 * std[:, j], color="C0", alpha=0.25, lw=0, label="90% band")
         axr.plot(t[ok], y[ok, j] - mean[ok, j], lw=0.6, color="C3", label="measured - mean")
