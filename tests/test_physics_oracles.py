@@ -145,14 +145,23 @@ def test_cstr_default_solver_matches_tight_radau_reference():
     assert np.ptp(ref.x[0, :, 1]) > 5.0  # the scenario really moves the temperature
 
 
-def test_cascaded_tanks_torricelli_steady_state():
-    sys_ = make_system("cascaded_tanks", overflow=False)
+@pytest.mark.parametrize("k_lin", [None, 0.004])
+def test_cascaded_tanks_torricelli_steady_state(k_lin):
+    sys_ = make_system("cascaded_tanks", overflow=False, linear_inflow=k_lin)
     k1, k2, k3, k4, pump = 0.05, 0.04, 0.06, 0.025, 4.0
     t = np.linspace(0.0, 5000.0, 101)
     res = solve_looped(sys_, t, np.full((1, t.size, 1), pump), np.array([[k1, k2, k3, k4, 0.5]]),
                        np.array([[1.0, 1.0]]), SolverSettings(rtol=1e-10, atol=1e-12))
     h1 = (k4 * pump / k1) ** 2
-    np.testing.assert_allclose(res.x[0, -1], [h1, (k2 / k3) ** 2 * h1], rtol=1e-6)
+    inflow = k2 * math.sqrt(h1) + (k_lin or 0.0) * h1  # the lower tank's inflow = k3 sqrt(h2) at rest
+    np.testing.assert_allclose(res.x[0, -1], [h1, (inflow / k3) ** 2], rtol=1e-6)
+
+
+def test_cascaded_tanks_linear_inflow_is_checked_and_recorded():
+    with pytest.raises(ValueError, match="linear_inflow must be >= 0"):
+        make_system("cascaded_tanks", linear_inflow=-0.1)
+    assert "linear_inflow" not in make_system("cascaded_tanks").options  # off: older manifests hash the same
+    assert make_system("cascaded_tanks", linear_inflow=0.004).options["linear_inflow"] == 0.004
 
 
 def test_cascaded_tanks_overflow_caps_the_upper_tank():

@@ -7,10 +7,13 @@ linear in the water height), as in the benchmark data::
     q_1    = k_of * max(h1 - h1_max, 0)                          (overflow of the upper tank)
     q_2    = k_of * max(h2 - h2_max, 0)                          (overflow of the lower tank)
     dh1/dt = k4 * u - k1 * sqrt(h1) - q_1
-    dh2/dt = k2 * sqrt(h1) - k3 * sqrt(h2) + k5 * q_1 - q_2
+    dh2/dt = k2 * sqrt(h1) + k_lin * h1 - k3 * sqrt(h2) + k5 * q_1 - q_2
 
 The fraction k5 of the upper tank's overflow reaches the lower tank; the rest, and all of the
 lower tank's overflow, is lost to the reservoir.
+``linear_inflow`` (k_lin, off by default) adds a part of the lower tank's inflow linear in the upper
+level. It is empirical: on the real rig it halves the physics' error (least squares on the
+estimation record: 0.40 V without it, 0.25 V with it; see configs/experiment/cascaded_tanks_real.yaml).
 ``CascadedTanks(overflow=False)`` drops both overflows (pure Torricelli), the model a hybrid
 surrogate has to correct on the real rig, where tank 1 overflows and the sensor clips at 10 V.
 Measured output: the lower tank level h2, or min(h2, sensor_max) with ``sensor_max`` set (the
@@ -56,14 +59,17 @@ class CascadedTanks(PhysicsSystem):
     solver = "LSODA"
 
     def __init__(self, *, overflow: bool = True, h1_max: float = 10.0, h2_max: float = 10.0, k_overflow: float = 0.5,
-                 sensor_max: float | None = None):
+                 sensor_max: float | None = None, linear_inflow: float | None = None):
         if min(h1_max, h2_max, k_overflow) <= 0:
             raise ValueError(f"h1_max, h2_max and k_overflow must be > 0, got {h1_max}, {h2_max}, {k_overflow}")
         if sensor_max is not None and not float(sensor_max) > 0:
             raise ValueError(f"sensor_max must be > 0 or null, got {sensor_max}")
         self.overflow, self.k_overflow = bool(overflow), float(k_overflow)
         self.h1_max, self.h2_max = float(h1_max), float(h2_max)
+        if linear_inflow is not None and not float(linear_inflow) >= 0:
+            raise ValueError(f"linear_inflow must be >= 0 or null, got {linear_inflow}")
         self.sensor_max = None if sensor_max is None else float(sensor_max)
+        self.linear_inflow = None if linear_inflow is None else float(linear_inflow)
 
     def observe(self, x, u, p):
         y = x[..., 1:2]
@@ -77,6 +83,8 @@ class CascadedTanks(PhysicsSystem):
         k1, k2, k3, k4, k5 = (p[..., i] for i in range(5))
         dh1 = k4 * u[..., 0] - k1 * xp.sqrt(h1)
         dh2 = k2 * xp.sqrt(h1) - k3 * xp.sqrt(h2)
+        if self.linear_inflow is not None:
+            dh2 = dh2 + self.linear_inflow * h1
         if self.overflow:
             q1 = self.k_overflow * xp.clip(h1 - self.h1_max, min=0.0)
             q2 = self.k_overflow * xp.clip(h2 - self.h2_max, min=0.0)
