@@ -110,8 +110,10 @@ def test_cascaded_tanks_real_runs_and_reports_the_test_record_rmse(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     keys = [k for k in metrics if "test" in k and "rmse" in k]
     assert "test/rmse" in keys
-    # the physics start alone is within a volt of the measured level over the whole test record
-    assert 0.0 < metrics["test/rmse"] < 1.0
+    # 4 steps barely move the physics start, whose free run alone scores 0.282 V on the test record
+    # (benchmarks/tanks_physics.py: least squares on the estimation record; 0.564 V without the
+    # linear inflow). The shortened run measured 0.288.
+    assert 0.2 < metrics["test/rmse"] < 0.35
     assert 0.0 <= metrics["test/coverage_90"] <= 1.0
     detail = metrics["detail"]
     assert detail["quality"]["test"]["signals"]["h2"]["stuck_runs"]  # the clipped runs were reported
