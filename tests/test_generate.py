@@ -206,4 +206,8 @@ def test_system_options_are_checked_and_normalized():
     with pytest.raises(ValueError, match=r"unknown options \['overflw'\]; its options are \['h1_max'"):
         make_system("cascaded_tanks", overflw=False)
     assert make_system("cascaded_tanks", h1_max=10).options == make_system("cascaded_tanks").options
+    # an optional float option (`float | None`) given as an int records as the float too
+    clipped = make_system("cascaded_tanks", sensor_max=10).options
+    assert clipped == make_system("cascaded_tanks", sensor_max=10.0).options
+    assert isinstance(clipped["sensor_max"], float)
     assert make_system("cstr").options == {}

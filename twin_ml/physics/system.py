@@ -179,7 +179,7 @@ class PhysicsSystem:
                 raise ValueError(f"system {cls.name or cls.__name__!r}: option {k!r} is required")
             if isinstance(prm.default, bool) and not isinstance(v, bool):
                 raise ValueError(f"system option {k!r} must be true or false, got {v!r}")
-            if isinstance(prm.default, float) and isinstance(v, int) and not isinstance(v, bool):
+            if _is_float(prm) and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
             if v is None and prm.default is None:
                 continue  # an optional feature left off is not recorded: older manifests stay equal
@@ -303,6 +303,14 @@ class PhysicsSystem:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
         return f"{type(self).__name__}({opts})"
+
+
+def _is_float(prm: inspect.Parameter) -> bool:
+    """A float option: a float default, or an optional one annotated `float | None`."""
+    if isinstance(prm.default, float):
+        return True
+    kinds = {part.strip() for part in str(prm.annotation).split("|")}
+    return prm.default is None and "float" in kinds and "int" not in kinds
 
 
 def _jsonable(obj):
