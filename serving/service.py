@@ -18,7 +18,9 @@ TWIN_ML_MAX_BODY_BYTES.
 
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
-scenario's mean predicted std, per output) and twin_ml_batch_scenarios (scenarios per model call).
+scenario's mean predicted std, per output), twin_ml_batch_scenarios (scenarios per model call) and
+twin_ml_calibrations_total by outcome (ok, invalid, error, cancelled: a /calibrate whose client
+was gone stops at its next model call).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
@@ -166,6 +169,8 @@ def _metrics() -> dict[str, Any]:
                                buckets=[10.0 ** (k / 2) for k in range(-10, 7)]),
             batch=prom.Histogram("twin_ml_batch_scenarios", "Scenarios per onnxruntime call (adaptive batching)",
                                  buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
+            calibrations=prom.Counter("twin_ml_calibrations", "/calibrate fits by outcome: ok, invalid, error, or "
+                                      "cancelled (the client was gone: a timeout or a disconnect)", ["outcome"]),
         )
     return _METRICS
 
@@ -234,17 +239,55 @@ class TwinService:
             raise InvalidArgument(str(e)) from None
         options = {"n_starts": starts, "refine_nfev": refine, "corrections": corrections,
                    "mcmc": mcmc.model_dump() if mcmc is not None else None}
+        stop = threading.Event()
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._calibrations, self._calibrate, problem,
-                                                                      options)
+                                                                      options, stop)
         except CalibrationError as e:  # found during the fit (e.g. noise that cannot be estimated)
             raise InvalidArgument(str(e)) from None
+        except asyncio.CancelledError:
+            # the request timed out or its client left: the fit stops at its next model call (or
+            # never starts, if it was still queued) instead of holding the one calibration thread
+            stop.set()
+            raise
         body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
         return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
 
-    def _calibrate(self, problem: Problem, options: dict[str, Any]) -> dict[str, Any]:
-        surrogate = SurrogateBackend(ONNX_PATH, MANIFEST)  # counters per calibration
-        return calibrate(problem, surrogate, SolverBackend(MANIFEST), **options)
+    def _calibrate(self, problem: Problem, options: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
+        outcome = "error"
+        try:
+            # counters per calibration
+            surrogate = _Stoppable(SurrogateBackend(ONNX_PATH, MANIFEST), stop)
+            result = calibrate(problem, surrogate, _Stoppable(SolverBackend(MANIFEST), stop), **options)
+            outcome = "ok"
+            return result
+        except _Cancelled:
+            outcome = "cancelled"
+            raise
+        except CalibrationError:
+            outcome = "invalid"
+            raise
+        finally:
+            self.metrics["calibrations"].labels(outcome=outcome).inc()
+
+
+class _Cancelled(Exception):
+    """The /calibrate request that started this fit is gone."""
+
+
+class _Stoppable:
+    """A calibration backend that raises _Cancelled at its next model call once `stop` is set."""
+
+    def __init__(self, backend, stop: threading.Event):
+        self.backend, self.stop = backend, stop
+
+    def predict(self, problem: Problem, theta):
+        if self.stop.is_set():
+            raise _Cancelled("the /calibrate request was cancelled")
+        return self.backend.predict(problem, theta)
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
 
 
 TwinService.add_asgi_middleware(Guard, token=os.environ.get(TOKEN_ENV),

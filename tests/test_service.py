@@ -373,3 +373,35 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
     status, body = _post_path(url, "/calibrate", bad)
     assert status == 400 and "times: not sorted" in json.dumps(body)
     assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200
+
+
+def _counter(url: str, name: str, labels: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_timed_out_calibration_stops_and_frees_the_server(server, tmp_path):
+    """timeout=5: a long MCMC gets BentoML's 504, and its fit stops at its next model call (counted
+    as cancelled) instead of holding the one calibration thread; the next /calibrate is answered."""
+    from twin_ml.calibrate.synthetic import synthetic_request
+
+    _, manifest, _, env = server
+    proc, url = _start(env, tmp_path / "log", "tanks:production", "timeout=5")
+    try:
+        request, _ = synthetic_request(manifest, ["k1", "k3"], seed=2)
+        status, body = _post_path(url, "/calibrate", {**request, "starts": 1,
+                                                      "mcmc": {"steps": 5000, "burn": 100, "walkers": 128}})
+        assert status == 504, body
+        for _ in range(120):  # the fit notices at its next model call
+            if _counter(url, "twin_ml_calibrations_total", 'outcome="cancelled"') >= 1:
+                break
+            time.sleep(0.5)
+        assert _counter(url, "twin_ml_calibrations_total", 'outcome="cancelled"') == 1
+        status, body = _post_path(url, "/calibrate", {**request, "starts": 1, "corrections": 0})
+        assert status == 200, body
+        assert _counter(url, "twin_ml_calibrations_total", 'outcome="ok"') == 1
+    finally:
+        _stop(proc)
