@@ -1,12 +1,15 @@
 """Ask a running twin-ml server for one scenario (its own /docs.json example) and print the answer.
 
     python -m serving.demo [--url http://127.0.0.1:3000] [--wait 60]
+
+With TWIN_ML_TOKEN set (a server started with a token), it is sent as the bearer token.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -29,10 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for /readyz")
     args = ap.parse_args(argv)
     wait_ready(args.url, args.wait)
-    spec = json.load(urllib.request.urlopen(f"{args.url}/docs.json", timeout=10))
+    token = os.environ.get("TWIN_ML_TOKEN")
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    docs = urllib.request.Request(f"{args.url}/docs.json", headers=auth)
+    spec = json.load(urllib.request.urlopen(docs, timeout=10))
     scenario = spec["components"]["schemas"]["Scenario"]["example"]
     req = urllib.request.Request(f"{args.url}/simulate", data=json.dumps({"scenarios": [scenario]}).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **auth})
     t0 = time.perf_counter()
     answer = json.load(urllib.request.urlopen(req, timeout=30))[0]
     ms = 1000 * (time.perf_counter() - t0)

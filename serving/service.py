@@ -50,9 +50,9 @@ from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, Surrogat
 from twin_ml.calibrate.fit import public
 
 MODEL_ENV = "TWIN_ML_MODEL"
-TOKEN_ENV = "TWIN_ML_TOKEN"  # when set: bearer token for /simulate, /calibrate and /model
+TOKEN_ENV = "TWIN_ML_TOKEN"  # when set: bearer token for every path but health, readiness and metrics
 MAX_BODY_ENV = "TWIN_ML_MAX_BODY_BYTES"
-PROTECTED = ("/simulate", "/calibrate", "/model")
+OPEN = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # never behind the token
 
 
 def _env_int(name: str, default: int) -> int:
@@ -84,7 +84,7 @@ class Guard:
         if path == "/model":  # the manifest app is mounted at /model/: answer GET /model too, without a redirect
             scope = {**scope, "path": "/model/", "raw_path": b"/model/"}
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if self.token and path.startswith(PROTECTED):
+        if self.token and path not in OPEN:  # the APIs, /model, and /docs.json with the model's names
             got = headers.get(b"authorization", b"")
             if not hmac.compare_digest(got, b"Bearer " + self.token):
                 return await self._reply(send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)")

@@ -296,6 +296,17 @@ def test_token_auth_body_limit_and_no_pickle(server, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{url}/model/", timeout=10)
         assert e.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as e:  # the spec names the model's parameters and ranges
+            urllib.request.urlopen(f"{url}/docs.json", timeout=10)
+        assert e.value.code == 401
+        docs = urllib.request.Request(f"{url}/docs.json", headers={"Authorization": "Bearer s3cret-token"})
+        assert "/simulate" in json.loads(urllib.request.urlopen(docs, timeout=10).read())["paths"]
+        demo = [sys.executable, "-m", "serving.demo", "--url", url, "--wait", "10"]  # the README's client
+        r = subprocess.run(demo, capture_output=True, text=True, timeout=120,
+                           env={**env, "TWIN_ML_TOKEN": "s3cret-token"})
+        assert r.returncode == 0 and "in_domain=True" in r.stdout, r.stderr[-2000:]
+        r = subprocess.run(demo, capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode != 0 and "401" in r.stderr
         assert urllib.request.urlopen(f"{url}/readyz", timeout=10).status == 200  # health stays open
         assert urllib.request.urlopen(f"{url}/metrics", timeout=10).status == 200
         auth = {"Authorization": "Bearer s3cret-token"}
