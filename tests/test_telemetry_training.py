@@ -107,6 +107,8 @@ def test_cascaded_tanks_real_runs_and_reports_the_test_record_rmse(tmp_path):
                         "telemetry.window=16", "model.net.hidden=8"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    # Lightning's lines print once, through Hydra's logging (its own handlers used to repeat them)
+    assert r.stdout.count("GPU available") == 1 and "GPU available" not in r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     keys = [k for k in metrics if "test" in k and "rmse" in k]
     assert "test/rmse" in keys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -51,3 +52,15 @@ def check_group_choices(argv: list[str], groups: list[str]) -> None:
             if value not in options:
                 print(f"error: {key}={value!r} is unknown; known {key} configs: {', '.join(options)}", file=sys.stderr)
                 sys.exit(2)
+
+
+def lightning_logs_once() -> None:
+    """Lightning gives its loggers their own stderr handlers on import; under Hydra's logging (one
+    stdout handler on the root) every Lightning line then printed twice. Hand them to the root."""
+    import lightning  # noqa: F401  (the handlers are added on import)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True

@@ -21,7 +21,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from training._common import CONFIG_DIR, check_group_choices, fail, write_summary
+from training._common import CONFIG_DIR, check_group_choices, fail, lightning_logs_once, write_summary
 from twin_ml._io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
 log = logging.getLogger("twin-train")
@@ -150,6 +150,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def _main(cfg: DictConfig) -> float | None:
     from twin_ml.data.dataset import DatasetError
 
+    lightning_logs_once()
     try:
         metrics, summary = train(cfg)
     except (ValueError, KeyError, DatasetError, InstantiationException) as e:
