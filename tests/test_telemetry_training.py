@@ -144,3 +144,43 @@ def test_windowed_run_carries_hidden_states_and_follows_the_solver(record):
                        init_samples=25, ranges=ranges)
     before, after = np.abs(run["mean"] - biased)[:100], np.abs(run["mean"] - biased)[100:]
     assert before.max() < 0.02 and after.mean() > 0.1
+
+
+def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
+    """telemetry.calibration_tail=0.25: the estimation record's last quarter trains nothing (a copy
+    whose tail reads 1 V lower gives bit-identical weights), while the conformal scale, fitted on
+    it, grows with the tail's error. A fraction outside [0, 0.5] is refused by name."""
+    import pandas as pd
+
+    from twin_ml.data import real
+
+    root = Path(__file__).resolve().parent.parent
+    frames = real.records("cascaded_tanks", root / "data" / "real" / "cascaded_tanks" / "dataBenchmark.csv")
+    est = frames["estimation"]
+    cut = est["timestamp"].min() + pd.Timedelta(seconds=0.75 * 1024 * 4.0)
+    lowered = est.copy()
+    tail = (lowered["signal"] == "h2") & (lowered["timestamp"] >= cut)
+    lowered.loc[tail, "value"] -= 1.0
+    real.write_telemetry(frames["test"], tmp_path / "test.parquet")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "store")}
+    runs = {}
+    for name, frame in (("clean", est), ("lowered", lowered)):
+        real.write_telemetry(frame, tmp_path / f"{name}.parquet")
+        out = tmp_path / name
+        r = subprocess.run([str(BIN / "twin-train"), "experiment=cascaded_tanks_real", f"out_dir={out}", "logger=none",
+                            "telemetry.dataset=null", f"telemetry.files={{estimation: '{tmp_path / f'{name}.parquet'}', "
+                            f"test: '{tmp_path / 'test.parquet'}'}}", "telemetry.calibration_tail=0.25",
+                            "ensemble.size=2", "trainer.max_epochs=1", "telemetry.iterations_per_epoch=4",
+                            "telemetry.window=16"], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = torch.load(out / "model" / "model.pt", map_location="cpu", weights_only=True)
+    assert tail.sum() == 256
+    clean, lowered = (runs[k].pop("conformal_scale") for k in ("clean", "lowered"))
+    assert runs["clean"].keys() == runs["lowered"].keys()
+    for key, value in runs["clean"].items():  # every trained weight, bit for bit
+        assert torch.equal(value, runs["lowered"][key]), key
+    assert float(lowered.min()) > float(clean.max())  # the tail's 1 V errors widen the bands fitted on it
+    r = subprocess.run([str(BIN / "twin-train"), "experiment=cascaded_tanks_real", f"out_dir={tmp_path / 'bad'}",
+                        "logger=none", "telemetry.calibration_tail=0.7"], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 2 and "telemetry.calibration_tail must be a fraction in [0, 0.5], got 0.7" in r.stderr

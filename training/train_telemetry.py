@@ -167,16 +167,24 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"telemetry.parameters: unknown {sorted(unknown)}; parameters: {', '.join(nominal)}")
     p = np.array([float((tcfg.get("parameters") or {}).get(k, v)) for k, v in nominal.items()])
     t = records[names[0]].t
+    tail_fraction = float(tcfg.get("calibration_tail") or 0.0)
+    if not 0.0 <= tail_fraction <= 0.5:
+        raise ValueError(f"telemetry.calibration_tail must be a fraction in [0, 0.5], got {tail_fraction}")
+    # the records' last samples held out of training for the conformal scale (0: calibrate in-sample)
+    held = np.arange(len(t)) >= len(t) - int(round(tail_fraction * len(t)))
     guess = dict(tcfg.get("initial_state") or {})
     us, ys, masks, tables = [], [], [], []
     for r in names:
         u = _inputs(system, records[r])
         y, mask = _full_outputs(system, contract, records[r])
         us.append(u), ys.append(y), masks.append(mask)
-        tables.append(state_table(system, t, u, y, mask, p, guess, tcfg.get("derivatives")))
+        # held-out points are masked for training: neither the loss nor the state table sees them
+        tables.append(state_table(system, t, u, y, mask & ~held[:, None], p, guess, tcfg.get("derivatives")))
     u, y, mask, table = (np.stack(a) for a in (us, ys, masks, tables))
+    fit_mask = mask & ~held[None, :, None]  # what training sees
     P = np.repeat(p[None], len(names), axis=0)
-    stats = compute_stats(table, u, P, np.where(mask, y, np.nan_to_num(np.nanmedian(np.where(mask, y, np.nan)))), t)
+    fill = np.nan_to_num(np.nanmedian(np.where(fit_mask, y, np.nan)))
+    stats = compute_stats(table, u, P, np.where(fit_mask, y, fill), t)
     log.info(f"Instantiating model <{cfg.model.net.kind}> x {cfg.ensemble.size} on telemetry records {names}")
     model = hydra.utils.instantiate(cfg.model.net, system=system, stats=stats, members=cfg.ensemble.size,
                                     seed=cfg.seed, _convert_="all")
@@ -186,7 +194,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                              state_lr=float(tcfg.state_lr), iterations_per_epoch=int(tcfg.iterations_per_epoch),
                              windows_per_step=tcfg.get("windows_per_step"), val_steps=tcfg.get("val_steps"),
                              seed=cfg.seed, **optim)
-    dm = TelemetryDataModule(t, u, P, y, mask, iterations_per_epoch=int(tcfg.iterations_per_epoch))
+    dm = TelemetryDataModule(t, u, P, y, fit_mask, iterations_per_epoch=int(tcfg.iterations_per_epoch))
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
@@ -208,14 +216,16 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model.eval()
 
     tt = torch.tensor(t, dtype=torch.float32)
-    # conformal scale from the training records' free runs (from the table's first state): the only
-    # data at hand, so the intervals are calibrated in-sample (the test coverage shows the cost)
+    # conformal scale from the training records' free runs (from the table's first state), on their
+    # held-out tails (calibration_tail), else in-sample on every point (the test coverage shows the cost)
     model.conformal_scale.fill_(1.0)
     runs = {}
     for i, r in enumerate(names):
         x0 = module.table[:, i, 0].detach()[:, None]
         runs[r] = free_run(model, x0, torch.tensor(u[i], dtype=torch.float32), torch.tensor(p, dtype=torch.float32), tt)
-    ys_all, ms_all = np.concatenate(ys), np.concatenate(masks)
+    ys_all = np.concatenate(ys)
+    calib = held if held.any() else np.ones(len(t), dtype=bool)
+    ms_all = np.concatenate([m & calib[:, None] for m in masks])
     mean_all = np.concatenate([runs[r]["mean"] for r in names])
     std_all = np.concatenate([runs[r]["std"] for r in names])
     scale = np.ones(len(system.output_names))
