@@ -13,7 +13,7 @@ Structures:
   torricelli     k1..k5, h1(0), h1_max (k_overflow 0.5: larger rates are unstable at a 4 s step)
   linear_inflow  the same plus linear_inflow (k_lin * h1 added to the lower tank's inflow)
 The hidden upper level's scale is free (only h2 is measured), so h1_max and h1(0) are in the
-model's units, not volts on a sensor. ~1 min on 2 cores.
+model's units, not volts on a sensor. ~2 min on 2 cores.
 """
 
 from __future__ import annotations

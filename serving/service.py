@@ -19,8 +19,8 @@ TWIN_ML_MAX_BODY_BYTES.
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
 scenario's mean predicted std, per output), twin_ml_batch_scenarios (scenarios per model call) and
-twin_ml_calibrations_total by outcome (ok, invalid, error, cancelled: a /calibrate whose client
-was gone stops at its next model call).
+twin_ml_calibrations_total by outcome (ok, invalid, error, cancelled: a /calibrate that timed out
+stops at its next model call, or never starts if it was still queued).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _metrics() -> dict[str, Any]:
             batch=prom.Histogram("twin_ml_batch_scenarios", "Scenarios per onnxruntime call (adaptive batching)",
                                  buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
             calibrations=prom.Counter("twin_ml_calibrations", "/calibrate fits by outcome: ok, invalid, error, or "
-                                      "cancelled (the client was gone: a timeout or a disconnect)", ["outcome"]),
+                                      "cancelled (the request timed out first)", ["outcome"]),
         )
     return _METRICS
 
@@ -240,15 +240,17 @@ class TwinService:
         options = {"n_starts": starts, "refine_nfev": refine, "corrections": corrections,
                    "mcmc": mcmc.model_dump() if mcmc is not None else None}
         stop = threading.Event()
+        job = self._calibrations.submit(self._calibrate, problem, options, stop)
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._calibrations, self._calibrate, problem,
-                                                                      options, stop)
+            result = await asyncio.wrap_future(job)
         except CalibrationError as e:  # found during the fit (e.g. noise that cannot be estimated)
             raise InvalidArgument(str(e)) from None
         except asyncio.CancelledError:
-            # the request timed out or its client left: the fit stops at its next model call (or
-            # never starts, if it was still queued) instead of holding the one calibration thread
+            # the request timed out (BentoML's timeout cancels this handler): the fit stops at its
+            # next model call instead of holding the one calibration thread
             stop.set()
+            if job.cancel():  # it was still queued: it never runs, so it is counted here
+                self.metrics["calibrations"].labels(outcome="cancelled").inc()
             raise
         body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
         return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
@@ -287,6 +289,8 @@ class _Stoppable:
         return self.backend.predict(problem, theta)
 
     def __getattr__(self, name: str):
+        if name == "backend":  # not set yet (a copy): no endless recursion
+            raise AttributeError(name)
         return getattr(self.backend, name)
 
 

@@ -56,9 +56,12 @@ def check_group_choices(argv: list[str], groups: list[str]) -> None:
 
 def lightning_logs_once() -> None:
     """Lightning gives its loggers their own stderr handlers on import; under Hydra's logging (one
-    stdout handler on the root) every Lightning line then printed twice. Hand them to the root."""
+    stdout handler on the root) every Lightning line then printed twice. Hand them to the root,
+    when it has a handler (hydra/job_logging=disabled leaves Lightning's own)."""
     import lightning  # noqa: F401  (the handlers are added on import)
 
+    if not logging.getLogger().handlers:
+        return
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):

@@ -170,21 +170,26 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tail_fraction = float(tcfg.get("calibration_tail") or 0.0)
     if not 0.0 <= tail_fraction <= 0.5:
         raise ValueError(f"telemetry.calibration_tail must be a fraction in [0, 0.5], got {tail_fraction}")
-    # the records' last samples held out of training for the conformal scale (0: calibrate in-sample)
-    held = np.arange(len(t)) >= len(t) - int(round(tail_fraction * len(t)))
+    # the records' last samples held out of training for the conformal scale (0: calibrate in-sample):
+    # training (the loss, the state table, the normalization) sees the first n_fit samples only
+    n_fit = len(t) - int(round(tail_fraction * len(t)))
+    fit = slice(0, n_fit)
     guess = dict(tcfg.get("initial_state") or {})
     us, ys, masks, tables = [], [], [], []
     for r in names:
         u = _inputs(system, records[r])
         y, mask = _full_outputs(system, contract, records[r])
         us.append(u), ys.append(y), masks.append(mask)
-        # held-out points are masked for training: neither the loss nor the state table sees them
-        tables.append(state_table(system, t, u, y, mask & ~held[:, None], p, guess, tcfg.get("derivatives")))
+        tables.append(state_table(system, t[fit], u[fit], y[fit], mask[fit], p, guess, tcfg.get("derivatives")))
     u, y, mask, table = (np.stack(a) for a in (us, ys, masks, tables))
-    fit_mask = mask & ~held[None, :, None]  # what training sees
+    held = np.arange(len(t)) >= n_fit
+    if held.any() and mask[:, held].sum(axis=(0, 1)).min() < 10:
+        raise ValueError(f"telemetry.calibration_tail={tail_fraction} holds out {int(held.sum())} samples with "
+                         f"{mask[:, held].sum(axis=(0, 1)).tolist()} measured points per output; the conformal "
+                         f"scale needs at least 10 of each (use a larger fraction, or 0 to calibrate in-sample)")
     P = np.repeat(p[None], len(names), axis=0)
-    fill = np.nan_to_num(np.nanmedian(np.where(fit_mask, y, np.nan)))
-    stats = compute_stats(table, u, P, np.where(fit_mask, y, fill), t)
+    fill = np.nan_to_num(np.nanmedian(np.where(mask[:, fit], y[:, fit], np.nan)))
+    stats = compute_stats(table, u[:, fit], P, np.where(mask[:, fit], y[:, fit], fill), t[fit])
     log.info(f"Instantiating model <{cfg.model.net.kind}> x {cfg.ensemble.size} on telemetry records {names}")
     model = hydra.utils.instantiate(cfg.model.net, system=system, stats=stats, members=cfg.ensemble.size,
                                     seed=cfg.seed, _convert_="all")
@@ -194,7 +199,8 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                              state_lr=float(tcfg.state_lr), iterations_per_epoch=int(tcfg.iterations_per_epoch),
                              windows_per_step=tcfg.get("windows_per_step"), val_steps=tcfg.get("val_steps"),
                              seed=cfg.seed, **optim)
-    dm = TelemetryDataModule(t, u, P, y, fit_mask, iterations_per_epoch=int(tcfg.iterations_per_epoch))
+    dm = TelemetryDataModule(t[fit], u[:, fit], P, y[:, fit], mask[:, fit],
+                             iterations_per_epoch=int(tcfg.iterations_per_epoch))
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())

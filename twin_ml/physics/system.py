@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, Mapping
 
@@ -164,8 +165,13 @@ class PhysicsSystem:
         so `CascadedTanks()` and `CascadedTanks(h1_max=10)` record (and hash) the same."""
         if cls.__init__ is object.__init__:
             params: dict[str, inspect.Parameter] = {}
+            hints: dict[str, Any] = {}
         else:
             params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+            try:
+                hints = typing.get_type_hints(cls.__init__)
+            except Exception:  # an annotation that does not evaluate: only float defaults count as floats
+                hints = {}
         unknown = set(kwargs) - set(params)
         if unknown:
             raise ValueError(
@@ -179,7 +185,7 @@ class PhysicsSystem:
                 raise ValueError(f"system {cls.name or cls.__name__!r}: option {k!r} is required")
             if isinstance(prm.default, bool) and not isinstance(v, bool):
                 raise ValueError(f"system option {k!r} must be true or false, got {v!r}")
-            if _is_float(prm) and isinstance(v, int) and not isinstance(v, bool):
+            if _is_float(prm, hints.get(k)) and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
             if v is None and prm.default is None:
                 continue  # an optional feature left off is not recorded: older manifests stay equal
@@ -305,12 +311,13 @@ class PhysicsSystem:
         return f"{type(self).__name__}({opts})"
 
 
-def _is_float(prm: inspect.Parameter) -> bool:
-    """A float option: a float default, or an optional one annotated `float | None`."""
+def _is_float(prm: inspect.Parameter, hint: Any) -> bool:
+    """A float option: a float default, or an optional one annotated `float | None` (or
+    `Optional[float]`); `hint` is its evaluated annotation."""
     if isinstance(prm.default, float):
         return True
-    kinds = {part.strip() for part in str(prm.annotation).split("|")}
-    return prm.default is None and "float" in kinds and "int" not in kinds
+    kinds = typing.get_args(hint)
+    return prm.default is None and float in kinds and int not in kinds
 
 
 def _jsonable(obj):
