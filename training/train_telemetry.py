@@ -183,10 +183,11 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         tables.append(state_table(system, t[fit], u[fit], y[fit], mask[fit], p, guess, tcfg.get("derivatives")))
     u, y, mask, table = (np.stack(a) for a in (us, ys, masks, tables))
     held = np.arange(len(t)) >= n_fit
-    if held.any() and mask[:, held].sum(axis=(0, 1)).min() < 10:
+    in_tail = mask[:, held].sum(axis=(0, 1))[mask.any(axis=(0, 1))]  # per measured output
+    if held.any() and in_tail.min() < 10:
         raise ValueError(f"telemetry.calibration_tail={tail_fraction} holds out {int(held.sum())} samples with "
-                         f"{mask[:, held].sum(axis=(0, 1)).tolist()} measured points per output; the conformal "
-                         f"scale needs at least 10 of each (use a larger fraction, or 0 to calibrate in-sample)")
+                         f"{in_tail.tolist()} measured points per output; the conformal scale needs at least 10 "
+                         f"of each (use a larger fraction, or 0 to calibrate in-sample)")
     P = np.repeat(p[None], len(names), axis=0)
     fill = np.nan_to_num(np.nanmedian(np.where(mask[:, fit], y[:, fit], np.nan)))
     stats = compute_stats(table, u[:, fit], P, np.where(mask[:, fit], y[:, fit], fill), t[fit])
