@@ -184,3 +184,13 @@ def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
                         "logger=none", "telemetry.calibration_tail=0.7"], capture_output=True, text=True,
                        timeout=600, env=env)
     assert r.returncode == 2 and "telemetry.calibration_tail must be a fraction in [0, 0.5], got 0.7" in r.stderr
+    # a tail the contract masks (readings over the sensor's 10 V range) leaves nothing to calibrate on
+    unreadable = est.copy()
+    unreadable.loc[tail, "value"] = 12.0
+    real.write_telemetry(unreadable, tmp_path / "unreadable.parquet")
+    r = subprocess.run([str(BIN / "twin-train"), "experiment=cascaded_tanks_real", f"out_dir={tmp_path / 'bad2'}",
+                        "logger=none", "telemetry.dataset=null",
+                        f"telemetry.files={{estimation: '{tmp_path / 'unreadable.parquet'}', "
+                        f"test: '{tmp_path / 'test.parquet'}'}}", "telemetry.calibration_tail=0.2"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 2 and "holds out 205 samples with [0] measured points per output" in r.stderr, r.stderr
