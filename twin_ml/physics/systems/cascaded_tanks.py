@@ -13,8 +13,8 @@ The fraction k5 of the upper tank's overflow reaches the lower tank; the rest, a
 lower tank's overflow, is lost to the reservoir.
 ``linear_inflow`` (k_lin, off by default) adds a part of the lower tank's inflow linear in the upper
 level. It is empirical: on the real rig it halves the physics' error (least squares on the
-estimation record: 0.41 V without it, 0.22 V with it; on the test record 0.56 and 0.28 V; see
-benchmarks/tanks_physics.py).
+estimation record's first 80%: 0.39 V without it, 0.20 V with it; on the test record 0.63 and
+0.30 V; see benchmarks/tanks_physics.py).
 ``CascadedTanks(overflow=False)`` drops both overflows (pure Torricelli), the model a hybrid
 surrogate has to correct on the real rig, where tank 1 overflows and the sensor clips at 10 V.
 Measured output: the lower tank level h2, or min(h2, sensor_max) with ``sensor_max`` set (the
