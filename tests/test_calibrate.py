@@ -208,6 +208,28 @@ def test_lockstep_starts_equal_each_start_alone_and_share_calls(exported):
     assert together.calls < apart_calls
 
 
+def test_batched_backend_gets_jacobian_points_with_each_candidate(exported):
+    """A batching backend gets each candidate's forward-difference points in the same call: the
+    starts take the very same path (a looped solver answers each candidate alone, so its numbers do
+    not depend on the batch), in about half the calls, paying for it in scenarios."""
+    from twin_ml.calibrate.fit import point_estimate, starts
+
+    _, manifest, _, _ = exported
+    problem = Problem.build(_request(manifest)[0], manifest)
+    z0s = starts(problem, 3, seed=0)
+    plain, eager = SolverBackend(manifest), SolverBackend(manifest)
+    assert plain.batched is False
+    eager.batched = True
+    a = point_estimate(plain, problem, problem.noise, z0s, max_nfev=8)
+    b = point_estimate(eager, problem, problem.noise, z0s, max_nfev=8)
+    assert [s["theta"] for s in a["starts"]] == [s["theta"] for s in b["starts"]]
+    assert [s["nfev"] for s in a["starts"]] == [s["nfev"] for s in b["starts"]]
+    assert np.array_equal(a["cov_z"], b["cov_z"])
+    # every call of the eager run is one lockstep iteration: as many as the longest start's evaluations
+    assert eager.calls == max(s["nfev"] for s in b["starts"]) < plain.calls
+    assert eager.scenarios > plain.scenarios
+
+
 def test_lockstep_backend_failure_reaches_every_start(exported):
     """A backend that raises fails the estimate with its own error, without leaving a start
     waiting for a batch that never comes."""

@@ -19,6 +19,7 @@ from twin_ml.physics import SolverSettings, make_system, solve_looped, solve_sta
 
 class SurrogateBackend:
     name = "surrogate"
+    batched = True  # K candidates cost about one call: the optimizer may send extra ones
 
     def __init__(self, onnx: str | Path | bytes, manifest: dict[str, Any], threads: int = 1):
         import onnxruntime as ort
@@ -52,6 +53,7 @@ class SolverBackend:
         sysd = manifest["system"]
         self.system = make_system(sysd["name"], **(sysd.get("options") or {}))
         self.mode, self.settings = mode, settings or SolverSettings()
+        self.batched = mode == "stacked"
         self.calls = self.scenarios = 0
 
     def predict(self, problem: Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +77,7 @@ class CorrectedSurrogate:
     Its std stays the surrogate's own."""
 
     name = "surrogate"
+    batched = True
 
     def __init__(self, surrogate: SurrogateBackend, correction: np.ndarray, z0: np.ndarray | None = None,
                  slope: np.ndarray | None = None):
