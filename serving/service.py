@@ -19,8 +19,9 @@ TWIN_ML_MAX_BODY_BYTES.
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
 scenario's mean predicted std, per output), twin_ml_batch_scenarios (scenarios per model call) and
-twin_ml_calibrations_total by outcome (ok, invalid, error, cancelled: a /calibrate that timed out
-stops at its next model call, or never starts if it was still queued).
+twin_ml_calibrations_total by outcome (ok, invalid, error; cancelled: a /calibrate that timed out,
+disconnected: one whose client went away; either stops at its next model call, or never starts if
+it was still queued).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ MODEL_ENV = "TWIN_ML_MODEL"
 TOKEN_ENV = "TWIN_ML_TOKEN"  # when set: bearer token for every path but health, readiness and metrics
 MAX_BODY_ENV = "TWIN_ML_MAX_BODY_BYTES"
 OPEN = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # never behind the token
+DISCONNECT_POLL_S = 0.5  # how often a waiting /calibrate checks that its client is still connected
 
 
 def _env_int(name: str, default: int) -> int:
@@ -169,8 +171,9 @@ def _metrics() -> dict[str, Any]:
                                buckets=[10.0 ** (k / 2) for k in range(-10, 7)]),
             batch=prom.Histogram("twin_ml_batch_scenarios", "Scenarios per onnxruntime call (adaptive batching)",
                                  buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
-            calibrations=prom.Counter("twin_ml_calibrations", "/calibrate fits by outcome: ok, invalid, error, or "
-                                      "cancelled (the request timed out first)", ["outcome"]),
+            calibrations=prom.Counter("twin_ml_calibrations", "/calibrate fits by outcome: ok, invalid, error, "
+                                      "cancelled (the request timed out first) or disconnected (its "
+                                      "client went away)", ["outcome"]),
         )
     return _METRICS
 
@@ -226,7 +229,7 @@ class TwinService:
                         priors: dict[str, dict[str, list[float]]] = {},  # noqa: B006
                         noise: dict[str, float] = {}, mcmc: Optional[MCMC] = None,  # noqa: B006
                         starts: int = Field(4, ge=1, le=32), corrections: int = Field(2, ge=0, le=10),
-                        refine: int = Field(0, ge=0, le=200)) -> dict:
+                        refine: int = Field(0, ge=0, le=200), ctx: bentoml.Context = None) -> dict:
         """Fit parameters (and "state:<name>" initial states) to observations with the surrogate in the
         loop: multi-start weighted least squares, optional MCMC posterior, and the solver's check of
         the estimate (see twin_ml/calibrate). Bounds default to the training domain; missing noise
@@ -239,23 +242,33 @@ class TwinService:
             raise InvalidArgument(str(e)) from None
         options = {"n_starts": starts, "refine_nfev": refine, "corrections": corrections,
                    "mcmc": mcmc.model_dump() if mcmc is not None else None}
-        stop = threading.Event()
+        stop = _Stop()
         job = self._calibrations.submit(self._calibrate, problem, options, stop)
+        waiter = asyncio.wrap_future(job)
         try:
-            result = await asyncio.wrap_future(job)
+            # wait for the fit, and look every DISCONNECT_POLL_S whether the client is still there
+            while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S))[0]:
+                if ctx is not None and await ctx.request.is_disconnected():
+                    self._stop_calibration(job, stop, "disconnected")
+                    ctx.response.status_code = 499  # nginx's "client closed request", for the access log
+                    return Response(status_code=499)
+            result = waiter.result()
         except CalibrationError as e:  # found during the fit (e.g. noise that cannot be estimated)
             raise InvalidArgument(str(e)) from None
         except asyncio.CancelledError:
             # the request timed out (BentoML's timeout cancels this handler): the fit stops at its
             # next model call instead of holding the one calibration thread
-            stop.set()
-            if job.cancel():  # it was still queued: it never runs, so it is counted here
-                self.metrics["calibrations"].labels(outcome="cancelled").inc()
+            self._stop_calibration(job, stop, "cancelled")
             raise
         body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
         return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
 
-    def _calibrate(self, problem: Problem, options: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
+    def _stop_calibration(self, job, stop: "_Stop", reason: str) -> None:
+        stop.stop(reason)
+        if job.cancel():  # it was still queued: it never runs, so it is counted here
+            self.metrics["calibrations"].labels(outcome=reason).inc()
+
+    def _calibrate(self, problem: Problem, options: dict[str, Any], stop: "_Stop") -> dict[str, Any]:
         outcome = "error"
         try:
             # counters per calibration
@@ -264,7 +277,7 @@ class TwinService:
             outcome = "ok"
             return result
         except _Cancelled:
-            outcome = "cancelled"
+            outcome = stop.reason
             raise
         except CalibrationError:
             outcome = "invalid"
@@ -277,10 +290,20 @@ class _Cancelled(Exception):
     """The /calibrate request that started this fit is gone."""
 
 
+class _Stop(threading.Event):
+    """Set when a fit's request is gone; `reason` says why (cancelled: timed out; disconnected)."""
+
+    reason = "cancelled"
+
+    def stop(self, reason: str) -> None:
+        self.reason = reason
+        self.set()
+
+
 class _Stoppable:
     """A calibration backend that raises _Cancelled at its next model call once `stop` is set."""
 
-    def __init__(self, backend, stop: threading.Event):
+    def __init__(self, backend, stop: _Stop):
         self.backend, self.stop = backend, stop
 
     def predict(self, problem: Problem, theta):

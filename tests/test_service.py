@@ -393,15 +393,23 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
 def test_timed_out_calibrations_stop_and_free_the_server(server, tmp_path):
     """timeout=8: two long MCMCs at once both get BentoML's 504. The running fit stops at its next
     model call and the queued one never starts (both counted as cancelled) instead of holding the
-    one calibration thread, so the next /calibrate is answered."""
+    one calibration thread, so the next /calibrate is answered. The second server shares the first
+    one's store: starting it must not wipe the first one's metrics (BentoML's default Prometheus
+    directory is one per store, emptied by every server that starts; twin-serve gives each its own)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from twin_ml.calibrate.synthetic import synthetic_request
 
-    _, manifest, _, env = server
+    main_url, manifest, _, env = server
+    answered = 'twin_ml_requests_total{in_domain="true"}'
+    before = _metrics(main_url)[0].get(answered, 0)
     proc, url = _start(env, tmp_path / "log", "tanks:production", "timeout=8")
     cancelled = 'twin_ml_calibrations_total{outcome="cancelled"}'
     try:
+        # a second server of the same store keeps its metrics apart: the first one's still count
+        assert post(main_url, {"scenarios": [scenario(manifest)]})[0] == 200
+        assert _metrics(main_url)[0].get(answered) == before + 1
+        assert _metrics(url)[0].get(answered, 0) == 0
         request, _ = synthetic_request(manifest, ["k1", "k3"], seed=2)
         heavy = {**request, "starts": 32, "mcmc": {"steps": 5000, "burn": 100, "walkers": 128}}
         with ThreadPoolExecutor(2) as pool:
@@ -417,3 +425,29 @@ def test_timed_out_calibrations_stop_and_free_the_server(server, tmp_path):
         assert _metrics(url)[0].get('twin_ml_calibrations_total{outcome="ok"}') == 1
     finally:
         _stop(proc)
+
+
+def test_a_calibration_whose_client_goes_away_stops(server):
+    """A client that gives up on a long /calibrate (closes its connection) stops the fit: it is
+    counted as disconnected (a timeout would count as cancelled, and this server's timeout is
+    120 s), and the next /calibrate is answered."""
+    from twin_ml.calibrate.synthetic import synthetic_request
+
+    url, manifest, _, _ = server
+    disconnected = 'twin_ml_calibrations_total{outcome="disconnected"}'
+    before = _metrics(url)[0].get(disconnected, 0)
+    request, _ = synthetic_request(manifest, ["k1", "k3"], seed=2)
+    heavy = {**request, "starts": 32, "mcmc": {"steps": 5000, "burn": 100, "walkers": 128}}
+    req = urllib.request.Request(f"{url}/calibrate", data=json.dumps(heavy).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):  # urllib closes the connection on the way out
+        urllib.request.urlopen(req, timeout=3)
+    for _ in range(200):
+        if _metrics(url)[0].get(disconnected, 0) > before:
+            break
+        time.sleep(0.5)
+    metrics = _metrics(url)[0]
+    assert metrics.get(disconnected) == before + 1
+    assert metrics.get('twin_ml_calibrations_total{outcome="cancelled"}', 0) == 0  # this server never timed out
+    status, body = _post_path(url, "/calibrate", {**request, "starts": 1, "corrections": 0})
+    assert status == 200, body

@@ -17,12 +17,18 @@
 
 Settings are key=value like the other commands (not a Hydra app: `model` names a config group
 there). Verifies the model in the store first (a tampered or missing model is one `error:` line
-and exit code 2), then replaces this process with `bentoml serve`, so signals reach the server.
+and exit code 2), then runs `bentoml serve` in this process, so signals reach the server.
+
+Each server keeps its Prometheus files in a directory of its own, per host and port
+(<BENTOML_HOME>/twin-ml/metrics/<host>-<port>): BentoML's default directory is shared by every
+server of a BENTOML_HOME and emptied by each one that starts, so a second server (another model,
+another port) would wipe the first one's /metrics.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -65,9 +71,16 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "TWIN_ML_MODEL": cfg["model"],
            **{f"TWIN_ML_{k.upper()}": cfg[k] for k in DEFAULTS if k not in ("model", "host", "port")},
            "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True")}
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    os.execve(bentoml, [bentoml, "serve", "serving.service:TwinService", "--host", cfg["host"], "--port", cfg["port"]],
-              env)
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml_cli.cli import cli
+
+    home = Path(BentoMLContainer.bentoml_home.get())
+    slot = re.sub(r"[^A-Za-z0-9.-]", "_", f"{cfg['host']}-{cfg['port']}")
+    BentoMLContainer.prometheus_multiproc_dir.set(str(home / "twin-ml" / "metrics" / slot))
+    os.environ.update(env)
+    sys.argv = [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:TwinService",
+                "--host", cfg["host"], "--port", cfg["port"]]
+    sys.exit(cli())
 
 
 if __name__ == "__main__":
