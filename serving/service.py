@@ -255,9 +255,10 @@ class TwinService:
             result = waiter.result()
         except CalibrationError as e:  # found during the fit (e.g. noise that cannot be estimated)
             raise InvalidArgument(str(e)) from None
-        except asyncio.CancelledError:
-            # the request timed out (BentoML's timeout cancels this handler): the fit stops at its
-            # next model call instead of holding the one calibration thread
+        except BaseException:
+            # the request timed out (BentoML's timeout cancels this handler), or waiting failed: the
+            # fit stops at its next model call instead of holding the one calibration thread (a fit
+            # that failed by itself is done, and stopping it changes nothing)
             self._stop_calibration(job, stop, "cancelled")
             raise
         body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
