@@ -18,7 +18,7 @@ Robertson, the stiff system: emulator, k1 and k3), in one run:
      90% credible intervals hold the true values, and how many solver calls a whole Bayesian run
      used. Beside it, the solver's own intervals on the same trials (least squares with the solver,
      estimate +- 1.645 standard errors): what the trial set allows, since with 2 correlated
-     parameters 20 trials leave the coverage uncertain by about +-0.07. On the first trial the same
+     parameters 40 trials leave the coverage uncertain by about +-0.05. On the first trial the same
      MCMC also runs with the looped solver in the loop, timed beside the surrogate's.
 Writes one row per system with keys system, speedup, max_param_rel_error, verified (and more).
 """
