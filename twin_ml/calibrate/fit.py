@@ -128,30 +128,30 @@ def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray
     speculative = bool(getattr(backend, "batched", True))
 
     def one(i: int, z0: np.ndarray) -> dict[str, Any]:
-        last: dict[bytes, tuple[np.ndarray, np.ndarray | None]] = {}
+        last: dict[bytes, tuple[np.ndarray, np.ndarray | None]] = {}  # z -> (residuals, Jacobian or None)
 
-        def evaluate(z: np.ndarray, with_jac: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        def evaluate(z: np.ndarray, with_jac: bool, r0: np.ndarray | None = None):
+            """(residuals, forward-difference Jacobian or None) at z in one backend call; a known
+            r0 is not simulated again."""
             steps = _fd_steps(z)
-            zs = np.vstack([z[None], z[None] + np.diag(steps)]) if with_jac else z[None]
+            zs = (z[None] + np.diag(steps)) if with_jac else np.zeros((0, len(z)))
+            if r0 is None:
+                zs = np.vstack([z[None], zs])
             mean, std = gate.predict(i, problem.from_unit(zs))
             r = residuals(problem, mean, std, sigma)
-            j = ((r[1:] - r[:1]) / steps[:, None]).T if with_jac else None
+            if r0 is None:
+                r0, r = r[0], r[1:]
+            j = ((r - r0[None]) / steps[:, None]).T if with_jac else None
             last.clear()
-            last[z.tobytes()] = (r[0], j)
-            return r[0], j
+            last[z.tobytes()] = (r0, j)
+            return r0, j
 
         def fun(z):
             return evaluate(z, speculative)[0]
 
         def jac(z):
             r0, j = last.get(z.tobytes(), (None, None))
-            if j is not None:
-                return j
-            if r0 is None or speculative:
-                return evaluate(z, True)[1]
-            steps = _fd_steps(z)
-            mean, std = gate.predict(i, problem.from_unit(z[None] + np.diag(steps)))
-            return ((residuals(problem, mean, std, sigma) - r0[None]) / steps[:, None]).T
+            return j if j is not None else evaluate(z, True, r0)[1]
 
         try:
             res = least_squares(fun, z0, jac=jac, bounds=(0.0, 1.0), method="trf", max_nfev=max_nfev,
