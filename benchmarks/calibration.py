@@ -19,7 +19,8 @@ Robertson, the stiff system: emulator, k1 and k3), in one run:
      used. Beside it, the solver's own intervals on the same trials (least squares with the solver,
      estimate +- 1.645 standard errors): what the trial set allows, since with 2 correlated
      parameters 40 trials leave the coverage uncertain by about +-0.05. On the first trial the same
-     MCMC also runs with the looped solver in the loop, timed beside the surrogate's.
+     MCMC (settings and seed; started at the solver's own estimate) also runs with the looped solver
+     in the loop, timed beside the surrogate's.
 Writes one row per system with keys system, speedup, max_param_rel_error, verified (and more).
 """
 
@@ -131,7 +132,7 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
         prob = Problem.build(req, manifest)
         solver = SolverBackend(manifest)
         res = calibrate(prob, SurrogateBackend(path, manifest), solver, n_starts=4, mcmc=mcmc, seed=trial)
-        if trial == 0 and args.solver_mcmc:  # the same sampler, walkers' start and seed with the solver
+        if trial == 0 and args.solver_mcmc:  # the same sampler and seed with the solver, from its own estimate
             best = point_estimate(SolverBackend(manifest, mode="stacked"), prob, prob.noise, starts(prob, 1, trial))
             looped = SolverBackend(manifest)
             t0 = time.perf_counter()

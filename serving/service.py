@@ -19,9 +19,9 @@ TWIN_ML_MAX_BODY_BYTES.
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
 scenario's mean predicted std, per output), twin_ml_batch_scenarios (scenarios per model call) and
-twin_ml_calibrations_total by outcome (ok, invalid, error; cancelled: a /calibrate that timed out,
-disconnected: one whose client went away; either stops at its next model call, or never starts if
-it was still queued).
+twin_ml_calibrations_total by outcome (ok, invalid, error; cancelled: a /calibrate that timed out
+(or whose wait failed otherwise), disconnected: one whose client went away; either stops at its
+next model call, or never starts if it was still queued).
 """
 
 from __future__ import annotations
@@ -250,6 +250,7 @@ class TwinService:
             while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S))[0]:
                 if ctx is not None and await ctx.request.is_disconnected():
                     self._stop_calibration(job, stop, "disconnected")
+                    waiter.cancel()  # nobody reads the fit's outcome now (no "exception never retrieved")
                     ctx.response.status_code = 499  # nginx's "client closed request", for the access log
                     return Response(status_code=499)
             result = waiter.result()
@@ -260,6 +261,7 @@ class TwinService:
             # fit stops at its next model call instead of holding the one calibration thread (a fit
             # that failed by itself is done, and stopping it changes nothing)
             self._stop_calibration(job, stop, "cancelled")
+            waiter.cancel()
             raise
         body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
         return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")

@@ -61,6 +61,8 @@ def parse(argv: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # before anything imports bentoml: it reads this once, and the server never phones home
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     from twin_ml import registry
 
     try:
@@ -68,19 +70,18 @@ def main(argv: list[str] | None = None) -> None:
         registry.verify(cfg["model"])
     except (ValueError, registry.RegistryError) as e:
         fail(e)
-    env = {**os.environ, "TWIN_ML_MODEL": cfg["model"],
-           **{f"TWIN_ML_{k.upper()}": cfg[k] for k in DEFAULTS if k not in ("model", "host", "port")},
-           "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True")}
+    os.environ.update({"TWIN_ML_MODEL": cfg["model"],
+                       **{f"TWIN_ML_{k.upper()}": cfg[k] for k in DEFAULTS if k not in ("model", "host", "port")}})
+    # BentoMLContainer is BentoML's internal configuration (bentoml is pinned): the Prometheus
+    # directory is read from it when the server starts, and handed to the workers
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml_cli.cli import cli
 
     home = Path(BentoMLContainer.bentoml_home.get())
     slot = re.sub(r"[^A-Za-z0-9.-]", "_", f"{cfg['host']}-{cfg['port']}")
     BentoMLContainer.prometheus_multiproc_dir.set(str(home / "twin-ml" / "metrics" / slot))
-    os.environ.update(env)
-    sys.argv = [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:TwinService",
-                "--host", cfg["host"], "--port", cfg["port"]]
-    sys.exit(cli())
+    cli.main(args=["serve", "serving.service:TwinService", "--host", cfg["host"], "--port", cfg["port"]],
+             prog_name="bentoml")
 
 
 if __name__ == "__main__":

@@ -119,13 +119,13 @@ def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray
                    max_nfev: int = 60) -> dict[str, Any]:
     """Multi-start least squares (scipy, trust-region reflective) on the normalized residuals. The
     starts run in lockstep (`_Lockstep`), and each forward-difference Jacobian is computed from
-    one vectorized set of candidates. A backend that batches (`batched`, default True: the
-    surrogate, a stacked solver) gets every candidate's Jacobian points with the candidate itself,
+    one vectorized set of candidates. A backend that batches (`batched` True: the surrogate, a
+    stacked solver; absent means False) gets every candidate's Jacobian points with the candidate itself,
     so an iteration of all starts is one call (the points of a rejected candidate are wasted, which
     costs a batching backend little); a looped solver gets them only when the optimizer asks for
     the Jacobian, so it simulates no more than plain least squares does."""
     gate = _Lockstep(backend, problem, len(z0s))
-    speculative = bool(getattr(backend, "batched", True))
+    speculative = bool(getattr(backend, "batched", False))
 
     def one(i: int, z0: np.ndarray) -> dict[str, Any]:
         last: dict[bytes, tuple[np.ndarray, np.ndarray | None]] = {}  # z -> (residuals, Jacobian or None)
