@@ -110,9 +110,9 @@ class _Lockstep:
         self.cv.notify_all()
 
 
-def _fd_steps(z: np.ndarray) -> np.ndarray:
-    """Forward-difference steps in the unit box (backward at the upper bound)."""
-    return np.where(z + FD_STEP <= 1.0, FD_STEP, -FD_STEP)
+def _fd_steps(z: np.ndarray, h: float = FD_STEP) -> np.ndarray:
+    """Difference steps of size h in the unit box (backward at the upper bound)."""
+    return np.where(z + h <= 1.0, h, -h)
 
 
 def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray, *,
@@ -120,10 +120,10 @@ def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray
     """Multi-start least squares (scipy, trust-region reflective) on the normalized residuals. The
     starts run in lockstep (`_Lockstep`), and each forward-difference Jacobian is computed from
     one vectorized set of candidates. A backend that batches (`batched` True: the surrogate, a
-    stacked solver; absent means False) gets every candidate's Jacobian points with the candidate itself,
-    so an iteration of all starts is one call (the points of a rejected candidate are wasted, which
-    costs a batching backend little); a looped solver gets them only when the optimizer asks for
-    the Jacobian, so it simulates no more than plain least squares does."""
+    stacked solver; absent means False) gets every candidate's Jacobian points with the candidate
+    itself, so an iteration of all starts is one call (the points of a rejected candidate are
+    wasted, which costs a batching backend little); a looped solver gets them only when the
+    optimizer asks for the Jacobian, so it simulates no more than plain least squares does."""
     gate = _Lockstep(backend, problem, len(z0s))
     speculative = bool(getattr(backend, "batched", False))
 
@@ -328,7 +328,7 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
             z = best["z"]
             zs = z[None]
             if slopes and round_ == corrections - 1:
-                steps = np.where(z + SLOPE_STEP <= 1.0, SLOPE_STEP, -SLOPE_STEP)
+                steps = _fd_steps(z, SLOPE_STEP)
                 zs = np.vstack([z[None], z[None] + np.diag(steps)])
             y_solver, _ = solver.predict(problem, problem.from_unit(zs))
             if not np.all(np.isfinite(y_solver[0])):
