@@ -230,6 +230,35 @@ def test_batched_backend_gets_jacobian_points_with_each_candidate(exported):
     assert eager.scenarios > plain.scenarios
 
 
+def test_corrections_solve_the_estimate_and_its_slope_points_in_one_call(exported):
+    """Round 1 solves the estimate; round 2 the estimate and its 2 slope points in one stacked
+    solve; verification the final estimate: 3 solver calls, 5 scenarios. Solved together, the
+    points share one step sequence, so their differences (the correction's slope) carry no step
+    noise: closer to a tight-tolerance solver's slope than differences of separate solves."""
+    from twin_ml.calibrate.fit import SLOPE_STEP, _fd_steps
+    from twin_ml.physics import SolverSettings
+
+    path, manifest, _, _ = exported
+    problem = Problem.build(_request(manifest)[0], manifest)
+    solver = SolverBackend(manifest)
+    result = calibrate(problem, SurrogateBackend(path, manifest), solver, n_starts=2, mcmc=None, corrections=2)
+    assert len(result["corrections"]) == 2
+    assert (solver.calls, solver.scenarios) == (3, 5)
+
+    z = problem.to_unit(np.array([list(result["estimate"].values())]))[0]
+    steps = _fd_steps(z, SLOPE_STEP)
+    thetas = problem.from_unit(np.vstack([z, z + np.diag(steps)]))
+
+    def slope(y):
+        return (y[1:] - y[:1]) / steps[:, None, None]
+
+    reference = slope(SolverBackend(manifest, settings=SolverSettings(rtol=1e-11, atol=1e-13)).predict(problem, thetas)[0])
+    err_together = np.linalg.norm(slope(solver.predict(problem, thetas, together=True)[0]) - reference)
+    err_apart = np.linalg.norm(slope(solver.predict(problem, thetas)[0]) - reference)
+    assert err_together < 1e-3 * np.linalg.norm(reference)
+    assert err_together < err_apart
+
+
 def test_lockstep_backend_failure_reaches_every_start(exported):
     """A backend that raises fails the estimate with its own error, without leaving a start
     waiting for a batch that never comes."""

@@ -56,10 +56,12 @@ class SolverBackend:
         self.batched = mode == "stacked"
         self.calls = self.scenarios = 0
 
-    def predict(self, problem: Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, problem: Problem, theta: np.ndarray, *, together: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`together`: one stacked solve for this call whatever the mode (a point and its
+        difference steps: one step sequence for all, so their differences carry no step noise)."""
         p, x0 = problem.arguments(theta)
         u = np.repeat(problem.u[None], len(p), axis=0)
-        solve = solve_looped if self.mode == "looped" else solve_stacked
+        solve = solve_stacked if together or self.mode == "stacked" else solve_looped
         res = solve(self.system, problem.times, u, p, x0, self.settings)
         y = res.y.astype(np.float64)
         y[res.status != 0] = np.nan  # a failed solve: no prediction (the objective makes it a bad fit)
