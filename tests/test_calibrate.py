@@ -122,6 +122,10 @@ def test_surrogate_loop_with_mcmc_and_solver_verification(exported, tmp_path):
     assert set(result["refined"]) == set(problem.fit)
     assert result["evaluations"]["solver_scenarios"] == solver.scenarios >= 2 + 5
     assert result["evaluations"]["surrogate_scenarios"] == surrogate.scenarios > 100 * 8
+    # the time inside the models is counted, and the multi-start fit's share of it lies within that fit
+    tm, ev = result["timings"], result["evaluations"]
+    assert 0 < tm["multistart_model_s"] < tm["multistart_s"] < tm["least_squares_s"] < tm["total_s"]
+    assert ev["surrogate_s"] == surrogate.seconds > tm["multistart_model_s"] and ev["solver_s"] == solver.seconds > 0
     # the refinement (solver in the loop from the estimate) lands near the truth; this rough
     # surrogate (2 epochs: the undamped physics, a residual that has barely learned the damping)
     # does not have to

@@ -3,11 +3,13 @@ candidates) or the physics solver (scipy), behind one interface:
 
     backend.predict(problem, theta [K, n_fit]) -> (mean [K, T, ny], std [K, T, ny])
 
-The solver's std is 0. Both count their calls and the scenarios they simulated. Torch-free.
+The solver's std is 0. Both count their calls, the scenarios they simulated and the seconds spent
+in them. Torch-free.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,17 @@ class SurrogateBackend:
         self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         self.manifest = manifest
         self.calls = self.scenarios = 0
+        self.seconds = 0.0
 
     def predict(self, problem: Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
         p, x0 = problem.arguments(theta)
         u = np.repeat(problem.u[None], len(p), axis=0)
         mean, std = self.session.run(["mean", "std"], {"x0": x0.astype(np.float32), "u": u.astype(np.float32),
                                                        "p": p.astype(np.float32)})
         self.calls += 1
         self.scenarios += len(p)
+        self.seconds += time.perf_counter() - t0
         return mean.astype(np.float64), std.astype(np.float64)
 
 
@@ -55,10 +60,12 @@ class SolverBackend:
         self.mode, self.settings = mode, settings or SolverSettings()
         self.batched = mode == "stacked"
         self.calls = self.scenarios = 0
+        self.seconds = 0.0
 
     def predict(self, problem: Problem, theta: np.ndarray, *, together: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """`together`: one stacked solve for this call whatever the mode (a point and its
         difference steps: one step sequence for all, so their differences carry no step noise)."""
+        t0 = time.perf_counter()
         p, x0 = problem.arguments(theta)
         u = np.repeat(problem.u[None], len(p), axis=0)
         solve = solve_stacked if together or self.mode == "stacked" else solve_looped
@@ -67,6 +74,7 @@ class SolverBackend:
         y[res.status != 0] = np.nan  # a failed solve: no prediction (the objective makes it a bad fit)
         self.calls += 1
         self.scenarios += len(p)
+        self.seconds += time.perf_counter() - t0
         return y, np.zeros_like(y)
 
 
@@ -93,6 +101,10 @@ class CorrectedSurrogate:
     @property
     def scenarios(self) -> int:
         return self.surrogate.scenarios
+
+    @property
+    def seconds(self) -> float:
+        return self.surrogate.seconds
 
     def predict(self, problem: Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mean, std = self.surrogate.predict(problem, theta)

@@ -319,9 +319,10 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
         first = point_estimate(engine, problem, rough, z0s, max_nfev=max_nfev)
         sigma = estimate_noise(engine, problem, first["theta"], sigma)
         z0s = np.vstack([first["z"][None], z0s[: max(0, n_starts - 1)]])
-    t0 = time.perf_counter()
+    t0, model_s = time.perf_counter(), engine.seconds
     best = point_estimate(engine, problem, sigma, z0s, max_nfev=max_nfev)
     timings["multistart_s"] = time.perf_counter() - t0  # the fit before any correction
+    timings["multistart_model_s"] = engine.seconds - model_s  # of which, inside the model's calls
     raw_estimate = best["theta"]
     history = []
     if backend == "surrogate":
@@ -396,5 +397,7 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
     out["timings"] = timings
     out["evaluations"] = {"surrogate_calls": surrogate.calls if surrogate else 0,
                           "surrogate_scenarios": surrogate.scenarios if surrogate else 0,
-                          "solver_calls": solver.calls, "solver_scenarios": solver.scenarios}
+                          "surrogate_s": surrogate.seconds if surrogate else 0.0,
+                          "solver_calls": solver.calls, "solver_scenarios": solver.scenarios,
+                          "solver_s": solver.seconds}
     return out
