@@ -256,7 +256,8 @@ def test_corrections_solve_the_estimate_and_its_slope_points_in_one_call(exporte
     def slope(y):
         return (y[1:] - y[:1]) / steps[:, None, None]
 
-    reference = slope(SolverBackend(manifest, settings=SolverSettings(rtol=1e-11, atol=1e-13)).predict(problem, thetas)[0])
+    tight = SolverBackend(manifest, settings=SolverSettings(rtol=1e-11, atol=1e-13))
+    reference = slope(tight.predict(problem, thetas)[0])
     err_together = np.linalg.norm(slope(solver.predict(problem, thetas, together=True)[0]) - reference)
     err_apart = np.linalg.norm(slope(solver.predict(problem, thetas)[0]) - reference)
     assert err_together < 1e-3 * np.linalg.norm(reference)

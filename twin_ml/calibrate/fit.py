@@ -302,8 +302,9 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
     which its per-point std cannot describe (the error is correlated in time), so estimates and
     credible intervals follow the physics. With `slopes`, the last round also measures the
     correction's slope (n_fit more simulations, secant steps of SLOPE_STEP in the unit box, solved
-    with the estimate in one stacked solve): the corrected surrogate then has the solver's sensitivities at the estimate, which set the
-    posterior's width. MCMC and verification then use the corrected surrogate.
+    with the estimate in one stacked solve): the corrected surrogate then has the solver's
+    sensitivities at the estimate, which set the posterior's width. MCMC and verification then
+    use the corrected surrogate.
     Arrays for plots ride along under "_" keys (`public` drops them): "_samples" (posterior
     samples [S, n_fit]), "_y_solver" (the solver at the estimate, [T, ny]) and "_mean", "_std"
     (the calibrated prediction at the estimate, [T, ny])."""
