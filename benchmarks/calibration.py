@@ -20,11 +20,11 @@ Robertson, the stiff system: emulator, k1 and k3), in one run:
   3. Bayesian: emcee on the surrogate (16 walkers, 200 steps, 66 burn-in, started from the
      Laplace approximation) with solver verification, over --trials seeded problems (different
      true values and noise): how often the 90% credible intervals hold the true values, and how
-     many solver calls a whole Bayesian run used. Beside it, the solver's own intervals on the same trials (least squares with the solver,
-     estimate +- 1.645 standard errors): what the trial set allows, since with 2 correlated
-     parameters 40 trials leave the coverage uncertain by about +-0.05. On the first trial the same
-     MCMC (settings and seed; started at the solver's own estimate) also runs with the looped solver
-     in the loop, timed beside the surrogate's.
+     many solver calls a whole Bayesian run used. Beside it, the solver's own intervals on the
+     same trials (least squares with the solver, estimate +- 1.645 standard errors): what the trial
+     set allows, since with 2 correlated parameters 40 trials leave the coverage uncertain by about
+     +-0.05. On the first trial the same MCMC (settings and seed; started at the solver's own
+     estimate) also runs with the looped solver in the loop, timed beside the surrogate's.
 Writes one row per system with keys system, speedup, max_param_rel_error, verified (and more).
 """
 
