@@ -309,10 +309,10 @@ class _Stoppable:
     def __init__(self, backend, stop: _Stop):
         self.backend, self.stop = backend, stop
 
-    def predict(self, problem: Problem, theta):
+    def predict(self, problem: Problem, theta, **options):
         if self.stop.is_set():
             raise _Cancelled("the /calibrate request was cancelled")
-        return self.backend.predict(problem, theta)
+        return self.backend.predict(problem, theta, **options)
 
     def __getattr__(self, name: str):
         if name == "backend":  # not set yet (a copy): no endless recursion
