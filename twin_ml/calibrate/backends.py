@@ -3,8 +3,9 @@ candidates) or the physics solver (scipy), behind one interface:
 
     backend.predict(problem, theta [K, n_fit]) -> (mean [K, T, ny], std [K, T, ny])
 
-The solver's std is 0. Both count their calls, the scenarios they simulated and the seconds spent
-in them. Torch-free.
+The solver's std is 0, and its predict also takes `together=True` (the calibration's correction
+uses it; a wrapper around a solver backend passes it on). Both count their calls, the scenarios
+they simulated and the seconds spent in them. Torch-free.
 """
 
 from __future__ import annotations
