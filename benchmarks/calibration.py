@@ -113,16 +113,17 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
         row[f"solver_{mode}"] = {"estimate": res["estimate"], "least_squares_s": res["timings"]["least_squares_s"],
                                  "scenarios": res["evaluations"]["solver_scenarios"],
                                  "max_param_rel_error": rel_error(res["estimate"], truth)}
-    row["speedup"] = row["solver_looped"]["least_squares_s"] / row["surrogate"]["least_squares_s"]
-    row["speedup_vs_stacked"] = row["solver_stacked"]["least_squares_s"] / row["surrogate"]["least_squares_s"]
+    looped, with_surrogate = row["solver_looped"], row["surrogate"]
+    row["speedup"] = looped["least_squares_s"] / with_surrogate["least_squares_s"]
+    row["speedup_vs_stacked"] = row["solver_stacked"]["least_squares_s"] / with_surrogate["least_squares_s"]
     # ceilings against the looped solver's least squares: this surrogate's multi-start fit plus a
     # single solve (the least that a correction by the solver costs); and the same with a surrogate
     # that costs nothing (the optimizer's own time for the 8 starts, plus that solve)
-    looped, sur = row["solver_looped"], row["surrogate"]
     looped["s_per_solve"] = looped["least_squares_s"] / looped["scenarios"]
-    row["speedup_ceiling_one_solve"] = looped["least_squares_s"] / (sur["multistart_s"] + looped["s_per_solve"])
+    row["speedup_ceiling_one_solve"] = looped["least_squares_s"] / (with_surrogate["multistart_s"]
+                                                                    + looped["s_per_solve"])
     row["speedup_ceiling_free_surrogate"] = looped["least_squares_s"] / (
-        sur["multistart_s"] - sur["multistart_model_s"] + looped["s_per_solve"])
+        with_surrogate["multistart_s"] - with_surrogate["multistart_model_s"] + looped["s_per_solve"])
     row["max_param_rel_error"] = rel_error(res_s["estimate"], truth)
     row["verified"] = bool(res_s["verification"]["verified"])
 
