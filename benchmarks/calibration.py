@@ -15,8 +15,8 @@ Robertson, the stiff system: emulator, k1 and k3), in one run:
      time over the surrogate's multi-start fit alone plus one solve, the most this path could gain
      if its corrections cost a single solve; and over the optimizer's own time in that fit (the fit
      less its model calls) plus one solve, the most any surrogate could gain with this optimizer;
-     and one solve over one surrogate evaluation at its cheapest per scenario (batch 512 of 1, 8,
-     64, 512 timed): both paths evaluate about as many points, so whatever the optimizer, the
+     and one solve over one surrogate evaluation at its cheapest per scenario (batches of 1, 8, 64
+     and 512 timed): both paths evaluate about as many points, so whatever the optimizer, the
      speedup stays under that ratio unless the surrogate path evaluates fewer. And, beside it, the
      surrogate's and the solver's parameter errors on the same problem with 2% noise (the other
      end of the issue's range);
@@ -146,7 +146,7 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
         with_surrogate["multistart_s"] - with_surrogate["multistart_model_s"] + looped["s_per_solve"])
     # the surrogate's cost per scenario, by batch size: with the same optimizer and starts both
     # paths evaluate about as many points, so one solve over one surrogate evaluation at its
-    # cheapest (the largest batch) bounds the speedup whatever the optimizer does
+    # cheapest (whichever batch size) bounds the speedup whatever the optimizer does
     with_surrogate["ms_per_scenario"] = per_scenario_ms(sur, problem)
     row["speedup_ceiling_per_evaluation"] = looped["s_per_solve"] * 1e3 / min(
         with_surrogate["ms_per_scenario"].values())
@@ -252,7 +252,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, rows)
     print("\n| system | model | steps | LS surrogate s | LS solver looped s | speedup | vs stacked | ceiling "
-          "| ceiling, free surrogate | ceiling per evaluation | max param rel err | (uncorrected) | (solver looped) | at 2% noise: err "
+          "| ceiling, free surrogate | ceiling per evaluation | max param rel err | (uncorrected) | (solver looped) "
+          "| at 2% noise: err "
           "| (solver) | verified | coverage90 | (solver Laplace) | trials | Bayesian solver calls | MCMC s "
           "| MCMC solver s (trial 0) | MCMC x solver | train s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
