@@ -1,5 +1,6 @@
 """The BentoML service, started for real on 127.0.0.1 (no mocks): answers, errors, manifest."""
 
+import http.client
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -81,9 +83,6 @@ def _chunked_status(url, raw, headers, chunk=4096) -> int:
     the chunks are sent, the closing one is not, and the answer is read. A server that refuses the
     body part-way answers before the body ends; sending it all first (as urllib does) races the
     server's close of the connection (a broken pipe under load)."""
-    import http.client
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
