@@ -61,9 +61,9 @@ def median_time(fn, repeats: int) -> float:
 
 
 def bench(experiment: str, run: Path, batch: int, repeats: int, seed: int) -> dict:
-    import onnxruntime as ort
     import torch
 
+    from twin_ml._ort import session
     from twin_ml.export.export import export_run, in_domain_scenarios
     from twin_ml.models import load_trained
     from twin_ml.models.surrogates import Emulator
@@ -77,13 +77,7 @@ def bench(experiment: str, run: Path, batch: int, repeats: int, seed: int) -> di
     dt, n_train = meta["time"]["dt"], meta["time"]["n"]
     emulator = isinstance(model, Emulator)
 
-    def session(n_threads: int):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = n_threads
-        so.inter_op_num_threads = 1
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-    sess, sess1 = session(threads), session(1)
+    sess, sess1 = session(data, threads=threads), session(data, threads=1)
     # 1. onnxruntime vs torch eager on a 100-step rollout
     n_times = n_train if emulator else 101
     s = in_domain_scenarios(model, meta["design"], batch, n_times, dt, seed=seed)

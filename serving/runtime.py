@@ -69,7 +69,7 @@ class Runtime:
 
     def __init__(self, onnx_path: str | Path, manifest: dict[str, Any], *, max_scenarios: int = 256,
                  max_steps: int | None = None, strict: bool = False, threads: int = 1):
-        import onnxruntime as ort
+        from twin_ml._ort import session
 
         self.manifest = manifest
         sysd = manifest["system"]
@@ -82,10 +82,7 @@ class Runtime:
         self.max_steps = int(min(max_steps or manifest["time"]["max_steps"], manifest["time"]["max_steps"]))
         self.max_scenarios, self.strict = max_scenarios, strict
         self.box = {k: (float(v[0]), float(v[1])) for k, v in manifest["domain"]["box"].items()}
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        self.session = session(onnx_path, threads=threads)
 
     # ---- request -> arrays ---------------------------------------------------------------------
     def _grid(self, sc: dict[str, Any], where: str) -> np.ndarray:

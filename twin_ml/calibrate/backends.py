@@ -25,12 +25,9 @@ class SurrogateBackend:
     batched = True  # K candidates cost about one call: the optimizer may send extra ones
 
     def __init__(self, onnx: str | Path | bytes, manifest: dict[str, Any], threads: int = 1):
-        import onnxruntime as ort
+        from twin_ml._ort import session
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        source = onnx if isinstance(onnx, bytes) else str(onnx)
-        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        self.session = session(onnx, threads=threads)
         self.manifest = manifest
         self.calls = self.scenarios = 0
         self.seconds = 0.0

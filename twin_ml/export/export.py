@@ -58,9 +58,9 @@ def parity_check(model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], 
     agree to tol. A wrong graph misses by orders of magnitude. "n_roundoff_limited" counts the
     scenarios whose float32 error alone exceeds tol / 2.
     """
-    import onnxruntime as ort
+    from twin_ml._ort import session
 
-    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    sess = session(onnx_bytes)
     y_std = model.y_std.double().numpy()
     ref32 = _members_torch(copy.deepcopy(model), s, torch.float32)
     ref64 = _members_torch(copy.deepcopy(model), s, torch.float64)

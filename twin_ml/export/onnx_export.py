@@ -264,7 +264,9 @@ def read_metadata(path_or_session) -> dict[str, Any]:
 
     sess = path_or_session
     if not isinstance(sess, ort.InferenceSession):
-        sess = ort.InferenceSession(str(path_or_session), providers=["CPUExecutionProvider"])
+        from twin_ml._ort import session
+
+        sess = session(path_or_session)
     meta = sess.get_modelmeta().custom_metadata_map
     if "twin_ml.manifest" not in meta:
         raise ExportError("not a twin-ml model: no 'twin_ml.manifest' in its metadata")
