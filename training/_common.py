@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from twin_ml._io import atomic_write_json
+from twin_ml._io import StorageFull, atomic_write_json, no_space, storage_full
 
 # The configs/ tree of this checkout (the entry points run from an editable install of it).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -17,6 +17,8 @@ def fail(err: BaseException, code: int = 2) -> NoReturn:
     """Print a one-line error a user can act on and exit non-zero (no traceback for bad input)."""
     while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
         err = err.__cause__  # hydra wraps a constructor's own error; show that one
+    if no_space(err) and not isinstance(err, StorageFull):  # a writer other than ours (pyarrow, a logger)
+        err = storage_full(err, getattr(err, "filename", None) or "an output file")
     msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)

@@ -50,9 +50,9 @@ def _main(cfg: DictConfig) -> None:
 
     try:
         summary = evaluate(cfg)
-    except (ValueError, KeyError, DatasetError) as e:
+        path = write_summary(Path(cfg.out_dir), summary)
+    except (ValueError, KeyError, DatasetError, OSError) as e:  # OSError: e.g. disk full
         fail(e)
-    path = write_summary(Path(cfg.out_dir), summary)
     log.info(f"headline: {summary['headline']}")
     print(path)
 

@@ -62,9 +62,9 @@ def _main(cfg: DictConfig) -> None:
 
     try:
         summary = export(cfg)
-    except (ValueError, KeyError, ExportError, RegistryError) as e:
+        path = write_summary(Path(cfg.out_dir), summary)
+    except (ValueError, KeyError, ExportError, RegistryError, OSError) as e:  # OSError: e.g. disk full
         fail(e)
-    path = write_summary(Path(cfg.out_dir), summary)
     log.info(f"stored {summary['tag']}")
     print(path)
 

@@ -52,9 +52,11 @@ def generate(cfg: DictConfig) -> dict:
 def _main(cfg: DictConfig) -> None:
     try:
         summary = generate(cfg)
+        path = write_summary(Path(cfg.out_dir), summary)
     except (ValueError, KeyError, InstantiationException) as e:  # bad input: one line, nothing written
         fail(e)
-    path = write_summary(Path(cfg.out_dir), summary)
+    except OSError as e:  # e.g. disk full: the shards written so far stay, and a rerun resumes from them
+        fail(e)
     c = summary["counts"] or {}
     if summary["complete"]:
         log.info(f"dataset {summary['dataset_sha256'][:16]}: {c.get('ok')} ok / {c.get('total')} scenarios "

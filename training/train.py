@@ -10,6 +10,7 @@ summary.json, whose path is printed last. Returns `optimized_metric` for sweeps.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -57,8 +58,9 @@ def save_model(out_dir: Path, model, cfg: DictConfig, scale, t, system, **extra:
 
     model_dir = out_dir / "model"
     model_dir.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), model_dir / ".model.pt.tmp")
-    os.replace(model_dir / ".model.pt.tmp", model_dir / "model.pt")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(model_dir / "model.pt", buf.getvalue())
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write_json(model_dir / "model.json", {
         "config": model.config, "conformal_scale": scale.tolist(), "weights_sha256": sha256_file(model_dir / "model.pt"),
@@ -79,6 +81,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from twin_ml.evaluate.evaluate import calibrate, evaluate_splits, flat_metrics, speed
     from twin_ml.evaluate.report import write_report
     from twin_ml.models import compute_stats
+    from twin_ml.models.checkpoint import AtomicCheckpointIO, remove_stale_temps
 
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir)
@@ -103,7 +106,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, out_dir),
-                                      default_root_dir=str(out_dir), enable_progress_bar=sys.stderr.isatty())
+                                      default_root_dir=str(out_dir), enable_progress_bar=sys.stderr.isatty(),
+                                      plugins=[AtomicCheckpointIO()])
+    remove_stale_temps(out_dir / "checkpoints")
     last = out_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if cfg.resume and last.exists() else None
     log.info("Resuming from last.ckpt" if ckpt_path else "Starting training")
@@ -153,11 +158,11 @@ def _main(cfg: DictConfig) -> float | None:
     lightning_logs_once()
     try:
         metrics, summary = train(cfg)
-    except (ValueError, KeyError, DatasetError, InstantiationException) as e:
+        if not summary:
+            return None
+        path = write_summary(Path(cfg.out_dir), summary)
+    except (ValueError, KeyError, DatasetError, InstantiationException, OSError) as e:  # OSError: e.g. disk full
         fail(e)
-    if not summary:
-        return None
-    path = write_summary(Path(cfg.out_dir), summary)
     log.info(f"headline: {summary['headline']}")
     print(path)
     return metrics.get(cfg.optimized_metric)

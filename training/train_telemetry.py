@@ -144,6 +144,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from twin_ml.data.torch_data import TelemetryDataModule
     from twin_ml.evaluate.telemetry import free_run, initial_state, plot_record, record_metrics
     from twin_ml.models import compute_stats
+    from twin_ml.models.checkpoint import AtomicCheckpointIO, remove_stale_temps
     from twin_ml.models.module import TelemetryModule
     from twin_ml.uq import conformal_scale
 
@@ -211,7 +212,8 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         max_time["max_time"] = f"{secs // 86400:02d}:{secs % 86400 // 3600:02d}:{secs % 3600 // 60:02d}:{secs % 60:02d}"
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, out_dir),
                                       default_root_dir=str(out_dir), enable_progress_bar=sys.stderr.isatty(),
-                                      **max_time)
+                                      plugins=[AtomicCheckpointIO()], **max_time)
+    remove_stale_temps(out_dir / "checkpoints")
     last = out_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if cfg.resume and last.exists() else None
     t_fit = time.perf_counter()

@@ -1,8 +1,15 @@
-"""Atomic writes and hashes: nothing is ever half-written (temp file in the same folder, then rename)."""
+"""Atomic writes and hashes: nothing is ever half-written (temp file in the same folder, then rename).
+
+A write that fails for lack of space (a full disk, a quota, or the process's file-size limit)
+raises `StorageFull`, an OSError whose message names the file and says what to do; the temp file
+is removed, and the file it would have replaced is left as it was.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import re
 import io
 import json
 import os
@@ -13,9 +20,37 @@ from typing import Any, Mapping
 
 import numpy as np
 
+# ENOSPC: disk full, EDQUOT: quota, EFBIG: over RLIMIT_FSIZE (Python ignores SIGXFSZ, so the write fails)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same arrays give the same bytes
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+class StorageFull(OSError):
+    """A write that ran out of space: the disk, a quota, or the file-size limit. Nothing was
+    half-written; the command can run again once there is space (long jobs resume)."""
+
+    def __str__(self) -> str:
+        return (f"cannot write {self.filename}: {self.strerror} (the disk is full, or a quota or the file-size "
+                "limit is reached); nothing was half-written: free space and run the same command again")
+
+
+def no_space(err: BaseException) -> bool:
+    """Whether `err` is a failed write for lack of space (also pyarrow's, which puts the errno in
+    its message only)."""
+    if not isinstance(err, OSError):
+        return False
+    if err.errno in _NO_SPACE:
+        return True
+    found = re.search(r"\[errno (\d+)\]", str(err), re.IGNORECASE)
+    return bool(found) and int(found.group(1)) in _NO_SPACE
+
+
+def storage_full(err: OSError, path: str | os.PathLike) -> StorageFull:
+    """`err` (a write that ran out of space) as a StorageFull naming `path`."""
+    code = err.errno if err.errno in _NO_SPACE else errno.ENOSPC
+    return StorageFull(code, os.strerror(code), str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -29,9 +64,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
         _fsync_dir(path.parent)  # make the rename itself durable
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if no_space(e) and not isinstance(e, StorageFull):
+            raise storage_full(e, path) from None
         raise
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kw: Any) -> Path:
+    """A matplotlib figure as PNG, written atomically (rendered in memory, then written)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kw)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -45,6 +90,21 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike, *, files: bool = True) -> None:
+    """fsync every file (unless files=False) and folder under `root`, and root itself: what a
+    rename is about to publish is on disk before it."""
+    root = Path(root)
+    for folder, _, names in os.walk(root):
+        if files:
+            for name in names:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(folder))
 
 
 def canonical_json(obj: Any) -> str:

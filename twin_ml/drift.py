@@ -232,6 +232,8 @@ def plot_report(report: dict[str, Any], t: np.ndarray, y: np.ndarray, mask: np.n
     fig.suptitle(title or ("drift: " + (", ".join(f"{a['signal']} {a['kind']}" for a in report["alarms"]) or "none")),
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from twin_ml._io import save_figure
+
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return Path(path)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from twin_ml._io import save_figure
 from twin_ml.calibrate.problem import Problem
 
 
@@ -58,9 +59,6 @@ def plot(problem: Problem, result: dict[str, Any], mean: np.ndarray, std: np.nda
         for c in range(n_bottom, cols):
             axes[1][c].axis("off")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)

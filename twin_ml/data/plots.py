@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 
-from twin_ml._io import atomic_write_bytes
+from twin_ml._io import save_figure
 from twin_ml.data.dataset import Dataset
 from twin_ml.data.design import SPLITS
 
@@ -45,7 +44,5 @@ def plot_dataset(ds: Dataset, path: str | os.PathLike, *, per_split: int = 4) ->
     c = ds.manifest["counts"]
     fig.suptitle(f"{m['name']}: {c['total']} scenarios ({c['failed']} failed), sha256 {ds.sha256[:12]}", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

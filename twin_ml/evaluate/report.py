@@ -4,19 +4,16 @@ error vs horizon, per-regime table."""
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import norm
 
-from twin_ml._io import atomic_write_bytes
+from twin_ml._io import atomic_write_bytes, save_figure
 
 
 def _save(fig, path: Path) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=100)
     return path.name
 
 

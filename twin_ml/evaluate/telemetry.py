@@ -205,6 +205,8 @@ def plot_record(t: np.ndarray, y: np.ndarray, mask: np.ndarray, mean: np.ndarray
     axes[-1, 0].set_xlabel("time [s]")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from twin_ml._io import save_figure
+
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
