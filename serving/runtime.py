@@ -65,10 +65,12 @@ def _names(given: Any, declared: list[str], field: str, *, required: bool) -> di
 
 
 class Runtime:
-    """An exported model (file + manifest, already verified by the registry) ready to answer."""
+    """An exported model (file or its bytes + manifest, already verified by the registry) ready to
+    answer. The service passes the verified bytes, so the file on disk is never reopened."""
 
-    def __init__(self, onnx_path: str | Path, manifest: dict[str, Any], *, max_scenarios: int = 256,
-                 max_steps: int | None = None, strict: bool = False, threads: int = 1):
+    def __init__(self, onnx: str | Path | bytes, manifest: dict[str, Any], *,
+                 max_scenarios: int = 256, max_steps: int | None = None, strict: bool = False,
+                 threads: int = 1):
         from twin_ml._ort import session
 
         self.manifest = manifest
@@ -82,7 +84,7 @@ class Runtime:
         self.max_steps = int(min(max_steps or manifest["time"]["max_steps"], manifest["time"]["max_steps"]))
         self.max_scenarios, self.strict = max_scenarios, strict
         self.box = {k: (float(v[0]), float(v[1])) for k, v in manifest["domain"]["box"].items()}
-        self.session = session(onnx_path, threads=threads)
+        self.session = session(onnx, threads=threads)
 
     # ---- request -> arrays ---------------------------------------------------------------------
     def _grid(self, sc: dict[str, Any], where: str) -> np.ndarray:

@@ -3,10 +3,12 @@
     TWIN_ML_MODEL=pendulum_node:production bentoml serve serving.service:TwinService --host 127.0.0.1
     twin-serve model=pendulum_node:production [port=3000]
 
-The model comes from the store (BENTOML_HOME) as NAME:VERSION, NAME:latest or NAME:<stage>; it is
-hash-verified before onnxruntime opens it. The request and answer schemas are built from its
-manifest at import, so /docs.json documents this model's own names, units and ranges, with an
-example request it answers. Never imports torch or lightning.
+The model comes from the store (BENTOML_HOME) as NAME:VERSION, NAME:latest or NAME:<stage>; its
+bytes are read once at import and hash-verified, and every onnxruntime session (the runtime's,
+each calibration's) opens those bytes, never the file: a model file replaced or truncated while
+the server runs changes nothing it answers (a restart refuses it). The request and answer
+schemas are built from its manifest at import, so /docs.json documents this model's own names,
+units and ranges, with an example request it answers. Never imports torch or lightning.
 
 Requests are validated on the event loop (a bad one gets its own 400), then join the adaptive
 batcher (serving/batching.py): one worker thread runs onnxruntime on everything queued, scenarios
@@ -117,14 +119,16 @@ class Guard:
         await self.app(scope, limited, guarded_send)
 
 
-def _load() -> tuple[Any, dict[str, Any]]:
+def _load() -> tuple[bytes, dict[str, Any]]:
     ref = os.environ.get(MODEL_ENV)
     if not ref:
-        return None, {}
-    return registry.onnx_path(ref)  # verified before any InferenceSession exists
+        return b"", {}
+    # the very bytes whose sha256 was checked: reopening the file later would use whatever is
+    # on disk by then (a replaced model answering under the verified one's name, or a truncated one)
+    return registry.onnx_bytes(ref)
 
 
-ONNX_PATH, MANIFEST = _load()
+ONNX_BYTES, MANIFEST = _load()
 if MANIFEST:
     Scenario, Answer = build_models(MANIFEST)
 else:  # imported without a model (tools, tests): untyped placeholders
@@ -187,7 +191,7 @@ class TwinService:
     def __init__(self) -> None:
         if not MANIFEST:
             raise RuntimeError(f"set {MODEL_ENV} to the model to serve (NAME:VERSION, NAME:latest or NAME:production)")
-        self.runtime = Runtime(ONNX_PATH, MANIFEST, threads=_env_int("TWIN_ML_THREADS", 1),
+        self.runtime = Runtime(ONNX_BYTES, MANIFEST, threads=_env_int("TWIN_ML_THREADS", 1),
                                strict=_env_flag("TWIN_ML_STRICT", False),
                                max_scenarios=_env_int("TWIN_ML_MAX_SCENARIOS", 256),
                                max_steps=_env_int("TWIN_ML_MAX_STEPS", 0) or None)
@@ -275,7 +279,7 @@ class TwinService:
         outcome = "error"
         try:
             # counters per calibration
-            surrogate = _Stoppable(SurrogateBackend(ONNX_PATH, MANIFEST), stop)
+            surrogate = _Stoppable(SurrogateBackend(ONNX_BYTES, MANIFEST), stop)
             result = calibrate(problem, surrogate, _Stoppable(SolverBackend(MANIFEST), stop), **options)
             outcome = "ok"
             return result

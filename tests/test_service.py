@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -469,3 +470,76 @@ def test_a_calibration_whose_client_goes_away_stops(server):
     assert metrics.get('twin_ml_calibrations_total{outcome="cancelled"}', 0) == 0  # this server never timed out
     status, body = _post_path(url, "/calibrate", {**request, "starts": 1, "corrections": 0})
     assert status == 200, body
+
+
+def _post_raw(url, path, raw) -> tuple[int, bytes]:
+    """Status and the answer's bytes, unparsed (to compare answers byte for byte)."""
+    req = urllib.request.Request(f"{url}{path}", data=raw,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _other_model(raw: bytes) -> bytes:
+    """A valid ONNX model of the same interface that answers differently: its first float weight
+    with more than one value tripled."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(raw)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 1:
+            init.CopyFrom(numpy_helper.from_array(w * 3, init.name))
+            return model.SerializeToString()
+    raise AssertionError("the exported graph has no float weight to change")
+
+
+def test_a_model_file_replaced_or_truncated_while_serving_changes_no_answer(server, tmp_path):
+    """The server answers from the verified bytes it loaded at start. The stored model.onnx is
+    overwritten by another valid model (which answers differently: a server that reopened the file
+    would serve it silently), then truncated: /simulate answers byte for byte as before and each
+    /calibrate (a new onnxruntime session per fit) gets the same estimate. A fresh twin-serve
+    refuses either file with the integrity error. On a copy of the store: the module's server and
+    its store stay intact."""
+    from serving.runtime import Runtime
+    from twin_ml.calibrate.synthetic import synthetic_request
+
+    _, manifest, _, env = server
+    home = tmp_path / "store"
+    # the running server's Prometheus files are not the model store's: not copied
+    shutil.copytree(env["BENTOML_HOME"], home, ignore=shutil.ignore_patterns("metrics"))
+    env = {**env, "BENTOML_HOME": str(home)}
+    onnx_file = home / "models" / "tanks" / "v1" / "model.onnx"
+    original = onnx_file.read_bytes()
+    other = _other_model(original)
+    sc = scenario(manifest)
+    ours = Runtime(original, manifest).simulate(sc)[0]["outputs"]["h2"]["mean"]
+    assert Runtime(other, manifest).simulate(sc)[0]["outputs"]["h2"]["mean"] != ours
+    simulate = json.dumps({"scenarios": [sc, scenario(manifest, 5)]}).encode()
+    request, _ = synthetic_request(manifest, ["k1", "k3"], seed=2)
+    fit = json.dumps({**request, "starts": 1, "corrections": 0}).encode()
+    proc, url = _start(env, tmp_path / "log")
+    try:
+        status, answer = _post_raw(url, "/simulate", simulate)
+        assert status == 200
+        status, fitted = _post_raw(url, "/calibrate", fit)
+        assert status == 200, fitted
+        estimate = json.loads(fitted)["estimate"]
+        for damage in (other, original[: len(original) // 2]):
+            onnx_file.write_bytes(damage)
+            assert _post_raw(url, "/simulate", simulate) == (200, answer)
+            status, fitted = _post_raw(url, "/calibrate", fit)
+            assert status == 200 and json.loads(fitted)["estimate"] == estimate, fitted
+            # a restart verifies the file on disk: refused before anything serves it
+            r = subprocess.run([str(BIN / "twin-serve"), "model=tanks:production",
+                                f"port={_free_port()}"], capture_output=True, text=True,
+                               timeout=120, env=env)
+            assert r.returncode != 0, r.stderr
+            assert "model.onnx does not match its sha256" in r.stderr, r.stderr
+            assert "refusing it" in r.stderr
+    finally:
+        _stop(proc)

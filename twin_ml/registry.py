@@ -9,7 +9,9 @@ promoted to that stage, e.g. ``production``). Stages are pointers kept in
 ``<BENTOML_HOME>/twin-ml/stages.json``; promoting never rewrites a stored model.
 
 `verify` recomputes every hash and refuses a tampered, truncated, missing or swapped file before
-anything reads it; `onnx_path` verifies first.
+anything reads it; `onnx_path` verifies first. `onnx_bytes` reads the ONNX file once and checks the
+hash of those very bytes: a server that keeps them has no window between check and open, and a
+file replaced or truncated later never reaches it.
 """
 
 from __future__ import annotations
@@ -143,7 +145,10 @@ def verify(ref: str) -> dict[str, Any]:
     return _verify(resolve(ref))
 
 
-def _verify(bm) -> dict[str, Any]:
+def _verify(bm, held: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """The manifest, once it and every file it lists match their hashes. `held`: store name ->
+    bytes already read; those bytes are checked instead of the file on disk."""
+    held = held or {}
     d = Path(bm.path)
     mpath = d / MANIFEST_FILE
     if not mpath.exists():
@@ -155,9 +160,9 @@ def _verify(bm) -> dict[str, Any]:
     manifest = json.loads(raw)
     for fname, sha in manifest["files"].items():
         p = d / fname
-        if not p.exists():
+        if fname not in held and not p.exists():
             raise RegistryError(f"{bm.tag}: {fname} is missing")
-        if sha256_file(p) != sha:
+        if (sha256_bytes(held[fname]) if fname in held else sha256_file(p)) != sha:
             raise RegistryError(f"{bm.tag}: {fname} does not match its sha256 in {MANIFEST_FILE} "
                                 "(tampered, truncated or swapped); refusing it")
     return manifest
@@ -167,6 +172,23 @@ def onnx_path(ref: str) -> tuple[Path, dict[str, Any]]:
     """(the verified ONNX file, its manifest): nothing reads the file before the check passed."""
     bm = resolve(ref)  # resolved once: NAME:latest / NAME:<stage> may move meanwhile
     return Path(bm.path) / ONNX_FILE, _verify(bm)
+
+
+def onnx_bytes(ref: str) -> tuple[bytes, dict[str, Any]]:
+    """(the ONNX model's bytes, its manifest), the sha256 checked on those very bytes: keep them
+    and open sessions from them (`twin_ml._ort.session(bytes)`), and whatever happens to the file
+    afterwards cannot reach the caller."""
+    bm = resolve(ref)  # resolved once: NAME:latest / NAME:<stage> may move meanwhile
+    path = Path(bm.path) / ONNX_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RegistryError(f"{bm.tag}: {ONNX_FILE} is missing") from None
+    manifest = _verify(bm, {ONNX_FILE: raw})
+    if ONNX_FILE not in manifest["files"]:  # unchecked bytes must never pass as verified
+        raise RegistryError(f"{bm.tag}: {MANIFEST_FILE} lists no sha256 for {ONNX_FILE}; "
+                            "refusing it")
+    return raw, manifest
 
 
 def promote(ref: str, stage: str) -> str:
