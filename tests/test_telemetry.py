@@ -3,11 +3,13 @@ datasets' converters against the raw CSV, alignment of messy synthetic telemetry
 analytic signals it was sampled from, the quality report's counts against what was injected,
 and clear errors for bad input and bad contracts."""
 
+import codecs
 import csv
 import json
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +192,8 @@ def test_wide_csv_with_units_in_the_header(tmp_path):
     (lambda f: f.assign(timestamp=f["timestamp"].str.slice(0, 19)), "timestamp", "no timezone; give timezone="),
     (lambda f: f.assign(timestamp=f["timestamp"].where(f.index != 3, "yesterday")), "timestamp",
      "cannot parse timestamp 'yesterday'"),
-    (lambda f: f.assign(value=f["value"].astype(object).where(f.index != 4, "n/a")), "value", "not numbers"),
+    (lambda f: f.assign(value=f["value"].astype(object).where(f.index != 4, "n/a")), "value",
+     "row 5 of 170: 'n/a' is not a number"),
     (lambda f: f.assign(quality=f["quality"].where(f.index != 2, "meh")), "quality", "'meh' is not one of"),
     (lambda f: f.drop(columns="timestamp"), "timestamp", "no column 'timestamp'"),
 ])
@@ -199,6 +202,148 @@ def test_bad_telemetry_is_refused_with_the_field_named(mutate, where, text):
     with pytest.raises(TelemetryError) as e:
         ingest(read_telemetry(mutate(frame)), Contract.parse(CONTRACT))
     assert e.value.where == where and text in str(e.value)
+
+
+# ---- broken files: refused with the file and line named, nothing written -------------------------
+
+def _wide_lines(rows: int = 8, seed: int = 0) -> list[str]:
+    """A wide CSV's lines: the header is line 1, data row k is line k + 2."""
+    rng = np.random.default_rng(seed)
+    lines = ["timestamp,flow [m^3/s],temp [K]"]
+    for k in range(rows):
+        stamp = (T0 + pd.Timedelta(seconds=k)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines.append(f"{stamp},{rng.uniform(0, 10):.4f},{rng.uniform(250, 400):.3f}")
+    return lines
+
+
+def _text(lines: list[str]) -> str:
+    return "\n".join(lines) + "\n"
+
+
+def _cut_csv(path):  # cut off inside the last row's flow value: 2 of 3 fields on line 9
+    text = _text(_wide_lines())
+    path.write_text(text[:text.rindex("\n", 0, -1) + 26])
+
+
+def _extra_field_csv(path):
+    lines = _wide_lines()
+    lines[3] += ",7"  # line 4
+    path.write_text(_text(lines))
+
+
+def _latin1_csv(path):  # long layout; one row, line 7, spells its unit in Latin-1
+    rng = np.random.default_rng(1)
+    lines = ["timestamp,signal,value,unit"]
+    for k in range(8):
+        stamp = (T0 + pd.Timedelta(seconds=k)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines.append(f"{stamp},temp,{rng.uniform(0, 50):.3f},{'°C' if k == 5 else 'degC'}")
+    path.write_bytes(_text(lines).encode("latin-1"))
+
+
+def _naive_among_aware_csv(path):
+    lines = _wide_lines(seed=2)
+    lines[5] = lines[5].replace("Z,", ",", 1)  # line 6 lost its offset
+    path.write_text(_text(lines))
+
+
+def _word_after_blank_line_csv(path):  # a blank line moves row 5 from line 7 to line 8
+    lines = _wide_lines(seed=3)
+    stamp, _, temp = lines[6].split(",")
+    lines[6] = f"{stamp},high,{temp}"
+    path.write_text(_text(lines[:3] + [""] + lines[3:]))
+
+
+def _cut_parquet(path):
+    rng = np.random.default_rng(4)
+    frame = pd.DataFrame({"timestamp": T0 + pd.to_timedelta(np.arange(200), unit="s"),
+                          "flow": rng.uniform(0, 10, 200)})
+    frame.to_parquet(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) * 2 // 3])
+
+
+def _word_parquet(path):  # long layout, the value column as text: row 4 of 8 says "high"
+    rng = np.random.default_rng(5)
+    values = [f"{v:.3f}" for v in rng.uniform(0, 10, 8)]
+    values[3] = "high"
+    pd.DataFrame({"timestamp": [(T0 + pd.Timedelta(seconds=k)).isoformat() for k in range(8)],
+                  "signal": "flow", "value": values}).to_parquet(path)
+
+
+BROKEN = {  # file name: (writer, TelemetryError.where, what the message must say)
+    "cut.csv": (_cut_csv, "source",
+                "cut.csv line 9: 2 fields where the header has 3 (the file looks truncated"),
+    "extra.csv": (_extra_field_csv, "source", "extra.csv line 4: 4 fields where the header has 3"),
+    "utf16.csv": (lambda p: p.write_bytes(_text(_wide_lines()).encode("utf-16")), "source",
+                  "utf16.csv line 1: starts with a UTF-16 byte-order mark; save the file as UTF-8"),
+    "utf16le.csv": (lambda p: p.write_bytes(_text(_wide_lines()).encode("utf-16-le")), "source",
+                    "utf16le.csv line 1: a NUL byte"),
+    "latin1.csv": (_latin1_csv, "source",
+                   "latin1.csv line 7: byte 0xb0 is not UTF-8 (Latin-1 or Windows-1252 text?); "
+                   "save the file as UTF-8"),
+    "mixed.csv": (_naive_among_aware_csv, "timestamp",
+                  "mixed.csv line 6: timestamp '2024-03-01T12:00:04' has no UTC offset, but "
+                  "mixed.csv line 2 ('2024-03-01T12:00:00Z') has one"),
+    "header.csv": (lambda p: p.write_text("timestamp,flow [m^3/s],temp [K]\n"), "source",
+                   "header.csv: a header but no rows"),
+    "cut.parquet": (_cut_parquet, "source", "cut.parquet: not a readable Parquet file"),
+    "word.csv": (_word_after_blank_line_csv, "flow [m^3/s]",
+                 "word.csv line 8: 'high' is not a number"),
+    "word.parquet": (_word_parquet, "value", "word.parquet row 4 of 8: 'high' is not a number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_broken_files_are_refused_naming_the_file_and_line(tmp_path, name):
+    write, where, text = BROKEN[name]
+    write(tmp_path / name)
+    with pytest.raises(TelemetryError) as e:
+        read_telemetry(tmp_path / name)
+    assert e.value.where == where
+    assert text in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name", ["cut.csv", "mixed.csv", "cut.parquet"])
+def test_twin_ingest_refuses_a_broken_file_and_writes_nothing(tmp_path, name):
+    write, where, text = BROKEN[name]
+    write(tmp_path / name)
+    (tmp_path / "demo.yaml").write_text(json.dumps(CONTRACT))  # JSON is YAML
+    out = tmp_path / "run"
+    r = subprocess.run([str(BIN / "twin-ingest"), f"source={tmp_path / name}",
+                        f"contract={tmp_path / 'demo.yaml'}", f"out_dir={out}"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {where}: "), r.stderr
+    assert text in lines[0] and r.stdout == ""
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["demo.yaml", name])
+
+
+@pytest.mark.parametrize("bom", [b"", codecs.BOM_UTF8], ids=["utf8", "utf8-bom"])
+def test_offsets_across_a_dst_change_are_read_as_the_instants_they_name(tmp_path, bom):
+    """Berlin leaves summer time at 2024-10-27T01:00Z: local clocks show 02:00-02:59 twice, first
+    at +02:00, then at +01:00. Written with their offsets (the last row in Z) every timestamp is one
+    instant; the expected instants come from datetime arithmetic, not from a timezone database."""
+    first, switch = datetime(2024, 10, 26, 23, 0), datetime(2024, 10, 27, 1, 0)
+    expected, lines = [], ["timestamp,signal,value"]
+    for k in range(16):  # every 15 min for 4 h
+        utc = first + timedelta(minutes=15 * k)
+        hours = 2 if utc < switch else 1
+        stamp = (f"{utc + timedelta(hours=hours):%Y-%m-%dT%H:%M:%S}+0{hours}:00" if k < 15
+                 else f"{utc:%Y-%m-%dT%H:%M:%S}Z")
+        lines.append(f"{stamp},level,{k}")
+        expected.append(pd.Timestamp(utc, tz="UTC"))
+    assert len({line.split("T")[1][:8] for line in lines[1:]}) < 16  # local clock times repeat
+    path = tmp_path / "dst.csv"
+    path.write_bytes(bom + "\r\n".join(lines).encode() + b"\r\n")
+    frame = read_telemetry(path)
+    assert list(frame["timestamp"]) == expected
+    contract = Contract.parse({"system": "s", "period_s": 900.0,
+                               "signals": [{"name": "level", "role": "output", "unit": "m"}]})
+    tel = ingest(frame, contract)
+    assert tel.start == expected[0] and tel.mask.all()
+    np.testing.assert_array_equal(tel.signal("level")[0], np.arange(16.0))
 
 
 def test_naive_timestamps_with_a_timezone_are_converted_to_utc():

@@ -34,7 +34,11 @@ or ignored, and the mask travels with the values (masked points are excluded fro
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import math
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -165,24 +169,80 @@ def conversion(source: str, target: str, where: str, aliases: dict[str, str] | N
 
 # ---- reading --------------------------------------------------------------------------------------
 
-def _timestamps(col: pd.Series, where: str, timezone: str | None, epoch: pd.Timestamp) -> pd.Series:
+@dataclass(frozen=True)
+class _Rows:
+    """Where a frame's rows came from, so that an error names a place a user can open: the line a
+    CSV record starts on (blank lines and quoted line breaks make it differ from row + 2), else
+    the row number in a Parquet file or a DataFrame."""
+
+    name: str | None                    # the file's name; None for a DataFrame
+    count: int                          # data rows
+    lines: np.ndarray | None = None     # [count] CSV: the file line each data row starts on
+
+    @property
+    def label(self) -> str:
+        return self.name or "the frame"
+
+    def __call__(self, i: int) -> str:
+        if self.lines is not None:
+            return f"{self.name} line {int(self.lines[i])}"
+        return f"{self.name + ' ' if self.name else ''}row {i + 1} of {self.count}"
+
+
+# a UTC offset after a time of day: Z, +01, +0100, +01:00 (a date alone ends in "-dd": no offset)
+_OFFSET = re.compile(r"[T ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?"  # a time of day
+                     r"\s*(?:Z|[+-]\d{2}(?::?\d{2})?)\s*$")
+
+
+def _has_offset(col: pd.Series) -> np.ndarray:
+    """[n] bool: which timestamps carry a UTC offset (strings: their text; datetimes: tzinfo)."""
+    if pd.api.types.is_string_dtype(col):
+        # the pattern's text, not the compiled object: pyarrow strings then match it in C++
+        return col.str.contains(_OFFSET.pattern).fillna(False).to_numpy(dtype=bool)
+    return np.array([bool(_OFFSET.search(v)) if isinstance(v, str) else
+                     getattr(v, "tzinfo", None) is not None for v in col], dtype=bool)
+
+
+def _first(flags) -> int:
+    return int(np.flatnonzero(np.asarray(flags, dtype=bool))[0])
+
+
+def _timestamps(col: pd.Series, where: str, timezone: str | None, epoch: pd.Timestamp,
+                at: _Rows) -> pd.Series:
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        if not np.all(np.isfinite(col.to_numpy(dtype=float))):
-            raise TelemetryError(where, "numeric timestamps must be finite (seconds after the epoch)")
-        return epoch + pd.to_timedelta(col.to_numpy(dtype=float), unit="s")
+        seconds = col.to_numpy(dtype=float)
+        if not np.all(np.isfinite(seconds)):
+            i = _first(~np.isfinite(seconds))
+            raise TelemetryError(where, f"{at(i)}: timestamp {col.iloc[i]!r}; numeric timestamps "
+                                        "must be finite (seconds after the epoch)")
+        return epoch + pd.to_timedelta(seconds, unit="s")
     if isinstance(col.dtype, pd.DatetimeTZDtype):
         return col.dt.tz_convert("UTC")
+    mixed = False
     try:
         parsed = pd.to_datetime(col, format="ISO8601")
     except (ValueError, TypeError):
         try:  # mixed offsets: pandas puts them on one axis only with utc=True
             parsed = pd.to_datetime(col, format="ISO8601", utc=True)
+            mixed = True
         except (ValueError, TypeError) as e:
-            bad = next((str(v) for v in col if _unparseable(v)), None)
-            raise TelemetryError(where, f"cannot parse timestamp {bad!r} (ISO 8601 expected, e.g. "
-                                        f"2024-01-01T00:00:00Z)") from e
+            i = _first([pd.notna(v) and _unparseable(v) for v in col])
+            raise TelemetryError(where, f"{at(i)}: cannot parse timestamp {str(col.iloc[i])!r} "
+                                        "(ISO 8601 expected, e.g. 2024-01-01T00:00:00Z)") from e
     if parsed.isna().any():
-        raise TelemetryError(where, f"{int(parsed.isna().sum())} empty timestamps")
+        raise TelemetryError(where, f"{at(_first(parsed.isna()))}: empty timestamp "
+                                    f"({int(parsed.isna().sum())} in all); every row needs one")
+    if mixed:
+        # utc=True also reads naive timestamps as UTC: among offset-aware ones they would be hours
+        # off, silently. Different offsets (a DST change) are unambiguous; a naive one is not.
+        aware = _has_offset(col)
+        if not (aware == aware[0]).all():
+            i = _first(aware != aware[0])
+            has = ("has no UTC offset", "has one") if aware[0] else ("has a UTC offset", "has none")
+            raise TelemetryError(where, f"{at(i)}: timestamp {str(col.iloc[i])!r} {has[0]}, but "
+                                        f"{at(0)} ({str(col.iloc[0])!r}) {has[1]}; write every "
+                                        "timestamp with its offset (e.g. +01:00 or Z), or none "
+                                        "and give timezone=")
     if isinstance(parsed.dtype, pd.DatetimeTZDtype):
         return parsed.dt.tz_convert("UTC")
     if timezone is None:
@@ -210,24 +270,122 @@ def _split_header(column: str) -> tuple[str, str | None]:
     return name, None
 
 
+def _line_of(raw: bytes, pos: int) -> int:
+    """The 1-based line of byte `pos`, counting line ends as the csv module does: LF, CRLF, CR."""
+    head = raw[:pos]
+    return head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
+
+
+def _utf8(raw: bytes, name: str) -> str:
+    """The file's text; UTF-8 only (with or without a BOM), anything else refused at its line."""
+    save = "save the file as UTF-8 (with or without a BOM); other encodings are not read"
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # UTF-32's BOMs start so too
+        raise TelemetryError("source", f"{name} line 1: starts with a UTF-16 byte-order mark; "
+                                       f"{save}")
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text, stop = raw.decode("utf-8"), len(raw)
+    except UnicodeDecodeError as e:
+        text, stop = None, e.start
+    # NUL decodes as UTF-8, but no text file holds one: UTF-16 without a BOM, or not text at all
+    nul = raw.find(b"\0", 0, stop)
+    if nul >= 0:
+        raise TelemetryError("source", f"{name} line {_line_of(raw, nul)}: a NUL byte (UTF-16 "
+                                       f"text, or not a text file); {save}")
+    if text is None:
+        raise TelemetryError("source", f"{name} line {_line_of(raw, stop)}: byte "
+                                       f"0x{raw[stop]:02x} is not UTF-8 (Latin-1 or Windows-1252 "
+                                       f"text?); {save}")
+    return text
+
+
+def _csv_lines(text: str, name: str) -> np.ndarray:
+    """[rows] the line each data record starts on, after checking that every record has as many
+    fields as the header: pandas pads a short row with NaN (a file cut off mid-row would pass)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    starts: list[int] = []
+    bad: tuple[int, int] | None = None  # (line, fields) of the first record of the wrong width
+    followed = False                    # a record comes after it: a short row, not a cut-off file
+    end = 0
+    try:
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line; pandas skips it too
+            if bad is not None:
+                followed = True
+                break
+            if header is None:
+                header = row
+            elif len(row) != len(header):
+                bad = (start, len(row))
+            else:
+                starts.append(start)
+    except csv.Error as e:
+        raise TelemetryError("source", f"{name} line {reader.line_num}: not well-formed CSV "
+                                       f"({e})") from None
+    if header is None:
+        raise TelemetryError("source", f"{name}: empty (no header line, no rows); a CSV file "
+                                       "starts with a header, e.g. timestamp,signal,value")
+    if bad is not None:
+        line, n = bad
+        if n > len(header):
+            hint = "a value holding a comma must be quoted"
+        elif followed:
+            hint = "leave a missing value empty, e.g. 1,,3, but keep its comma"
+        else:
+            hint = "the file looks truncated; write it again completely"
+        raise TelemetryError("source", f"{name} line {line}: {n} field{'s' * (n != 1)} where the "
+                                       f"header has {len(header)} ({hint})")
+    return np.asarray(starts, dtype=np.int64)
+
+
+def _read_file(path: Path) -> tuple[pd.DataFrame, _Rows]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow as pa
+
+        try:
+            df = pd.read_parquet(path)
+        except (pa.ArrowException, OSError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TelemetryError("source", f"{path.name}: not a readable Parquet file ({reason}); "
+                                           "it may be truncated: write it again") from None
+        return df, _Rows(path.name, len(df))
+    if suffix in (".csv", ".txt"):
+        text = _utf8(path.read_bytes(), path.name)
+        lines = _csv_lines(text, path.name)
+        try:
+            df = pd.read_csv(io.StringIO(text, newline=""))
+        except pd.errors.ParserError as e:  # the csv module above took it; pandas may still not
+            reason = str(e).strip().splitlines()[-1]
+            raise TelemetryError("source", f"{path.name}: not well-formed CSV ({reason})") from None
+        # should the two parsers ever count records differently, say row numbers, not wrong lines
+        return df, _Rows(path.name, len(df), lines if len(lines) == len(df) else None)
+    raise TelemetryError("source", f"{path.name}: unknown format {suffix!r}; .parquet or .csv")
+
+
 def read_telemetry(source: str | Path | pd.DataFrame, *, layout: str = "auto", timestamp: str = "timestamp",
                    timezone: str | None = None, epoch: str | pd.Timestamp = EPOCH,
                    units: dict[str, str] | None = None) -> pd.DataFrame:
     """Telemetry as one long frame: timestamp (UTC), signal, value (float), unit ('' = the
-    contract's), quality. `source`: a .parquet or .csv file, or a DataFrame."""
+    contract's), quality. `source`: a .parquet or .csv file (CSV in UTF-8), or a DataFrame.
+
+    A broken file is refused with its name and the line (CSV) or row (Parquet) at fault: a row
+    with more or fewer fields than the header (a truncated file), text that is not UTF-8, naive
+    timestamps among offset-aware ones, a header without rows, an unreadable Parquet file."""
     if isinstance(source, pd.DataFrame):
         df = source.copy()
+        at = _Rows(None, len(df))
     else:
         path = Path(source)
         if not path.is_file():
             raise TelemetryError("source", f"no such file {str(path)!r}")
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif suffix in (".csv", ".txt"):
-            df = pd.read_csv(path)
-        else:
-            raise TelemetryError("source", f"{path.name}: unknown format {suffix!r}; .parquet or .csv")
+        df, at = _read_file(path)
+    if len(df) == 0:
+        raise TelemetryError("source", f"{at.label}: a header but no rows")
     if layout not in ("auto", "wide", "long"):
         raise TelemetryError("layout", f"{layout!r} is not one of auto, wide, long")
     df.columns = [str(c) for c in df.columns]
@@ -238,16 +396,17 @@ def read_telemetry(source: str | Path | pd.DataFrame, *, layout: str = "auto", t
     epoch = pd.Timestamp(epoch)
     if epoch.tzinfo is None:
         raise TelemetryError("epoch", f"{epoch} has no timezone; give one, e.g. 1970-01-01T00:00:00Z")
-    ts = _timestamps(df[timestamp], "timestamp", timezone, epoch)
+    ts = _timestamps(df[timestamp], "timestamp", timezone, epoch, at)
     units = dict(units or {})
     if layout == "long":
         missing = [c for c in ("signal", "value") if c not in df.columns]
         if missing:
             raise TelemetryError("layout", f"long telemetry needs columns {missing}; columns: {', '.join(df.columns)}")
         out = pd.DataFrame({"timestamp": ts, "signal": df["signal"].astype(str),
-                            "value": _numbers(df["value"], "value"),
+                            "value": _numbers(df["value"], "value", at),
                             "unit": df["unit"].fillna("").astype(str) if "unit" in df.columns else "",
-                            "quality": _quality(df["quality"]) if "quality" in df.columns else "good"})
+                            "quality": (_quality(df["quality"], at) if "quality" in df.columns
+                                        else "good")})
         if units:
             for name, unit in units.items():
                 blank = (out["signal"] == name) & (out["unit"] == "")
@@ -258,7 +417,8 @@ def read_telemetry(source: str | Path | pd.DataFrame, *, layout: str = "auto", t
             if column == timestamp:
                 continue
             name, unit = _split_header(column)
-            frames.append(pd.DataFrame({"timestamp": ts, "signal": name, "value": _numbers(df[column], column),
+            values = _numbers(df[column], column, at)
+            frames.append(pd.DataFrame({"timestamp": ts, "signal": name, "value": values,
                                         "unit": units.get(name, unit or ""), "quality": "good"}))
         if not frames:
             raise TelemetryError("layout", "wide telemetry has no signal columns besides the timestamp")
@@ -266,20 +426,24 @@ def read_telemetry(source: str | Path | pd.DataFrame, *, layout: str = "auto", t
     return _schema().validate(out.reset_index(drop=True), lazy=False)
 
 
-def _numbers(col: pd.Series, where: str) -> pd.Series:
+def _numbers(col: pd.Series, where: str, at: _Rows) -> pd.Series:
     values = pd.to_numeric(col, errors="coerce")
     bad = col.notna() & values.isna()
     if bad.any():
-        first = col[bad].iloc[0]
-        raise TelemetryError(where, f"{int(bad.sum())} values are not numbers (first: {first!r})")
+        i, more = _first(bad), int(bad.sum()) - 1
+        also = f" (nor are {more} more in this column)" if more else ""
+        raise TelemetryError(where, f"{at(i)}: {col.iloc[i]!r} is not a number{also}; leave a "
+                                    "missing value empty")
     return values.astype(float)
 
 
-def _quality(col: pd.Series) -> pd.Series:
+def _quality(col: pd.Series, at: _Rows) -> pd.Series:
     q = col.fillna("good").astype(str).str.strip().str.lower()
     bad = ~q.isin(QUALITY)
     if bad.any():
-        raise TelemetryError("quality", f"{q[bad].iloc[0]!r} is not one of {', '.join(QUALITY)}")
+        i = _first(bad)
+        raise TelemetryError("quality", f"{at(i)}: {q.iloc[i]!r} is not one of "
+                                        f"{', '.join(QUALITY)}")
     return q
 
 
