@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from twin_ml.data import ScenarioDesign, generate_dataset
 from twin_ml.physics import make_system
 
+from conftest import train_here
+
 BIN = Path(sys.executable).parent / "twin-train"
 TINY = ["ensemble.size=2", "trainer.max_epochs=4", "data.batch_size=8", "model.net.hidden=16",
         "model.optim.curriculum_start=5", "model.optim.curriculum_every=1", "speed_scenarios=4"]
@@ -29,19 +31,6 @@ def pendulum_data(tmp_path_factory):
 def run(*args, env=None):
     e = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=600, env=e)
-
-
-def train_here(*overrides):
-    """twin-train's config and run in this process (the checks and the run are the command's own;
-    what only the command adds, the one-line error and exit status, is tested by subprocess above)."""
-    from hydra import compose, initialize_config_dir
-
-    from training._common import CONFIG_DIR
-    from training.train import train
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-    return train(cfg)
 
 
 def error_here(*overrides) -> str:

@@ -8,6 +8,15 @@ Addressing: ``NAME:VERSION``, ``NAME:latest`` (BentoML's newest) or ``NAME:<stag
 promoted to that stage, e.g. ``production``). Stages are pointers kept in
 ``<BENTOML_HOME>/twin-ml/stages.json``; promoting never rewrites a stored model.
 
+Writes never leave a half-stored model, and concurrent writers stay consistent. A model is built in
+``<BENTOML_HOME>/twin-ml/staging/`` (BentoML's own layout, every file fsynced) and enters the store
+by one rename of its directory, under an exclusive lock on ``<BENTOML_HOME>/twin-ml/store.lock``
+(fcntl): inside the lock a version that exists is refused, so of two exports of one NAME:VERSION
+exactly one lands and the other gets "already in the store". The ``latest`` pointer and the stage
+pointers change under the same lock, each written atomically. A writer killed mid-way leaves only
+its staging folder, which the next save removes (its writer's lock is gone); the store lists only
+complete models, and skips a broken one (e.g. written by other tools) instead of failing.
+
 `verify` recomputes every hash and refuses a tampered, truncated, missing or swapped file before
 anything reads it; `onnx_path` verifies first. `onnx_bytes` reads the ONNX file once and checks the
 hash of those very bytes: a server that keeps them has no window between check and open, and a
@@ -16,15 +25,22 @@ file replaced or truncated later never reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
+import logging
 import os
 import re
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from twin_ml._io import atomic_write_json, sha256_bytes, sha256_file
+from twin_ml._io import atomic_write_bytes, atomic_write_json, fsync_tree, sha256_bytes, sha256_file
+
+log = logging.getLogger(__name__)
 
 STAGES = ("staging", "production", "archived")
 ONNX_FILE, MANIFEST_FILE = "model.onnx", "manifest.json"
@@ -50,14 +66,7 @@ def check_new(name: str, version: str, stage: str | None = None) -> None:
                             f"and not 'latest' or a stage ({', '.join(STAGES)})")
     if stage is not None and stage not in STAGES:
         raise RegistryError(f"stage {stage!r} is unknown; stages: {', '.join(STAGES)}")
-    bentoml = _bentoml()
-    from bentoml.exceptions import NotFound
-
-    try:
-        existing = {m.tag.version for m in bentoml.models.list(name)}
-    except NotFound:
-        existing = set()
-    if version in existing:
+    if (_models_dir() / name / version).exists():  # complete or not, the version is taken
         raise RegistryError(f"{name}:{version} is already in the store; pick another version (or leave it unset)")
 
 
@@ -83,6 +92,46 @@ def _stages_path() -> Path:
     return _home() / "twin-ml" / "stages.json"
 
 
+def _models_dir() -> Path:
+    _bentoml()
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.model_store_dir.get())
+
+
+@contextlib.contextmanager
+def _store_lock():
+    """The store's one writer lock: a model's commit, `latest` and the stage pointers change
+    under it (read-modify-write, never interleaved with another process's)."""
+    path = _home() / "twin-ml" / "store.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+STAGING_GRACE_S = 600.0  # a staging folder without its lock file yet is only removed this much later
+
+
+def _sweep_staging(root: Path) -> None:
+    """Remove staging folders whose writer is gone: its lock file can be locked (a writer holds it
+    while it lives), or it never got one and is older than STAGING_GRACE_S."""
+    for d in root.iterdir() if root.is_dir() else []:
+        lock = d / ".writer.lock"
+        try:
+            if lock.exists():
+                with open(lock, "a") as fh:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while the writer lives
+            elif time.time() - d.stat().st_mtime < STAGING_GRACE_S:
+                continue
+        except (BlockingIOError, FileNotFoundError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _stages() -> dict[str, dict[str, str]]:
     p = _stages_path()
     return json.loads(p.read_text()) if p.exists() else {}
@@ -100,28 +149,65 @@ def save(name: str, version: str, onnx_bytes: bytes, manifest: dict[str, Any], *
     bentoml = _bentoml()
     from bentoml.exceptions import BentoMLException
 
+    from bentoml._internal.models.model import ModelStore
+
     check_new(name, version)
     blobs = {ONNX_FILE: onnx_bytes, **{fname: Path(src).read_bytes() for fname, src in (extra_files or {}).items()}}
     files = {fname: sha256_bytes(b) for fname, b in blobs.items()}  # the hashes of the bytes written below
     full = {**manifest, "files": files}
     manifest_bytes = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
     meta = {"manifest_sha256": sha256_bytes(manifest_bytes), "format": manifest.get("format", "")}
+    staging = _home() / "twin-ml" / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    _sweep_staging(staging)
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=staging))
+    writer = open(work / ".writer.lock", "a")
+    fcntl.flock(writer, fcntl.LOCK_EX)  # held while this process lives: a sweep leaves the folder alone
     try:
-        with bentoml.models.create(f"{name}:{version}", labels=labels or {}, metadata=meta) as bm:
-            d = Path(bm.path)
-            for fname, b in blobs.items():
-                (d / fname).parent.mkdir(parents=True, exist_ok=True)
-                (d / fname).write_bytes(b)
-            (d / MANIFEST_FILE).write_bytes(manifest_bytes)
-    except BentoMLException as e:
-        raise RegistryError(f"storing {name}:{version} failed: {e}") from None
+        try:  # BentoML builds the model (model.yaml and all) in a store of its own inside `work`
+            with bentoml.models.create(f"{name}:{version}", labels=labels or {}, metadata=meta,
+                                       _model_store=ModelStore(work / "models")) as bm:
+                d = Path(bm.path)
+                for fname, b in blobs.items():
+                    (d / fname).parent.mkdir(parents=True, exist_ok=True)
+                    (d / fname).write_bytes(b)
+                (d / MANIFEST_FILE).write_bytes(manifest_bytes)
+        except BentoMLException as e:
+            raise RegistryError(f"storing {name}:{version} failed: {e}") from None
+        built = work / "models" / name / version
+        fsync_tree(built)  # whole on disk before it becomes visible
+        _commit(built, name, version)
+    finally:
+        writer.close()
+        shutil.rmtree(work, ignore_errors=True)
     return f"{name}:{version}"
+
+
+def _commit(built: Path, name: str, version: str) -> None:
+    """Move a built model into the store (one rename) and point `latest` at the newest version."""
+    bentoml = _bentoml()
+    target = _models_dir() / name / version
+    with _store_lock():
+        if target.exists():  # the compare of the compare-and-swap: the lock makes it and the rename one step
+            raise RegistryError(f"{name}:{version} is already in the store; pick another version (or leave it unset)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(built, target)
+        fsync_tree(target.parent, files=False)
+        latest = target.parent / "latest"
+        current = latest.read_text().strip() if latest.exists() else ""
+        mine = bentoml.models.get(f"{name}:{version}").info.creation_time
+        try:
+            newer = bool(current) and bentoml.models.get(f"{name}:{current}").info.creation_time > mine
+        except Exception:  # `latest` names a version that is gone or broken: this one replaces it
+            newer = False
+        if not newer:
+            atomic_write_bytes(latest, version.encode())
 
 
 def resolve(ref: str):
     """The BentoML model for NAME:VERSION, NAME:latest or NAME:<stage>."""
     bentoml = _bentoml()
-    from bentoml.exceptions import NotFound
+    from bentoml.exceptions import BentoMLException, NotFound
 
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise RegistryError(f"model reference {ref!r}: use NAME:VERSION, NAME:latest or NAME:<stage> ({', '.join(STAGES)})")
@@ -136,8 +222,11 @@ def resolve(ref: str):
     try:
         return bentoml.models.get(f"{name}:{version}")
     except NotFound:
-        known = sorted(str(m.tag) for m in bentoml.models.list() if m.tag.name == name)
+        known = sorted(str(m.tag) for m in _complete_models() if m.tag.name == name)
         raise RegistryError(f"model {name}:{version} is not in the store; known: {', '.join(known) or 'none'}") from None
+    except BentoMLException as e:  # a folder without a readable model.yaml
+        raise RegistryError(f"model {name}:{version} is damaged in the store ({e}); remove it with "
+                            f"`bentoml models delete {name}:{version}`") from None
 
 
 def verify(ref: str) -> dict[str, Any]:
@@ -197,22 +286,34 @@ def promote(ref: str, stage: str) -> str:
         raise RegistryError(f"stage {stage!r} is unknown; stages: {', '.join(STAGES)}")
     bm = resolve(ref)
     _verify(bm)
-    path = _stages_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:  # concurrent promotions: read-modify-write under a lock
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _store_lock():  # concurrent promotions and commits: read-modify-write under the store's lock
         stages = _stages()
         stages.setdefault(bm.tag.name, {})[stage] = bm.tag.version
-        atomic_write_json(path, stages)
+        atomic_write_json(_stages_path(), stages)
     return str(bm.tag)
+
+
+def _complete_models() -> list:
+    """Every stored model whose model.yaml BentoML can read; a broken folder (another tool's
+    interrupted write) is logged and skipped, so one of them cannot hide the rest."""
+    bentoml = _bentoml()
+    from bentoml.exceptions import BentoMLException
+
+    root, out = _models_dir(), []
+    for name_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        for ver_dir in sorted(p for p in name_dir.iterdir() if p.is_dir()):
+            try:
+                out.append(bentoml.models.get(f"{name_dir.name}:{ver_dir.name}"))
+            except BentoMLException as e:
+                log.warning(f"skipping {name_dir.name}:{ver_dir.name}: not a complete model ({e})")
+    return out
 
 
 def list_models() -> list[dict[str, Any]]:
     """One row per stored twin-ml model, newest first."""
-    bentoml = _bentoml()
     stages = _stages()
     rows = []
-    for bm in bentoml.models.list():
+    for bm in _complete_models():
         if (bm.info.metadata or {}).get("format") != "twin-ml/onnx/v1":
             continue
         pinned = _stages_of(bm, stages)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from twin_ml._io import sha256_file
+from twin_ml._io import no_space, sha256_file, storage_full
 from twin_ml.data.telemetry import EPOCH, TelemetryError
 
 SOURCES: dict[str, dict[str, Any]] = {
@@ -87,6 +87,10 @@ def write_telemetry(frame: pd.DataFrame, path: str | Path, metadata: dict[str, A
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if no_space(e):  # pyarrow names neither the file nor the errno in a way a user reads
+            raise storage_full(e, path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
