@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -241,6 +242,7 @@ class TwinService:
         request = {"times": times, "outputs": outputs, "inputs": inputs, "fit": fit, "parameters": parameters,
                    "initial_state": initial_state, "bounds": bounds, "priors": priors, "noise": noise}
         try:
+            _check_magnitudes(request)
             problem = Problem.build(request, MANIFEST)
         except CalibrationError as e:
             raise InvalidArgument(str(e)) from None
@@ -268,6 +270,12 @@ class TwinService:
             waiter.cancel()
             raise
         body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
+        # a fit that overflowed (bounds of +-1e308, observations of 1e300) has NaN or inf in its
+        # cost or errors: JSON has neither, and failing to write them was a 500 for a finished fit
+        where: list[str] = []
+        body = _nulled(body, "", where)
+        if where:
+            body["warnings"] = [*body.get("warnings", []), _nulled_warning(where)]
         return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
 
     def _stop_calibration(self, job, stop: "_Stop", reason: str) -> None:
@@ -291,6 +299,43 @@ class TwinService:
             raise
         finally:
             self.metrics["calibrations"].labels(outcome=outcome).inc()
+
+
+F32_MAX = 3.4028234663852886e38  # the largest float32: the surrogate computes in float32
+
+
+def _check_magnitudes(obj: Any, path: str = "") -> None:
+    """Refuse a number the model cannot represent (float32): observations of 1e300 made the
+    fit's squared residuals overflow inside scipy, a 500 instead of an answer."""
+    if isinstance(obj, float) and abs(obj) > F32_MAX:
+        raise CalibrationError(path, f"{obj:g} is outside the range the model computes in "
+                                     f"(float32: |value| <= {F32_MAX:.4g})")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_magnitudes(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_magnitudes(v, f"{path}[{i}]")
+
+
+def _nulled(obj: Any, path: str, where: list[str]) -> Any:
+    """`obj` with every NaN or inf replaced by None (null); `where` collects their paths."""
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        obj = obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        where.append(path)
+        return None
+    if isinstance(obj, dict):
+        return {k: _nulled(v, f"{path}.{k}" if path else str(k), where) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nulled(v, f"{path}[{i}]", where) for i, v in enumerate(obj)]
+    return obj
+
+
+def _nulled_warning(where: list[str]) -> str:
+    shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+    return (f"the fit produced non-finite values (NaN or inf), sent as null: {shown}; are the "
+            "bounds, inputs or observations far outside the model's training range?")
 
 
 class _Cancelled(Exception):
