@@ -16,7 +16,9 @@ surrogate in the loop, checked by the solver.
   refine          solver-in-the-loop least-squares evaluations started from the surrogate's optimum
   solver_mode     looped (one solve_ivp per candidate) or stacked (one vectorized solve per call)
 
-Writes calibration.json and calibration.png in out_dir and prints the JSON's path last.
+Writes calibration.json and calibration.png in out_dir and prints the JSON's path last. Every
+warning in the JSON's "warnings" (MCMC diagnostics outside their accepted range, an unverified
+estimate and why, bounds outside the training domain) is also printed on stderr as `warning: ...`.
 Settings are key=value (not a Hydra app: `model` names a config group there).
 """
 
@@ -105,8 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:>12} = {result['estimate'][k]:.6g} +- {result['std_error'][k]:.2g}{band}")
     ver = result.get("verification")
     if ver:
+        lo, hi = ver["rms_residual_band"]
         print(f"solver verification: {'verified' if ver['verified'] else 'UNVERIFIED'} "
-              f"({100 * ver['within_2std'][0]:.0f}% of points within 2 std of the surrogate)")
+              f"({100 * ver['within_2std'][0]:.0f}% of points within 2 std of the surrogate; "
+              f"the solver's RMS normalized residual {ver['rms_residual_solver'][0]:.3g}, "
+              f"accepted {lo:.2g}-{hi:.2g})")
+    # every warning (the problem's, MCMC diagnostics, why verification failed) on stderr, one a
+    # line: stdout stays the estimates and, last, the JSON's path for scripts
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     ev, tm = result["evaluations"], result["timings"]
     print(f"{ev['surrogate_scenarios']} surrogate / {ev['solver_scenarios']} solver simulations, "
           f"{tm['total_s']:.1f} s")
