@@ -11,7 +11,7 @@ DEMO_RUN ?= runs/demo-cascaded-tanks-hybrid
 BENTOML_HOME ?= $(CURDIR)/.bentoml
 DEMO_PORT ?= 3000
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-portable bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +41,15 @@ demo: $(STAMP)
 
 # test files run on TEST_WORKERS processes (pytest-xdist), each file whole on one worker so its
 # module fixtures (trained models, live servers) are built once: ~8 min on 2 cores instead of ~12
+# then the numeric tests once more on narrowed SIMD paths (tests/run_portable.py): tolerances must
+# hold on any x86-64 CPU, AVX-512 or not, and with onnxruntime's graph optimizations at basic
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(MAKE) --no-print-directory test-portable
+
+test-portable: $(STAMP)
+	$(BIN)/python tests/run_portable.py -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/solver.py

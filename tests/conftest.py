@@ -7,6 +7,21 @@ import pytest
 ASSETS = Path(__file__).parent / "assets"
 sys.path.insert(0, str(ASSETS))  # the user-defined example system (tests/assets/mass_spring.py)
 
+# Tolerances follow from the dtype and the computation (they must hold on any x86-64 CPU, with or
+# without AVX-512, and in `make test-portable`): a float32 result can differ in its last bits
+# between batch sizes, kernels and CPUs, and those differences grow along a rollout.
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def rollout_tol(n_steps: int, scale: float, *, evals_per_step: int = 4) -> float:
+    """How far two float32 runs of one rollout may drift apart (other kernel, batch size or graph):
+    every step evaluates the vector field `evals_per_step` times (RK4: 4), each result a few ulps
+    (4) off the other run's; along a flow that does not expand, the differences add up at most
+    linearly over `n_steps`. `scale`: the size of the values compared (their max |.|, or 1 in
+    normalized units)."""
+    return 4.0 * evals_per_step * max(int(n_steps), 1) * EPS32 * max(float(scale), 1e-30)
+
+
 SHIPPED = ["pendulum", "cascaded_tanks", "thermal_rc", "cstr", "robertson", "duffing"]
 
 

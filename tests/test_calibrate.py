@@ -136,6 +136,7 @@ def test_solver_backend_recovers_the_true_parameters_from_clean_data(exported):
     assert result["evaluations"]["solver_scenarios"] == solver.scenarios > 0
 
 
+@pytest.mark.numeric
 def test_surrogate_loop_with_mcmc_and_solver_verification(exported, tmp_path):
     from twin_ml.calibrate.fit import mcmc_warnings, rms_band
 
@@ -239,6 +240,7 @@ def test_missing_noise_is_estimated_from_the_residuals(exported):
         assert abs(value - truth[name]) <= 3 * err
 
 
+@pytest.mark.numeric
 def test_a_surrogate_with_too_wide_intervals_still_gets_the_noise_right(exported):
     """The issue's silently wrong answer: a surrogate whose stated std is far wider than the noise
     (its conformal scale edited up 10x in the file), noise not given. The noise used to be the
@@ -384,6 +386,7 @@ def test_batched_backend_gets_jacobian_points_with_each_candidate(exported):
     assert eager.scenarios > plain.scenarios
 
 
+@pytest.mark.numeric
 def test_corrections_solve_the_estimate_and_its_slope_points_in_one_call(exported):
     """Round 1 solves the estimate; round 2 the estimate and its 2 slope points in one stacked
     solve; verification the final estimate: 3 solver calls, 5 scenarios. Solved together, the
@@ -433,6 +436,7 @@ def test_lockstep_backend_failure_reaches_every_start(exported):
         point_estimate(Broken(), problem, problem.noise, starts(problem, 4, seed=0))
 
 
+@pytest.mark.numeric
 def test_first_order_correction_matches_the_solver_at_its_measured_points(exported):
     """The corrected surrogate equals the solver where the correction was measured: at the
     estimate (value) and at its secant points (slopes), and the slope-free one only at the first."""

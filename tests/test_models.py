@@ -10,6 +10,8 @@ from twin_ml.models import build_model, compute_stats, model_from_config
 from twin_ml.models.ensemble import StackedMLP
 from twin_ml.physics import SolverSettings, make_system, solve_looped
 
+# numeric: also run in `make test-portable`; not the float64 dopri5 test (its 1e-5 is far from round-off)
+
 
 def _scenarios(name, n=6, seed=0):
     sys_ = make_system(name)
@@ -21,6 +23,7 @@ def _scenarios(name, n=6, seed=0):
     return sys_, t, u, sc.p, sc.x0, ref
 
 
+@pytest.mark.numeric
 def test_stacked_members_equal_separate_mlps_and_train_independently():
     net = StackedMLP(3, 4, 2, hidden=8, depth=2, seed=5)
     z = torch.randn(3, 7, 4)
@@ -36,6 +39,7 @@ def test_stacked_members_equal_separate_mlps_and_train_independently():
     assert not torch.equal(net.weights[0][0], net.weights[0][1])  # different seeds per member
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", ["pendulum", "cascaded_tanks", "thermal_rc"])
 def test_hybrid_with_zero_residual_reproduces_the_solver(name):
     # untrained hybrid: g_theta starts at exactly 0, so the torch RK4 rollout of the physics,
@@ -51,6 +55,7 @@ def test_hybrid_with_zero_residual_reproduces_the_solver(name):
     np.testing.assert_allclose(y.detach().numpy()[0], ref.y, atol=2e-3 * np.ptp(ref.y))
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("solver, fraction", [("rk4", 1.0), ("rk4", 0.5), ("midpoint", 0.5), ("euler", 0.25)])
 def test_fixed_steps_equal_torchdiffeq(solver, fraction):
     """The fixed-step rollout steps directly; torchdiffeq's odeint with the same method on the
@@ -87,6 +92,7 @@ def test_adaptive_dopri5_matches_the_solver():
     np.testing.assert_allclose(a.detach().numpy()[0], ref.x, atol=1e-5 * np.ptp(ref.x))
 
 
+@pytest.mark.numeric
 def test_incomplete_physics_differs_and_learnable_parameters_start_at_nominal():
     sys_, t, u, p, x0, ref = _scenarios("pendulum", n=2)
     stats = compute_stats(ref.x, u, p, ref.y, t)
@@ -103,6 +109,7 @@ def test_incomplete_physics_differs_and_learnable_parameters_start_at_nominal():
         build_model("gp", sys_, stats)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("kind", ["node", "hybrid", "emulator"])
 def test_model_rebuilds_from_its_config(kind):
     sys_, t, u, p, x0, ref = _scenarios("cascaded_tanks", n=3)
@@ -119,6 +126,7 @@ def test_model_rebuilds_from_its_config(kind):
     assert a["members"].shape == (3, 3, t.size, 1)
 
 
+@pytest.mark.numeric
 def test_robust_normalization_ignores_a_wound_up_trajectory():
     rng = np.random.default_rng(0)
     x = rng.normal(0.0, 0.5, size=(50, 40, 2))
@@ -131,6 +139,7 @@ def test_robust_normalization_ignores_a_wound_up_trajectory():
     assert np.std(x[..., 0]) > 5 * st["x_std"][0]
 
 
+@pytest.mark.numeric
 def test_shooting_segments_tile_the_trajectory_from_the_data_states():
     from twin_ml.models import SurrogateModule
 
@@ -151,6 +160,7 @@ def test_shooting_segments_tile_the_trajectory_from_the_data_states():
             assert torch.equal(uw[i * k + j], u[i, s:s + steps + 1])
 
 
+@pytest.mark.numeric
 def test_a_constant_column_is_left_unscaled():
     x = np.random.default_rng(0).normal(size=(8, 5, 2))
     p = np.column_stack([np.full(8, 9.81), np.linspace(1, 2, 8)])  # a parameter the design fixed

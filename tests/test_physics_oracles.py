@@ -12,6 +12,8 @@ from twin_ml.physics import (
 )
 from twin_ml.physics.solver import FAILED_DIVERGED, FAILED_MAX_STEPS, FAILED_NONFINITE, OK
 
+pytestmark = pytest.mark.numeric  # also run in `make test-portable`
+
 ALL_METHODS = ["RK45", "DOP853", "RK23", "LSODA", "Radau", "BDF"]
 
 

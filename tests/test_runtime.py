@@ -16,6 +16,10 @@ from twin_ml.export.export import export_run
 from twin_ml.models import load_trained
 from twin_ml.physics import make_system
 
+from conftest import rollout_tol
+
+pytestmark = pytest.mark.numeric  # also run in `make test-portable`
+
 BIN = Path(sys.executable).parent
 
 
@@ -62,8 +66,12 @@ def test_answer_matches_the_torch_model_with_gaussian_quantiles(rt, exported):
                         torch.tensor([[1.0, 0.2, 1.2]]), t)
     out = ans["outputs"]["theta"]
     assert len(out["mean"]) == 31 and ans["in_domain"] and ans["domain_reasons"] == []
-    assert np.allclose(out["mean"], ref["mean"][0, :, 0].numpy(), atol=1e-5)
-    assert np.allclose(out["std"], ref["std"][0, :, 0].numpy(), rtol=1e-4, atol=1e-7)
+    # onnxruntime's graph and torch's eager ops: two float32 programs of the same 30-step rollout;
+    # the std moves by at most the members' difference (times the conformal scale)
+    tol = rollout_tol(30, np.abs(ref["members"].numpy()).max())
+    assert np.allclose(out["mean"], ref["mean"][0, :, 0].numpy(), rtol=0, atol=tol)
+    assert np.allclose(out["std"], ref["std"][0, :, 0].numpy(), rtol=0,
+                       atol=tol * max(exported[1]["conformal_scale"]))
     z = NormalDist().inv_cdf(0.95)
     assert np.allclose(out["quantiles"]["0.95"], np.array(out["mean"]) + z * np.array(out["std"]), atol=1e-12)
     assert out["quantiles"]["0.5"] == pytest.approx(out["mean"])
@@ -83,8 +91,12 @@ def test_mixed_horizons_batch_like_single_calls(rt):
     for sc, a in zip(scs, together):
         alone = rt.simulate(sc)[0]
         assert a["times"] == alone["times"]
-        assert np.allclose(a["outputs"]["theta"]["mean"], alone["outputs"]["theta"]["mean"], atol=1e-6)
-        assert np.allclose(a["outputs"]["theta"]["std"], alone["outputs"]["theta"]["std"], atol=1e-6)
+        # another batch size and padding: the same float32 rollout, rounded by other kernels
+        n, scale = len(a["times"]) - 1, np.abs(alone["outputs"]["theta"]["mean"]).max()
+        tol = rollout_tol(n, scale + 3 * np.max(alone["outputs"]["theta"]["std"]))
+        assert np.allclose(a["outputs"]["theta"]["mean"], alone["outputs"]["theta"]["mean"], rtol=0, atol=tol)
+        assert np.allclose(a["outputs"]["theta"]["std"], alone["outputs"]["theta"]["std"], rtol=0,
+                           atol=tol * max(rt.manifest["conformal_scale"]))
 
 
 def test_out_of_domain_is_flagged_with_reasons_and_refused_in_strict_mode(rt, exported):

@@ -6,6 +6,8 @@ from scipy.stats import norm
 
 from twin_ml.uq import conformal_scale, coverage, crps_gaussian, interval_report, nll_gaussian
 
+pytestmark = pytest.mark.numeric  # also run in `make test-portable`
+
 
 def test_coverage_of_a_true_gaussian_is_nominal():
     rng = np.random.default_rng(0)

@@ -719,6 +719,8 @@ def plot_quality(tel: Telemetry, path: str | Path) -> Path:
     fig.suptitle(f"{tel.contract.system} telemetry: {len(tel.t)} steps of {tel.contract.period_s:g} s "
                  "(stuck runs shaded)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from twin_ml._io import save_figure
+
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
