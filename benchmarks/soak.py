@@ -350,7 +350,8 @@ async def soak(
     first = await asyncio.to_thread(process_tree, pid)
     watcher = asyncio.create_task(sampler())
     warm, i = await run_loop(port, order, warmup, concurrency)
-    rss_warm = sum((await asyncio.to_thread(process_tree, pid)).values())
+    warm_tree = await asyncio.to_thread(process_tree, pid)
+    rss_warm = sum(warm_tree.values())
     t0 = time.perf_counter()
     tally, _ = await run_loop(port, order, seconds, concurrency, start=i)
     wall = time.perf_counter() - t0
@@ -367,6 +368,11 @@ async def soak(
         "rss_samples": samples,
         # a worker that died (and was started again by BentoML) shows as a pid that changed
         "processes_replaced": len(set(first) - set(last)),
+        # which process grew: pid -> [MB after warm-up, MB at the end]
+        "rss_by_process_mb": {
+            str(p): [round(warm_tree.get(p, 0) / 2**20, 1), round(last.get(p, 0) / 2**20, 1)]
+            for p in sorted({*warm_tree, *last})
+        },
     }
 
 
@@ -521,6 +527,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--workers", type=int, default=1, help="server processes (twin-serve workers=)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--kinds",
+        default=None,
+        help="only these kinds, comma-separated (to find which one a failure comes from); "
+        f"default: all of {', '.join(WEIGHTS)}",
+    )
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.concurrency < 1:
@@ -552,6 +564,11 @@ def main(argv=None) -> int:
     samples = build_samples(
         manifest, max_scenarios=args.max_scenarios, max_body=args.max_body, seed=args.seed
     )
+    if args.kinds:
+        unknown = sorted(set(args.kinds.split(",")) - set(samples))
+        if unknown:
+            ap.error(f"--kinds: unknown {unknown}; this model's kinds: {', '.join(samples)}")
+        samples = {k: v for k, v in samples.items() if k in args.kinds.split(",")}
     order = schedule(samples, args.seed)
     settings = {
         "workers": str(args.workers),
@@ -591,6 +608,7 @@ def main(argv=None) -> int:
     )
     r["server_alive_at_end"] = alive
     r["server_processes_replaced"] = run["processes_replaced"]
+    r["rss_by_process_mb"] = run["rss_by_process_mb"]
     from twin_ml._io import atomic_write_json
 
     atomic_write_json(args.out, r)

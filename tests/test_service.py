@@ -606,3 +606,57 @@ def test_soak_of_ten_seconds_mixed_requests_no_5xx_every_4xx_names_its_field(ser
     assert all(report["kinds"][k]["sent"] > 0 for k in report["kinds_all"])
     assert report["server_alive_at_end"] and report["server_processes_replaced"] == 0
     assert r.returncode in (0, 1)  # 1: a bound failed, here only possibly the RSS bound (not held)
+
+
+def test_request_timeout_timers_do_not_keep_finished_requests_alive():
+    """BentoML 1.4's TimeoutMiddleware left one timer per request on the event loop for the whole
+    timeout, holding the request's context: the soak saw memory grow with the request rate. The
+    service's own cancels it: an object in a finished request's context is freed, and a request
+    that never answers still gets the 504."""
+    import asyncio
+    import contextvars
+    import gc
+    import weakref
+
+    from bentoml._internal.server.http import traffic
+
+    from serving.service import _TimeoutMiddleware
+
+    assert traffic.TimeoutMiddleware is _TimeoutMiddleware  # what BentoML builds its stack from
+    var: contextvars.ContextVar = contextvars.ContextVar("request_state")
+
+    class State:  # what a request's context holds (BentoML's: its tracing span, request ids)
+        pass
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/never":
+            await asyncio.Event().wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def request(middleware, path, sent):
+        var.set(State())  # in the request's own context, as BentoML's outer middlewares do
+        ref = weakref.ref(var.get())
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            sent.append(message)
+
+        await middleware({"type": "http", "path": path}, receive, send)
+        return ref
+
+    async def main():
+        middleware = _TimeoutMiddleware(app, timeout=120)
+        sent: list = []
+        refs = [await asyncio.create_task(request(middleware, "/", sent)) for _ in range(20)]
+        for _ in range(3):  # the last request's own task finishes its callbacks on the next turns
+            await asyncio.sleep(0)
+        gc.collect()
+        assert sent[0]["status"] == 200 and all(ref() is None for ref in refs)
+        sent.clear()
+        await asyncio.create_task(request(_TimeoutMiddleware(app, timeout=0.05), "/never", sent))
+        assert sent[0]["status"] == 504
+
+    asyncio.run(main())
