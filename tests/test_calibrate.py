@@ -160,7 +160,8 @@ def test_surrogate_loop_with_mcmc_and_solver_verification(exported, tmp_path):
     # measured), inside the band for this many points
     lo, hi = rms_band(ver["n_observed"], problem.n_fit)
     assert ver["rms_residual_band"] == [lo, hi] and lo <= ver["rms_residual_solver"][0] <= hi
-    assert ver["verified"] == (ver["within_2std"][0] >= 0.9 and not ver["solver_failed"][0])
+    assert ver["verified"] == (ver["within_2std"][0] >= 0.9 and not ver["solver_failed"][0]
+                               and lo <= ver["rms_residual_solver"][0] <= hi)
     assert ver["verified"] and not any(w.startswith("unverified") for w in result["warnings"])
     # this short chain (100 kept steps of 8 walkers) is reported as one
     assert set(mcmc_warnings(diag, problem.fit)) <= set(result["warnings"])

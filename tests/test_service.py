@@ -392,7 +392,9 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
         lo, hi = manifest["domain"]["box"][f"parameter:{k}"]
         assert lo <= body["estimate"][k] <= hi
     ver = body["verification"]
-    assert ver["n_candidates"] == 9 and ver["verified"] == (ver["within_2std"][0] >= 0.9)
+    lo, hi = ver["rms_residual_band"]  # verified: the 2-std check, the solve, and the residual band
+    assert ver["n_candidates"] == 9 and ver["verified"] == (
+        ver["within_2std"][0] >= 0.9 and not ver["solver_failed"][0] and lo <= ver["rms_residual_solver"][0] <= hi)
     # corrections: 1, then 1 + 2 (value and slopes), and 9 verification candidates
     assert body["evaluations"]["solver_scenarios"] == 1 + 3 + 9 and body["model"] == {"name": "tanks", "version": "v1"}
     status, body = _post_path(url, "/calibrate", {**request, "fit": ["k1", "k9"]})
