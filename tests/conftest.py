@@ -30,6 +30,18 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(scope="module")
+def pendulum_data(tmp_path_factory):
+    """24 pendulum scenarios of 2 s at dt 0.1 (a tiny dataset for the training tests)."""
+    from twin_ml.data import ScenarioDesign, generate_dataset
+    from twin_ml.physics import make_system
+
+    out = tmp_path_factory.mktemp("data") / "pendulum"
+    generate_dataset(make_system("pendulum"), ScenarioDesign(t_end=2.0, dt=0.1), n_scenarios=24, seed=0,
+                     out_dir=out, progress=False)
+    return out
+
+
 def train_here(*overrides):
     """twin-train's config and run in this process (the checks and the run are the command's own;
     what only the command adds, the one-line error and exit status, is tested by subprocess above)."""

@@ -17,12 +17,24 @@ import sys
 
 from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
 
-wide = [d for d in __cpu_dispatch__ if d.startswith(("AVX512", "X86_V4")) and __cpu_features__.get(d)]
-env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": ",".join(wide), "ATEN_CPU_CAPABILITY": "default",
-       "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
-       "TWIN_ML_ORT_OPT_LEVEL": "basic", "TWIN_ML_PORTABLE_RUN": "1"}
+wide = [
+    d for d in __cpu_dispatch__ if d.startswith(("AVX512", "X86_V4")) and __cpu_features__.get(d)
+]
+env = {
+    **os.environ,
+    "NPY_DISABLE_CPU_FEATURES": ",".join(wide),
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "DNNL_MAX_CPU_ISA": "AVX2",
+    "TWIN_ML_ORT_OPT_LEVEL": "basic",
+    "TWIN_ML_PORTABLE_RUN": "1",
+}
 if __cpu_features__.get("AVX2") and not os.environ.get("OPENBLAS_CORETYPE"):
     env["OPENBLAS_CORETYPE"] = "Haswell"  # a core type whose kernels need only AVX2
-print(f"portable run: numpy without {','.join(wide) or 'nothing (no AVX-512 here)'}; torch at its default "
-      "kernels; onnxruntime optimizations at basic", flush=True)
+print(
+    f"portable run: numpy without {','.join(wide) or 'nothing (no AVX-512 here)'}; torch at its "
+    "default kernels; onnxruntime optimizations at basic",
+    flush=True,
+)
 os.execve(sys.executable, [sys.executable, "-m", "pytest", "-m", "numeric", *sys.argv[1:]], env)

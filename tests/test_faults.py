@@ -16,27 +16,40 @@ import numpy as np
 import pytest
 import torch
 
-from twin_ml.data import ScenarioDesign, generate_dataset
-from twin_ml.physics import make_system
 
 from conftest import train_here
 
 BIN = Path(sys.executable).parent
-TINY = ["experiment=pendulum_hybrid", "logger=none", "ensemble.size=2", "trainer.max_epochs=3", "data.batch_size=8",
-        "model.net.hidden=16", "model.optim.curriculum_start=5", "model.optim.curriculum_every=1",
-        "speed_scenarios=4"]
+TINY = [
+    "experiment=pendulum_hybrid",
+    "logger=none",
+    "ensemble.size=2",
+    "trainer.max_epochs=3",
+    "data.batch_size=8",
+    "model.net.hidden=16",
+    "model.optim.curriculum_start=5",
+    "model.optim.curriculum_every=1",
+    "speed_scenarios=4",
+]
 
 
 def _limited(limit: int | None):
     def apply():  # in the child, before exec: only the command under test is limited
         if limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
 def command(name: str, *args: str, limit: int | None = None, env: dict | None = None):
-    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})}, preexec_fn=_limited(limit))
+    return subprocess.run(
+        [str(BIN / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+        preexec_fn=_limited(limit),
+    )
 
 
 def assert_one_line_disk_error(r, path_part: str) -> None:
@@ -75,7 +88,8 @@ blob = Path(sys.argv[5]).read_bytes() if size == 0 else bytes(size)
 while go != "-" and not Path(go).exists():  # start together
     time.sleep(0.001)
 try:
-    tag = registry.save(name, version, blob, {"format": "twin-ml/onnx/v1", "name": name, "version": version})
+    manifest = {"format": "twin-ml/onnx/v1", "name": name, "version": version}
+    tag = registry.save(name, version, blob, manifest)
     registry.promote(tag, "production")
     print("stored", tag)
 except registry.RegistryError as e:
@@ -84,17 +98,32 @@ except registry.RegistryError as e:
 
 
 def _save_proc(env, name, version, *, size=1000, go="-", blob="-"):
-    return subprocess.Popen([sys.executable, "-c", SAVE, name, version, str(size), go, blob], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SAVE, name, version, str(size), go, blob],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _store_state(env) -> dict:
-    r = subprocess.run([sys.executable, "-c", "import json; from twin_ml import registry; "
-                        "rows = registry.list_models(); "
-                        "print(json.dumps({'rows': rows, 'verified': [registry.verify(r['tag'])['version'] "
-                        "for r in rows], 'production': registry.resolve(rows[0]['tag'].split(':')[0] + "
-                        "':production').tag.version if rows else None}))"],
-                       capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from twin_ml import registry; "
+            "rows = registry.list_models(); "
+            "print(json.dumps({'rows': rows, 'verified': [registry.verify(r['tag'])['version'] "
+            "for r in rows], 'production': registry.resolve(rows[0]['tag'].split(':')[0] + "
+            "':production').tag.version if rows else None}))",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -108,7 +137,9 @@ def test_a_store_write_killed_mid_way_leaves_no_model(store_env, tmp_path):
     building = tmp_path / "store" / "twin-ml" / "staging"
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if any(building.glob("*/models/killed/v1/*")):  # BentoML is copying files into the build folder
+        if any(
+            building.glob("*/models/killed/v1/*")
+        ):  # BentoML is copying files into the build folder
             break
         time.sleep(0.001)
     assert proc.poll() is None, "the save finished before it could be killed: " + proc.stdout.read()
@@ -130,14 +161,19 @@ def test_concurrent_exports_of_one_name(store_env, tmp_path):
     production name stored versions, and the pointers file is whole."""
     env = {**store_env, "BENTOML_HOME": str(tmp_path / "store")}
     go = tmp_path / "go"
-    procs = [_save_proc(env, "twin", v, size=1 << 20, go=str(go)) for v in ("a", "a", "b", "b", "c", "c")]
+    procs = [
+        _save_proc(env, "twin", v, size=1 << 20, go=str(go)) for v in ("a", "a", "b", "b", "c", "c")
+    ]
     time.sleep(1.0)  # every interpreter up and waiting
     go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     for v in ("a", "b", "c"):
         lines = sorted(o.strip() for (o, _), p in zip(outs, procs) if p.args[4] == v)
-        assert lines[0] == f"refused twin:{v} is already in the store; pick another version (or leave it unset)"
+        assert (
+            lines[0]
+            == f"refused twin:{v} is already in the store; pick another version (or leave it unset)"
+        )
         assert lines[1] == f"stored twin:{v}"
     state = _store_state(env)
     assert sorted(r["tag"] for r in state["rows"]) == ["twin:a", "twin:b", "twin:c"]
@@ -149,19 +185,19 @@ def test_concurrent_exports_of_one_name(store_env, tmp_path):
 
 # ---- a full disk -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pendulum_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "pendulum"
-    generate_dataset(make_system("pendulum"), ScenarioDesign(t_end=2.0, dt=0.1), n_scenarios=24, seed=0,
-                     out_dir=out, progress=False)
-    return out
-
 
 def test_disk_full_while_generating_then_resume(tmp_path):
     """Two shards written, then the disk is full at the third: one line naming the shard, the two
     shards kept whole, and the rerun resumes from them to the uninterrupted dataset."""
-    args = ["system=pendulum", "n_scenarios=24", "seed=0", "design.t_end=2.0", "design.dt=0.1", "shard_size=8",
-            "progress=false"]
+    args = [
+        "system=pendulum",
+        "n_scenarios=24",
+        "seed=0",
+        "design.t_end=2.0",
+        "design.dt=0.1",
+        "shard_size=8",
+        "progress=false",
+    ]
     full = command("twin-generate", *args, f"out_dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr[-3000:]
     part = tmp_path / "part"
@@ -175,13 +211,22 @@ def test_disk_full_while_generating_then_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(Path(r.stdout.strip().splitlines()[-1]).read_text())
     assert summary["shards_reused"] == 2
-    assert summary["dataset_sha256"] == json.loads((tmp_path / "full" / "summary.json").read_text())["dataset_sha256"]
+    assert (
+        summary["dataset_sha256"]
+        == json.loads((tmp_path / "full" / "summary.json").read_text())["dataset_sha256"]
+    )
 
 
-@pytest.mark.parametrize("limit, where", [
-    (12_000, "checkpoints"),   # a checkpoint is ~26 kB: the first one fails
-    (60_000, ".png"),          # checkpoints, weights and metrics fit; the trajectory plot (~160 kB) does not
-])
+@pytest.mark.parametrize(
+    "limit, where",
+    [
+        (12_000, "checkpoints"),  # a checkpoint is ~26 kB: the first one fails
+        (
+            60_000,
+            ".png",
+        ),  # checkpoints, weights and metrics fit; the trajectory plot (~160 kB) does not
+    ],
+)
 def test_disk_full_while_training_then_resume(pendulum_data, tmp_path, limit, where):
     out = tmp_path / "run"
     args = [*TINY, f"data_dir={pendulum_data}", f"out_dir={out}"]
@@ -189,8 +234,12 @@ def test_disk_full_while_training_then_resume(pendulum_data, tmp_path, limit, wh
     assert_one_line_disk_error(r, where)
     assert not (out / "summary.json").exists()
     assert_nothing_half_written(out)
-    before = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
-    checkpoints = {p.name: torch.load(p, weights_only=True)["epoch"] for p in out.glob("checkpoints/*.ckpt")}
+    before = (
+        json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
+    )
+    checkpoints = {
+        p.name: torch.load(p, weights_only=True)["epoch"] for p in out.glob("checkpoints/*.ckpt")
+    }
     after, summary = train_here(*args, "resume=true")  # space freed: the rerun, in this process
     assert summary["report"] == str(out / "report.html") and (out / "report.html").exists()
     if before is None:  # not one checkpoint made it: the rerun trained from the start
@@ -198,8 +247,9 @@ def test_disk_full_while_training_then_resume(pendulum_data, tmp_path, limit, wh
     else:  # training had finished: the rerun resumed from its last checkpoint to the same weights
         assert "last.ckpt" in checkpoints
         for k in ("test/rel_l2_median", "test/coverage_90", "extrapolation/nll"):
-            # the same training resumed, the same evaluation; only the process differs (thread count,
-            # so reduction order): float32 round-off grown over a few optimizer steps, far under 1e-5
+            # the same training resumed, the same evaluation; only the process differs (thread
+            # count, so reduction order): float32 round-off grown over a few optimizer steps,
+            # far under 1e-5
             assert after[k] == pytest.approx(before[k], rel=1e-5, abs=1e-7), k
 
 
@@ -224,8 +274,13 @@ def test_disk_full_while_ingesting_then_retry(tmp_path):
     t = pd.date_range("2024-03-01T00:00:00Z", periods=2000, freq="4s")
     src = tmp_path / "tanks.csv"
     rng = np.random.default_rng(0)
-    pd.DataFrame({"timestamp": t.strftime("%Y-%m-%dT%H:%M:%SZ"), "pump [V]": rng.uniform(2, 8, len(t)),
-                  "h2 [V]": rng.uniform(1, 9, len(t))}).to_csv(src, index=False)
+    pd.DataFrame(
+        {
+            "timestamp": t.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "pump [V]": rng.uniform(2, 8, len(t)),
+            "h2 [V]": rng.uniform(1, 9, len(t)),
+        }
+    ).to_csv(src, index=False)
     out = tmp_path / "ingested"
     args = [f"source={src}", "contract=cascaded_tanks", f"out_dir={out}"]
     r = command("twin-ingest", *args, limit=4096)

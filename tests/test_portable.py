@@ -5,8 +5,12 @@ import os
 
 import pytest
 
-pytestmark = [pytest.mark.numeric,
-              pytest.mark.skipif(not os.environ.get("TWIN_ML_PORTABLE_RUN"), reason="only in make test-portable")]
+pytestmark = [
+    pytest.mark.numeric,
+    pytest.mark.skipif(
+        not os.environ.get("TWIN_ML_PORTABLE_RUN"), reason="only in make test-portable"
+    ),
+]
 
 
 def test_the_portable_run_uses_the_narrow_kernels():

@@ -10,22 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from twin_ml.data import ScenarioDesign, generate_dataset
-from twin_ml.physics import make_system
 
 from conftest import train_here
 
 BIN = Path(sys.executable).parent / "twin-train"
 TINY = ["ensemble.size=2", "trainer.max_epochs=4", "data.batch_size=8", "model.net.hidden=16",
         "model.optim.curriculum_start=5", "model.optim.curriculum_every=1", "speed_scenarios=4"]
-
-
-@pytest.fixture(scope="module")
-def pendulum_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "pendulum"
-    generate_dataset(make_system("pendulum"), ScenarioDesign(t_end=2.0, dt=0.1), n_scenarios=24, seed=0,
-                     out_dir=out, progress=False)
-    return out
 
 
 def run(*args, env=None):

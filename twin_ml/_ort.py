@@ -13,13 +13,17 @@ import os
 from pathlib import Path
 
 OPT_LEVEL_ENV = "TWIN_ML_ORT_OPT_LEVEL"
-_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-           "all": "ORT_ENABLE_ALL"}
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 def session(source: str | Path | bytes, *, threads: int | None = None):
     """An onnxruntime CPU session on a file or on the model's bytes. threads: intra-op threads
-    (None: onnxruntime's default, one per core); inter-op is always 1 (the graphs are sequential)."""
+    (None: onnxruntime's default, one per core); inter-op is always 1 (sequential graphs)."""
     import onnxruntime as ort
 
     level = os.environ.get(OPT_LEVEL_ENV) or "all"

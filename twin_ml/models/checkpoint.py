@@ -23,9 +23,13 @@ from twin_ml._io import atomic_write_bytes
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO with an atomic save (loading is Lightning's own)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options (checkpoints are local files)")
+            raise TypeError(
+                "AtomicCheckpointIO takes no storage_options (checkpoints are local files)"
+            )
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
