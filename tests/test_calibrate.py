@@ -18,8 +18,9 @@ from twin_ml.calibrate.synthetic import synthetic_request
 from twin_ml.data import ScenarioDesign, generate_dataset
 from twin_ml.physics import make_system
 
+from conftest import rollout_tol
+
 BIN = Path(sys.executable).parent
-EPS32 = float(np.finfo(np.float32).eps)  # the surrogate runs in float32 (onnxruntime)
 EPS64 = float(np.finfo(np.float64).eps)  # the solver, the corrections and the objective in float64
 
 
@@ -465,11 +466,11 @@ def test_first_order_correction_matches_the_solver_at_its_measured_points(export
     at_batch = zero.predict(problem, thetas)[0]
     np.testing.assert_allclose(at_batch[:1], y_solver[:1], rtol=0, atol=tol64)
     # at another batch size the float32 rollout may differ in its last bits (other kernels, other
-    # summation order): a relative eps32 per step, carried through the record's steps, bounds it
+    # summation order): the suite's rollout bound (conftest.rollout_tol)
     n_steps = len(problem.times) - 1
-    tol32 = n_steps * EPS32 * y_max
+    tol32 = rollout_tol(n_steps, y_max)
     alone = zero.predict(problem, thetas[:1])[0]
     np.testing.assert_allclose(alone, y_solver[:1], rtol=0, atol=tol32)
     # away from z0, the slope-free correction misses the slope term: off by 2-3e-3 here, far more
-    # than float32 round-off could explain (100 x tol32 = 2e-4)
-    assert np.max(np.abs(at_batch[1:] - y_solver[1:])) > 100 * tol32
+    # than float32 round-off could explain (10 x tol32 ~ 2e-4)
+    assert np.max(np.abs(at_batch[1:] - y_solver[1:])) > 10 * tol32

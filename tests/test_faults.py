@@ -159,7 +159,9 @@ def test_concurrent_exports_of_one_name(store_env, tmp_path):
     """Six writers at once, two per version, each then promoting to production: exactly one per
     version lands, the other is refused by name; every stored model verifies, `latest` and
     production name stored versions, and the pointers file is whole."""
-    env = {**store_env, "BENTOML_HOME": str(tmp_path / "store")}
+    scratch = tmp_path / "tmp"  # the writers' system temp folder, where BentoML builds first
+    scratch.mkdir()
+    env = {**store_env, "BENTOML_HOME": str(tmp_path / "store"), "TMPDIR": str(scratch)}
     go = tmp_path / "go"
     procs = [
         _save_proc(env, "twin", v, size=1 << 20, go=str(go)) for v in ("a", "a", "b", "b", "c", "c")
@@ -181,6 +183,8 @@ def test_concurrent_exports_of_one_name(store_env, tmp_path):
     assert (tmp_path / "store" / "models" / "twin" / "latest").read_text() in ("a", "b", "c")
     stages = json.loads((tmp_path / "store" / "twin-ml" / "stages.json").read_text())
     assert stages == {"twin": {"production": state["production"]}}
+    assert list(scratch.iterdir()) == []  # no build folder left behind, refused or stored
+    assert list((tmp_path / "store" / "twin-ml" / "staging").iterdir()) == []
 
 
 # ---- a full disk -------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ def test_disk_full_while_training_then_resume(pendulum_data, tmp_path, limit, wh
         assert checkpoints == {}
     else:  # training had finished: the rerun resumed from its last checkpoint to the same weights
         assert "last.ckpt" in checkpoints
-        for k in ("test/rel_l2_median", "test/coverage_90", "extrapolation/nll"):
+        for k in ("test/rel_l2_median", "test/nll", "extrapolation/nll"):
             # the same training resumed, the same evaluation; only the process differs (thread
             # count, so reduction order): float32 round-off grown over a few optimizer steps,
             # far under 1e-5

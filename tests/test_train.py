@@ -78,7 +78,8 @@ RESUME = ["experiment=pendulum_hybrid", "logger=none", *TINY, "trainer.max_epoch
 # the same computation on the same machine, resumed or not; only a reduction's order can differ
 # (thread counts), float32 round-off (~1e-7) grown over a few dozen optimizer steps: 1e-5 leaves room
 SAME_RUN = {"rel": 1e-5, "abs": 1e-7}
-RESUME_METRICS = ("val/rel_l2_median", "test/rel_l2_median", "test/coverage_90", "extrapolation/nll")
+# continuous metrics: a coverage moves in steps of one point and would flip on the last bit
+RESUME_METRICS = ("val/rel_l2_median", "test/rel_l2_median", "test/nll", "extrapolation/nll")
 
 
 @pytest.fixture(scope="module")

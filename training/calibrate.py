@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         path = run(cfg)
-    except (ValueError, CalibrationError, registry.RegistryError) as e:
+    except (ValueError, CalibrationError, registry.RegistryError, OSError) as e:  # OSError: e.g. disk full
         fail(e)
     result = json.loads(path.read_text())
     for k in result["fit"]:

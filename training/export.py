@@ -26,6 +26,7 @@ log = logging.getLogger("twin-export")
 def export(cfg: DictConfig) -> dict:
     from twin_ml import registry
     from twin_ml.export.export import export_run
+    from twin_ml.registry import RegistryError
     from twin_ml.models import load_trained
 
     t0 = time.perf_counter()
@@ -49,7 +50,11 @@ def export(cfg: DictConfig) -> dict:
     tag = registry.save(name, version, data, manifest, extra_files=extra,
                         labels={"system": model.system.name, "kind": model.kind, "stage": cfg.stage or "none"})
     if cfg.stage:
-        registry.promote(tag, cfg.stage)
+        try:
+            registry.promote(tag, cfg.stage)
+        except (OSError, RegistryError) as e:  # stored already: a rerun would meet "already in the store"
+            raise RegistryError(f"{tag} is stored, but promoting it to {cfg.stage} failed ({e}); once that is "
+                                f"fixed: twin-models promote {tag} --stage {cfg.stage}") from None
     return {"tag": tag, "onnx": str(out / "model.onnx"), "manifest": str(out / "manifest.json"),
             "onnx_sha256": manifest["onnx_sha256"], "stage": cfg.stage, "parity": manifest["parity"],
             "integrator_error": manifest["integrator_error"], "seconds": round(time.perf_counter() - t0, 1)}

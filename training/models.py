@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok: {args.ref}: {len(m['files'])} files match their sha256")
         elif args.cmd == "promote":
             print(f"{registry.promote(args.ref, args.stage)} -> {args.ref.split(':')[0]}:{args.stage}")
-    except registry.RegistryError as e:
+    except (registry.RegistryError, OSError) as e:  # OSError: e.g. a full disk while promoting
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

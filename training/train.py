@@ -23,7 +23,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from training._common import CONFIG_DIR, check_group_choices, fail, lightning_logs_once, write_summary
-from twin_ml._io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from twin_ml._io import atomic_write_bytes, atomic_write_json, remove_stale_temps, sha256_bytes, sha256_file
 
 log = logging.getLogger("twin-train")
 
@@ -81,7 +81,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from twin_ml.evaluate.evaluate import calibrate, evaluate_splits, flat_metrics, speed
     from twin_ml.evaluate.report import write_report
     from twin_ml.models import compute_stats
-    from twin_ml.models.checkpoint import AtomicCheckpointIO, remove_stale_temps
+    from twin_ml.models.checkpoint import AtomicCheckpointIO
 
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir)

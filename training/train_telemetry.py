@@ -34,7 +34,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from training._common import CONFIG_DIR
-from twin_ml._io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from twin_ml._io import atomic_write_bytes, atomic_write_json, remove_stale_temps, sha256_bytes, sha256_file
 
 log = logging.getLogger("twin-train")
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from twin_ml.data.torch_data import TelemetryDataModule
     from twin_ml.evaluate.telemetry import free_run, initial_state, plot_record, record_metrics
     from twin_ml.models import compute_stats
-    from twin_ml.models.checkpoint import AtomicCheckpointIO, remove_stale_temps
+    from twin_ml.models.checkpoint import AtomicCheckpointIO
     from twin_ml.models.module import TelemetryModule
     from twin_ml.uq import conformal_scale
 

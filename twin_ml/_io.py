@@ -71,6 +71,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Temp files a killed writer left in `folder` (`.<name>.*.tmp`, as `atomic_write_bytes` names
+    them). Only for a folder with one writer (a run or dataset directory), at its start."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_figure(fig, path: str | os.PathLike, **savefig_kw: Any) -> Path:
     """A matplotlib figure as PNG, written atomically (rendered in memory, then written)."""
     buf = io.BytesIO()

@@ -13,9 +13,10 @@ Writes never leave a half-stored model, and concurrent writers stay consistent. 
 by one rename of its directory, under an exclusive lock on ``<BENTOML_HOME>/twin-ml/store.lock``
 (fcntl): inside the lock a version that exists is refused, so of two exports of one NAME:VERSION
 exactly one lands and the other gets "already in the store". The ``latest`` pointer and the stage
-pointers change under the same lock, each written atomically. A writer killed mid-way leaves only
-its staging folder, which the next save removes (its writer's lock is gone); the store lists only
-complete models, and skips a broken one (e.g. written by other tools) instead of failing.
+pointers change under the same lock, each written atomically. A writer killed mid-way leaves no
+model in the store: its staging folder is removed by the next save (its writer's lock is gone),
+and BentoML's own build folder in the system temp folder by the save itself, unless killed. The
+store lists only complete models, and skips a broken one (e.g. written by other tools).
 
 `verify` recomputes every hash and refuses a tampered, truncated, missing or swapped file before
 anything reads it; `onnx_path` verifies first. `onnx_bytes` reads the ONNX file once and checks the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import logging
@@ -34,11 +36,11 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from twin_ml._io import atomic_write_bytes, atomic_write_json, fsync_tree, sha256_bytes, sha256_file
+from twin_ml._io import (StorageFull, atomic_write_bytes, atomic_write_json, fsync_tree, no_space, sha256_bytes,
+                         sha256_file, storage_full)
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +115,31 @@ def _store_lock():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-STAGING_GRACE_S = 600.0  # a staging folder without its lock file yet is only removed this much later
-
-
 def _sweep_staging(root: Path) -> None:
-    """Remove staging folders whose writer is gone: its lock file can be locked (a writer holds it
-    while it lives), or it never got one and is older than STAGING_GRACE_S."""
+    """Remove staging folders whose writer is gone. Called under the store lock, under which a
+    writer also creates its folder and locks its `.writer.lock` (held while it lives): a folder
+    whose lock file can be locked, or that has none (its writer died before making it), is dead."""
     for d in root.iterdir() if root.is_dir() else []:
         lock = d / ".writer.lock"
         try:
-            if lock.exists():
-                with open(lock, "a") as fh:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while the writer lives
-            elif time.time() - d.stat().st_mtime < STAGING_GRACE_S:
-                continue
-        except (BlockingIOError, FileNotFoundError):
+            with open(lock, "r") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while the writer lives
+                shutil.rmtree(d, ignore_errors=True)  # still holding it
+        except BlockingIOError:
             continue
-        shutil.rmtree(d, ignore_errors=True)
+        except FileNotFoundError:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """A file of a model being built; out of space, the error names the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as e:
+        if no_space(e):
+            raise storage_full(e, path) from None
+        raise
 
 
 def _stages() -> dict[str, dict[str, str]]:
@@ -158,28 +168,34 @@ def save(name: str, version: str, onnx_bytes: bytes, manifest: dict[str, Any], *
     manifest_bytes = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
     meta = {"manifest_sha256": sha256_bytes(manifest_bytes), "format": manifest.get("format", "")}
     staging = _home() / "twin-ml" / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    _sweep_staging(staging)
-    work = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=staging))
-    writer = open(work / ".writer.lock", "a")
-    fcntl.flock(writer, fcntl.LOCK_EX)  # held while this process lives: a sweep leaves the folder alone
+    with _store_lock():  # a sweep and a new writer's claim on its folder never interleave
+        staging.mkdir(parents=True, exist_ok=True)
+        _sweep_staging(staging)
+        work = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=staging))
+        writer = open(work / ".writer.lock", "a")
+        fcntl.flock(writer, fcntl.LOCK_EX)  # held while this process lives: sweeps leave `work` alone
+    scratch = None  # BentoML's own build folder (in the system temp folder), removed below
     try:
-        try:  # BentoML builds the model (model.yaml and all) in a store of its own inside `work`
+        try:  # BentoML builds the model (model.yaml and all) and saves it to a store inside `work`
             with bentoml.models.create(f"{name}:{version}", labels=labels or {}, metadata=meta,
                                        _model_store=ModelStore(work / "models")) as bm:
-                d = Path(bm.path)
-                for fname, b in blobs.items():
-                    (d / fname).parent.mkdir(parents=True, exist_ok=True)
-                    (d / fname).write_bytes(b)
-                (d / MANIFEST_FILE).write_bytes(manifest_bytes)
+                scratch = Path(bm.path)
+                for fname, b in {**blobs, MANIFEST_FILE: manifest_bytes}.items():
+                    _write(scratch / fname, b)
         except BentoMLException as e:
             raise RegistryError(f"storing {name}:{version} failed: {e}") from None
+        except OSError as e:  # BentoML's copy into `work`
+            if no_space(e) and not isinstance(e, StorageFull):
+                raise storage_full(e, work) from None
+            raise
         built = work / "models" / name / version
         fsync_tree(built)  # whole on disk before it becomes visible
         _commit(built, name, version)
     finally:
         writer.close()
         shutil.rmtree(work, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return f"{name}:{version}"
 
 
@@ -191,17 +207,28 @@ def _commit(built: Path, name: str, version: str) -> None:
         if target.exists():  # the compare of the compare-and-swap: the lock makes it and the rename one step
             raise RegistryError(f"{name}:{version} is already in the store; pick another version (or leave it unset)")
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(built, target)
-        fsync_tree(target.parent, files=False)
-        latest = target.parent / "latest"
-        current = latest.read_text().strip() if latest.exists() else ""
-        mine = bentoml.models.get(f"{name}:{version}").info.creation_time
         try:
-            newer = bool(current) and bentoml.models.get(f"{name}:{current}").info.creation_time > mine
-        except Exception:  # `latest` names a version that is gone or broken: this one replaces it
-            newer = False
-        if not newer:
-            atomic_write_bytes(latest, version.encode())
+            os.rename(built, target)
+        except OSError as e:
+            if e.errno == errno.EXDEV:
+                raise RegistryError(f"{_models_dir()} is on another file system than {built.parent}: keep "
+                                    "BENTOML_HOME's models/ and twin-ml/ folders on one file system") from None
+            raise
+        fsync_tree(target.parent, files=False)
+        # from here on the model is stored; `latest` is a convenience pointer, and failing to move it
+        # (a full disk) must not make a rerun of the export meet "already in the store"
+        latest = target.parent / "latest"
+        try:
+            current = latest.read_text().strip() if latest.exists() else ""
+            mine = bentoml.models.get(f"{name}:{version}").info.creation_time
+            try:
+                newer = bool(current) and bentoml.models.get(f"{name}:{current}").info.creation_time > mine
+            except Exception:  # `latest` names a version that is gone or broken: this one replaces it
+                newer = False
+            if not newer:
+                atomic_write_bytes(latest, version.encode())
+        except OSError as e:
+            log.warning(f"{name}:{version} is stored, but {name}:latest still names {current or 'nothing'}: {e}")
 
 
 def resolve(ref: str):

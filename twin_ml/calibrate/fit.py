@@ -393,8 +393,9 @@ def verify(surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.nd
                          "allows, so either the noise std is too small or the model cannot "
                          "reproduce the observations (physics, inputs, fixed parameters, or "
                          "bounds that exclude the truth), and the standard errors and intervals "
-                         "are too narrow. Check the noise std (leave it out to have it "
-                         "estimated) and the model")
+                         "are too narrow. Check the noise std against the sensor's; if it is "
+                         "right, the model is wrong here (leaving the noise out would only hide "
+                         "that: an estimated noise absorbs the misfit)")
         else:
             warns.append(head + "the observations lie closer to the physics than the noise "
                          "allows, so the noise std is too large, and the standard errors and "

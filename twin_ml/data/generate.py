@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from twin_ml._io import atomic_write_bytes, atomic_write_json, canonical_json, npz_bytes, sha256_bytes, sha256_file
+from twin_ml._io import (atomic_write_bytes, atomic_write_json, canonical_json, npz_bytes, remove_stale_temps,
+                         sha256_bytes, sha256_file)
 from twin_ml._version import code_version
 from twin_ml.data.design import SPLITS, Scenarios, ScenarioDesign
 from twin_ml.physics.signals import SignalSpec, generate
@@ -159,8 +160,7 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
         raise ValueError(f"out_dir {str(out)!r} cannot be created: {e.strerror or e}") from None
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"out_dir {str(out)!r} is not a writable directory")
-    for stale in out.glob(".*.tmp"):  # temp files of a killed run (the marker being written)
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(out)  # temp files of a killed run (the marker being written)
     existing = {p.name for p in out.iterdir()}
     marker = out / MANIFEST if MANIFEST in existing else out / PROGRESS if PROGRESS in existing else None
     if marker is not None:
@@ -194,8 +194,7 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
     if marker is None:  # the marker first: a directory holding anything of ours always has one
         atomic_write_json(out / PROGRESS, {**settings, "settings_sha256": settings_sha, "code_version": code_version()})
     (out / SHARDS).mkdir(exist_ok=True)
-    for stale in (out / SHARDS).glob(".*.tmp"):  # temp files of a killed run
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(out / SHARDS)  # temp files of a killed run
     return out
 
 

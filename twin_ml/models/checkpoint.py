@@ -35,11 +35,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
 
-
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Temp files a killed writer left in `folder` (`.<name>.*.tmp`); a run directory has one
-    writer, so at its start none of them is being written."""
-    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
