@@ -26,7 +26,6 @@ log = logging.getLogger("twin-export")
 def export(cfg: DictConfig) -> dict:
     from twin_ml import registry
     from twin_ml.export.export import export_run
-    from twin_ml.registry import RegistryError
     from twin_ml.models import load_trained
 
     t0 = time.perf_counter()
@@ -52,8 +51,8 @@ def export(cfg: DictConfig) -> dict:
     if cfg.stage:
         try:
             registry.promote(tag, cfg.stage)
-        except (OSError, RegistryError) as e:  # stored already: a rerun would meet "already in the store"
-            raise RegistryError(f"{tag} is stored, but promoting it to {cfg.stage} failed ({e}); once that is "
+        except (OSError, registry.RegistryError) as e:  # stored: a rerun would meet "already in the store"
+            raise registry.RegistryError(f"{tag} is stored, but promoting it to {cfg.stage} failed ({e}); once that is "
                                 f"fixed: twin-models promote {tag} --stage {cfg.stage}") from None
     return {"tag": tag, "onnx": str(out / "model.onnx"), "manifest": str(out / "manifest.json"),
             "onnx_sha256": manifest["onnx_sha256"], "stage": cfg.stage, "parity": manifest["parity"],

@@ -53,9 +53,9 @@ def _main(cfg: DictConfig) -> None:
     try:
         summary = generate(cfg)
         path = write_summary(Path(cfg.out_dir), summary)
-    except (ValueError, KeyError, InstantiationException) as e:  # bad input: one line, nothing written
-        fail(e)
-    except OSError as e:  # e.g. disk full: the shards written so far stay, and a rerun resumes from them
+    # bad input: one line, nothing written; OSError (e.g. a full disk): the shards written so far
+    # stay, and a rerun resumes from them
+    except (ValueError, KeyError, InstantiationException, OSError) as e:
         fail(e)
     c = summary["counts"] or {}
     if summary["complete"]:

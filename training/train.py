@@ -10,7 +10,6 @@ summary.json, whose path is printed last. Returns `optimized_metric` for sweeps.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import sys
@@ -54,13 +53,11 @@ def _stop_after(n: int):
 def save_model(out_dir: Path, model, cfg: DictConfig, scale, t, system, **extra: Any) -> Path:
     """out_dir/model/: model.pt (temp file, then rename) and model.json (the config to rebuild it,
     the conformal scale, sha256 of weights and config, the time grid, plus `extra`)."""
-    import torch
+    from twin_ml.models.checkpoint import atomic_torch_save
 
     model_dir = out_dir / "model"
     model_dir.mkdir(exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    atomic_write_bytes(model_dir / "model.pt", buf.getvalue())
+    atomic_torch_save(model.state_dict(), model_dir / "model.pt")
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write_json(model_dir / "model.json", {
         "config": model.config, "conformal_scale": scale.tolist(), "weights_sha256": sha256_file(model_dir / "model.pt"),

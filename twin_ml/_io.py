@@ -7,12 +7,13 @@ is removed, and the file it would have replaced is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
-import re
 import io
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -53,21 +54,32 @@ def storage_full(err: OSError, path: str | os.PathLike) -> StorageFull:
     return StorageFull(code, os.strerror(code), str(path))
 
 
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Around a write of `path` by any writer (ours, pyarrow's, BentoML's copy): running out of
+    space raises StorageFull naming `path`; other errors pass as they are."""
+    try:
+        yield
+    except OSError as e:
+        if no_space(e) and not isinstance(e, StorageFull):
+            raise storage_full(e, path) from None
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # make the rename itself durable
-    except BaseException as e:
+        with writing(path):
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+            os.replace(tmp, path)
+            fsync_dir(path.parent)  # make the rename itself durable
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if no_space(e) and not isinstance(e, StorageFull):
-            raise storage_full(e, path) from None
         raise
 
 
@@ -89,7 +101,7 @@ def save_figure(fig, path: str | os.PathLike, **savefig_kw: Any) -> Path:
     return Path(path)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -102,19 +114,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: str | os.PathLike, *, files: bool = True) -> None:
-    """fsync every file (unless files=False) and folder under `root`, and root itself: what a
-    rename is about to publish is on disk before it."""
-    root = Path(root)
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and folder under `root`, and root itself: what a rename is about to
+    publish is on disk before it."""
     for folder, _, names in os.walk(root):
-        if files:
-            for name in names:
-                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        _fsync_dir(Path(folder))
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
 
 
 def canonical_json(obj: Any) -> str:

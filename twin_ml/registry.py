@@ -39,8 +39,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from twin_ml._io import (StorageFull, atomic_write_bytes, atomic_write_json, fsync_tree, no_space, sha256_bytes,
-                         sha256_file, storage_full)
+from twin_ml._io import (atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, sha256_bytes, sha256_file,
+                         writing)
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,6 @@ def _sweep_staging(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _write(path: Path, data: bytes) -> None:
-    """A file of a model being built; out of space, the error names the file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    except OSError as e:
-        if no_space(e):
-            raise storage_full(e, path) from None
-        raise
-
 
 def _stages() -> dict[str, dict[str, str]]:
     p = _stages_path()
@@ -177,17 +167,16 @@ def save(name: str, version: str, onnx_bytes: bytes, manifest: dict[str, Any], *
     scratch = None  # BentoML's own build folder (in the system temp folder), removed below
     try:
         try:  # BentoML builds the model (model.yaml and all) and saves it to a store inside `work`
-            with bentoml.models.create(f"{name}:{version}", labels=labels or {}, metadata=meta,
-                                       _model_store=ModelStore(work / "models")) as bm:
+            with writing(work), bentoml.models.create(  # `work`: BentoML's copy into it
+                    f"{name}:{version}", labels=labels or {}, metadata=meta,
+                    _model_store=ModelStore(work / "models")) as bm:
                 scratch = Path(bm.path)
                 for fname, b in {**blobs, MANIFEST_FILE: manifest_bytes}.items():
-                    _write(scratch / fname, b)
+                    with writing(scratch / fname):
+                        (scratch / fname).parent.mkdir(parents=True, exist_ok=True)
+                        (scratch / fname).write_bytes(b)
         except BentoMLException as e:
             raise RegistryError(f"storing {name}:{version} failed: {e}") from None
-        except OSError as e:  # BentoML's copy into `work`
-            if no_space(e) and not isinstance(e, StorageFull):
-                raise storage_full(e, work) from None
-            raise
         built = work / "models" / name / version
         fsync_tree(built)  # whole on disk before it becomes visible
         _commit(built, name, version)
@@ -214,7 +203,7 @@ def _commit(built: Path, name: str, version: str) -> None:
                 raise RegistryError(f"{_models_dir()} is on another file system than {built.parent}: keep "
                                     "BENTOML_HOME's models/ and twin-ml/ folders on one file system") from None
             raise
-        fsync_tree(target.parent, files=False)
+        fsync_dir(target.parent)  # the rename itself, durable
         # from here on the model is stored; `latest` is a convenience pointer, and failing to move it
         # (a full disk) must not make a rerun of the export meet "already in the store"
         latest = target.parent / "latest"

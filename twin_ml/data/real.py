@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from twin_ml._io import no_space, sha256_file, storage_full
+from twin_ml._io import sha256_file, writing
 from twin_ml.data.telemetry import EPOCH, TelemetryError
 
 SOURCES: dict[str, dict[str, Any]] = {
@@ -85,12 +85,9 @@ def write_telemetry(frame: pd.DataFrame, path: str | Path, metadata: dict[str, A
     table = table.replace_schema_metadata(meta)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table, tmp)
+        with writing(path):  # pyarrow names neither the file nor the errno in a way a user reads
+            pq.write_table(table, tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        if no_space(e):  # pyarrow names neither the file nor the errno in a way a user reads
-            raise storage_full(e, path) from None
-        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -20,6 +20,13 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from twin_ml._io import atomic_write_bytes
 
 
+def atomic_torch_save(obj: Any, path) -> None:
+    """torch.save, serialized in memory and written with `atomic_write_bytes`."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO with an atomic save (loading is Lightning's own)."""
 
@@ -30,8 +37,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(
                 "AtomicCheckpointIO takes no storage_options (checkpoints are local files)"
             )
-        buf = io.BytesIO()
-        torch.save(checkpoint, buf)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_torch_save(checkpoint, path)
 
