@@ -73,6 +73,7 @@ def test_answer_matches_the_torch_model_with_gaussian_quantiles(rt, exported):
     assert np.allclose(out["std"], ref["std"][0, :, 0].numpy(), rtol=0,
                        atol=tol * max(exported[1]["conformal_scale"]))
     z = NormalDist().inv_cdf(0.95)
+    # float64: the runtime forms mean + z * std from the same float64 values the answer carries
     assert np.allclose(out["quantiles"]["0.95"], np.array(out["mean"]) + z * np.array(out["std"]), atol=1e-12)
     assert out["quantiles"]["0.5"] == pytest.approx(out["mean"])
     assert ans["model"] == {"name": "pendulum_hybrid", "version": "v1"}
