@@ -47,9 +47,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WORK = ROOT / "runs" / "bench-calibration"
 OUT = ROOT / "benchmarks" / "results" / "calibration.json"
-CASES = [("pendulum", "pendulum_hybrid", ["length", "damping"]),
-         ("cascaded_tanks", "cascaded_tanks_hybrid", ["k1", "k3"]),
-         ("robertson", "robertson_emulator", ["k1", "k3"])]
+CASES = [
+    ("pendulum", "pendulum_hybrid", ["length", "damping"]),
+    ("cascaded_tanks", "cascaded_tanks_hybrid", ["k1", "k3"]),
+    ("robertson", "robertson_emulator", ["k1", "k3"]),
+]
 
 
 def sh(*args, env=None) -> float:
@@ -60,7 +62,9 @@ def sh(*args, env=None) -> float:
     return time.perf_counter() - t0
 
 
-def ensure_model(system: str, experiment: str, env: dict, n: int, epochs: int | None) -> tuple[str, float | None]:
+def ensure_model(
+    system: str, experiment: str, env: dict, n: int, epochs: int | None
+) -> tuple[str, float | None]:
     from twin_ml import registry
 
     ref = f"bench_{experiment}:v1"
@@ -69,12 +73,30 @@ def ensure_model(system: str, experiment: str, env: dict, n: int, epochs: int | 
         return ref, None
     except registry.RegistryError:
         pass
-    data, run = WORK / "data" / f"{system}-n{n}", WORK / f"runs-n{n}-e{epochs or 'default'}" / experiment
-    sh(BIN / "twin-generate", f"system={system}", f"n_scenarios={n}", "seed=0", f"out_dir={data}", "workers=0",
-       "progress=false", env=env)
+    data, run = (
+        WORK / "data" / f"{system}-n{n}",
+        WORK / f"runs-n{n}-e{epochs or 'default'}" / experiment,
+    )
+    sh(
+        BIN / "twin-generate",
+        f"system={system}",
+        f"n_scenarios={n}",
+        "seed=0",
+        f"out_dir={data}",
+        "workers=0",
+        "progress=false",
+        env=env,
+    )
     extra = [f"trainer.max_epochs={epochs}"] if epochs else []
-    train_s = sh(BIN / "twin-train", f"experiment={experiment}", f"data_dir={data}", f"out_dir={run}",
-                 "logger=none", *extra, env=env)
+    train_s = sh(
+        BIN / "twin-train",
+        f"experiment={experiment}",
+        f"data_dir={data}",
+        f"out_dir={run}",
+        "logger=none",
+        *extra,
+        env=env,
+    )
     sh(BIN / "twin-export", f"run_dir={run}", f"name=bench_{experiment}", "version=v1", env=env)
     (run.parent / f"train_s-{experiment}.json").write_text(json.dumps({"train_s": train_s}))
     return ref, train_s
@@ -84,7 +106,9 @@ def rel_error(estimate: dict, truth: dict) -> float:
     return max(abs(estimate[k] - v) / abs(v) for k, v in truth.items())
 
 
-def per_scenario_ms(backend, problem, batches=(1, 8, 64, 512), seconds: float = 0.5) -> dict[str, float]:
+def per_scenario_ms(
+    backend, problem, batches=(1, 8, 64, 512), seconds: float = 0.5
+) -> dict[str, float]:
     """{batch: milliseconds per scenario} of backend.predict on random in-bounds candidates (the
     median of repeated calls over about `seconds` per batch size, after one warm-up call)."""
     rng = np.random.default_rng(0)
@@ -114,55 +138,94 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
     path, manifest = registry.onnx_path(ref)
     request, truth = synthetic_request(manifest, fit, seed=args.seed, noise_level=args.noise)
     problem = Problem.build(request, manifest)
-    row: dict = {"system": system, "model": ref, "kind": manifest["kind"], "fit": fit, "truth": truth,
-                 "steps": len(problem.times) - 1, "train_s": train_s, "noise": args.noise}
+    row: dict = {
+        "system": system,
+        "model": ref,
+        "kind": manifest["kind"],
+        "fit": fit,
+        "truth": truth,
+        "steps": len(problem.times) - 1,
+        "train_s": train_s,
+        "noise": args.noise,
+    }
 
     # point estimate: the same optimizer and starts, surrogate vs solver (looped, stacked)
     sur = SurrogateBackend(path, manifest)
-    res_s = calibrate(problem, sur, SolverBackend(manifest), n_starts=args.starts, mcmc=None, seed=args.seed)
-    row["surrogate"] = {"estimate": res_s["estimate"], "least_squares_s": res_s["timings"]["least_squares_s"],
-                        "multistart_s": res_s["timings"]["multistart_s"],
-                        "multistart_model_s": res_s["timings"]["multistart_model_s"],
-                        "uncorrected_max_param_rel_error": rel_error(res_s["uncorrected_estimate"], truth),
-                        "scenarios": res_s["evaluations"]["surrogate_scenarios"],
-                        "solver_scenarios": res_s["evaluations"]["solver_scenarios"],
-                        "verification": {k: v for k, v in res_s["verification"].items()}}
+    res_s = calibrate(
+        problem, sur, SolverBackend(manifest), n_starts=args.starts, mcmc=None, seed=args.seed
+    )
+    row["surrogate"] = {
+        "estimate": res_s["estimate"],
+        "least_squares_s": res_s["timings"]["least_squares_s"],
+        "multistart_s": res_s["timings"]["multistart_s"],
+        "multistart_model_s": res_s["timings"]["multistart_model_s"],
+        "uncorrected_max_param_rel_error": rel_error(res_s["uncorrected_estimate"], truth),
+        "scenarios": res_s["evaluations"]["surrogate_scenarios"],
+        "solver_scenarios": res_s["evaluations"]["solver_scenarios"],
+        "verification": {k: v for k, v in res_s["verification"].items()},
+    }
     for mode in ("looped", "stacked"):
         solver = SolverBackend(manifest, mode=mode)
-        res = calibrate(problem, None, solver, backend="solver", n_starts=args.starts, seed=args.seed)
-        row[f"solver_{mode}"] = {"estimate": res["estimate"], "least_squares_s": res["timings"]["least_squares_s"],
-                                 "scenarios": res["evaluations"]["solver_scenarios"],
-                                 "max_param_rel_error": rel_error(res["estimate"], truth)}
+        res = calibrate(
+            problem, None, solver, backend="solver", n_starts=args.starts, seed=args.seed
+        )
+        row[f"solver_{mode}"] = {
+            "estimate": res["estimate"],
+            "least_squares_s": res["timings"]["least_squares_s"],
+            "scenarios": res["evaluations"]["solver_scenarios"],
+            "max_param_rel_error": rel_error(res["estimate"], truth),
+        }
     looped, with_surrogate = row["solver_looped"], row["surrogate"]
     row["speedup"] = looped["least_squares_s"] / with_surrogate["least_squares_s"]
-    row["speedup_vs_stacked"] = row["solver_stacked"]["least_squares_s"] / with_surrogate["least_squares_s"]
+    row["speedup_vs_stacked"] = (
+        row["solver_stacked"]["least_squares_s"] / with_surrogate["least_squares_s"]
+    )
     # ceilings against the looped solver's least squares: this surrogate's multi-start fit plus a
     # single solve (the least that a correction by the solver costs); and the same with a surrogate
     # that costs nothing (the optimizer's own time for the 8 starts, plus that solve)
     looped["s_per_solve"] = looped["least_squares_s"] / looped["scenarios"]
-    row["speedup_ceiling_one_solve"] = looped["least_squares_s"] / (with_surrogate["multistart_s"]
-                                                                    + looped["s_per_solve"])
+    row["speedup_ceiling_one_solve"] = looped["least_squares_s"] / (
+        with_surrogate["multistart_s"] + looped["s_per_solve"]
+    )
     row["speedup_ceiling_free_surrogate"] = looped["least_squares_s"] / (
-        with_surrogate["multistart_s"] - with_surrogate["multistart_model_s"] + looped["s_per_solve"])
+        with_surrogate["multistart_s"]
+        - with_surrogate["multistart_model_s"]
+        + looped["s_per_solve"]
+    )
     # the surrogate's cost per scenario, by batch size: with the same optimizer and starts both
     # paths evaluate about as many points, so one solve over one surrogate evaluation at its
     # cheapest (whichever batch size) bounds the speedup whatever the optimizer does
     with_surrogate["ms_per_scenario"] = per_scenario_ms(sur, problem)
-    row["speedup_ceiling_per_evaluation"] = looped["s_per_solve"] * 1e3 / min(
-        with_surrogate["ms_per_scenario"].values())
+    row["speedup_ceiling_per_evaluation"] = (
+        looped["s_per_solve"] * 1e3 / min(with_surrogate["ms_per_scenario"].values())
+    )
     row["max_param_rel_error"] = rel_error(res_s["estimate"], truth)
     row["verified"] = bool(res_s["verification"]["verified"])
 
     # the same problem with 2% noise: the parameter errors of the surrogate and of the solver itself
     req2, truth2 = synthetic_request(manifest, fit, seed=args.seed, noise_level=0.02)
     prob2 = Problem.build(req2, manifest)
-    sur2 = calibrate(prob2, SurrogateBackend(path, manifest), SolverBackend(manifest), n_starts=args.starts,
-                     mcmc=None, seed=args.seed)
-    sol2 = calibrate(prob2, None, SolverBackend(manifest, mode="stacked"), backend="solver", n_starts=args.starts,
-                     seed=args.seed)
-    row["noise_0.02"] = {"max_param_rel_error": rel_error(sur2["estimate"], truth2),
-                         "solver_max_param_rel_error": rel_error(sol2["estimate"], truth2),
-                         "verified": bool(sur2["verification"]["verified"])}
+    sur2 = calibrate(
+        prob2,
+        SurrogateBackend(path, manifest),
+        SolverBackend(manifest),
+        n_starts=args.starts,
+        mcmc=None,
+        seed=args.seed,
+    )
+    sol2 = calibrate(
+        prob2,
+        None,
+        SolverBackend(manifest, mode="stacked"),
+        backend="solver",
+        n_starts=args.starts,
+        seed=args.seed,
+    )
+    row["noise_0.02"] = {
+        "max_param_rel_error": rel_error(sur2["estimate"], truth2),
+        "solver_max_param_rel_error": rel_error(sol2["estimate"], truth2),
+        "verified": bool(sur2["verification"]["verified"]),
+    }
 
     # Bayesian: coverage of the 90% credible intervals over seeded trials
     # beside it, the same trials' intervals from the solver itself (Laplace: least squares with the
@@ -174,19 +237,34 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
         req, tr = synthetic_request(manifest, fit, seed=1000 + trial, noise_level=args.noise)
         prob = Problem.build(req, manifest)
         solver = SolverBackend(manifest)
-        res = calibrate(prob, SurrogateBackend(path, manifest), solver, n_starts=4, mcmc=mcmc, seed=trial)
-        if trial == 0 and args.solver_mcmc:  # the same sampler and seed with the solver, from its own estimate
-            best = point_estimate(SolverBackend(manifest, mode="stacked"), prob, prob.noise, starts(prob, 1, trial))
+        res = calibrate(
+            prob, SurrogateBackend(path, manifest), solver, n_starts=4, mcmc=mcmc, seed=trial
+        )
+        if (
+            trial == 0 and args.solver_mcmc
+        ):  # the same sampler and seed with the solver, from its own estimate
+            best = point_estimate(
+                SolverBackend(manifest, mode="stacked"), prob, prob.noise, starts(prob, 1, trial)
+            )
             looped = SolverBackend(manifest)
             t0 = time.perf_counter()
             posterior(looped, prob, prob.noise, best["z"], seed=trial, cov_z=best["cov_z"], **mcmc)
             solver_s = time.perf_counter() - t0
-            row["mcmc_solver"] = {"s": solver_s, "scenarios": looped.scenarios,
-                                  "surrogate_s": res["timings"]["mcmc_s"],
-                                  "surrogate_scenarios": res["evaluations"]["surrogate_scenarios"],
-                                  "speedup": solver_s / res["timings"]["mcmc_s"]}
-        ref = calibrate(prob, None, SolverBackend(manifest, mode="stacked"), backend="solver", n_starts=1,
-                        seed=trial)
+            row["mcmc_solver"] = {
+                "s": solver_s,
+                "scenarios": looped.scenarios,
+                "surrogate_s": res["timings"]["mcmc_s"],
+                "surrogate_scenarios": res["evaluations"]["surrogate_scenarios"],
+                "speedup": solver_s / res["timings"]["mcmc_s"],
+            }
+        ref = calibrate(
+            prob,
+            None,
+            SolverBackend(manifest, mode="stacked"),
+            backend="solver",
+            n_starts=1,
+            seed=trial,
+        )
         for k, v in tr.items():
             post = res["posterior"][k]
             hits += int(post["q05"] <= v <= post["q95"])
@@ -199,10 +277,15 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
         accept.append(res["diagnostics"]["acceptance"])
         mcmc_s.append(res["timings"]["mcmc_s"])
         mcmc_scen.append(res["evaluations"]["surrogate_scenarios"])
-        print(f"  [{system}] trial {trial + 1}/{args.trials}: coverage so far {hits}/{total}", flush=True)
+        print(
+            f"  [{system}] trial {trial + 1}/{args.trials}: coverage so far {hits}/{total}",
+            flush=True,
+        )
     row["coverage90"] = hits / max(total, 1)
     row["coverage90_solver_laplace"] = ref_hits / max(total, 1)
-    row["rms_z_surrogate"] = float(np.sqrt(np.mean(np.square(z_surrogate)))) if z_surrogate else None
+    row["rms_z_surrogate"] = (
+        float(np.sqrt(np.mean(np.square(z_surrogate)))) if z_surrogate else None
+    )
     row["rms_z_solver_laplace"] = float(np.sqrt(np.mean(np.square(z_solver)))) if z_solver else None
     row["trials"] = args.trials
     row["bayesian_solver_calls_max"] = int(max(solver_calls)) if solver_calls else 0
@@ -218,7 +301,9 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--starts", type=int, default=8)
@@ -228,10 +313,18 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the experiments' max_epochs")
     ap.add_argument("--systems", default=",".join(c[0] for c in CASES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--noise", type=float, default=0.01, help="noise std as a fraction of each output's range")
-    ap.add_argument("--solver-mcmc", action=argparse.BooleanOptionalAction, default=True,
-                    help="time the first trial's MCMC with the looped solver too (~2-4 min per system)")
-    ap.add_argument("--quick", action="store_true", help="64 scenarios, 5 epochs, 2 trials (a smoke run)")
+    ap.add_argument(
+        "--noise", type=float, default=0.01, help="noise std as a fraction of each output's range"
+    )
+    ap.add_argument(
+        "--solver-mcmc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the first trial's MCMC with the looped solver too (~2-4 min per system)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="64 scenarios, 5 epochs, 2 trials (a smoke run)"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.epochs, args.trials, args.mcmc_steps, args.starts = 64, 5, 2, 200, 4
@@ -251,27 +344,33 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, rows)
-    print("\n| system | model | steps | LS surrogate s | LS solver looped s | speedup | vs stacked | ceiling "
-          "| ceiling, free surrogate | ceiling per evaluation | max param rel err | (uncorrected) | (solver looped) "
-          "| at 2% noise: err "
-          "| (solver) | verified | coverage90 | (solver Laplace) | trials | Bayesian solver calls | MCMC s "
-          "| MCMC solver s (trial 0) | MCMC x solver | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| system | model | steps | LS surrogate s | LS solver looped s | speedup | vs stacked | ceiling "
+        "| ceiling, free surrogate | ceiling per evaluation | max param rel err | (uncorrected) | (solver looped) "
+        "| at 2% noise: err "
+        "| (solver) | verified | coverage90 | (solver Laplace) | trials | Bayesian solver calls | MCMC s "
+        "| MCMC solver s (trial 0) | MCMC x solver | train s |"
+    )
+    print(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         two, ms = r["noise_0.02"], r.get("mcmc_solver")
         mcmc_solver = f"{ms['s']:.0f} vs {ms['surrogate_s']:.1f}" if ms else "-"
         mcmc_ratio = f"{ms['speedup']:.0f}" if ms else "-"
-        print(f"| {r['system']} | {r['kind']} | {r['steps']} | {r['surrogate']['least_squares_s']:.2f} | "
-              f"{r['solver_looped']['least_squares_s']:.2f} | {r['speedup']:.1f} | {r['speedup_vs_stacked']:.1f} | "
-              f"{r['speedup_ceiling_one_solve']:.0f} | {r['speedup_ceiling_free_surrogate']:.0f} | "
-              f"{r['speedup_ceiling_per_evaluation']:.0f} | "
-              f"{r['max_param_rel_error']:.4f} | {r['surrogate']['uncorrected_max_param_rel_error']:.4f} | "
-              f"{r['solver_looped']['max_param_rel_error']:.4f} | "
-              f"{two['max_param_rel_error']:.4f} | {two['solver_max_param_rel_error']:.4f} | {r['verified']} | "
-              f"{r['coverage90']:.2f} | {r['coverage90_solver_laplace']:.2f} | {r['trials']} | "
-              f"{r['bayesian_solver_calls_max']} | {r.get('mcmc_s_median') or 0:.1f} | "
-              f"{mcmc_solver} | {mcmc_ratio} | "
-              f"{r['train_s'] if r['train_s'] is None else round(r['train_s'])} |")
+        print(
+            f"| {r['system']} | {r['kind']} | {r['steps']} | {r['surrogate']['least_squares_s']:.2f} | "
+            f"{r['solver_looped']['least_squares_s']:.2f} | {r['speedup']:.1f} | {r['speedup_vs_stacked']:.1f} | "
+            f"{r['speedup_ceiling_one_solve']:.0f} | {r['speedup_ceiling_free_surrogate']:.0f} | "
+            f"{r['speedup_ceiling_per_evaluation']:.0f} | "
+            f"{r['max_param_rel_error']:.4f} | {r['surrogate']['uncorrected_max_param_rel_error']:.4f} | "
+            f"{r['solver_looped']['max_param_rel_error']:.4f} | "
+            f"{two['max_param_rel_error']:.4f} | {two['solver_max_param_rel_error']:.4f} | {r['verified']} | "
+            f"{r['coverage90']:.2f} | {r['coverage90_solver_laplace']:.2f} | {r['trials']} | "
+            f"{r['bayesian_solver_calls_max']} | {r.get('mcmc_s_median') or 0:.1f} | "
+            f"{mcmc_solver} | {mcmc_ratio} | "
+            f"{r['train_s'] if r['train_s'] is None else round(r['train_s'])} |"
+        )
     print(f"wrote {out}")
     return 0
 

@@ -41,12 +41,28 @@ def sh(*args) -> None:
 def ensure_run(experiment: str, system: str, n: int, epochs: int | None) -> Path:
     data = ROOT / "data" / f"{system}-n{n}-s0"
     run = ROOT / "runs" / "bench-export" / experiment
-    if (run / "model" / "model.json").exists() and "design" in json.loads((run / "model" / "model.json").read_text()):
+    if (run / "model" / "model.json").exists() and "design" in json.loads(
+        (run / "model" / "model.json").read_text()
+    ):
         return run
-    sh(BIN / "twin-generate", f"system={system}", f"n_scenarios={n}", "seed=0", f"out_dir={data}", "workers=0",
-       "progress=false")
+    sh(
+        BIN / "twin-generate",
+        f"system={system}",
+        f"n_scenarios={n}",
+        "seed=0",
+        f"out_dir={data}",
+        "workers=0",
+        "progress=false",
+    )
     extra = [f"trainer.max_epochs={epochs}"] if epochs else []
-    sh(BIN / "twin-train", f"experiment={experiment}", f"data_dir={data}", f"out_dir={run}", "logger=none", *extra)
+    sh(
+        BIN / "twin-train",
+        f"experiment={experiment}",
+        f"data_dir={data}",
+        f"out_dir={run}",
+        "logger=none",
+        *extra,
+    )
     return run
 
 
@@ -86,7 +102,9 @@ def bench(experiment: str, run: Path, batch: int, repeats: int, seed: int) -> di
         feeds = {k: s[k][:b].astype(np.float32) for k in ("x0", "u", "p")}
         args = [torch.tensor(feeds[k]) for k in ("x0", "u", "p")]
         tt = torch.tensor(s["t"], dtype=torch.float32)
-        t_torch = median_time(lambda: model.predict(*args, tt), repeats if b == 1 else max(2, repeats // 2))
+        t_torch = median_time(
+            lambda: model.predict(*args, tt), repeats if b == 1 else max(2, repeats // 2)
+        )
         t_ort = median_time(lambda: sess.run(None, feeds), repeats)
         rows[f"batch_{b}"] = {"torch_s": t_torch, "ort_s": t_ort, "speedup": t_torch / t_ort}
         if b == 1:
@@ -100,26 +118,51 @@ def bench(experiment: str, run: Path, batch: int, repeats: int, seed: int) -> di
     t0 = time.perf_counter()
     ref = solve_looped(system, s["t"], s["u"], s["p"], s["x0"], settings)
     t_loop = time.perf_counter() - t0
-    t_stack = median_time(lambda: solve_stacked(system, s["t"], s["u"], s["p"], s["x0"], settings), 2)
+    t_stack = median_time(
+        lambda: solve_stacked(system, s["t"], s["u"], s["p"], s["x0"], settings), 2
+    )
     y = np.asarray(ref.y if hasattr(ref, "y") else ref["y"], dtype=np.float64)
     ok = np.all(np.isfinite(y), axis=(1, 2))
     mean = sess.run(["mean"], feeds)[0].astype(np.float64)
-    rel = (np.linalg.norm((mean - y)[ok].reshape(ok.sum(), -1), axis=1)
-           / np.linalg.norm(y[ok].reshape(ok.sum(), -1), axis=1))
-    return {"experiment": experiment, "kind": model.kind, "members": model.members, "threads": threads,
-            "export_s": export_s, "parity": manifest["parity"], "integrator_error": manifest["integrator_error"],
-            "rollout_steps": n_times - 1, **rows,
-            "vs_solver": {"n_scenarios": batch, "n_times": n_train, "ort_s": t_ort, "looped_s": t_loop,
-                          "stacked_s": t_stack, "x_looped": t_loop / t_ort, "x_stacked": t_stack / t_ort,
-                          "rel_l2_median": float(np.median(rel)), "rel_l2_p95": float(np.percentile(rel, 95)),
-                          "n_solver_ok": int(ok.sum())}}
+    rel = np.linalg.norm((mean - y)[ok].reshape(ok.sum(), -1), axis=1) / np.linalg.norm(
+        y[ok].reshape(ok.sum(), -1), axis=1
+    )
+    return {
+        "experiment": experiment,
+        "kind": model.kind,
+        "members": model.members,
+        "threads": threads,
+        "export_s": export_s,
+        "parity": manifest["parity"],
+        "integrator_error": manifest["integrator_error"],
+        "rollout_steps": n_times - 1,
+        **rows,
+        "vs_solver": {
+            "n_scenarios": batch,
+            "n_times": n_train,
+            "ort_s": t_ort,
+            "looped_s": t_loop,
+            "stacked_s": t_stack,
+            "x_looped": t_loop / t_ort,
+            "x_stacked": t_stack / t_ort,
+            "rel_l2_median": float(np.median(rel)),
+            "rel_l2_p95": float(np.percentile(rel, 95)),
+            "n_solver_ok": int(ok.sum()),
+        },
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="64-scenario datasets, 5 epochs, batch 64 (a smoke run)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="64-scenario datasets, 5 epochs, batch 64 (a smoke run)",
+    )
     ap.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated subset")
     args = ap.parse_args(argv)
     n, epochs, batch = (64, 5, 64) if args.quick else (256, None, args.batch)
@@ -128,17 +171,25 @@ def main(argv=None) -> int:
         system = EXPERIMENTS[experiment]
         run = ensure_run(experiment, system, n, epochs)
         results.append(bench(experiment, run, batch, args.repeats, seed=11))
-    print(f"| experiment | ort x torch b1 | ort(1 thread) x torch b1 | ort x torch b{batch} | ort x looped | "
-          "ort x stacked | rel L2 median vs solver | p95 | parity max diff b1 / b64 |")
+    print(
+        f"| experiment | ort x torch b1 | ort(1 thread) x torch b1 | ort x torch b{batch} | ort x looped | "
+        "ort x stacked | rel L2 median vs solver | p95 | parity max diff b1 / b64 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         v = r["vs_solver"]
-        print(f"| {r['experiment']} | {r['batch_1']['speedup']:.1f} | {r['batch_1']['speedup_1thread']:.1f} | "
-              f"{r[f'batch_{batch}']['speedup']:.2f} | {v['x_looped']:.0f} | {v['x_stacked']:.1f} | "
-              f"{v['rel_l2_median']:.4f} | {v['rel_l2_p95']:.4f} | "
-              f"{r['parity']['batch_1']['max_diff']:.1e} / {r['parity']['batch_64']['max_diff']:.1e} |")
+        print(
+            f"| {r['experiment']} | {r['batch_1']['speedup']:.1f} | {r['batch_1']['speedup_1thread']:.1f} | "
+            f"{r[f'batch_{batch}']['speedup']:.2f} | {v['x_looped']:.0f} | {v['x_stacked']:.1f} | "
+            f"{v['rel_l2_median']:.4f} | {v['rel_l2_p95']:.4f} | "
+            f"{r['parity']['batch_1']['max_diff']:.1e} / {r['parity']['batch_64']['max_diff']:.1e} |"
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    out = OUT.with_name(f"export-{'-'.join(r['experiment'] for r in results)}.json") if len(results) < len(EXPERIMENTS) else OUT
+    out = (
+        OUT.with_name(f"export-{'-'.join(r['experiment'] for r in results)}.json")
+        if len(results) < len(EXPERIMENTS)
+        else OUT
+    )
     out.write_text(json.dumps({"batch": batch, "results": results}, indent=2))
     return 0
 

@@ -75,12 +75,21 @@ async def _request(reader, writer, head: bytes, body: bytes) -> tuple[int, bytes
     return status, payload
 
 
-async def _load(host: str, port: int, path: str, bodies: list[bytes], n: int, concurrency: int,
-                token: str | None) -> dict:
+async def _load(
+    host: str,
+    port: int,
+    path: str,
+    bodies: list[bytes],
+    n: int,
+    concurrency: int,
+    token: str | None,
+) -> dict:
     heads = []
     for b in bodies:
-        h = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-             f"Content-Length: {len(b)}\r\n")
+        h = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(b)}\r\n"
+        )
         if token:
             h += f"Authorization: Bearer {token}\r\n"
         heads.append((h + "\r\n").encode())
@@ -96,7 +105,13 @@ async def _load(host: str, port: int, path: str, bodies: list[bytes], n: int, co
                 if writer is None:
                     reader, writer = await asyncio.open_connection(host, port)
                 status, _ = await _request(reader, writer, heads[k], bodies[k])
-            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+            except (
+                OSError,
+                ConnectionError,
+                asyncio.IncompleteReadError,
+                ValueError,
+                IndexError,
+            ) as e:
                 errors.append(type(e).__name__)
                 if writer is not None:
                     writer.close()
@@ -112,19 +127,38 @@ async def _load(host: str, port: int, path: str, bodies: list[bytes], n: int, co
     wall = time.perf_counter() - t0
     ms = np.array(lat) * 1000 if lat else np.array([np.nan])
     ok = statuses.get(200, 0)
-    return {"requests": n, "concurrency": concurrency, "wall_s": wall, "ok": ok,
-            "statuses": {str(k): v for k, v in sorted(statuses.items())}, "connection_errors": len(errors),
-            "throughput_per_s": ok / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-            "max_ms": float(ms.max())}
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "ok": ok,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "connection_errors": len(errors),
+        "throughput_per_s": ok / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+    }
 
 
 def client_main(args) -> int:
     bodies = [b.encode() for b in json.loads(Path(args.bodies).read_text())]
     if args.warmup:
-        asyncio.run(_load(args.host, args.port, args.path, bodies, args.warmup, min(args.concurrency, 4),
-                          args.token))
-    out = asyncio.run(_load(args.host, args.port, args.path, bodies, args.n, args.concurrency, args.token))
+        asyncio.run(
+            _load(
+                args.host,
+                args.port,
+                args.path,
+                bodies,
+                args.warmup,
+                min(args.concurrency, 4),
+                args.token,
+            )
+        )
+    out = asyncio.run(
+        _load(args.host, args.port, args.path, bodies, args.n, args.concurrency, args.token)
+    )
     print(json.dumps(out))
     return 0
 
@@ -132,8 +166,12 @@ def client_main(args) -> int:
 # ---- the HTTP floor (its own process: `serving.py floor PORT BODYFILE`) ------------------------
 def floor_main(args) -> int:
     body = Path(args.body).read_bytes()
-    response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                + str(len(body)).encode() + b"\r\n\r\n" + body)
+    response = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
     async def handle(reader, writer):
         try:
@@ -194,12 +232,38 @@ def prepare_model(env: dict, kind: str) -> str:
         pass
     data, run = WORK / "data", WORK / f"run-{kind}"
     if not (data / "manifest.json").exists():
-        sh(BIN / "twin-generate", "system=pendulum", "n_scenarios=32", "seed=0", f"out_dir={data}", "workers=0",
-           f"design.t_end={STEPS * 0.05:g}", "design.dt=0.05", "progress=false", "overwrite=true", env=env)
-    sh(BIN / "twin-train", f"experiment={KINDS[kind]}", f"data_dir={data}", f"out_dir={run}", "ensemble.size=5",
-       "trainer.max_epochs=2", "speed_scenarios=2", "logger=none", env=env)
-    sh(BIN / "twin-export", f"run_dir={run}", f"name=bench_pendulum_{kind}", "version=v1", "parity_scenarios=8",
-       env=env)
+        sh(
+            BIN / "twin-generate",
+            "system=pendulum",
+            "n_scenarios=32",
+            "seed=0",
+            f"out_dir={data}",
+            "workers=0",
+            f"design.t_end={STEPS * 0.05:g}",
+            "design.dt=0.05",
+            "progress=false",
+            "overwrite=true",
+            env=env,
+        )
+    sh(
+        BIN / "twin-train",
+        f"experiment={KINDS[kind]}",
+        f"data_dir={data}",
+        f"out_dir={run}",
+        "ensemble.size=5",
+        "trainer.max_epochs=2",
+        "speed_scenarios=2",
+        "logger=none",
+        env=env,
+    )
+    sh(
+        BIN / "twin-export",
+        f"run_dir={run}",
+        f"name=bench_pendulum_{kind}",
+        "version=v1",
+        "parity_scenarios=8",
+        env=env,
+    )
     return ref
 
 
@@ -240,8 +304,13 @@ SERVER_SETTINGS: dict[str, str] = {}  # from the command line: workers, access_l
 
 def start_server(model: str, env: dict, port: int, log: Path, **settings) -> subprocess.Popen:
     extra = [f"{k}={v}" for k, v in {**SERVER_SETTINGS, **settings}.items()]
-    proc = subprocess.Popen([str(BIN / "twin-serve"), f"model={model}", f"port={port}", *extra], env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "twin-serve"), f"model={model}", f"port={port}", *extra],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_ready(f"http://127.0.0.1:{port}", 120)
     return proc
 
@@ -254,10 +323,30 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_client(port: int, path: str, bodies_file: Path, n: int, concurrency: int, warmup: int = 200) -> dict:
-    r = subprocess.run([sys.executable, __file__, "client", "--port", str(port), "--path", path,
-                        "--bodies", str(bodies_file), "--n", str(n), "--concurrency", str(concurrency),
-                        "--warmup", str(warmup)], capture_output=True, text=True)
+def run_client(
+    port: int, path: str, bodies_file: Path, n: int, concurrency: int, warmup: int = 200
+) -> dict:
+    r = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "client",
+            "--port",
+            str(port),
+            "--path",
+            path,
+            "--bodies",
+            str(bodies_file),
+            "--n",
+            str(n),
+            "--concurrency",
+            str(concurrency),
+            "--warmup",
+            str(warmup),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(f"load client failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -269,8 +358,9 @@ def recovery(url: str, body: bytes, seconds: float = 30.0) -> float:
     while time.perf_counter() - t0 < seconds:
         try:
             if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
-                req = urllib.request.Request(f"{url}/simulate", data=body,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"{url}/simulate", data=body, headers={"Content-Type": "application/json"}
+                )
                 if urllib.request.urlopen(req, timeout=5).status == 200:
                     return time.perf_counter() - t0
         except OSError:
@@ -288,15 +378,23 @@ def bench_model(model: str, env: dict, args) -> dict:
     wrapped_file = WORK / f"bodies-{tag}.json"
     wrapped_file.write_text(json.dumps(wrapped))
     n, big = (300, 1000) if args.quick else (args.requests, 10_000)
-    out: dict = {"model": model, "kind": manifest["kind"], "members": manifest["members"], "steps": STEPS,
-                 "phases": {}}
+    out: dict = {
+        "model": model,
+        "kind": manifest["kind"],
+        "members": manifest["members"],
+        "steps": STEPS,
+        "phases": {},
+    }
     phases = out["phases"]
 
     port = _free_port()
     proc = start_server(model, env, port, WORK / f"server-{tag}-nobatch.log", batching="false")
     try:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/simulate", data=wrapped[0].encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/simulate",
+            data=wrapped[0].encode(),
+            headers={"Content-Type": "application/json"},
+        )
         answer = urllib.request.urlopen(req, timeout=30).read()
         print(f"[{model}] served c=1, batching off ({n} requests)...", flush=True)
         phases["c1_nobatch"] = run_client(port, "/simulate", wrapped_file, n, 1)
@@ -305,8 +403,18 @@ def bench_model(model: str, env: dict, args) -> dict:
     (WORK / f"answer-{tag}.json").write_bytes(answer)
 
     fport = _free_port()
-    floor = subprocess.Popen([sys.executable, __file__, "floor", "--port", str(fport), "--body",
-                              str(WORK / f"answer-{tag}.json")], start_new_session=True)
+    floor = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "floor",
+            "--port",
+            str(fport),
+            "--body",
+            str(WORK / f"answer-{tag}.json"),
+        ],
+        start_new_session=True,
+    )
     try:
         for _ in range(100):
             try:
@@ -329,8 +437,10 @@ def bench_model(model: str, env: dict, args) -> dict:
         print(f"[{model}] served c=32, batching on ({big} requests)...", flush=True)
         phases["c32"] = run_client(port, "/simulate", wrapped_file, big, 32)
         over = 4 * max_conc
-        print(f"[{model}] overload: concurrency {over} (4x max_concurrency={max_conc}, {big // 2} requests)...",
-              flush=True)
+        print(
+            f"[{model}] overload: concurrency {over} (4x max_concurrency={max_conc}, {big // 2} requests)...",
+            flush=True,
+        )
         phases["overload"] = run_client(port, "/simulate", wrapped_file, big // 2, over, warmup=0)
         phases["overload"]["recovery_s"] = recovery(url, wrapped[0].encode())
     finally:
@@ -338,12 +448,16 @@ def bench_model(model: str, env: dict, args) -> dict:
 
     c1, c1n, fl, c32, ov = (phases[k] for k in ("c1", "c1_nobatch", "floor_c1", "c32", "overload"))
     out["summary"] = {
-        "c1_p50_ms": c1["p50_ms"], "c1_p99_ms": c1["p99_ms"], "floor_p50_ms": fl["p50_ms"],
+        "c1_p50_ms": c1["p50_ms"],
+        "c1_p99_ms": c1["p99_ms"],
+        "floor_p50_ms": fl["p50_ms"],
         "served_over_floor_p50": c1["p50_ms"] / fl["p50_ms"],
         "c1_p99_batching_over_nobatch": c1["p99_ms"] / c1n["p99_ms"],
-        "c32_scenarios_per_s": c32["throughput_per_s"], "c32_p99_ms": c32["p99_ms"],
+        "c32_scenarios_per_s": c32["throughput_per_s"],
+        "c32_p99_ms": c32["p99_ms"],
         "c32_errors": c32["requests"] - c32["ok"],
-        "overload_statuses": ov["statuses"], "overload_connection_errors": ov["connection_errors"],
+        "overload_statuses": ov["statuses"],
+        "overload_connection_errors": ov["connection_errors"],
         "overload_recovery_s": ov["recovery_s"],
     }
     return out
@@ -351,40 +465,58 @@ def bench_model(model: str, env: dict, args) -> dict:
 
 def main_bench(args) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "BENTOML_HOME": args.bentoml_home or str(WORK / "store"), "BENTOML_DO_NOT_TRACK": "True"}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": args.bentoml_home or str(WORK / "store"),
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
     models = [args.model] if args.model else [prepare_model(env, k) for k in args.kinds.split(",")]
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
     SERVER_SETTINGS.update(workers=str(args.workers), access_log=args.access_log)
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "max_concurrency": args.max_concurrency,
-               "workers": args.workers, "access_log": args.access_log,
-               "models": [bench_model(m, env, args) for m in models]}
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "max_concurrency": args.max_concurrency,
+        "workers": args.workers,
+        "access_log": args.access_log,
+        "models": [bench_model(m, env, args) for m in models],
+    }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     from twin_ml._io import atomic_write_json
 
     atomic_write_json(OUT, results)
-    print(f"\none scenario per request, {STEPS}-step rollout, {results['machine']}; twin-serve workers={args.workers} "
-          f"access_log={args.access_log} max_concurrency={args.max_concurrency}")
+    print(
+        f"\none scenario per request, {STEPS}-step rollout, {results['machine']}; twin-serve workers={args.workers} "
+        f"access_log={args.access_log} max_concurrency={args.max_concurrency}"
+    )
     print("| model | phase | requests | concurrency | p50 ms | p99 ms | scenarios/s | statuses |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["models"]:
         for key, p in r["phases"].items():
-            errors = f" + {p['connection_errors']} connection errors" if p["connection_errors"] else ""
-            print(f"| {r['model']} ({r['kind']}, M={r['members']}) | {key} | {p['requests']} | {p['concurrency']} | "
-                  f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['throughput_per_s']:.0f} | {p['statuses']}{errors} |")
+            errors = (
+                f" + {p['connection_errors']} connection errors" if p["connection_errors"] else ""
+            )
+            print(
+                f"| {r['model']} ({r['kind']}, M={r['members']}) | {key} | {p['requests']} | {p['concurrency']} | "
+                f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['throughput_per_s']:.0f} | {p['statuses']}{errors} |"
+            )
     for r in results["models"]:
         s = r["summary"]
-        print(f"\n{r['model']}: served p50 / floor p50 = {s['served_over_floor_p50']:.1f} (goal <= 15); "
-              f"c1 p50 {s['c1_p50_ms']:.2f} ms (goal <= 2), p99 {s['c1_p99_ms']:.2f} ms (goal <= 5); "
-              f"c1 p99 batching on / off = {s['c1_p99_batching_over_nobatch']:.2f} (goal <= 1.5); "
-              f"c32: {s['c32_scenarios_per_s']:.0f} scenarios/s (goal >= 1500) at p99 {s['c32_p99_ms']:.1f} ms "
-              f"(goal <= 20), {s['c32_errors']} errors; overload: {s['overload_statuses']}, ready again after "
-              f"{s['overload_recovery_s']:.2f} s (goal <= 5)")
+        print(
+            f"\n{r['model']}: served p50 / floor p50 = {s['served_over_floor_p50']:.1f} (goal <= 15); "
+            f"c1 p50 {s['c1_p50_ms']:.2f} ms (goal <= 2), p99 {s['c1_p99_ms']:.2f} ms (goal <= 5); "
+            f"c1 p99 batching on / off = {s['c1_p99_batching_over_nobatch']:.2f} (goal <= 1.5); "
+            f"c32: {s['c32_scenarios_per_s']:.0f} scenarios/s (goal >= 1500) at p99 {s['c32_p99_ms']:.1f} ms "
+            f"(goal <= 20), {s['c32_errors']} errors; overload: {s['overload_statuses']}, ready again after "
+            f"{s['overload_recovery_s']:.2f} s (goal <= 5)"
+        )
     print(f"wrote {OUT}")
     return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd")
     c = sub.add_parser("client", help="(internal) the load client")
     c.add_argument("--host", default="127.0.0.1")
@@ -398,13 +530,21 @@ def main(argv=None) -> int:
     f = sub.add_parser("floor", help="(internal) the HTTP floor server")
     f.add_argument("--port", type=int, required=True)
     f.add_argument("--body", required=True)
-    ap.add_argument("--model", default=None, help="NAME:REF in the store (default: train the --kinds below)")
-    ap.add_argument("--kinds", default="node,emulator", help="pendulum models to train and serve: node, emulator")
+    ap.add_argument(
+        "--model", default=None, help="NAME:REF in the store (default: train the --kinds below)"
+    )
+    ap.add_argument(
+        "--kinds",
+        default="node,emulator",
+        help="pendulum models to train and serve: node, emulator",
+    )
     ap.add_argument("--bentoml-home", default=None)
     ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency-1 phase")
     ap.add_argument("--max-concurrency", type=int, default=64, help="the server's max_concurrency")
     ap.add_argument("--workers", type=int, default=2, help="server processes (twin-serve workers=)")
-    ap.add_argument("--access-log", default="false", choices=["true", "false"], help="twin-serve access_log=")
+    ap.add_argument(
+        "--access-log", default="false", choices=["true", "false"], help="twin-serve access_log="
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="few requests (a smoke run)")
     args = ap.parse_args(argv)

@@ -310,10 +310,10 @@ async def run_loop(
                     _request(reader, writer, s.wire, b""), REQUEST_TIMEOUT_S
                 )
             except (
+                TimeoutError,
                 OSError,
                 ConnectionError,
                 asyncio.IncompleteReadError,
-                asyncio.TimeoutError,
                 ValueError,
                 IndexError,
             ) as e:
@@ -344,7 +344,7 @@ async def soak(
             samples.append((round(time.perf_counter() - t_start, 2), round(rss / 2**20, 1)))
             try:
                 await asyncio.wait_for(done.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     first = await asyncio.to_thread(process_tree, pid)

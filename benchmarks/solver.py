@@ -16,7 +16,6 @@ the baselines surrogate speedups are measured against (later benchmarks use both
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -50,32 +49,51 @@ def bench_system(name: str, n: int, repeats: int, seed: int, n_ref: int) -> dict
     a, b = results["looped"], results["stacked"]
     ref_method = "DOP853" if system.stiffness == "nonstiff" else "Radau"
     k = min(n_ref, n)
-    ref = solve_looped(system, t, u[:k], scen.p[:k], scen.x0[:k],
-                       SolverSettings(method=ref_method, rtol=1e-10, atol=1e-12))
+    ref = solve_looped(
+        system,
+        t,
+        u[:k],
+        scen.p[:k],
+        scen.x0[:k],
+        SolverSettings(method=ref_method, rtol=1e-10, atol=1e-12),
+    )
     span = np.ptp(ref.x, axis=(0, 1)) + 1e-300
 
     def err(r):
         return float(np.max(np.abs(r.x[:k] - ref.x) / span))
+
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {
-        "system": name, "method": settings.method, "n_scenarios": n, "n_times": int(t.size),
-        "looped_s_median": med["looped"], "looped_s_p95": float(np.percentile(times["looped"], 95)),
-        "stacked_s_median": med["stacked"], "stacked_s_p95": float(np.percentile(times["stacked"], 95)),
+        "system": name,
+        "method": settings.method,
+        "n_scenarios": n,
+        "n_times": int(t.size),
+        "looped_s_median": med["looped"],
+        "looped_s_p95": float(np.percentile(times["looped"], 95)),
+        "stacked_s_median": med["stacked"],
+        "stacked_s_p95": float(np.percentile(times["stacked"], 95)),
         "looped_per_scenario_ms": 1e3 * med["looped"] / n,
         "looped_over_stacked": med["looped"] / med["stacked"],
-        "looped_failed": a.n_failed, "stacked_failed": b.n_failed,
+        "looped_failed": a.n_failed,
+        "stacked_failed": b.n_failed,
         "reference": f"{ref_method} rtol=1e-10 atol=1e-12 on {k} scenarios",
-        "looped_err_vs_ref": err(a), "stacked_err_vs_ref": err(b),
-        "rhs_evals_looped_mean": float(a.nfev.mean()), "rhs_evals_stacked": int(b.nfev[0]),
+        "looped_err_vs_ref": err(a),
+        "stacked_err_vs_ref": err(b),
+        "rhs_evals_looped_mean": float(a.nfev.mean()),
+        "rhs_evals_stacked": int(b.nfev[0]),
     }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-ref", type=int, default=16, help="scenarios checked against the tight reference")
+    ap.add_argument(
+        "--n-ref", type=int, default=16, help="scenarios checked against the tight reference"
+    )
     ap.add_argument("--systems", default=",".join(list_systems()))
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
@@ -83,17 +101,29 @@ def main(argv=None) -> int:
     for name in args.systems.split(","):
         print(f"... {name}", file=sys.stderr, flush=True)
         rows.append(bench_system(name, args.n, args.repeats, args.seed, args.n_ref))
-    print("| system | method | T | looped s | stacked s | looped/stacked | looped ms/scenario | looped err | stacked err |")
+    print(
+        "| system | method | T | looped s | stacked s | looped/stacked | looped ms/scenario | looped err | stacked err |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['system']} | {r['method']} | {r['n_times']} | {r['looped_s_median']:.3f} | "
-              f"{r['stacked_s_median']:.3f} | {r['looped_over_stacked']:.1f} | {r['looped_per_scenario_ms']:.2f} | "
-              f"{r['looped_err_vs_ref']:.1e} | {r['stacked_err_vs_ref']:.1e} |")
+        print(
+            f"| {r['system']} | {r['method']} | {r['n_times']} | {r['looped_s_median']:.3f} | "
+            f"{r['stacked_s_median']:.3f} | {r['looped_over_stacked']:.1f} | {r['looped_per_scenario_ms']:.2f} | "
+            f"{r['looped_err_vs_ref']:.1e} | {r['stacked_err_vs_ref']:.1e} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, {
-        "benchmark": "solver", "code_version": code_version(), "machine": platform.platform(),
-        "python": platform.python_version(), "n_scenarios": args.n, "repeats": args.repeats, "rows": rows,
-    })
+    atomic_write_json(
+        args.out,
+        {
+            "benchmark": "solver",
+            "code_version": code_version(),
+            "machine": platform.platform(),
+            "python": platform.python_version(),
+            "n_scenarios": args.n,
+            "repeats": args.repeats,
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -47,10 +47,14 @@ STRUCTURES = {"torricelli": 7, "linear_inflow": 8}  # how many of the values abo
 
 def system(theta: np.ndarray):
     lin = float(theta[7]) if len(theta) > 7 else None
-    return make_system("cascaded_tanks", h1_max=float(theta[6]), sensor_max=SENSOR_MAX, linear_inflow=lin)
+    return make_system(
+        "cascaded_tanks", h1_max=float(theta[6]), sensor_max=SENSOR_MAX, linear_inflow=lin
+    )
 
 
-def simulate(theta: np.ndarray, u: np.ndarray, y0: float, h1_0: np.ndarray | None = None) -> np.ndarray:
+def simulate(
+    theta: np.ndarray, u: np.ndarray, y0: float, h1_0: np.ndarray | None = None
+) -> np.ndarray:
     """Measured h2 of a free run with the fixed-step RK4; h1_0 (B,) runs a batch of initial levels."""
     sys_ = system(theta)
     h1 = np.atleast_1d(theta[5] if h1_0 is None else h1_0).astype(float)
@@ -70,16 +74,26 @@ def initial_level(theta: np.ndarray, u: np.ndarray, y: np.ndarray) -> float:
     grid = np.linspace(LOWER[5], UPPER[5], 161)
     best = grid[np.argmin(((simulate(theta, u[:n], y[0], grid) - y[:n]) ** 2).sum(1))]
     step = grid[1] - grid[0]
-    r = minimize_scalar(lambda h: float(((simulate(theta, u[:n], y[0], np.array([h]))[0] - y[:n]) ** 2).sum()),
-                        bounds=(max(best - step, LOWER[5]), min(best + step, UPPER[5])), method="bounded")
+    r = minimize_scalar(
+        lambda h: float(((simulate(theta, u[:n], y[0], np.array([h]))[0] - y[:n]) ** 2).sum()),
+        bounds=(max(best - step, LOWER[5]), min(best + step, UPPER[5])),
+        method="bounded",
+    )
     return float(r.x)
 
 
 def fit(n: int, u: np.ndarray, y: np.ndarray) -> np.ndarray:
     def residual(th):
         return simulate(th, u, y[0])[0] - y
-    r = least_squares(residual, START[:n], bounds=(LOWER[:n], UPPER[:n]), x_scale=np.abs(START[:n]) + 1e-2,
-                      diff_step=1e-6, max_nfev=300)
+
+    r = least_squares(
+        residual,
+        START[:n],
+        bounds=(LOWER[:n], UPPER[:n]),
+        x_scale=np.abs(START[:n]) + 1e-2,
+        diff_step=1e-6,
+        max_nfev=300,
+    )
     return r.x
 
 
@@ -88,52 +102,84 @@ def rmse(a, b) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--fit-fraction", type=float, default=0.8,
-                    help="the estimation record's leading fraction fitted (the experiment's 1 - calibration_tail)")
+    ap.add_argument(
+        "--fit-fraction",
+        type=float,
+        default=0.8,
+        help="the estimation record's leading fraction fitted (the experiment's 1 - calibration_tail)",
+    )
     args = ap.parse_args(argv)
     if not 0.1 <= args.fit_fraction <= 1.0:
         ap.error(f"--fit-fraction must be in [0.1, 1], got {args.fit_fraction}")
-    data = {rec: frame.pivot(index="timestamp", columns="signal", values="value")
-            for rec, frame in records("cascaded_tanks", SOURCE).items()}
-    (ue, ye), (ut, yt) = ((data[r]["pump"].to_numpy(), data[r]["h2"].to_numpy()) for r in ("estimation", "test"))
+    data = {
+        rec: frame.pivot(index="timestamp", columns="signal", values="value")
+        for rec, frame in records("cascaded_tanks", SOURCE).items()
+    }
+    (ue, ye), (ut, yt) = (
+        (data[r]["pump"].to_numpy(), data[r]["h2"].to_numpy()) for r in ("estimation", "test")
+    )
     t = np.arange(len(ue)) * DT
     rows = []
     for name, n in STRUCTURES.items():
         t0 = time.perf_counter()
-        n_fit = len(ue) - int(round((1.0 - args.fit_fraction) * len(ue)))  # as the experiment cuts it
+        n_fit = len(ue) - int(
+            round((1.0 - args.fit_fraction) * len(ue))
+        )  # as the experiment cuts it
         theta = fit(n, ue[:n_fit], ye[:n_fit])
         seconds = time.perf_counter() - t0
         h1_test = initial_level(theta, ut, yt)
         test_theta = theta.copy()
         test_theta[5] = h1_test
-        row = {"structure": name, **dict(zip(PARAMS, theta[:5].round(5).tolist())), "h1_0": round(theta[5], 3),
-               "h1_max": round(theta[6], 3), "linear_inflow": round(theta[7], 5) if n > 7 else None,
-               "test_h1_0": round(h1_test, 3),
-               "fit_samples": n_fit, "rmse_estimation": rmse(est := simulate(theta, ue, ye[0])[0], ye),
-               "rmse_estimation_fitted": rmse(est[:n_fit], ye[:n_fit]),
-               "rmse_estimation_held_out": rmse(est[n_fit:], ye[n_fit:]) if n_fit < len(ye) else None,
-               "rmse_test": rmse(simulate(test_theta, ut, yt[0])[0], yt), "fit_s": round(seconds, 1)}
+        row = {
+            "structure": name,
+            **dict(zip(PARAMS, theta[:5].round(5).tolist())),
+            "h1_0": round(theta[5], 3),
+            "h1_max": round(theta[6], 3),
+            "linear_inflow": round(theta[7], 5) if n > 7 else None,
+            "test_h1_0": round(h1_test, 3),
+            "fit_samples": n_fit,
+            "rmse_estimation": rmse(est := simulate(theta, ue, ye[0])[0], ye),
+            "rmse_estimation_fitted": rmse(est[:n_fit], ye[:n_fit]),
+            "rmse_estimation_held_out": rmse(est[n_fit:], ye[n_fit:]) if n_fit < len(ye) else None,
+            "rmse_test": rmse(simulate(test_theta, ut, yt[0])[0], yt),
+            "fit_s": round(seconds, 1),
+        }
         # the solver's check of the same estimate (LSODA, tight tolerances)
         for rec, th, u, y in (("estimation", theta, ue, ye), ("test", test_theta, ut, yt)):
-            res = solve_looped(system(th), t, u[None, :, None], th[None, :5], np.array([[th[5], y[0]]]),
-                               SolverSettings(rtol=1e-6, atol=1e-8))
+            res = solve_looped(
+                system(th),
+                t,
+                u[None, :, None],
+                th[None, :5],
+                np.array([[th[5], y[0]]]),
+                SolverSettings(rtol=1e-6, atol=1e-8),
+            )
             row[f"solver_rmse_{rec}"] = rmse(res.y[0, :, 0], y)
         rows.append(row)
-        print(f"{name}: estimation {row['rmse_estimation']:.3f} V (solver {row['solver_rmse_estimation']:.3f}), "
-              f"test {row['rmse_test']:.3f} V (solver {row['solver_rmse_test']:.3f}), fit {seconds:.0f} s", flush=True)
+        print(
+            f"{name}: estimation {row['rmse_estimation']:.3f} V (solver {row['solver_rmse_estimation']:.3f}), "
+            f"test {row['rmse_test']:.3f} V (solver {row['solver_rmse_test']:.3f}), fit {seconds:.0f} s",
+            flush=True,
+        )
     held = "-" if n_fit == len(ye) else f"last {len(ye) - n_fit}"
-    print(f"\nfitted on the estimation record's first {n_fit} samples\n"
-          f"| structure | k1 | k2 | k3 | k4 | k5 | h1(0) | h1_max | linear_inflow | estimation RMSE, fitted part [V] "
-          f"| estimation RMSE, {held} held out [V] | test RMSE [V] | test RMSE, solver [V] |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"\nfitted on the estimation record's first {n_fit} samples\n"
+        f"| structure | k1 | k2 | k3 | k4 | k5 | h1(0) | h1_max | linear_inflow | estimation RMSE, fitted part [V] "
+        f"| estimation RMSE, {held} held out [V] | test RMSE [V] | test RMSE, solver [V] |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         out = r["rmse_estimation_held_out"]
-        print(f"| {r['structure']} | {r['k1']} | {r['k2']} | {r['k3']} | {r['k4']} | {r['k5']} | {r['h1_0']} "
-              f"| {r['h1_max']} | {r['linear_inflow'] if r['linear_inflow'] is not None else '-'} "
-              f"| {r['rmse_estimation_fitted']:.3f} | {'-' if out is None else f'{out:.3f}'} | {r['rmse_test']:.3f} "
-              f"| {r['solver_rmse_test']:.3f} |")
+        print(
+            f"| {r['structure']} | {r['k1']} | {r['k2']} | {r['k3']} | {r['k4']} | {r['k5']} | {r['h1_0']} "
+            f"| {r['h1_max']} | {r['linear_inflow'] if r['linear_inflow'] is not None else '-'} "
+            f"| {r['rmse_estimation_fitted']:.3f} | {'-' if out is None else f'{out:.3f}'} | {r['rmse_test']:.3f} "
+            f"| {r['solver_rmse_test']:.3f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out, (json.dumps(rows, indent=2) + "\n").encode())
     print(f"wrote {args.out}")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 class Batcher:
@@ -24,8 +25,13 @@ class Batcher:
     thread together with whatever other requests were waiting (`merge=False`: one request per
     call). `run(items) -> results` (same length and order) runs in that one thread only."""
 
-    def __init__(self, run: Callable[[list[Any]], Sequence[Any]], max_batch: int = 256, merge: bool = True,
-                 observe: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        run: Callable[[list[Any]], Sequence[Any]],
+        max_batch: int = 256,
+        merge: bool = True,
+        observe: Callable[[int], None] | None = None,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run, self.max_batch, self.merge, self.observe = run, max_batch, merge, observe
@@ -68,18 +74,24 @@ class Batcher:
                         self.observe(len(items))
                     results = await loop.run_in_executor(self._executor, self.run, items)
                     if len(results) != len(items):
-                        raise RuntimeError(f"the model call returned {len(results)} results for {len(items)} items")
-                except BaseException as e:  # handed to every waiting request (cancellation: then re-raised)
+                        raise RuntimeError(
+                            f"the model call returned {len(results)} results for {len(items)} items"
+                        )
+                except (
+                    BaseException
+                ) as e:  # handed to every waiting request (cancellation: then re-raised)
                     for _, future in jobs:
                         if not future.done():
-                            future.set_exception(e if isinstance(e, Exception) else RuntimeError("batcher stopped"))
+                            future.set_exception(
+                                e if isinstance(e, Exception) else RuntimeError("batcher stopped")
+                            )
                     if not isinstance(e, Exception):
                         raise
                     continue
                 k = 0
                 for job_items, future in jobs:
                     if not future.done():
-                        future.set_result(list(results[k:k + len(job_items)]))
+                        future.set_result(list(results[k : k + len(job_items)]))
                     k += len(job_items)
         finally:
             self._busy = False

@@ -27,7 +27,9 @@ def wait_ready(url: str, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--url", default="http://127.0.0.1:3000")
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for /readyz")
     args = ap.parse_args(argv)
@@ -37,20 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     docs = urllib.request.Request(f"{args.url}/docs.json", headers=auth)
     spec = json.load(urllib.request.urlopen(docs, timeout=10))
     scenario = spec["components"]["schemas"]["Scenario"]["example"]
-    req = urllib.request.Request(f"{args.url}/simulate", data=json.dumps({"scenarios": [scenario]}).encode(),
-                                 headers={"Content-Type": "application/json", **auth})
+    req = urllib.request.Request(
+        f"{args.url}/simulate",
+        data=json.dumps({"scenarios": [scenario]}).encode(),
+        headers={"Content-Type": "application/json", **auth},
+    )
     t0 = time.perf_counter()
     answer = json.load(urllib.request.urlopen(req, timeout=30))[0]
     ms = 1000 * (time.perf_counter() - t0)
     print(f"POST /simulate  {json.dumps(scenario)[:160]}...")
-    print(f"model {answer['model']['name']}:{answer['model']['version']}  in_domain={answer['in_domain']}  "
-          f"({ms:.1f} ms round trip)")
+    print(
+        f"model {answer['model']['name']}:{answer['model']['version']}  in_domain={answer['in_domain']}  "
+        f"({ms:.1f} ms round trip)"
+    )
     for name, out in answer["outputs"].items():
         lo, hi = out["quantiles"].get("0.05"), out["quantiles"].get("0.95")
         print(f"{'t':>8} {name + ' mean':>12} {'std':>10} {'5%':>10} {'95%':>10}")
         for k in range(0, len(answer["times"]), max(1, len(answer["times"]) // 5)):
-            print(f"{answer['times'][k]:8.3g} {out['mean'][k]:12.5g} {out['std'][k]:10.3g} "
-                  f"{lo[k] if lo else float('nan'):10.5g} {hi[k] if hi else float('nan'):10.5g}")
+            print(
+                f"{answer['times'][k]:8.3g} {out['mean'][k]:12.5g} {out['std'][k]:10.3g} "
+                f"{lo[k] if lo else float('nan'):10.5g} {hi[k] if hi else float('nan'):10.5g}"
+            )
     return 0
 
 

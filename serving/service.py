@@ -36,17 +36,16 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Union
+from typing import Any
 
 import bentoml
 from bentoml._internal.server.http import traffic as _traffic  # BentoML's internals (pinned)
 from bentoml.exceptions import InvalidArgument
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.batching import Batcher
 from serving.runtime import RequestError, Runtime
@@ -56,7 +55,9 @@ from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, Surrogat
 from twin_ml.calibrate.fit import public
 
 MODEL_ENV = "TWIN_ML_MODEL"
-TOKEN_ENV = "TWIN_ML_TOKEN"  # when set: bearer token for every path but health, readiness and metrics
+TOKEN_ENV = (
+    "TWIN_ML_TOKEN"  # when set: bearer token for every path but health, readiness and metrics
+)
 MAX_BODY_ENV = "TWIN_ML_MAX_BODY_BYTES"
 OPEN = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # never behind the token
 DISCONNECT_POLL_S = 0.5  # how often a waiting /calibrate checks that its client is still connected
@@ -80,26 +81,44 @@ class Guard:
 
     async def _reply(self, send, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path == "/model":  # the manifest app is mounted at /model/: answer GET /model too, without a redirect
+        if (
+            path == "/model"
+        ):  # the manifest app is mounted at /model/: answer GET /model too, without a redirect
             scope = {**scope, "path": "/model/", "raw_path": b"/model/"}
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if self.token and path not in OPEN:  # the APIs, /model, and /docs.json with the model's names
+        if (
+            self.token and path not in OPEN
+        ):  # the APIs, /model, and /docs.json with the model's names
             got = headers.get(b"authorization", b"")
             if not hmac.compare_digest(got, b"Bearer " + self.token):
-                return await self._reply(send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+                return await self._reply(
+                    send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)"
+                )
         if b"pickle" in headers.get(b"content-type", b""):
-            return await self._reply(send, 415, "pickle bodies are not accepted; send application/json")
+            return await self._reply(
+                send, 415, "pickle bodies are not accepted; send application/json"
+            )
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
+            return await self._reply(
+                send, 413, f"request body over the limit of {self.max_body} bytes"
+            )
         seen, refused = 0, False
 
         async def limited():
@@ -111,7 +130,9 @@ class Guard:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:  # a chunked body with no Content-Length: answer here, once
                     refused = True
-                    await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
+                    await self._reply(
+                        send, 413, f"request body over the limit of {self.max_body} bytes"
+                    )
                     return {"type": "http.disconnect"}
             return message
 
@@ -137,8 +158,9 @@ class _TimeoutMiddleware(_traffic.TimeoutMiddleware):
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         # an empty context: the timer needs none, and must not keep the request's alive
-        timer = loop.call_later(self.timeout, self._set_timer_out, waiter,
-                                context=contextvars.Context())
+        timer = loop.call_later(
+            self.timeout, self._set_timer_out, waiter, context=contextvars.Context()
+        )
 
         async def _send(message) -> None:
             if not waiter.done():
@@ -148,7 +170,7 @@ class _TimeoutMiddleware(_traffic.TimeoutMiddleware):
         fut = asyncio.ensure_future(self.app(scope, receive, _send))
         try:
             await waiter
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if fut.cancel():
                 message = f"Not able to process the request in {self.timeout} seconds"
                 await JSONResponse({"error": message}, status_code=504)(scope, receive, send)
@@ -193,9 +215,11 @@ class MCMC(BaseModel):
     walkers: int = Field(32, ge=4, le=128)
 
     @model_validator(mode="after")
-    def _enough_kept(self) -> "MCMC":
+    def _enough_kept(self) -> MCMC:
         if self.steps - self.burn < 20:
-            raise ValueError(f"mcmc.burn must leave at least 20 steps (steps={self.steps}, burn={self.burn})")
+            raise ValueError(
+                f"mcmc.burn must leave at least 20 steps (steps={self.steps}, burn={self.burn})"
+            )
         return self
 
 
@@ -209,38 +233,72 @@ def _metrics() -> dict[str, Any]:
         import prometheus_client as prom
 
         _METRICS.update(
-            requests=prom.Counter("twin_ml_requests", "Answered /simulate requests; in_domain=false when any "
-                                  "scenario left the training domain", ["in_domain"]),
-            scenarios=prom.Counter("twin_ml_scenarios", "Answered scenarios by in-domain status", ["in_domain"]),
-            std=prom.Histogram("twin_ml_predicted_std", "Mean predicted std of each answered scenario, per "
-                               "output (output units)", ["output"],
-                               buckets=[10.0 ** (k / 2) for k in range(-10, 7)]),
-            batch=prom.Histogram("twin_ml_batch_scenarios", "Scenarios per onnxruntime call (adaptive batching)",
-                                 buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
-            calibrations=prom.Counter("twin_ml_calibrations", "/calibrate fits by outcome: ok, invalid, error, "
-                                      "cancelled (the request timed out first) or disconnected (its "
-                                      "client went away)", ["outcome"]),
+            requests=prom.Counter(
+                "twin_ml_requests",
+                "Answered /simulate requests; in_domain=false when any "
+                "scenario left the training domain",
+                ["in_domain"],
+            ),
+            scenarios=prom.Counter(
+                "twin_ml_scenarios", "Answered scenarios by in-domain status", ["in_domain"]
+            ),
+            std=prom.Histogram(
+                "twin_ml_predicted_std",
+                "Mean predicted std of each answered scenario, per output (output units)",
+                ["output"],
+                buckets=[10.0 ** (k / 2) for k in range(-10, 7)],
+            ),
+            batch=prom.Histogram(
+                "twin_ml_batch_scenarios",
+                "Scenarios per onnxruntime call (adaptive batching)",
+                buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+            ),
+            calibrations=prom.Counter(
+                "twin_ml_calibrations",
+                "/calibrate fits by outcome: ok, invalid, error, "
+                "cancelled (the request timed out first) or disconnected (its "
+                "client went away)",
+                ["outcome"],
+            ),
         )
     return _METRICS
 
 
 @bentoml.asgi_app(manifest_app, path="/model")
-@bentoml.service(name="twin_ml", workers=_env_int("TWIN_ML_WORKERS", 1), http={"host": "127.0.0.1"},
-                 logging={"access": {"enabled": _env_flag("TWIN_ML_ACCESS_LOG", True)}},
-                 traffic={"timeout": _env_int("TWIN_ML_TIMEOUT", 120),
-                          "max_concurrency": _env_int("TWIN_ML_MAX_CONCURRENCY", 64)})
+@bentoml.service(
+    name="twin_ml",
+    workers=_env_int("TWIN_ML_WORKERS", 1),
+    http={"host": "127.0.0.1"},
+    logging={"access": {"enabled": _env_flag("TWIN_ML_ACCESS_LOG", True)}},
+    traffic={
+        "timeout": _env_int("TWIN_ML_TIMEOUT", 120),
+        "max_concurrency": _env_int("TWIN_ML_MAX_CONCURRENCY", 64),
+    },
+)
 class TwinService:
     def __init__(self) -> None:
         if not MANIFEST:
-            raise RuntimeError(f"set {MODEL_ENV} to the model to serve (NAME:VERSION, NAME:latest or NAME:production)")
-        self.runtime = Runtime(ONNX_BYTES, MANIFEST, threads=_env_int("TWIN_ML_THREADS", 1),
-                               strict=_env_flag("TWIN_ML_STRICT", False),
-                               max_scenarios=_env_int("TWIN_ML_MAX_SCENARIOS", 256),
-                               max_steps=_env_int("TWIN_ML_MAX_STEPS", 0) or None)
+            raise RuntimeError(
+                f"set {MODEL_ENV} to the model to serve (NAME:VERSION, NAME:latest or NAME:production)"
+            )
+        self.runtime = Runtime(
+            ONNX_BYTES,
+            MANIFEST,
+            threads=_env_int("TWIN_ML_THREADS", 1),
+            strict=_env_flag("TWIN_ML_STRICT", False),
+            max_scenarios=_env_int("TWIN_ML_MAX_SCENARIOS", 256),
+            max_steps=_env_int("TWIN_ML_MAX_STEPS", 0) or None,
+        )
         self.metrics = _metrics()
-        self._calibrations = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twin-ml-calibrate")
-        self.batcher = Batcher(self._run, max_batch=_env_int("TWIN_ML_MAX_BATCH", 256),
-                               merge=_env_flag("TWIN_ML_BATCHING", True), observe=self.metrics["batch"].observe)
+        self._calibrations = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="twin-ml-calibrate"
+        )
+        self.batcher = Batcher(
+            self._run,
+            max_batch=_env_int("TWIN_ML_MAX_BATCH", 256),
+            merge=_env_flag("TWIN_ML_BATCHING", True),
+            observe=self.metrics["batch"].observe,
+        )
 
     def _run(self, parsed: list[dict[str, Any]]) -> list[tuple[bytes, bool]]:
         """The batcher's worker thread: per scenario its answer as JSON and its in-domain flag."""
@@ -251,11 +309,13 @@ class TwinService:
                 std = [v for v in series["std"] if v is not None]
                 if std:
                     self.metrics["std"].labels(output=name).observe(sum(std) / len(std))
-            out.append((json.dumps(a, allow_nan=False, separators=(",", ":")).encode(), a["in_domain"]))
+            out.append(
+                (json.dumps(a, allow_nan=False, separators=(",", ":")).encode(), a["in_domain"])
+            )
         return out
 
     @bentoml.api(route="/simulate")
-    async def simulate(self, scenarios: Union[list[Scenario], Scenario]) -> list[Answer]:  # type: ignore[valid-type]
+    async def simulate(self, scenarios: list[Scenario] | Scenario) -> list[Answer]:  # type: ignore[valid-type]
         """Trajectories with calibrated uncertainty: per output and step the ensemble mean, std and
         the requested quantiles, plus an in-domain flag with reasons (see serving/runtime.py)."""
         items = scenarios if isinstance(scenarios, list) else [scenarios]
@@ -266,29 +326,54 @@ class TwinService:
             raise InvalidArgument(str(e)) from None
         done = await self.batcher.submit(parsed)
         self.metrics["requests"].labels(in_domain=str(all(ok for _, ok in done)).lower()).inc()
-        return Response(b"[" + b",".join(body for body, _ in done) + b"]", media_type="application/json")
+        return Response(
+            b"[" + b",".join(body for body, _ in done) + b"]", media_type="application/json"
+        )
 
     @bentoml.api(route="/calibrate")
-    async def calibrate(self, times: list[float], outputs: dict[str, list[Optional[float]]], fit: list[str],
-                        inputs: dict[str, list[float]] = {}, parameters: dict[str, float] = {},  # noqa: B006
-                        initial_state: dict[str, float] = {}, bounds: dict[str, list[float]] = {},  # noqa: B006
-                        priors: dict[str, dict[str, list[float]]] = {},  # noqa: B006
-                        noise: dict[str, float] = {}, mcmc: Optional[MCMC] = None,  # noqa: B006
-                        starts: int = Field(4, ge=1, le=32), corrections: int = Field(2, ge=0, le=10),
-                        refine: int = Field(0, ge=0, le=200), ctx: bentoml.Context = None) -> dict:
+    async def calibrate(
+        self,
+        times: list[float],
+        outputs: dict[str, list[float | None]],
+        fit: list[str],
+        inputs: dict[str, list[float]] = {},
+        parameters: dict[str, float] = {},  # noqa: B006
+        initial_state: dict[str, float] = {},
+        bounds: dict[str, list[float]] = {},  # noqa: B006
+        priors: dict[str, dict[str, list[float]]] = {},  # noqa: B006
+        noise: dict[str, float] = {},
+        mcmc: MCMC | None = None,  # noqa: B006
+        starts: int = Field(4, ge=1, le=32),
+        corrections: int = Field(2, ge=0, le=10),
+        refine: int = Field(0, ge=0, le=200),
+        ctx: bentoml.Context = None,
+    ) -> dict:
         """Fit parameters (and "state:<name>" initial states) to observations with the surrogate in the
         loop: multi-start weighted least squares, optional MCMC posterior, and the solver's check of
         the estimate (see twin_ml/calibrate). Bounds default to the training domain; missing noise
         is estimated. One calibration runs at a time; others wait their turn."""
-        request = {"times": times, "outputs": outputs, "inputs": inputs, "fit": fit, "parameters": parameters,
-                   "initial_state": initial_state, "bounds": bounds, "priors": priors, "noise": noise}
+        request = {
+            "times": times,
+            "outputs": outputs,
+            "inputs": inputs,
+            "fit": fit,
+            "parameters": parameters,
+            "initial_state": initial_state,
+            "bounds": bounds,
+            "priors": priors,
+            "noise": noise,
+        }
         try:
             _check_magnitudes(request)
             problem = Problem.build(request, MANIFEST)
         except CalibrationError as e:
             raise InvalidArgument(str(e)) from None
-        options = {"n_starts": starts, "refine_nfev": refine, "corrections": corrections,
-                   "mcmc": mcmc.model_dump() if mcmc is not None else None}
+        options = {
+            "n_starts": starts,
+            "refine_nfev": refine,
+            "corrections": corrections,
+            "mcmc": mcmc.model_dump() if mcmc is not None else None,
+        }
         stop = _Stop()
         job = self._calibrations.submit(self._calibrate, problem, options, stop)
         waiter = asyncio.wrap_future(job)
@@ -298,7 +383,9 @@ class TwinService:
                 if ctx is not None and await ctx.request.is_disconnected():
                     self._stop_calibration(job, stop, "disconnected")
                     waiter.cancel()  # nobody reads the fit's outcome now (no "exception never retrieved")
-                    ctx.response.status_code = 499  # nginx's "client closed request", for the access log
+                    ctx.response.status_code = (
+                        499  # nginx's "client closed request", for the access log
+                    )
                     return Response(status_code=499)
             result = waiter.result()
         except CalibrationError as e:  # found during the fit (e.g. noise that cannot be estimated)
@@ -310,7 +397,10 @@ class TwinService:
             self._stop_calibration(job, stop, "cancelled")
             waiter.cancel()
             raise
-        body = {**public(result), "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]}}
+        body = {
+            **public(result),
+            "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]},
+        }
         # a fit that overflowed (bounds of +-1e308, observations of 1e300) has NaN or inf in its
         # cost or errors: JSON has neither, and failing to write them was a 500 for a finished fit
         where: list[str] = []
@@ -319,17 +409,19 @@ class TwinService:
             body["warnings"] = [*body.get("warnings", []), _nulled_warning(where)]
         return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
 
-    def _stop_calibration(self, job, stop: "_Stop", reason: str) -> None:
+    def _stop_calibration(self, job, stop: _Stop, reason: str) -> None:
         stop.stop(reason)
         if job.cancel():  # it was still queued: it never runs, so it is counted here
             self.metrics["calibrations"].labels(outcome=reason).inc()
 
-    def _calibrate(self, problem: Problem, options: dict[str, Any], stop: "_Stop") -> dict[str, Any]:
+    def _calibrate(self, problem: Problem, options: dict[str, Any], stop: _Stop) -> dict[str, Any]:
         outcome = "error"
         try:
             # counters per calibration
             surrogate = _Stoppable(SurrogateBackend(ONNX_BYTES, MANIFEST), stop)
-            result = calibrate(problem, surrogate, _Stoppable(SolverBackend(MANIFEST), stop), **options)
+            result = calibrate(
+                problem, surrogate, _Stoppable(SolverBackend(MANIFEST), stop), **options
+            )
             outcome = "ok"
             return result
         except _Cancelled:
@@ -349,8 +441,11 @@ def _check_magnitudes(obj: Any, path: str = "") -> None:
     """Refuse a number the model cannot represent (float32): observations of 1e300 made the
     fit's squared residuals overflow inside scipy, a 500 instead of an answer."""
     if isinstance(obj, float) and abs(obj) > F32_MAX:
-        raise CalibrationError(path, f"{obj:g} is outside the range the model computes in "
-                                     f"(float32: |value| <= {F32_MAX:.4g})")
+        raise CalibrationError(
+            path,
+            f"{obj:g} is outside the range the model computes in "
+            f"(float32: |value| <= {F32_MAX:.4g})",
+        )
     if isinstance(obj, dict):
         for k, v in obj.items():
             _check_magnitudes(v, f"{path}.{k}" if path else str(k))
@@ -375,8 +470,10 @@ def _nulled(obj: Any, path: str, where: list[str]) -> Any:
 
 def _nulled_warning(where: list[str]) -> str:
     shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
-    return (f"the fit produced non-finite values (NaN or inf), sent as null: {shown}; are the "
-            "bounds, inputs or observations far outside the model's training range?")
+    return (
+        f"the fit produced non-finite values (NaN or inf), sent as null: {shown}; are the "
+        "bounds, inputs or observations far outside the model's training range?"
+    )
 
 
 class _Cancelled(Exception):
@@ -410,5 +507,6 @@ class _Stoppable:
         return getattr(self.backend, name)
 
 
-TwinService.add_asgi_middleware(Guard, token=os.environ.get(TOKEN_ENV),
-                                max_body=int(os.environ.get(MAX_BODY_ENV, str(8 << 20))))
+TwinService.add_asgi_middleware(
+    Guard, token=os.environ.get(TOKEN_ENV), max_body=int(os.environ.get(MAX_BODY_ENV, str(8 << 20)))
+)

@@ -37,8 +37,14 @@ def pendulum_data(tmp_path_factory):
     from twin_ml.physics import make_system
 
     out = tmp_path_factory.mktemp("data") / "pendulum"
-    generate_dataset(make_system("pendulum"), ScenarioDesign(t_end=2.0, dt=0.1), n_scenarios=24, seed=0,
-                     out_dir=out, progress=False)
+    generate_dataset(
+        make_system("pendulum"),
+        ScenarioDesign(t_end=2.0, dt=0.1),
+        n_scenarios=24,
+        seed=0,
+        out_dir=out,
+        progress=False,
+    )
     return out
 
 

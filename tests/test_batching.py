@@ -13,6 +13,7 @@ def _recording_run(calls):
     def run(items):
         calls.append(list(items))
         return [x * 10 for x in items]
+
     return run
 
 
@@ -25,7 +26,9 @@ def test_requests_queued_together_share_one_call_and_get_their_own_results():
 
     results = asyncio.run(main())
     assert results == [[i * 10, (i + 100) * 10] for i in range(5)]
-    assert calls == [[0, 100, 1, 101, 2, 102, 3, 103, 4, 104]]  # all five queued before the worker ran
+    assert calls == [
+        [0, 100, 1, 101, 2, 102, 3, 103, 4, 104]
+    ]  # all five queued before the worker ran
 
 
 def test_max_batch_caps_a_call_and_batching_off_runs_one_request_per_call():
@@ -34,7 +37,13 @@ def test_max_batch_caps_a_call_and_batching_off_runs_one_request_per_call():
     async def main(b):
         return await asyncio.gather(*(b.submit([i]) for i in range(5)))
 
-    assert asyncio.run(main(Batcher(_recording_run(calls), max_batch=2))) == [[0], [10], [20], [30], [40]]
+    assert asyncio.run(main(Batcher(_recording_run(calls), max_batch=2))) == [
+        [0],
+        [10],
+        [20],
+        [30],
+        [40],
+    ]
     assert calls == [[0, 1], [2, 3], [4]]
     calls.clear()
     asyncio.run(main(Batcher(_recording_run(calls), merge=False)))
@@ -73,7 +82,9 @@ def test_a_failing_call_fails_its_requests_and_the_next_call_still_runs():
     batcher = Batcher(run)
 
     async def main():
-        together = await asyncio.gather(batcher.submit(["boom"]), batcher.submit(["x"]), return_exceptions=True)
+        together = await asyncio.gather(
+            batcher.submit(["boom"]), batcher.submit(["x"]), return_exceptions=True
+        )
         return together, await batcher.submit(["y"])
 
     together, after = asyncio.run(main())

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rollout_tol
 
 from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, SurrogateBackend, calibrate
 from twin_ml.calibrate.synthetic import synthetic_request
 from twin_ml.data import ScenarioDesign, generate_dataset
 from twin_ml.physics import make_system
-
-from conftest import rollout_tol
 
 BIN = Path(sys.executable).parent
 EPS64 = float(np.finfo(np.float64).eps)  # the solver, the corrections and the objective in float64
@@ -30,15 +29,47 @@ def exported(tmp_path_factory):
     stored: a rough surrogate, which is what verification is for."""
     root = tmp_path_factory.mktemp("calibrate")
     data, run, home = root / "data", root / "run", root / "store"
-    generate_dataset(make_system("pendulum"), ScenarioDesign(t_end=2.0, dt=0.1), n_scenarios=24, seed=0,
-                     out_dir=data, progress=False)
+    generate_dataset(
+        make_system("pendulum"),
+        ScenarioDesign(t_end=2.0, dt=0.1),
+        n_scenarios=24,
+        seed=0,
+        out_dir=data,
+        progress=False,
+    )
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    r = subprocess.run([str(BIN / "twin-train"), "experiment=pendulum_hybrid", f"data_dir={data}", f"out_dir={run}",
-                        "ensemble.size=3", "trainer.max_epochs=2", "data.batch_size=8", "model.net.hidden=16",
-                        "speed_scenarios=2", "logger=none"], capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        [
+            str(BIN / "twin-train"),
+            "experiment=pendulum_hybrid",
+            f"data_dir={data}",
+            f"out_dir={run}",
+            "ensemble.size=3",
+            "trainer.max_epochs=2",
+            "data.batch_size=8",
+            "model.net.hidden=16",
+            "speed_scenarios=2",
+            "logger=none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([str(BIN / "twin-export"), f"run_dir={run}", "name=pend", "version=v1", "parity_scenarios=8"],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        [
+            str(BIN / "twin-export"),
+            f"run_dir={run}",
+            "name=pend",
+            "version=v1",
+            "parity_scenarios=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     return run / "export" / "model.onnx", manifest, env, root
@@ -77,21 +108,48 @@ def _noise_tolerance(problem):
     return 3 / math.sqrt(2 * (n - problem.n_fit))
 
 
-@pytest.mark.parametrize("mutate, field, text", [
-    (lambda r: r["outputs"].update(theta=[None] * len(r["times"])), "outputs.theta", "every value is missing"),
-    (lambda r: r["times"].__setitem__(3, r["times"][1]), "times", "not sorted"),
-    (lambda r: r["times"].__setitem__(2, r["times"][1]), "times", "duplicated timestamp"),
-    (lambda r: r.update(fit=["length", "gravity"]), "fit", "unknown names ['gravity']; valid: length, damping, mass"),
-    (lambda r: r["inputs"].pop("torque"), "inputs", "missing ['torque']"),
-    (lambda r: r["outputs"].update(angle=[0.0] * len(r["times"])), "outputs", "unknown outputs ['angle']"),
-    (lambda r: r["outputs"]["theta"].__setitem__(4, "x"), "outputs.theta[4]", "must be a number or null"),
-    (lambda r: r.update(bounds={"length": [2.0, 1.0]}), "bounds.length", "low < high"),
-    (lambda r: r.update(noise={"theta": -1.0}), "noise.theta", "must be > 0"),
-    (lambda r: r["parameters"].pop("mass"), "parameters", "missing 'mass'"),
-    (lambda r: r.update(times=r["times"][:2]), "times", "at least 3 timestamps"),
-    (lambda r: r.update(priors={"length": {"normal": [1.0, 0.1, 3.0]}}), "priors.length.normal", "[mean, std]"),
-    (lambda r: r["outputs"]["theta"].__setitem__(1, 10 ** 400), "outputs.theta[1]", "too large for a float"),
-])
+@pytest.mark.parametrize(
+    "mutate, field, text",
+    [
+        (
+            lambda r: r["outputs"].update(theta=[None] * len(r["times"])),
+            "outputs.theta",
+            "every value is missing",
+        ),
+        (lambda r: r["times"].__setitem__(3, r["times"][1]), "times", "not sorted"),
+        (lambda r: r["times"].__setitem__(2, r["times"][1]), "times", "duplicated timestamp"),
+        (
+            lambda r: r.update(fit=["length", "gravity"]),
+            "fit",
+            "unknown names ['gravity']; valid: length, damping, mass",
+        ),
+        (lambda r: r["inputs"].pop("torque"), "inputs", "missing ['torque']"),
+        (
+            lambda r: r["outputs"].update(angle=[0.0] * len(r["times"])),
+            "outputs",
+            "unknown outputs ['angle']",
+        ),
+        (
+            lambda r: r["outputs"]["theta"].__setitem__(4, "x"),
+            "outputs.theta[4]",
+            "must be a number or null",
+        ),
+        (lambda r: r.update(bounds={"length": [2.0, 1.0]}), "bounds.length", "low < high"),
+        (lambda r: r.update(noise={"theta": -1.0}), "noise.theta", "must be > 0"),
+        (lambda r: r["parameters"].pop("mass"), "parameters", "missing 'mass'"),
+        (lambda r: r.update(times=r["times"][:2]), "times", "at least 3 timestamps"),
+        (
+            lambda r: r.update(priors={"length": {"normal": [1.0, 0.1, 3.0]}}),
+            "priors.length.normal",
+            "[mean, std]",
+        ),
+        (
+            lambda r: r["outputs"]["theta"].__setitem__(1, 10**400),
+            "outputs.theta[1]",
+            "too large for a float",
+        ),
+    ],
+)
 def test_bad_requests_name_the_field(exported, mutate, field, text):
     _, manifest, _, _ = exported
     request, _ = _request(manifest)
@@ -106,11 +164,16 @@ def test_bounds_outside_the_training_domain_warn_that_the_surrogate_extrapolates
     request, _ = _request(manifest)
     request["bounds"] = {"length": [0.3, 1.5]}
     problem = Problem.build(request, manifest)
-    assert any("bounds.length = [0.3, 1.5] reach outside the training domain" in w for w in problem.warnings)
+    assert any(
+        "bounds.length = [0.3, 1.5] reach outside the training domain" in w
+        for w in problem.warnings
+    )
     assert problem.lower[0] == 0.3
     request["parameters"]["mass"] = 5.0
-    assert any("parameters.mass = 5 is outside the training domain" in w
-               for w in Problem.build(request, manifest).warnings)
+    assert any(
+        "parameters.mass = 5 is outside the training domain" in w
+        for w in Problem.build(request, manifest).warnings
+    )
 
 
 def test_a_posterior_needs_enough_kept_steps(exported):
@@ -119,7 +182,14 @@ def test_a_posterior_needs_enough_kept_steps(exported):
     path, manifest, _, _ = exported
     problem = Problem.build(_request(manifest)[0], manifest)
     with pytest.raises(ValueError, match="steps - burn must be >= 20"):
-        posterior(SurrogateBackend(path, manifest), problem, problem.noise, np.full(2, 0.5), steps=30, burn=15)
+        posterior(
+            SurrogateBackend(path, manifest),
+            problem,
+            problem.noise,
+            np.full(2, 0.5),
+            steps=30,
+            burn=15,
+        )
 
 
 def test_solver_backend_recovers_the_true_parameters_from_clean_data(exported):
@@ -145,24 +215,43 @@ def test_surrogate_loop_with_mcmc_and_solver_verification(exported, tmp_path):
     request, truth = _request(manifest, noise_level=0.02)
     problem = Problem.build(request, manifest)
     surrogate, solver = SurrogateBackend(path, manifest), SolverBackend(manifest)
-    result = calibrate(problem, surrogate, solver, n_starts=3, mcmc={"steps": 150, "burn": 50, "walkers": 8},
-                       verify_samples=4, refine_nfev=6, seed=1)
+    result = calibrate(
+        problem,
+        surrogate,
+        solver,
+        n_starts=3,
+        mcmc={"steps": 150, "burn": 50, "walkers": 8},
+        verify_samples=4,
+        refine_nfev=6,
+        seed=1,
+    )
     post, diag, ver = result["posterior"], result["diagnostics"], result["verification"]
     for name in problem.fit:
         lo, hi = problem.lower[problem.fit.index(name)], problem.upper[problem.fit.index(name)]
         assert lo <= post[name]["q05"] < post[name]["q95"] <= hi
         assert lo <= result["estimate"][name] <= hi and result["std_error"][name] > 0
-    assert 0 < diag["acceptance"] < 1 and len(diag["rhat"]) == 2 and all(math.isfinite(x) for x in diag["rhat"])
+    assert (
+        0 < diag["acceptance"] < 1
+        and len(diag["rhat"]) == 2
+        and all(math.isfinite(x) for x in diag["rhat"])
+    )
     assert result["_samples"].shape == (100 * 8, 2)
     # two output corrections, the estimate plus 4 posterior samples re-simulated, the refinement
-    assert len(result["corrections"]) == 2 and ver["n_candidates"] == 5 and len(ver["within_2std"]) == 5
+    assert (
+        len(result["corrections"]) == 2
+        and ver["n_candidates"] == 5
+        and len(ver["within_2std"]) == 5
+    )
     assert 0 <= ver["uncorrected_within_2std"] <= 1
     # a good fit stays verified: the solver's RMS normalized residual at the estimate is ~1 (0.92
     # measured), inside the band for this many points
     lo, hi = rms_band(ver["n_observed"], problem.n_fit)
     assert ver["rms_residual_band"] == [lo, hi] and lo <= ver["rms_residual_solver"][0] <= hi
-    assert ver["verified"] == (ver["within_2std"][0] >= 0.9 and not ver["solver_failed"][0]
-                               and lo <= ver["rms_residual_solver"][0] <= hi)
+    assert ver["verified"] == (
+        ver["within_2std"][0] >= 0.9
+        and not ver["solver_failed"][0]
+        and lo <= ver["rms_residual_solver"][0] <= hi
+    )
     assert ver["verified"] and not any(w.startswith("unverified") for w in result["warnings"])
     # this short chain (100 kept steps of 8 walkers) is reported as one
     assert set(mcmc_warnings(diag, problem.fit)) <= set(result["warnings"])
@@ -173,7 +262,10 @@ def test_surrogate_loop_with_mcmc_and_solver_verification(exported, tmp_path):
     # the time inside the models is counted, and the multi-start fit's share of it lies within that fit
     tm, ev = result["timings"], result["evaluations"]
     assert 0 < tm["multistart_model_s"] < tm["multistart_s"] < tm["least_squares_s"] < tm["total_s"]
-    assert ev["surrogate_s"] == surrogate.seconds > tm["multistart_model_s"] and ev["solver_s"] == solver.seconds > 0
+    assert (
+        ev["surrogate_s"] == surrogate.seconds > tm["multistart_model_s"]
+        and ev["solver_s"] == solver.seconds > 0
+    )
     # the refinement (solver in the loop from the estimate) lands near the truth, within 3 of the
     # solver's standard errors (the noise sets how close any estimate comes; 0.4 and 0.05 of them
     # measured); this rough surrogate (2 epochs: the undamped physics, a residual that has barely
@@ -190,10 +282,18 @@ def test_an_overconfident_surrogate_is_caught_by_the_solver(exported):
     path, manifest, _, _ = exported
     request, _ = _request(manifest, noise_level=0.02)
     problem = Problem.build(request, manifest)
-    honest = calibrate(problem, SurrogateBackend(path, manifest), SolverBackend(manifest), n_starts=2, mcmc=None,
-                       corrections=0)
+    honest = calibrate(
+        problem,
+        SurrogateBackend(path, manifest),
+        SolverBackend(manifest),
+        n_starts=2,
+        mcmc=None,
+        corrections=0,
+    )
     shrunk = SurrogateBackend(_with_conformal_scale(path, 1e-3), manifest)
-    result = calibrate(problem, shrunk, SolverBackend(manifest), n_starts=2, mcmc=None, corrections=0)
+    result = calibrate(
+        problem, shrunk, SolverBackend(manifest), n_starts=2, mcmc=None, corrections=0
+    )
     assert result["verification"]["within_2std"][0] < honest["verification"]["within_2std"][0]
     assert result["verification"]["verified"] is False
     assert any(w.startswith("unverified") for w in result["warnings"])
@@ -205,13 +305,28 @@ def test_twin_calibrate_cli_writes_json_and_plot(exported, tmp_path):
     obs = tmp_path / "obs.json"
     obs.write_text(json.dumps(request))
     out = tmp_path / "cal"
-    r = subprocess.run([str(BIN / "twin-calibrate"), "model=pend:v1", f"observations={obs}", f"out_dir={out}",
-                        "steps=120", "burn=40", "walkers=8", "starts=2"], capture_output=True, text=True, timeout=600,
-                       env=env)
+    r = subprocess.run(
+        [
+            str(BIN / "twin-calibrate"),
+            "model=pend:v1",
+            f"observations={obs}",
+            f"out_dir={out}",
+            "steps=120",
+            "burn=40",
+            "walkers=8",
+            "starts=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == str(out / "calibration.json")
     result = json.loads((out / "calibration.json").read_text())
-    assert set(result["estimate"]) == set(truth) and "verification" in result and "posterior" in result
+    assert (
+        set(result["estimate"]) == set(truth) and "verification" in result and "posterior" in result
+    )
     assert result["model"] == "pend:v1" and (out / "calibration.png").stat().st_size > 10_000
     # every warning of the JSON is on stderr, one `warning: ...` line each; this short chain (80
     # kept steps, autocorrelation times of ~7) has some
@@ -221,9 +336,17 @@ def test_twin_calibrate_cli_writes_json_and_plot(exported, tmp_path):
         assert f"warning: {w}" in lines
     bad = dict(request, fit=["length", "gravity"])
     obs.write_text(json.dumps(bad))
-    r = subprocess.run([str(BIN / "twin-calibrate"), "model=pend:v1", f"observations={obs}", f"out_dir={out}"],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 2 and "fit: unknown names ['gravity']; valid: length, damping, mass" in r.stderr
+    r = subprocess.run(
+        [str(BIN / "twin-calibrate"), "model=pend:v1", f"observations={obs}", f"out_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert (
+        r.returncode == 2
+        and "fit: unknown names ['gravity']; valid: length, damping, mass" in r.stderr
+    )
 
 
 def test_missing_noise_is_estimated_from_the_residuals(exported):
@@ -233,7 +356,9 @@ def test_missing_noise_is_estimated_from_the_residuals(exported):
     request, truth = _request(manifest, noise_level=0.02, missing=0.0)
     sigma = request.pop("noise")["theta"]
     problem = Problem.build(request, manifest)
-    result = calibrate(problem, None, SolverBackend(manifest), backend="solver", n_starts=2, max_nfev=40)
+    result = calibrate(
+        problem, None, SolverBackend(manifest), backend="solver", n_starts=2, max_nfev=40
+    )
     assert result["noise_estimated"] == ["theta"]
     assert result["noise"]["theta"] == pytest.approx(sigma, rel=_noise_tolerance(problem))
     estimate = [result["estimate"][name] for name in problem.fit]
@@ -269,10 +394,13 @@ def test_a_surrogate_with_too_wide_intervals_still_gets_the_noise_right(exported
     assert result["evaluations"]["solver_scenarios"] == 1 + 3 + 1 + 1
 
 
-@pytest.mark.parametrize("factor, says", [
-    (0.01, "further from the physics than the noise allows"),
-    (10.0, "closer to the physics than the noise allows"),
-])
+@pytest.mark.parametrize(
+    "factor, says",
+    [
+        (0.01, "further from the physics than the noise allows"),
+        (10.0, "closer to the physics than the noise allows"),
+    ],
+)
 def test_a_misstated_declared_noise_is_unverified(exported, factor, says):
     """The user's noise std 100x too small (or 10x too large): the solver's RMS normalized residual
     at the estimate leaves the band (~90 and ~0.1 here), so the result is unverified, and the
@@ -289,9 +417,11 @@ def test_a_misstated_declared_noise_is_unverified(exported, factor, says):
     assert not lo <= rms <= hi and ver["verified"] is False
     # the surrogate itself stayed within its stated band: the noise alone fails it
     assert ver["within_2std"][0] >= 0.9
-    head = (f"unverified: the solver's RMS normalized residual at the estimate is {rms:.3g}, "
-            f"outside the {lo:.2g}-{hi:.2g} accepted for {ver['n_observed']} observed points "
-            f"(noise std declared for theta): ")
+    head = (
+        f"unverified: the solver's RMS normalized residual at the estimate is {rms:.3g}, "
+        f"outside the {lo:.2g}-{hi:.2g} accepted for {ver['n_observed']} observed points "
+        f"(noise std declared for theta): "
+    )
     (warning,) = [w for w in result["warnings"] if w.startswith("unverified")]
     assert warning.startswith(head) and says in warning and "Check the noise std" in warning
 
@@ -304,8 +434,17 @@ def test_a_short_mcmc_from_scattered_walkers_warns(exported):
 
     path, manifest, _, _ = exported
     problem = Problem.build(_request(manifest)[0], manifest)
-    post = posterior(SurrogateBackend(path, manifest), problem, problem.noise, np.full(2, 0.5),
-                     steps=30, burn=10, walkers=8, cov_z=np.eye(2), seed=0)
+    post = posterior(
+        SurrogateBackend(path, manifest),
+        problem,
+        problem.noise,
+        np.full(2, 0.5),
+        steps=30,
+        burn=10,
+        walkers=8,
+        cov_z=np.eye(2),
+        seed=0,
+    )
     diag = post["diagnostics"]
     assert max(diag["rhat"]) > RHAT_MAX
     assert post["warnings"] == mcmc_warnings(diag, problem.fit)
@@ -315,22 +454,35 @@ def test_a_short_mcmc_from_scattered_walkers_warns(exported):
             assert any(w.startswith(said) for w in post["warnings"])
 
 
-_CLEAN = {"walkers": 32, "steps": 2000, "burn": 500, "rhat": [1.01, 1.02], "ess": [900.0, 800.0],
-          "autocorr_time": [20.0, 25.0]}
+_CLEAN = {
+    "walkers": 32,
+    "steps": 2000,
+    "burn": 500,
+    "rhat": [1.01, 1.02],
+    "ess": [900.0, 800.0],
+    "autocorr_time": [20.0, 25.0],
+}
 
 
-@pytest.mark.parametrize("change, says", [
-    ({}, None),
-    ({"rhat": [1.01, 1.2]}, "mcmc: R-hat of damping is 1.2 (> 1.05): "),
-    ({"rhat": [None, 1.02]}, "mcmc: R-hat of length could not be computed: "),
-    ({"ess": [50.0, 800.0]}, "mcmc: the effective sample size of length is 50 (< 100): "),
-    ({"autocorr_time": [40.0, 25.0]},
-     "mcmc: the autocorrelation time of length is 40 steps, and the 1500 kept steps are fewer "
-     "than 50 of them (2000), so that time and the effective sample size are unreliable "
-     "(usually too small); run at least steps=2500 (now steps=2000, burn=500, walkers=32)"),
-    ({"autocorr_time": [20.0, None]},
-     "mcmc: the autocorrelation time of damping could not be estimated"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({}, None),
+        ({"rhat": [1.01, 1.2]}, "mcmc: R-hat of damping is 1.2 (> 1.05): "),
+        ({"rhat": [None, 1.02]}, "mcmc: R-hat of length could not be computed: "),
+        ({"ess": [50.0, 800.0]}, "mcmc: the effective sample size of length is 50 (< 100): "),
+        (
+            {"autocorr_time": [40.0, 25.0]},
+            "mcmc: the autocorrelation time of length is 40 steps, and the 1500 kept steps are fewer "
+            "than 50 of them (2000), so that time and the effective sample size are unreliable "
+            "(usually too small); run at least steps=2500 (now steps=2000, burn=500, walkers=32)",
+        ),
+        (
+            {"autocorr_time": [20.0, None]},
+            "mcmc: the autocorrelation time of damping could not be estimated",
+        ),
+    ],
+)
 def test_mcmc_diagnostics_outside_their_range_are_warnings(change, says):
     """Each diagnostic beyond its threshold (R-hat > 1.05, ESS < 100, fewer than 50 autocorrelation
     times kept, or not computable) is one warning naming the parameter, the value and what to do;
@@ -400,7 +552,9 @@ def test_corrections_solve_the_estimate_and_its_slope_points_in_one_call(exporte
     path, manifest, _, _ = exported
     problem = Problem.build(_request(manifest)[0], manifest)
     solver = SolverBackend(manifest)
-    result = calibrate(problem, SurrogateBackend(path, manifest), solver, n_starts=2, mcmc=None, corrections=2)
+    result = calibrate(
+        problem, SurrogateBackend(path, manifest), solver, n_starts=2, mcmc=None, corrections=2
+    )
     assert len(result["corrections"]) == 2
     assert (solver.calls, solver.scenarios) == (3, 5)
 
@@ -413,7 +567,9 @@ def test_corrections_solve_the_estimate_and_its_slope_points_in_one_call(exporte
 
     tight = SolverBackend(manifest, settings=SolverSettings(rtol=1e-11, atol=1e-13))
     reference = slope(tight.predict(problem, thetas)[0])
-    err_together = np.linalg.norm(slope(solver.predict(problem, thetas, together=True)[0]) - reference)
+    err_together = np.linalg.norm(
+        slope(solver.predict(problem, thetas, together=True)[0]) - reference
+    )
     err_apart = np.linalg.norm(slope(solver.predict(problem, thetas)[0]) - reference)
     # the default solver's error (rtol 1e-6) over the secant step (1e-2 of the box) allows slope
     # errors of ~1e-4 relative; 1e-3 leaves 10x for that error's growth over the record

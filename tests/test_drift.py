@@ -37,14 +37,16 @@ def _stream(seed, n=2048, rho=0.95):
     rng = np.random.default_rng(seed)
     e = np.zeros(n)
     for i in range(1, n):
-        e[i] = rho * e[i - 1] + np.sqrt(1 - rho ** 2) * rng.standard_normal()
+        e[i] = rho * e[i - 1] + np.sqrt(1 - rho**2) * rng.standard_normal()
     return e[:, None]
 
 
 @pytest.fixture(scope="module")
 def ref():
     y = _stream(1, n=4096)
-    return reference(window_statistics(y, np.ones_like(y, dtype=bool), np.zeros_like(y), np.ones_like(y), 64))
+    return reference(
+        window_statistics(y, np.ones_like(y, dtype=bool), np.zeros_like(y), np.ones_like(y), 64)
+    )
 
 
 @pytest.mark.parametrize("fault", ["none", "bias", "gain", "noise"])
@@ -65,8 +67,15 @@ def test_injected_faults_are_detected_within_one_window_and_clean_data_is_quiet(
         y[t_fault:] *= 1.0 + shift / offset
     elif fault == "noise":
         y[t_fault:] += 3.0 * np.random.default_rng(3).standard_normal(y[t_fault:].shape)
-    rep = detect(y, np.ones_like(y, dtype=bool), mean, np.ones_like(y), ref, ["y"],
-                 DriftSettings(window=64, threshold=5.0))
+    rep = detect(
+        y,
+        np.ones_like(y, dtype=bool),
+        mean,
+        np.ones_like(y),
+        ref,
+        ["y"],
+        DriftSettings(window=64, threshold=5.0),
+    )
     if fault == "none":
         assert not rep["drift"] and rep["alarms"] == []
     else:
@@ -78,10 +87,23 @@ def test_inputs_outside_the_training_range_raise_an_input_alarm(ref):
     y = _stream(2)
     u = np.full((len(y), 1), 5.0)
     u[640:] = 12.0  # beyond the range [1, 9]
-    rep = detect(y, np.ones_like(y, dtype=bool), np.zeros_like(y), np.ones_like(y), ref, ["y"],
-                 DriftSettings(window=64), u=u, input_range=np.array([[1.0, 9.0]]), input_names=["pump"], period=4.0)
+    rep = detect(
+        y,
+        np.ones_like(y, dtype=bool),
+        np.zeros_like(y),
+        np.ones_like(y),
+        ref,
+        ["y"],
+        DriftSettings(window=64),
+        u=u,
+        input_range=np.array([[1.0, 9.0]]),
+        input_names=["pump"],
+        period=4.0,
+    )
     assert rep["inputs"]["pump"]["first_alarm_window"] == 10
-    assert rep["alarms"] == [{"signal": "pump", "kind": "input_domain", "window": 10, "time_s": 11 * 64 * 4.0}]
+    assert rep["alarms"] == [
+        {"signal": "pump", "kind": "input_domain", "window": 10, "time_s": 11 * 64 * 4.0}
+    ]
 
 
 def test_bad_settings_are_refused():
@@ -98,7 +120,9 @@ def test_injected_sensor_faults_follow_their_definitions():
     mask[3, 1] = False
     names = ["a", "b"]
     yb, mb = inject(y, mask, t, names, [Fault.parse("bias:a:0.25@2.0")])
-    np.testing.assert_array_equal(yb[:, 0], np.r_[np.arange(4.0), np.arange(4.0, 10.0) + 0.25])  # from t = 2.0 (k = 4)
+    np.testing.assert_array_equal(
+        yb[:, 0], np.r_[np.arange(4.0), np.arange(4.0, 10.0) + 0.25]
+    )  # from t = 2.0 (k = 4)
     np.testing.assert_array_equal(yb[:, 1], y[:, 1])
     yg, _ = inject(y, mask, t, names, [Fault.parse("gain:b:1.1@1.0")])
     np.testing.assert_allclose(yg[:, 1], np.r_[y[:2, 1], 1.1 * y[2:, 1]])
@@ -110,13 +134,16 @@ def test_injected_sensor_faults_follow_their_definitions():
     np.testing.assert_array_equal(y[:, 0], np.arange(10.0))  # the input arrays are untouched
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("bias:y:0.1", "KIND:SIGNAL:SIZE@ONSET_S"),
-    ("drop:y:0.1@3", "kind 'drop' is unknown; kinds: bias, gain, skew"),
-    ("bias:y:abc@3", "SIZE and ONSET_S must be numbers"),
-    ("skew:y:1.5@3", "whole number of samples"),
-    ("bias:y:0.1@-1", "ONSET_S must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("bias:y:0.1", "KIND:SIGNAL:SIZE@ONSET_S"),
+        ("drop:y:0.1@3", "kind 'drop' is unknown; kinds: bias, gain, skew"),
+        ("bias:y:abc@3", "SIZE and ONSET_S must be numbers"),
+        ("skew:y:1.5@3", "whole number of samples"),
+        ("bias:y:0.1@-1", "ONSET_S must be >= 0"),
+    ],
+)
 def test_bad_fault_specs_name_what_is_allowed(spec, message):
     with pytest.raises(ValueError, match=message):
         Fault.parse(spec)

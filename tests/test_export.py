@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import rollout_tol
 
 from twin_ml.data import Dataset, ScenarioDesign, generate_dataset
 from twin_ml.export.export import export_run, in_domain_scenarios, parity_check
@@ -23,11 +24,15 @@ from twin_ml.export.onnx_export import ExportError, build_onnx, read_metadata
 from twin_ml.models import load_trained
 from twin_ml.physics import make_system
 
-from conftest import rollout_tol
-
 BIN = Path(sys.executable).parent
-TINY = ["ensemble.size=3", "trainer.max_epochs=2", "data.batch_size=8", "model.net.hidden=16", "speed_scenarios=2",
-        "logger=none"]
+TINY = [
+    "ensemble.size=3",
+    "trainer.max_epochs=2",
+    "data.batch_size=8",
+    "model.net.hidden=16",
+    "speed_scenarios=2",
+    "logger=none",
+]
 CASES = {  # experiment -> (system, t_end, dt): linear input + physics in the graph, held input, one-shot
     "pendulum_hybrid": ("pendulum", 2.0, 0.1),
     "cascaded_tanks_node": ("cascaded_tanks", 80.0, 4.0),
@@ -42,11 +47,27 @@ def runs(tmp_path_factory):
     for exp, (system, t_end, dt) in CASES.items():
         data = root / f"data-{system}"
         if not data.exists():
-            generate_dataset(make_system(system), ScenarioDesign(t_end=t_end, dt=dt), n_scenarios=24, seed=0,
-                             out_dir=data, progress=False)
+            generate_dataset(
+                make_system(system),
+                ScenarioDesign(t_end=t_end, dt=dt),
+                n_scenarios=24,
+                seed=0,
+                out_dir=data,
+                progress=False,
+            )
         run = root / exp
-        r = subprocess.run([str(BIN / "twin-train"), f"experiment={exp}", f"data_dir={data}", f"out_dir={run}",
-                            *TINY], capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [
+                str(BIN / "twin-train"),
+                f"experiment={exp}",
+                f"data_dir={data}",
+                f"out_dir={run}",
+                *TINY,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         out[exp] = (run, data)
     return out
@@ -55,7 +76,9 @@ def runs(tmp_path_factory):
 def _session(data: bytes) -> ort.InferenceSession:
     from twin_ml._ort import session
 
-    return session(data)  # the options every twin-ml session gets (the portable run's optimization level)
+    return session(
+        data
+    )  # the options every twin-ml session gets (the portable run's optimization level)
 
 
 @pytest.mark.numeric
@@ -72,7 +95,9 @@ def test_onnx_reproduces_torch_at_other_horizons_and_batches(runs, exp):
     for n_t in horizons:
         for b in (1, 3):
             x0, p = d["x0"][:b].astype(np.float32), d["p"][:b].astype(np.float32)
-            u = np.resize(d["u"][:b], (b, n_t, d["u"].shape[2])).astype(np.float32)  # any input signal will do
+            u = np.resize(d["u"][:b], (b, n_t, d["u"].shape[2])).astype(
+                np.float32
+            )  # any input signal will do
             t = torch.arange(n_t, dtype=torch.float32) * float(d["t"][1] - d["t"][0])
             members, mean, std = sess.run(None, {"x0": x0, "u": u, "p": p})
             ref = model.predict(torch.tensor(x0), torch.tensor(u), torch.tensor(p), t)
@@ -85,7 +110,9 @@ def test_onnx_reproduces_torch_at_other_horizons_and_batches(runs, exp):
             tol = rollout_tol(n_t, max(scale, 1.0))
             assert np.abs(members - ref["members"].numpy()).max() / y_std.min() < tol, (n_t, b)
             assert np.allclose(mean, ref["mean"].numpy(), rtol=0, atol=tol * y_std.min())
-            cs = max(model.conformal_scale.tolist())  # the std moves by at most the members' difference
+            cs = max(
+                model.conformal_scale.tolist()
+            )  # the std moves by at most the members' difference
             assert np.allclose(std, ref["std"].numpy(), rtol=0, atol=tol * y_std.min() * cs)
 
 
@@ -105,15 +132,31 @@ def test_parity_check_catches_a_wrong_graph(runs):
 
 def test_exported_file_is_self_describing_and_needs_no_twin_ml(runs, tmp_path):
     run, _ = runs["pendulum_hybrid"]
-    data, manifest = export_run(run, name="pendulum-hybrid", version="v1", parity_scenarios=8, parity_steps=20)
+    data, manifest = export_run(
+        run, name="pendulum-hybrid", version="v1", parity_scenarios=8, parity_steps=20
+    )
     path = tmp_path / "m.onnx"
     path.write_bytes(data)
     mp = onnx.load(str(path), load_external_data=False)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in mp.graph.initializer)
     assert any(n.op_type == "Loop" for n in mp.graph.node)
     meta = read_metadata(path)
-    for key in ("name", "version", "system", "domain", "normalization", "members", "conformal_scale", "metrics",
-                "dataset_sha256", "config_sha256", "code_version", "created_at", "integrator_error", "parity"):
+    for key in (
+        "name",
+        "version",
+        "system",
+        "domain",
+        "normalization",
+        "members",
+        "conformal_scale",
+        "metrics",
+        "dataset_sha256",
+        "config_sha256",
+        "code_version",
+        "created_at",
+        "integrator_error",
+        "parity",
+    ):
         assert key in meta, key
     assert [s["name"] for s in meta["system"]["states"]] == ["theta", "omega"]
     assert meta["system"]["parameters"][0]["unit"] == "m" and meta["members"] == 3
@@ -129,31 +172,50 @@ members, mean, std = s.run(None, {{"x0": x0, "u": u, "p": p}})
 assert "twin_ml" not in sys.modules and "torch" not in sys.modules
 print(json.dumps({{"name": m["name"], "shape": list(mean.shape), "std_pos": bool((std > 0).all())}}))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout) == {"name": "pendulum-hybrid", "shape": [2, 50, 1], "std_pos": True}
 
 
 def _cli(*args, home):
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def test_export_cli_registry_promote_and_tamper(runs, tmp_path):
     run, _ = runs["cascaded_tanks_node"]
     home = tmp_path / "store"
-    r = _cli("twin-export", f"run_dir={run}", "name=tanks", "version=v1", "parity_scenarios=8", home=home)
+    r = _cli(
+        "twin-export", f"run_dir={run}", "name=tanks", "version=v1", "parity_scenarios=8", home=home
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(Path(r.stdout.strip().splitlines()[-1]).read_text())
     assert summary["tag"] == "tanks:v1" and summary["parity"]["passed"]
-    r = _cli("twin-export", f"run_dir={run}", "name=tanks", "version=v2", "parity_scenarios=8", "stage=staging", home=home)
+    r = _cli(
+        "twin-export",
+        f"run_dir={run}",
+        "name=tanks",
+        "version=v2",
+        "parity_scenarios=8",
+        "stage=staging",
+        home=home,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     listing = _cli("twin-models", "list", home=home)
     assert listing.returncode == 0 and "tanks:v1" in listing.stdout and "tanks:v2" in listing.stdout
-    assert _cli("twin-models", "promote", "tanks:v1", "--stage", "production", home=home).returncode == 0
+    assert (
+        _cli("twin-models", "promote", "tanks:v1", "--stage", "production", home=home).returncode
+        == 0
+    )
     shown = _cli("twin-models", "show", "tanks:production", home=home)
     assert shown.returncode == 0 and json.loads(shown.stdout)["version"] == "v1"
-    assert json.loads(_cli("twin-models", "show", "tanks:latest", home=home).stdout)["version"] == "v2"
+    assert (
+        json.loads(_cli("twin-models", "show", "tanks:latest", home=home).stdout)["version"] == "v2"
+    )
     bad = _cli("twin-models", "show", "tanks:archived", home=home)
     assert bad.returncode == 1 and "no version of tanks is promoted to archived" in bad.stderr
     assert _cli("twin-models", "verify", "tanks:v1", home=home).returncode == 0
@@ -195,12 +257,16 @@ def test_parity_check_fails_a_graph_that_outputs_nan(runs):
     mp = build_onnx(load_trained(run / "model")[0], meta["time"]["dt"])
     for init in mp.graph.initializer:  # the conformal scale -> NaN: std is NaN, and so on
         if init.name == "ens/conformal_scale":
-            init.CopyFrom(onnx.numpy_helper.from_array(np.full(model.ny, np.nan, np.float32), init.name))
+            init.CopyFrom(
+                onnx.numpy_helper.from_array(np.full(model.ny, np.nan, np.float32), init.name)
+            )
     # the members themselves NaN: multiply the loop's output by the NaN scale before it is returned
     for node in mp.graph.node:
         if node.op_type == "Transpose":
             node.output[0] = "members_raw"
-    mp.graph.node.append(onnx.helper.make_node("Mul", ["members_raw", "ens/conformal_scale"], ["members"]))
+    mp.graph.node.append(
+        onnx.helper.make_node("Mul", ["members_raw", "ens/conformal_scale"], ["members"])
+    )
     s = in_domain_scenarios(model, meta["design"], 4, 11, meta["time"]["dt"], seed=1)
     assert not parity_check(model, mp.SerializeToString(), s)["passed"]
 
@@ -208,8 +274,15 @@ def test_parity_check_fails_a_graph_that_outputs_nan(runs):
 def test_registry_refuses_an_existing_version_or_a_bad_stage_before_exporting(runs, tmp_path):
     run, _ = runs["pendulum_hybrid"]
     home = tmp_path / "store"
-    assert _cli("twin-export", f"run_dir={run}", "name=p", "version=v1", "parity_scenarios=4", home=home).returncode == 0
-    r = _cli("twin-export", f"run_dir={run}", "name=p", "version=v1", "parity_scenarios=4", home=home)
+    assert (
+        _cli(
+            "twin-export", f"run_dir={run}", "name=p", "version=v1", "parity_scenarios=4", home=home
+        ).returncode
+        == 0
+    )
+    r = _cli(
+        "twin-export", f"run_dir={run}", "name=p", "version=v1", "parity_scenarios=4", home=home
+    )
     assert r.returncode == 2 and "p:v1 is already in the store" in r.stderr
     # the checks twin-export runs before exporting (in-process: each CLI start costs ~8 s)
     from twin_ml import registry

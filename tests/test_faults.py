@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-
 from conftest import train_here
 
 BIN = Path(sys.executable).parent

@@ -5,19 +5,20 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SHIPPED
 
 from twin_ml.data import Dataset, DatasetError, ScenarioDesign, generate_dataset
 from twin_ml.physics import Output, Parameter, PhysicsSystem, State, make_system
 from twin_ml.physics.solver import OK
-
-from conftest import SHIPPED
 
 SMALL = ScenarioDesign(t_end=2.0, dt=0.1)
 
 
 def _gen(tmp_path, name="run", system=None, design=SMALL, **kw):
     kw = {"n_scenarios": 24, "seed": 0, "shard_size": 5, "progress": False, **kw}
-    return generate_dataset(system or make_system("pendulum"), design, out_dir=tmp_path / name, **kw)
+    return generate_dataset(
+        system or make_system("pendulum"), design, out_dir=tmp_path / name, **kw
+    )
 
 
 def test_same_seed_same_sha_other_seed_other_sha(tmp_path):
@@ -41,7 +42,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert resumed.manifest["dataset_sha256"] == full.manifest["dataset_sha256"]
     assert not (part.path / ".generating.json").exists()
     again = _gen(tmp_path, "part")  # complete: nothing to do
-    assert again.shards_written == 0 and again.manifest["dataset_sha256"] == full.manifest["dataset_sha256"]
+    assert (
+        again.shards_written == 0
+        and again.manifest["dataset_sha256"] == full.manifest["dataset_sha256"]
+    )
 
 
 def test_parallel_workers_give_the_same_dataset(tmp_path):
@@ -55,7 +59,9 @@ def test_a_torn_shard_is_rewritten_on_resume(tmp_path):
     part = _gen(tmp_path, "part", max_new_shards=3)
     shard = part.path / "shards" / "00001.npz"
     shard.write_bytes(shard.read_bytes()[:100])  # e.g. a disk that lost the tail
-    (part.path / "shards" / ".00002.npz.abc.tmp").write_bytes(b"junk")  # a temp file of a killed run
+    (part.path / "shards" / ".00002.npz.abc.tmp").write_bytes(
+        b"junk"
+    )  # a temp file of a killed run
     resumed = _gen(tmp_path, "part")
     assert resumed.shards_reused == 2 and resumed.shards_written == 4
     assert resumed.manifest["dataset_sha256"] == full.manifest["dataset_sha256"]
@@ -67,11 +73,28 @@ def test_manifest_and_shards_are_readable_with_numpy_alone(tmp_path):
     m = json.loads((res.path / "manifest.json").read_text())
     assert m["format"] == "twin-ml/dataset/v1" and len(m["dataset_sha256"]) == 64
     assert [s["name"] for s in m["system"]["states"]] == ["theta", "omega"]
-    assert m["system"]["parameters"][0] == {"name": "length", "unit": "m", "nominal": 1.0,
-                                            "bounds": [0.5, 2.0], "limits": [0.05, 100.0]}
+    assert m["system"]["parameters"][0] == {
+        "name": "length",
+        "unit": "m",
+        "nominal": 1.0,
+        "bounds": [0.5, 2.0],
+        "limits": [0.05, 100.0],
+    }
     assert m["shapes"] == {"n_scenarios": 27, "n_times": 21, "nx": 2, "nu": 1, "ny": 1, "np": 3}
-    assert m["counts"]["extrapolation"] == 3 and sum(m["counts"][k] for k in ("train", "val", "test")) == 24
-    assert set(m) >= {"design", "regimes", "solver", "seeds", "splits", "code_version", "shards", "time"}
+    assert (
+        m["counts"]["extrapolation"] == 3
+        and sum(m["counts"][k] for k in ("train", "val", "test")) == 24
+    )
+    assert set(m) >= {
+        "design",
+        "regimes",
+        "solver",
+        "seeds",
+        "splits",
+        "code_version",
+        "shards",
+        "time",
+    }
     z = np.load(res.path / m["shards"][0]["file"], allow_pickle=False)
     assert z["x"].shape == (5, 21, 2) and z["u"].shape == (5, 21, 1) and z["p"].shape == (5, 3)
     np.testing.assert_allclose(z["x"][:, 0], z["x0"])  # trajectories start at their initial state
@@ -86,8 +109,14 @@ def test_stored_trajectories_match_an_independent_solve(tmp_path):
 
     res = _gen(tmp_path)
     d = Dataset.open(res.path).load("train")
-    ref = solve_looped(make_system("pendulum"), d["t"], d["u"][:3], d["p"][:3], d["x0"][:3],
-                       SolverSettings(method="DOP853", rtol=1e-11, atol=1e-12))
+    ref = solve_looped(
+        make_system("pendulum"),
+        d["t"],
+        d["u"][:3],
+        d["p"][:3],
+        d["x0"][:3],
+        SolverSettings(method="DOP853", rtol=1e-11, atol=1e-12),
+    )
     # the default tolerances (rtol 1e-6) through kinks in the interpolated input: ~1e-4 of the range
     np.testing.assert_allclose(d["x"][:3], ref.x, atol=1e-4 * np.ptp(ref.x))
 
@@ -117,14 +146,22 @@ class Fragile(PhysicsSystem):
 
 
 def test_solver_failures_are_recorded_and_never_silent(tmp_path):
-    res = _gen(tmp_path, system=Fragile(), design=ScenarioDesign(extrapolation_fraction=0), n_scenarios=40)
+    res = _gen(
+        tmp_path, system=Fragile(), design=ScenarioDesign(extrapolation_fraction=0), n_scenarios=40
+    )
     m = res.manifest
-    assert res.complete and 0 < m["counts"]["failed"] < 40 and m["counts"]["failed"] == len(m["failures"])
+    assert (
+        res.complete
+        and 0 < m["counts"]["failed"] < 40
+        and m["counts"]["failed"] == len(m["failures"])
+    )
     assert all(f["reason"] and f["status"] != OK for f in m["failures"])
     raw = Dataset.open(res.path).load(include_failed=True)
     bad = raw["status"] != OK
     np.testing.assert_array_equal(np.flatnonzero(bad), sorted(f["index"] for f in m["failures"]))
-    assert np.all(raw["p"][bad, 0] > 0.45)  # exactly the ones whose blow-up time falls inside the horizon
+    assert np.all(
+        raw["p"][bad, 0] > 0.45
+    )  # exactly the ones whose blow-up time falls inside the horizon
     assert np.isnan(raw["x"][bad]).all() and np.isfinite(raw["x"][~bad]).all()
     assert np.isfinite(Dataset.open(res.path).load()["x"]).all()  # the default view drops failures
 
@@ -133,7 +170,9 @@ def test_different_settings_in_the_same_dir_are_refused_unless_overwrite(tmp_pat
     first = _gen(tmp_path)
     with pytest.raises(ValueError, match="different settings; pass overwrite=true"):
         _gen(tmp_path, seed=9)
-    assert (first.path / "manifest.json").exists() and Dataset.open(first.path).sha256 == first.manifest["dataset_sha256"]
+    assert (first.path / "manifest.json").exists() and Dataset.open(
+        first.path
+    ).sha256 == first.manifest["dataset_sha256"]
     again = _gen(tmp_path, seed=9, overwrite=True)
     assert again.complete and again.manifest["dataset_sha256"] != first.manifest["dataset_sha256"]
 
@@ -150,8 +189,14 @@ def test_foreign_and_unwritable_directories_are_refused(tmp_path):
         _gen(tmp_path, "file/sub")
 
 
-@pytest.mark.parametrize("kw, match", [({"n_scenarios": 0}, "n_scenarios must be an integer > 0"),
-                                       ({"shard_size": 0}, "shard_size must be"), ({"seed": -1}, "seed must be")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"n_scenarios": 0}, "n_scenarios must be an integer > 0"),
+        ({"shard_size": 0}, "shard_size must be"),
+        ({"seed": -1}, "seed must be"),
+    ],
+)
 def test_bad_arguments_write_nothing(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _gen(tmp_path, "x", **kw)
@@ -162,8 +207,15 @@ def test_bad_arguments_write_nothing(tmp_path, kw, match):
 def test_every_shipped_system_generates_a_dataset(tmp_path, name):
     sys_ = make_system(name)
     t_end, dt = sys_.default_horizon
-    res = generate_dataset(sys_, ScenarioDesign(t_end=20 * dt, dt=dt), n_scenarios=8, seed=0,
-                           out_dir=tmp_path / name, shard_size=4, progress=False)
+    res = generate_dataset(
+        sys_,
+        ScenarioDesign(t_end=20 * dt, dt=dt),
+        n_scenarios=8,
+        seed=0,
+        out_dir=tmp_path / name,
+        shard_size=4,
+        progress=False,
+    )
     assert res.complete and res.manifest["counts"]["failed"] == 0
     d = Dataset.open(res.path).load()
     assert d["x"].shape == (9, 21, len(sys_.states)) and np.isfinite(d["y"]).all()
@@ -181,7 +233,10 @@ def test_resume_across_a_code_change_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(ValueError, match="started by code version 0.0.1"):
         _gen(tmp_path, "part")
     restarted = _gen(tmp_path, "part", overwrite=True)
-    assert restarted.shards_reused == 0 and restarted.manifest["dataset_sha256"] == full.manifest["dataset_sha256"]
+    assert (
+        restarted.shards_reused == 0
+        and restarted.manifest["dataset_sha256"] == full.manifest["dataset_sha256"]
+    )
     assert not list(part.path.glob(".*.tmp"))
 
 
@@ -204,11 +259,15 @@ def test_system_options_are_checked_and_normalized():
     from twin_ml._io import canonical_json
     from twin_ml.physics import make_system
 
-    with pytest.raises(ValueError, match=r"unknown options \['overflw'\]; its options are \['h1_max'"):
+    with pytest.raises(
+        ValueError, match=r"unknown options \['overflw'\]; its options are \['h1_max'"
+    ):
         make_system("cascaded_tanks", overflw=False)
     assert make_system("cascaded_tanks", h1_max=10).options == make_system("cascaded_tanks").options
     # an optional float option (`float | None`) given as an int records as the float too
     clipped = make_system("cascaded_tanks", sensor_max=10).options
-    assert canonical_json(clipped) == canonical_json(make_system("cascaded_tanks", sensor_max=10.0).options)
+    assert canonical_json(clipped) == canonical_json(
+        make_system("cascaded_tanks", sensor_max=10.0).options
+    )
     assert isinstance(clipped["sensor_max"], float)
     assert make_system("cstr").options == {}

@@ -15,7 +15,9 @@ from twin_ml.physics import SolverSettings, make_system, solve_looped
 
 def _scenarios(name, n=6, seed=0):
     sys_ = make_system(name)
-    d = ScenarioDesign(extrapolation_fraction=0, t_end=40 * sys_.default_horizon[1])  # 40 steps: quick
+    d = ScenarioDesign(
+        extrapolation_fraction=0, t_end=40 * sys_.default_horizon[1]
+    )  # 40 steps: quick
     sc = d.sample(sys_, n, seed)
     t = d.time_grid(sys_)
     u = scenario_inputs(t, d.signal_specs(sys_), sc, seed)
@@ -56,15 +58,24 @@ def test_hybrid_with_zero_residual_reproduces_the_solver(name):
 
 
 @pytest.mark.numeric
-@pytest.mark.parametrize("solver, fraction", [("rk4", 1.0), ("rk4", 0.5), ("midpoint", 0.5), ("euler", 0.25)])
+@pytest.mark.parametrize(
+    "solver, fraction", [("rk4", 1.0), ("rk4", 0.5), ("midpoint", 0.5), ("euler", 0.25)]
+)
 def test_fixed_steps_equal_torchdiffeq(solver, fraction):
     """The fixed-step rollout steps directly; torchdiffeq's odeint with the same method on the
     same sub-grid, interval by interval, is the reference (float64: equal to round-off)."""
     from torchdiffeq import odeint
 
     sys_, t, u, p, x0, ref = _scenarios("cascaded_tanks", n=3)
-    model = build_model("node", sys_, compute_stats(ref.x, u, p, ref.y, t), members=2, solver=solver,
-                        step_fraction=fraction, seed=3).double()
+    model = build_model(
+        "node",
+        sys_,
+        compute_stats(ref.x, u, p, ref.y, t),
+        members=2,
+        solver=solver,
+        step_fraction=fraction,
+        seed=3,
+    ).double()
     x0t, ut, pt, tt = (torch.tensor(a) for a in (x0, u, p, t))
     fast = model(x0t, ut, pt, tt)[0]
     n = round(1 / fraction)
@@ -79,7 +90,9 @@ def test_fixed_steps_equal_torchdiffeq(solver, fraction):
             return model.vector_field(xx, u0 + min(max((float(tau) - t0) / h, 0.0), 1.0) * du, pt)
 
         grid = torch.linspace(float(t[k]), float(t[k + 1]), n + 1, dtype=torch.float64)
-        x = odeint(f, x, grid, method=solver, options={"grid_constructor": lambda *_a, g=grid: g})[-1]
+        x = odeint(f, x, grid, method=solver, options={"grid_constructor": lambda *_a, g=grid: g})[
+            -1
+        ]
         torch.testing.assert_close(fast[:, :, k + 1], x, rtol=1e-12, atol=1e-12)
 
 
@@ -88,7 +101,9 @@ def test_adaptive_dopri5_matches_the_solver():
     stats = compute_stats(ref.x, u, p, ref.y, t)
     args = [torch.tensor(a) for a in (x0, u, p, t)]
     # the input's kinks at every sample cost adaptive error control accuracy: a tight rtol is needed
-    a = build_model("hybrid", sys_, stats, members=1, solver="dopri5", rtol=1e-9, atol=1e-11).double()(*args)[0]
+    a = build_model(
+        "hybrid", sys_, stats, members=1, solver="dopri5", rtol=1e-9, atol=1e-11
+    ).double()(*args)[0]
     np.testing.assert_allclose(a.detach().numpy()[0], ref.x, atol=1e-5 * np.ptp(ref.x))
 
 
@@ -98,14 +113,20 @@ def test_incomplete_physics_differs_and_learnable_parameters_start_at_nominal():
     stats = compute_stats(ref.x, u, p, ref.y, t)
     args = [torch.tensor(a) for a in (x0, u, p, t)]
     full = build_model("hybrid", sys_, stats, members=1).double()(*args)[0]
-    undamped = build_model("hybrid", sys_, stats, members=1, physics_options={"damped": False}).double()(*args)[0]
+    undamped = build_model(
+        "hybrid", sys_, stats, members=1, physics_options={"damped": False}
+    ).double()(*args)[0]
     assert (full - undamped).abs().max() > 1e-2  # the residual has something to learn
     m = build_model("hybrid", sys_, stats, members=2, learn_parameters=["damping"])
-    assert torch.equal(m.physical_parameters(torch.tensor(p, dtype=torch.float32)),
-                       torch.tensor(p, dtype=torch.float32).expand(2, -1, -1))
+    assert torch.equal(
+        m.physical_parameters(torch.tensor(p, dtype=torch.float32)),
+        torch.tensor(p, dtype=torch.float32).expand(2, -1, -1),
+    )
     with pytest.raises(ValueError, match=r"unknown \['dampng'\]"):
         build_model("hybrid", sys_, stats, learn_parameters=["dampng"])
-    with pytest.raises(KeyError, match="unknown model kind 'gp'; kinds: \\['emulator', 'hybrid', 'node'\\]"):
+    with pytest.raises(
+        KeyError, match="unknown model kind 'gp'; kinds: \\['emulator', 'hybrid', 'node'\\]"
+    ):
         build_model("gp", sys_, stats)
 
 
@@ -150,14 +171,22 @@ def test_shooting_segments_tile_the_trajectory_from_the_data_states():
     batch = (torch.arange(b), x[:, 0], u, p, x, y)
     index, x0, uw, pw, xw, yw = SurrogateModule.segments(batch, offset, steps)
     k = (n_t - 1 - offset) // steps  # 4 windows: starts 2, 6, 10, 14 (the last ends at 18 <= 20)
-    assert xw.shape == (b * k, steps + 1, 2) and uw.shape == (b * k, steps + 1, 1) and yw.shape == (b * k, steps + 1, 1)
-    assert torch.equal(index, torch.arange(b).repeat_interleave(k)) and torch.equal(pw, p.repeat_interleave(k, 0))
+    assert (
+        xw.shape == (b * k, steps + 1, 2)
+        and uw.shape == (b * k, steps + 1, 1)
+        and yw.shape == (b * k, steps + 1, 1)
+    )
+    assert torch.equal(index, torch.arange(b).repeat_interleave(k)) and torch.equal(
+        pw, p.repeat_interleave(k, 0)
+    )
     for i in range(b):
         for j in range(k):
             s = offset + j * steps
-            assert torch.equal(xw[i * k + j], x[i, s:s + steps + 1])  # consecutive, sharing end points
+            assert torch.equal(
+                xw[i * k + j], x[i, s : s + steps + 1]
+            )  # consecutive, sharing end points
             assert torch.equal(x0[i * k + j], x[i, s])
-            assert torch.equal(uw[i * k + j], u[i, s:s + steps + 1])
+            assert torch.equal(uw[i * k + j], u[i, s : s + steps + 1])
 
 
 @pytest.mark.numeric

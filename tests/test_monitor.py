@@ -14,14 +14,21 @@ from training.monitor import DEFAULTS, run
 from twin_ml.drift import Fault
 
 MODEL = Path(__file__).parent / "assets" / "silverbox_model"
-STEPS = 2560            # the faults' replays: 4.2 s of the record, 80 windows of 32 samples
+STEPS = 2560  # the faults' replays: 4.2 s of the record, 80 windows of 32 samples
 WINDOW = 32
-ONSET_S = 2.5165824     # the start of window 48 (48 x 32 x 1.6384 ms); the reference is windows 0-24
+ONSET_S = 2.5165824  # the start of window 48 (48 x 32 x 1.6384 ms); the reference is windows 0-24
 
 
 def _run(tmp_path, name, **kw):
-    cfg = {**DEFAULTS, "model": str(MODEL), "source": "silverbox:test_multisine", "steps": str(STEPS),
-           "window": str(WINDOW), "out_dir": str(tmp_path / name), **kw}
+    cfg = {
+        **DEFAULTS,
+        "model": str(MODEL),
+        "source": "silverbox:test_multisine",
+        "steps": str(STEPS),
+        "window": str(WINDOW),
+        "out_dir": str(tmp_path / name),
+        **kw,
+    }
     summary = json.loads(run(cfg).read_text())
     return json.loads(Path(summary["report"]).read_text()), summary
 
@@ -61,13 +68,17 @@ def test_injected_sensor_faults_are_detected_within_one_window(out, fault):
 
 
 def test_bad_monitor_input_names_the_setting(out, tmp_path):
-    with pytest.raises(ValueError, match="record 'nope' is unknown; records: train, test_multisine"):
+    with pytest.raises(
+        ValueError, match="record 'nope' is unknown; records: train, test_multisine"
+    ):
         _run(out, "bad", source="silverbox:nope")
     with pytest.raises(ValueError, match="must be a .parquet/.csv file or DATASET:RECORD"):
         _run(out, "bad", source="somewhere")
     with pytest.raises(ValueError, match="falls in the reference"):
         _run(out, "bad", inject="bias:y:0.01@0.1")
-    with pytest.raises(ValueError, match="source: 40 samples; the monitor needs >= 3 windows of 32"):
+    with pytest.raises(
+        ValueError, match="source: 40 samples; the monitor needs >= 3 windows of 32"
+    ):
         _run(out, "bad", steps="40")
     with pytest.raises(ValueError, match="horizon must be a whole number or none"):
         _run(out, "bad", horizon="soon")

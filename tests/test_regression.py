@@ -19,12 +19,31 @@ CASES = sorted(k for k in SPEC if not k.startswith("_"))
 def train_small(name: str, tmp_path: Path) -> dict:
     c = SPEC[name]
     data = tmp_path / "data"
-    generate_dataset(make_system(c["system"]), ScenarioDesign(t_end=c["t_end"], dt=c["dt"]), n_scenarios=c["n_scenarios"],
-                     seed=0, out_dir=data, progress=False)
+    generate_dataset(
+        make_system(c["system"]),
+        ScenarioDesign(t_end=c["t_end"], dt=c["dt"]),
+        n_scenarios=c["n_scenarios"],
+        seed=0,
+        out_dir=data,
+        progress=False,
+    )
     out = tmp_path / "run"
-    r = subprocess.run([str(Path(sys.executable).parent / "twin-train"), f"experiment={name}", f"data_dir={data}",
-                        f"out_dir={out}", "logger=none", "seed=0", "speed_scenarios=2", *c["overrides"]],
-                       capture_output=True, text=True, timeout=900, env={**os.environ})
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "twin-train"),
+            f"experiment={name}",
+            f"data_dir={data}",
+            f"out_dir={out}",
+            "logger=none",
+            "seed=0",
+            "speed_scenarios=2",
+            *c["overrides"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
 

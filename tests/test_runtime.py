@@ -10,13 +10,12 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
+from conftest import rollout_tol
 
 from twin_ml.data import ScenarioDesign, generate_dataset
 from twin_ml.export.export import export_run
 from twin_ml.models import load_trained
 from twin_ml.physics import make_system
-
-from conftest import rollout_tol
 
 pytestmark = pytest.mark.numeric  # also run in `make test-portable`
 
@@ -27,14 +26,36 @@ BIN = Path(sys.executable).parent
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     data = root / "data"
-    generate_dataset(make_system("pendulum"), ScenarioDesign(t_end=2.0, dt=0.1), n_scenarios=24, seed=0,
-                     out_dir=data, progress=False)
+    generate_dataset(
+        make_system("pendulum"),
+        ScenarioDesign(t_end=2.0, dt=0.1),
+        n_scenarios=24,
+        seed=0,
+        out_dir=data,
+        progress=False,
+    )
     run = root / "run"
-    r = subprocess.run([str(BIN / "twin-train"), "experiment=pendulum_hybrid", f"data_dir={data}", f"out_dir={run}",
-                        "ensemble.size=3", "trainer.max_epochs=2", "data.batch_size=8", "model.net.hidden=16",
-                        "speed_scenarios=2", "logger=none"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            str(BIN / "twin-train"),
+            "experiment=pendulum_hybrid",
+            f"data_dir={data}",
+            f"out_dir={run}",
+            "ensemble.size=3",
+            "trainer.max_epochs=2",
+            "data.batch_size=8",
+            "model.net.hidden=16",
+            "speed_scenarios=2",
+            "logger=none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    blob, manifest = export_run(run, name="pendulum_hybrid", version="v1", parity_scenarios=8, parity_steps=20)
+    blob, manifest = export_run(
+        run, name="pendulum_hybrid", version="v1", parity_scenarios=8, parity_steps=20
+    )
     path = root / "model.onnx"
     path.write_bytes(blob)
     model, _ = load_trained(run / "model")
@@ -51,8 +72,13 @@ def rt(exported):
 
 def scenario(n_steps=20, **over):
     t = np.arange(n_steps + 1) * 0.1
-    sc = {"parameters": {"length": 1.0, "damping": 0.2, "mass": 1.2}, "initial_state": {"theta": 0.4, "omega": 0.0},
-          "t_end": round(n_steps * 0.1, 10), "inputs": {"torque": (0.3 * np.sin(t)).tolist()}, "quantiles": [0.05, 0.5, 0.95]}
+    sc = {
+        "parameters": {"length": 1.0, "damping": 0.2, "mass": 1.2},
+        "initial_state": {"theta": 0.4, "omega": 0.0},
+        "t_end": round(n_steps * 0.1, 10),
+        "inputs": {"torque": (0.3 * np.sin(t)).tolist()},
+        "quantiles": [0.05, 0.5, 0.95],
+    }
     sc.update(over)
     return sc
 
@@ -62,19 +88,29 @@ def test_answer_matches_the_torch_model_with_gaussian_quantiles(rt, exported):
     sc = scenario(30)
     ans = rt.simulate(sc)[0]
     t = torch.tensor(ans["times"], dtype=torch.float32)
-    ref = model.predict(torch.tensor([[0.4, 0.0]]), torch.tensor(sc["inputs"]["torque"], dtype=torch.float32)[None, :, None],
-                        torch.tensor([[1.0, 0.2, 1.2]]), t)
+    ref = model.predict(
+        torch.tensor([[0.4, 0.0]]),
+        torch.tensor(sc["inputs"]["torque"], dtype=torch.float32)[None, :, None],
+        torch.tensor([[1.0, 0.2, 1.2]]),
+        t,
+    )
     out = ans["outputs"]["theta"]
     assert len(out["mean"]) == 31 and ans["in_domain"] and ans["domain_reasons"] == []
     # onnxruntime's graph and torch's eager ops: two float32 programs of the same 30-step rollout;
     # the std moves by at most the members' difference (times the conformal scale)
     tol = rollout_tol(30, np.abs(ref["members"].numpy()).max())
     assert np.allclose(out["mean"], ref["mean"][0, :, 0].numpy(), rtol=0, atol=tol)
-    assert np.allclose(out["std"], ref["std"][0, :, 0].numpy(), rtol=0,
-                       atol=tol * max(exported[1]["conformal_scale"]))
+    assert np.allclose(
+        out["std"],
+        ref["std"][0, :, 0].numpy(),
+        rtol=0,
+        atol=tol * max(exported[1]["conformal_scale"]),
+    )
     z = NormalDist().inv_cdf(0.95)
     # float64: the runtime forms mean + z * std from the same float64 values the answer carries
-    assert np.allclose(out["quantiles"]["0.95"], np.array(out["mean"]) + z * np.array(out["std"]), atol=1e-12)
+    assert np.allclose(
+        out["quantiles"]["0.95"], np.array(out["mean"]) + z * np.array(out["std"]), atol=1e-12
+    )
     assert out["quantiles"]["0.5"] == pytest.approx(out["mean"])
     assert ans["model"] == {"name": "pendulum_hybrid", "version": "v1"}
 
@@ -82,7 +118,11 @@ def test_answer_matches_the_torch_model_with_gaussian_quantiles(rt, exported):
 def test_mixed_horizons_batch_like_single_calls(rt):
     from serving.runtime import plan
 
-    scs = [scenario(10), scenario(25, parameters={"length": 1.5, "damping": 0.1, "mass": 0.7}), scenario(10, t_end=1.0)]
+    scs = [
+        scenario(10),
+        scenario(25, parameters={"length": 1.5, "damping": 0.1, "mass": 0.7}),
+        scenario(10, t_end=1.0),
+    ]
     scs.append({**scenario(40), "times": (np.arange(41) * 0.1).tolist()})
     del scs[-1]["t_end"]
     scs += [scenario(30, initial_state={"theta": -0.5, "omega": 0.3}), scenario(22)]
@@ -95,9 +135,15 @@ def test_mixed_horizons_batch_like_single_calls(rt):
         # another batch size and padding: the same float32 rollout, rounded by other kernels
         n, scale = len(a["times"]) - 1, np.abs(alone["outputs"]["theta"]["mean"]).max()
         tol = rollout_tol(n, scale + 3 * np.max(alone["outputs"]["theta"]["std"]))
-        assert np.allclose(a["outputs"]["theta"]["mean"], alone["outputs"]["theta"]["mean"], rtol=0, atol=tol)
-        assert np.allclose(a["outputs"]["theta"]["std"], alone["outputs"]["theta"]["std"], rtol=0,
-                           atol=tol * max(rt.manifest["conformal_scale"]))
+        assert np.allclose(
+            a["outputs"]["theta"]["mean"], alone["outputs"]["theta"]["mean"], rtol=0, atol=tol
+        )
+        assert np.allclose(
+            a["outputs"]["theta"]["std"],
+            alone["outputs"]["theta"]["std"],
+            rtol=0,
+            atol=tol * max(rt.manifest["conformal_scale"]),
+        )
 
 
 def test_out_of_domain_is_flagged_with_reasons_and_refused_in_strict_mode(rt, exported):
@@ -106,10 +152,14 @@ def test_out_of_domain_is_flagged_with_reasons_and_refused_in_strict_mode(rt, ex
     sc = scenario(10, parameters={"length": 2.6, "damping": 0.2, "mass": 1.0})
     ans = rt.simulate(sc)[0]
     assert not ans["in_domain"]
-    assert ans["domain_reasons"] == ["parameter length = 2.6 is above the training range [0.5, 2] by 0.6 (40% of its width)"]
+    assert ans["domain_reasons"] == [
+        "parameter length = 2.6 is above the training range [0.5, 2] by 0.6 (40% of its width)"
+    ]
     big = scenario(10)
     big["inputs"]["torque"][3] = -3.0
-    assert any(r.startswith("input torque = -3 is below") for r in rt.simulate(big)[0]["domain_reasons"])
+    assert any(
+        r.startswith("input torque = -3 is below") for r in rt.simulate(big)[0]["domain_reasons"]
+    )
     strict = Runtime(exported[0], exported[1], strict=True)
     with pytest.raises(RequestError, match="strict mode"):
         strict.simulate(sc)
@@ -118,21 +168,56 @@ def test_out_of_domain_is_flagged_with_reasons_and_refused_in_strict_mode(rt, ex
     assert "initial state theta, omega not given" in rt.simulate(missing_x0)[0]["warnings"][0]
 
 
-@pytest.mark.parametrize("mutate, field, text", [
-    (lambda s: s["parameters"].update(length=float("nan")), "scenarios[0].parameters.length", "finite"),
-    (lambda s: s["inputs"]["torque"].__setitem__(2, math.inf), "scenarios[0].inputs.torque[2]", "finite"),
-    (lambda s: s["inputs"].update(torque=[0.0] * 7), "scenarios[0].inputs.torque", "has 7 values, but the time grid has 21"),
-    (lambda s: s["parameters"].update(gravity=9.8), "scenarios[0].parameters", "unknown names ['gravity']"),
-    (lambda s: s["parameters"].pop("mass"), "scenarios[0].parameters", "missing ['mass']"),
-    (lambda s: s["parameters"].update(mass="heavy"), "scenarios[0].parameters.mass", "must be a number, got str"),
-    (lambda s: s.update(t_end=100.0), "scenarios[0].t_end", "exceed this model's maximum of 80"),
-    (lambda s: s.update(dt=0.0), "scenarios[0].dt", "must be > 0"),
-    (lambda s: s.update(dt=0.05), "scenarios[0].dt", "must equal the model's dt = 0.1"),
-    (lambda s: s.update(quantiles=[1.5]), "scenarios[0].quantiles[0]", "must be in (0, 1)"),
-    (lambda s: s.update(quantiles=[0.05, 0.0500000001]), "scenarios[0].quantiles", "levels must differ"),
-    (lambda s: s.update(t_end=1e300), "scenarios[0].t_end", "exceed this model's maximum of 80"),
-    (lambda s: s.update(colour="red"), "scenarios[0]", "unknown fields ['colour']"),
-])
+@pytest.mark.parametrize(
+    "mutate, field, text",
+    [
+        (
+            lambda s: s["parameters"].update(length=float("nan")),
+            "scenarios[0].parameters.length",
+            "finite",
+        ),
+        (
+            lambda s: s["inputs"]["torque"].__setitem__(2, math.inf),
+            "scenarios[0].inputs.torque[2]",
+            "finite",
+        ),
+        (
+            lambda s: s["inputs"].update(torque=[0.0] * 7),
+            "scenarios[0].inputs.torque",
+            "has 7 values, but the time grid has 21",
+        ),
+        (
+            lambda s: s["parameters"].update(gravity=9.8),
+            "scenarios[0].parameters",
+            "unknown names ['gravity']",
+        ),
+        (lambda s: s["parameters"].pop("mass"), "scenarios[0].parameters", "missing ['mass']"),
+        (
+            lambda s: s["parameters"].update(mass="heavy"),
+            "scenarios[0].parameters.mass",
+            "must be a number, got str",
+        ),
+        (
+            lambda s: s.update(t_end=100.0),
+            "scenarios[0].t_end",
+            "exceed this model's maximum of 80",
+        ),
+        (lambda s: s.update(dt=0.0), "scenarios[0].dt", "must be > 0"),
+        (lambda s: s.update(dt=0.05), "scenarios[0].dt", "must equal the model's dt = 0.1"),
+        (lambda s: s.update(quantiles=[1.5]), "scenarios[0].quantiles[0]", "must be in (0, 1)"),
+        (
+            lambda s: s.update(quantiles=[0.05, 0.0500000001]),
+            "scenarios[0].quantiles",
+            "levels must differ",
+        ),
+        (
+            lambda s: s.update(t_end=1e300),
+            "scenarios[0].t_end",
+            "exceed this model's maximum of 80",
+        ),
+        (lambda s: s.update(colour="red"), "scenarios[0]", "unknown fields ['colour']"),
+    ],
+)
 def test_bad_input_names_the_field(rt, mutate, field, text):
     from serving.runtime import RequestError
 
@@ -155,8 +240,12 @@ def test_request_level_limits(rt):
 
 def test_runtime_does_not_import_torch(exported):
     path = exported[0]
-    code = ("import sys; import serving.runtime; from twin_ml import registry; "
-            "print(','.join(m for m in ('torch', 'lightning') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=path.parent)
+    code = (
+        "import sys; import serving.runtime; from twin_ml import registry; "
+        "print(','.join(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=path.parent
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == ""

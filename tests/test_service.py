@@ -32,16 +32,48 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("service")
     data, run, home = root / "data", root / "run", root / "store"
-    generate_dataset(make_system("cascaded_tanks"), ScenarioDesign(t_end=80.0, dt=4.0), n_scenarios=24, seed=0,
-                     out_dir=data, progress=False)
+    generate_dataset(
+        make_system("cascaded_tanks"),
+        ScenarioDesign(t_end=80.0, dt=4.0),
+        n_scenarios=24,
+        seed=0,
+        out_dir=data,
+        progress=False,
+    )
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    r = subprocess.run([str(BIN / "twin-train"), "experiment=cascaded_tanks_hybrid", f"data_dir={data}",
-                        f"out_dir={run}", "ensemble.size=3", "trainer.max_epochs=2", "data.batch_size=8",
-                        "model.net.hidden=16", "speed_scenarios=2", "logger=none"], capture_output=True, text=True,
-                       timeout=600, env=env)
+    r = subprocess.run(
+        [
+            str(BIN / "twin-train"),
+            "experiment=cascaded_tanks_hybrid",
+            f"data_dir={data}",
+            f"out_dir={run}",
+            "ensemble.size=3",
+            "trainer.max_epochs=2",
+            "data.batch_size=8",
+            "model.net.hidden=16",
+            "speed_scenarios=2",
+            "logger=none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([str(BIN / "twin-export"), f"run_dir={run}", "name=tanks", "version=v1", "parity_scenarios=8",
-                        "stage=production"], capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        [
+            str(BIN / "twin-export"),
+            f"run_dir={run}",
+            "name=tanks",
+            "version=v1",
+            "parity_scenarios=8",
+            "stage=production",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     proc, url = _start(env, root / "server.log")
     yield url, json.loads((run / "export" / "manifest.json").read_text()), run, env
@@ -51,8 +83,13 @@ def server(tmp_path_factory):
 def _start(env, log_path, model="tanks:production", *settings):
     port = _free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen([str(BIN / "twin-serve"), f"model={model}", f"port={port}", *settings], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "twin-serve"), f"model={model}", f"port={port}", *settings],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -70,8 +107,11 @@ def _stop(proc):
 
 
 def post(url, body, headers=None, raw=None):
-    req = urllib.request.Request(f"{url}/simulate", data=raw if raw is not None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        f"{url}/simulate",
+        data=raw if raw is not None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -88,11 +128,15 @@ def _chunked_status(url, raw, headers, chunk=4096) -> int:
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
         conn.putrequest("POST", "/simulate")
-        for k, v in {"Content-Type": "application/json", "Transfer-Encoding": "chunked", **headers}.items():
+        for k, v in {
+            "Content-Type": "application/json",
+            "Transfer-Encoding": "chunked",
+            **headers,
+        }.items():
             conn.putheader(k, v)
         conn.endheaders()
         for i in range(0, len(raw), chunk):  # all of it fits the socket buffers: no send blocks
-            piece = raw[i:i + chunk]
+            piece = raw[i : i + chunk]
             conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
         return conn.getresponse().status
     finally:
@@ -101,9 +145,16 @@ def _chunked_status(url, raw, headers, chunk=4096) -> int:
 
 def scenario(manifest, n=10):
     box = manifest["domain"]["box"]
-    p = {q["name"]: sum(box[f"parameter:{q['name']}"]) / 2 for q in manifest["system"]["parameters"]}
-    return {"parameters": p, "initial_state": {"h1": 4.0, "h2": 3.0}, "t_end": 4.0 * n,
-            "inputs": {"pump": (3.0 + np.sin(np.arange(n + 1) / 3)).tolist()}, "quantiles": [0.1, 0.9]}
+    p = {
+        q["name"]: sum(box[f"parameter:{q['name']}"]) / 2 for q in manifest["system"]["parameters"]
+    }
+    return {
+        "parameters": p,
+        "initial_state": {"h1": 4.0, "h2": 3.0},
+        "t_end": 4.0 * n,
+        "inputs": {"pump": (3.0 + np.sin(np.arange(n + 1) / 3)).tolist()},
+        "quantiles": [0.1, 0.9],
+    }
 
 
 def test_simulate_answers_like_the_runtime(server):
@@ -115,8 +166,13 @@ def test_simulate_answers_like_the_runtime(server):
     assert status == 200 and len(body) == 2
     a = body[0]
     assert a["model"] == {"name": "tanks", "version": "v1"} and a["in_domain"]
-    assert len(a["outputs"]["h2"]["mean"]) == 11 and set(a["outputs"]["h2"]["quantiles"]) == {"0.1", "0.9"}
-    ref = Runtime(run_dir / "export" / "model.onnx", manifest).simulate(sc)[0]  # the same file, in-process
+    assert len(a["outputs"]["h2"]["mean"]) == 11 and set(a["outputs"]["h2"]["quantiles"]) == {
+        "0.1",
+        "0.9",
+    }
+    ref = Runtime(run_dir / "export" / "model.onnx", manifest).simulate(sc)[
+        0
+    ]  # the same file, in-process
     assert np.allclose(a["outputs"]["h2"]["mean"], ref["outputs"]["h2"]["mean"], atol=1e-6)
     assert np.allclose(a["outputs"]["h2"]["std"], ref["outputs"]["h2"]["std"], atol=1e-6)
 
@@ -136,15 +192,20 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_stays_up(server):
     bad = scenario(manifest)
     bad["inputs"]["pump"] = bad["inputs"]["pump"][:3]
     status, body = post(url, {"scenarios": [bad]})
-    assert status == 400 and "scenarios[0].inputs.pump: has 3 values, but the time grid has 11" in json.dumps(body)
+    assert (
+        status == 400
+        and "scenarios[0].inputs.pump: has 3 values, but the time grid has 11" in json.dumps(body)
+    )
     bad = scenario(manifest)
     bad["parameters"]["nonsense"] = 1.0
     status, body = post(url, {"scenarios": [bad]})
-    assert status == 400 and '"nonsense"' in json.dumps(body) and "extra_forbidden" in json.dumps(body)
+    assert (
+        status == 400 and '"nonsense"' in json.dumps(body) and "extra_forbidden" in json.dumps(body)
+    )
     bad = scenario(manifest)
     bad["parameters"]["k1"] = "big"
     status, body = post(url, {"scenarios": [bad]})
-    assert status == 400 and "\"k1\"" in json.dumps(body)
+    assert status == 400 and '"k1"' in json.dumps(body)
     status, _ = post(url, {"scenarios": []})
     assert status == 400
     status, body = post(url, {"scenarios": [scenario(manifest)]})
@@ -157,33 +218,48 @@ def _mutated(manifest, mutate, n=10):
     return {"scenarios": [sc]}
 
 
-@pytest.mark.parametrize("body, field", [
-    (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=float("nan"))), "k1"),
-    (lambda m: _mutated(m, lambda s: s["inputs"]["pump"].__setitem__(2, float("inf"))), "pump"),
-    (lambda m: _mutated(m, lambda s: s.update(t_end=float("-inf"))), "t_end"),
-    (lambda m: _mutated(m, lambda s: s["inputs"].update(pump=[1.0] * 4)), "scenarios[0].inputs.pump"),
-    (lambda m: _mutated(m, lambda s: s["inputs"].update(pump=[])), "pump"),
-    (lambda m: {"scenarios": []}, "scenarios"),
-    (lambda m: _mutated(m, lambda s: s["parameters"].pop("k1")), "k1"),
-    (lambda m: _mutated(m, lambda s: s["inputs"].update(valve=[0.0] * 11)), "valve"),
-    (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=[1, 2])), "k1"),
-    (lambda m: _mutated(m, lambda s: s.update(t_end=4.0 * 1000)), "scenarios[0].t_end"),
-    (lambda m: _mutated(m, lambda s: s.update(t_end=1e300)), "scenarios[0].t_end"),
-    (lambda m: {"scenarios": [scenario(m, 2)] * 257}, "257 scenarios exceed the limit of 256"),
-    (lambda m: _mutated(m, lambda s: s.update(dt=0.0)), "scenarios[0].dt: must be > 0"),
-    (lambda m: _mutated(m, lambda s: s.update(dt=-4.0)), "scenarios[0].dt: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=float("nan"))), "k1"),
+        (lambda m: _mutated(m, lambda s: s["inputs"]["pump"].__setitem__(2, float("inf"))), "pump"),
+        (lambda m: _mutated(m, lambda s: s.update(t_end=float("-inf"))), "t_end"),
+        (
+            lambda m: _mutated(m, lambda s: s["inputs"].update(pump=[1.0] * 4)),
+            "scenarios[0].inputs.pump",
+        ),
+        (lambda m: _mutated(m, lambda s: s["inputs"].update(pump=[])), "pump"),
+        (lambda m: {"scenarios": []}, "scenarios"),
+        (lambda m: _mutated(m, lambda s: s["parameters"].pop("k1")), "k1"),
+        (lambda m: _mutated(m, lambda s: s["inputs"].update(valve=[0.0] * 11)), "valve"),
+        (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=[1, 2])), "k1"),
+        (lambda m: _mutated(m, lambda s: s.update(t_end=4.0 * 1000)), "scenarios[0].t_end"),
+        (lambda m: _mutated(m, lambda s: s.update(t_end=1e300)), "scenarios[0].t_end"),
+        (lambda m: {"scenarios": [scenario(m, 2)] * 257}, "257 scenarios exceed the limit of 256"),
+        (lambda m: _mutated(m, lambda s: s.update(dt=0.0)), "scenarios[0].dt: must be > 0"),
+        (lambda m: _mutated(m, lambda s: s.update(dt=-4.0)), "scenarios[0].dt: must be > 0"),
+    ],
+)
 def test_every_kind_of_bad_input_is_a_4xx_naming_the_field(server, body, field):
     url, manifest, _, _ = server
-    raw = json.dumps(body(manifest)).encode()  # NaN / Infinity literals: what a careless client sends
+    raw = json.dumps(
+        body(manifest)
+    ).encode()  # NaN / Infinity literals: what a careless client sends
     status, answer = post(url, None, raw=raw)
     assert 400 <= status < 500 and field in json.dumps(answer), (status, answer)
     assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200  # the server stays up
 
 
-@pytest.mark.parametrize("raw", [b'{"scenarios": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-                                 b'{"scenarios": {"parameters": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001 + b"}",
-                                 b'{"scenarios": [', b"not json", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"scenarios": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"scenarios": {"parameters": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001 + b"}",
+        b'{"scenarios": [',
+        b"not json",
+        b"\xff\xfe",
+    ],
+)
 def test_deeply_nested_or_malformed_json_is_a_4xx(server, raw):
     url, manifest, _, _ = server
     status, _ = post(url, None, raw=raw)
@@ -210,8 +286,12 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server):
     assert all(status == 200 for status, _ in together)
     for a, (_, b) in zip(alone, together):
         for name in a["outputs"]:
-            assert np.allclose(a["outputs"][name]["mean"], b[0]["outputs"][name]["mean"], rtol=0, atol=1e-6)
-            assert np.allclose(a["outputs"][name]["std"], b[0]["outputs"][name]["std"], rtol=0, atol=1e-6)
+            assert np.allclose(
+                a["outputs"][name]["mean"], b[0]["outputs"][name]["mean"], rtol=0, atol=1e-6
+            )
+            assert np.allclose(
+                a["outputs"][name]["std"], b[0]["outputs"][name]["std"], rtol=0, atol=1e-6
+            )
     calls, scenarios = after[0] - before[0], after[1] - before[1]
     assert scenarios == len(scs) and calls < len(scs)  # some model calls answered several requests
 
@@ -219,14 +299,19 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server):
 def _metrics(url) -> tuple[dict[str, float], str]:
     """Our twin_ml_* samples at /metrics ({'name{labels}': value}), and the whole text."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("twin_ml_")}, text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("twin_ml_")
+    }, text
 
 
 def _batch_histogram(url) -> tuple[float, float]:
     """(model calls, scenarios) so far, from the twin_ml_batch_scenarios histogram at /metrics."""
     values = _metrics(url)[0]
-    return values.get("twin_ml_batch_scenarios_count", 0.0), values.get("twin_ml_batch_scenarios_sum", 0.0)
+    return values.get("twin_ml_batch_scenarios_count", 0.0), values.get(
+        "twin_ml_batch_scenarios_sum", 0.0
+    )
 
 
 def test_custom_metrics_count_requests_by_domain_status_and_record_std(server):
@@ -234,7 +319,11 @@ def test_custom_metrics_count_requests_by_domain_status_and_record_std(server):
     out = scenario(manifest)
     out["parameters"]["k1"] = 10 * manifest["domain"]["box"]["parameter:k1"][1]
     status, body = post(url, {"scenarios": [out]})
-    assert status == 200 and not body[0]["in_domain"] and "parameter k1" in body[0]["domain_reasons"][0]
+    assert (
+        status == 200
+        and not body[0]["in_domain"]
+        and "parameter k1" in body[0]["domain_reasons"][0]
+    )
     assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200
     metric, text = _metrics(url)
     assert metric['twin_ml_requests_total{in_domain="false"}'] >= 1
@@ -252,13 +341,24 @@ def test_strict_mode_limits_and_overload_get_429_then_recover(server, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     _, manifest, _, env = server
-    proc, url = _start(env, tmp_path / "log", "tanks:production", "strict=true", "max_concurrency=2",
-                       "max_scenarios=4", "max_steps=15")
+    proc, url = _start(
+        env,
+        tmp_path / "log",
+        "tanks:production",
+        "strict=true",
+        "max_concurrency=2",
+        "max_scenarios=4",
+        "max_steps=15",
+    )
     try:
         out = scenario(manifest)
         out["parameters"]["k1"] = 10 * manifest["domain"]["box"]["parameter:k1"][1]
         status, body = post(url, {"scenarios": [out]})
-        assert status == 400 and "strict mode" in json.dumps(body) and "parameter k1" in json.dumps(body)
+        assert (
+            status == 400
+            and "strict mode" in json.dumps(body)
+            and "parameter k1" in json.dumps(body)
+        )
         status, body = post(url, {"scenarios": [scenario(manifest, 16)]})
         assert status == 400 and "exceed this model's maximum of 15" in json.dumps(body)
         status, body = post(url, {"scenarios": [scenario(manifest, 2)] * 5})
@@ -280,7 +380,9 @@ def test_docs_json_example_is_a_valid_request(server):
     assert "/simulate" in spec["paths"]
     schemas = spec["components"]["schemas"]
     scen = schemas["Scenario"]
-    assert set(schemas["Parameters"]["properties"]) == {p["name"] for p in manifest["system"]["parameters"]}
+    assert set(schemas["Parameters"]["properties"]) == {
+        p["name"] for p in manifest["system"]["parameters"]
+    }
     assert "training range" in schemas["Parameters"]["properties"]["k1"]["description"]
     example = scen["example"]
     status, body = post(url, {"scenarios": example})  # one scenario, not a list, is accepted too
@@ -299,7 +401,13 @@ def test_bentoml_sync_client_as_in_the_readme(server):
 
 def test_twin_serve_refuses_a_missing_model_before_starting(server):
     env = server[3]
-    r = subprocess.run([str(BIN / "twin-serve"), "model=tanks:v9"], capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [str(BIN / "twin-serve"), "model=tanks:v9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 2 and "model tanks:v9 is not in the store; known: tanks:v1" in r.stderr
 
 
@@ -312,7 +420,10 @@ def test_service_module_does_not_import_torch():
 
 def test_token_auth_body_limit_and_no_pickle(server, tmp_path):
     url0, manifest, _, env = server
-    proc, url = _start({**env, "TWIN_ML_TOKEN": "s3cret-token", "TWIN_ML_MAX_BODY_BYTES": "20000"}, tmp_path / "log")
+    proc, url = _start(
+        {**env, "TWIN_ML_TOKEN": "s3cret-token", "TWIN_ML_MAX_BODY_BYTES": "20000"},
+        tmp_path / "log",
+    )
     try:
         body = {"scenarios": [scenario(manifest)]}
         assert post(url, body)[0] == 401
@@ -322,43 +433,74 @@ def test_token_auth_body_limit_and_no_pickle(server, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{url}/model/", timeout=10)
         assert e.value.code == 401
-        with pytest.raises(urllib.error.HTTPError) as e:  # the spec names the model's parameters and ranges
+        with pytest.raises(
+            urllib.error.HTTPError
+        ) as e:  # the spec names the model's parameters and ranges
             urllib.request.urlopen(f"{url}/docs.json", timeout=10)
         assert e.value.code == 401
-        docs = urllib.request.Request(f"{url}/docs.json", headers={"Authorization": "Bearer s3cret-token"})
+        docs = urllib.request.Request(
+            f"{url}/docs.json", headers={"Authorization": "Bearer s3cret-token"}
+        )
         assert "/simulate" in json.loads(urllib.request.urlopen(docs, timeout=10).read())["paths"]
-        demo = [sys.executable, "-m", "serving.demo", "--url", url, "--wait", "10"]  # the README's client
-        r = subprocess.run(demo, capture_output=True, text=True, timeout=120,
-                           env={**env, "TWIN_ML_TOKEN": "s3cret-token"})
+        demo = [
+            sys.executable,
+            "-m",
+            "serving.demo",
+            "--url",
+            url,
+            "--wait",
+            "10",
+        ]  # the README's client
+        r = subprocess.run(
+            demo,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "TWIN_ML_TOKEN": "s3cret-token"},
+        )
         assert r.returncode == 0 and "in_domain=True" in r.stdout, r.stderr[-2000:]
         no_token = {k: v for k, v in env.items() if k != "TWIN_ML_TOKEN"}
         r = subprocess.run(demo, capture_output=True, text=True, timeout=120, env=no_token)
         assert r.returncode != 0 and "401" in r.stderr
-        assert urllib.request.urlopen(f"{url}/readyz", timeout=10).status == 200  # health stays open
+        assert (
+            urllib.request.urlopen(f"{url}/readyz", timeout=10).status == 200
+        )  # health stays open
         assert urllib.request.urlopen(f"{url}/metrics", timeout=10).status == 200
         auth = {"Authorization": "Bearer s3cret-token"}
         big = {"scenarios": [scenario(manifest, 20)] * 40}
         assert post(url, big, auth)[0] == 413
-        raw = json.dumps(big).encode()  # the same body chunked, with no Content-Length to refuse it early
-        assert _chunked_status(url, raw[:6 * 4096], auth) == 413
-        status, _ = post(url, None, {**auth, "Content-Type": "application/vnd.bentoml+pickle"}, raw=b"\x80\x04N.")
+        raw = json.dumps(
+            big
+        ).encode()  # the same body chunked, with no Content-Length to refuse it early
+        assert _chunked_status(url, raw[: 6 * 4096], auth) == 413
+        status, _ = post(
+            url, None, {**auth, "Content-Type": "application/vnd.bentoml+pickle"}, raw=b"\x80\x04N."
+        )
         assert status == 415
         assert post(url, body, auth)[0] == 200  # still up
         assert "s3cret-token" not in (tmp_path / "log").read_text()  # never logged
     finally:
         _stop(proc)
-    assert post(url0, {"scenarios": [scenario(manifest)]})[0] == 200  # the open server needs no token
+    assert (
+        post(url0, {"scenarios": [scenario(manifest)]})[0] == 200
+    )  # the open server needs no token
 
 
-@pytest.mark.parametrize("args, message", [
-    (["model=a:b", "strict=maybe"], "strict must be true or false, got 'maybe'"),
-    (["model=a:b", "workers=0"], "workers must be an integer >= 1, got '0'"),
-    (["model=a:b", "max_concurrency=lots"], "max_concurrency must be an integer >= 1"),
-    (["model=a:b", "max_steps=-3"], "max_steps must be an integer >= 1 (0: the model's maximum)"),
-    (["model=a:b", "port=70000"], "port must be an integer in 1..65535"),
-    (["model=a:b", "colour=red"], "unknown setting 'colour=red'; settings: model=..."),
-    (["port=3000"], "model=NAME:VERSION (or NAME:latest, NAME:production) is required"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=a:b", "strict=maybe"], "strict must be true or false, got 'maybe'"),
+        (["model=a:b", "workers=0"], "workers must be an integer >= 1, got '0'"),
+        (["model=a:b", "max_concurrency=lots"], "max_concurrency must be an integer >= 1"),
+        (
+            ["model=a:b", "max_steps=-3"],
+            "max_steps must be an integer >= 1 (0: the model's maximum)",
+        ),
+        (["model=a:b", "port=70000"], "port must be an integer in 1..65535"),
+        (["model=a:b", "colour=red"], "unknown setting 'colour=red'; settings: model=..."),
+        (["port=3000"], "model=NAME:VERSION (or NAME:latest, NAME:production) is required"),
+    ],
+)
 def test_twin_serve_settings_are_checked_before_anything_starts(args, message):
     from training.serve import parse
 
@@ -366,12 +508,18 @@ def test_twin_serve_settings_are_checked_before_anything_starts(args, message):
         parse(args)
     assert message in str(e.value)
     cfg = parse(["model=a:b", "strict=TRUE", "batching=off", "max_steps=40"])
-    assert (cfg["strict"], cfg["batching"], cfg["max_steps"], cfg["host"]) == ("1", "0", "40", "127.0.0.1")
+    assert (cfg["strict"], cfg["batching"], cfg["max_steps"], cfg["host"]) == (
+        "1",
+        "0",
+        "40",
+        "127.0.0.1",
+    )
 
 
 def _post_path(url, path, body):
-    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -384,8 +532,9 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
 
     url, manifest, _, _ = server
     request, truth = synthetic_request(manifest, ["k1", "k3"], seed=2)
-    status, body = _post_path(url, "/calibrate", {**request, "mcmc": {"steps": 60, "burn": 20, "walkers": 8},
-                                                  "starts": 2})
+    status, body = _post_path(
+        url, "/calibrate", {**request, "mcmc": {"steps": 60, "burn": 20, "walkers": 8}, "starts": 2}
+    )
     assert status == 200, body
     assert set(body["estimate"]) == {"k1", "k3"} and set(body["posterior"]) == {"k1", "k3"}
     for k in ("k1", "k3"):
@@ -394,11 +543,19 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
     ver = body["verification"]
     lo, hi = ver["rms_residual_band"]  # verified: the 2-std check, the solve, and the residual band
     assert ver["n_candidates"] == 9 and ver["verified"] == (
-        ver["within_2std"][0] >= 0.9 and not ver["solver_failed"][0] and lo <= ver["rms_residual_solver"][0] <= hi)
+        ver["within_2std"][0] >= 0.9
+        and not ver["solver_failed"][0]
+        and lo <= ver["rms_residual_solver"][0] <= hi
+    )
     # corrections: 1, then 1 + 2 (value and slopes), and 9 verification candidates
-    assert body["evaluations"]["solver_scenarios"] == 1 + 3 + 9 and body["model"] == {"name": "tanks", "version": "v1"}
+    assert body["evaluations"]["solver_scenarios"] == 1 + 3 + 9 and body["model"] == {
+        "name": "tanks",
+        "version": "v1",
+    }
     status, body = _post_path(url, "/calibrate", {**request, "fit": ["k1", "k9"]})
-    assert status == 400 and "fit: unknown names ['k9']; valid: k1, k2, k3, k4, k5" in json.dumps(body)
+    assert status == 400 and "fit: unknown names ['k9']; valid: k1, k2, k3, k4, k5" in json.dumps(
+        body
+    )
     status, body = _post_path(url, "/calibrate", {**request, "mcmc": {"steps": 50, "burn": 60}})
     assert status == 400 and "mcmc.burn" in json.dumps(body)
     status, body = _post_path(url, "/calibrate", {**request, "mcmc": {"steps": 30, "burn": 20}})
@@ -459,8 +616,11 @@ def test_a_calibration_whose_client_goes_away_stops(server):
     before = _metrics(url)[0].get(disconnected, 0)
     request, _ = synthetic_request(manifest, ["k1", "k3"], seed=2)
     heavy = {**request, "starts": 32, "mcmc": {"steps": 5000, "burn": 100, "walkers": 128}}
-    req = urllib.request.Request(f"{url}/calibrate", data=json.dumps(heavy).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/calibrate",
+        data=json.dumps(heavy).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(TimeoutError):  # urllib closes the connection on the way out
         urllib.request.urlopen(req, timeout=3)
     for _ in range(200):
@@ -469,15 +629,18 @@ def test_a_calibration_whose_client_goes_away_stops(server):
         time.sleep(0.5)
     metrics = _metrics(url)[0]
     assert metrics.get(disconnected) == before + 1
-    assert metrics.get('twin_ml_calibrations_total{outcome="cancelled"}', 0) == 0  # this server never timed out
+    assert (
+        metrics.get('twin_ml_calibrations_total{outcome="cancelled"}', 0) == 0
+    )  # this server never timed out
     status, body = _post_path(url, "/calibrate", {**request, "starts": 1, "corrections": 0})
     assert status == 200, body
 
 
 def _post_raw(url, path, raw) -> tuple[int, bytes]:
     """Status and the answer's bytes, unparsed (to compare answers byte for byte)."""
-    req = urllib.request.Request(f"{url}{path}", data=raw,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}{path}", data=raw, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, r.read()
@@ -537,9 +700,13 @@ def test_a_model_file_replaced_or_truncated_while_serving_changes_no_answer(serv
             status, fitted = _post_raw(url, "/calibrate", fit)
             assert status == 200 and json.loads(fitted)["estimate"] == estimate, fitted
             # a restart verifies the file on disk: refused before anything serves it
-            r = subprocess.run([str(BIN / "twin-serve"), "model=tanks:production",
-                                f"port={_free_port()}"], capture_output=True, text=True,
-                               timeout=120, env=env)
+            r = subprocess.run(
+                [str(BIN / "twin-serve"), "model=tanks:production", f"port={_free_port()}"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
             assert r.returncode != 0, r.stderr
             assert "model.onnx does not match its sha256" in r.stderr, r.stderr
             assert "refusing it" in r.stderr
@@ -547,13 +714,18 @@ def test_a_model_file_replaced_or_truncated_while_serving_changes_no_answer(serv
         _stop(proc)
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda r: r.update(outputs={k: [1e300] * len(v) for k, v in r["outputs"].items()}),
-     "outputs.h2[0]"),
-    (lambda r: r.update(bounds={"k1": [-1e308, 1e308]}), "bounds.k1[0]"),
-    (lambda r: r.update(noise={"h2": 1e308}), "noise.h2"),
-    (lambda r: r.update(priors={"k1": {"normal": [1e300, 1.0]}}), "priors.k1.normal[0]"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (
+            lambda r: r.update(outputs={k: [1e300] * len(v) for k, v in r["outputs"].items()}),
+            "outputs.h2[0]",
+        ),
+        (lambda r: r.update(bounds={"k1": [-1e308, 1e308]}), "bounds.k1[0]"),
+        (lambda r: r.update(noise={"h2": 1e308}), "noise.h2"),
+        (lambda r: r.update(priors={"k1": {"normal": [1e300, 1.0]}}), "priors.k1.normal[0]"),
+    ],
+)
 def test_calibrate_refuses_numbers_beyond_float32_naming_the_field(server, change, field):
     """Observations or bounds of 1e300 made the fit overflow inside scipy (or its cost inf, which
     JSON cannot carry): a 500. Now a 400 that names the field and the allowed range."""
@@ -575,10 +747,22 @@ def test_non_finite_numbers_of_a_fit_become_null_with_a_warning():
     from serving.service import _nulled, _nulled_warning
 
     where: list[str] = []
-    out = _nulled({"cost": float("inf"), "std_error": {"k1": float("nan"), "k3": 0.1},
-                   "chain": [[1.0, float("-inf")]], "fit": ["k1"]}, "", where)
-    assert out == {"cost": None, "std_error": {"k1": None, "k3": 0.1}, "chain": [[1.0, None]],
-                   "fit": ["k1"]}
+    out = _nulled(
+        {
+            "cost": float("inf"),
+            "std_error": {"k1": float("nan"), "k3": 0.1},
+            "chain": [[1.0, float("-inf")]],
+            "fit": ["k1"],
+        },
+        "",
+        where,
+    )
+    assert out == {
+        "cost": None,
+        "std_error": {"k1": None, "k3": 0.1},
+        "chain": [[1.0, None]],
+        "fit": ["k1"],
+    }
     assert where == ["cost", "std_error.k1", "chain[0][1]"]
     assert "cost, std_error.k1, chain[0][1]" in _nulled_warning(where)
     json.dumps(out, allow_nan=False)  # what the service then writes
@@ -593,9 +777,22 @@ def test_soak_of_ten_seconds_mixed_requests_no_5xx_every_4xx_names_its_field(ser
     env = server[3]
     out = tmp_path / "soak.json"
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, str(root / "benchmarks" / "soak.py"), "--model",
-                        "tanks:production", "--seconds", "10", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "soak.py"),
+            "--model",
+            "tanks:production",
+            "--seconds",
+            "10",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     print(f"soak 10 s: {report['requests']} requests, rss_growth {report['rss_growth']}")

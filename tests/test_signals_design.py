@@ -35,14 +35,22 @@ def test_step_and_prbs_hold_their_level():
 
 def test_multisine_band_and_bandlimited_cutoff():
     t = np.arange(0, 4096) * 0.01
-    ms = generate(SignalSpec(kind="multisine", f_min=1.0, f_max=5.0, n_tones=5), t, 0.0, 1.0, np.random.default_rng(2))
+    ms = generate(
+        SignalSpec(kind="multisine", f_min=1.0, f_max=5.0, n_tones=5),
+        t,
+        0.0,
+        1.0,
+        np.random.default_rng(2),
+    )
     spec = np.abs(np.fft.rfft(ms)) ** 2
     f = np.fft.rfftfreq(t.size, 0.01)
     assert spec[(f > 0.8) & (f < 5.2)].sum() / spec.sum() > 0.99
     assert np.isclose(np.abs(ms).max(), 1.0)
     bl = generate(SignalSpec(kind="bandlimited", f_cut=2.0), t, 0.0, 1.0, np.random.default_rng(2))
     sb = np.abs(np.fft.rfft(bl)) ** 2
-    assert sb[f > 8.0].sum() / sb.sum() < 1e-3  # 4th-order Butterworth: > 2 octaves above cut-off is gone
+    assert (
+        sb[f > 8.0].sum() / sb.sum() < 1e-3
+    )  # 4th-order Butterworth: > 2 octaves above cut-off is gone
 
 
 def test_bad_signal_options_name_the_field():
@@ -76,7 +84,9 @@ def test_lhs_is_stratified_in_every_dimension():
     n = 50
     sc = design.sample(sys_, n, seed=0)
     box = design.box(sys_)
-    z = np.concatenate([sc.p, sc.x0, np.stack([sc.offset, sc.amplitude], -1).reshape(n, -1)], axis=1)
+    z = np.concatenate(
+        [sc.p, sc.x0, np.stack([sc.offset, sc.amplitude], -1).reshape(n, -1)], axis=1
+    )
     u = (z - box.low) / (box.high - box.low)
     for j in range(z.shape[1]):
         assert sorted(np.floor(u[:, j] * n).astype(int)) == list(range(n))  # one point per stratum
@@ -100,10 +110,14 @@ def test_extrapolation_split_lies_outside_the_box_and_inside_the_limits():
     ex = sc.split == SPLITS.index("extrapolation")
     assert ex.sum() == 50 and np.all(sc.split[:100] != SPLITS.index("extrapolation"))
     box = design.box(sys_)
-    z = np.concatenate([sc.p, sc.x0, np.stack([sc.offset, sc.amplitude], -1).reshape(len(sc), -1)], axis=1)
+    z = np.concatenate(
+        [sc.p, sc.x0, np.stack([sc.offset, sc.amplitude], -1).reshape(len(sc), -1)], axis=1
+    )
     outside = np.any((z < box.low) | (z > box.high), axis=1)
     assert outside[ex].all() and not outside[~ex].any()
-    assert np.all(sc.p[ex, 4] <= 1.0) and np.all(sc.clip[ex, 0, 0] >= 0.0)  # k5 and the pump stay physical
+    assert np.all(sc.p[ex, 4] <= 1.0) and np.all(
+        sc.clip[ex, 0, 0] >= 0.0
+    )  # k5 and the pump stay physical
 
 
 def test_splits_follow_the_fractions_and_the_seed():
@@ -117,7 +131,10 @@ def test_splits_follow_the_fractions_and_the_seed():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(parameters={"length": (2.0, 1.0)}), r"design.parameters.length: low \(2.0\) > high \(1.0\)"),
+        (
+            dict(parameters={"length": (2.0, 1.0)}),
+            r"design.parameters.length: low \(2.0\) > high \(1.0\)",
+        ),
         (dict(parameters={"lenght": (1.0, 2.0)}), r"unknown names \['lenght'\].*'length'"),
         (dict(sampler="grid"), "design.sampler must be one of"),
         (dict(splits={"train": 0.9, "val": 0.2, "test": 0.0}), "sum to 1"),
@@ -138,5 +155,9 @@ def test_n_scenarios_must_be_positive(n):
 
 
 def test_bounds_outside_physical_limits_are_refused():
-    with pytest.raises(ValueError, match=r"design.parameters.k5: \(0.5, 1.5\) leaves the physical limits"):
-        ScenarioDesign(parameters={"k5": (0.5, 1.5)}).sample(make_system("cascaded_tanks"), 4, seed=0)
+    with pytest.raises(
+        ValueError, match=r"design.parameters.k5: \(0.5, 1.5\) leaves the physical limits"
+    ):
+        ScenarioDesign(parameters={"k5": (0.5, 1.5)}).sample(
+            make_system("cascaded_tanks"), 4, seed=0
+        )

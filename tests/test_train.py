@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_here
 from omegaconf import OmegaConf
 
-
-from conftest import train_here
-
 BIN = Path(sys.executable).parent / "twin-train"
-TINY = ["ensemble.size=2", "trainer.max_epochs=4", "data.batch_size=8", "model.net.hidden=16",
-        "model.optim.curriculum_start=5", "model.optim.curriculum_every=1", "speed_scenarios=4"]
+TINY = [
+    "ensemble.size=2",
+    "trainer.max_epochs=4",
+    "data.batch_size=8",
+    "model.net.hidden=16",
+    "model.optim.curriculum_start=5",
+    "model.optim.curriculum_every=1",
+    "speed_scenarios=4",
+]
 
 
 def run(*args, env=None):
@@ -36,17 +41,41 @@ def error_here(*overrides) -> str:
 
 def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_path):
     out = tmp_path / "run"
-    r = run("experiment=pendulum_node", f"data_dir={pendulum_data}", f"out_dir={out}", "ensemble.size=2",
-            "trainer.max_epochs=3", "logger=none", "seed=1", *TINY[2:])
+    r = run(
+        "experiment=pendulum_node",
+        f"data_dir={pendulum_data}",
+        f"out_dir={out}",
+        "ensemble.size=2",
+        "trainer.max_epochs=3",
+        "logger=none",
+        "seed=1",
+        *TINY[2:],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert Path(r.stdout.strip().splitlines()[-1]) == out / "summary.json"
     m = json.loads((out / "metrics.json").read_text())
     for split in ("test", "extrapolation"):
         assert 0.0 <= m[f"{split}/coverage_90"] <= 1.0 and m[f"{split}/rel_l2_median"] > 0
-    assert {"test/coverage_50", "test/coverage_95", "test/nll", "test/crps", "test/width_90"} <= set(m)
+    assert {
+        "test/coverage_50",
+        "test/coverage_95",
+        "test/nll",
+        "test/crps",
+        "test/width_90",
+    } <= set(m)
     assert m["detail"]["speed"]["speedup_vs_looped"] > 0
-    for f in ("report.html", "trajectories.png", "parity.png", "calibration.png", "error_vs_horizon.png",
-              "config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "model/model.pt", "model/model.json"):
+    for f in (
+        "report.html",
+        "trajectories.png",
+        "parity.png",
+        "calibration.png",
+        "error_vs_horizon.png",
+        "config.yaml",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "model/model.pt",
+        "model/model.json",
+    ):
         assert (out / f).exists(), f
     # checkpoints and weights hold no pickled objects
     ck = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -58,7 +87,12 @@ def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_pat
     model.load_state_dict(torch.load(out / "model" / "model.pt", weights_only=True))
     assert model.conformal_scale.tolist() == pytest.approx(meta["conformal_scale"])
     # twin-evaluate reproduces the run's own evaluation, and refuses modified weights
-    ev = subprocess.run([str(BIN.parent / "twin-evaluate"), f"run_dir={out}"], capture_output=True, text=True, timeout=300)
+    ev = subprocess.run(
+        [str(BIN.parent / "twin-evaluate"), f"run_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ev.returncode == 0, ev.stderr[-2000:]
     em = json.loads((out / "evaluation" / "metrics.json").read_text())
     for k in ("test/rel_l2_median", "test/coverage_90", "extrapolation/crps"):
@@ -70,8 +104,16 @@ def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_pat
     from training.evaluate import evaluate
 
     with pytest.raises(ValueError, match="sha256 does not match model.json"):
-        evaluate(OmegaConf.create({"run_dir": str(out), "data_dir": None, "out_dir": str(out / "ev2"),
-                                   "speed_scenarios": 4}))
+        evaluate(
+            OmegaConf.create(
+                {
+                    "run_dir": str(out),
+                    "data_dir": None,
+                    "out_dir": str(out / "ev2"),
+                    "speed_scenarios": 4,
+                }
+            )
+        )
 
 
 RESUME = ["experiment=pendulum_hybrid", "logger=none", *TINY, "trainer.max_epochs=6"]
@@ -92,7 +134,10 @@ def uninterrupted(pendulum_data, tmp_path_factory):
 def test_resumed_run_reaches_the_same_metrics(pendulum_data, uninterrupted, tmp_path):
     common = [*RESUME, f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'part'}"]
     train_here(*common, "stop_after_epochs=2")
-    assert not (tmp_path / "part" / "metrics.json").exists() and (tmp_path / "part" / "checkpoints" / "last.ckpt").exists()
+    assert (
+        not (tmp_path / "part" / "metrics.json").exists()
+        and (tmp_path / "part" / "checkpoints" / "last.ckpt").exists()
+    )
     resumed = run(*common, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     b = json.loads((tmp_path / "part" / "metrics.json").read_text())
@@ -108,9 +153,13 @@ def test_run_killed_mid_epoch_resumes_to_the_same_metrics(pendulum_data, uninter
 
     out = tmp_path / "killed"
     epoch_s = uninterrupted["train/fit_seconds"] / uninterrupted["train/epochs"]
-    proc = subprocess.Popen([str(BIN), *RESUME, f"data_dir={pendulum_data}", f"out_dir={out}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "WANDB_MODE": "offline"})
+    proc = subprocess.Popen(
+        [str(BIN), *RESUME, f"data_dir={pendulum_data}", f"out_dir={out}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     last = out / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -135,8 +184,15 @@ def test_run_killed_mid_epoch_resumes_to_the_same_metrics(pendulum_data, uninter
 @pytest.mark.parametrize("logger", ["csv", "wandb"])
 def test_loggers_work_offline(pendulum_data, tmp_path, logger):
     out = tmp_path / logger
-    r = run("experiment=pendulum_node", f"data_dir={pendulum_data}", f"out_dir={out}", f"logger={logger}", *TINY,
-            "trainer.max_epochs=1", env={"WANDB_API_KEY": "", "NO_PROXY": "*"})
+    r = run(
+        "experiment=pendulum_node",
+        f"data_dir={pendulum_data}",
+        f"out_dir={out}",
+        f"logger={logger}",
+        *TINY,
+        "trainer.max_epochs=1",
+        env={"WANDB_API_KEY": "", "NO_PROXY": "*"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     if logger == "csv":
         assert list(out.glob("csv/version_0/metrics.csv"))
@@ -145,39 +201,67 @@ def test_loggers_work_offline(pendulum_data, tmp_path, logger):
 
 
 def test_emulator_trains(pendulum_data, tmp_path):
-    no_curriculum = [a for a in TINY if "curriculum" not in a]  # the emulator has no rollout windows
-    r = run("experiment=pendulum_emulator", f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'e'}", "logger=none",
-            *no_curriculum)
+    no_curriculum = [
+        a for a in TINY if "curriculum" not in a
+    ]  # the emulator has no rollout windows
+    r = run(
+        "experiment=pendulum_emulator",
+        f"data_dir={pendulum_data}",
+        f"out_dir={tmp_path / 'e'}",
+        "logger=none",
+        *no_curriculum,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["detail"]["train"]["members"] == 2
+    assert (
+        json.loads((tmp_path / "e" / "metrics.json").read_text())["detail"]["train"]["members"] == 2
+    )
 
 
 def test_bad_input_is_one_line_from_the_command(pendulum_data, tmp_path):
     """The command's own path: an unknown config group choice (checked before Hydra), and an error
     raised inside the run, each one line on stderr with exit status 2."""
-    r = run(f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", "experiment=pendulm_node")
+    r = run(
+        f"data_dir={pendulum_data}",
+        f"out_dir={tmp_path / 'x'}",
+        "logger=none",
+        "experiment=pendulm_node",
+    )
     assert r.returncode == 2 and r.stderr.startswith(
-        "error: experiment='pendulm_node' is unknown; known experiment configs: cascaded_tanks_hybrid"), r.stderr[-2000:]
-    r = run(f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", "data.horizon=500")
+        "error: experiment='pendulm_node' is unknown; known experiment configs: cascaded_tanks_hybrid"
+    ), r.stderr[-2000:]
+    r = run(
+        f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", "data.horizon=500"
+    )
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1] == \
-        "error: data.horizon (500 steps) must be in [1, 20]: the data has 21 time points"
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "error: data.horizon (500 steps) must be in [1, 20]: the data has 21 time points"
+    )
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["experiment=cascaded_tanks_hybrid"], "was made for system pendulum"),
-    (["data.horizon=500"], "data.horizon (500 steps) must be in [1, 20]"),
-    (["+model.net.learn_parameters=[dampng]", "model=hybrid"], "model.learn_parameters: unknown ['dampng']"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["experiment=cascaded_tanks_hybrid"], "was made for system pendulum"),
+        (["data.horizon=500"], "data.horizon (500 steps) must be in [1, 20]"),
+        (
+            ["+model.net.learn_parameters=[dampng]", "model=hybrid"],
+            "model.learn_parameters: unknown ['dampng']",
+        ),
+    ],
+)
 def test_bad_input_fails_before_training(pendulum_data, tmp_path, args, message):
-    assert message in error_here(f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", *args)
+    assert message in error_here(
+        f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", *args
+    )
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
 def test_missing_data_dir_and_nan_in_data(pendulum_data, tmp_path):
-    assert "does not exist; make it with twin-generate" in error_here(f"data_dir={tmp_path / 'nope'}",
-                                                                     f"out_dir={tmp_path / 'x'}", "logger=none")
+    assert "does not exist; make it with twin-generate" in error_here(
+        f"data_dir={tmp_path / 'nope'}", f"out_dir={tmp_path / 'x'}", "logger=none"
+    )
     # a dataset whose kept scenarios hold NaN (re-hashed so only the NaN check can catch it)
     import shutil
 
@@ -203,9 +287,18 @@ def test_missing_data_dir_and_nan_in_data(pendulum_data, tmp_path):
 def test_optuna_sweep_returns_the_optimized_metric(pendulum_data, tmp_path):
     import yaml
 
-    r = run("-m", "hparams_search=pendulum_node_optuna", "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.sampler.n_startup_trials=2", f"data_dir={pendulum_data}", f"paths.root_dir={tmp_path}",
-            "logger=none", *TINY[:4], "trainer.max_epochs=1", "speed_scenarios=2")
+    r = run(
+        "-m",
+        "hparams_search=pendulum_node_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        f"data_dir={pendulum_data}",
+        f"paths.root_dir={tmp_path}",
+        "logger=none",
+        *TINY[:4],
+        "trainer.max_epochs=1",
+        "speed_scenarios=2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     trials = sorted((tmp_path / "multirun" / "pendulum-optuna").glob("*/metrics.json"))
     assert len(trials) == 2  # one run directory per trial

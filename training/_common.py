@@ -17,7 +17,9 @@ def fail(err: BaseException, code: int = 2) -> NoReturn:
     """Print a one-line error a user can act on and exit non-zero (no traceback for bad input)."""
     while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
         err = err.__cause__  # hydra wraps a constructor's own error; show that one
-    if no_space(err) and not isinstance(err, StorageFull):  # a writer other than ours (pyarrow, a logger)
+    if no_space(err) and not isinstance(
+        err, StorageFull
+    ):  # a writer other than ours (pyarrow, a logger)
         err = storage_full(err, getattr(err, "filename", None) or "an output file")
     msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     print(f"error: {msg}", file=sys.stderr)
@@ -31,7 +33,9 @@ def key_values(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in defaults:
-            raise ValueError(f"unknown setting {arg!r}; settings: {', '.join(f'{k}=...' for k in defaults)}")
+            raise ValueError(
+                f"unknown setting {arg!r}; settings: {', '.join(f'{k}=...' for k in defaults)}"
+            )
         cfg[key] = value
     return cfg
 
@@ -52,7 +56,10 @@ def check_group_choices(argv: list[str], groups: list[str]) -> None:
         if sep and key in groups:
             options = sorted(p.stem for p in (Path(CONFIG_DIR) / key).glob("*.yaml"))
             if value not in options:
-                print(f"error: {key}={value!r} is unknown; known {key} configs: {', '.join(options)}", file=sys.stderr)
+                print(
+                    f"error: {key}={value!r} is unknown; known {key} configs: {', '.join(options)}",
+                    file=sys.stderr,
+                )
                 sys.exit(2)
 
 

@@ -30,10 +30,34 @@ from pathlib import Path
 
 from training._common import fail, key_values
 
-DEFAULTS = {"model": None, "observations": None, "out_dir": "runs/calibrate", "backend": "surrogate",
-            "mcmc": "true", "steps": "1000", "burn": "300", "walkers": "32", "starts": "8", "max_nfev": "60",
-            "verify_samples": "8", "corrections": "2", "refine": "0", "solver_mode": "looped", "seed": "0"}
-INTS = ("steps", "burn", "walkers", "starts", "max_nfev", "verify_samples", "corrections", "refine", "seed")
+DEFAULTS = {
+    "model": None,
+    "observations": None,
+    "out_dir": "runs/calibrate",
+    "backend": "surrogate",
+    "mcmc": "true",
+    "steps": "1000",
+    "burn": "300",
+    "walkers": "32",
+    "starts": "8",
+    "max_nfev": "60",
+    "verify_samples": "8",
+    "corrections": "2",
+    "refine": "0",
+    "solver_mode": "looped",
+    "seed": "0",
+}
+INTS = (
+    "steps",
+    "burn",
+    "walkers",
+    "starts",
+    "max_nfev",
+    "verify_samples",
+    "corrections",
+    "refine",
+    "seed",
+)
 
 
 def parse(argv: list[str]) -> dict:
@@ -52,7 +76,9 @@ def parse(argv: list[str]) -> dict:
     if cfg["solver_mode"] not in ("looped", "stacked"):
         raise ValueError(f"solver_mode must be looped or stacked, got {cfg['solver_mode']!r}")
     if cfg["steps"] - cfg["burn"] < 20:
-        raise ValueError(f"burn must leave at least 20 steps (steps={cfg['steps']}, burn={cfg['burn']})")
+        raise ValueError(
+            f"burn must leave at least 20 steps (steps={cfg['steps']}, burn={cfg['burn']})"
+        )
     if cfg["mcmc"] not in ("true", "false"):
         raise ValueError(f"mcmc must be true or false, got {cfg['mcmc']!r}")
     cfg["mcmc"] = cfg["mcmc"] == "true"
@@ -77,16 +103,41 @@ def run(cfg: dict) -> Path:
     problem = Problem.build(request, manifest)
     surrogate = SurrogateBackend(onnx_path, manifest)
     solver = SolverBackend(manifest, mode=cfg["solver_mode"])
-    mcmc = {"steps": cfg["steps"], "burn": cfg["burn"], "walkers": cfg["walkers"]} if cfg["mcmc"] else None
-    result = calibrate(problem, surrogate, solver, backend=cfg["backend"], n_starts=cfg["starts"],
-                       max_nfev=cfg["max_nfev"], mcmc=mcmc, verify_samples=cfg["verify_samples"],
-                       refine_nfev=cfg["refine"], corrections=cfg["corrections"], seed=cfg["seed"])
+    mcmc = (
+        {"steps": cfg["steps"], "burn": cfg["burn"], "walkers": cfg["walkers"]}
+        if cfg["mcmc"]
+        else None
+    )
+    result = calibrate(
+        problem,
+        surrogate,
+        solver,
+        backend=cfg["backend"],
+        n_starts=cfg["starts"],
+        max_nfev=cfg["max_nfev"],
+        mcmc=mcmc,
+        verify_samples=cfg["verify_samples"],
+        refine_nfev=cfg["refine"],
+        corrections=cfg["corrections"],
+        seed=cfg["seed"],
+    )
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    plot(problem, result, result["_mean"], result["_std"], out / "calibration.png", samples=result.get("_samples"))
+    plot(
+        problem,
+        result,
+        result["_mean"],
+        result["_std"],
+        out / "calibration.png",
+        samples=result.get("_samples"),
+    )
     result = public(result)
-    result.update(model=f"{manifest['name']}:{manifest['version']}", system=manifest["system"]["name"],
-                  observations=str(obs_path), plot=str(out / "calibration.png"))
+    result.update(
+        model=f"{manifest['name']}:{manifest['version']}",
+        system=manifest["system"]["name"],
+        observations=str(obs_path),
+        plot=str(out / "calibration.png"),
+    )
     atomic_write_json(out / "calibration.json", result)
     return out / "calibration.json"
 
@@ -98,7 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         path = run(cfg)
-    except (ValueError, CalibrationError, registry.RegistryError, OSError) as e:  # OSError: e.g. disk full
+    except (
+        ValueError,
+        CalibrationError,
+        registry.RegistryError,
+        OSError,
+    ) as e:  # OSError: e.g. disk full
         fail(e)
     result = json.loads(path.read_text())
     for k in result["fit"]:
@@ -108,17 +164,21 @@ def main(argv: list[str] | None = None) -> None:
     ver = result.get("verification")
     if ver:
         lo, hi = ver["rms_residual_band"]
-        print(f"solver verification: {'verified' if ver['verified'] else 'UNVERIFIED'} "
-              f"({100 * ver['within_2std'][0]:.0f}% of points within 2 std of the surrogate; "
-              f"the solver's RMS normalized residual {ver['rms_residual_solver'][0]:.3g}, "
-              f"accepted {lo:.2g}-{hi:.2g})")
+        print(
+            f"solver verification: {'verified' if ver['verified'] else 'UNVERIFIED'} "
+            f"({100 * ver['within_2std'][0]:.0f}% of points within 2 std of the surrogate; "
+            f"the solver's RMS normalized residual {ver['rms_residual_solver'][0]:.3g}, "
+            f"accepted {lo:.2g}-{hi:.2g})"
+        )
     # every warning (the problem's, MCMC diagnostics, why verification failed) on stderr, one a
     # line: stdout stays the estimates and, last, the JSON's path for scripts
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     ev, tm = result["evaluations"], result["timings"]
-    print(f"{ev['surrogate_scenarios']} surrogate / {ev['solver_scenarios']} solver simulations, "
-          f"{tm['total_s']:.1f} s")
+    print(
+        f"{ev['surrogate_scenarios']} surrogate / {ev['solver_scenarios']} solver simulations, "
+        f"{tm['total_s']:.1f} s"
+    )
     print(path)
 
 

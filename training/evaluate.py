@@ -1,6 +1,6 @@
 """twin-evaluate: evaluate a trained run on its dataset (or another one) and write report.html.
 
-    twin-evaluate run_dir=runs/pendulum-node-s0 [data_dir=data/other-dataset] [out_dir=...]
+twin-evaluate run_dir=runs/pendulum-node-s0 [data_dir=data/other-dataset] [out_dir=...]
 """
 
 from __future__ import annotations
@@ -31,17 +31,35 @@ def evaluate(cfg: DictConfig) -> dict:
     t = dm.t_grid
     splits = {s: dm.numpy(s) for s in ("val", "test", "extrapolation")}
     metrics, preds = evaluate_splits(model, model.system, splits, t)
-    metrics["speed"] = speed(model, model.system, splits["test"] if len(splits["test"]["p"]) else splits["val"], t,
-                             n=cfg.speed_scenarios)
+    metrics["speed"] = speed(
+        model,
+        model.system,
+        splits["test"] if len(splits["test"]["p"]) else splits["val"],
+        t,
+        n=cfg.speed_scenarios,
+    )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = flat_metrics(metrics)
     atomic_write_json(out / "metrics.json", {**flat, "detail": metrics})
     report = write_report(out, model, model.system, splits, preds, metrics, t)
-    return {"run_dir": str(run), "data_dir": str(data_dir), "dataset_sha256": dm.dataset.sha256,
-            "report": str(report), "metrics": str(out / "metrics.json"),
-            "headline": {k: flat[k] for k in ("test/rel_l2_median", "test/coverage_90", "extrapolation/rel_l2_median",
-                                              "extrapolation/coverage_90") if k in flat}}
+    return {
+        "run_dir": str(run),
+        "data_dir": str(data_dir),
+        "dataset_sha256": dm.dataset.sha256,
+        "report": str(report),
+        "metrics": str(out / "metrics.json"),
+        "headline": {
+            k: flat[k]
+            for k in (
+                "test/rel_l2_median",
+                "test/coverage_90",
+                "extrapolation/rel_l2_median",
+                "extrapolation/coverage_90",
+            )
+            if k in flat
+        },
+    }
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

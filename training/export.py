@@ -32,11 +32,24 @@ def export(cfg: DictConfig) -> dict:
     run = Path(cfg.run_dir)
     model, meta = load_trained(run / "model")
     name = registry.check_name(cfg.name or f"{model.system.name}_{model.kind}")
-    version = str(cfg.version) if cfg.version is not None else registry.new_version(meta["weights_sha256"])
+    version = (
+        str(cfg.version)
+        if cfg.version is not None
+        else registry.new_version(meta["weights_sha256"])
+    )
     registry.check_new(name, version, cfg.stage)  # before the export's minutes of work
-    log.info(f"Exporting {run} as {name}:{version} (parity check on {cfg.parity_scenarios} scenarios)")
-    data, manifest = export_run(run, name=name, version=version, max_steps=cfg.max_steps,
-                                parity_scenarios=cfg.parity_scenarios, parity_steps=cfg.parity_steps, seed=cfg.seed)
+    log.info(
+        f"Exporting {run} as {name}:{version} (parity check on {cfg.parity_scenarios} scenarios)"
+    )
+    data, manifest = export_run(
+        run,
+        name=name,
+        version=version,
+        max_steps=cfg.max_steps,
+        parity_scenarios=cfg.parity_scenarios,
+        parity_steps=cfg.parity_steps,
+        seed=cfg.seed,
+    )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "model.onnx", data)
@@ -46,17 +59,35 @@ def export(cfg: DictConfig) -> dict:
         extra["report.html"] = run / "report.html"
     if (run / "metrics.json").exists():
         extra["metrics.json"] = run / "metrics.json"
-    tag = registry.save(name, version, data, manifest, extra_files=extra,
-                        labels={"system": model.system.name, "kind": model.kind, "stage": cfg.stage or "none"})
+    tag = registry.save(
+        name,
+        version,
+        data,
+        manifest,
+        extra_files=extra,
+        labels={"system": model.system.name, "kind": model.kind, "stage": cfg.stage or "none"},
+    )
     if cfg.stage:
         try:
             registry.promote(tag, cfg.stage)
-        except (OSError, registry.RegistryError) as e:  # stored: a rerun would meet "already in the store"
-            raise registry.RegistryError(f"{tag} is stored, but promoting it to {cfg.stage} failed ({e}); once that is "
-                                f"fixed: twin-models promote {tag} --stage {cfg.stage}") from None
-    return {"tag": tag, "onnx": str(out / "model.onnx"), "manifest": str(out / "manifest.json"),
-            "onnx_sha256": manifest["onnx_sha256"], "stage": cfg.stage, "parity": manifest["parity"],
-            "integrator_error": manifest["integrator_error"], "seconds": round(time.perf_counter() - t0, 1)}
+        except (
+            OSError,
+            registry.RegistryError,
+        ) as e:  # stored: a rerun would meet "already in the store"
+            raise registry.RegistryError(
+                f"{tag} is stored, but promoting it to {cfg.stage} failed ({e}); once that is "
+                f"fixed: twin-models promote {tag} --stage {cfg.stage}"
+            ) from None
+    return {
+        "tag": tag,
+        "onnx": str(out / "model.onnx"),
+        "manifest": str(out / "manifest.json"),
+        "onnx_sha256": manifest["onnx_sha256"],
+        "stage": cfg.stage,
+        "parity": manifest["parity"],
+        "integrator_error": manifest["integrator_error"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
@@ -67,7 +98,13 @@ def _main(cfg: DictConfig) -> None:
     try:
         summary = export(cfg)
         path = write_summary(Path(cfg.out_dir), summary)
-    except (ValueError, KeyError, ExportError, RegistryError, OSError) as e:  # OSError: e.g. disk full
+    except (
+        ValueError,
+        KeyError,
+        ExportError,
+        RegistryError,
+        OSError,
+    ) as e:  # OSError: e.g. disk full
         fail(e)
     log.info(f"stored {summary['tag']}")
     print(path)

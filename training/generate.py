@@ -16,8 +16,8 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from twin_ml._io import atomic_write_bytes
 from training._common import CONFIG_DIR, check_group_choices, fail, write_summary
+from twin_ml._io import atomic_write_bytes
 
 log = logging.getLogger("twin-generate")
 
@@ -32,9 +32,17 @@ def generate(cfg: DictConfig) -> dict:
     solver = hydra.utils.instantiate(cfg.solver, _convert_="all")
     log.info(f"Generating {cfg.n_scenarios} scenarios of {system!r} into {cfg.out_dir}")
     res = generate_dataset(
-        system, design, n_scenarios=cfg.n_scenarios, seed=cfg.seed, out_dir=cfg.out_dir, solver=solver,
-        shard_size=cfg.shard_size, workers=cfg.workers, overwrite=cfg.overwrite,
-        max_new_shards=cfg.max_new_shards, progress=cfg.progress,
+        system,
+        design,
+        n_scenarios=cfg.n_scenarios,
+        seed=cfg.seed,
+        out_dir=cfg.out_dir,
+        solver=solver,
+        shard_size=cfg.shard_size,
+        workers=cfg.workers,
+        overwrite=cfg.overwrite,
+        max_new_shards=cfg.max_new_shards,
+        progress=cfg.progress,
     )
     summary = res.summary()
     if res.complete:
@@ -59,10 +67,14 @@ def _main(cfg: DictConfig) -> None:
         fail(e)
     c = summary["counts"] or {}
     if summary["complete"]:
-        log.info(f"dataset {summary['dataset_sha256'][:16]}: {c.get('ok')} ok / {c.get('total')} scenarios "
-                 f"({c.get('failed')} failed) {summary['shape']}")
+        log.info(
+            f"dataset {summary['dataset_sha256'][:16]}: {c.get('ok')} ok / {c.get('total')} scenarios "
+            f"({c.get('failed')} failed) {summary['shape']}"
+        )
     else:
-        log.info("stopped before the last shard (max_new_shards); run the same command again to resume")
+        log.info(
+            "stopped before the last shard (max_new_shards); run the same command again to resume"
+        )
     print(path)
 
 

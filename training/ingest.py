@@ -24,8 +24,17 @@ from pathlib import Path
 from training._common import CONFIG_DIR, fail, key_values, write_summary
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {"source": None, "contract": None, "convert": None, "out_dir": None, "layout": "auto",
-            "timestamp": "timestamp", "timezone": None, "start": None, "end": None}
+DEFAULTS = {
+    "source": None,
+    "contract": None,
+    "convert": None,
+    "out_dir": None,
+    "layout": "auto",
+    "timestamp": "timestamp",
+    "timezone": None,
+    "start": None,
+    "end": None,
+}
 
 
 def contract_path(name: str) -> Path:
@@ -34,7 +43,9 @@ def contract_path(name: str) -> Path:
         return path
     known = sorted(p.stem for p in (Path(CONFIG_DIR) / "contract").glob("*.yaml"))
     if name not in known:
-        raise ValueError(f"contract={name!r} is unknown; known contracts: {', '.join(known)} (or a .yaml file)")
+        raise ValueError(
+            f"contract={name!r} is unknown; known contracts: {', '.join(known)} (or a .yaml file)"
+        )
     return Path(CONFIG_DIR) / "contract" / f"{name}.yaml"
 
 
@@ -46,7 +57,9 @@ def run(cfg: dict) -> Path:
     if cfg["convert"]:
         name = cfg["convert"]
         if name not in real.SOURCES:
-            raise ValueError(f"convert={name!r} is unknown; known datasets: {', '.join(real.SOURCES)}")
+            raise ValueError(
+                f"convert={name!r} is unknown; known datasets: {', '.join(real.SOURCES)}"
+            )
         source = Path(cfg["source"] or ROOT / "data" / "real" / name / real.SOURCES[name]["file"])
         out = Path(cfg["out_dir"] or ROOT / "data" / "telemetry" / name)
         contract = Contract.load(contract_path(real.SOURCES[name]["contract"]))
@@ -56,32 +69,54 @@ def run(cfg: dict) -> Path:
             tel = ingest(read_telemetry(path), contract)
             reports[rec] = str(out / f"{rec}.quality.json")
             atomic_write_json(reports[rec], tel.report)
-            print(f"{rec:>28}: {len(tel.t)} steps, masked {int((~tel.mask).sum())}, "
-                  f"stuck runs {sum(len(s['stuck_runs']) for s in tel.report['signals'].values())}")
-        return write_summary(out, {"command": "twin-ingest", "dataset": name, "source": str(source),
-                                   "records": {k: str(v) for k, v in written.items()}, "quality": reports})
+            print(
+                f"{rec:>28}: {len(tel.t)} steps, masked {int((~tel.mask).sum())}, "
+                f"stuck runs {sum(len(s['stuck_runs']) for s in tel.report['signals'].values())}"
+            )
+        return write_summary(
+            out,
+            {
+                "command": "twin-ingest",
+                "dataset": name,
+                "source": str(source),
+                "records": {k: str(v) for k, v in written.items()},
+                "quality": reports,
+            },
+        )
     if not cfg["source"] or not cfg["contract"]:
         raise ValueError("give source=FILE and contract=NAME (or convert=DATASET)")
     contract = Contract.load(contract_path(cfg["contract"]))
-    frame = read_telemetry(cfg["source"], layout=cfg["layout"], timestamp=cfg["timestamp"], timezone=cfg["timezone"])
+    frame = read_telemetry(
+        cfg["source"], layout=cfg["layout"], timestamp=cfg["timestamp"], timezone=cfg["timezone"]
+    )
     tel = ingest(frame, contract, start=cfg["start"], end=cfg["end"])
     out = Path(cfg["out_dir"] or "runs/ingest")
     paths = save(tel, out)
     for name, info in tel.report["signals"].items():
-        print(f"{name:>12}: {info['samples']} samples -> {info['sampled']} sampled, {info['interpolated']} "
-              f"interpolated, {info['masked']} masked; {info.get('out_of_range', 0)} out of range, "
-              f"{len(info['stuck_runs'])} stuck runs, {len(info['gaps'])} gaps")
+        print(
+            f"{name:>12}: {info['samples']} samples -> {info['sampled']} sampled, {info['interpolated']} "
+            f"interpolated, {info['masked']} masked; {info.get('out_of_range', 0)} out of range, "
+            f"{len(info['stuck_runs'])} stuck runs, {len(info['gaps'])} gaps"
+        )
     for w in tel.report["warnings"]:
         print(f"warning: {w}")
-    return write_summary(out, {"command": "twin-ingest", "source": str(cfg["source"]), "contract": contract.system,
-                               "steps": len(tel.t), **{k: str(v) for k, v in paths.items()}})
+    return write_summary(
+        out,
+        {
+            "command": "twin-ingest",
+            "source": str(cfg["source"]),
+            "contract": contract.system,
+            "steps": len(tel.t),
+            **{k: str(v) for k, v in paths.items()},
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    from twin_ml.data.telemetry import TelemetryError
-
     import pandera.errors
     import yaml
+
+    from twin_ml.data.telemetry import TelemetryError
 
     try:
         cfg = key_values(sys.argv[1:] if argv is None else argv, DEFAULTS)

@@ -34,9 +34,19 @@ from training._common import fail, key_values, write_summary
 from twin_ml.drift import REFERENCE_WINDOWS, DriftSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {"model": None, "source": None, "reference": None, "reference_windows": str(REFERENCE_WINDOWS),
-            "window": str(DriftSettings.window), "horizon": "32", "slack": str(DriftSettings.slack),
-            "threshold": str(DriftSettings.threshold), "inject": None, "steps": None, "out_dir": "runs/monitor"}
+DEFAULTS = {
+    "model": None,
+    "source": None,
+    "reference": None,
+    "reference_windows": str(REFERENCE_WINDOWS),
+    "window": str(DriftSettings.window),
+    "horizon": "32",
+    "slack": str(DriftSettings.slack),
+    "threshold": str(DriftSettings.threshold),
+    "inject": None,
+    "steps": None,
+    "out_dir": "runs/monitor",
+}
 
 
 def _int(cfg: dict, key: str, allow_none: bool = False) -> int | None:
@@ -46,7 +56,9 @@ def _int(cfg: dict, key: str, allow_none: bool = False) -> int | None:
     try:
         n = int(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a whole number{' or none' if allow_none else ''}, got {v!r}") from None
+        raise ValueError(
+            f"{key} must be a whole number{' or none' if allow_none else ''}, got {v!r}"
+        ) from None
     if n < 1:
         raise ValueError(f"{key} must be >= 1, got {n}")
     return n
@@ -73,11 +85,15 @@ def load_stream(spec: str, contract, system) -> dict[str, np.ndarray]:
     else:
         name, sep, record = spec.partition(":")
         if not sep or name not in real.SOURCES:
-            raise ValueError(f"source {spec!r} must be a .parquet/.csv file or DATASET:RECORD with a dataset among "
-                             f"{', '.join(real.SOURCES)}")
+            raise ValueError(
+                f"source {spec!r} must be a .parquet/.csv file or DATASET:RECORD with a dataset among "
+                f"{', '.join(real.SOURCES)}"
+            )
         frames = real.records(name, ROOT / "data" / "real" / name / real.SOURCES[name]["file"])
         if record not in frames:
-            raise ValueError(f"source {spec!r}: record {record!r} is unknown; records: {', '.join(frames)}")
+            raise ValueError(
+                f"source {spec!r}: record {record!r} is unknown; records: {', '.join(frames)}"
+            )
         frame = frames[record]
     tel = ingest(frame, contract)
     y, mask = _full_outputs(system, contract, tel)
@@ -99,12 +115,15 @@ def run(cfg: dict[str, Any]) -> Path:
     model, meta = load_trained(model_dir)
     tmeta = meta.get("telemetry")
     if not tmeta or "state_ranges" not in tmeta:
-        raise ValueError(f"model={cfg['model']!r} was not trained on telemetry by this version (model.json has no "
-                         "telemetry.state_ranges); train it with an experiment like cascaded_tanks_real")
+        raise ValueError(
+            f"model={cfg['model']!r} was not trained on telemetry by this version (model.json has no "
+            "telemetry.state_ranges); train it with an experiment like cascaded_tanks_real"
+        )
     system = model.system
     contract = Contract.model_validate(tmeta["contract"])
-    settings = DriftSettings(window=_int(cfg, "window"), slack=_float(cfg, "slack"),
-                             threshold=_float(cfg, "threshold")).check()
+    settings = DriftSettings(
+        window=_int(cfg, "window"), slack=_float(cfg, "slack"), threshold=_float(cfg, "threshold")
+    ).check()
     horizon, ref_windows = _int(cfg, "horizon", allow_none=True), _int(cfg, "reference_windows")
     faults = [Fault.parse(f) for f in cfg["inject"].split(",")] if cfg["inject"] else []
     stream = load_stream(cfg["source"], contract, system)
@@ -114,36 +133,76 @@ def run(cfg: dict[str, Any]) -> Path:
     ref = load_stream(cfg["reference"], contract, system) if cfg["reference"] else None
     for key, rec in (("source", stream), ("reference", ref)):
         if rec is not None and len(rec["t"]) < 3 * settings.window:
-            raise ValueError(f"{key}: {len(rec['t'])} samples; the monitor needs >= 3 windows of {settings.window}")
+            raise ValueError(
+                f"{key}: {len(rec['t'])} samples; the monitor needs >= 3 windows of {settings.window}"
+            )
     names = system.output_names
     dt = float(stream["t"][1] - stream["t"][0])
     y, mask = inject(stream["y"], stream["mask"], stream["t"], names, faults)
     if ref is None:
         for f in faults:
             if f.onset_s < ref_windows * settings.window * dt:
-                raise ValueError(f"inject: onset {f.onset_s} s falls in the reference (the first {ref_windows} windows, "
-                                 f"{ref_windows * settings.window * dt:.6g} s); move it later or give reference=")
+                raise ValueError(
+                    f"inject: onset {f.onset_s} s falls in the reference (the first {ref_windows} windows, "
+                    f"{ref_windows * settings.window * dt:.6g} s); move it later or give reference="
+                )
     p = np.array([tmeta["parameters"][n] for n in system.parameter_names])
-    result = monitor(model, stream["u"], p, y, mask, stream["t"], settings=settings, horizon=horizon,
-                     init_samples=int(tmeta.get("init_samples", 25)), ranges=np.array(tmeta["state_ranges"]),
-                     input_range=np.array(tmeta["input_range"]) if tmeta.get("input_range") else None,
-                     reference_record=ref, reference_windows=ref_windows)
+    result = monitor(
+        model,
+        stream["u"],
+        p,
+        y,
+        mask,
+        stream["t"],
+        settings=settings,
+        horizon=horizon,
+        init_samples=int(tmeta.get("init_samples", 25)),
+        ranges=np.array(tmeta["state_ranges"]),
+        input_range=np.array(tmeta["input_range"]) if tmeta.get("input_range") else None,
+        reference_record=ref,
+        reference_windows=ref_windows,
+    )
     report = result["report"]
-    report.update(source=cfg["source"], model=str(model_dir), faults=[f.__dict__ for f in faults],
-                  steps=len(stream["t"]), period_s=dt)
+    report.update(
+        source=cfg["source"],
+        model=str(model_dir),
+        faults=[f.__dict__ for f in faults],
+        steps=len(stream["t"]),
+        period_s=dt,
+    )
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "drift.json", report)
-    plot = plot_report(report, stream["t"], y, mask, result["mean"], result["std"], names, out / "drift.png",
-                       title=f"{system.name}: {cfg['source']}" + (f" with {cfg['inject']}" if faults else ""),
-                       onsets=[f.onset_s for f in faults])
+    plot = plot_report(
+        report,
+        stream["t"],
+        y,
+        mask,
+        result["mean"],
+        result["std"],
+        names,
+        out / "drift.png",
+        title=f"{system.name}: {cfg['source']}" + (f" with {cfg['inject']}" if faults else ""),
+        onsets=[f.onset_s for f in faults],
+    )
     for a in report["alarms"]:
-        print(f"alarm: {a['signal']} {a['kind']} in window {a['window']} (by t = {a['time_s']:.6g} s)")
+        print(
+            f"alarm: {a['signal']} {a['kind']} in window {a['window']} (by t = {a['time_s']:.6g} s)"
+        )
     if not report["alarms"]:
         print(f"no drift over {report['windows']} windows of {settings.window} steps")
-    return write_summary(out, {"command": "twin-monitor", "model": str(model_dir), "source": cfg["source"],
-                               "drift": report["drift"], "alarms": report["alarms"],
-                               "report": str(out / "drift.json"), "plot": str(plot)})
+    return write_summary(
+        out,
+        {
+            "command": "twin-monitor",
+            "model": str(model_dir),
+            "source": cfg["source"],
+            "drift": report["drift"],
+            "alarms": report["alarms"],
+            "report": str(out / "drift.json"),
+            "plot": str(plot),
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

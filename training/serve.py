@@ -34,9 +34,21 @@ from pathlib import Path
 
 from training._common import fail, key_values
 
-DEFAULTS = {"model": None, "host": "127.0.0.1", "port": "3000", "threads": "1", "strict": "false",
-            "batching": "true", "max_batch": "256", "max_scenarios": "256", "max_steps": "0",
-            "max_concurrency": "64", "timeout": "120", "workers": "1", "access_log": "true"}
+DEFAULTS = {
+    "model": None,
+    "host": "127.0.0.1",
+    "port": "3000",
+    "threads": "1",
+    "strict": "false",
+    "batching": "true",
+    "max_batch": "256",
+    "max_scenarios": "256",
+    "max_steps": "0",
+    "max_concurrency": "64",
+    "timeout": "120",
+    "workers": "1",
+    "access_log": "true",
+}
 POSITIVE = ("threads", "max_batch", "max_scenarios", "max_concurrency", "timeout", "workers")
 FLAGS = ("strict", "batching", "access_log")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -52,7 +64,9 @@ def parse(argv: list[str]) -> dict[str, str]:
         if not cfg[key].isdigit() or int(cfg[key]) < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
     if not cfg["max_steps"].isdigit():
-        raise ValueError(f"max_steps must be an integer >= 1 (0: the model's maximum), got {cfg['max_steps']!r}")
+        raise ValueError(
+            f"max_steps must be an integer >= 1 (0: the model's maximum), got {cfg['max_steps']!r}"
+        )
     for key in FLAGS:
         if cfg[key].lower() not in TRUE + FALSE:
             raise ValueError(f"{key} must be true or false, got {cfg[key]!r}")
@@ -70,8 +84,16 @@ def main(argv: list[str] | None = None) -> None:
         registry.verify(cfg["model"])
     except (ValueError, registry.RegistryError) as e:
         fail(e)
-    os.environ.update({"TWIN_ML_MODEL": cfg["model"],
-                       **{f"TWIN_ML_{k.upper()}": cfg[k] for k in DEFAULTS if k not in ("model", "host", "port")}})
+    os.environ.update(
+        {
+            "TWIN_ML_MODEL": cfg["model"],
+            **{
+                f"TWIN_ML_{k.upper()}": cfg[k]
+                for k in DEFAULTS
+                if k not in ("model", "host", "port")
+            },
+        }
+    )
     # BentoMLContainer is BentoML's internal configuration (bentoml is pinned): the Prometheus
     # directory is read from it when the server starts, and handed to the workers
     from bentoml._internal.configuration.containers import BentoMLContainer
@@ -80,8 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     home = Path(BentoMLContainer.bentoml_home.get())
     slot = re.sub(r"[^A-Za-z0-9.-]", "_", f"{cfg['host']}-{cfg['port']}")
     BentoMLContainer.prometheus_multiproc_dir.set(str(home / "twin-ml" / "metrics" / slot))
-    cli.main(args=["serve", "serving.service:TwinService", "--host", cfg["host"], "--port", cfg["port"]],
-             prog_name="bentoml")
+    cli.main(
+        args=["serve", "serving.service:TwinService", "--host", cfg["host"], "--port", cfg["port"]],
+        prog_name="bentoml",
+    )
 
 
 if __name__ == "__main__":

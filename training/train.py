@@ -21,8 +21,20 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from training._common import CONFIG_DIR, check_group_choices, fail, lightning_logs_once, write_summary
-from twin_ml._io import atomic_write_bytes, atomic_write_json, remove_stale_temps, sha256_bytes, sha256_file
+from training._common import (
+    CONFIG_DIR,
+    check_group_choices,
+    fail,
+    lightning_logs_once,
+    write_summary,
+)
+from twin_ml._io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temps,
+    sha256_bytes,
+    sha256_file,
+)
 
 log = logging.getLogger("twin-train")
 
@@ -31,7 +43,11 @@ def _loggers(cfg: DictConfig, out_dir: Path):
     if not cfg.get("logger"):
         return False
     if "wandb" in cfg.logger:
-        for k, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_CONFIG_DIR", "wandb-config")):
+        for k, sub in (
+            ("WANDB_DIR", ""),
+            ("WANDB_CACHE_DIR", "wandb-cache"),
+            ("WANDB_CONFIG_DIR", "wandb-config"),
+        ):
             os.environ.setdefault(k, str(out_dir / sub) if sub else str(out_dir))
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -59,10 +75,22 @@ def save_model(out_dir: Path, model, cfg: DictConfig, scale, t, system, **extra:
     model_dir.mkdir(exist_ok=True)
     atomic_torch_save(model.state_dict(), model_dir / "model.pt")
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_json(model_dir / "model.json", {
-        "config": model.config, "conformal_scale": scale.tolist(), "weights_sha256": sha256_file(model_dir / "model.pt"),
-        "config_sha256": sha256_bytes(config_text.encode()),
-        "time": {"t0": float(t[0]), "dt": float(t[1] - t[0]), "n": len(t), "unit": system.time_unit}, **extra})
+    atomic_write_json(
+        model_dir / "model.json",
+        {
+            "config": model.config,
+            "conformal_scale": scale.tolist(),
+            "weights_sha256": sha256_file(model_dir / "model.pt"),
+            "config_sha256": sha256_bytes(config_text.encode()),
+            "time": {
+                "t0": float(t[0]),
+                "dt": float(t[1] - t[0]),
+                "n": len(t),
+                "unit": system.time_unit,
+            },
+            **extra,
+        },
+    )
     return model_dir
 
 
@@ -87,24 +115,41 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = hydra.utils.instantiate(cfg.system, _convert_="all")
     log.info(f"Instantiating datamodule <{cfg.data_dir}>")
-    dm = ScenarioDataModule(str(cfg.data_dir), system, batch_size=cfg.data.batch_size, horizon=cfg.data.horizon,
-                            seed=cfg.seed)
+    dm = ScenarioDataModule(
+        str(cfg.data_dir),
+        system,
+        batch_size=cfg.data.batch_size,
+        horizon=cfg.data.horizon,
+        seed=cfg.seed,
+    )
     tr = dm.numpy("train")
     t = dm.t_grid
     stats = compute_stats(tr["x"], tr["u"], tr["p"], tr["y"], t)
     extra = {"n_times": len(t)} if cfg.model.net.kind == "emulator" else {}
     log.info(f"Instantiating model <{cfg.model.net.kind}> x {cfg.ensemble.size}")
-    model = hydra.utils.instantiate(cfg.model.net, system=system, stats=stats, members=cfg.ensemble.size,
-                                    seed=cfg.seed, _convert_="all", **extra)
+    model = hydra.utils.instantiate(
+        cfg.model.net,
+        system=system,
+        stats=stats,
+        members=cfg.ensemble.size,
+        seed=cfg.seed,
+        _convert_="all",
+        **extra,
+    )
     module = hydra.utils.instantiate(cfg.model.optim, _convert_="all")(model=model, seed=cfg.seed)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     if cfg.stop_after_epochs:
         callbacks.append(_stop_after(int(cfg.stop_after_epochs)))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, out_dir),
-                                      default_root_dir=str(out_dir), enable_progress_bar=sys.stderr.isatty(),
-                                      plugins=[AtomicCheckpointIO()])
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=_loggers(cfg, out_dir),
+        default_root_dir=str(out_dir),
+        enable_progress_bar=sys.stderr.isatty(),
+        plugins=[AtomicCheckpointIO()],
+    )
     remove_stale_temps(out_dir / "checkpoints")
     last = out_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if cfg.resume and last.exists() else None
@@ -114,7 +159,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     fit_seconds = time.perf_counter() - t_fit
     if trainer.should_stop and cfg.stop_after_epochs and trainer.current_epoch < trainer.max_epochs:
         if not any(type(c).__name__ == "EarlyStopping" and c.stopped_epoch for c in callbacks):
-            log.info(f"stopped after {trainer.current_epoch} epochs (stop_after_epochs); resume=true continues")
+            log.info(
+                f"stopped after {trainer.current_epoch} epochs (stop_after_epochs); resume=true continues"
+            )
             return {"stopped_at_epoch": trainer.current_epoch}, {}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -125,24 +172,56 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     splits = {s: dm.numpy(s) for s in ("val", "test", "extrapolation")}
     scale = calibrate(model, splits["val"], t)
     metrics, preds = evaluate_splits(model, system, splits, t)
-    metrics["speed"] = speed(model, system, splits["test"] if len(splits["test"]["p"]) else splits["val"], t,
-                             n=cfg.speed_scenarios)
+    metrics["speed"] = speed(
+        model,
+        system,
+        splits["test"] if len(splits["test"]["p"]) else splits["val"],
+        t,
+        n=cfg.speed_scenarios,
+    )
     metrics["conformal_scale"] = scale.tolist()
-    metrics["train"] = {"epochs": trainer.current_epoch, "fit_seconds": fit_seconds,
-                        "members": model.members, "best_checkpoint": Path(best).name if best else None}
+    metrics["train"] = {
+        "epochs": trainer.current_epoch,
+        "fit_seconds": fit_seconds,
+        "members": model.members,
+        "best_checkpoint": Path(best).name if best else None,
+    }
     flat = flat_metrics(metrics)
 
-    model_dir = save_model(out_dir, model, cfg, scale, t, system, dataset_sha256=dm.dataset.sha256,
-                           design=dm.dataset.manifest["design"],  # the training domain, for export and serving
-                           metrics={k: flat[k] for k in sorted(flat)
-                                    if k.startswith(("val/", "test/")) and "/regime/" not in k})
+    model_dir = save_model(
+        out_dir,
+        model,
+        cfg,
+        scale,
+        t,
+        system,
+        dataset_sha256=dm.dataset.sha256,
+        design=dm.dataset.manifest["design"],  # the training domain, for export and serving
+        metrics={
+            k: flat[k]
+            for k in sorted(flat)
+            if k.startswith(("val/", "test/")) and "/regime/" not in k
+        },
+    )
     atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
     report = write_report(out_dir, model, system, splits, preds, metrics, t)
     summary = {
-        "run_dir": str(out_dir), "model": str(model_dir / "model.json"), "report": str(report),
-        "metrics": str(out_dir / "metrics.json"), "dataset_sha256": dm.dataset.sha256,
-        "headline": {k: flat[k] for k in ("test/rel_l2_median", "test/rel_l2_p95", "test/coverage_90",
-                                          "extrapolation/rel_l2_median", "extrapolation/coverage_90") if k in flat},
+        "run_dir": str(out_dir),
+        "model": str(model_dir / "model.json"),
+        "report": str(report),
+        "metrics": str(out_dir / "metrics.json"),
+        "dataset_sha256": dm.dataset.sha256,
+        "headline": {
+            k: flat[k]
+            for k in (
+                "test/rel_l2_median",
+                "test/rel_l2_p95",
+                "test/coverage_90",
+                "extrapolation/rel_l2_median",
+                "extrapolation/coverage_90",
+            )
+            if k in flat
+        },
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     return flat, summary
@@ -158,7 +237,13 @@ def _main(cfg: DictConfig) -> float | None:
         if not summary:
             return None
         path = write_summary(Path(cfg.out_dir), summary)
-    except (ValueError, KeyError, DatasetError, InstantiationException, OSError) as e:  # OSError: e.g. disk full
+    except (
+        ValueError,
+        KeyError,
+        DatasetError,
+        InstantiationException,
+        OSError,
+    ) as e:  # OSError: e.g. disk full
         fail(e)
     log.info(f"headline: {summary['headline']}")
     print(path)
@@ -166,8 +251,21 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    check_group_choices(sys.argv[1:], ["system", "data", "model", "ensemble", "trainer", "callbacks", "logger",
-                                       "paths", "experiment", "hparams_search"])
+    check_group_choices(
+        sys.argv[1:],
+        [
+            "system",
+            "data",
+            "model",
+            "ensemble",
+            "trainer",
+            "callbacks",
+            "logger",
+            "paths",
+            "experiment",
+            "hparams_search",
+        ],
+    )
     _main()
 
 

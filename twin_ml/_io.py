@@ -16,8 +16,9 @@ import os
 import re
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -33,8 +34,10 @@ class StorageFull(OSError):
     half-written; the command can run again once there is space (long jobs resume)."""
 
     def __str__(self) -> str:
-        return (f"cannot write {self.filename}: {self.strerror} (the disk is full, or a quota or the file-size "
-                "limit is reached); nothing was half-written: free space and run the same command again")
+        return (
+            f"cannot write {self.filename}: {self.strerror} (the disk is full, or a quota or the file-size "
+            "limit is reached); nothing was half-written: free space and run the same command again"
+        )
 
 
 def no_space(err: BaseException) -> bool:
@@ -75,7 +78,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+            os.chmod(
+                tmp, 0o666 & ~_UMASK
+            )  # mkstemp makes 0600; give the file the usual permissions
             os.replace(tmp, path)
             fsync_dir(path.parent)  # make the rename itself durable
     except BaseException:
@@ -132,7 +137,9 @@ def canonical_json(obj: Any) -> str:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+    )
 
 
 def sha256_bytes(data: bytes) -> str:

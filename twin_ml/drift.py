@@ -33,13 +33,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class DriftSettings:
-    window: int = 32          # steps per monitoring window
-    slack: float = 1.0        # CUSUM allowance k (reference stds)
-    threshold: float = 6.0    # CUSUM alarm level h (reference stds)
-    margin: float = 0.05      # input range margin, as a share of the training range's width
-    max_outside: float = 0.2  # share of a window's inputs outside the range that raises an input alarm
+    window: int = 32  # steps per monitoring window
+    slack: float = 1.0  # CUSUM allowance k (reference stds)
+    threshold: float = 6.0  # CUSUM alarm level h (reference stds)
+    margin: float = 0.05  # input range margin, as a share of the training range's width
+    max_outside: float = (
+        0.2  # share of a window's inputs outside the range that raises an input alarm
+    )
 
-    def check(self) -> "DriftSettings":
+    def check(self) -> DriftSettings:
         if self.window < 2:
             raise ValueError(f"drift.window must be >= 2 steps, got {self.window}")
         for name in ("slack", "threshold", "margin"):
@@ -51,49 +53,66 @@ class DriftSettings:
 
 
 FAULT_KINDS = ("bias", "gain", "skew")
-REFERENCE_WINDOWS = 25  # windows of a stream's own start taken as its clean reference (SPC's 20-25 subgroups)
+REFERENCE_WINDOWS = (
+    25  # windows of a stream's own start taken as its clean reference (SPC's 20-25 subgroups)
+)
 
 
 @dataclass(frozen=True)
 class Fault:
     """A sensor fault from `onset_s` (seconds after the record's start) on: bias adds `size` (in the
     signal's unit), gain multiplies by `size`, skew delays the signal by `size` samples."""
+
     kind: str
     signal: str
     size: float
     onset_s: float
 
     @classmethod
-    def parse(cls, spec: str) -> "Fault":
+    def parse(cls, spec: str) -> Fault:
         """'KIND:SIGNAL:SIZE@ONSET_S', e.g. 'bias:h2:0.5@2000' or 'skew:y:3@10.0'."""
         head, at, onset = spec.partition("@")
         parts = head.split(":")
         if not at or len(parts) != 3:
-            raise ValueError(f"inject: {spec!r} must be KIND:SIGNAL:SIZE@ONSET_S (kinds: {', '.join(FAULT_KINDS)})")
+            raise ValueError(
+                f"inject: {spec!r} must be KIND:SIGNAL:SIZE@ONSET_S (kinds: {', '.join(FAULT_KINDS)})"
+            )
         try:
             fault = cls(parts[0], parts[1], float(parts[2]), float(onset))
         except ValueError:
             raise ValueError(f"inject: {spec!r}: SIZE and ONSET_S must be numbers") from None
         if fault.kind not in FAULT_KINDS:
-            raise ValueError(f"inject: kind {fault.kind!r} is unknown; kinds: {', '.join(FAULT_KINDS)}")
+            raise ValueError(
+                f"inject: kind {fault.kind!r} is unknown; kinds: {', '.join(FAULT_KINDS)}"
+            )
         if fault.kind == "skew" and (fault.size != int(fault.size) or fault.size < 1):
-            raise ValueError(f"inject: a skew's SIZE is a whole number of samples >= 1, got {parts[2]}")
+            raise ValueError(
+                f"inject: a skew's SIZE is a whole number of samples >= 1, got {parts[2]}"
+            )
         if fault.onset_s < 0:
             raise ValueError(f"inject: ONSET_S must be >= 0, got {onset}")
         return fault
 
 
-def inject(y: np.ndarray, mask: np.ndarray, t: np.ndarray, names: list[str],
-           faults: list[Fault]) -> tuple[np.ndarray, np.ndarray]:
+def inject(
+    y: np.ndarray, mask: np.ndarray, t: np.ndarray, names: list[str], faults: list[Fault]
+) -> tuple[np.ndarray, np.ndarray]:
     """(y, mask) [T, ny] with the faults applied to the named outputs (copies; the input is kept).
     A skewed sample takes the value and the mask of the sample `size` steps earlier."""
     y, mask = y.copy(), mask.copy()
     for f in faults:
         if f.signal not in names:
-            raise ValueError(f"inject: signal {f.signal!r} is not a monitored output; outputs: {', '.join(names)}")
-        j, k = names.index(f.signal), int(np.searchsorted(t - t[0], f.onset_s - 1e-9 * max(1.0, abs(f.onset_s))))
+            raise ValueError(
+                f"inject: signal {f.signal!r} is not a monitored output; outputs: {', '.join(names)}"
+            )
+        j, k = (
+            names.index(f.signal),
+            int(np.searchsorted(t - t[0], f.onset_s - 1e-9 * max(1.0, abs(f.onset_s)))),
+        )
         if k >= len(t):
-            raise ValueError(f"inject: onset {f.onset_s} s is after the record's end ({t[-1] - t[0]:.6g} s)")
+            raise ValueError(
+                f"inject: onset {f.onset_s} s is after the record's end ({t[-1] - t[0]:.6g} s)"
+            )
         if f.kind == "bias":
             y[k:, j] += f.size
         elif f.kind == "gain":
@@ -105,8 +124,9 @@ def inject(y: np.ndarray, mask: np.ndarray, t: np.ndarray, names: list[str],
     return y, mask
 
 
-def window_statistics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                      window: int) -> dict[str, np.ndarray]:
+def window_statistics(
+    y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, window: int
+) -> dict[str, np.ndarray]:
     """Per window (full windows only) and output: level = mean z, spread = log RMS z, n = points used.
     y, mask, mean, std: [T, ny]."""
     z = np.where(mask, (y - mean) / np.maximum(std, 1e-12), np.nan)
@@ -115,7 +135,11 @@ def window_statistics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np
     n = np.sum(~np.isnan(zw), axis=1)
     with np.errstate(invalid="ignore"):
         level = np.nanmean(zw, axis=1) if n_w else np.zeros((0, z.shape[1]))
-        spread = 0.5 * np.log(np.maximum(np.nanmean(zw ** 2, axis=1), 1e-24)) if n_w else np.zeros((0, z.shape[1]))
+        spread = (
+            0.5 * np.log(np.maximum(np.nanmean(zw**2, axis=1), 1e-24))
+            if n_w
+            else np.zeros((0, z.shape[1]))
+        )
     return {"level": level, "spread": spread, "n": n}
 
 
@@ -124,12 +148,18 @@ def reference(stats: dict[str, np.ndarray]) -> dict[str, list[float]]:
     level, spread = stats["level"], stats["spread"]
     if len(level) < 3:
         raise ValueError(f"the reference needs >= 3 full windows, got {len(level)}")
-    return {"level_mean": np.nanmean(level, axis=0).tolist(), "level_std": np.maximum(np.nanstd(level, axis=0), 1e-6).tolist(),
-            "spread_mean": np.nanmean(spread, axis=0).tolist(),
-            "spread_std": np.maximum(np.nanstd(spread, axis=0), 1e-6).tolist(), "windows": int(len(level))}
+    return {
+        "level_mean": np.nanmean(level, axis=0).tolist(),
+        "level_std": np.maximum(np.nanstd(level, axis=0), 1e-6).tolist(),
+        "spread_mean": np.nanmean(spread, axis=0).tolist(),
+        "spread_std": np.maximum(np.nanstd(spread, axis=0), 1e-6).tolist(),
+        "windows": int(len(level)),
+    }
 
 
-def cusum(x: np.ndarray, slack: float, threshold: float, two_sided: bool = True) -> tuple[np.ndarray, int | None]:
+def cusum(
+    x: np.ndarray, slack: float, threshold: float, two_sided: bool = True
+) -> tuple[np.ndarray, int | None]:
     """CUSUM of a standardized series x [n]: the statistic max(S+, S-) per step (not reset by an
     alarm) and the index of the first alarm (None if none). NaN steps leave the sums unchanged."""
     s_hi = s_lo = 0.0
@@ -145,60 +175,107 @@ def cusum(x: np.ndarray, slack: float, threshold: float, two_sided: bool = True)
     return out, first
 
 
-def detect(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, ref: dict[str, Any],
-           names: list[str], settings: DriftSettings = DriftSettings(), *, u: np.ndarray | None = None,
-           input_range: np.ndarray | None = None, input_names: list[str] | None = None,
-           period: float = 1.0) -> dict[str, Any]:
+def detect(
+    y: np.ndarray,
+    mask: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    ref: dict[str, Any],
+    names: list[str],
+    settings: DriftSettings = DriftSettings(),
+    *,
+    u: np.ndarray | None = None,
+    input_range: np.ndarray | None = None,
+    input_names: list[str] | None = None,
+    period: float = 1.0,
+) -> dict[str, Any]:
     """The drift report of one stream: per output the CUSUM statistics per window and the first
     alarm (window index and time), plus the input-domain check. `ref` from `reference`."""
     settings.check()
     w = settings.window
     stats = window_statistics(y, mask, mean, std, w)
-    report: dict[str, Any] = {"window": w, "windows": int(len(stats["level"])), "settings": settings.__dict__,
-                              "outputs": {}, "alarms": []}
+    report: dict[str, Any] = {
+        "window": w,
+        "windows": int(len(stats["level"])),
+        "settings": settings.__dict__,
+        "outputs": {},
+        "alarms": [],
+    }
     for j, name in enumerate(names):
         lvl = (stats["level"][:, j] - ref["level_mean"][j]) / ref["level_std"][j]
         spr = (stats["spread"][:, j] - ref["spread_mean"][j]) / ref["spread_std"][j]
         c_lvl, a_lvl = cusum(lvl, settings.slack, settings.threshold, two_sided=True)
         c_spr, a_spr = cusum(spr, settings.slack, settings.threshold, two_sided=False)
-        report["outputs"][name] = {"level": lvl.tolist(), "spread": spr.tolist(), "cusum_level": c_lvl.tolist(),
-                                   "cusum_spread": c_spr.tolist(), "first_alarm_window": None}
+        report["outputs"][name] = {
+            "level": lvl.tolist(),
+            "spread": spr.tolist(),
+            "cusum_level": c_lvl.tolist(),
+            "cusum_spread": c_spr.tolist(),
+            "first_alarm_window": None,
+        }
         firsts = [(a, kind) for a, kind in ((a_lvl, "level"), (a_spr, "spread")) if a is not None]
         if firsts:
             a, kind = min(firsts)
             report["outputs"][name]["first_alarm_window"] = int(a)
-            report["alarms"].append({"signal": name, "kind": kind, "window": int(a),
-                                     "time_s": float((a + 1) * w * period)})
+            report["alarms"].append(
+                {
+                    "signal": name,
+                    "kind": kind,
+                    "window": int(a),
+                    "time_s": float((a + 1) * w * period),
+                }
+            )
     if u is not None and input_range is not None:
         lo, hi = input_range[:, 0], input_range[:, 1]
         pad = settings.margin * (hi - lo)
-        outside = (u < lo - pad) | (u > hi + pad)                       # [T, nu]
+        outside = (u < lo - pad) | (u > hi + pad)  # [T, nu]
         n_w = len(u) // w
-        share = outside[: n_w * w].reshape(n_w, w, -1).mean(axis=1)       # [W, nu]
+        share = outside[: n_w * w].reshape(n_w, w, -1).mean(axis=1)  # [W, nu]
         report["inputs"] = {}
         for j, name in enumerate(input_names or [f"u{j}" for j in range(u.shape[1])]):
             bad = np.flatnonzero(share[:, j] > settings.max_outside)
-            report["inputs"][name] = {"outside_share": share[:, j].tolist(),
-                                      "first_alarm_window": int(bad[0]) if len(bad) else None}
+            report["inputs"][name] = {
+                "outside_share": share[:, j].tolist(),
+                "first_alarm_window": int(bad[0]) if len(bad) else None,
+            }
             if len(bad):
-                report["alarms"].append({"signal": name, "kind": "input_domain", "window": int(bad[0]),
-                                         "time_s": float((bad[0] + 1) * w * period)})
+                report["alarms"].append(
+                    {
+                        "signal": name,
+                        "kind": "input_domain",
+                        "window": int(bad[0]),
+                        "time_s": float((bad[0] + 1) * w * period),
+                    }
+                )
     report["alarms"].sort(key=lambda a: a["window"])
     report["drift"] = bool(report["alarms"])
     return report
 
 
-def band_panel(ax, t: np.ndarray, y: np.ndarray, ok: np.ndarray, mean: np.ndarray, std: np.ndarray,
-               label: str) -> None:
+def band_panel(
+    ax, t: np.ndarray, y: np.ndarray, ok: np.ndarray, mean: np.ndarray, std: np.ndarray, label: str
+) -> None:
     """One output on a matplotlib axis: measured points (where `ok`), the prediction and its 90% band."""
     ax.plot(t[ok], y[ok], ".", ms=2.5, color="k", label="measured")
     ax.plot(t, mean, color="C0", lw=1.2, label=label)
-    ax.fill_between(t, mean - 1.645 * std, mean + 1.645 * std, color="C0", alpha=0.25, lw=0, label="90% band")
+    ax.fill_between(
+        t, mean - 1.645 * std, mean + 1.645 * std, color="C0", alpha=0.25, lw=0, label="90% band"
+    )
 
 
-def plot_report(report: dict[str, Any], t: np.ndarray, y: np.ndarray, mask: np.ndarray, mean: np.ndarray,
-                std: np.ndarray, names: list[str], path: str | Path, *, title: str = "",
-                onsets: list[float] | None = None) -> Path:
+def plot_report(
+    report: dict[str, Any],
+    t: np.ndarray,
+    y: np.ndarray,
+    mask: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    names: list[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    onsets: list[float] | None = None,
+) -> Path:
     """Per output: measured against predicted (90% band), and the CUSUM statistics per window
     against the threshold, alarms marked; `onsets` (s) marks injected faults."""
     import matplotlib
@@ -208,7 +285,9 @@ def plot_report(report: dict[str, Any], t: np.ndarray, y: np.ndarray, mask: np.n
 
     w, thr = report["window"], report["settings"]["threshold"]
     tw = t[0] + (np.arange(report["windows"]) + 1) * w * (t[1] - t[0])  # each window's end
-    fig, axes = plt.subplots(2 * len(names), 1, figsize=(10, 2.6 * 2 * len(names)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        2 * len(names), 1, figsize=(10, 2.6 * 2 * len(names)), squeeze=False, sharex=True
+    )
     for j, name in enumerate(names):
         ax, axc = axes[2 * j, 0], axes[2 * j + 1, 0]
         ok = mask[:, j]
@@ -225,12 +304,20 @@ def plot_report(report: dict[str, Any], t: np.ndarray, y: np.ndarray, mask: np.n
                 a.axvline(t[0] + o, color="m", lw=1, ls=":", label="injected fault")
             for alarm in report["alarms"]:
                 if alarm["signal"] == name:
-                    a.axvline(t[0] + alarm["time_s"], color="r", lw=1.5, alpha=0.6, label="first alarm")
+                    a.axvline(
+                        t[0] + alarm["time_s"], color="r", lw=1.5, alpha=0.6, label="first alarm"
+                    )
                     break
             a.legend(loc="upper left", fontsize=7)
     axes[-1, 0].set_xlabel("time [s]")
-    fig.suptitle(title or ("drift: " + (", ".join(f"{a['signal']} {a['kind']}" for a in report["alarms"]) or "none")),
-                 fontsize=10)
+    fig.suptitle(
+        title
+        or (
+            "drift: "
+            + (", ".join(f"{a['signal']} {a['kind']}" for a in report["alarms"]) or "none")
+        ),
+        fontsize=10,
+    )
     fig.tight_layout()
     from twin_ml._io import save_figure
 

@@ -39,8 +39,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from twin_ml._io import (atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, sha256_bytes, sha256_file,
-                         writing)
+from twin_ml._io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    fsync_tree,
+    sha256_bytes,
+    sha256_file,
+    writing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +62,10 @@ class RegistryError(Exception):
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name) or len(name) > 63:
-        raise RegistryError(f"model name {name!r} is not allowed: use lowercase letters, digits, '-', '_' and '.' "
-                            "(at most 63 characters, starting and ending with a letter or digit)")
+        raise RegistryError(
+            f"model name {name!r} is not allowed: use lowercase letters, digits, '-', '_' and '.' "
+            "(at most 63 characters, starting and ending with a letter or digit)"
+        )
     return name
 
 
@@ -64,21 +73,27 @@ def check_new(name: str, version: str, stage: str | None = None) -> None:
     """Refuse, before any work, a version that exists, reads as a stage or 'latest', or a bad stage."""
     check_name(name)
     if not isinstance(version, str) or not _NAME.match(version) or version in (*STAGES, "latest"):
-        raise RegistryError(f"version {version!r} is not allowed: lowercase letters, digits, '-', '_' and '.', "
-                            f"and not 'latest' or a stage ({', '.join(STAGES)})")
+        raise RegistryError(
+            f"version {version!r} is not allowed: lowercase letters, digits, '-', '_' and '.', "
+            f"and not 'latest' or a stage ({', '.join(STAGES)})"
+        )
     if stage is not None and stage not in STAGES:
         raise RegistryError(f"stage {stage!r} is unknown; stages: {', '.join(STAGES)}")
     if (_models_dir() / name / version).exists():  # complete or not, the version is taken
-        raise RegistryError(f"{name}:{version} is already in the store; pick another version (or leave it unset)")
+        raise RegistryError(
+            f"{name}:{version} is already in the store; pick another version (or leave it unset)"
+        )
 
 
 def new_version(weights_sha256: str) -> str:
     """A sortable, unique-enough version: UTC time + the weights' hash prefix."""
-    return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d%H%M%S}-{weights_sha256[:8]}"
+    return f"{_dt.datetime.now(_dt.UTC):%Y%m%d%H%M%S}-{weights_sha256[:8]}"
 
 
 def _bentoml():
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage reports: commands never need the network
+    os.environ.setdefault(
+        "BENTOML_DO_NOT_TRACK", "True"
+    )  # no usage reports: commands never need the network
     import bentoml
 
     return bentoml
@@ -122,14 +137,13 @@ def _sweep_staging(root: Path) -> None:
     for d in root.iterdir() if root.is_dir() else []:
         lock = d / ".writer.lock"
         try:
-            with open(lock, "r") as fh:
+            with open(lock) as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while the writer lives
                 shutil.rmtree(d, ignore_errors=True)  # still holding it
         except BlockingIOError:
             continue
         except FileNotFoundError:
             shutil.rmtree(d, ignore_errors=True)
-
 
 
 def _stages() -> dict[str, dict[str, str]]:
@@ -143,17 +157,28 @@ def _stages_of(bm, stages: dict[str, dict[str, str]] | None = None) -> list[str]
     return [s for s, v in stages.get(bm.tag.name, {}).items() if v == bm.tag.version]
 
 
-def save(name: str, version: str, onnx_bytes: bytes, manifest: dict[str, Any], *,
-         extra_files: dict[str, Path] | None = None, labels: dict[str, str] | None = None) -> str:
+def save(
+    name: str,
+    version: str,
+    onnx_bytes: bytes,
+    manifest: dict[str, Any],
+    *,
+    extra_files: dict[str, Path] | None = None,
+    labels: dict[str, str] | None = None,
+) -> str:
     """Store a model; returns its tag NAME:VERSION. `extra_files`: store name -> local file."""
     bentoml = _bentoml()
+    from bentoml._internal.models.model import ModelStore
     from bentoml.exceptions import BentoMLException
 
-    from bentoml._internal.models.model import ModelStore
-
     check_new(name, version)
-    blobs = {ONNX_FILE: onnx_bytes, **{fname: Path(src).read_bytes() for fname, src in (extra_files or {}).items()}}
-    files = {fname: sha256_bytes(b) for fname, b in blobs.items()}  # the hashes of the bytes written below
+    blobs = {
+        ONNX_FILE: onnx_bytes,
+        **{fname: Path(src).read_bytes() for fname, src in (extra_files or {}).items()},
+    }
+    files = {
+        fname: sha256_bytes(b) for fname, b in blobs.items()
+    }  # the hashes of the bytes written below
     full = {**manifest, "files": files}
     manifest_bytes = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
     meta = {"manifest_sha256": sha256_bytes(manifest_bytes), "format": manifest.get("format", "")}
@@ -163,13 +188,21 @@ def save(name: str, version: str, onnx_bytes: bytes, manifest: dict[str, Any], *
         _sweep_staging(staging)
         work = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=staging))
         writer = open(work / ".writer.lock", "a")
-        fcntl.flock(writer, fcntl.LOCK_EX)  # held while this process lives: sweeps leave `work` alone
+        fcntl.flock(
+            writer, fcntl.LOCK_EX
+        )  # held while this process lives: sweeps leave `work` alone
     scratch = None  # BentoML's own build folder (in the system temp folder), removed below
     try:
         try:  # BentoML builds the model (model.yaml and all) and saves it to a store inside `work`
-            with writing(work), bentoml.models.create(  # `work`: BentoML's copy into it
-                    f"{name}:{version}", labels=labels or {}, metadata=meta,
-                    _model_store=ModelStore(work / "models")) as bm:
+            with (
+                writing(work),
+                bentoml.models.create(  # `work`: BentoML's copy into it
+                    f"{name}:{version}",
+                    labels=labels or {},
+                    metadata=meta,
+                    _model_store=ModelStore(work / "models"),
+                ) as bm,
+            ):
                 scratch = Path(bm.path)
                 for fname, b in {**blobs, MANIFEST_FILE: manifest_bytes}.items():
                     with writing(scratch / fname):
@@ -193,15 +226,21 @@ def _commit(built: Path, name: str, version: str) -> None:
     bentoml = _bentoml()
     target = _models_dir() / name / version
     with _store_lock():
-        if target.exists():  # the compare of the compare-and-swap: the lock makes it and the rename one step
-            raise RegistryError(f"{name}:{version} is already in the store; pick another version (or leave it unset)")
+        if (
+            target.exists()
+        ):  # the compare of the compare-and-swap: the lock makes it and the rename one step
+            raise RegistryError(
+                f"{name}:{version} is already in the store; pick another version (or leave it unset)"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(built, target)
         except OSError as e:
             if e.errno == errno.EXDEV:
-                raise RegistryError(f"{_models_dir()} is on another file system than {built.parent}: keep "
-                                    "BENTOML_HOME's models/ and twin-ml/ folders on one file system") from None
+                raise RegistryError(
+                    f"{_models_dir()} is on another file system than {built.parent}: keep "
+                    "BENTOML_HOME's models/ and twin-ml/ folders on one file system"
+                ) from None
             raise
         fsync_dir(target.parent)  # the rename itself, durable
         # from here on the model is stored; `latest` is a convenience pointer, and failing to move it
@@ -211,13 +250,20 @@ def _commit(built: Path, name: str, version: str) -> None:
             current = latest.read_text().strip() if latest.exists() else ""
             mine = bentoml.models.get(f"{name}:{version}").info.creation_time
             try:
-                newer = bool(current) and bentoml.models.get(f"{name}:{current}").info.creation_time > mine
-            except Exception:  # `latest` names a version that is gone or broken: this one replaces it
+                newer = (
+                    bool(current)
+                    and bentoml.models.get(f"{name}:{current}").info.creation_time > mine
+                )
+            except (
+                Exception
+            ):  # `latest` names a version that is gone or broken: this one replaces it
                 newer = False
             if not newer:
                 atomic_write_bytes(latest, version.encode())
         except OSError as e:
-            log.warning(f"{name}:{version} is stored, but {name}:latest still names {current or 'nothing'}: {e}")
+            log.warning(
+                f"{name}:{version} is stored, but {name}:latest still names {current or 'nothing'}: {e}"
+            )
 
 
 def resolve(ref: str):
@@ -226,23 +272,31 @@ def resolve(ref: str):
     from bentoml.exceptions import BentoMLException, NotFound
 
     if not isinstance(ref, str) or ref.count(":") != 1:
-        raise RegistryError(f"model reference {ref!r}: use NAME:VERSION, NAME:latest or NAME:<stage> ({', '.join(STAGES)})")
+        raise RegistryError(
+            f"model reference {ref!r}: use NAME:VERSION, NAME:latest or NAME:<stage> ({', '.join(STAGES)})"
+        )
     name, version = ref.split(":")
     check_name(name)
     if version in STAGES:
         pinned = _stages().get(name, {}).get(version)
         if not pinned:
-            raise RegistryError(f"no version of {name} is promoted to {version}; twin-models promote {name}:VERSION "
-                                f"--stage {version}")
+            raise RegistryError(
+                f"no version of {name} is promoted to {version}; twin-models promote {name}:VERSION "
+                f"--stage {version}"
+            )
         version = pinned
     try:
         return bentoml.models.get(f"{name}:{version}")
     except NotFound:
         known = sorted(str(m.tag) for m in _complete_models() if m.tag.name == name)
-        raise RegistryError(f"model {name}:{version} is not in the store; known: {', '.join(known) or 'none'}") from None
+        raise RegistryError(
+            f"model {name}:{version} is not in the store; known: {', '.join(known) or 'none'}"
+        ) from None
     except BentoMLException as e:  # a folder without a readable model.yaml
-        raise RegistryError(f"model {name}:{version} is damaged in the store ({e}); remove it with "
-                            f"`bentoml models delete {name}:{version}`") from None
+        raise RegistryError(
+            f"model {name}:{version} is damaged in the store ({e}); remove it with "
+            f"`bentoml models delete {name}:{version}`"
+        ) from None
 
 
 def verify(ref: str) -> dict[str, Any]:
@@ -261,15 +315,19 @@ def _verify(bm, held: dict[str, bytes] | None = None) -> dict[str, Any]:
     raw = mpath.read_bytes()
     want = (bm.info.metadata or {}).get("manifest_sha256")
     if sha256_bytes(raw) != want:
-        raise RegistryError(f"{bm.tag}: {MANIFEST_FILE} does not match the sha256 recorded at save time; refusing it")
+        raise RegistryError(
+            f"{bm.tag}: {MANIFEST_FILE} does not match the sha256 recorded at save time; refusing it"
+        )
     manifest = json.loads(raw)
     for fname, sha in manifest["files"].items():
         p = d / fname
         if fname not in held and not p.exists():
             raise RegistryError(f"{bm.tag}: {fname} is missing")
         if (sha256_bytes(held[fname]) if fname in held else sha256_file(p)) != sha:
-            raise RegistryError(f"{bm.tag}: {fname} does not match its sha256 in {MANIFEST_FILE} "
-                                "(tampered, truncated or swapped); refusing it")
+            raise RegistryError(
+                f"{bm.tag}: {fname} does not match its sha256 in {MANIFEST_FILE} "
+                "(tampered, truncated or swapped); refusing it"
+            )
     return manifest
 
 
@@ -291,8 +349,9 @@ def onnx_bytes(ref: str) -> tuple[bytes, dict[str, Any]]:
         raise RegistryError(f"{bm.tag}: {ONNX_FILE} is missing") from None
     manifest = _verify(bm, {ONNX_FILE: raw})
     if ONNX_FILE not in manifest["files"]:  # unchecked bytes must never pass as verified
-        raise RegistryError(f"{bm.tag}: {MANIFEST_FILE} lists no sha256 for {ONNX_FILE}; "
-                            "refusing it")
+        raise RegistryError(
+            f"{bm.tag}: {MANIFEST_FILE} lists no sha256 for {ONNX_FILE}; refusing it"
+        )
     return raw, manifest
 
 
@@ -302,7 +361,9 @@ def promote(ref: str, stage: str) -> str:
         raise RegistryError(f"stage {stage!r} is unknown; stages: {', '.join(STAGES)}")
     bm = resolve(ref)
     _verify(bm)
-    with _store_lock():  # concurrent promotions and commits: read-modify-write under the store's lock
+    with (
+        _store_lock()
+    ):  # concurrent promotions and commits: read-modify-write under the store's lock
         stages = _stages()
         stages.setdefault(bm.tag.name, {})[stage] = bm.tag.version
         atomic_write_json(_stages_path(), stages)
@@ -333,9 +394,15 @@ def list_models() -> list[dict[str, Any]]:
         if (bm.info.metadata or {}).get("format") != "twin-ml/onnx/v1":
             continue
         pinned = _stages_of(bm, stages)
-        rows.append({"tag": str(bm.tag), "system": bm.info.labels.get("system", ""),
-                     "kind": bm.info.labels.get("kind", ""), "stages": pinned,
-                     "created": bm.info.creation_time.isoformat(timespec="seconds")})
+        rows.append(
+            {
+                "tag": str(bm.tag),
+                "system": bm.info.labels.get("system", ""),
+                "kind": bm.info.labels.get("kind", ""),
+                "stages": pinned,
+                "created": bm.info.creation_time.isoformat(timespec="seconds"),
+            }
+        )
     return sorted(rows, key=lambda r: r["created"], reverse=True)
 
 

@@ -1,5 +1,3 @@
-import numpy as np
-
 from twin_ml.physics import Input, Output, Parameter, PhysicsSystem, Regime, State, register_system
 
 
@@ -11,12 +9,21 @@ class MassSpring(PhysicsSystem):
     """
 
     states = (State("pos", "m", bounds=(-0.5, 0.5)), State("vel", "m/s", bounds=(-1.0, 1.0)))
-    inputs = (Input("force", "N", bounds=(-1.0, 1.0), interpolation="zoh",
-                    signal={"kind": "prbs", "hold": 0.5}),)
+    inputs = (
+        Input(
+            "force",
+            "N",
+            bounds=(-1.0, 1.0),
+            interpolation="zoh",
+            signal={"kind": "prbs", "hold": 0.5},
+        ),
+    )
     outputs = (Output("pos", "m"),)
-    parameters = (Parameter("k", "N/m", nominal=4.0, bounds=(2.0, 8.0)),
-                  Parameter("c", "N s/m", nominal=0.4, bounds=(0.1, 1.0)),
-                  Parameter("m", "kg", nominal=1.0, bounds=(0.5, 2.0)))
+    parameters = (
+        Parameter("k", "N/m", nominal=4.0, bounds=(2.0, 8.0)),
+        Parameter("c", "N s/m", nominal=0.4, bounds=(0.1, 1.0)),
+        Parameter("m", "kg", nominal=1.0, bounds=(0.5, 2.0)),
+    )
     regimes = {"stiff_spring": Regime("k near its top", parameters={"k": (6.0, 8.0)})}
     default_horizon = (10.0, 0.05)  # (t_end, dt) in seconds
 

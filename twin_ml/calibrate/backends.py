@@ -36,8 +36,10 @@ class SurrogateBackend:
         t0 = time.perf_counter()
         p, x0 = problem.arguments(theta)
         u = np.repeat(problem.u[None], len(p), axis=0)
-        mean, std = self.session.run(["mean", "std"], {"x0": x0.astype(np.float32), "u": u.astype(np.float32),
-                                                       "p": p.astype(np.float32)})
+        mean, std = self.session.run(
+            ["mean", "std"],
+            {"x0": x0.astype(np.float32), "u": u.astype(np.float32), "p": p.astype(np.float32)},
+        )
         self.calls += 1
         self.scenarios += len(p)
         self.seconds += time.perf_counter() - t0
@@ -50,7 +52,9 @@ class SolverBackend:
 
     name = "solver"
 
-    def __init__(self, manifest: dict[str, Any], mode: str = "looped", settings: SolverSettings | None = None):
+    def __init__(
+        self, manifest: dict[str, Any], mode: str = "looped", settings: SolverSettings | None = None
+    ):
         if mode not in ("looped", "stacked"):
             raise ValueError(f"solver mode must be 'looped' or 'stacked', got {mode!r}")
         sysd = manifest["system"]
@@ -60,7 +64,9 @@ class SolverBackend:
         self.calls = self.scenarios = 0
         self.seconds = 0.0
 
-    def predict(self, problem: Problem, theta: np.ndarray, *, together: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self, problem: Problem, theta: np.ndarray, *, together: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`together`: one stacked solve for this call whatever the mode (a point and its
         difference steps: one step sequence for all, so their differences carry no step noise)."""
         t0 = time.perf_counter()
@@ -69,7 +75,9 @@ class SolverBackend:
         solve = solve_stacked if together or self.mode == "stacked" else solve_looped
         res = solve(self.system, problem.times, u, p, x0, self.settings)
         y = res.y.astype(np.float64)
-        y[res.status != 0] = np.nan  # a failed solve: no prediction (the objective makes it a bad fit)
+        y[res.status != 0] = (
+            np.nan
+        )  # a failed solve: no prediction (the objective makes it a bad fit)
         self.calls += 1
         self.scenarios += len(p)
         self.seconds += time.perf_counter() - t0
@@ -87,10 +95,15 @@ class CorrectedSurrogate:
     name = "surrogate"
     batched = True
 
-    def __init__(self, surrogate: SurrogateBackend, correction: np.ndarray, z0: np.ndarray | None = None,
-                 slope: np.ndarray | None = None):
+    def __init__(
+        self,
+        surrogate: SurrogateBackend,
+        correction: np.ndarray,
+        z0: np.ndarray | None = None,
+        slope: np.ndarray | None = None,
+    ):
         self.surrogate, self.correction = surrogate, correction  # [T, ny]
-        self.z0, self.slope = z0, slope                          # [n_fit], [n_fit, T, ny]
+        self.z0, self.slope = z0, slope  # [n_fit], [n_fit, T, ny]
 
     @property
     def calls(self) -> int:

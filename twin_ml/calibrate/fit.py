@@ -53,15 +53,17 @@ TAU_LENGTHS = 50
 def residuals(problem: Problem, mean: np.ndarray, std: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """Normalized residuals [K, n_observed] of predictions mean/std [K, T, ny]."""
     mask = ~np.isnan(problem.y)
-    var = sigma[None, None, :] ** 2 + std ** 2
+    var = sigma[None, None, :] ** 2 + std**2
     r = (problem.y[None] - mean) / np.sqrt(var)
     r = r[:, mask]
     return np.where(np.isfinite(r), r, BAD)
 
 
-def log_likelihood(problem: Problem, mean: np.ndarray, std: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+def log_likelihood(
+    problem: Problem, mean: np.ndarray, std: np.ndarray, sigma: np.ndarray
+) -> np.ndarray:
     mask = ~np.isnan(problem.y)
-    var = (sigma[None, None, :] ** 2 + std ** 2)[:, mask]
+    var = (sigma[None, None, :] ** 2 + std**2)[:, mask]
     r2 = ((problem.y[None] - mean)[:, mask]) ** 2 / var
     ll = -0.5 * (r2 + np.log(2 * math.pi * var)).sum(axis=1)
     return np.where(np.isfinite(ll), ll, -np.inf)
@@ -131,8 +133,9 @@ def _fd_steps(z: np.ndarray, h: float = FD_STEP) -> np.ndarray:
     return np.where(z + h <= 1.0, h, -h)
 
 
-def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray, *,
-                   max_nfev: int = 60) -> dict[str, Any]:
+def point_estimate(
+    backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray, *, max_nfev: int = 60
+) -> dict[str, Any]:
     """Multi-start least squares (scipy, trust-region reflective) on the normalized residuals. The
     starts run in lockstep (`_Lockstep`), and each forward-difference Jacobian is computed from
     one vectorized set of candidates. A backend that batches (`batched` True: the surrogate, a
@@ -144,7 +147,9 @@ def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray
     speculative = bool(getattr(backend, "batched", False))
 
     def one(i: int, z0: np.ndarray) -> dict[str, Any]:
-        last: dict[bytes, tuple[np.ndarray, np.ndarray | None]] = {}  # z -> (residuals, Jacobian or None)
+        last: dict[
+            bytes, tuple[np.ndarray, np.ndarray | None]
+        ] = {}  # z -> (residuals, Jacobian or None)
 
         def evaluate(z: np.ndarray, with_jac: bool, r0: np.ndarray | None = None):
             """(residuals, forward-difference Jacobian or None) at z in one backend call; a known
@@ -170,12 +175,27 @@ def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray
             return j if j is not None else evaluate(z, True, r0)[1]
 
         try:
-            res = least_squares(fun, z0, jac=jac, bounds=(0.0, 1.0), method="trf", max_nfev=max_nfev,
-                                xtol=TOL, ftol=TOL, gtol=TOL)
+            res = least_squares(
+                fun,
+                z0,
+                jac=jac,
+                bounds=(0.0, 1.0),
+                method="trf",
+                max_nfev=max_nfev,
+                xtol=TOL,
+                ftol=TOL,
+                gtol=TOL,
+            )
         finally:
             gate.leave()
-        return {"start": problem.from_unit(z0).tolist(), "theta": problem.from_unit(res.x).tolist(),
-                "cost": float(res.cost), "nfev": int(res.nfev), "z": res.x, "jac": res.jac}
+        return {
+            "start": problem.from_unit(z0).tolist(),
+            "theta": problem.from_unit(res.x).tolist(),
+            "cost": float(res.cost),
+            "nfev": int(res.nfev),
+            "z": res.x,
+            "jac": res.jac,
+        }
 
     if len(z0s) == 1:
         runs = [one(0, z0s[0])]
@@ -186,8 +206,14 @@ def point_estimate(backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray
     cov_z = np.linalg.pinv(best["jac"].T @ best["jac"])
     scale = problem.upper - problem.lower
     std_err = np.sqrt(np.clip(np.diag(cov_z), 0, None)) * scale
-    return {"theta": np.array(best["theta"]), "z": best["z"], "cov_z": cov_z, "cost": best["cost"],
-            "std_error": std_err, "starts": [{k: v for k, v in r.items() if k not in ("z", "jac")} for r in runs]}
+    return {
+        "theta": np.array(best["theta"]),
+        "z": best["z"],
+        "cov_z": cov_z,
+        "cost": best["cost"],
+        "std_error": std_err,
+        "starts": [{k: v for k, v in r.items() if k not in ("z", "jac")} for r in runs],
+    }
 
 
 def estimate_noise(problem: Problem, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -208,16 +234,20 @@ def estimate_noise(problem: Problem, y: np.ndarray, sigma: np.ndarray) -> np.nda
     n_total = int(np.sum(~np.isnan(problem.y)))
     if len(unknown) and n_total <= problem.n_fit:
         j = int(unknown[0])
-        raise CalibrationError(f"noise.{problem.outputs[j]}",
-                               f"cannot be estimated from {n_total} observed points for "
-                               f"{problem.n_fit} fitted values (give the noise std)")
+        raise CalibrationError(
+            f"noise.{problem.outputs[j]}",
+            f"cannot be estimated from {n_total} observed points for "
+            f"{problem.n_fit} fitted values (give the noise std)",
+        )
     dof = (n_total - problem.n_fit) / n_total
     for j in unknown:
         m = ~np.isnan(problem.y[:, j]) & np.isfinite(y[:, j])
         if not m.any():
-            raise CalibrationError(f"noise.{problem.outputs[j]}",
-                                   "cannot be estimated: the model predicts no finite value at the "
-                                   "estimate (give the noise std)")
+            raise CalibrationError(
+                f"noise.{problem.outputs[j]}",
+                "cannot be estimated: the model predicts no finite value at the "
+                "estimate (give the noise std)",
+            )
         var = float(np.sum((problem.y[m, j] - y[m, j]) ** 2)) / (int(m.sum()) * dof)
         out[j] = math.sqrt(max(var, 1e-24))  # 0 for an exact fit (noise-free data): no 0 division
     return out
@@ -226,7 +256,7 @@ def estimate_noise(problem: Problem, y: np.ndarray, sigma: np.ndarray) -> np.nda
 def _rhat(chain: np.ndarray) -> np.ndarray:
     """Split-chain Gelman-Rubin R-hat per parameter; chain [S, W, n] (walkers as chains)."""
     s = chain.shape[0] // 2
-    chains = np.concatenate([chain[:s], chain[s:2 * s]], axis=1)  # [s, 2W, n]
+    chains = np.concatenate([chain[:s], chain[s : 2 * s]], axis=1)  # [s, 2W, n]
     w = chains.var(axis=0, ddof=1).mean(axis=0)
     b = s * chains.mean(axis=0).var(axis=0, ddof=1)
     var = (s - 1) / s * w + b / s
@@ -247,32 +277,51 @@ def mcmc_warnings(diagnostics: dict[str, Any], names: list[str]) -> list[str]:
     kept = steps - burn
     now = f"(now steps={steps}, burn={burn}, walkers={walkers})"
     out = []
-    for name, rhat, ess, tau in zip(names, diagnostics["rhat"], diagnostics["ess"],
-                                    diagnostics["autocorr_time"]):
+    for name, rhat, ess, tau in zip(
+        names, diagnostics["rhat"], diagnostics["ess"], diagnostics["autocorr_time"]
+    ):
         if rhat is None or rhat > RHAT_MAX:
             value = "could not be computed" if rhat is None else f"is {rhat:.3g} (> {RHAT_MAX})"
-            out.append(f"mcmc: R-hat of {name} {value}: the two halves of the kept chain "
-                       f"disagree, so the walkers have not converged and the posterior of {name} "
-                       f"is not to be trusted; run more steps with a longer burn-in {now}")
+            out.append(
+                f"mcmc: R-hat of {name} {value}: the two halves of the kept chain "
+                f"disagree, so the walkers have not converged and the posterior of {name} "
+                f"is not to be trusted; run more steps with a longer burn-in {now}"
+            )
         if ess is None or ess < ESS_MIN:
             value = "could not be computed" if ess is None else f"is {ess:.0f} (< {ESS_MIN})"
-            out.append(f"mcmc: the effective sample size of {name} {value}: its posterior mean "
-                       f"and 90% interval rest on too few independent samples; run more steps or "
-                       f"walkers {now}")
+            out.append(
+                f"mcmc: the effective sample size of {name} {value}: its posterior mean "
+                f"and 90% interval rest on too few independent samples; run more steps or "
+                f"walkers {now}"
+            )
         if tau is None:
-            out.append(f"mcmc: the autocorrelation time of {name} could not be estimated, so its "
-                       f"effective sample size is unknown; run more steps {now}")
+            out.append(
+                f"mcmc: the autocorrelation time of {name} could not be estimated, so its "
+                f"effective sample size is unknown; run more steps {now}"
+            )
         elif kept < TAU_LENGTHS * tau:
             need = math.ceil(TAU_LENGTHS * tau)
-            out.append(f"mcmc: the autocorrelation time of {name} is {tau:.3g} steps, and the "
-                       f"{kept} kept steps are fewer than {TAU_LENGTHS} of them ({need}), so that "
-                       f"time and the effective sample size are unreliable (usually too small); "
-                       f"run at least steps={burn + need} {now}")
+            out.append(
+                f"mcmc: the autocorrelation time of {name} is {tau:.3g} steps, and the "
+                f"{kept} kept steps are fewer than {TAU_LENGTHS} of them ({need}), so that "
+                f"time and the effective sample size are unreliable (usually too small); "
+                f"run at least steps={burn + need} {now}"
+            )
     return out
 
 
-def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *, walkers: int = 32,
-              steps: int = 1000, burn: int = 300, seed: int = 0, cov_z: np.ndarray | None = None) -> dict[str, Any]:
+def posterior(
+    backend,
+    problem: Problem,
+    sigma: np.ndarray,
+    z_hat: np.ndarray,
+    *,
+    walkers: int = 32,
+    steps: int = 1000,
+    burn: int = 300,
+    seed: int = 0,
+    cov_z: np.ndarray | None = None,
+) -> dict[str, Any]:
     """emcee's affine-invariant ensemble sampler, vectorized: every walker move is one backend call.
     Uniform prior on the bounds times the optional normal priors. Walkers start drawn from the
     Laplace approximation at the point estimate (covariance `cov_z`, from the least-squares
@@ -284,8 +333,10 @@ def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *
     n = problem.n_fit
     walkers = max(walkers, 2 * n + 2)
     if not 0 <= burn or steps - burn < MIN_KEPT:
-        raise ValueError(f"mcmc: steps - burn must be >= {MIN_KEPT} (kept steps per walker), got steps={steps}, "
-                         f"burn={burn}")
+        raise ValueError(
+            f"mcmc: steps - burn must be >= {MIN_KEPT} (kept steps per walker), got steps={steps}, "
+            f"burn={burn}"
+        )
     prior_idx = [(problem.fit.index(k), mu, sd) for k, (mu, sd) in problem.priors.items()]
 
     def log_prob(zs):
@@ -312,7 +363,7 @@ def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *
     sampler = emcee.EnsembleSampler(walkers, n, log_prob, vectorize=True)
     sampler.random_state = np.random.RandomState(seed).get_state()
     sampler.run_mcmc(p0, steps, progress=False)
-    chain = sampler.get_chain(discard=burn)                    # [S, W, n], unit box
+    chain = sampler.get_chain(discard=burn)  # [S, W, n], unit box
     flat = problem.from_unit(chain.reshape(-1, n))
     logger = logging.getLogger("emcee")
     level = logger.level
@@ -322,14 +373,25 @@ def posterior(backend, problem: Problem, sigma: np.ndarray, z_hat: np.ndarray, *
     finally:
         logger.setLevel(level)
     q05, q95 = np.quantile(flat, [0.05, 0.95], axis=0)
-    diagnostics = {"walkers": walkers, "steps": steps, "burn": burn,
-                   "acceptance": float(np.mean(sampler.acceptance_fraction)),
-                   "autocorr_time": [_finite(x) for x in tau],
-                   "ess": [_finite(chain.shape[0] * walkers / max(x, 1.0)) for x in tau],
-                   "rhat": [_finite(x) for x in _rhat(chain)],
-                   "chain_over_50_tau": bool(chain.shape[0] >= TAU_LENGTHS * float(np.max(tau)))}
-    return {"samples": flat, "mean": flat.mean(axis=0), "std": flat.std(axis=0), "q05": q05, "q95": q95,
-            "diagnostics": diagnostics, "warnings": mcmc_warnings(diagnostics, problem.fit)}
+    diagnostics = {
+        "walkers": walkers,
+        "steps": steps,
+        "burn": burn,
+        "acceptance": float(np.mean(sampler.acceptance_fraction)),
+        "autocorr_time": [_finite(x) for x in tau],
+        "ess": [_finite(chain.shape[0] * walkers / max(x, 1.0)) for x in tau],
+        "rhat": [_finite(x) for x in _rhat(chain)],
+        "chain_over_50_tau": bool(chain.shape[0] >= TAU_LENGTHS * float(np.max(tau))),
+    }
+    return {
+        "samples": flat,
+        "mean": flat.mean(axis=0),
+        "std": flat.std(axis=0),
+        "q05": q05,
+        "q95": q95,
+        "diagnostics": diagnostics,
+        "warnings": mcmc_warnings(diagnostics, problem.fit),
+    }
 
 
 def rms_band(n_observed: int, n_fit: int) -> tuple[float, float]:
@@ -349,7 +411,9 @@ def rms_band(n_observed: int, n_fit: int) -> tuple[float, float]:
     return min(lo, 0.5), max(hi, 2.0)
 
 
-def verify(surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.ndarray) -> dict[str, Any]:
+def verify(
+    surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.ndarray
+) -> dict[str, Any]:
     """Re-simulate candidates thetas [K, n_fit] (the estimate first) with the solver. Per candidate:
     the fraction of grid points where the solver lies within 2 stated stds of the surrogate mean,
     and the RMS normalized residual against the observations with each. Verified when, at the
@@ -363,20 +427,23 @@ def verify(surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.nd
     mask = ~np.isnan(problem.y)
     within = (np.abs(y_solver - mean) <= 2 * std)[:, mask].mean(axis=1)
     r_solver = residuals(problem, y_solver, np.zeros_like(std), sigma)  # [K, N], mask's row order
-    chi_solver = np.sqrt(np.mean(r_solver ** 2, axis=1))
+    chi_solver = np.sqrt(np.mean(r_solver**2, axis=1))
     chi_surrogate = np.sqrt(np.mean(residuals(problem, mean, std, sigma) ** 2, axis=1))
     failed = ~np.all(np.isfinite(y_solver[:, mask]), axis=1)
     n_observed = int(mask.sum())
     lo, hi = rms_band(n_observed, problem.n_fit)
     observed = [j for j in range(len(problem.outputs)) if mask[:, j].any()]
     column = np.nonzero(mask)[1]  # the output of each residual: which output's noise is off
-    by_output = {problem.outputs[j]: float(np.sqrt(np.mean(r_solver[0, column == j] ** 2)))
-                 for j in observed}
+    by_output = {
+        problem.outputs[j]: float(np.sqrt(np.mean(r_solver[0, column == j] ** 2))) for j in observed
+    }
     warns = []
     if failed[0]:  # its residuals are BAD, not a noise level: no band to compare
-        warns.append("unverified: the solver failed at the estimate (see "
-                     "verification.solver_failed): the physics cannot be simulated there; check "
-                     "the bounds")
+        warns.append(
+            "unverified: the solver failed at the estimate (see "
+            "verification.solver_failed): the physics cannot be simulated there; check "
+            "the bounds"
+        )
     elif not lo <= chi_solver[0] <= hi:
         declared = [problem.outputs[j] for j in observed if not np.isnan(problem.noise[j])]
         noise = f"declared for {', '.join(declared)}" if declared else "estimated"
@@ -385,34 +452,49 @@ def verify(surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.nd
         detail = ""
         if len(by_output) > 1:
             detail = f" ({', '.join(f'{k} {v:.3g}' for k, v in by_output.items())})"
-        head = (f"unverified: the solver's RMS normalized residual at the estimate is "
-                f"{chi_solver[0]:.3g}{detail}, outside the {lo:.2g}-{hi:.2g} accepted for "
-                f"{n_observed} observed points (noise std {noise}): ")
+        head = (
+            f"unverified: the solver's RMS normalized residual at the estimate is "
+            f"{chi_solver[0]:.3g}{detail}, outside the {lo:.2g}-{hi:.2g} accepted for "
+            f"{n_observed} observed points (noise std {noise}): "
+        )
         if chi_solver[0] > hi:
-            warns.append(head + "the observations lie further from the physics than the noise "
-                         "allows, so either the noise std is too small or the model cannot "
-                         "reproduce the observations (physics, inputs, fixed parameters, or "
-                         "bounds that exclude the truth), and the standard errors and intervals "
-                         "are too narrow. Check the noise std against the sensor's; if it is "
-                         "right, the model is wrong here (leaving the noise out would only hide "
-                         "that: an estimated noise absorbs the misfit)")
+            warns.append(
+                head + "the observations lie further from the physics than the noise "
+                "allows, so either the noise std is too small or the model cannot "
+                "reproduce the observations (physics, inputs, fixed parameters, or "
+                "bounds that exclude the truth), and the standard errors and intervals "
+                "are too narrow. Check the noise std against the sensor's; if it is "
+                "right, the model is wrong here (leaving the noise out would only hide "
+                "that: an estimated noise absorbs the misfit)"
+            )
         else:
-            warns.append(head + "the observations lie closer to the physics than the noise "
-                         "allows, so the noise std is too large, and the standard errors and "
-                         "intervals are too wide. Check the noise std (leave it out to have it "
-                         "estimated)")
+            warns.append(
+                head + "the observations lie closer to the physics than the noise "
+                "allows, so the noise std is too large, and the standard errors and "
+                "intervals are too wide. Check the noise std (leave it out to have it "
+                "estimated)"
+            )
     if within[0] < 0.9:
-        warns.append(f"unverified: {100 * within[0]:.0f}% of the solver's points at the estimate "
-                     "lie within 2 stated stds of the surrogate (90% needed): the surrogate is "
-                     "overconfident there (see verification); use corrections (the solver's "
-                     "output correction) or refine, or retrain the model with data near the "
-                     "estimate")
-    return {"n_candidates": int(len(thetas)), "within_2std": within.tolist(),
-            "rms_residual_solver": chi_solver.tolist(),
-            "rms_residual_surrogate": chi_surrogate.tolist(),
-            "rms_residual_solver_by_output": by_output, "rms_residual_band": [lo, hi],
-            "n_observed": n_observed, "solver_failed": failed.tolist(),
-            "verified": not warns, "_y_solver": y_solver[0], "_warnings": warns}
+        warns.append(
+            f"unverified: {100 * within[0]:.0f}% of the solver's points at the estimate "
+            "lie within 2 stated stds of the surrogate (90% needed): the surrogate is "
+            "overconfident there (see verification); use corrections (the solver's "
+            "output correction) or refine, or retrain the model with data near the "
+            "estimate"
+        )
+    return {
+        "n_candidates": int(len(thetas)),
+        "within_2std": within.tolist(),
+        "rms_residual_solver": chi_solver.tolist(),
+        "rms_residual_surrogate": chi_surrogate.tolist(),
+        "rms_residual_solver_by_output": by_output,
+        "rms_residual_band": [lo, hi],
+        "n_observed": n_observed,
+        "solver_failed": failed.tolist(),
+        "verified": not warns,
+        "_y_solver": y_solver[0],
+        "_warnings": warns,
+    }
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
@@ -420,9 +502,21 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate", n_starts: int = 8,
-              max_nfev: int = 60, mcmc: dict[str, Any] | None = None, verify_samples: int = 8,
-              refine_nfev: int = 0, corrections: int = 2, slopes: bool = True, seed: int = 0) -> dict[str, Any]:
+def calibrate(
+    problem: Problem,
+    surrogate,
+    solver,
+    *,
+    backend: str = "surrogate",
+    n_starts: int = 8,
+    max_nfev: int = 60,
+    mcmc: dict[str, Any] | None = None,
+    verify_samples: int = 8,
+    refine_nfev: int = 0,
+    corrections: int = 2,
+    slopes: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The whole loop. backend="surrogate": least squares (and MCMC when `mcmc` is given) on the
     surrogate, then solver verification (and optional solver-in-the-loop refinement from the
     surrogate's optimum). backend="solver": the same least squares, same starts, on the solver.
@@ -480,7 +574,9 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
                 steps = _fd_steps(z, SLOPE_STEP)
                 zs = np.vstack([z[None], z[None] + np.diag(steps)])
             y_solver, _ = solver.predict(problem, problem.from_unit(zs), together=len(zs) > 1)
-            if len(zs) > 1 and not np.all(np.isfinite(y_solver)):  # a stacked solve fails as a whole
+            if len(zs) > 1 and not np.all(
+                np.isfinite(y_solver)
+            ):  # a stacked solve fails as a whole
                 y_solver, _ = solver.predict(problem, problem.from_unit(zs))
             if not np.all(np.isfinite(y_solver[0])):
                 break  # the solver failed there: keep the last estimate (verification reports it)
@@ -504,17 +600,24 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
                     sigma = estimate_noise(problem, y_solver[0], problem.noise)
                     # a refit from the estimate with that noise (surrogate calls only): the
                     # weights, the standard errors and the posterior scale with it
-                    best = point_estimate(engine, problem, sigma, best["z"][None],
-                                          max_nfev=max_nfev)
+                    best = point_estimate(
+                        engine, problem, sigma, best["z"][None], max_nfev=max_nfev
+                    )
     timings["least_squares_s"] = time.perf_counter() - t0
     observed = [j for j in range(len(problem.outputs)) if not np.all(np.isnan(problem.y[:, j]))]
     out: dict[str, Any] = {
-        "backend": backend, "fit": problem.fit,
+        "backend": backend,
+        "fit": problem.fit,
         "estimate": dict(zip(problem.fit, best["theta"].tolist())),
         "std_error": dict(zip(problem.fit, best["std_error"].tolist())),
-        "cost": best["cost"], "starts": best["starts"],
-        "uncorrected_estimate": dict(zip(problem.fit, raw_estimate.tolist())), "corrections": history,
-        "bounds": {k: [lo, hi] for k, lo, hi in zip(problem.fit, problem.lower.tolist(), problem.upper.tolist())},
+        "cost": best["cost"],
+        "starts": best["starts"],
+        "uncorrected_estimate": dict(zip(problem.fit, raw_estimate.tolist())),
+        "corrections": history,
+        "bounds": {
+            k: [lo, hi]
+            for k, lo, hi in zip(problem.fit, problem.lower.tolist(), problem.upper.tolist())
+        },
         "noise": {problem.outputs[j]: float(sigma[j]) for j in observed},
         "noise_estimated": [problem.outputs[j] for j in observed if np.isnan(problem.noise[j])],
         "warnings": list(problem.warnings),
@@ -526,24 +629,34 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
         timings["mcmc_s"] = time.perf_counter() - t0
         samples = post["samples"]
         out["_samples"] = samples
-        out["posterior"] = {k: {"mean": float(post["mean"][i]), "std": float(post["std"][i]),
-                                "q05": float(post["q05"][i]), "q95": float(post["q95"][i])}
-                            for i, k in enumerate(problem.fit)}
+        out["posterior"] = {
+            k: {
+                "mean": float(post["mean"][i]),
+                "std": float(post["std"][i]),
+                "q05": float(post["q05"][i]),
+                "q95": float(post["q95"][i]),
+            }
+            for i, k in enumerate(problem.fit)
+        }
         out["diagnostics"] = post["diagnostics"]
         out["warnings"] += post["warnings"]
     if backend == "surrogate":
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed + 1)
-        picks = samples[rng.choice(len(samples), size=min(verify_samples, len(samples)), replace=False)] \
-            if len(samples) else samples
+        picks = (
+            samples[rng.choice(len(samples), size=min(verify_samples, len(samples)), replace=False)]
+            if len(samples)
+            else samples
+        )
         ver = verify(engine, solver, problem, sigma, np.vstack([best["theta"][None], picks]))
         out["_y_solver"] = ver.pop("_y_solver")
         out["warnings"] += ver.pop("_warnings")
         if engine is not surrogate:  # how far the uncorrected surrogate was from the solver there
             raw_mean, raw_std = surrogate.predict(problem, best["theta"][None])
             mask = ~np.isnan(problem.y)
-            ver["uncorrected_within_2std"] = float((np.abs(out["_y_solver"] - raw_mean[0])
-                                                    <= 2 * raw_std[0])[mask].mean())
+            ver["uncorrected_within_2std"] = float(
+                (np.abs(out["_y_solver"] - raw_mean[0]) <= 2 * raw_std[0])[mask].mean()
+            )
         out["verification"] = ver
         timings["verification_s"] = time.perf_counter() - t0
         if refine_nfev > 0:
@@ -555,9 +668,12 @@ def calibrate(problem: Problem, surrogate, solver, *, backend: str = "surrogate"
     out["_mean"], out["_std"] = mean[0], std[0]  # the calibrated prediction, for plots
     timings["total_s"] = time.perf_counter() - t_start
     out["timings"] = timings
-    out["evaluations"] = {"surrogate_calls": surrogate.calls if surrogate else 0,
-                          "surrogate_scenarios": surrogate.scenarios if surrogate else 0,
-                          "surrogate_s": surrogate.seconds if surrogate else 0.0,
-                          "solver_calls": solver.calls, "solver_scenarios": solver.scenarios,
-                          "solver_s": solver.seconds}
+    out["evaluations"] = {
+        "surrogate_calls": surrogate.calls if surrogate else 0,
+        "surrogate_scenarios": surrogate.scenarios if surrogate else 0,
+        "surrogate_s": surrogate.seconds if surrogate else 0.0,
+        "solver_calls": solver.calls,
+        "solver_scenarios": solver.scenarios,
+        "solver_s": solver.seconds,
+    }
     return out

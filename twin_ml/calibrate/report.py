@@ -12,8 +12,15 @@ from twin_ml._io import save_figure
 from twin_ml.calibrate.problem import Problem
 
 
-def plot(problem: Problem, result: dict[str, Any], mean: np.ndarray, std: np.ndarray, path: str | Path,
-         samples: np.ndarray | None = None, truth: dict[str, float] | None = None) -> Path:
+def plot(
+    problem: Problem,
+    result: dict[str, Any],
+    mean: np.ndarray,
+    std: np.ndarray,
+    path: str | Path,
+    samples: np.ndarray | None = None,
+    truth: dict[str, float] | None = None,
+) -> Path:
     """PNG at `path`. mean/std [T, ny]: the surrogate at the estimate; the band is +-1.645 x
     sqrt(std^2 + noise^2) (90%)."""
     import matplotlib
@@ -24,16 +31,19 @@ def plot(problem: Problem, result: dict[str, Any], mean: np.ndarray, std: np.nda
     observed = [j for j in range(problem.y.shape[1]) if not np.all(np.isnan(problem.y[:, j]))]
     n_top, n_bottom = len(observed), (problem.n_fit if samples is not None and len(samples) else 0)
     cols = max(n_top, n_bottom, 1)
-    fig, axes = plt.subplots(2 if n_bottom else 1, cols, figsize=(4.2 * cols, 6.4 if n_bottom else 3.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2 if n_bottom else 1, cols, figsize=(4.2 * cols, 6.4 if n_bottom else 3.4), squeeze=False
+    )
     t = problem.times
     y_solver = result.get("_y_solver")
     for c, j in enumerate(observed):
         ax = axes[0][c]
         name = problem.outputs[j]
         sigma = result["noise"].get(name, 0.0)
-        half = 1.645 * np.sqrt(std[:, j] ** 2 + sigma ** 2)
-        ax.fill_between(t, mean[:, j] - half, mean[:, j] + half, color="C0", alpha=0.25, label="90% band")
+        half = 1.645 * np.sqrt(std[:, j] ** 2 + sigma**2)
+        ax.fill_between(
+            t, mean[:, j] - half, mean[:, j] + half, color="C0", alpha=0.25, label="90% band"
+        )
         ax.plot(t, mean[:, j], color="C0", label="surrogate at estimate")
         if y_solver is not None:
             ax.plot(t, y_solver[:, j], "--", color="C3", lw=1, label="solver at estimate")

@@ -12,9 +12,16 @@ from twin_ml.data.generate import scenario_inputs
 from twin_ml.physics import SolverSettings, make_system, solve_looped
 
 
-def synthetic_request(manifest: dict[str, Any], fit: list[str], *, seed: int = 0, noise_level: float = 0.02,
-                      missing: float = 0.05, truth: dict[str, float] | None = None,
-                      margin: float = 0.2) -> tuple[dict[str, Any], dict[str, float]]:
+def synthetic_request(
+    manifest: dict[str, Any],
+    fit: list[str],
+    *,
+    seed: int = 0,
+    noise_level: float = 0.02,
+    missing: float = 0.05,
+    truth: dict[str, float] | None = None,
+    margin: float = 0.2,
+) -> tuple[dict[str, Any], dict[str, float]]:
     """(a calibration request for `fit`, the true values). The scenario (inputs, other parameters,
     initial state) is drawn from the system's default design on the model's training grid; the
     true values of the fitted parameters are drawn from the inner (1 - 2 margin) of the training
@@ -53,11 +60,16 @@ def synthetic_request(manifest: dict[str, Any], fit: list[str], *, seed: int = 0
     outputs = system.output_names
     request = {
         "times": t.tolist(),
-        "outputs": {n: [None if np.isnan(v) else float(v) for v in y_obs[:, j]] for j, n in enumerate(outputs)},
+        "outputs": {
+            n: [None if np.isnan(v) else float(v) for v in y_obs[:, j]]
+            for j, n in enumerate(outputs)
+        },
         "inputs": {n: u[:, j].tolist() for j, n in enumerate(system.input_names)},
         "fit": list(fit),
         "parameters": {n: float(v) for n, v in zip(names, p) if n not in fit},
-        "initial_state": {n: float(v) for n, v in zip(system.state_names, x0) if f"state:{n}" not in fit},
+        "initial_state": {
+            n: float(v) for n, v in zip(system.state_names, x0) if f"state:{n}" not in fit
+        },
         "noise": {n: float(s) for n, s in zip(outputs, sigma)},
     }
     return request, truth

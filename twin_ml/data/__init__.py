@@ -8,4 +8,12 @@ from twin_ml.data.design import ScenarioDesign as ScenarioDesign
 from twin_ml.data.generate import GenerationResult as GenerationResult
 from twin_ml.data.generate import generate_dataset as generate_dataset
 
-__all__ = ["SAMPLERS", "SPLITS", "Dataset", "DatasetError", "GenerationResult", "ScenarioDesign", "generate_dataset"]
+__all__ = [
+    "SAMPLERS",
+    "SPLITS",
+    "Dataset",
+    "DatasetError",
+    "GenerationResult",
+    "ScenarioDesign",
+    "generate_dataset",
+]

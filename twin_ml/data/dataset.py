@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -25,12 +26,16 @@ class Dataset:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, verify: bool = True) -> "Dataset":
+    def open(cls, path: str | os.PathLike, *, verify: bool = True) -> Dataset:
         """Open the dataset in `path`; `verify` checks every shard's sha256 against the manifest."""
         path = Path(path)
         mf = path / MANIFEST
         if not mf.exists():
-            hint = " (generation did not finish: run twin-generate again to resume)" if (path / ".generating.json").exists() else ""
+            hint = (
+                " (generation did not finish: run twin-generate again to resume)"
+                if (path / ".generating.json").exists()
+                else ""
+            )
             raise DatasetError(f"{path}: no {MANIFEST}; not a complete twin-ml dataset{hint}")
         try:
             manifest = json.loads(mf.read_text())
@@ -45,16 +50,22 @@ class Dataset:
 
     def verify(self) -> None:
         """Every shard's sha256, and dataset_sha256 from them; raises DatasetError on a mismatch."""
-        expect = dataset_sha256(self.manifest["settings_sha256"], [s["sha256"] for s in self.manifest["shards"]])
+        expect = dataset_sha256(
+            self.manifest["settings_sha256"], [s["sha256"] for s in self.manifest["shards"]]
+        )
         if expect != self.manifest["dataset_sha256"]:
-            raise DatasetError(f"{self.path}: dataset_sha256 does not match the shard hashes in the manifest")
+            raise DatasetError(
+                f"{self.path}: dataset_sha256 does not match the shard hashes in the manifest"
+            )
         for s in self.manifest["shards"]:
             f = self.path / s["file"]
             if not f.exists():
                 raise DatasetError(f"{f}: shard missing")
             got = sha256_file(f)
             if got != s["sha256"]:
-                raise DatasetError(f"{f}: sha256 {got[:12]}... does not match the manifest ({s['sha256'][:12]}...)")
+                raise DatasetError(
+                    f"{f}: sha256 {got[:12]}... does not match the manifest ({s['sha256'][:12]}...)"
+                )
 
     @property
     def sha256(self) -> str:
@@ -65,7 +76,9 @@ class Dataset:
             with np.load(self.path / s["file"], allow_pickle=False) as z:
                 yield {k: z[k] for k in SHARD_KEYS}
 
-    def load(self, split: str | None = None, *, include_failed: bool = False) -> dict[str, np.ndarray]:
+    def load(
+        self, split: str | None = None, *, include_failed: bool = False
+    ) -> dict[str, np.ndarray]:
         """All scenarios of one split (None: all), concatenated; failed ones dropped unless asked."""
         if split is not None and split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; splits: {SPLITS}")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from scipy.stats import qmc
@@ -53,8 +54,13 @@ class Scenarios:
     def __len__(self) -> int:
         return self.p.shape[0]
 
-    def rows(self, start: int, stop: int) -> "Scenarios":
-        return Scenarios(*(getattr(self, k)[start:stop] for k in ("p", "x0", "offset", "amplitude", "clip", "split")))
+    def rows(self, start: int, stop: int) -> Scenarios:
+        return Scenarios(
+            *(
+                getattr(self, k)[start:stop]
+                for k in ("p", "x0", "offset", "amplitude", "clip", "split")
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,9 @@ class ScenarioDesign:
     signals: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     t_end: float | None = None
     dt: float | None = None
-    splits: Mapping[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    splits: Mapping[str, float] = field(
+        default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15}
+    )
     extrapolation_fraction: float = 0.1
     extrapolation_margin: float = 0.25
 
@@ -85,16 +93,26 @@ class ScenarioDesign:
         for k in ("t_end", "dt"):
             v = getattr(self, k)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"design.{k} must be a number > 0 (or null for the system default), got {v!r}")
+                raise ValueError(
+                    f"design.{k} must be a number > 0 (or null for the system default), got {v!r}"
+                )
         if set(self.splits) != {"train", "val", "test"}:
-            raise ValueError(f"design.splits must name exactly train, val and test, got {sorted(self.splits)}")
+            raise ValueError(
+                f"design.splits must name exactly train, val and test, got {sorted(self.splits)}"
+            )
         fr = [float(self.splits[k]) for k in ("train", "val", "test")]
         if min(fr) < 0 or not math.isclose(sum(fr), 1.0, abs_tol=1e-9):
-            raise ValueError(f"design.splits fractions must be >= 0 and sum to 1, got {dict(self.splits)}")
+            raise ValueError(
+                f"design.splits fractions must be >= 0 and sum to 1, got {dict(self.splits)}"
+            )
         if not 0 <= self.extrapolation_fraction <= 10:
-            raise ValueError(f"design.extrapolation_fraction must be in [0, 10], got {self.extrapolation_fraction}")
+            raise ValueError(
+                f"design.extrapolation_fraction must be in [0, 10], got {self.extrapolation_fraction}"
+            )
         if not self.extrapolation_margin > 0:
-            raise ValueError(f"design.extrapolation_margin must be > 0, got {self.extrapolation_margin}")
+            raise ValueError(
+                f"design.extrapolation_margin must be > 0, got {self.extrapolation_margin}"
+            )
 
     # ---- the grid and the signals --------------------------------------------------------------
     def time_grid(self, system: PhysicsSystem) -> np.ndarray:
@@ -109,7 +127,9 @@ class ScenarioDesign:
     def signal_specs(self, system: PhysicsSystem) -> list[SignalSpec]:
         unknown = set(self.signals) - set(system.input_names)
         if unknown:
-            raise ValueError(f"design.signals: unknown inputs {sorted(unknown)}; inputs of {system.name}: {system.input_names}")
+            raise ValueError(
+                f"design.signals: unknown inputs {sorted(unknown)}; inputs of {system.name}: {system.input_names}"
+            )
         specs = []
         for inp in system.inputs:
             opts = {**dict(inp.signal), **dict(self.signals.get(inp.name, {}))}
@@ -133,13 +153,18 @@ class ScenarioDesign:
             known = [v.name for v in decl]
             unknown = set(override) - set(known)
             if unknown:
-                raise ValueError(f"design.{kind}s: unknown names {sorted(unknown)}; {system.name} has {known}")
+                raise ValueError(
+                    f"design.{kind}s: unknown names {sorted(unknown)}; {system.name} has {known}"
+                )
             for v in decl:
                 b = v.bounds
                 if v.name in sub:
                     b = sub[v.name]
                 if v.name in override:
-                    b = check_bounds(f"design.{kind}s.{v.name}", _pair(override[v.name], f"design.{kind}s.{v.name}"))
+                    b = check_bounds(
+                        f"design.{kind}s.{v.name}",
+                        _pair(override[v.name], f"design.{kind}s.{v.name}"),
+                    )
                 limits = getattr(v, "limits", (-math.inf, math.inf))
                 if b[0] < limits[0] or b[1] > limits[1]:
                     raise ValueError(
@@ -166,7 +191,9 @@ class ScenarioDesign:
 
     def sample(self, system: PhysicsSystem, n_scenarios: int, seed: int) -> Scenarios:
         """In-box scenarios (split train/val/test), then the extrapolation scenarios."""
-        if isinstance(n_scenarios, bool) or not (isinstance(n_scenarios, (int, np.integer)) and n_scenarios > 0):
+        if isinstance(n_scenarios, bool) or not (
+            isinstance(n_scenarios, (int, np.integer)) and n_scenarios > 0
+        ):
             raise ValueError(f"n_scenarios must be an integer > 0, got {n_scenarios!r}")
         box = self.box(system)
         self.signal_specs(system)  # validate the signal options before anything runs
@@ -177,18 +204,25 @@ class ScenarioDesign:
         n_ex = self.n_extrapolation(n_scenarios)
         z_ex = self._extrapolation(box, n_ex, seed) if n_ex else np.zeros((0, d))
         z = np.concatenate([z_in, z_ex])
-        split = np.concatenate([split_in, np.full(n_ex, SPLITS.index("extrapolation"), dtype=np.int8)])
+        split = np.concatenate(
+            [split_in, np.full(n_ex, SPLITS.index("extrapolation"), dtype=np.int8)]
+        )
         n_p, nx, nu = len(system.parameters), len(system.states), len(system.inputs)
-        p, x0, sig = z[:, :n_p], z[:, n_p:n_p + nx], z[:, n_p + nx:].reshape(len(z), nu, 2)
-        in_lo, in_hi = box.low[n_p + nx::2], box.high[n_p + nx::2]  # offset rows = the input ranges
+        p, x0, sig = z[:, :n_p], z[:, n_p : n_p + nx], z[:, n_p + nx :].reshape(len(z), nu, 2)
+        in_lo, in_hi = (
+            box.low[n_p + nx :: 2],
+            box.high[n_p + nx :: 2],
+        )  # offset rows = the input ranges
         clip = np.broadcast_to(np.stack([in_lo, in_hi], axis=-1), (len(z), nu, 2)).copy()
         if n_ex:
             # extrapolation signals may leave the training range, up to the margin and the limits
             w = in_hi - in_lo
-            ex_lo = np.maximum(in_lo - self.extrapolation_margin * w, box.limit_low[n_p + nx::2])
-            ex_hi = np.minimum(in_hi + self.extrapolation_margin * w, box.limit_high[n_p + nx::2])
+            ex_lo = np.maximum(in_lo - self.extrapolation_margin * w, box.limit_low[n_p + nx :: 2])
+            ex_hi = np.minimum(in_hi + self.extrapolation_margin * w, box.limit_high[n_p + nx :: 2])
             clip[n_scenarios:] = np.stack([ex_lo, ex_hi], axis=-1)
-        return Scenarios(p=p, x0=x0, offset=sig[..., 0], amplitude=sig[..., 1], clip=clip, split=split)
+        return Scenarios(
+            p=p, x0=x0, offset=sig[..., 0], amplitude=sig[..., 1], clip=clip, split=split
+        )
 
     def _unit_sample(self, d: int, n: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
@@ -197,7 +231,9 @@ class ScenarioDesign:
         if self.sampler == "lhs":
             return qmc.LatinHypercube(d, rng=rng).random(n)
         if self.sampler == "sobol":
-            with warnings.catch_warnings():  # balance properties need n = 2^k; other n still fill well
+            with (
+                warnings.catch_warnings()
+            ):  # balance properties need n = 2^k; other n still fill well
                 warnings.simplefilter("ignore", UserWarning)
                 return qmc.Sobol(d, scramble=True, rng=rng).random(n)
         return rng.random((n, d))
@@ -209,7 +245,7 @@ class ScenarioDesign:
         labels = np.full(n, SPLITS.index("test"), dtype=np.int8)
         perm = rng.permutation(n)
         labels[perm[:n_train]] = SPLITS.index("train")
-        labels[perm[n_train:n_train + n_val]] = SPLITS.index("val")
+        labels[perm[n_train : n_train + n_val]] = SPLITS.index("val")
         return labels
 
     def _extrapolation(self, box: DesignBox, n: int, seed: int) -> np.ndarray:
@@ -230,16 +266,21 @@ class ScenarioDesign:
             out.extend(cand[outside])
             if len(out) >= n:
                 return np.array(out[:n])
-        raise ValueError("design: could not sample the extrapolation split; widen extrapolation_margin")
+        raise ValueError(
+            "design: could not sample the extrapolation split; widen extrapolation_margin"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "sampler": self.sampler, "regime": self.regime,
+            "sampler": self.sampler,
+            "regime": self.regime,
             "parameters": {k: list(_pair(v, k)) for k, v in self.parameters.items()},
             "states": {k: list(_pair(v, k)) for k, v in self.states.items()},
             "inputs": {k: list(_pair(v, k)) for k, v in self.inputs.items()},
             "signals": {k: dict(v) for k, v in self.signals.items()},
-            "t_end": self.t_end, "dt": self.dt, "splits": dict(self.splits),
+            "t_end": self.t_end,
+            "dt": self.dt,
+            "splits": dict(self.splits),
             "extrapolation_fraction": self.extrapolation_fraction,
             "extrapolation_margin": self.extrapolation_margin,
         }

@@ -36,10 +36,17 @@ from typing import Any
 
 import numpy as np
 
-from twin_ml._io import (atomic_write_bytes, atomic_write_json, canonical_json, npz_bytes, remove_stale_temps,
-                         sha256_bytes, sha256_file)
+from twin_ml._io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    canonical_json,
+    npz_bytes,
+    remove_stale_temps,
+    sha256_bytes,
+    sha256_file,
+)
 from twin_ml._version import code_version
-from twin_ml.data.design import SPLITS, Scenarios, ScenarioDesign
+from twin_ml.data.design import SPLITS, ScenarioDesign, Scenarios
 from twin_ml.physics.signals import SignalSpec, generate
 from twin_ml.physics.solver import STATUS_NAMES, SolverSettings, solve_looped
 from twin_ml.physics.system import PhysicsSystem
@@ -128,23 +135,36 @@ def generate_dataset(
 
     if (out / MANIFEST).exists():  # complete with the same settings: nothing to do
         manifest = _read_json(out / MANIFEST)
-        return GenerationResult(out, manifest, 0, len(bounds), True, time.perf_counter() - t0,
-                                manifest.get("failures", []))
+        return GenerationResult(
+            out,
+            manifest,
+            0,
+            len(bounds),
+            True,
+            time.perf_counter() - t0,
+            manifest.get("failures", []),
+        )
 
     todo = [k for k, (a, b) in enumerate(bounds) if not _shard_ok(out / names[k], a, b, t.size)]
     reused = len(bounds) - len(todo)
     if max_new_shards is not None:
         todo = todo[: max(0, int(max_new_shards))]
-    jobs = [(system, t, specs, scen.rows(a, b), a, int(seed), solver, str(out / names[k]))
-            for k, (a, b) in ((k, bounds[k]) for k in todo)]
+    jobs = [
+        (system, t, specs, scen.rows(a, b), a, int(seed), solver, str(out / names[k]))
+        for k, (a, b) in ((k, bounds[k]) for k in todo)
+    ]
     _run_jobs(jobs, workers, progress, total=len(bounds), done=reused, desc=f"{system.name} shards")
 
     missing = [k for k, (a, b) in enumerate(bounds) if not (out / names[k]).exists()]
     if missing:
         partial = {**settings, "settings_sha256": settings_sha, "shards_missing": len(missing)}
         return GenerationResult(out, partial, len(todo), reused, False, time.perf_counter() - t0)
-    manifest, failures = _finalize(out, system, solver, settings, settings_sha, scen, t, names, bounds)
-    return GenerationResult(out, manifest, len(todo), reused, True, time.perf_counter() - t0, failures)
+    manifest, failures = _finalize(
+        out, system, solver, settings, settings_sha, scen, t, names, bounds
+    )
+    return GenerationResult(
+        out, manifest, len(todo), reused, True, time.perf_counter() - t0, failures
+    )
 
 
 def _check_int(name: str, v: Any, lo: int, hint: str = "") -> None:
@@ -162,12 +182,16 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
         raise ValueError(f"out_dir {str(out)!r} is not a writable directory")
     remove_stale_temps(out)  # temp files of a killed run (the marker being written)
     existing = {p.name for p in out.iterdir()}
-    marker = out / MANIFEST if MANIFEST in existing else out / PROGRESS if PROGRESS in existing else None
+    marker = (
+        out / MANIFEST if MANIFEST in existing else out / PROGRESS if PROGRESS in existing else None
+    )
     if marker is not None:
         try:
             found = _read_json(marker)
         except ValueError as e:
-            raise ValueError(f"{e}; pass overwrite=true to regenerate, or choose another out_dir") from None
+            raise ValueError(
+                f"{e}; pass overwrite=true to regenerate, or choose another out_dir"
+            ) from None
         if found.get("settings_sha256") != settings_sha:
             if not overwrite:
                 raise ValueError(
@@ -192,7 +216,10 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
             f"(found {sorted(existing)[:5]}); choose an empty or new directory"
         )
     if marker is None:  # the marker first: a directory holding anything of ours always has one
-        atomic_write_json(out / PROGRESS, {**settings, "settings_sha256": settings_sha, "code_version": code_version()})
+        atomic_write_json(
+            out / PROGRESS,
+            {**settings, "settings_sha256": settings_sha, "code_version": code_version()},
+        )
     (out / SHARDS).mkdir(exist_ok=True)
     remove_stale_temps(out / SHARDS)  # temp files of a killed run
     return out
@@ -204,16 +231,23 @@ def _shard_ok(path: Path, start: int, stop: int, n_t: int) -> bool:
         return False
     try:
         with np.load(path, allow_pickle=False) as z:
-            return (set(z.files) == set(SHARD_KEYS) and np.array_equal(z["index"], np.arange(start, stop))
-                    and z["t"].shape == (n_t,))
+            return (
+                set(z.files) == set(SHARD_KEYS)
+                and np.array_equal(z["index"], np.arange(start, stop))
+                and z["t"].shape == (n_t,)
+            )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return False
 
 
-def _run_jobs(jobs: list, workers: int, progress: bool, *, total: int, done: int, desc: str) -> None:
+def _run_jobs(
+    jobs: list, workers: int, progress: bool, *, total: int, done: int, desc: str
+) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=done, desc=desc, unit="shard", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=done, desc=desc, unit="shard", disable=not progress, dynamic_ncols=True
+    )
     n_proc = (os.cpu_count() or 1) if workers == 0 else workers
     try:
         if n_proc <= 1 or len(jobs) <= 1:
@@ -221,7 +255,9 @@ def _run_jobs(jobs: list, workers: int, progress: bool, *, total: int, done: int
                 _make_shard(*job)
                 bar.update(1)
             return
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        ctx = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        )
         with ProcessPoolExecutor(max_workers=min(n_proc, len(jobs)), mp_context=ctx) as pool:
             pending = {pool.submit(_make_shard, *job) for job in jobs}
             try:
@@ -238,7 +274,9 @@ def _run_jobs(jobs: list, workers: int, progress: bool, *, total: int, done: int
         bar.close()
 
 
-def scenario_inputs(t: np.ndarray, specs: list[SignalSpec], scen: Scenarios, seed: int, start: int = 0) -> np.ndarray:
+def scenario_inputs(
+    t: np.ndarray, specs: list[SignalSpec], scen: Scenarios, seed: int, start: int = 0
+) -> np.ndarray:
     """The input signals u [n, T, nu] of scenarios start .. start + n (their global indices)."""
     n, nu = len(scen), len(specs)
     u = np.zeros((n, t.size, nu))
@@ -246,18 +284,35 @@ def scenario_inputs(t: np.ndarray, specs: list[SignalSpec], scen: Scenarios, see
         # one generator per scenario, keyed by its global index: shards are independent of each other
         rng = np.random.default_rng(np.random.SeedSequence([seed, 3, start + i]))
         for j, spec in enumerate(specs):
-            u[i, :, j] = generate(spec, t, scen.offset[i, j], scen.amplitude[i, j], rng, clip=tuple(scen.clip[i, j]))
+            u[i, :, j] = generate(
+                spec, t, scen.offset[i, j], scen.amplitude[i, j], rng, clip=tuple(scen.clip[i, j])
+            )
     return u
 
 
-def _make_shard(system: PhysicsSystem, t: np.ndarray, specs: list[SignalSpec], scen: Scenarios,
-                start: int, seed: int, solver: SolverSettings, path: str) -> None:
+def _make_shard(
+    system: PhysicsSystem,
+    t: np.ndarray,
+    specs: list[SignalSpec],
+    scen: Scenarios,
+    start: int,
+    seed: int,
+    solver: SolverSettings,
+    path: str,
+) -> None:
     n = len(scen)
     u = scenario_inputs(t, specs, scen, seed, start)
     res = solve_looped(system, t, u, scen.p, scen.x0, solver)
     arrays = {
-        "t": t, "index": np.arange(start, start + n, dtype=np.int64), "split": scen.split,
-        "p": scen.p, "x0": scen.x0, "u": u, "x": res.x, "y": res.y, "status": res.status,
+        "t": t,
+        "index": np.arange(start, start + n, dtype=np.int64),
+        "split": scen.split,
+        "p": scen.p,
+        "x0": scen.x0,
+        "u": u,
+        "x": res.x,
+        "y": res.y,
+        "status": res.status,
         "reason": np.array(res.reasons, dtype=f"<U{max(1, max(map(len, res.reasons)))}"),
         "signal": np.stack([scen.offset, scen.amplitude], axis=-1),
     }
@@ -270,8 +325,14 @@ def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bound
         with np.load(out / name, allow_pickle=False) as z:
             status, reason = z["status"], z["reason"]
             for i in np.flatnonzero(status):
-                failures.append({"index": int(a + i), "status": int(status[i]),
-                                 "kind": STATUS_NAMES.get(int(status[i]), "?"), "reason": str(reason[i])})
+                failures.append(
+                    {
+                        "index": int(a + i),
+                        "status": int(status[i]),
+                        "kind": STATUS_NAMES.get(int(status[i]), "?"),
+                        "reason": str(reason[i]),
+                    }
+                )
         shards.append({"file": name, "start": a, "stop": b, "sha256": sha256_file(out / name)})
     splits = {s: np.flatnonzero(scen.split == k).tolist() for k, s in enumerate(SPLITS)}
     counts = {s: len(v) for s, v in splits.items()}
@@ -287,12 +348,26 @@ def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bound
         "signals": settings["signals"],
         "regimes": desc["regimes"],
         "solver": solver.to_dict(),
-        "seeds": {"seed": settings["seed"], "scheme": "SeedSequence([seed, stream, index]); streams: "
-                  "0 design, 1 splits, 2 extrapolation, 3 per-scenario signals"},
-        "time": {"t0": float(t[0]), "t_end": float(t[-1]), "dt": float(t[1] - t[0]), "n": int(t.size),
-                 "unit": system.time_unit},
-        "shapes": {"n_scenarios": len(scen), "n_times": int(t.size), "nx": len(system.states),
-                   "nu": len(system.inputs), "ny": len(system.outputs), "np": len(system.parameters)},
+        "seeds": {
+            "seed": settings["seed"],
+            "scheme": "SeedSequence([seed, stream, index]); streams: "
+            "0 design, 1 splits, 2 extrapolation, 3 per-scenario signals",
+        },
+        "time": {
+            "t0": float(t[0]),
+            "t_end": float(t[-1]),
+            "dt": float(t[1] - t[0]),
+            "n": int(t.size),
+            "unit": system.time_unit,
+        },
+        "shapes": {
+            "n_scenarios": len(scen),
+            "n_times": int(t.size),
+            "nx": len(system.states),
+            "nu": len(system.inputs),
+            "ny": len(system.outputs),
+            "np": len(system.parameters),
+        },
         "splits": splits,
         "counts": counts,
         "failures": failures,
@@ -308,7 +383,9 @@ def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bound
 
 def dataset_sha256(settings_sha256: str, shard_sha256s: list[str]) -> str:
     """The dataset's identity: the settings hash and the shard hashes, in order."""
-    return sha256_bytes(canonical_json({"settings_sha256": settings_sha256, "shards": shard_sha256s}).encode())
+    return sha256_bytes(
+        canonical_json({"settings_sha256": settings_sha256, "shards": shard_sha256s}).encode()
+    )
 
 
 def _read_json(path: Path) -> dict:

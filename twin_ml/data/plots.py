@@ -10,7 +10,12 @@ from twin_ml._io import save_figure
 from twin_ml.data.dataset import Dataset
 from twin_ml.data.design import SPLITS
 
-_COLORS = {"train": "tab:blue", "val": "tab:green", "test": "tab:orange", "extrapolation": "tab:red"}
+_COLORS = {
+    "train": "tab:blue",
+    "val": "tab:green",
+    "test": "tab:orange",
+    "extrapolation": "tab:red",
+}
 
 
 def plot_dataset(ds: Dataset, path: str | os.PathLike, *, per_split: int = 4) -> None:
@@ -23,9 +28,13 @@ def plot_dataset(ds: Dataset, path: str | os.PathLike, *, per_split: int = 4) ->
     m = ds.manifest["system"]
     d = ds.load()
     t = d["t"]
-    rows = [("input", i, v) for i, v in enumerate(m["inputs"])] + [("output", i, v) for i, v in enumerate(m["outputs"])]
+    rows = [("input", i, v) for i, v in enumerate(m["inputs"])] + [
+        ("output", i, v) for i, v in enumerate(m["outputs"])
+    ]
     cols = max(1, len(m["inputs"]), len(m["outputs"]))
-    fig, axes = plt.subplots(2, cols, figsize=(max(7.0, 4.2 * cols), 6.0), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        2, cols, figsize=(max(7.0, 4.2 * cols), 6.0), squeeze=False, sharex=True
+    )
     for ax in axes.ravel():
         ax.set_visible(False)
     for kind, i, var in rows:
@@ -35,14 +44,24 @@ def plot_dataset(ds: Dataset, path: str | os.PathLike, *, per_split: int = 4) ->
         for k, split in enumerate(SPLITS):
             idx = np.flatnonzero(d["split"] == k)[:per_split]
             for j, n in enumerate(idx):
-                ax.plot(t, arr[n, :, i], color=_COLORS[split], lw=1.0, alpha=0.8, label=split if j == 0 else None)
+                ax.plot(
+                    t,
+                    arr[n, :, i],
+                    color=_COLORS[split],
+                    lw=1.0,
+                    alpha=0.8,
+                    label=split if j == 0 else None,
+                )
         ax.set_title(f"{kind} {var['name']}")
         ax.set_ylabel(var["unit"])
         ax.set_xlabel(f"t [{ds.manifest['time']['unit']}]")
         ax.grid(alpha=0.3)
     axes[1, 0].legend(loc="best", fontsize=8)
     c = ds.manifest["counts"]
-    fig.suptitle(f"{m['name']}: {c['total']} scenarios ({c['failed']} failed), sha256 {ds.sha256[:12]}", fontsize=10)
+    fig.suptitle(
+        f"{m['name']}: {c['total']} scenarios ({c['failed']} failed), sha256 {ds.sha256[:12]}",
+        fontsize=10,
+    )
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -63,15 +63,16 @@ class TelemetryError(ValueError):
 
 # ---- the data contract ---------------------------------------------------------------------------
 
+
 class SignalContract(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
     role: Literal["input", "output"]
-    unit: str = Field(min_length=1)                 # the unit the model uses (pint spelling)
-    range: tuple[float, float] | None = None        # physical range, in `unit`; outside is masked
+    unit: str = Field(min_length=1)  # the unit the model uses (pint spelling)
+    range: tuple[float, float] | None = None  # physical range, in `unit`; outside is masked
     interpolation: Literal["zoh", "linear"] = "linear"
-    clock_offset_s: float = 0.0                     # added to this sensor's timestamps
+    clock_offset_s: float = 0.0  # added to this sensor's timestamps
     required: bool = True
 
     @model_validator(mode="after")
@@ -90,13 +91,15 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     system: str = Field(min_length=1)
-    period_s: float = Field(gt=0)                   # nominal sampling period = the model's grid step
+    period_s: float = Field(gt=0)  # nominal sampling period = the model's grid step
     signals: list[SignalContract] = Field(min_length=1)
     tolerance_s: float | None = Field(default=None, ge=0)  # default: period / 2
-    max_gap_s: float | None = Field(default=None, gt=0)    # default: 3 periods
+    max_gap_s: float | None = Field(default=None, gt=0)  # default: 3 periods
     stuck_samples: int = Field(default=20, ge=2)
     stuck_action: Literal["flag", "mask"] = "flag"
-    unit_aliases: dict[str, str] = Field(default_factory=dict)  # extra spellings, e.g. {"Volt": "V"}
+    unit_aliases: dict[str, str] = Field(
+        default_factory=dict
+    )  # extra spellings, e.g. {"Volt": "V"}
 
     @model_validator(mode="after")
     def _check(self):
@@ -118,7 +121,7 @@ class Contract(BaseModel):
         return [s.name for s in self.signals if role is None or s.role == role]
 
     @classmethod
-    def parse(cls, data: dict[str, Any], where: str = "contract") -> "Contract":
+    def parse(cls, data: dict[str, Any], where: str = "contract") -> Contract:
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -127,7 +130,7 @@ class Contract(BaseModel):
             raise TelemetryError(f"{where}.{loc}" if loc else where, err["msg"]) from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Contract":
+    def load(cls, path: str | Path) -> Contract:
         import yaml
 
         path = Path(path)
@@ -137,6 +140,7 @@ class Contract(BaseModel):
 
 
 # ---- units ----------------------------------------------------------------------------------------
+
 
 @lru_cache(maxsize=1)
 def _registry():
@@ -151,8 +155,11 @@ def _unit(spelling: str, where: str, aliases: dict[str, str] | None = None):
     try:
         return ureg.Unit(text)
     except Exception:  # pint raises several types for unparseable text
-        raise TelemetryError(where, f"unknown unit {spelling!r} (give a unit pint knows, e.g. 'V', 'mV', "
-                                    "'degC', or add it to the contract's unit_aliases)") from None
+        raise TelemetryError(
+            where,
+            f"unknown unit {spelling!r} (give a unit pint knows, e.g. 'V', 'mV', "
+            "'degC', or add it to the contract's unit_aliases)",
+        ) from None
 
 
 def conversion(source: str, target: str, where: str, aliases: dict[str, str] | None = None):
@@ -163,11 +170,14 @@ def conversion(source: str, target: str, where: str, aliases: dict[str, str] | N
         zero = ureg.Quantity(0.0, a).to(b).magnitude
         one = ureg.Quantity(1.0, a).to(b).magnitude
     except Exception:
-        raise TelemetryError(where, f"unit {source!r} cannot be converted to the contract's {target!r}") from None
+        raise TelemetryError(
+            where, f"unit {source!r} cannot be converted to the contract's {target!r}"
+        ) from None
     return float(one - zero), float(zero)
 
 
 # ---- reading --------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Rows:
@@ -175,9 +185,9 @@ class _Rows:
     CSV record starts on (blank lines and quoted line breaks make it differ from row + 2), else
     the row number in a Parquet file or a DataFrame."""
 
-    name: str | None                    # the file's name; None for a DataFrame
-    count: int                          # data rows
-    lines: np.ndarray | None = None     # [count] CSV: the file line each data row starts on
+    name: str | None  # the file's name; None for a DataFrame
+    count: int  # data rows
+    lines: np.ndarray | None = None  # [count] CSV: the file line each data row starts on
 
     @property
     def label(self) -> str:
@@ -190,8 +200,10 @@ class _Rows:
 
 
 # a UTC offset after a time of day: Z, +01, +0100, +01:00 (a date alone ends in "-dd": no offset)
-_OFFSET = re.compile(r"[T ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?"  # a time of day
-                     r"\s*(?:Z|[+-]\d{2}(?::?\d{2})?)\s*$")
+_OFFSET = re.compile(
+    r"[T ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?"  # a time of day
+    r"\s*(?:Z|[+-]\d{2}(?::?\d{2})?)\s*$"
+)
 
 
 def _has_offset(col: pd.Series) -> np.ndarray:
@@ -199,22 +211,33 @@ def _has_offset(col: pd.Series) -> np.ndarray:
     if pd.api.types.is_string_dtype(col):
         # the pattern's text, not the compiled object: pyarrow strings then match it in C++
         return col.str.contains(_OFFSET.pattern).fillna(False).to_numpy(dtype=bool)
-    return np.array([bool(_OFFSET.search(v)) if isinstance(v, str) else
-                     getattr(v, "tzinfo", None) is not None for v in col], dtype=bool)
+    return np.array(
+        [
+            bool(_OFFSET.search(v))
+            if isinstance(v, str)
+            else getattr(v, "tzinfo", None) is not None
+            for v in col
+        ],
+        dtype=bool,
+    )
 
 
 def _first(flags) -> int:
     return int(np.flatnonzero(np.asarray(flags, dtype=bool))[0])
 
 
-def _timestamps(col: pd.Series, where: str, timezone: str | None, epoch: pd.Timestamp,
-                at: _Rows) -> pd.Series:
+def _timestamps(
+    col: pd.Series, where: str, timezone: str | None, epoch: pd.Timestamp, at: _Rows
+) -> pd.Series:
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         seconds = col.to_numpy(dtype=float)
         if not np.all(np.isfinite(seconds)):
             i = _first(~np.isfinite(seconds))
-            raise TelemetryError(where, f"{at(i)}: timestamp {col.iloc[i]!r}; numeric timestamps "
-                                        "must be finite (seconds after the epoch)")
+            raise TelemetryError(
+                where,
+                f"{at(i)}: timestamp {col.iloc[i]!r}; numeric timestamps "
+                "must be finite (seconds after the epoch)",
+            )
         return epoch + pd.to_timedelta(seconds, unit="s")
     if isinstance(col.dtype, pd.DatetimeTZDtype):
         return col.dt.tz_convert("UTC")
@@ -227,11 +250,17 @@ def _timestamps(col: pd.Series, where: str, timezone: str | None, epoch: pd.Time
             mixed = True
         except (ValueError, TypeError) as e:
             i = _first([pd.notna(v) and _unparseable(v) for v in col])
-            raise TelemetryError(where, f"{at(i)}: cannot parse timestamp {str(col.iloc[i])!r} "
-                                        "(ISO 8601 expected, e.g. 2024-01-01T00:00:00Z)") from e
+            raise TelemetryError(
+                where,
+                f"{at(i)}: cannot parse timestamp {str(col.iloc[i])!r} "
+                "(ISO 8601 expected, e.g. 2024-01-01T00:00:00Z)",
+            ) from e
     if parsed.isna().any():
-        raise TelemetryError(where, f"{at(_first(parsed.isna()))}: empty timestamp "
-                                    f"({int(parsed.isna().sum())} in all); every row needs one")
+        raise TelemetryError(
+            where,
+            f"{at(_first(parsed.isna()))}: empty timestamp "
+            f"({int(parsed.isna().sum())} in all); every row needs one",
+        )
     if mixed:
         # utc=True also reads naive timestamps as UTC: among offset-aware ones they would be hours
         # off, silently. Different offsets (a DST change) are unambiguous; a naive one is not.
@@ -239,17 +268,25 @@ def _timestamps(col: pd.Series, where: str, timezone: str | None, epoch: pd.Time
         if not (aware == aware[0]).all():
             i = _first(aware != aware[0])
             has = ("has no UTC offset", "has one") if aware[0] else ("has a UTC offset", "has none")
-            raise TelemetryError(where, f"{at(i)}: timestamp {str(col.iloc[i])!r} {has[0]}, but "
-                                        f"{at(0)} ({str(col.iloc[0])!r}) {has[1]}; write every "
-                                        "timestamp with its offset (e.g. +01:00 or Z), or none "
-                                        "and give timezone=")
+            raise TelemetryError(
+                where,
+                f"{at(i)}: timestamp {str(col.iloc[i])!r} {has[0]}, but "
+                f"{at(0)} ({str(col.iloc[0])!r}) {has[1]}; write every "
+                "timestamp with its offset (e.g. +01:00 or Z), or none "
+                "and give timezone=",
+            )
     if isinstance(parsed.dtype, pd.DatetimeTZDtype):
         return parsed.dt.tz_convert("UTC")
     if timezone is None:
-        raise TelemetryError(where, "timestamps have no timezone; give timezone= (e.g. 'UTC' or 'Europe/Berlin') "
-                                    "or write them with an offset (2024-01-01T00:00:00+01:00)")
+        raise TelemetryError(
+            where,
+            "timestamps have no timezone; give timezone= (e.g. 'UTC' or 'Europe/Berlin') "
+            "or write them with an offset (2024-01-01T00:00:00+01:00)",
+        )
     try:
-        return parsed.dt.tz_localize(timezone, ambiguous="raise", nonexistent="raise").dt.tz_convert("UTC")
+        return parsed.dt.tz_localize(
+            timezone, ambiguous="raise", nonexistent="raise"
+        ).dt.tz_convert("UTC")
     except Exception as e:
         raise TelemetryError("timezone", f"{timezone!r}: {e}") from None
 
@@ -280,10 +317,11 @@ def _utf8(raw: bytes, name: str) -> str:
     """The file's text; UTF-8 only (with or without a BOM), anything else refused at its line."""
     save = "save the file as UTF-8 (with or without a BOM); other encodings are not read"
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # UTF-32's BOMs start so too
-        raise TelemetryError("source", f"{name} line 1: starts with a UTF-16 byte-order mark; "
-                                       f"{save}")
+        raise TelemetryError(
+            "source", f"{name} line 1: starts with a UTF-16 byte-order mark; {save}"
+        )
     if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         text, stop = raw.decode("utf-8"), len(raw)
     except UnicodeDecodeError as e:
@@ -291,12 +329,18 @@ def _utf8(raw: bytes, name: str) -> str:
     # NUL decodes as UTF-8, but no text file holds one: UTF-16 without a BOM, or not text at all
     nul = raw.find(b"\0", 0, stop)
     if nul >= 0:
-        raise TelemetryError("source", f"{name} line {_line_of(raw, nul)}: a NUL byte (UTF-16 "
-                                       f"text, or not a text file); {save}")
+        raise TelemetryError(
+            "source",
+            f"{name} line {_line_of(raw, nul)}: a NUL byte (UTF-16 "
+            f"text, or not a text file); {save}",
+        )
     if text is None:
-        raise TelemetryError("source", f"{name} line {_line_of(raw, stop)}: byte "
-                                       f"0x{raw[stop]:02x} is not UTF-8 (Latin-1 or Windows-1252 "
-                                       f"text?); {save}")
+        raise TelemetryError(
+            "source",
+            f"{name} line {_line_of(raw, stop)}: byte "
+            f"0x{raw[stop]:02x} is not UTF-8 (Latin-1 or Windows-1252 "
+            f"text?); {save}",
+        )
     return text
 
 
@@ -307,7 +351,7 @@ def _csv_lines(text: str, name: str) -> np.ndarray:
     header: list[str] | None = None
     starts: list[int] = []
     bad: tuple[int, int] | None = None  # (line, fields) of the first record of the wrong width
-    followed = False                    # a record comes after it: a short row, not a cut-off file
+    followed = False  # a record comes after it: a short row, not a cut-off file
     end = 0
     try:
         for row in reader:
@@ -324,11 +368,15 @@ def _csv_lines(text: str, name: str) -> np.ndarray:
             else:
                 starts.append(start)
     except csv.Error as e:
-        raise TelemetryError("source", f"{name} line {reader.line_num}: not well-formed CSV "
-                                       f"({e})") from None
+        raise TelemetryError(
+            "source", f"{name} line {reader.line_num}: not well-formed CSV ({e})"
+        ) from None
     if header is None:
-        raise TelemetryError("source", f"{name}: empty (no header line, no rows); a CSV file "
-                                       "starts with a header, e.g. timestamp,signal,value")
+        raise TelemetryError(
+            "source",
+            f"{name}: empty (no header line, no rows); a CSV file "
+            "starts with a header, e.g. timestamp,signal,value",
+        )
     if bad is not None:
         line, n = bad
         if n > len(header):
@@ -337,8 +385,11 @@ def _csv_lines(text: str, name: str) -> np.ndarray:
             hint = "leave a missing value empty, e.g. 1,,3, but keep its comma"
         else:
             hint = "the file looks truncated; write it again completely"
-        raise TelemetryError("source", f"{name} line {line}: {n} field{'s' * (n != 1)} where the "
-                                       f"header has {len(header)} ({hint})")
+        raise TelemetryError(
+            "source",
+            f"{name} line {line}: {n} field{'s' * (n != 1)} where the "
+            f"header has {len(header)} ({hint})",
+        )
     return np.asarray(starts, dtype=np.int64)
 
 
@@ -351,8 +402,11 @@ def _read_file(path: Path) -> tuple[pd.DataFrame, _Rows]:
             df = pd.read_parquet(path)
         except (pa.ArrowException, OSError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise TelemetryError("source", f"{path.name}: not a readable Parquet file ({reason}); "
-                                           "it may be truncated: write it again") from None
+            raise TelemetryError(
+                "source",
+                f"{path.name}: not a readable Parquet file ({reason}); "
+                "it may be truncated: write it again",
+            ) from None
         return df, _Rows(path.name, len(df))
     if suffix in (".csv", ".txt"):
         text = _utf8(path.read_bytes(), path.name)
@@ -367,9 +421,15 @@ def _read_file(path: Path) -> tuple[pd.DataFrame, _Rows]:
     raise TelemetryError("source", f"{path.name}: unknown format {suffix!r}; .parquet or .csv")
 
 
-def read_telemetry(source: str | Path | pd.DataFrame, *, layout: str = "auto", timestamp: str = "timestamp",
-                   timezone: str | None = None, epoch: str | pd.Timestamp = EPOCH,
-                   units: dict[str, str] | None = None) -> pd.DataFrame:
+def read_telemetry(
+    source: str | Path | pd.DataFrame,
+    *,
+    layout: str = "auto",
+    timestamp: str = "timestamp",
+    timezone: str | None = None,
+    epoch: str | pd.Timestamp = EPOCH,
+    units: dict[str, str] | None = None,
+) -> pd.DataFrame:
     """Telemetry as one long frame: timestamp (UTC), signal, value (float), unit ('' = the
     contract's), quality. `source`: a .parquet or .csv file (CSV in UTF-8), or a DataFrame.
 
@@ -390,23 +450,34 @@ def read_telemetry(source: str | Path | pd.DataFrame, *, layout: str = "auto", t
         raise TelemetryError("layout", f"{layout!r} is not one of auto, wide, long")
     df.columns = [str(c) for c in df.columns]
     if timestamp not in df.columns:
-        raise TelemetryError("timestamp", f"no column {timestamp!r}; columns: {', '.join(df.columns)}")
+        raise TelemetryError(
+            "timestamp", f"no column {timestamp!r}; columns: {', '.join(df.columns)}"
+        )
     if layout == "auto":
         layout = "long" if {"signal", "value"} <= set(df.columns) else "wide"
     epoch = pd.Timestamp(epoch)
     if epoch.tzinfo is None:
-        raise TelemetryError("epoch", f"{epoch} has no timezone; give one, e.g. 1970-01-01T00:00:00Z")
+        raise TelemetryError(
+            "epoch", f"{epoch} has no timezone; give one, e.g. 1970-01-01T00:00:00Z"
+        )
     ts = _timestamps(df[timestamp], "timestamp", timezone, epoch, at)
     units = dict(units or {})
     if layout == "long":
         missing = [c for c in ("signal", "value") if c not in df.columns]
         if missing:
-            raise TelemetryError("layout", f"long telemetry needs columns {missing}; columns: {', '.join(df.columns)}")
-        out = pd.DataFrame({"timestamp": ts, "signal": df["signal"].astype(str),
-                            "value": _numbers(df["value"], "value", at),
-                            "unit": df["unit"].fillna("").astype(str) if "unit" in df.columns else "",
-                            "quality": (_quality(df["quality"], at) if "quality" in df.columns
-                                        else "good")})
+            raise TelemetryError(
+                "layout",
+                f"long telemetry needs columns {missing}; columns: {', '.join(df.columns)}",
+            )
+        out = pd.DataFrame(
+            {
+                "timestamp": ts,
+                "signal": df["signal"].astype(str),
+                "value": _numbers(df["value"], "value", at),
+                "unit": df["unit"].fillna("").astype(str) if "unit" in df.columns else "",
+                "quality": (_quality(df["quality"], at) if "quality" in df.columns else "good"),
+            }
+        )
         if units:
             for name, unit in units.items():
                 blank = (out["signal"] == name) & (out["unit"] == "")
@@ -418,10 +489,21 @@ def read_telemetry(source: str | Path | pd.DataFrame, *, layout: str = "auto", t
                 continue
             name, unit = _split_header(column)
             values = _numbers(df[column], column, at)
-            frames.append(pd.DataFrame({"timestamp": ts, "signal": name, "value": values,
-                                        "unit": units.get(name, unit or ""), "quality": "good"}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "timestamp": ts,
+                        "signal": name,
+                        "value": values,
+                        "unit": units.get(name, unit or ""),
+                        "quality": "good",
+                    }
+                )
+            )
         if not frames:
-            raise TelemetryError("layout", "wide telemetry has no signal columns besides the timestamp")
+            raise TelemetryError(
+                "layout", "wide telemetry has no signal columns besides the timestamp"
+            )
         out = pd.concat(frames, ignore_index=True)
     return _schema().validate(out.reset_index(drop=True), lazy=False)
 
@@ -432,8 +514,9 @@ def _numbers(col: pd.Series, where: str, at: _Rows) -> pd.Series:
     if bad.any():
         i, more = _first(bad), int(bad.sum()) - 1
         also = f" (nor are {more} more in this column)" if more else ""
-        raise TelemetryError(where, f"{at(i)}: {col.iloc[i]!r} is not a number{also}; leave a "
-                                    "missing value empty")
+        raise TelemetryError(
+            where, f"{at(i)}: {col.iloc[i]!r} is not a number{also}; leave a missing value empty"
+        )
     return values.astype(float)
 
 
@@ -442,8 +525,9 @@ def _quality(col: pd.Series, at: _Rows) -> pd.Series:
     bad = ~q.isin(QUALITY)
     if bad.any():
         i = _first(bad)
-        raise TelemetryError("quality", f"{at(i)}: {q.iloc[i]!r} is not one of "
-                                        f"{', '.join(QUALITY)}")
+        raise TelemetryError(
+            "quality", f"{at(i)}: {q.iloc[i]!r} is not one of {', '.join(QUALITY)}"
+        )
     return q
 
 
@@ -451,16 +535,21 @@ def _quality(col: pd.Series, at: _Rows) -> pd.Series:
 def _schema():
     import pandera.pandas as pa
 
-    return pa.DataFrameSchema({
-        "timestamp": pa.Column("datetime64[ns, UTC]", coerce=True),
-        "signal": pa.Column(str, pa.Check.str_length(min_value=1)),
-        "value": pa.Column(float, nullable=True),
-        "unit": pa.Column(str),
-        "quality": pa.Column(str, pa.Check.isin(list(QUALITY))),
-    }, strict=True, ordered=True)
+    return pa.DataFrameSchema(
+        {
+            "timestamp": pa.Column("datetime64[ns, UTC]", coerce=True),
+            "signal": pa.Column(str, pa.Check.str_length(min_value=1)),
+            "value": pa.Column(float, nullable=True),
+            "unit": pa.Column(str),
+            "quality": pa.Column(str, pa.Check.isin(list(QUALITY))),
+        },
+        strict=True,
+        ordered=True,
+    )
 
 
 # ---- ingestion ------------------------------------------------------------------------------------
+
 
 @dataclass
 class Telemetry:
@@ -468,9 +557,9 @@ class Telemetry:
 
     contract: Contract
     start: pd.Timestamp
-    t: np.ndarray                    # [T] seconds after start
-    values: np.ndarray               # [T, n]; NaN where masked
-    mask: np.ndarray                 # [T, n] bool
+    t: np.ndarray  # [T] seconds after start
+    values: np.ndarray  # [T, n]; NaN where masked
+    mask: np.ndarray  # [T, n] bool
     report: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -508,13 +597,23 @@ def _iso(ts: pd.Timestamp) -> str:
     return ts.isoformat().replace("+00:00", "Z")
 
 
-def ingest(frame: pd.DataFrame, contract: Contract, *, start: str | pd.Timestamp | None = None,
-           end: str | pd.Timestamp | None = None, max_lag_steps: int = 10) -> Telemetry:
+def ingest(
+    frame: pd.DataFrame,
+    contract: Contract,
+    *,
+    start: str | pd.Timestamp | None = None,
+    end: str | pd.Timestamp | None = None,
+    max_lag_steps: int = 10,
+) -> Telemetry:
     """Check `frame` (from `read_telemetry`) against `contract` and align it onto the grid
     start + k * period (default: from the first to the last sample of any contract signal)."""
     frame = _schema().validate(frame)
-    report: dict[str, Any] = {"system": contract.system, "period_s": contract.period_s, "signals": {},
-                              "warnings": []}
+    report: dict[str, Any] = {
+        "system": contract.system,
+        "period_s": contract.period_s,
+        "signals": {},
+        "warnings": [],
+    }
     known = set(contract.names())
     ignored = sorted(set(frame["signal"].unique()) - known)
     if ignored:
@@ -523,8 +622,11 @@ def ingest(frame: pd.DataFrame, contract: Contract, *, start: str | pd.Timestamp
     present = set(frame["signal"].unique())
     missing = [s.name for s in contract.signals if s.required and s.name not in present]
     if missing:
-        raise TelemetryError("signals", f"missing {missing}; the {contract.system} contract expects "
-                                        f"{', '.join(contract.names())} (found: {', '.join(sorted(present)) or 'none'})")
+        raise TelemetryError(
+            "signals",
+            f"missing {missing}; the {contract.system} contract expects "
+            f"{', '.join(contract.names())} (found: {', '.join(sorted(present)) or 'none'})",
+        )
 
     cleaned: dict[str, pd.DataFrame] = {}
     for s in contract.signals:
@@ -545,12 +647,19 @@ def ingest(frame: pd.DataFrame, contract: Contract, *, start: str | pd.Timestamp
         ts = rows["timestamp"] + pd.Timedelta(seconds=s.clock_offset_s)
         if s.clock_offset_s:
             info["clock_offset_s"] = s.clock_offset_s
-        df = pd.DataFrame({"timestamp": ts.reset_index(drop=True), "value": values,
-                           "bad_quality": (rows["quality"] == "bad").to_numpy()})
+        df = pd.DataFrame(
+            {
+                "timestamp": ts.reset_index(drop=True),
+                "value": values,
+                "bad_quality": (rows["quality"] == "bad").to_numpy(),
+            }
+        )
         df = df.sort_values("timestamp", kind="stable")
         dup = df["timestamp"].duplicated(keep="last")
         if dup.any():
-            groups = df[df["timestamp"].duplicated(keep=False)].groupby("timestamp")["value"].nunique()
+            groups = (
+                df[df["timestamp"].duplicated(keep=False)].groupby("timestamp")["value"].nunique()
+            )
             info["duplicates_removed"] = int(dup.sum())
             info["duplicates_conflicting"] = int((groups > 1).sum())
         df = df[~dup].reset_index(drop=True)
@@ -568,9 +677,14 @@ def ingest(frame: pd.DataFrame, contract: Contract, *, start: str | pd.Timestamp
         runs = []
         for a, b in _runs(same):
             if b - a + 1 >= contract.stuck_samples:  # a run of b - a + 1 equal values
-                stuck[a - 1:b] = True
-                runs.append({"start": _iso(df["timestamp"].iloc[a - 1]), "samples": b - a + 1,
-                             "value": float(v[a - 1])})
+                stuck[a - 1 : b] = True
+                runs.append(
+                    {
+                        "start": _iso(df["timestamp"].iloc[a - 1]),
+                        "samples": b - a + 1,
+                        "value": float(v[a - 1]),
+                    }
+                )
         info["stuck_runs"] = runs
         if contract.stuck_action == "mask":
             usable &= ~stuck
@@ -583,7 +697,11 @@ def ingest(frame: pd.DataFrame, contract: Contract, *, start: str | pd.Timestamp
     if not starts:
         raise TelemetryError("signals", "no usable sample in any contract signal")
     t0 = pd.Timestamp(start) if start is not None else min(starts)
-    t1 = pd.Timestamp(end) if end is not None else max(d["timestamp"].iloc[-1] for d in cleaned.values() if len(d))
+    t1 = (
+        pd.Timestamp(end)
+        if end is not None
+        else max(d["timestamp"].iloc[-1] for d in cleaned.values() if len(d))
+    )
     for where, ts in (("start", t0), ("end", t1)):
         if ts.tzinfo is None:
             raise TelemetryError(where, f"{ts} has no timezone (e.g. 2024-01-01T00:00:00Z)")
@@ -606,8 +724,13 @@ def ingest(frame: pd.DataFrame, contract: Contract, *, start: str | pd.Timestamp
         info["masked"] = int((how == 0).sum())
         info["missing_fraction"] = float((how == 0).mean())
         gaps = np.flatnonzero(np.diff(ts) > contract.max_gap)
-        info["gaps"] = [{"start": _iso(t0 + pd.Timedelta(seconds=float(ts[g]))),
-                         "seconds": float(ts[g + 1] - ts[g])} for g in gaps]
+        info["gaps"] = [
+            {
+                "start": _iso(t0 + pd.Timedelta(seconds=float(ts[g]))),
+                "seconds": float(ts[g + 1] - ts[g]),
+            }
+            for g in gaps
+        ]
         info["interpolation"] = s.interpolation
     mask = ~np.isnan(values)
     _skews(report, contract, values, mask, max_lag_steps)
@@ -615,8 +738,9 @@ def ingest(frame: pd.DataFrame, contract: Contract, *, start: str | pd.Timestamp
     return Telemetry(contract, t0, grid, values, mask, report)
 
 
-def _align(grid: np.ndarray, ts: np.ndarray, v: np.ndarray, interpolation: str, tol: float,
-           max_gap: float) -> tuple[np.ndarray, np.ndarray]:
+def _align(
+    grid: np.ndarray, ts: np.ndarray, v: np.ndarray, interpolation: str, tol: float, max_gap: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Values on `grid` and how each was obtained: 1 sampled (a sample lies within tol of the grid
     point), 2 interpolated, 0 masked. zoh: the last sample at or before the grid point (+tol, for
     jitter), at most max_gap old. linear: between the samples around the grid point when they are
@@ -641,14 +765,18 @@ def _align(grid: np.ndarray, ts: np.ndarray, v: np.ndarray, interpolation: str, 
         ok[ok] &= (ts[nxt[ok]] - ts[prev[ok]]) <= max_gap
         w = (grid[ok] - ts[prev[ok]]) / (ts[nxt[ok]] - ts[prev[ok]])
         out[ok] = (1 - w) * v[prev[ok]] + w * v[nxt[ok]]
-        edge = ~ok & close  # no bracketing pair (an end of the record, a gap's edge): the nearest sample
+        edge = (
+            ~ok & close
+        )  # no bracketing pair (an end of the record, a gap's edge): the nearest sample
         out[edge] = v[nearest[edge]]
         ok |= edge
     how[ok] = np.where(close[ok], 1, 2)
     return out, how
 
 
-def _skews(report: dict, contract: Contract, values: np.ndarray, mask: np.ndarray, max_lag: int) -> None:
+def _skews(
+    report: dict, contract: Contract, values: np.ndarray, mask: np.ndarray, max_lag: int
+) -> None:
     """Per signal: the lag (s) of the largest cross-correlation of first differences with the
     reference (the first input), over +-max_lag steps; positive: the signal lags the reference.
     Between two sensors of one quantity this is their skew. Between an input and an output it
@@ -668,10 +796,16 @@ def _skews(report: dict, contract: Contract, values: np.ndarray, mask: np.ndarra
             continue
         a, b = (a - a.mean()) / a.std(), (b - b.mean()) / b.std()
         lags = range(-max_lag, max_lag + 1)
-        cc = [np.mean(a[max(0, -k):len(a) - max(0, k)] * b[max(0, k):len(b) - max(0, -k)]) for k in lags]
+        cc = [
+            np.mean(a[max(0, -k) : len(a) - max(0, k)] * b[max(0, k) : len(b) - max(0, -k)])
+            for k in lags
+        ]
         best = int(np.argmax(cc))
-        report["signals"][name]["skew_s"] = {"against": ref_name, "lag_s": lags[best] * contract.period_s,
-                                             "correlation": float(cc[best])}
+        report["signals"][name]["skew_s"] = {
+            "against": ref_name,
+            "lag_s": lags[best] * contract.period_s,
+            "correlation": float(cc[best]),
+        }
 
 
 def save(tel: Telemetry, out_dir: str | Path) -> dict[str, Path]:
@@ -681,9 +815,15 @@ def save(tel: Telemetry, out_dir: str | Path) -> dict[str, Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"telemetry": write_telemetry(tel.to_frame(), out / "telemetry.parquet",
-                                          {"contract": tel.contract.model_dump(), "aligned": True}),
-             "report": out / "quality.json", "plot": out / "quality.png"}
+    paths = {
+        "telemetry": write_telemetry(
+            tel.to_frame(),
+            out / "telemetry.parquet",
+            {"contract": tel.contract.model_dump(), "aligned": True},
+        ),
+        "report": out / "quality.json",
+        "plot": out / "quality.png",
+    }
     atomic_write_json(paths["report"], tel.report)
     plot_quality(tel, paths["plot"])
     return paths
@@ -705,8 +845,14 @@ def plot_quality(tel: Telemetry, path: str | Path) -> Path:
         bad = ~tel.mask[:, j]
         if bad.any():
             low = np.nanmin(tel.values[:, j]) if tel.mask[:, j].any() else 0.0
-            ax.plot(tel.t[bad], np.full(int(bad.sum()), low), "|", color="C3", ms=8,
-                    label=f"masked ({info['masked']})")
+            ax.plot(
+                tel.t[bad],
+                np.full(int(bad.sum()), low),
+                "|",
+                color="C3",
+                ms=8,
+                label=f"masked ({info['masked']})",
+            )
         for run in info.get("stuck_runs", []):
             a = (pd.Timestamp(run["start"]) - tel.start).total_seconds()
             ax.axvspan(a, a + run["samples"] * tel.contract.period_s, color="C1", alpha=0.2, lw=0)
@@ -716,8 +862,11 @@ def plot_quality(tel: Telemetry, path: str | Path) -> Path:
         ax.set_ylabel(s.role)
         ax.legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel(f"time since {_iso(tel.start)} [s]")
-    fig.suptitle(f"{tel.contract.system} telemetry: {len(tel.t)} steps of {tel.contract.period_s:g} s "
-                 "(stuck runs shaded)", fontsize=10)
+    fig.suptitle(
+        f"{tel.contract.system} telemetry: {len(tel.t)} steps of {tel.contract.period_s:g} s "
+        "(stuck runs shaded)",
+        fontsize=10,
+    )
     fig.tight_layout()
     from twin_ml._io import save_figure
 

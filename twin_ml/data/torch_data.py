@@ -42,12 +42,25 @@ class ScenarioDataModule(L.LightningDataModule):
     `horizon` (training window, steps) fits in the data.
     """
 
-    def __init__(self, data_dir: str, system: PhysicsSystem, *, batch_size: int = 64, horizon: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        data_dir: str,
+        system: PhysicsSystem,
+        *,
+        batch_size: int = 64,
+        horizon: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.data_dir, self.system, self.batch_size, self.horizon, self.seed = data_dir, system, batch_size, horizon, seed
+        self.data_dir, self.system, self.batch_size, self.horizon, self.seed = (
+            data_dir,
+            system,
+            batch_size,
+            horizon,
+            seed,
+        )
         self.dataset = self._open()
         self.t_grid = self._t()  # float64, as generated (model.json records its dt exactly)
         self.t = torch.tensor(self.t_grid, dtype=torch.float32)
@@ -56,17 +69,23 @@ class ScenarioDataModule(L.LightningDataModule):
             self.splits[split] = self._load(split)
         for split in ("train", "val"):
             if len(self.splits[split]["index"]) == 0:
-                raise DatasetError(f"{data_dir}: the {split} split is empty; generate more scenarios")
+                raise DatasetError(
+                    f"{data_dir}: the {split} split is empty; generate more scenarios"
+                )
         n_t = self.t.shape[0]
         dt = np.diff(self.t_grid)
         if n_t < 2 or not np.allclose(dt, dt[0], rtol=1e-6, atol=0.0):
             raise DatasetError(f"{data_dir}: training needs a uniform time grid of >= 2 points")
         if horizon is not None and not 1 <= horizon <= n_t - 1:
-            raise ValueError(f"data.horizon ({horizon} steps) must be in [1, {n_t - 1}]: the data has {n_t} time points")
+            raise ValueError(
+                f"data.horizon ({horizon} steps) must be in [1, {n_t - 1}]: the data has {n_t} time points"
+            )
 
     def _open(self) -> Dataset:
         if not Path(self.data_dir).exists():
-            raise DatasetError(f"data_dir {self.data_dir!r} does not exist; make it with twin-generate")
+            raise DatasetError(
+                f"data_dir {self.data_dir!r} does not exist; make it with twin-generate"
+            )
         ds = Dataset.open(self.data_dir)
         got = ds.manifest["system"]
         want = {"name": self.system.name, "options": self.system.options}
@@ -86,8 +105,13 @@ class ScenarioDataModule(L.LightningDataModule):
         bad |= ~np.all(np.isfinite(d["u"]), axis=(1, 2)) | ~np.all(np.isfinite(d["p"]), axis=1)
         if bad.any():
             ids = d["index"][bad][:20].tolist()
-            raise DatasetError(f"{self.data_dir}: NaN or inf in {split} scenarios {ids}; refusing to train")
-        return {k: torch.tensor(d[k], dtype=torch.long if k == "index" else torch.float32) for k in FIELDS}
+            raise DatasetError(
+                f"{self.data_dir}: NaN or inf in {split} scenarios {ids}; refusing to train"
+            )
+        return {
+            k: torch.tensor(d[k], dtype=torch.long if k == "index" else torch.float32)
+            for k in FIELDS
+        }
 
     def numpy(self, split: str) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.splits[split].items()}
@@ -96,7 +120,9 @@ class ScenarioDataModule(L.LightningDataModule):
         s = self.splits[split]
         ds = TensorDataset(*(s[k] for k in FIELDS))
         if shuffle:
-            return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(len(ds), self.seed))
+            return DataLoader(
+                ds, batch_size=self.batch_size, sampler=EpochSampler(len(ds), self.seed)
+            )
         return DataLoader(ds, batch_size=max(self.batch_size, 256), shuffle=False)
 
     def train_dataloader(self):
@@ -127,23 +153,39 @@ class TelemetryDataModule(L.LightningDataModule):
     records (u [R, T, nu], p [R, np], y [R, T, ny], mask [R, T, ny]); an epoch is
     `iterations_per_epoch` batches. Validation: the same records, as free runs."""
 
-    def __init__(self, t: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, mask: np.ndarray, *,
-                 iterations_per_epoch: int = 50):
+    def __init__(
+        self,
+        t: np.ndarray,
+        u: np.ndarray,
+        p: np.ndarray,
+        y: np.ndarray,
+        mask: np.ndarray,
+        *,
+        iterations_per_epoch: int = 50,
+    ):
         super().__init__()
         if iterations_per_epoch < 1:
-            raise ValueError(f"telemetry.iterations_per_epoch must be >= 1, got {iterations_per_epoch}")
+            raise ValueError(
+                f"telemetry.iterations_per_epoch must be >= 1, got {iterations_per_epoch}"
+            )
         dt = np.diff(t)
         if len(t) < 3 or not np.allclose(dt, dt[0], rtol=1e-6, atol=0.0):
             raise ValueError("telemetry records must share a uniform grid of >= 3 points")
         self.t_grid = np.asarray(t, dtype=np.float64)
         self.t = torch.tensor(self.t_grid, dtype=torch.float32)
         y = np.where(mask, y, 0.0)  # masked points carry no value (and no NaN into the graph)
-        self.batch = {"u": torch.tensor(u, dtype=torch.float32), "p": torch.tensor(p, dtype=torch.float32),
-                      "y": torch.tensor(y, dtype=torch.float32), "mask": torch.tensor(mask, dtype=torch.bool)}
+        self.batch = {
+            "u": torch.tensor(u, dtype=torch.float32),
+            "p": torch.tensor(p, dtype=torch.float32),
+            "y": torch.tensor(y, dtype=torch.float32),
+            "mask": torch.tensor(mask, dtype=torch.bool),
+        }
         self.iterations_per_epoch = iterations_per_epoch
 
     def train_dataloader(self):
-        return DataLoader(_Repeat(self.batch, self.iterations_per_epoch), batch_size=None, shuffle=False)
+        return DataLoader(
+            _Repeat(self.batch, self.iterations_per_epoch), batch_size=None, shuffle=False
+        )
 
     def val_dataloader(self):
         return DataLoader(_Repeat(self.batch, 1), batch_size=None, shuffle=False)

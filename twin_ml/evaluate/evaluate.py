@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,9 @@ from twin_ml.physics.solver import SolverSettings, solve_looped, solve_stacked
 from twin_ml.uq import conformal_scale, interval_report
 
 
-def predict_numpy(model, d: dict[str, np.ndarray], t: np.ndarray, *, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def predict_numpy(
+    model, d: dict[str, np.ndarray], t: np.ndarray, *, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
     """Ensemble mean and calibrated std [N, T, ny] for the scenarios of one split."""
     means, stds = [], []
     tt = torch.tensor(t, dtype=torch.float32)
@@ -36,7 +37,9 @@ def calibrate(model, val: dict[str, np.ndarray], t: np.ndarray, level: float = 0
     return scale
 
 
-def evaluate_splits(model, system, splits: dict[str, dict[str, np.ndarray]], t: np.ndarray) -> tuple[dict, dict]:
+def evaluate_splits(
+    model, system, splits: dict[str, dict[str, np.ndarray]], t: np.ndarray
+) -> tuple[dict, dict]:
     """Metrics per split (and per regime), and the predictions for the report."""
     y_scale = model.y_std.numpy().astype(np.float64)
     names = system.output_names
@@ -53,13 +56,17 @@ def evaluate_splits(model, system, splits: dict[str, dict[str, np.ndarray]], t: 
         for rname, mask in regime_masks(system, d["p"], d["x0"], d["u"]).items():
             if mask.sum() >= 1:
                 acc = accuracy(d["y"][mask], mean[mask], y_scale, names)
-                regimes[rname] = {k: v for k, v in acc.items() if k.startswith(("nrmse", "rel_l2", "n_"))}
+                regimes[rname] = {
+                    k: v for k, v in acc.items() if k.startswith(("nrmse", "rel_l2", "n_"))
+                }
         m["regimes"] = regimes
         metrics[split] = m
     return metrics, preds
 
 
-def speed(model, system, d: dict[str, np.ndarray], t: np.ndarray, *, n: int = 64, repeats: int = 3) -> dict[str, float]:
+def speed(
+    model, system, d: dict[str, np.ndarray], t: np.ndarray, *, n: int = 64, repeats: int = 3
+) -> dict[str, float]:
     """Surrogate rollout (torch, this process) vs the solver on the same n scenarios, as ratios."""
     n = min(n, len(d["p"]))
     sub = {k: v[:n] for k, v in d.items()}
@@ -76,8 +83,14 @@ def speed(model, system, d: dict[str, np.ndarray], t: np.ndarray, *, n: int = 64
     s_sur = best(lambda: predict_numpy(model, sub, t))
     s_loop = best(lambda: solve_looped(system, t, sub["u"], sub["p"], sub["x0"], settings))
     s_stack = best(lambda: solve_stacked(system, t, sub["u"], sub["p"], sub["x0"], settings))
-    return {"n_scenarios": n, "surrogate_s": s_sur, "solver_looped_s": s_loop, "solver_stacked_s": s_stack,
-            "speedup_vs_looped": s_loop / s_sur, "speedup_vs_stacked": s_stack / s_sur}
+    return {
+        "n_scenarios": n,
+        "surrogate_s": s_sur,
+        "solver_looped_s": s_loop,
+        "solver_stacked_s": s_stack,
+        "speedup_vs_looped": s_loop / s_sur,
+        "speedup_vs_stacked": s_stack / s_sur,
+    }
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -94,4 +107,3 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                     for kk, vv in rm.items():
                         out[f"{split}/regime/{r}/{kk}"] = float(vv)
     return out
-

@@ -29,21 +29,41 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
     imgs = []
 
     # trajectories with 90% bands
-    shown = [(s, i) for s in ("test", "extrapolation") if s in preds for i in range(min(3, len(preds[s][0])))]
-    fig, axes = plt.subplots(len(shown), len(names), figsize=(5 * len(names), 2.3 * len(shown)), squeeze=False)
+    shown = [
+        (s, i)
+        for s in ("test", "extrapolation")
+        if s in preds
+        for i in range(min(3, len(preds[s][0])))
+    ]
+    fig, axes = plt.subplots(
+        len(shown), len(names), figsize=(5 * len(names), 2.3 * len(shown)), squeeze=False
+    )
     z = norm.ppf(0.95)
     for r, (split, i) in enumerate(shown):
         mean, std = preds[split]
         for j, name in enumerate(names):
             ax = axes[r, j]
-            ax.fill_between(t, mean[i, :, j] - z * std[i, :, j], mean[i, :, j] + z * std[i, :, j], alpha=0.3,
-                            color="tab:blue", label="90% interval")
+            ax.fill_between(
+                t,
+                mean[i, :, j] - z * std[i, :, j],
+                mean[i, :, j] + z * std[i, :, j],
+                alpha=0.3,
+                color="tab:blue",
+                label="90% interval",
+            )
             ax.plot(t, splits[split]["y"][i, :, j], "k", lw=1.2, label="solver")
             ax.plot(t, mean[i, :, j], "tab:blue", lw=1.0, ls="--", label="surrogate mean")
-            ax.set_title(f"{split} #{int(splits[split]['index'][i])}: {name} [{units[j]}]", fontsize=9)
+            ax.set_title(
+                f"{split} #{int(splits[split]['index'][i])}: {name} [{units[j]}]", fontsize=9
+            )
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    imgs.append(("Trajectories with 90% intervals over the solver truth", _save(fig, out_dir / "trajectories.png")))
+    imgs.append(
+        (
+            "Trajectories with 90% intervals over the solver truth",
+            _save(fig, out_dir / "trajectories.png"),
+        )
+    )
     plt.close(fig)
 
     # parity
@@ -52,8 +72,14 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
         ax = axes[0, j]
         for split, color in (("test", "tab:blue"), ("extrapolation", "tab:red")):
             if split in preds:
-                ax.scatter(splits[split]["y"][..., j].ravel()[::7], preds[split][0][..., j].ravel()[::7], s=2,
-                           alpha=0.3, color=color, label=split)
+                ax.scatter(
+                    splits[split]["y"][..., j].ravel()[::7],
+                    preds[split][0][..., j].ravel()[::7],
+                    s=2,
+                    alpha=0.3,
+                    color=color,
+                    label=split,
+                )
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], "k", lw=0.8)
         ax.set_xlabel(f"solver {name}")
@@ -96,22 +122,36 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
     for split, m in metrics.items():
         if not isinstance(m, dict) or "rel_l2_median" not in m:
             continue
-        rows.append(f"<tr><td>{split}</td><td>all</td><td>{m['n_scenarios']}</td><td>{m['rel_l2_median']:.4f}</td>"
-                    f"<td>{m['rel_l2_p95']:.4f}</td><td>{m.get('coverage_90', float('nan')):.3f}</td></tr>")
+        rows.append(
+            f"<tr><td>{split}</td><td>all</td><td>{m['n_scenarios']}</td><td>{m['rel_l2_median']:.4f}</td>"
+            f"<td>{m['rel_l2_p95']:.4f}</td><td>{m.get('coverage_90', float('nan')):.3f}</td></tr>"
+        )
         for r, rm in m.get("regimes", {}).items():
-            rows.append(f"<tr><td>{split}</td><td>{html.escape(r)}</td><td>{rm['n_scenarios']}</td>"
-                        f"<td>{rm['rel_l2_median']:.4f}</td><td>{rm['rel_l2_p95']:.4f}</td><td></td></tr>")
+            rows.append(
+                f"<tr><td>{split}</td><td>{html.escape(r)}</td><td>{rm['n_scenarios']}</td>"
+                f"<td>{rm['rel_l2_median']:.4f}</td><td>{rm['rel_l2_p95']:.4f}</td><td></td></tr>"
+            )
     speed = metrics.get("speed", {})
-    body = [f"<h1>{html.escape(system.name)}: {html.escape(model.kind)} ensemble of {model.members}</h1>",
-            "<table border=1 cellpadding=4><tr><th>split</th><th>regime</th><th>n</th><th>rel L2 median</th>"
-            "<th>rel L2 p95</th><th>90% coverage</th></tr>", *rows, "</table>"]
+    body = [
+        f"<h1>{html.escape(system.name)}: {html.escape(model.kind)} ensemble of {model.members}</h1>",
+        "<table border=1 cellpadding=4><tr><th>split</th><th>regime</th><th>n</th><th>rel L2 median</th>"
+        "<th>rel L2 p95</th><th>90% coverage</th></tr>",
+        *rows,
+        "</table>",
+    ]
     if speed:
-        body.append(f"<p>Rollout of {speed['n_scenarios']} scenarios: surrogate {speed['surrogate_s']:.3f} s, solver "
-                    f"looped {speed['solver_looped_s']:.3f} s ({speed['speedup_vs_looped']:.1f}x), stacked "
-                    f"{speed['solver_stacked_s']:.3f} s ({speed['speedup_vs_stacked']:.1f}x).</p>")
+        body.append(
+            f"<p>Rollout of {speed['n_scenarios']} scenarios: surrogate {speed['surrogate_s']:.3f} s, solver "
+            f"looped {speed['solver_looped_s']:.3f} s ({speed['speedup_vs_looped']:.1f}x), stacked "
+            f"{speed['solver_stacked_s']:.3f} s ({speed['speedup_vs_stacked']:.1f}x).</p>"
+        )
     for title, img in imgs:
         body.append(f"<h2>{html.escape(title)}</h2><img src='{img}'>")
-    page = "<!doctype html><html><head><meta charset='utf-8'><title>twin-ml report</title></head><body>" + "\n".join(body) + "</body></html>"
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>twin-ml report</title></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
+    )
     path = out_dir / "report.html"
     atomic_write_bytes(path, page.encode())
     return path

@@ -18,7 +18,13 @@ import torch
 from twin_ml.uq import interval_report
 
 
-def _x0_with(model, y0: torch.Tensor, hidden_values: torch.Tensor, hidden: list[int], observed: dict[int, int]):
+def _x0_with(
+    model,
+    y0: torch.Tensor,
+    hidden_values: torch.Tensor,
+    hidden: list[int],
+    observed: dict[int, int],
+):
     """x0 [M, B, nx]: observed states from y0 [ny], hidden ones from hidden_values [M, B, n_hidden]."""
     m, b = hidden_values.shape[0], hidden_values.shape[1]
     cols = []
@@ -44,8 +50,18 @@ def _first_errors(model, x0, u, p, t, y, mask):
     return (((ym - y) ** 2) * ok).sum(dim=(2, 3)) / ok.sum().clamp_min(1.0)  # [M, B]
 
 
-def initial_state(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
-                  *, init_samples: int, ranges: np.ndarray, grid: int = 121) -> torch.Tensor:
+def initial_state(
+    model,
+    u: torch.Tensor,
+    p: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    init_samples: int,
+    ranges: np.ndarray,
+    grid: int = 121,
+) -> torch.Tensor:
     """x0 [M, 1, nx] per member from the record's first `init_samples` samples (u [T, nu], p [np],
     y [T, ny], mask [T, ny]); `ranges` [nx, 2] bound the hidden states' search."""
     hidden, observed = state_layout(model)
@@ -59,8 +75,10 @@ def initial_state(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask
     if len(hidden) == 1:
         lo, hi = ranges[hidden[0]]
         cand = torch.linspace(float(lo), float(hi), grid, dtype=torch.float32)
-        x0 = _x0_with(model, y[0], cand[None, :, None].expand(model.members, -1, 1), hidden, observed)
-        err = _first_errors(model, x0, uu, p[None], tt, yy, mm)           # [M, grid]
+        x0 = _x0_with(
+            model, y[0], cand[None, :, None].expand(model.members, -1, 1), hidden, observed
+        )
+        err = _first_errors(model, x0, uu, p[None], tt, yy, mm)  # [M, grid]
         best = cand[err.argmin(dim=1)]
         return _x0_with(model, y[0], best[:, None, None], hidden, observed)
     start = torch.tensor([(ranges[i][0] + ranges[i][1]) / 2 for i in hidden], dtype=torch.float32)
@@ -77,16 +95,32 @@ def initial_state(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask
 
 
 @torch.no_grad()
-def free_run(model, x0: torch.Tensor, u: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> dict[str, np.ndarray]:
+def free_run(
+    model, x0: torch.Tensor, u: torch.Tensor, p: torch.Tensor, t: torch.Tensor
+) -> dict[str, np.ndarray]:
     """Mean, calibrated std [T, ny] and members [M, T, ny] of per-member free runs from x0 [M, 1, nx]."""
     pred = model.predict(x0, u[None], p[None], t)
-    return {k: v[..., 0, :, :].numpy().astype(np.float64) if k in ("members", "states") else v[0].numpy().astype(np.float64)
-            for k, v in pred.items()}
+    return {
+        k: v[..., 0, :, :].numpy().astype(np.float64)
+        if k in ("members", "states")
+        else v[0].numpy().astype(np.float64)
+        for k, v in pred.items()
+    }
 
 
 @torch.no_grad()
-def windowed_run(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, *,
-                 window: int, init_samples: int, ranges: np.ndarray) -> dict[str, np.ndarray]:
+def windowed_run(
+    model,
+    u: torch.Tensor,
+    p: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    window: int,
+    init_samples: int,
+    ranges: np.ndarray,
+) -> dict[str, np.ndarray]:
     """Predictions window by window, as a monitor makes them: each window starts from the measured
     values of the measured states (where not masked) and, for the hidden ones, each member's own
     prediction carried over from the previous window (the first window: `initial_state`). Short
@@ -105,17 +139,29 @@ def windowed_run(model, u: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask:
             for i, j in observed.items():
                 if bool(mask[s, j]):
                     x0[:, 0, i] = y[s, j]
-        pred = model.predict(x0, u[None, s:e + 1], p[None], t[s:e + 1] - t[s])
-        mean[s:e + 1] = pred["mean"][0].numpy()
-        std[s:e + 1] = pred["std"][0].numpy()
+        pred = model.predict(x0, u[None, s : e + 1], p[None], t[s : e + 1] - t[s])
+        mean[s : e + 1] = pred["mean"][0].numpy()
+        std[s : e + 1] = pred["std"][0].numpy()
         x0 = pred["states"][:, :, -1:].reshape(model.members, 1, model.nx)
     return {"mean": mean, "std": std}
 
 
-def monitor(model, u: np.ndarray, p: np.ndarray, y: np.ndarray, mask: np.ndarray, t: np.ndarray, *,
-            settings, horizon: int | None, init_samples: int, ranges: np.ndarray,
-            input_range: np.ndarray | None = None, reference_record: dict[str, np.ndarray] | None = None,
-            reference_windows: int | None = None) -> dict[str, Any]:
+def monitor(
+    model,
+    u: np.ndarray,
+    p: np.ndarray,
+    y: np.ndarray,
+    mask: np.ndarray,
+    t: np.ndarray,
+    *,
+    settings,
+    horizon: int | None,
+    init_samples: int,
+    ranges: np.ndarray,
+    input_range: np.ndarray | None = None,
+    reference_record: dict[str, np.ndarray] | None = None,
+    reference_windows: int | None = None,
+) -> dict[str, Any]:
     """Replay a record (u [T, nu], y/mask [T, ny], t [T]) against a model and detect drift.
 
     Predictions: `windowed_run` with the measured states reset every `horizon` steps (None: one
@@ -132,32 +178,54 @@ def monitor(model, u: np.ndarray, p: np.ndarray, y: np.ndarray, mask: np.ndarray
 
     def predict(uu, yy, mm, tt):
         n = len(tt) if horizon is None else int(horizon)
-        return windowed_run(model, *(torch.tensor(a, dtype=torch.float32) for a in (uu, p, yy)),
-                            torch.tensor(mm), torch.tensor(tt, dtype=torch.float32),
-                            window=max(1, min(n, len(tt) - 1)), init_samples=init_samples, ranges=ranges)
+        return windowed_run(
+            model,
+            *(torch.tensor(a, dtype=torch.float32) for a in (uu, p, yy)),
+            torch.tensor(mm),
+            torch.tensor(tt, dtype=torch.float32),
+            window=max(1, min(n, len(tt) - 1)),
+            init_samples=init_samples,
+            ranges=ranges,
+        )
 
     pred = predict(u, y, mask, t)
     if reference_record is not None:
         r = reference_record
         rp = predict(r["u"], r["y"], r["mask"], r["t"])
-        ref = reference(window_statistics(r["y"], r["mask"], rp["mean"], rp["std"], settings.window))
+        ref = reference(
+            window_statistics(r["y"], r["mask"], rp["mean"], rp["std"], settings.window)
+        )
         ref["source"] = "reference record"
     else:
         stats = window_statistics(y, mask, pred["mean"], pred["std"], settings.window)
         if len(stats["level"]) <= reference_windows:
-            raise ValueError(f"reference_windows={reference_windows}: the stream has only {len(stats['level'])} "
-                             f"full windows of {settings.window} steps; give a reference record or fewer windows")
+            raise ValueError(
+                f"reference_windows={reference_windows}: the stream has only {len(stats['level'])} "
+                f"full windows of {settings.window} steps; give a reference record or fewer windows"
+            )
         ref = reference({k: v[:reference_windows] for k, v in stats.items()})
         ref["source"] = f"the stream's first {reference_windows} windows"
-    report = detect(y, mask, pred["mean"], pred["std"], ref, names, settings, u=u, input_range=input_range,
-                    input_names=model.system.input_names, period=float(t[1] - t[0]))
+    report = detect(
+        y,
+        mask,
+        pred["mean"],
+        pred["std"],
+        ref,
+        names,
+        settings,
+        u=u,
+        input_range=input_range,
+        input_names=model.system.input_names,
+        period=float(t[1] - t[0]),
+    )
     report["reference"] = ref
     report["horizon"] = horizon
     return {"report": report, "mean": pred["mean"], "std": pred["std"]}
 
 
-def record_metrics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                   names: list[str]) -> dict[str, Any]:
+def record_metrics(
+    y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, names: list[str]
+) -> dict[str, Any]:
     """RMSE per output and overall (unmasked points), and the interval report (coverage, width)."""
     out: dict[str, Any] = {}
     sq = []
@@ -173,8 +241,17 @@ def record_metrics(y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.nd
     return out
 
 
-def plot_record(t: np.ndarray, y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                names: list[str], title: str, path: str | Path, init_samples: int = 0) -> Path:
+def plot_record(
+    t: np.ndarray,
+    y: np.ndarray,
+    mask: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    names: list[str],
+    title: str,
+    path: str | Path,
+    init_samples: int = 0,
+) -> Path:
     """Measured outputs against the free run's mean and 90% band (the initial-state window shaded)."""
     import matplotlib
 
@@ -183,21 +260,34 @@ def plot_record(t: np.ndarray, y: np.ndarray, mask: np.ndarray, mean: np.ndarray
 
     from twin_ml.drift import band_panel
 
-    fig, axes = plt.subplots(2 * len(names), 1, figsize=(10, 4.6 * len(names)), squeeze=False, sharex=True,
-                             gridspec_kw={"height_ratios": [3, 2] * len(names)})
+    fig, axes = plt.subplots(
+        2 * len(names),
+        1,
+        figsize=(10, 4.6 * len(names)),
+        squeeze=False,
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 2] * len(names)},
+    )
     for j, name in enumerate(names):
         ax, axr = axes[2 * j, 0], axes[2 * j + 1, 0]
         ok = mask[:, j]
         band_panel(ax, t, y[:, j], ok, mean[:, j], std[:, j], "free run (ensemble mean)")
         # the error against the band's half-width: what a long, dense record hides in the top panel
-        axr.fill_between(t, -1.645 * std[:, j], 1.645 * std[:, j], color="C0", alpha=0.25, lw=0, label="90% band")
+        axr.fill_between(
+            t, -1.645 * std[:, j], 1.645 * std[:, j], color="C0", alpha=0.25, lw=0, label="90% band"
+        )
         axr.plot(t[ok], y[ok, j] - mean[ok, j], lw=0.6, color="C3", label="measured - mean")
         axr.axhline(0.0, color="0.5", lw=0.6)
         axr.set_ylabel(f"{name} error")
         if init_samples:
             for a in (ax, axr):
-                a.axvspan(t[0], t[min(init_samples, len(t)) - 1], color="0.85", lw=0,
-                          label="initial-state window" if a is ax else None)
+                a.axvspan(
+                    t[0],
+                    t[min(init_samples, len(t)) - 1],
+                    color="0.85",
+                    lw=0,
+                    label="initial-state window" if a is ax else None,
+                )
         rmse = float(np.sqrt(np.mean((mean[ok, j] - y[ok, j]) ** 2)))
         ax.set_title(f"{name}: RMSE {rmse:.3g}", fontsize=9)
         ax.legend(loc="upper right", fontsize=7)

@@ -28,11 +28,14 @@ from twin_ml.models.surrogates import Emulator, Surrogate
 PARITY_TOL = 1e-5  # max |onnxruntime - torch| in normalized output units (y / y_std)
 
 
-def in_domain_scenarios(model: Surrogate, design: dict[str, Any], n: int, n_times: int, dt: float,
-                        seed: int) -> dict[str, np.ndarray]:
+def in_domain_scenarios(
+    model: Surrogate, design: dict[str, Any], n: int, n_times: int, dt: float, seed: int
+) -> dict[str, np.ndarray]:
     """n scenarios sampled inside the training design's box (its signals too), on n_times points."""
     fields = {k: v for k, v in design.items() if k not in ("box", "t_end", "dt")}
-    d = ScenarioDesign(**{**fields, "extrapolation_fraction": 0.0, "t_end": dt * (n_times - 1), "dt": dt})
+    d = ScenarioDesign(
+        **{**fields, "extrapolation_fraction": 0.0, "t_end": dt * (n_times - 1), "dt": dt}
+    )
     scen = d.sample(model.system, n, seed)
     t = d.time_grid(model.system)
     u = scenario_inputs(t, d.signal_specs(model.system), scen, seed)
@@ -47,8 +50,9 @@ def _members_torch(model: Surrogate, s: dict[str, np.ndarray], dtype=torch.float
     return y.double().numpy()
 
 
-def parity_check(model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], *,
-                 tol: float = PARITY_TOL) -> dict[str, Any]:
+def parity_check(
+    model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], *, tol: float = PARITY_TOL
+) -> dict[str, Any]:
     """onnxruntime vs torch (float32) on the scenarios `s`, at batch 1 and batch 64.
 
     A scenario passes when max |onnx - torch| <= tol (normalized units), or when onnx is as close
@@ -64,6 +68,7 @@ def parity_check(model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], 
     y_std = model.y_std.double().numpy()
     ref32 = _members_torch(copy.deepcopy(model), s, torch.float32)
     ref64 = _members_torch(copy.deepcopy(model), s, torch.float64)
+
     def per_scenario(a, b):  # [M, N, T, ny] -> [N]
         return (np.abs(a - b).max(axis=(0, 2)) / y_std).max(axis=-1)
 
@@ -74,20 +79,28 @@ def parity_check(model: Surrogate, onnx_bytes: bytes, s: dict[str, np.ndarray], 
     for batch in (1, 64):
         got = []
         for i in range(0, len(s["p"]), batch):
-            got.append(sess.run(["members"], {k: v[i:i + batch] for k, v in feeds.items()})[0])
+            got.append(sess.run(["members"], {k: v[i : i + batch] for k, v in feeds.items()})[0])
         y = np.concatenate(got, axis=1).astype(np.float64)
         diff = per_scenario(y, ref32)
         ok_i = (diff <= tol) | (per_scenario(y, ref64) <= np.maximum(tol, 10.0 * roundoff))
-        bad = np.flatnonzero(~(ok_i & np.isfinite(diff)))  # NaN compares False: count it as a failure
-        out[f"batch_{batch}"] = {"max_diff": float(diff.max()), "median_diff": float(np.median(diff)),
-                                 "n_over_tol": int((diff > tol).sum()), "n_failed": int(len(bad))}
+        bad = np.flatnonzero(
+            ~(ok_i & np.isfinite(diff))
+        )  # NaN compares False: count it as a failure
+        out[f"batch_{batch}"] = {
+            "max_diff": float(diff.max()),
+            "median_diff": float(np.median(diff)),
+            "n_over_tol": int((diff > tol).sum()),
+            "n_failed": int(len(bad)),
+        }
         ok &= len(bad) == 0
     out["n_roundoff_limited"] = int((roundoff > tol / 2).sum())
     out["passed"] = bool(ok)
     return out
 
 
-def integrator_error(model: Surrogate, s: dict[str, np.ndarray], n: int = 8) -> dict[str, Any] | None:
+def integrator_error(
+    model: Surrogate, s: dict[str, np.ndarray], n: int = 8
+) -> dict[str, Any] | None:
     """The exported fixed-step rollout against a tight adaptive solve (dopri5, float64) of the
     same learned vector field, in normalized output units; None for emulators."""
     if isinstance(model, Emulator):
@@ -98,20 +111,35 @@ def integrator_error(model: Surrogate, s: dict[str, np.ndarray], n: int = 8) -> 
     tight.solver, tight.rtol, tight.atol = "dopri5", 1e-8, 1e-10
     ref = _members_torch(tight, sub, torch.float64)
     err = np.abs(fixed - ref) / model.y_std.double().numpy()
-    return {"method": f"{model.solver} x{model.substeps} per step", "reference": "dopri5 rtol 1e-8 (float64)",
-            "n_scenarios": int(len(sub["p"])), "max": float(err.max()), "median": float(np.median(err))}
+    return {
+        "method": f"{model.solver} x{model.substeps} per step",
+        "reference": "dopri5 rtol 1e-8 (float64)",
+        "n_scenarios": int(len(sub["p"])),
+        "max": float(err.max()),
+        "median": float(np.median(err)),
+    }
 
 
-def export_run(run_dir: str | Path, *, name: str, version: str, max_steps: int | None = None,
-               parity_scenarios: int = 100, parity_steps: int = 100, seed: int = 0) -> tuple[bytes, dict[str, Any]]:
+def export_run(
+    run_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    max_steps: int | None = None,
+    parity_scenarios: int = 100,
+    parity_steps: int = 100,
+    seed: int = 0,
+) -> tuple[bytes, dict[str, Any]]:
     """(ONNX bytes with the manifest in its metadata, the manifest) of the model in `run_dir`.
 
     Raises ExportError when the parity check fails (nothing is returned, nothing written)."""
     run_dir = Path(run_dir)
     model, meta = load_trained(run_dir / "model")
     if "design" not in meta:
-        raise ExportError(f"{run_dir}/model/model.json has no training design (made by an older twin-train); "
-                          "train the run again")
+        raise ExportError(
+            f"{run_dir}/model/model.json has no training design (made by an older twin-train); "
+            "train the run again"
+        )
     time = meta["time"]
     dt, n_train = float(time["dt"]), int(time["n"])
     is_emulator = isinstance(model, Emulator)
@@ -126,26 +154,50 @@ def export_run(run_dir: str | Path, *, name: str, version: str, max_steps: int |
     raw = mp.SerializeToString()
     parity = parity_check(model, raw, s)
     if not parity["passed"]:
-        raise ExportError(f"parity check failed: onnxruntime and torch differ beyond {PARITY_TOL} "
-                          f"(normalized units): {json.dumps(parity)}")
+        raise ExportError(
+            f"parity check failed: onnxruntime and torch differ beyond {PARITY_TOL} "
+            f"(normalized units): {json.dumps(parity)}"
+        )
     system = model.system.describe()
     manifest = {
-        "format": "twin-ml/onnx/v1", "name": name, "version": version, "kind": model.kind,
-        "members": model.members, "system": system,
-        "interface": {"inputs": {"x0": ["batch", model.nx], "u": ["batch", "time", model.nu], "p": ["batch", model.n_p]},
-                      "outputs": {"members": [model.members, "batch", "time", model.ny],
-                                  "mean": ["batch", "time", model.ny], "std": ["batch", "time", model.ny]},
-                      "dtype": "float32"},
-        "time": {"t0": time["t0"], "dt": dt, "unit": time["unit"], "train_steps": n_train - 1,
-                 "max_steps": max_steps, "fixed_steps": is_emulator},
+        "format": "twin-ml/onnx/v1",
+        "name": name,
+        "version": version,
+        "kind": model.kind,
+        "members": model.members,
+        "system": system,
+        "interface": {
+            "inputs": {
+                "x0": ["batch", model.nx],
+                "u": ["batch", "time", model.nu],
+                "p": ["batch", model.n_p],
+            },
+            "outputs": {
+                "members": [model.members, "batch", "time", model.ny],
+                "mean": ["batch", "time", model.ny],
+                "std": ["batch", "time", model.ny],
+            },
+            "dtype": "float32",
+        },
+        "time": {
+            "t0": time["t0"],
+            "dt": dt,
+            "unit": time["unit"],
+            "train_steps": n_train - 1,
+            "max_steps": max_steps,
+            "fixed_steps": is_emulator,
+        },
         "domain": {"box": meta["design"]["box"], "regime": meta["design"].get("regime")},
         "normalization": meta["config"]["stats"],
         "conformal_scale": meta["conformal_scale"],
         "metrics": meta.get("metrics", {}),
-        "parity": parity, "integrator_error": integrator_error(model, s),
-        "dataset_sha256": meta["dataset_sha256"], "config_sha256": meta["config_sha256"],
-        "weights_sha256": meta["weights_sha256"], "code_version": code_version(),
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "parity": parity,
+        "integrator_error": integrator_error(model, s),
+        "dataset_sha256": meta["dataset_sha256"],
+        "config_sha256": meta["config_sha256"],
+        "weights_sha256": meta["weights_sha256"],
+        "code_version": code_version(),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     set_metadata(mp, manifest)
     data = mp.SerializeToString()

@@ -54,8 +54,10 @@ class IntervalStep(nn.Module):
     def __init__(self, model: VectorFieldODE, dt: float):
         super().__init__()
         if model.solver not in FIXED_STEP:
-            raise ExportError(f"export integrates with a fixed-step method; the model uses {model.solver!r}. "
-                              f"Train with model.net.solver in {FIXED_STEP}, or export with solver='rk4'")
+            raise ExportError(
+                f"export integrates with a fixed-step method; the model uses {model.solver!r}. "
+                f"Train with model.net.solver in {FIXED_STEP}, or export with solver='rk4'"
+            )
         self.model, self.dt, self.n_sub = model, float(dt), model.substeps
         self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
         self.all_held = bool(np.all(model.zoh))
@@ -64,10 +66,12 @@ class IntervalStep(nn.Module):
             w0, b0 = net.weights[0].detach().double(), net.biases[0].detach().double()
             folded_b0 = b0.clone()
             parts = {}
-            for name, sl, mean, std in (("x", slice(0, nx), model.x_mean, model.x_std),
-                                        ("u", slice(nx, nx + nu), model.u_mean, model.u_std),
-                                        ("p", slice(nx + nu, None), model.p_mean, model.p_std)):
-                w = w0[:, sl] / std.double()[None, :, None]           # [M, d, H]
+            for name, sl, mean, std in (
+                ("x", slice(0, nx), model.x_mean, model.x_std),
+                ("u", slice(nx, nx + nu), model.u_mean, model.u_std),
+                ("p", slice(nx + nu, None), model.p_mean, model.p_std),
+            ):
+                w = w0[:, sl] / std.double()[None, :, None]  # [M, d, H]
                 if w.shape[1]:  # (v - mean) / std @ W = v @ w - mean @ w
                     folded_b0 = folded_b0 - torch.matmul(mean.double()[None, None, :], w)
                 parts[name] = w
@@ -75,10 +79,12 @@ class IntervalStep(nn.Module):
             self.register_buffer("w_u", parts["u"].float())
             self.register_buffer("w_p", parts["p"].float())
             self.register_buffer("b_0", folded_b0.float())
-            self.hidden_w = nn.ParameterList([nn.Parameter(w.detach().clone(), requires_grad=False)
-                                              for w in net.weights[1:-1]])
-            self.hidden_b = nn.ParameterList([nn.Parameter(b.detach().clone(), requires_grad=False)
-                                              for b in net.biases[1:-1]])
+            self.hidden_w = nn.ParameterList(
+                [nn.Parameter(w.detach().clone(), requires_grad=False) for w in net.weights[1:-1]]
+            )
+            self.hidden_b = nn.ParameterList(
+                [nn.Parameter(b.detach().clone(), requires_grad=False) for b in net.biases[1:-1]]
+            )
             scale = model.dx_std.detach()
             self.register_buffer("w_last", (net.weights[-1].detach() * scale).float())
             self.register_buffer("b_last", (net.biases[-1].detach() * scale).float())
@@ -88,10 +94,14 @@ class IntervalStep(nn.Module):
         m = self.model
         y = m.observe(x.unsqueeze(2), u0.unsqueeze(1), p).squeeze(2)
         n = self.n_sub
-        du = None if (m.nu == 0 or self.all_held) else torch.where(self.held, torch.zeros_like(u0), u1 - u0)
+        du = (
+            None
+            if (m.nu == 0 or self.all_held)
+            else torch.where(self.held, torch.zeros_like(u0), u1 - u0)
+        )
         c0 = self.b_0
         if m.n_p:
-            c0 = c0 + torch.matmul(p, self.w_p)                       # [B,np] @ [M,np,H] -> [M,B,H]
+            c0 = c0 + torch.matmul(p, self.w_p)  # [B,np] @ [M,np,H] -> [M,B,H]
         if m.nu:
             c0 = c0 + torch.matmul(u0, self.w_u)
         cdu = torch.matmul(du, self.w_u) if du is not None else None
@@ -120,13 +130,27 @@ class _EmulatorMembers(nn.Module):
         return self.model(x0, u, p, torch.zeros(self.model.n_times))[1]
 
 
-def _torch_to_onnx(module: nn.Module, args: tuple, names_in: list[str], names_out: list[str],
-                   dynamic: dict[str, dict[int, str]]) -> onnx.ModelProto:
+def _torch_to_onnx(
+    module: nn.Module,
+    args: tuple,
+    names_in: list[str],
+    names_out: list[str],
+    dynamic: dict[str, dict[int, str]],
+) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=names_in,
-                          output_names=names_out, dynamic_axes=dynamic, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -178,17 +202,28 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     model = model.float().eval()
     nx, nu, n_p, ny, m = model.nx, model.nu, model.n_p, model.ny, model.members
     ins = [_vi("x0", ["batch", nx]), _vi("u", ["batch", "time", nu]), _vi("p", ["batch", n_p])]
-    outs = [_vi("members", [m, "batch", "time", ny]), _vi("mean", ["batch", "time", ny]),
-            _vi("std", ["batch", "time", ny])]
+    outs = [
+        _vi("members", [m, "batch", "time", ny]),
+        _vi("mean", ["batch", "time", ny]),
+        _vi("std", ["batch", "time", ny]),
+    ]
     if isinstance(model, Emulator):
         b = 2
-        g = _torch_to_onnx(_EmulatorMembers(model), (torch.zeros(b, nx), torch.zeros(b, model.n_times, nu),
-                                                      torch.ones(b, n_p)),
-                           ["x0", "u", "p"], ["members"],
-                           {"x0": {0: "batch"}, "u": {0: "batch"}, "p": {0: "batch"}, "members": {1: "batch"}}).graph
+        g = _torch_to_onnx(
+            _EmulatorMembers(model),
+            (torch.zeros(b, nx), torch.zeros(b, model.n_times, nu), torch.ones(b, n_p)),
+            ["x0", "u", "p"],
+            ["members"],
+            {"x0": {0: "batch"}, "u": {0: "batch"}, "p": {0: "batch"}, "members": {1: "batch"}},
+        ).graph
         nodes, inits = _ensemble_nodes(model, "members")
-        graph = helper.make_graph(list(g.node) + nodes, "twin_ml_emulator", ins, outs,
-                                  initializer=list(g.initializer) + inits)
+        graph = helper.make_graph(
+            list(g.node) + nodes,
+            "twin_ml_emulator",
+            ins,
+            outs,
+            initializer=list(g.initializer) + inits,
+        )
         return _model(graph)
     if not isinstance(model, VectorFieldODE):
         raise ExportError(f"cannot export a model of kind {model.kind!r}")
@@ -196,10 +231,20 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     # the interval step, from torch
     b = 2
     step = IntervalStep(model, dt).eval()
-    sg = _torch_to_onnx(step, (torch.zeros(m, b, nx), torch.zeros(b, nu), torch.zeros(b, nu), torch.ones(b, n_p)),
-                        ["x", "u0", "u1", "p"], ["x_next", "y"],
-                        {"x": {1: "batch"}, "u0": {0: "batch"}, "u1": {0: "batch"}, "p": {0: "batch"},
-                         "x_next": {1: "batch"}, "y": {1: "batch"}}).graph
+    sg = _torch_to_onnx(
+        step,
+        (torch.zeros(m, b, nx), torch.zeros(b, nu), torch.zeros(b, nu), torch.ones(b, n_p)),
+        ["x", "u0", "u1", "p"],
+        ["x_next", "y"],
+        {
+            "x": {1: "batch"},
+            "u0": {0: "batch"},
+            "u1": {0: "batch"},
+            "p": {0: "batch"},
+            "x_next": {1: "batch"},
+            "y": {1: "batch"},
+        },
+    ).graph
     _prefixed(sg, "step/", keep={"p"})  # p: the outer graph's input, visible inside the loop body
     body_nodes = [
         helper.make_node("Add", ["iter", "one_i64"], ["body/next"]),
@@ -213,15 +258,24 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         helper.make_node("Identity", ["step/y"], ["body/y_out"]),
     ]
     body = helper.make_graph(
-        body_nodes, "interval",
-        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _vi("step/x_in", [m, "batch", nx])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _vi("body/x_out", [m, "batch", nx]),
-         _vi("body/y_out", [m, "batch", ny])],
+        body_nodes,
+        "interval",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            _vi("step/x_in", [m, "batch", nx]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            _vi("body/x_out", [m, "batch", nx]),
+            _vi("body/y_out", [m, "batch", ny]),
+        ],
     )
     nodes = [
         helper.make_node("Shape", ["u"], ["shape_u"]),
-        helper.make_node("Gather", ["shape_u", "one_i64"], ["n_times"], axis=0),  # scalar: the trip count
+        helper.make_node(
+            "Gather", ["shape_u", "one_i64"], ["n_times"], axis=0
+        ),  # scalar: the trip count
         helper.make_node("Sub", ["n_times", "one_i64"], ["last_index"]),
         helper.make_node("Unsqueeze", ["x0", "zero_axis"], ["x0_1"]),
         helper.make_node("Expand", ["x0_1", "member_shape"], ["x_init"]),
@@ -233,14 +287,19 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         _const("one_i64", np.array(1, dtype=np.int64)),
         _const("zero_axis", np.array([0], dtype=np.int64)),
         _const("member_shape", np.array([m, 1, 1], dtype=np.int64)),
-        *sg.initializer, *ens_inits,
+        *sg.initializer,
+        *ens_inits,
     ]
-    graph = helper.make_graph(nodes + ens_nodes, f"twin_ml_{model.kind}", ins, outs, initializer=inits)
+    graph = helper.make_graph(
+        nodes + ens_nodes, f"twin_ml_{model.kind}", ins, outs, initializer=inits
+    )
     return _model(graph)
 
 
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
-    mp = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="twin-ml")
+    mp = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="twin-ml"
+    )
     mp.ir_version = 8  # onnxruntime reads IR 8 with opset 17 everywhere
     onnx.checker.check_model(mp, full_check=True)
     return mp

@@ -39,4 +39,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             )
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(checkpoint, path)
-

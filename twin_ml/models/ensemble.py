@@ -22,13 +22,25 @@ class StackedMLP(nn.Module):
     0 (a residual that begins as "no correction").
     """
 
-    def __init__(self, members: int, d_in: int, d_out: int, *, hidden: int = 64, depth: int = 2,
-                 activation: str = "tanh", seed: int = 0, zero_last: bool = False):
+    def __init__(
+        self,
+        members: int,
+        d_in: int,
+        d_out: int,
+        *,
+        hidden: int = 64,
+        depth: int = 2,
+        activation: str = "tanh",
+        seed: int = 0,
+        zero_last: bool = False,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if members < 1 or depth < 1 or hidden < 1:
-            raise ValueError(f"members, depth and hidden must be >= 1, got {members}, {depth}, {hidden}")
+            raise ValueError(
+                f"members, depth and hidden must be >= 1, got {members}, {depth}, {hidden}"
+            )
         self.members, self.activation = members, activation
         dims = [d_in] + [hidden] * depth + [d_out]
         self.weights = nn.ParameterList()
@@ -48,7 +60,9 @@ class StackedMLP(nn.Module):
         act = ACTIVATIONS[self.activation]
         n = len(self.weights)
         # the lists' own dicts: iterating a ParameterList indexes it, which costs more than the matmul
-        for k, (w, b) in enumerate(zip(self.weights._parameters.values(), self.biases._parameters.values())):
+        for k, (w, b) in enumerate(
+            zip(self.weights._parameters.values(), self.biases._parameters.values())
+        ):
             z = torch.baddbmm(b, z, w)  # [M, B, a] @ [M, a, b] + [M, 1, b]
             if k < n - 1:
                 z = act(z)

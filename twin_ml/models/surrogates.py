@@ -31,7 +31,9 @@ ODE_SOLVERS = (*FIXED_STEP, "dopri5", "bosh3")
 STAT_KEYS = ("x_mean", "x_std", "u_mean", "u_std", "p_mean", "p_std", "y_mean", "y_std", "dx_std")
 
 
-def compute_stats(x: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, t: np.ndarray) -> dict[str, list]:
+def compute_stats(
+    x: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, t: np.ndarray
+) -> dict[str, list]:
     """Normalization statistics from training arrays x [N,T,nx], u [N,T,nu], p [N,np], y [N,T,ny].
 
     Robust: center = median, scale = IQR / 1.349 (the std of a normal), falling back to the std
@@ -41,11 +43,17 @@ def compute_stats(x: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, t:
     """
 
     def ms(a, axes):
-        a = np.moveaxis(a, axes, tuple(range(len(axes)))).reshape(-1, a.shape[-1]).astype(np.float64)
+        a = (
+            np.moveaxis(a, axes, tuple(range(len(axes))))
+            .reshape(-1, a.shape[-1])
+            .astype(np.float64)
+        )
         q25, m, q75 = np.percentile(a, [25, 50, 75], axis=0)
         s = (q75 - q25) / 1.349
         s = np.where(s > 0, s, a.std(axis=0))
-        s = np.where(s > 1e-12 * np.maximum(np.abs(m), 1.0), s, 1.0)  # a constant column: leave it unscaled
+        s = np.where(
+            s > 1e-12 * np.maximum(np.abs(m), 1.0), s, 1.0
+        )  # a constant column: leave it unscaled
         return m.tolist(), s.tolist()
 
     dx = np.diff(x, axis=1) / np.diff(t)[None, :, None]
@@ -74,11 +82,16 @@ class Surrogate(nn.Module):
             raise ValueError(f"stats: missing {missing}")
         for k in STAT_KEYS:
             self.register_buffer(k, torch.tensor(stats[k], dtype=torch.float32))
-        self.logvar = nn.Parameter(torch.full((members, self.ny), -4.0))  # per member and output, normalized y
+        self.logvar = nn.Parameter(
+            torch.full((members, self.ny), -4.0)
+        )  # per member and output, normalized y
         self.register_buffer("conformal_scale", torch.ones(self.ny))
-        self._config: dict[str, Any] = {"system": {"name": self.system.name, "options": self.system.options},
-                                        "stats": {k: list(stats[k]) for k in STAT_KEYS},
-                                        "members": members, "seed": seed}
+        self._config: dict[str, Any] = {
+            "system": {"name": self.system.name, "options": self.system.options},
+            "stats": {k: list(stats[k]) for k in STAT_KEYS},
+            "members": members,
+            "seed": seed,
+        }
 
     @property
     def config(self) -> dict[str, Any]:
@@ -115,35 +128,75 @@ class VectorFieldODE(Surrogate):
     per-member factor exp(theta) (starting at 1).
     """
 
-    def __init__(self, system: dict[str, Any], stats: dict[str, list], *, members: int = 5, seed: int = 0,
-                 hidden: int = 64, depth: int = 2, activation: str = "tanh", solver: str = "rk4",
-                 step_fraction: float = 1.0, rtol: float = 1e-4, atol: float = 1e-6, physics: bool = False,
-                 physics_options: dict[str, Any] | None = None, learn_parameters: list[str] | tuple[str, ...] = ()):
+    def __init__(
+        self,
+        system: dict[str, Any],
+        stats: dict[str, list],
+        *,
+        members: int = 5,
+        seed: int = 0,
+        hidden: int = 64,
+        depth: int = 2,
+        activation: str = "tanh",
+        solver: str = "rk4",
+        step_fraction: float = 1.0,
+        rtol: float = 1e-4,
+        atol: float = 1e-6,
+        physics: bool = False,
+        physics_options: dict[str, Any] | None = None,
+        learn_parameters: list[str] | tuple[str, ...] = (),
+    ):
         super().__init__(system, stats, members, seed)
         # the physics term may be a deliberately incomplete variant of the data's system
         # (e.g. the pendulum without damping): the residual learns what it lacks
-        self.physics_system = make_system(self.system.name, **{**self.system.options, **(physics_options or {})})
+        self.physics_system = make_system(
+            self.system.name, **{**self.system.options, **(physics_options or {})}
+        )
         if solver not in ODE_SOLVERS:
             raise ValueError(f"model.solver must be one of {ODE_SOLVERS}, got {solver!r}")
-        if not 0 < step_fraction <= 1 or abs(1.0 / step_fraction - round(1.0 / step_fraction)) > 1e-9:
-            raise ValueError(f"model.step_fraction must be 1/n for an integer n >= 1 (1, 0.5, 0.25, ...), "
-                             f"got {step_fraction}")
+        if (
+            not 0 < step_fraction <= 1
+            or abs(1.0 / step_fraction - round(1.0 / step_fraction)) > 1e-9
+        ):
+            raise ValueError(
+                f"model.step_fraction must be 1/n for an integer n >= 1 (1, 0.5, 0.25, ...), "
+                f"got {step_fraction}"
+            )
         unknown = set(learn_parameters) - set(self.system.parameter_names)
         if unknown:
-            raise ValueError(f"model.learn_parameters: unknown {sorted(unknown)}; parameters: {self.system.parameter_names}")
+            raise ValueError(
+                f"model.learn_parameters: unknown {sorted(unknown)}; parameters: {self.system.parameter_names}"
+            )
         if learn_parameters and not physics:
             raise ValueError("model.learn_parameters needs the physics term (a hybrid model)")
         self.solver, self.step_fraction, self.rtol, self.atol = solver, step_fraction, rtol, atol
         self.physics = physics
-        self.net = StackedMLP(members, self.nx + self.nu + self.n_p, self.nx, hidden=hidden, depth=depth,
-                              activation=activation, seed=seed, zero_last=physics)
+        self.net = StackedMLP(
+            members,
+            self.nx + self.nu + self.n_p,
+            self.nx,
+            hidden=hidden,
+            depth=depth,
+            activation=activation,
+            seed=seed,
+            zero_last=physics,
+        )
         idx = [self.system.parameter_names.index(n) for n in learn_parameters]
         self.register_buffer("learn_idx", torch.tensor(idx, dtype=torch.long))
         self.log_factors = nn.Parameter(torch.zeros(members, len(idx)))
         self.zoh = np.array([i.interpolation == "zoh" for i in self.system.inputs], dtype=bool)
-        self._config.update(hidden=hidden, depth=depth, activation=activation, solver=solver,
-                            step_fraction=step_fraction, rtol=rtol, atol=atol, physics=physics,
-                            physics_options=dict(physics_options or {}), learn_parameters=list(learn_parameters))
+        self._config.update(
+            hidden=hidden,
+            depth=depth,
+            activation=activation,
+            solver=solver,
+            step_fraction=step_fraction,
+            rtol=rtol,
+            atol=atol,
+            physics=physics,
+            physics_options=dict(physics_options or {}),
+            learn_parameters=list(learn_parameters),
+        )
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -154,20 +207,30 @@ class VectorFieldODE(Surrogate):
         pm = p.unsqueeze(0).expand(self.members, -1, -1)
         if self.learn_idx.numel():
             pm = pm.clone()
-            pm[..., self.learn_idx] = pm[..., self.learn_idx] * torch.exp(self.log_factors)[:, None, :]
+            pm[..., self.learn_idx] = (
+                pm[..., self.learn_idx] * torch.exp(self.log_factors)[:, None, :]
+            )
         return pm
 
-    def vector_field(self, x: torch.Tensor, u_t: torch.Tensor, p: torch.Tensor,
-                     pm: torch.Tensor | None = None) -> torch.Tensor:
+    def vector_field(
+        self, x: torch.Tensor, u_t: torch.Tensor, p: torch.Tensor, pm: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """dx/dt for x [M, B, nx], u_t [B, nu], p [B, np] (pm: `physical_parameters(p)`, when the
         caller has it already)."""
         m, b = x.shape[0], x.shape[1]
-        z = torch.cat([(x - self.x_mean) / self.x_std,
-                       ((u_t - self.u_mean) / self.u_std).expand(m, b, -1),
-                       ((p - self.p_mean) / self.p_std).expand(m, b, -1)], dim=-1)
+        z = torch.cat(
+            [
+                (x - self.x_mean) / self.x_std,
+                ((u_t - self.u_mean) / self.u_std).expand(m, b, -1),
+                ((p - self.p_mean) / self.p_std).expand(m, b, -1),
+            ],
+            dim=-1,
+        )
         dx = self.net(z) * self.dx_std
         if self.physics:
-            dx = dx + self.physics_system.rhs(None, x, u_t, self.physical_parameters(p) if pm is None else pm)
+            dx = dx + self.physics_system.rhs(
+                None, x, u_t, self.physical_parameters(p) if pm is None else pm
+            )
         return dx
 
     @property
@@ -200,14 +263,22 @@ class VectorFieldODE(Surrogate):
             du = torch.where(zoh, torch.zeros_like(u0), u[:, k + 1] - u0)
             t0, h = float(t_np[k]), float(t_np[k + 1] - t_np[k])
             if fixed:
-                x = fixed_steps(lambda xx, s, u0=u0, du=du: self.vector_field(xx, u0 + s * du, p, pm), x, h,
-                                n_sub, self.solver)
+                x = fixed_steps(
+                    lambda xx, s, u0=u0, du=du: self.vector_field(xx, u0 + s * du, p, pm),
+                    x,
+                    h,
+                    n_sub,
+                    self.solver,
+                )
             else:
+
                 def f(tt, xx, u0=u0, du=du, t0=t0, h=h):
                     s = min(max((float(tt.detach()) - t0) / h, 0.0), 1.0)
                     return self.vector_field(xx, u0 + s * du, p, pm)
 
-                x = odeint(f, x, t[k:k + 2], method=self.solver, rtol=self.rtol, atol=self.atol)[-1]
+                x = odeint(f, x, t[k : k + 2], method=self.solver, rtol=self.rtol, atol=self.atol)[
+                    -1
+                ]
             xs.append(x)
         x = torch.stack(xs, dim=2)  # [M, B, T, nx]
         return x, self.observe(x, u, p)
@@ -244,30 +315,59 @@ class Emulator(Surrogate):
 
     kind = "emulator"
 
-    def __init__(self, system: dict[str, Any], stats: dict[str, list], *, n_times: int, members: int = 5,
-                 seed: int = 0, hidden: int = 256, depth: int = 3, activation: str = "silu"):
+    def __init__(
+        self,
+        system: dict[str, Any],
+        stats: dict[str, list],
+        *,
+        n_times: int,
+        members: int = 5,
+        seed: int = 0,
+        hidden: int = 256,
+        depth: int = 3,
+        activation: str = "silu",
+    ):
         super().__init__(system, stats, members, seed)
         if n_times < 2:
             raise ValueError(f"emulator n_times must be >= 2, got {n_times}")
         self.n_times = n_times
-        self.net = StackedMLP(members, self.n_p + self.nx + n_times * self.nu, n_times * self.ny,
-                              hidden=hidden, depth=depth, activation=activation, seed=seed)
+        self.net = StackedMLP(
+            members,
+            self.n_p + self.nx + n_times * self.nu,
+            n_times * self.ny,
+            hidden=hidden,
+            depth=depth,
+            activation=activation,
+            seed=seed,
+        )
         self._config.update(n_times=n_times, hidden=hidden, depth=depth, activation=activation)
 
     def forward(self, x0, u, p, t):
         if u.shape[1] != self.n_times or t.shape[0] != self.n_times:
-            raise ValueError(f"the emulator is fixed to {self.n_times} time steps, got {u.shape[1]}")
+            raise ValueError(
+                f"the emulator is fixed to {self.n_times} time steps, got {u.shape[1]}"
+            )
         b = x0.shape[0]
-        z = torch.cat([(p - self.p_mean) / self.p_std, (x0 - self.x_mean) / self.x_std,
-                       ((u - self.u_mean) / self.u_std).reshape(b, -1)], dim=-1)
-        yn = self.net(z.unsqueeze(0).expand(self.members, -1, -1)).reshape(self.members, b, self.n_times, self.ny)
+        z = torch.cat(
+            [
+                (p - self.p_mean) / self.p_std,
+                (x0 - self.x_mean) / self.x_std,
+                ((u - self.u_mean) / self.u_std).reshape(b, -1),
+            ],
+            dim=-1,
+        )
+        yn = self.net(z.unsqueeze(0).expand(self.members, -1, -1)).reshape(
+            self.members, b, self.n_times, self.ny
+        )
         return None, yn * self.y_std + self.y_mean
 
 
 MODEL_KINDS = {"node": VectorFieldODE, "hybrid": VectorFieldODE, "emulator": Emulator}
 
 
-def build_model(kind: str, system: PhysicsSystem | dict, stats: dict[str, list], **kwargs) -> Surrogate:
+def build_model(
+    kind: str, system: PhysicsSystem | dict, stats: dict[str, list], **kwargs
+) -> Surrogate:
     """A surrogate of `kind` (node | hybrid | emulator) for `system` with normalization `stats`."""
     if kind not in MODEL_KINDS:
         raise KeyError(f"unknown model kind {kind!r}; kinds: {sorted(MODEL_KINDS)}")
@@ -295,7 +395,9 @@ def load_trained(model_dir: str | Path) -> tuple[Surrogate, dict[str, Any]]:
     model_dir = Path(model_dir)
     meta_path, weights = model_dir / "model.json", model_dir / "model.pt"
     if not meta_path.exists() or not weights.exists():
-        raise ValueError(f"{str(model_dir)!r} holds no model.json + model.pt; train one with twin-train")
+        raise ValueError(
+            f"{str(model_dir)!r} holds no model.json + model.pt; train one with twin-train"
+        )
     meta = json.loads(meta_path.read_text())
     if sha256_file(weights) != meta.get("weights_sha256"):
         raise ValueError(f"{weights}: sha256 does not match model.json; refusing a modified model")

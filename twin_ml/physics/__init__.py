@@ -9,8 +9,8 @@ from twin_ml.physics.registry import register_system as register_system
 from twin_ml.physics.registry import system_class as system_class
 from twin_ml.physics.signals import SIGNAL_KINDS as SIGNAL_KINDS
 from twin_ml.physics.signals import SignalSpec as SignalSpec
-from twin_ml.physics.solver import SolverSettings as SolverSettings
 from twin_ml.physics.solver import SolveResult as SolveResult
+from twin_ml.physics.solver import SolverSettings as SolverSettings
 from twin_ml.physics.solver import solve_looped as solve_looped
 from twin_ml.physics.solver import solve_stacked as solve_stacked
 from twin_ml.physics.system import Input as Input
@@ -21,7 +21,20 @@ from twin_ml.physics.system import Regime as Regime
 from twin_ml.physics.system import State as State
 
 __all__ = [
-    "Input", "Output", "Parameter", "PhysicsSystem", "Regime", "SIGNAL_KINDS", "SignalSpec",
-    "SolveResult", "SolverSettings", "State", "list_systems", "make_system", "register_system",
-    "solve_looped", "solve_stacked", "system_class",
+    "Input",
+    "Output",
+    "Parameter",
+    "PhysicsSystem",
+    "Regime",
+    "SIGNAL_KINDS",
+    "SignalSpec",
+    "SolveResult",
+    "SolverSettings",
+    "State",
+    "list_systems",
+    "make_system",
+    "register_system",
+    "solve_looped",
+    "solve_stacked",
+    "system_class",
 ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twin_ml.physics.system import PhysicsSystem
 
@@ -16,10 +17,17 @@ def register_system(name: str) -> Callable[[S], S]:
 
     def deco(cls: S) -> S:
         if not (isinstance(cls, type) and issubclass(cls, PhysicsSystem)):
-            raise TypeError(f"@register_system({name!r}) decorates PhysicsSystem subclasses, got {cls!r}")
+            raise TypeError(
+                f"@register_system({name!r}) decorates PhysicsSystem subclasses, got {cls!r}"
+            )
         known = _SYSTEMS.get(name)
-        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"system name {name!r} is already registered by {known.__module__}.{known.__qualname__}")
+        if known is not None and (known.__module__, known.__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            raise ValueError(
+                f"system name {name!r} is already registered by {known.__module__}.{known.__qualname__}"
+            )
         cls.name = name
         _SYSTEMS[name] = cls
         return cls
@@ -44,13 +52,17 @@ def system_class(name: str) -> type[PhysicsSystem]:
         try:
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise KeyError(f"system {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
+            raise KeyError(
+                f"system {name!r}: cannot import {attr!r} from {module!r} ({e})"
+            ) from None
         if not (isinstance(cls, type) and issubclass(cls, PhysicsSystem)):
             raise KeyError(f"system {name!r} is not a PhysicsSystem subclass")
         if not cls.name:
             cls.name = name  # an unregistered class is addressed by its import path
         return cls
-    raise KeyError(f"unknown system {name!r}; known systems: {', '.join(known)} (or an import path pkg.module:Class)")
+    raise KeyError(
+        f"unknown system {name!r}; known systems: {', '.join(known)} (or an import path pkg.module:Class)"
+    )
 
 
 def make_system(name: str, **options: Any) -> PhysicsSystem:

@@ -58,8 +58,9 @@ class SignalSpec:
         if self.n_tones < 1:
             raise ValueError(f"signal multisine: n_tones must be >= 1, got {self.n_tones}")
         if self.direction not in ("up", "down"):
-            raise ValueError(f"signal ramp: direction must be 'up' or 'down', got {self.direction!r}")
-
+            raise ValueError(
+                f"signal ramp: direction must be 'up' or 'down', got {self.direction!r}"
+            )
 
     def check_grid(self, t: np.ndarray) -> None:
         """Frequencies must be resolvable on the grid: below Nyquist, 1 / (2 dt)."""
@@ -67,7 +68,9 @@ class SignalSpec:
         for k in ("f_min", "f_max", "f_cut"):
             v = getattr(self, k)
             if v is not None and v >= nyquist:
-                raise ValueError(f"{k} ({v}) must be below the grid's Nyquist frequency {nyquist:.6g}")
+                raise ValueError(
+                    f"{k} ({v}) must be below the grid's Nyquist frequency {nyquist:.6g}"
+                )
 
 
 def make_signal(kind: str = "multisine", **options: Any) -> SignalSpec:

@@ -54,15 +54,21 @@ class SolverSettings:
         if self.max_step is None:  # JSON/YAML null: no limit
             object.__setattr__(self, "max_step", math.inf)
         if self.method is not None and self.method not in SOLVER_METHODS:
-            raise ValueError(f"solver.method must be one of {SOLVER_METHODS} (or null), got {self.method!r}")
+            raise ValueError(
+                f"solver.method must be one of {SOLVER_METHODS} (or null), got {self.method!r}"
+            )
         for k in ("rtol", "atol", "max_step"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"solver.{k} must be > 0, got {getattr(self, k)}")
-        if isinstance(self.max_rhs_evals, bool) or not isinstance(self.max_rhs_evals, int) or self.max_rhs_evals < 1:
+        if (
+            isinstance(self.max_rhs_evals, bool)
+            or not isinstance(self.max_rhs_evals, int)
+            or self.max_rhs_evals < 1
+        ):
             raise ValueError(f"solver.max_rhs_evals must be >= 1, got {self.max_rhs_evals}")
 
-    def resolved(self, system: PhysicsSystem) -> "SolverSettings":
+    def resolved(self, system: PhysicsSystem) -> SolverSettings:
         return self if self.method else SolverSettings(**{**asdict(self), "method": system.solver})
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +103,9 @@ def _check_batch(system: PhysicsSystem, t, u, p, x0, t_out):
     u, p, x0 = (np.asarray(a, dtype=np.float64) for a in (u, p, x0))
     nx, nu, n_p = len(system.states), len(system.inputs), len(system.parameters)
     if t.ndim != 1 or t.size < 2 or not np.all(np.diff(t) > 0):
-        raise ValueError(f"t must be a strictly increasing 1-D grid of >= 2 times, got shape {t.shape}")
+        raise ValueError(
+            f"t must be a strictly increasing 1-D grid of >= 2 times, got shape {t.shape}"
+        )
     n = x0.shape[0] if x0.ndim == 2 else -1
     expect = {"x0": ((n, nx), x0), "p": ((n, n_p), p), "u": ((n, t.size, nu), u)}
     for name, (shape, a) in expect.items():
@@ -108,9 +116,13 @@ def _check_batch(system: PhysicsSystem, t, u, p, x0, t_out):
     else:
         t_out = np.asarray(t_out, dtype=np.float64)
         if t_out.ndim != 1 or t_out.size < 1 or np.any(np.diff(t_out) <= 0):
-            raise ValueError(f"t_out must be a strictly increasing 1-D array, got shape {t_out.shape}")
+            raise ValueError(
+                f"t_out must be a strictly increasing 1-D array, got shape {t_out.shape}"
+            )
         if t_out[0] < t[0] or t_out[-1] > t[-1]:
-            raise ValueError(f"t_out must lie inside the input grid [{t[0]}, {t[-1]}], got [{t_out[0]}, {t_out[-1]}]")
+            raise ValueError(
+                f"t_out must lie inside the input grid [{t[0]}, {t[-1]}], got [{t_out[0]}, {t_out[-1]}]"
+            )
     return t, u, p, x0, t_out
 
 
@@ -140,8 +152,17 @@ def _integrate(make_f, t, t_out, y0, settings, segments, **kwargs) -> np.ndarray
         stop = int(np.searchsorted(t_out, t[kb], side="right"))
         want = t_out[filled:stop]
         t_eval = np.union1d(want, [t[kb]])
-        sol = solve_ivp(make_f(kb - 1), (t[ka], t[kb]), y, method=settings.method, t_eval=t_eval,
-                        rtol=settings.rtol, atol=settings.atol, max_step=settings.max_step, **kwargs)
+        sol = solve_ivp(
+            make_f(kb - 1),
+            (t[ka], t[kb]),
+            y,
+            method=settings.method,
+            t_eval=t_eval,
+            rtol=settings.rtol,
+            atol=settings.atol,
+            max_step=settings.max_step,
+            **kwargs,
+        )
         if not sol.success:
             raise _Abort(FAILED_SOLVER, str(sol.message))
         if sol.y.shape[1] != t_eval.size:
@@ -153,11 +174,16 @@ def _integrate(make_f, t, t_out, y0, settings, segments, **kwargs) -> np.ndarray
     return out
 
 
-def _guard(count: list[int], settings: SolverSettings, limit: float, tt: float, xx: np.ndarray) -> None:
+def _guard(
+    count: list[int], settings: SolverSettings, limit: float, tt: float, xx: np.ndarray
+) -> None:
     """Count a right-hand-side call and abort on too many calls, non-finite or diverged states."""
     count[0] += 1
     if count[0] > settings.max_rhs_evals:
-        raise _Abort(FAILED_MAX_STEPS, f"more than {settings.max_rhs_evals} right-hand-side evaluations (t={tt:.6g})")
+        raise _Abort(
+            FAILED_MAX_STEPS,
+            f"more than {settings.max_rhs_evals} right-hand-side evaluations (t={tt:.6g})",
+        )
     m = np.max(np.abs(xx))
     if not m <= limit:  # also true for NaN
         if np.isfinite(m):
@@ -165,8 +191,9 @@ def _guard(count: list[int], settings: SolverSettings, limit: float, tt: float, 
         raise _Abort(FAILED_NONFINITE, f"non-finite state at t={tt:.6g}")
 
 
-def solve_looped(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = SolverSettings(), *,
-                 t_out=None) -> SolveResult:
+def solve_looped(
+    system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = SolverSettings(), *, t_out=None
+) -> SolveResult:
     """One solve_ivp call per scenario: t [T], u [N, T, nu], p [N, np], x0 [N, nx].
 
     Inputs are given on the grid `t`; states and outputs come back at `t_out` (default: `t`),
@@ -205,8 +232,9 @@ def solve_looped(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = 
     return _finish(system, t, u, p, x, status, reasons, nfev, t_out)
 
 
-def solve_stacked(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = SolverSettings(), *,
-                  t_out=None) -> SolveResult:
+def solve_stacked(
+    system: PhysicsSystem, t, u, p, x0, settings: SolverSettings = SolverSettings(), *, t_out=None
+) -> SolveResult:
     """All N scenarios in one solve_ivp call on the stacked state [N * nx].
 
     The error norm is shared, so step sizes follow the hardest scenario; held inputs restart the
@@ -239,7 +267,9 @@ def solve_stacked(system: PhysicsSystem, t, u, p, x0, settings: SolverSettings =
     reasons = [""] * n
     try:
         with np.errstate(all="ignore"):
-            y = _integrate(make_f, t, t_out, x0.reshape(-1), settings, _segments(t, u, zoh), **kwargs)
+            y = _integrate(
+                make_f, t, t_out, x0.reshape(-1), settings, _segments(t, u, zoh), **kwargs
+            )
         x = y.reshape(n, nx, t_out.size).transpose(0, 2, 1).copy()
     except _Abort as e:
         status[:], reasons = e.status, [e.reason] * n

@@ -29,8 +29,9 @@ from __future__ import annotations
 import inspect
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from array_api_compat import array_namespace
@@ -47,11 +48,15 @@ def check_bounds(where: str, bounds: tuple[float, float]) -> tuple[float, float]
     try:
         lo, hi = (float(b) for b in bounds)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: bounds must be a pair (low, high) of numbers, got {bounds!r}") from None
+        raise ValueError(
+            f"{where}: bounds must be a pair (low, high) of numbers, got {bounds!r}"
+        ) from None
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{where}: bounds must be finite, got ({lo}, {hi})")
     if lo > hi:
-        raise ValueError(f"{where}: low ({lo}) > high ({hi}); bounds are (low, high) with low <= high")
+        raise ValueError(
+            f"{where}: low ({lo}) > high ({hi}); bounds are (low, high) with low <= high"
+        )
     return lo, hi
 
 
@@ -62,7 +67,10 @@ class State:
     name: str
     unit: str
     bounds: tuple[float, float] = (0.0, 0.0)
-    limits: tuple[float, float] = (-math.inf, math.inf)  # physically possible values (extrapolation clip)
+    limits: tuple[float, float] = (
+        -math.inf,
+        math.inf,
+    )  # physically possible values (extrapolation clip)
 
     def __post_init__(self):
         object.__setattr__(self, "bounds", check_bounds(f"state {self.name!r}", self.bounds))
@@ -116,7 +124,9 @@ class Parameter:
         lo, hi = check_bounds(f"parameter {self.name!r}", self.bounds)
         object.__setattr__(self, "bounds", (lo, hi))
         if not lo <= self.nominal <= hi:
-            raise ValueError(f"parameter {self.name!r}: nominal {self.nominal} is outside bounds ({lo}, {hi})")
+            raise ValueError(
+                f"parameter {self.name!r}: nominal {self.nominal} is outside bounds ({lo}, {hi})"
+            )
 
 
 @dataclass(frozen=True)
@@ -167,10 +177,14 @@ class PhysicsSystem:
             params: dict[str, inspect.Parameter] = {}
             hints: dict[str, Any] = {}
         else:
-            params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+            params = {
+                k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"
+            }
             try:
                 hints = typing.get_type_hints(cls.__init__)
-            except Exception:  # an annotation that does not evaluate: only float defaults count as floats
+            except (
+                Exception
+            ):  # an annotation that does not evaluate: only float defaults count as floats
                 hints = {}
         unknown = set(kwargs) - set(params)
         if unknown:
@@ -200,9 +214,15 @@ class PhysicsSystem:
             if dup:
                 raise TypeError(f"{cls.__name__}: duplicate variable names {sorted(dup)}")
         if cls.solver not in SOLVER_METHODS:
-            raise TypeError(f"{cls.__name__}.solver must be one of {SOLVER_METHODS}, got {cls.solver!r}")
+            raise TypeError(
+                f"{cls.__name__}.solver must be one of {SOLVER_METHODS}, got {cls.solver!r}"
+            )
         for rname, regime in cls.regimes.items():
-            for kind, decl in (("parameters", cls.parameters), ("inputs", cls.inputs), ("states", cls.states)):
+            for kind, decl in (
+                ("parameters", cls.parameters),
+                ("inputs", cls.inputs),
+                ("states", cls.states),
+            ):
                 box = {v.name: v for v in decl}
                 for vname, b in getattr(regime, kind).items():
                     if vname not in box:
@@ -210,7 +230,9 @@ class PhysicsSystem:
                             f"{cls.__name__}: regime {rname!r} names unknown {kind[:-1]} {vname!r}; "
                             f"known: {sorted(box)}"
                         )
-                    lo, hi = check_bounds(f"{cls.__name__}: regime {rname!r} {kind[:-1]} {vname!r}", b)
+                    lo, hi = check_bounds(
+                        f"{cls.__name__}: regime {rname!r} {kind[:-1]} {vname!r}", b
+                    )
                     blo, bhi = box[vname].bounds
                     if lo < blo or hi > bhi:
                         raise TypeError(
@@ -282,7 +304,9 @@ class PhysicsSystem:
         if name is None:
             return Regime("full bounds")
         if name not in self.regimes:
-            raise KeyError(f"unknown regime {name!r} for system {self.name!r}; known: {sorted(self.regimes)}")
+            raise KeyError(
+                f"unknown regime {name!r} for system {self.name!r}; known: {sorted(self.regimes)}"
+            )
         return self.regimes[name]
 
     def describe(self) -> dict[str, Any]:

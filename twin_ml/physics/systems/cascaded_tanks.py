@@ -31,11 +31,19 @@ from twin_ml.physics.system import Input, Output, Parameter, PhysicsSystem, Regi
 
 @register_system("cascaded_tanks")
 class CascadedTanks(PhysicsSystem):
-    states = (State("h1", "V", bounds=(1.0, 8.0), limits=(0.0, 20.0)),
-              State("h2", "V", bounds=(1.0, 8.0), limits=(0.0, 20.0)))
+    states = (
+        State("h1", "V", bounds=(1.0, 8.0), limits=(0.0, 20.0)),
+        State("h2", "V", bounds=(1.0, 8.0), limits=(0.0, 20.0)),
+    )
     inputs = (
-        Input("pump", "V", bounds=(1.0, 9.0), interpolation="zoh", limits=(0.0, 10.0),
-              signal={"kind": "step", "hold": 128.0}),
+        Input(
+            "pump",
+            "V",
+            bounds=(1.0, 9.0),
+            interpolation="zoh",
+            limits=(0.0, 10.0),
+            signal={"kind": "step", "hold": 128.0},
+        ),
     )
     outputs = (Output("h2", "V"),)
     parameters = (
@@ -49,20 +57,36 @@ class CascadedTanks(PhysicsSystem):
     )
     regimes = {
         "nominal": Regime("mid-range pump voltage, no overflow", inputs={"pump": (2.0, 6.0)}),
-        "low_level": Regime("nearly empty tanks", inputs={"pump": (1.0, 3.0)},
-                            states={"h1": (1.0, 3.0), "h2": (1.0, 3.0)}),
-        "near_overflow": Regime("high pump voltage, the upper tank overflows", inputs={"pump": (6.0, 9.0)},
-                                states={"h1": (5.0, 8.0), "h2": (5.0, 8.0)}),
+        "low_level": Regime(
+            "nearly empty tanks",
+            inputs={"pump": (1.0, 3.0)},
+            states={"h1": (1.0, 3.0), "h2": (1.0, 3.0)},
+        ),
+        "near_overflow": Regime(
+            "high pump voltage, the upper tank overflows",
+            inputs={"pump": (6.0, 9.0)},
+            states={"h1": (5.0, 8.0), "h2": (5.0, 8.0)},
+        ),
     }
     time_unit = "s"
     default_horizon = (1024.0, 4.0)  # the benchmark samples every 4 s
     stiffness = "moderate"  # the overflow term is fast compared with the drain
     solver = "LSODA"
 
-    def __init__(self, *, overflow: bool = True, h1_max: float = 10.0, h2_max: float = 10.0, k_overflow: float = 0.5,
-                 sensor_max: float | None = None, linear_inflow: float | None = None):
+    def __init__(
+        self,
+        *,
+        overflow: bool = True,
+        h1_max: float = 10.0,
+        h2_max: float = 10.0,
+        k_overflow: float = 0.5,
+        sensor_max: float | None = None,
+        linear_inflow: float | None = None,
+    ):
         if min(h1_max, h2_max, k_overflow) <= 0:
-            raise ValueError(f"h1_max, h2_max and k_overflow must be > 0, got {h1_max}, {h2_max}, {k_overflow}")
+            raise ValueError(
+                f"h1_max, h2_max and k_overflow must be > 0, got {h1_max}, {h2_max}, {k_overflow}"
+            )
         if sensor_max is not None and not float(sensor_max) > 0:
             raise ValueError(f"sensor_max must be > 0 or null, got {sensor_max}")
         self.overflow, self.k_overflow = bool(overflow), float(k_overflow)
@@ -80,7 +104,10 @@ class CascadedTanks(PhysicsSystem):
 
     def rhs(self, t, x, u, p):
         xp = self.xp(x)
-        h1, h2 = xp.clip(x[..., 0], min=0.0), xp.clip(x[..., 1], min=0.0)  # a tank cannot be below empty
+        h1, h2 = (
+            xp.clip(x[..., 0], min=0.0),
+            xp.clip(x[..., 1], min=0.0),
+        )  # a tank cannot be below empty
         k1, k2, k3, k4, k5 = (p[..., i] for i in range(5))
         dh1 = k4 * u[..., 0] - k1 * xp.sqrt(h1)
         dh2 = k2 * xp.sqrt(h1) - k3 * xp.sqrt(h2)

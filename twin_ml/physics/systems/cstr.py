@@ -24,12 +24,25 @@ Q, V, CAF, RHO, CP = 100.0, 100.0, 1.0, 1000.0, 0.239
 
 @register_system("cstr")
 class CSTR(PhysicsSystem):
-    states = (State("C_A", "mol/L", bounds=(0.2, 0.9), limits=(0.0, 1.0)),
-              State("T", "K", bounds=(320.0, 380.0), limits=(250.0, 600.0)))
+    states = (
+        State("C_A", "mol/L", bounds=(0.2, 0.9), limits=(0.0, 1.0)),
+        State("T", "K", bounds=(320.0, 380.0), limits=(250.0, 600.0)),
+    )
     inputs = (
-        Input("T_c", "K", bounds=(290.0, 305.0), interpolation="zoh", signal={"kind": "step", "hold": 2.0}),
-        Input("T_f", "K", bounds=(345.0, 355.0), interpolation="linear",
-              signal={"kind": "multisine", "f_min": 0.1, "f_max": 1.0, "n_tones": 3}),
+        Input(
+            "T_c",
+            "K",
+            bounds=(290.0, 305.0),
+            interpolation="zoh",
+            signal={"kind": "step", "hold": 2.0},
+        ),
+        Input(
+            "T_f",
+            "K",
+            bounds=(345.0, 355.0),
+            interpolation="linear",
+            signal={"kind": "multisine", "f_min": 0.1, "f_max": 1.0, "n_tones": 3},
+        ),
     )
     outputs = (Output("C_A", "mol/L"), Output("T", "K"))
     parameters = (
@@ -40,8 +53,11 @@ class CSTR(PhysicsSystem):
     )
     regimes = {
         "nominal": Regime("low conversion, stable", inputs={"T_c": (290.0, 298.0)}),
-        "ignition": Regime("near ignition: fast, stiff", inputs={"T_c": (300.0, 305.0)},
-                           states={"T": (350.0, 380.0)}),
+        "ignition": Regime(
+            "near ignition: fast, stiff",
+            inputs={"T_c": (300.0, 305.0)},
+            states={"T": (350.0, 380.0)},
+        ),
     }
     time_unit = "min"
     default_horizon = (10.0, 0.05)

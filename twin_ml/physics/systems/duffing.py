@@ -24,8 +24,13 @@ FS = 1e7 / 2**14  # Silverbox sampling rate [Hz]
 class Duffing(PhysicsSystem):
     states = (State("y", "V", bounds=(-0.05, 0.05)), State("v", "V/s", bounds=(-5.0, 5.0)))
     inputs = (
-        Input("u", "V", bounds=(-0.2, 0.2), interpolation="linear",
-              signal={"kind": "multisine", "f_min": 5.0, "f_max": 150.0, "n_tones": 12}),
+        Input(
+            "u",
+            "V",
+            bounds=(-0.2, 0.2),
+            interpolation="linear",
+            signal={"kind": "multisine", "f_min": 5.0, "f_max": 150.0, "n_tones": 12},
+        ),
     )
     outputs = (Output("y", "V"),)
     parameters = (

@@ -24,10 +24,18 @@ G = 9.81
 
 @register_system("pendulum")
 class Pendulum(PhysicsSystem):
-    states = (State("theta", "rad", bounds=(-2.5, 2.5)), State("omega", "rad/s", bounds=(-2.0, 2.0)))
+    states = (
+        State("theta", "rad", bounds=(-2.5, 2.5)),
+        State("omega", "rad/s", bounds=(-2.0, 2.0)),
+    )
     inputs = (
-        Input("torque", "N m", bounds=(-2.0, 2.0), interpolation="linear",
-              signal={"kind": "multisine", "f_min": 0.05, "f_max": 1.0, "n_tones": 6}),
+        Input(
+            "torque",
+            "N m",
+            bounds=(-2.0, 2.0),
+            interpolation="linear",
+            signal={"kind": "multisine", "f_min": 0.05, "f_max": 1.0, "n_tones": 6},
+        ),
     )
     outputs = (Output("theta", "rad"),)
     parameters = (
@@ -36,9 +44,15 @@ class Pendulum(PhysicsSystem):
         Parameter("mass", "kg", nominal=1.0, bounds=(0.5, 2.0), limits=(0.01, 1000.0)),
     )
     regimes = {
-        "nominal": Regime("small swings, mild forcing", parameters={"length": (0.8, 1.2)},
-                          states={"theta": (-0.5, 0.5), "omega": (-0.5, 0.5)}, inputs={"torque": (-1.0, 1.0)}),
-        "large_swing": Regime("large angles, far into the nonlinear range", states={"theta": (-2.5, 2.5)}),
+        "nominal": Regime(
+            "small swings, mild forcing",
+            parameters={"length": (0.8, 1.2)},
+            states={"theta": (-0.5, 0.5), "omega": (-0.5, 0.5)},
+            inputs={"torque": (-1.0, 1.0)},
+        ),
+        "large_swing": Regime(
+            "large angles, far into the nonlinear range", states={"theta": (-2.5, 2.5)}
+        ),
         "high_damping": Regime("strongly damped", parameters={"damping": (0.3, 0.5)}),
     }
     time_unit = "s"

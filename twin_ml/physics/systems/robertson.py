@@ -21,9 +21,11 @@ from twin_ml.physics.system import Output, Parameter, PhysicsSystem, Regime, Sta
 
 @register_system("robertson")
 class Robertson(PhysicsSystem):
-    states = (State("y1", "1", bounds=(0.9, 1.0), limits=(0.0, 1.0)),
-              State("y2", "1", bounds=(0.0, 0.0), limits=(0.0, 1.0)),
-              State("y3", "1", bounds=(0.0, 0.1), limits=(0.0, 1.0)))
+    states = (
+        State("y1", "1", bounds=(0.9, 1.0), limits=(0.0, 1.0)),
+        State("y2", "1", bounds=(0.0, 0.0), limits=(0.0, 1.0)),
+        State("y3", "1", bounds=(0.0, 0.1), limits=(0.0, 1.0)),
+    )
     inputs = ()
     outputs = (Output("y1", "1"), Output("y2", "1"), Output("y3", "1"))
     parameters = (

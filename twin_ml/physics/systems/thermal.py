@@ -21,14 +21,34 @@ from twin_ml.physics.system import Input, Output, Parameter, PhysicsSystem, Regi
 
 @register_system("thermal_rc")
 class ThermalRC(PhysicsSystem):
-    states = (State("T_air", "degC", bounds=(12.0, 24.0)), State("T_wall", "degC", bounds=(10.0, 22.0)))
+    states = (
+        State("T_air", "degC", bounds=(12.0, 24.0)),
+        State("T_wall", "degC", bounds=(10.0, 22.0)),
+    )
     inputs = (
-        Input("T_out", "degC", bounds=(-15.0, 35.0), interpolation="linear",
-              signal={"kind": "multisine", "f_min": 1 / 72, "f_max": 1 / 6, "n_tones": 4}),
-        Input("Q_sol", "kW", bounds=(0.0, 3.0), interpolation="linear", limits=(0.0, 20.0),
-              signal={"kind": "bandlimited", "f_cut": 0.25}),
-        Input("Q_heat", "kW", bounds=(0.0, 5.0), interpolation="zoh", limits=(0.0, 50.0),
-              signal={"kind": "step", "hold": 3.0}),
+        Input(
+            "T_out",
+            "degC",
+            bounds=(-15.0, 35.0),
+            interpolation="linear",
+            signal={"kind": "multisine", "f_min": 1 / 72, "f_max": 1 / 6, "n_tones": 4},
+        ),
+        Input(
+            "Q_sol",
+            "kW",
+            bounds=(0.0, 3.0),
+            interpolation="linear",
+            limits=(0.0, 20.0),
+            signal={"kind": "bandlimited", "f_cut": 0.25},
+        ),
+        Input(
+            "Q_heat",
+            "kW",
+            bounds=(0.0, 5.0),
+            interpolation="zoh",
+            limits=(0.0, 50.0),
+            signal={"kind": "step", "hold": 3.0},
+        ),
     )
     outputs = (Output("T_air", "degC"),)
     parameters = (
@@ -41,9 +61,13 @@ class ThermalRC(PhysicsSystem):
     )
     regimes = {
         "nominal": Regime("mild weather", inputs={"T_out": (0.0, 20.0)}),
-        "winter": Regime("cold, low sun, heating on", inputs={"T_out": (-15.0, 5.0), "Q_sol": (0.0, 1.0),
-                                                             "Q_heat": (1.0, 5.0)}),
-        "summer": Regime("warm, high sun, heating off", inputs={"T_out": (15.0, 35.0), "Q_heat": (0.0, 0.5)}),
+        "winter": Regime(
+            "cold, low sun, heating on",
+            inputs={"T_out": (-15.0, 5.0), "Q_sol": (0.0, 1.0), "Q_heat": (1.0, 5.0)},
+        ),
+        "summer": Regime(
+            "warm, high sun, heating off", inputs={"T_out": (15.0, 35.0), "Q_heat": (0.0, 0.5)}
+        ),
     }
     time_unit = "h"
     default_horizon = (72.0, 0.25)
