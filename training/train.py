@@ -103,7 +103,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
     from twin_ml.data.torch_data import ScenarioDataModule
-    from twin_ml.evaluate.evaluate import calibrate, evaluate_splits, flat_metrics, speed
+    from twin_ml.evaluate.evaluate import evaluate_splits, fit_conformal_scale, flat_metrics, speed
     from twin_ml.evaluate.report import write_report
     from twin_ml.models import compute_stats
     from twin_ml.models.checkpoint import AtomicCheckpointIO
@@ -170,7 +170,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         module.load_state_dict(state["state_dict"])
     model.eval()
     splits = {s: dm.numpy(s) for s in ("val", "test", "extrapolation")}
-    scale = calibrate(model, splits["val"], t)
+    scale = fit_conformal_scale(model, splits["val"], t)
     metrics, preds = evaluate_splits(model, system, splits, t)
     metrics["speed"] = speed(
         model,

@@ -28,7 +28,9 @@ def predict_numpy(
     return np.concatenate(means).astype(np.float64), np.concatenate(stds).astype(np.float64)
 
 
-def calibrate(model, val: dict[str, np.ndarray], t: np.ndarray, level: float = 0.9) -> np.ndarray:
+def fit_conformal_scale(
+    model, val: dict[str, np.ndarray], t: np.ndarray, level: float = 0.9
+) -> np.ndarray:
     """Split-conformal: set model.conformal_scale from the validation split; returns it [ny]."""
     model.conformal_scale.fill_(1.0)
     mean, std = predict_numpy(model, val, t)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from twin_ml import code_version
-from twin_ml._io import atomic_write_bytes, sha256_bytes
+from twin_ml._io import sha256_bytes
 from twin_ml.data.design import ScenarioDesign
 from twin_ml.data.generate import scenario_inputs
 from twin_ml.export.onnx_export import ExportError, build_onnx, set_metadata
@@ -203,10 +203,3 @@ def export_run(
     data = mp.SerializeToString()
     manifest_out = {**manifest, "onnx_sha256": sha256_bytes(data)}
     return data, manifest_out
-
-
-def write_export(path: str | Path, data: bytes) -> Path:
-    """The ONNX bytes to `path`, atomically (temp file + rename)."""
-    path = Path(path)
-    atomic_write_bytes(path, data)
-    return path

@@ -13,7 +13,6 @@ A model rebuilds from `model.config` (plain JSON) plus its state_dict.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -404,7 +403,3 @@ def load_trained(model_dir: str | Path) -> tuple[Surrogate, dict[str, Any]]:
     model = model_from_config(meta["config"])
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval(), meta
-
-
-def gaussian_nll(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (torch.log(2 * math.pi * var) + (y - mean) ** 2 / var)

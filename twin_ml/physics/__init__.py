@@ -3,10 +3,10 @@
 Pure numpy/scipy: importing this package never imports torch.
 """
 
-from twin_ml.physics.registry import list_systems as list_systems
-from twin_ml.physics.registry import make_system as make_system
-from twin_ml.physics.registry import register_system as register_system
-from twin_ml.physics.registry import system_class as system_class
+from twin_ml.physics.catalog import list_systems as list_systems
+from twin_ml.physics.catalog import make_system as make_system
+from twin_ml.physics.catalog import register_system as register_system
+from twin_ml.physics.catalog import system_class as system_class
 from twin_ml.physics.signals import SIGNAL_KINDS as SIGNAL_KINDS
 from twin_ml.physics.signals import SignalSpec as SignalSpec
 from twin_ml.physics.solver import SolveResult as SolveResult
