@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from twin_ml.calibrate.problem import Problem
-from twin_ml.physics import SolverSettings, make_system, solve_looped, solve_stacked
+from twin_ml.physics import SolverSettings, solve_looped, solve_stacked, system_from_description
 
 
 class SurrogateBackend:
@@ -58,7 +58,7 @@ class SolverBackend:
         if mode not in ("looped", "stacked"):
             raise ValueError(f"solver mode must be 'looped' or 'stacked', got {mode!r}")
         sysd = manifest["system"]
-        self.system = make_system(sysd["name"], **(sysd.get("options") or {}))
+        self.system = system_from_description(sysd)
         self.mode, self.settings = mode, settings or SolverSettings()
         self.batched = mode == "stacked"
         self.calls = self.scenarios = 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from twin_ml.data import ScenarioDesign
 from twin_ml.data.generate import scenario_inputs
-from twin_ml.physics import SolverSettings, make_system, solve_looped
+from twin_ml.physics import SolverSettings, solve_looped, system_from_description
 
 
 def synthetic_request(
@@ -27,7 +27,7 @@ def synthetic_request(
     true values of the fitted parameters are drawn from the inner (1 - 2 margin) of the training
     box unless given. Noise std per output: noise_level x the range of its clean trajectory."""
     sysd = manifest["system"]
-    system = make_system(sysd["name"], **(sysd.get("options") or {}))
+    system = system_from_description(sysd)
     dt, steps = float(manifest["time"]["dt"]), int(manifest["time"]["train_steps"])
     design = ScenarioDesign(t_end=steps * dt, dt=dt, extrapolation_fraction=0.0)
     scen = design.sample(system, 1, seed)

@@ -22,7 +22,7 @@ from torch import nn
 
 from twin_ml._io import sha256_file
 from twin_ml.models.ensemble import StackedMLP
-from twin_ml.physics import make_system
+from twin_ml.physics import system_from_description
 from twin_ml.physics.system import PhysicsSystem
 
 FIXED_STEP = ("rk4", "euler", "midpoint")
@@ -72,7 +72,7 @@ class Surrogate(nn.Module):
 
     def __init__(self, system: dict[str, Any], stats: dict[str, list], members: int, seed: int):
         super().__init__()
-        self.system = make_system(system["name"], **system.get("options", {}))
+        self.system = system_from_description(system)
         self.members, self.seed = members, seed
         self.nx, self.nu = len(self.system.states), len(self.system.inputs)
         self.n_p, self.ny = len(self.system.parameters), len(self.system.outputs)
@@ -148,8 +148,8 @@ class VectorFieldODE(Surrogate):
         super().__init__(system, stats, members, seed)
         # the physics term may be a deliberately incomplete variant of the data's system
         # (e.g. the pendulum without damping): the residual learns what it lacks
-        self.physics_system = make_system(
-            self.system.name, **{**self.system.options, **(physics_options or {})}
+        self.physics_system = type(self.system)(
+            **{**self.system.options, **(physics_options or {})}
         )
         if solver not in ODE_SOLVERS:
             raise ValueError(f"model.solver must be one of {ODE_SOLVERS}, got {solver!r}")

@@ -7,6 +7,7 @@ from twin_ml.physics.catalog import list_systems as list_systems
 from twin_ml.physics.catalog import make_system as make_system
 from twin_ml.physics.catalog import register_system as register_system
 from twin_ml.physics.catalog import system_class as system_class
+from twin_ml.physics.catalog import system_from_description as system_from_description
 from twin_ml.physics.signals import SIGNAL_KINDS as SIGNAL_KINDS
 from twin_ml.physics.signals import SignalSpec as SignalSpec
 from twin_ml.physics.solver import SolveResult as SolveResult
@@ -37,4 +38,5 @@ __all__ = [
     "solve_looped",
     "solve_stacked",
     "system_class",
+    "system_from_description",
 ]

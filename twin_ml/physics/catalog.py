@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from twin_ml.physics.system import PhysicsSystem
@@ -42,6 +44,15 @@ def list_systems() -> list[str]:
     return sorted(_SYSTEMS)
 
 
+def _import(module: str):
+    """`importlib.import_module`, with the working directory on the path (a console script's
+    sys.path does not hold it; `python -m` and `python script.py` users expect their own modules)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    return importlib.import_module(module)
+
+
 def system_class(name: str) -> type[PhysicsSystem]:
     """The class for a registered name, or an import path ``pkg.module:Class`` / ``pkg.module.Class``."""
     known = list_systems()
@@ -50,7 +61,7 @@ def system_class(name: str) -> type[PhysicsSystem]:
     if "." in name or ":" in name:
         module, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module), attr)
+            cls = getattr(_import(module), attr)
         except (ImportError, AttributeError) as e:
             raise KeyError(
                 f"system {name!r}: cannot import {attr!r} from {module!r} ({e})"
@@ -63,6 +74,34 @@ def system_class(name: str) -> type[PhysicsSystem]:
     raise KeyError(
         f"unknown system {name!r}; known systems: {', '.join(known)} (or an import path pkg.module:Class)"
     )
+
+
+def system_from_description(desc: Mapping[str, Any]) -> PhysicsSystem:
+    """Rebuild the system a dataset, run or exported model describes (`PhysicsSystem.describe()`:
+    its registered `name`, its `class` import path and its constructor `options`).
+
+    A registered name is used when it is known in this process; otherwise the class is imported
+    from its recorded path, so a system defined in the user's own module is found again by every
+    later command and by the server without importing that module first. Import paths resolve on
+    `sys.path` plus the working directory (as `python -m` would).
+    """
+    name, path = desc.get("name"), desc.get("class")
+    options = dict(desc.get("options") or {})
+    if (
+        name and name in list_systems()
+    ):  # a shipped system, registered on import of twin_ml.physics.systems
+        return _SYSTEMS[name](**options)
+    if not path:
+        raise KeyError(
+            f"unknown system {name!r} and no import path recorded for it; known systems: "
+            f"{', '.join(list_systems())}"
+        )
+    cls = system_class(path)
+    if name and cls.name != name:
+        raise KeyError(
+            f"system {name!r}: its recorded class {path!r} is now registered as {cls.name!r}"
+        )
+    return cls(**options)
 
 
 def make_system(name: str, **options: Any) -> PhysicsSystem:
