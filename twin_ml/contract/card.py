@@ -1,0 +1,374 @@
+"""The model card: what an exported model is, as types.
+
+Export writes a `ModelCard` into the ONNX file's metadata (key ``twin_ml.manifest``, JSON) and
+beside it in the model store; the registry verifies it; serving, calibration and monitoring read
+it. This module is the one place that knows the JSON's layout, and the one that reads the layout
+of older exports (`ModelCard.from_json`). Torch-free (pydantic, numpy).
+
+Format ``twin-ml/onnx/v2`` (JSON, one object)::
+
+    format, name, version, kind, members
+    system         the system card: name, class (its import path), options, time_unit, states,
+                   inputs, outputs, parameters (name, unit, bounds, limits, nominal), regimes,
+                   stiffness, solver, default_horizon
+    interface      the graph's inputs and outputs with their shapes, dtype
+    time           t0, dt, unit, train_steps, max_steps, fixed_steps
+    domain         the training box: parameters / states {name: [low, high]},
+                   inputs {name: {offset: [low, high], amplitude: [low, high]}}, regime
+    normalization  x/u/p/y means and stds, dx_std
+    conformal_scale, metrics, parity, integrator_error
+    provenance     dataset_sha256, config_sha256, weights_sha256, code_version, created_at
+    (in the store only) onnx_sha256, files: sha256 of every stored file
+
+``twin-ml/onnx/v1`` (exports before v2) differs in two places: the box was one flat map keyed
+"parameter:NAME", "state:NAME", "input:NAME:offset", "input:NAME:amplitude", and the provenance
+fields sat at the top level. It is read, never written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from twin_ml.contract.errors import RequestError
+
+FORMAT = "twin-ml/onnx/v2"
+FORMAT_V1 = "twin-ml/onnx/v1"
+READABLE = (FORMAT, FORMAT_V1)
+
+Range = tuple[float, float]
+_OPEN = ConfigDict(extra="allow", populate_by_name=True)  # a newer writer may add fields
+_CLOSED = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class CardError(ValueError):
+    """A model card that cannot be read (unknown format, missing or mistyped fields)."""
+
+
+def _limit(v: Any, default: float) -> float:
+    """JSON has no infinity: an open limit is written as null."""
+    return default if v is None else float(v)
+
+
+class Variable(BaseModel):
+    """A declared variable of the system: a state, input, output or parameter."""
+
+    model_config = _OPEN
+    name: str
+    unit: str = ""
+    bounds: Range | None = None
+    limits: tuple[float | None, float | None] | None = None
+    nominal: float | None = None
+
+    @property
+    def physical(self) -> Range:
+        """(low, high) physically possible values; +-inf where open."""
+        lo, hi = self.limits or (None, None)
+        return _limit(lo, -math.inf), _limit(hi, math.inf)
+
+
+class SystemCard(BaseModel):
+    """The physics system of a model: names, units, bounds, limits, regimes, and how to build it
+    again (its registered name, its class's import path, its constructor options)."""
+
+    model_config = _OPEN
+    name: str
+    class_path: str | None = Field(None, alias="class")
+    options: dict[str, Any] = Field(default_factory=dict)
+    time_unit: str = "s"
+    states: list[Variable] = Field(default_factory=list)
+    inputs: list[Variable] = Field(default_factory=list)
+    outputs: list[Variable] = Field(default_factory=list)
+    parameters: list[Variable] = Field(default_factory=list)
+    regimes: dict[str, Any] = Field(default_factory=dict)
+    stiffness: str | None = None
+    solver: str | None = None
+    default_horizon: list[float] | None = None
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return [v.name for v in self.parameters]
+
+    @property
+    def state_names(self) -> list[str]:
+        return [v.name for v in self.states]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [v.name for v in self.outputs]
+
+    def description(self) -> dict[str, Any]:
+        """The JSON of `PhysicsSystem.describe()` this card was made from."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def build(self):
+        """The physics system itself (numpy/scipy; by registered name, else by import path)."""
+        from twin_ml.physics.catalog import system_from_description
+
+        return system_from_description(self.description())
+
+
+class TimeGrid(BaseModel):
+    """The model's uniform time grid: step `dt`, the training horizon, the longest it answers."""
+
+    model_config = _OPEN
+    t0: float = 0.0
+    dt: float
+    unit: str = "s"
+    train_steps: int
+    max_steps: int
+    fixed_steps: bool = False  # an emulator: answers on its training grid only
+
+    def grid(self, n_steps: int) -> np.ndarray:
+        return np.arange(n_steps + 1) * self.dt
+
+    def steps(self, t_end: float, field: str, max_steps: int | None = None) -> int:
+        """The number of steps to `t_end`, checked: > 0, a multiple of dt, within the maximum."""
+        max_steps = self.max_steps if max_steps is None else max_steps
+        if t_end <= 0:
+            raise RequestError(field, "must be > 0")
+        n = int(round(t_end / self.dt))
+        if n > max_steps:  # before any array of that length exists
+            raise RequestError(
+                field,
+                f"{n} steps exceed this model's maximum of {max_steps} "
+                f"(t_end <= {max_steps * self.dt:g})",
+            )
+        if not math.isclose(n * self.dt, t_end, rel_tol=1e-6, abs_tol=1e-9):
+            raise RequestError(field, f"must be a multiple of dt = {self.dt}, got {t_end}")
+        return n
+
+    def check_times(self, t: np.ndarray, field: str, *, min_points: int = 2) -> None:
+        """Timestamps: at least `min_points`, sorted, unique, uniform with step dt."""
+        if len(t) < min_points:
+            raise RequestError(field, f"needs at least {min_points} time points, got {len(t)}")
+        d = np.diff(t)
+        if np.any(d == 0):
+            i = int(np.flatnonzero(d == 0)[0])
+            raise RequestError(field, f"duplicated timestamp {t[i]:g} at positions {i} and {i + 1}")
+        if np.any(d < 0):
+            i = int(np.flatnonzero(d < 0)[0])
+            raise RequestError(field, f"not sorted: {t[i]:g} then {t[i + 1]:g} at position {i + 1}")
+        if not np.allclose(d, self.dt, rtol=1e-6, atol=1e-9 * max(1.0, abs(self.dt))):
+            raise RequestError(
+                field, f"must be uniform with step {self.dt:g} (the model's dt; resample first)"
+            )
+
+    def check_horizon(self, steps: int, field: str, max_steps: int | None = None) -> None:
+        """`steps` within the maximum, and the emulator's one fixed horizon."""
+        max_steps = self.max_steps if max_steps is None else max_steps
+        if steps > max_steps:
+            raise RequestError(
+                field,
+                f"{steps} steps exceed this model's maximum of {max_steps} "
+                f"(t_end <= {max_steps * self.dt:g})",
+            )
+        if self.fixed_steps and steps != self.max_steps:
+            raise RequestError(
+                field,
+                f"this emulator answers on its training grid only: "
+                f"t_end = {self.max_steps * self.dt:g} ({self.max_steps + 1} time points "
+                f"{self.dt:g} apart)",
+            )
+
+
+class InputRange(BaseModel):
+    """An input's training range: the signal offsets and amplitudes the design sampled."""
+
+    model_config = _CLOSED
+    offset: Range
+    amplitude: Range | None = None
+
+
+class DomainBox(BaseModel):
+    """The training domain: the box the design sampled (its regime's, or the full bounds).
+
+    Owns the in-domain check (`reasons`) and every lookup of a variable's range."""
+
+    model_config = _CLOSED
+    parameters: dict[str, Range] = Field(default_factory=dict)
+    states: dict[str, Range] = Field(default_factory=dict)
+    inputs: dict[str, InputRange] = Field(default_factory=dict)
+    regime: str | None = None
+
+    @classmethod
+    def from_design(cls, box: dict[str, Any], regime: str | None = None) -> DomainBox:
+        """From a design's flat box ("parameter:NAME", "state:NAME", "input:NAME:offset",
+        "input:NAME:amplitude"), as datasets and training runs record it."""
+        out: dict[str, dict[str, Any]] = {"parameters": {}, "states": {}, "inputs": {}}
+        for key, rng in box.items():
+            kind, _, rest = key.partition(":")
+            pair = (float(rng[0]), float(rng[1]))
+            if kind == "parameter":
+                out["parameters"][rest] = pair
+            elif kind == "state":
+                out["states"][rest] = pair
+            elif kind == "input":
+                name, _, part = rest.rpartition(":")
+                out["inputs"].setdefault(name, {})[part] = pair
+            else:
+                raise CardError(f"domain box: unknown key {key!r}")
+        return cls(**out, regime=regime)
+
+    def fitted(self, name: str) -> Range | None:
+        """The range of a calibration's fitted name: a parameter, or "state:<name>"."""
+        if name.startswith("state:"):
+            return self.states.get(name[6:])
+        return self.parameters.get(name)
+
+    def state_middle(self, name: str) -> float:
+        lo, hi = self.states.get(name, (0.0, 0.0))
+        return (lo + hi) / 2
+
+    def reasons(self, card: SystemCard, p: np.ndarray, x0: np.ndarray, u: np.ndarray) -> list[str]:
+        """Why a scenario (p [np], x0 [nx], u [T, nu]) is outside the box; empty when inside."""
+        out: list[str] = []
+
+        def check(rng: Range | None, label: str, lo_v: float, hi_v: float) -> None:
+            if rng is None:
+                return
+            lo, hi = rng
+            width = max(hi - lo, 1e-12)
+            if lo_v < lo:
+                out.append(
+                    f"{label} = {lo_v:g} is below the training range [{lo:g}, {hi:g}] by "
+                    f"{lo - lo_v:g} ({100 * (lo - lo_v) / width:.0f}% of its width)"
+                )
+            if hi_v > hi:
+                out.append(
+                    f"{label} = {hi_v:g} is above the training range [{lo:g}, {hi:g}] by "
+                    f"{hi_v - hi:g} ({100 * (hi_v - hi) / width:.0f}% of its width)"
+                )
+
+        for n, v in zip(card.parameter_names, p):
+            check(self.parameters.get(n), f"parameter {n}", float(v), float(v))
+        for n, v in zip(card.state_names, x0):
+            check(self.states.get(n), f"initial state {n}", float(v), float(v))
+        for j, n in enumerate(card.input_names):
+            rng = self.inputs.get(n)
+            check(
+                rng.offset if rng else None,
+                f"input {n}",
+                float(u[:, j].min()),
+                float(u[:, j].max()),
+            )
+        return out
+
+
+class Normalization(BaseModel):
+    """The statistics the model normalizes with (per variable, in declaration order)."""
+
+    model_config = _OPEN
+    x_mean: list[float]
+    x_std: list[float]
+    u_mean: list[float]
+    u_std: list[float]
+    p_mean: list[float]
+    p_std: list[float]
+    y_mean: list[float]
+    y_std: list[float]
+    dx_std: list[float] | None = None
+
+
+class Provenance(BaseModel):
+    """Where the model came from: the hashes of its data, config and weights, the code."""
+
+    model_config = _OPEN
+    dataset_sha256: str | None = None
+    config_sha256: str | None = None
+    weights_sha256: str | None = None
+    code_version: str | None = None
+    created_at: str | None = None
+
+
+class ModelCard(BaseModel):
+    """An exported model, as export writes it and every reader reads it (see the module doc)."""
+
+    model_config = _OPEN
+    format: Literal["twin-ml/onnx/v2"] = FORMAT
+    name: str
+    version: str
+    kind: str
+    members: int
+    system: SystemCard
+    interface: dict[str, Any] = Field(default_factory=dict)
+    time: TimeGrid
+    domain: DomainBox
+    normalization: Normalization
+    conformal_scale: list[float]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+    integrator_error: dict[str, Any] | None = None
+    provenance: Provenance = Field(default_factory=Provenance)
+    onnx_sha256: str | None = None  # in the store's copy (the file cannot hold its own hash)
+    files: dict[str, str] | None = None  # in the store's copy: sha256 of every stored file
+    read_from: str | None = Field(None, exclude=True)  # the format it was read from
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_json(self, *, store: bool = False) -> dict[str, Any]:
+        """The JSON object (`store`: with the store's onnx_sha256 and files)."""
+        skip = set() if store else {"onnx_sha256", "files"}
+        return self.model_dump(mode="json", by_alias=True, exclude=skip, exclude_none=False)
+
+    def dumps(self, *, store: bool = False, indent: int | None = None) -> str:
+        return json.dumps(self.to_json(store=store), sort_keys=True, indent=indent)
+
+    @classmethod
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> ModelCard:
+        """A card from its JSON (a string, bytes or the parsed object), v2 or v1."""
+        if not isinstance(data, dict):
+            try:
+                data = json.loads(data)
+            except (ValueError, TypeError) as e:
+                raise CardError(f"model card: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CardError("model card: not a JSON object")
+        fmt = data.get("format")
+        if fmt == FORMAT_V1:
+            data = _from_v1(data)
+        elif fmt != FORMAT:
+            raise CardError(
+                f"model card format {fmt!r} is not one this version reads "
+                f"({', '.join(READABLE)}): re-export the model with this version (twin-export)"
+            )
+        try:
+            card = cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise CardError(
+                f"model card ({fmt}): {where}: {first['msg']} ({e.error_count()} problem(s)); "
+                "re-export the model (twin-export)"
+            ) from None
+        card.read_from = fmt
+        return card
+
+
+def _from_v1(m: dict[str, Any]) -> dict[str, Any]:
+    """A v1 manifest in the v2 layout: the flat box structured, provenance grouped."""
+    try:
+        out = {k: v for k, v in m.items() if k not in _V1_PROVENANCE and k != "domain"}
+        out["format"] = FORMAT
+        domain = m["domain"]
+        out["domain"] = DomainBox.from_design(domain["box"], domain.get("regime"))
+        out["provenance"] = {k: m[k] for k in _V1_PROVENANCE if k in m}
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        raise CardError(
+            f"model card ({FORMAT_V1}): cannot read its domain ({e!r}); "
+            "re-export the model (twin-export)"
+        ) from None
+    return out
+
+
+_V1_PROVENANCE = ("dataset_sha256", "config_sha256", "weights_sha256", "code_version", "created_at")
