@@ -5,36 +5,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
+from twin_ml.physics.registration import SYSTEMS as _SYSTEMS
+from twin_ml.physics.registration import register_system as register_system
 from twin_ml.physics.system import PhysicsSystem
-
-_SYSTEMS: dict[str, type[PhysicsSystem]] = {}
-S = TypeVar("S", bound=type[PhysicsSystem])
-
-
-def register_system(name: str) -> Callable[[S], S]:
-    """Class decorator: make a PhysicsSystem subclass available as ``system.name=<name>``."""
-
-    def deco(cls: S) -> S:
-        if not (isinstance(cls, type) and issubclass(cls, PhysicsSystem)):
-            raise TypeError(
-                f"@register_system({name!r}) decorates PhysicsSystem subclasses, got {cls!r}"
-            )
-        known = _SYSTEMS.get(name)
-        if known is not None and (known.__module__, known.__qualname__) != (
-            cls.__module__,
-            cls.__qualname__,
-        ):
-            raise ValueError(
-                f"system name {name!r} is already registered by {known.__module__}.{known.__qualname__}"
-            )
-        cls.name = name
-        _SYSTEMS[name] = cls
-        return cls
-
-    return deco
 
 
 def list_systems() -> list[str]:

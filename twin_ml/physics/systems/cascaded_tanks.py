@@ -25,7 +25,7 @@ soft and hard nonlinearities", Workshop on Nonlinear System Identification Bench
 (nonlinearbenchmark.org); the real data in shared/data/real/cascaded_tanks comes from that rig.
 """
 
-from twin_ml.physics.catalog import register_system
+from twin_ml.physics.registration import register_system
 from twin_ml.physics.system import Input, Output, Parameter, PhysicsSystem, Regime, State
 
 

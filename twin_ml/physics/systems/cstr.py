@@ -16,7 +16,7 @@ Control*, 4th ed., Wiley 2016, example 2.5 / appendix; the parameter set is the 
 "Seborg CSTR" (e.g. in the do-mpc and APMonitor examples).
 """
 
-from twin_ml.physics.catalog import register_system
+from twin_ml.physics.registration import register_system
 from twin_ml.physics.system import Input, Output, Parameter, PhysicsSystem, Regime, State
 
 Q, V, CAF, RHO, CP = 100.0, 100.0, 1.0, 1000.0, 0.239

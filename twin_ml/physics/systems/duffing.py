@@ -14,7 +14,7 @@ References: G. Duffing, *Erzwungene Schwingungen bei veraenderlicher Eigenfreque
 nonlinear system identification", ECC 2013 (the Silverbox, sampled at 10^7/2^14 = 610.35 Hz).
 """
 
-from twin_ml.physics.catalog import register_system
+from twin_ml.physics.registration import register_system
 from twin_ml.physics.system import Input, Output, Parameter, PhysicsSystem, Regime, State
 
 FS = 1e7 / 2**14  # Silverbox sampling rate [Hz]

@@ -16,7 +16,7 @@ Reference: S. H. Strogatz, *Nonlinear Dynamics and Chaos*, 2nd ed., Westview 201
 (the damped pendulum) and sec. 8.5 (the driven pendulum).
 """
 
-from twin_ml.physics.catalog import register_system
+from twin_ml.physics.registration import register_system
 from twin_ml.physics.system import Input, Output, Parameter, PhysicsSystem, Regime, State
 
 G = 9.81

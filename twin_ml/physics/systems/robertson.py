@@ -15,7 +15,7 @@ Reference: H. H. Robertson, "The solution of a set of reaction rate equations", 
 at t = 40: y1 = 0.7158270687, y2 = 9.185534764e-6, y3 = 0.2841637457).
 """
 
-from twin_ml.physics.catalog import register_system
+from twin_ml.physics.registration import register_system
 from twin_ml.physics.system import Output, Parameter, PhysicsSystem, Regime, State
 
 

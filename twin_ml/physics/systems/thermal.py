@@ -15,7 +15,7 @@ buildings", Energy and Buildings 43(7):1511-1522, 2011; ISO 13790:2008 (5R1C sim
 method, of which this is the lumped two-capacity variant).
 """
 
-from twin_ml.physics.catalog import register_system
+from twin_ml.physics.registration import register_system
 from twin_ml.physics.system import Input, Output, Parameter, PhysicsSystem, Regime, State
 
 
