@@ -39,12 +39,16 @@ demo: $(STAMP)
 	    $(BIN)/python -m serving.demo --url http://127.0.0.1:$(DEMO_PORT) --wait 90; rc=$$?; \
 	    kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; exit $$rc
 
-# test files run on TEST_WORKERS processes (pytest-xdist), each file whole on one worker so its
-# module fixtures (trained models, live servers) are built once: ~8 min on 2 cores instead of ~12
+# first ruff (pinned in dev, settings in pyproject.toml): `ruff check .`, `ruff format --check .`;
+# a lint or format finding fails `make test` before any test runs (seconds); then the test files
+# run on TEST_WORKERS processes (pytest-xdist), each file whole on one worker so its module
+# fixtures (trained models, live servers) are built once: ~8 min on 2 cores instead of ~12;
 # then the numeric tests once more on narrowed SIMD paths (tests/run_portable.py): tolerances must
 # hold on any x86-64 CPU, AVX-512 or not, and with onnxruntime's graph optimizations at basic
 TEST_WORKERS ?= 2
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 	$(MAKE) --no-print-directory test-portable
 

@@ -102,13 +102,15 @@ def main(argv=None) -> int:
         print(f"... {name}", file=sys.stderr, flush=True)
         rows.append(bench_system(name, args.n, args.repeats, args.seed, args.n_ref))
     print(
-        "| system | method | T | looped s | stacked s | looped/stacked | looped ms/scenario | looped err | stacked err |"
+        "| system | method | T | looped s | stacked s | looped/stacked | looped ms/scenario | "
+        "looped err | stacked err |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['system']} | {r['method']} | {r['n_times']} | {r['looped_s_median']:.3f} | "
-            f"{r['stacked_s_median']:.3f} | {r['looped_over_stacked']:.1f} | {r['looped_per_scenario_ms']:.2f} | "
+            f"{r['stacked_s_median']:.3f} | {r['looped_over_stacked']:.1f} | "
+            f"{r['looped_per_scenario_ms']:.2f} | "
             f"{r['looped_err_vs_ref']:.1e} | {r['stacked_err_vs_ref']:.1e} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,15 @@
 """The Cascaded Tanks physics alone on the real rig: where `experiment=cascaded_tanks_real` starts.
 
-    python benchmarks/tanks_physics.py [--out benchmarks/results/tanks_physics.json] [--fit-fraction 0.8]
+    python benchmarks/tanks_physics.py [--out benchmarks/results/tanks_physics.json] \\
+        [--fit-fraction 0.8]
 
 For each physics structure, a least-squares fit to the estimation record's first 80% (the
 benchmark's training data, less the fifth the experiment holds out for its conformal scale,
-`calibration_tail: 0.2`; free run from h1(0), which is fitted too), integrated as the hybrid integrates it
-(the fixed-step RK4 at the 4 s sample step, `fixed_steps`, so the start is stable in training),
-then scored as the benchmark asks: a free run over the whole test record, its initial upper level
-estimated from the first 25 samples only. The fitted estimate is re-simulated with the solver
-(LSODA) as a check that the fixed step does not flatter it.
+`calibration_tail: 0.2`; free run from h1(0), which is fitted too), integrated as the hybrid
+integrates it (the fixed-step RK4 at the 4 s sample step, `fixed_steps`, so the start is stable in
+training), then scored as the benchmark asks: a free run over the whole test record, its initial
+upper level estimated from the first 25 samples only. The fitted estimate is re-simulated with the
+solver (LSODA) as a check that the fixed step does not flatter it.
 
 Structures:
   torricelli     k1..k5, h1(0), h1_max (k_overflow 0.5: larger rates are unstable at a 4 s step)
@@ -55,7 +56,8 @@ def system(theta: np.ndarray):
 def simulate(
     theta: np.ndarray, u: np.ndarray, y0: float, h1_0: np.ndarray | None = None
 ) -> np.ndarray:
-    """Measured h2 of a free run with the fixed-step RK4; h1_0 (B,) runs a batch of initial levels."""
+    """Measured h2 of a free run with the fixed-step RK4; h1_0 (B,) runs a batch of initial
+    levels."""
     sys_ = system(theta)
     h1 = np.atleast_1d(theta[5] if h1_0 is None else h1_0).astype(float)
     x = np.stack([h1, np.full_like(h1, y0)], axis=-1)
@@ -64,7 +66,7 @@ def simulate(
     for k in range(len(u)):
         out[:, k] = sys_.observe(x, None, p)[:, 0]
         uk = np.full((len(h1), 1), u[k])
-        x = fixed_steps(lambda z, s: sys_.rhs(0.0, z, uk, p), x, DT, 1, "rk4")
+        x = fixed_steps(lambda z, s, uk=uk: sys_.rhs(0.0, z, uk, p), x, DT, 1, "rk4")
     return out
 
 
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
         "--fit-fraction",
         type=float,
         default=0.8,
-        help="the estimation record's leading fraction fitted (the experiment's 1 - calibration_tail)",
+        help="the estimation record's leading fraction fitted "
+        "(the experiment's 1 - calibration_tail)",
     )
     args = ap.parse_args(argv)
     if not 0.1 <= args.fit_fraction <= 1.0:
@@ -161,23 +164,28 @@ def main(argv=None) -> int:
             row[f"solver_rmse_{rec}"] = rmse(res.y[0, :, 0], y)
         rows.append(row)
         print(
-            f"{name}: estimation {row['rmse_estimation']:.3f} V (solver {row['solver_rmse_estimation']:.3f}), "
-            f"test {row['rmse_test']:.3f} V (solver {row['solver_rmse_test']:.3f}), fit {seconds:.0f} s",
+            f"{name}: estimation {row['rmse_estimation']:.3f} V "
+            f"(solver {row['solver_rmse_estimation']:.3f}), "
+            f"test {row['rmse_test']:.3f} V (solver {row['solver_rmse_test']:.3f}), "
+            f"fit {seconds:.0f} s",
             flush=True,
         )
     held = "-" if n_fit == len(ye) else f"last {len(ye) - n_fit}"
     print(
         f"\nfitted on the estimation record's first {n_fit} samples\n"
-        f"| structure | k1 | k2 | k3 | k4 | k5 | h1(0) | h1_max | linear_inflow | estimation RMSE, fitted part [V] "
+        f"| structure | k1 | k2 | k3 | k4 | k5 | h1(0) | h1_max | linear_inflow "
+        "| estimation RMSE, fitted part [V] "
         f"| estimation RMSE, {held} held out [V] | test RMSE [V] | test RMSE, solver [V] |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         out = r["rmse_estimation_held_out"]
         print(
-            f"| {r['structure']} | {r['k1']} | {r['k2']} | {r['k3']} | {r['k4']} | {r['k5']} | {r['h1_0']} "
-            f"| {r['h1_max']} | {r['linear_inflow'] if r['linear_inflow'] is not None else '-'} "
-            f"| {r['rmse_estimation_fitted']:.3f} | {'-' if out is None else f'{out:.3f}'} | {r['rmse_test']:.3f} "
+            f"| {r['structure']} | {r['k1']} | {r['k2']} | {r['k3']} | {r['k4']} | {r['k5']} "
+            f"| {r['h1_0']} | {r['h1_max']} "
+            f"| {r['linear_inflow'] if r['linear_inflow'] is not None else '-'} "
+            f"| {r['rmse_estimation_fitted']:.3f} | {'-' if out is None else f'{out:.3f}'} "
+            f"| {r['rmse_test']:.3f} "
             f"| {r['solver_rmse_test']:.3f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -109,17 +109,22 @@ def main(argv=None) -> int:
             "callbacks.early_stopping.patience=1000",
         )
     print(
-        "| experiment | epochs | fit s | test rel L2 median | p95 | test cov90 | extrap rel L2 median | extrap cov90 | x looped | x stacked |"
+        "| experiment | epochs | fit s | test rel L2 median | p95 | test cov90 | "
+        "extrap rel L2 median | extrap cov90 | x looped | x stacked |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['experiment']} | {r['epochs']} | {r['fit_s']:.0f} | {r['test/rel_l2_median']:.4f} | "
-            f"{r['test/rel_l2_p95']:.4f} | {r['test/coverage_90']:.3f} | {r['extrapolation/rel_l2_median']:.4f} | "
-            f"{r['extrapolation/coverage_90']:.3f} | {r['speedup_vs_looped']:.1f} | {r['speedup_vs_stacked']:.2f} |"
+            f"| {r['experiment']} | {r['epochs']} | {r['fit_s']:.0f} | "
+            f"{r['test/rel_l2_median']:.4f} | "
+            f"{r['test/rel_l2_p95']:.4f} | {r['test/coverage_90']:.3f} | "
+            f"{r['extrapolation/rel_l2_median']:.4f} | "
+            f"{r['extrapolation/coverage_90']:.3f} | {r['speedup_vs_looped']:.1f} | "
+            f"{r['speedup_vs_stacked']:.2f} |"
         )
     print(
-        f"M=5 vs M=1 whole-process wall time at {args.cost_epochs} epochs: {cost[5]:.1f} s / {cost[1]:.1f} s = "
+        f"M=5 vs M=1 whole-process wall time at {args.cost_epochs} epochs: "
+        f"{cost[5]:.1f} s / {cost[1]:.1f} s = "
         f"{cost[5] / cost[1]:.2f}x"
     )
     OUT.parent.mkdir(parents=True, exist_ok=True)

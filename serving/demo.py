@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ms = 1000 * (time.perf_counter() - t0)
     print(f"POST /simulate  {json.dumps(scenario)[:160]}...")
     print(
-        f"model {answer['model']['name']}:{answer['model']['version']}  in_domain={answer['in_domain']}  "
+        f"model {answer['model']['name']}:{answer['model']['version']}  "
+        f"in_domain={answer['in_domain']}  "
         f"({ms:.1f} ms round trip)"
     )
     for name, out in answer["outputs"].items():

@@ -50,7 +50,8 @@ def pendulum_data(tmp_path_factory):
 
 def train_here(*overrides):
     """twin-train's config and run in this process (the checks and the run are the command's own;
-    what only the command adds, the one-line error and exit status, is tested by subprocess above)."""
+    what only the command adds, the one-line error and exit status, is tested by subprocess
+    above)."""
     from hydra import compose, initialize_config_dir
 
     from training._common import CONFIG_DIR

@@ -10,7 +10,8 @@ from twin_ml.models import build_model, compute_stats, model_from_config
 from twin_ml.models.ensemble import StackedMLP
 from twin_ml.physics import SolverSettings, make_system, solve_looped
 
-# numeric: also run in `make test-portable`; not the float64 dopri5 test (its 1e-5 is far from round-off)
+# numeric: also run in `make test-portable`; not the float64 dopri5 test (its 1e-5 is far from
+# round-off)
 
 
 def _scenarios(name, n=6, seed=0):

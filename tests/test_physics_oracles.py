@@ -45,7 +45,8 @@ class FirstOrderHeld(FirstOrder):
 
 
 class Oscillator(PhysicsSystem):
-    """A linear 2-state system dx/dt = A x with A from the parameters: the matrix exponential is exact."""
+    """A linear 2-state system dx/dt = A x with A from the parameters: the matrix exponential is
+    exact."""
 
     states = (State("q", "1", bounds=(-1, 1)), State("v", "1", bounds=(-1, 1)))
     outputs = (Output("q", "1"),)
@@ -144,7 +145,8 @@ def test_thermal_rc_reaches_analytic_steady_state():
     sys_ = make_system("thermal_rc")
     Ca, Cw, Raw, Rwo, Rwin, fs = 0.5, 10.0, 2.0, 5.0, 10.0, 0.3
     To, Qs, Qh = 5.0, 1.0, 2.0
-    # 0 = (Tw-Ta)/Raw + (To-Ta)/Rwin + Qh + fs Qs ; 0 = (Ta-Tw)/Raw + (To-Tw)/Rwo + (1-fs) Qs  (Cramer's rule)
+    # 0 = (Tw-Ta)/Raw + (To-Ta)/Rwin + Qh + fs Qs ; 0 = (Ta-Tw)/Raw + (To-Tw)/Rwo + (1-fs) Qs
+    # (Cramer's rule)
     a11, a12, r1 = -(1 / Raw + 1 / Rwin), 1 / Raw, -(To / Rwin + Qh + fs * Qs)
     a21, a22, r2 = 1 / Raw, -(1 / Raw + 1 / Rwo), -(To / Rwo + (1 - fs) * Qs)
     det = a11 * a22 - a12 * a21

@@ -29,7 +29,8 @@ def run(*args, env=None):
 
 
 def error_here(*overrides) -> str:
-    """The message twin-train would print for these overrides (the cause hydra wraps, as `fail` shows it)."""
+    """The message twin-train would print for these overrides (the cause hydra wraps, as `fail`
+    shows it)."""
     with pytest.raises(Exception) as info:
         train_here(*overrides)
     err = info.value
@@ -118,7 +119,8 @@ def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_pat
 
 RESUME = ["experiment=pendulum_hybrid", "logger=none", *TINY, "trainer.max_epochs=6"]
 # the same computation on the same machine, resumed or not; only a reduction's order can differ
-# (thread counts), float32 round-off (~1e-7) grown over a few dozen optimizer steps: 1e-5 leaves room
+# (thread counts), float32 round-off (~1e-7) grown over a few dozen optimizer steps: 1e-5 leaves
+# room
 SAME_RUN = {"rel": 1e-5, "abs": 1e-7}
 # continuous metrics: a coverage moves in steps of one point and would flip on the last bit
 RESUME_METRICS = ("val/rel_l2_median", "test/rel_l2_median", "test/nll", "extrapolation/nll")
@@ -227,7 +229,8 @@ def test_bad_input_is_one_line_from_the_command(pendulum_data, tmp_path):
         "experiment=pendulm_node",
     )
     assert r.returncode == 2 and r.stderr.startswith(
-        "error: experiment='pendulm_node' is unknown; known experiment configs: cascaded_tanks_hybrid"
+        "error: experiment='pendulm_node' is unknown; "
+        "known experiment configs: cascaded_tanks_hybrid"
     ), r.stderr[-2000:]
     r = run(
         f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", "data.horizon=500"

@@ -1,4 +1,5 @@
-"""Atomic writes and hashes: nothing is ever half-written (temp file in the same folder, then rename).
+"""Atomic writes and hashes: nothing is ever half-written (temp file in the same folder, then
+rename).
 
 A write that fails for lack of space (a full disk, a quota, or the process's file-size limit)
 raises `StorageFull`, an OSError whose message names the file and says what to do; the temp file
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-# ENOSPC: disk full, EDQUOT: quota, EFBIG: over RLIMIT_FSIZE (Python ignores SIGXFSZ, so the write fails)
+# ENOSPC: disk full, EDQUOT: quota, EFBIG: over RLIMIT_FSIZE (Python ignores SIGXFSZ, so the write
+# fails)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same arrays give the same bytes
 _UMASK = os.umask(0o022)
@@ -35,7 +37,8 @@ class StorageFull(OSError):
 
     def __str__(self) -> str:
         return (
-            f"cannot write {self.filename}: {self.strerror} (the disk is full, or a quota or the file-size "
+            f"cannot write {self.filename}: {self.strerror} "
+            "(the disk is full, or a quota or the file-size "
             "limit is reached); nothing was half-written: free space and run the same command again"
         )
 
@@ -155,7 +158,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """A standard .npz (readable by np.load) with deterministic bytes: no timestamps, fixed order."""
+    """A standard .npz (readable by np.load) with deterministic bytes: no timestamps, fixed
+    order."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, arr in arrays.items():

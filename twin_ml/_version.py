@@ -15,7 +15,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 @functools.cache
 def code_version() -> str:
-    """'0.1.0+g1a2b3c4' (+'.dirty' with uncommitted changes) inside a git checkout, else the version."""
+    """'0.1.0+g1a2b3c4' (+'.dirty' with uncommitted changes) inside a git checkout, else the
+    version."""
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(

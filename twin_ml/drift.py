@@ -75,7 +75,8 @@ class Fault:
         parts = head.split(":")
         if not at or len(parts) != 3:
             raise ValueError(
-                f"inject: {spec!r} must be KIND:SIGNAL:SIZE@ONSET_S (kinds: {', '.join(FAULT_KINDS)})"
+                f"inject: {spec!r} must be KIND:SIGNAL:SIZE@ONSET_S "
+                f"(kinds: {', '.join(FAULT_KINDS)})"
             )
         try:
             fault = cls(parts[0], parts[1], float(parts[2]), float(onset))
@@ -103,7 +104,8 @@ def inject(
     for f in faults:
         if f.signal not in names:
             raise ValueError(
-                f"inject: signal {f.signal!r} is not a monitored output; outputs: {', '.join(names)}"
+                f"inject: signal {f.signal!r} is not a monitored output; "
+                f"outputs: {', '.join(names)}"
             )
         j, k = (
             names.index(f.signal),
@@ -127,8 +129,8 @@ def inject(
 def window_statistics(
     y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, window: int
 ) -> dict[str, np.ndarray]:
-    """Per window (full windows only) and output: level = mean z, spread = log RMS z, n = points used.
-    y, mask, mean, std: [T, ny]."""
+    """Per window (full windows only) and output: level = mean z, spread = log RMS z, n = points
+    used. y, mask, mean, std: [T, ny]."""
     z = np.where(mask, (y - mean) / np.maximum(std, 1e-12), np.nan)
     n_w = len(z) // window
     zw = z[: n_w * window].reshape(n_w, window, -1)
@@ -255,7 +257,8 @@ def detect(
 def band_panel(
     ax, t: np.ndarray, y: np.ndarray, ok: np.ndarray, mean: np.ndarray, std: np.ndarray, label: str
 ) -> None:
-    """One output on a matplotlib axis: measured points (where `ok`), the prediction and its 90% band."""
+    """One output on a matplotlib axis: measured points (where `ok`), the prediction and its 90%
+    band."""
     ax.plot(t[ok], y[ok], ".", ms=2.5, color="k", label="measured")
     ax.plot(t, mean, color="C0", lw=1.2, label=label)
     ax.fill_between(

@@ -42,7 +42,8 @@ class DesignBox:
 
 @dataclass(frozen=True)
 class Scenarios:
-    """Sampled scenarios: p [N, np], x0 [N, nx], offset/amplitude [N, nu], input clip range [N, nu, 2]."""
+    """Sampled scenarios: p [N, np], x0 [N, nx], offset/amplitude [N, nu], input clip range
+    [N, nu, 2]."""
 
     p: np.ndarray
     x0: np.ndarray
@@ -68,8 +69,8 @@ class ScenarioDesign:
     """How scenarios are sampled. All fields have defaults; Hydra builds it from configs/design/.
 
     parameters / states / inputs: per-name (low, high) overrides of the regime's box, e.g.
-    ``{"length": (0.9, 1.1)}``; one number (or low == high) fixes a value. signals: per-input signal options
-    (see `twin_ml.physics.signals`), merged over the system's default for that input.
+    ``{"length": (0.9, 1.1)}``; one number (or low == high) fixes a value. signals: per-input signal
+    options (see `twin_ml.physics.signals`), merged over the system's default for that input.
     t_end, dt: the time grid (None: the system's `default_horizon`).
     """
 
@@ -107,7 +108,8 @@ class ScenarioDesign:
             )
         if not 0 <= self.extrapolation_fraction <= 10:
             raise ValueError(
-                f"design.extrapolation_fraction must be in [0, 10], got {self.extrapolation_fraction}"
+                "design.extrapolation_fraction must be in [0, 10], "
+                f"got {self.extrapolation_fraction}"
             )
         if not self.extrapolation_margin > 0:
             raise ValueError(
@@ -128,7 +130,8 @@ class ScenarioDesign:
         unknown = set(self.signals) - set(system.input_names)
         if unknown:
             raise ValueError(
-                f"design.signals: unknown inputs {sorted(unknown)}; inputs of {system.name}: {system.input_names}"
+                f"design.signals: unknown inputs {sorted(unknown)}; "
+                f"inputs of {system.name}: {system.input_names}"
             )
         specs = []
         for inp in system.inputs:
@@ -168,10 +171,12 @@ class ScenarioDesign:
                 limits = getattr(v, "limits", (-math.inf, math.inf))
                 if b[0] < limits[0] or b[1] > limits[1]:
                     raise ValueError(
-                        f"design.{kind}s.{v.name}: ({b[0]}, {b[1]}) leaves the physical limits {tuple(limits)}"
+                        f"design.{kind}s.{v.name}: ({b[0]}, {b[1]}) "
+                        f"leaves the physical limits {tuple(limits)}"
                     )
                 if kind == "input":
-                    # an input is sampled as an offset within the range and an amplitude up to half of it
+                    # an input is sampled as an offset within the range and an amplitude up to
+                    # half of it
                     names += [f"input:{v.name}:offset", f"input:{v.name}:amplitude"]
                     lo += [b[0], 0.0]
                     hi += [b[1], (b[1] - b[0]) / 2.0]
@@ -255,7 +260,8 @@ class ScenarioDesign:
         hi = np.minimum(box.high + self.extrapolation_margin * w, box.limit_high)
         if np.all((lo >= box.low) & (hi <= box.high)):
             raise ValueError(
-                "design: no room for an extrapolation split (every variable's box already spans its "
+                "design: no room for an extrapolation split "
+                "(every variable's box already spans its "
                 "physical limits or has zero width); set design.extrapolation_fraction=0"
             )
         rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))

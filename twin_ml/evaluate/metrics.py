@@ -30,7 +30,8 @@ def accuracy(
 
 
 def error_vs_horizon(y: np.ndarray, mean: np.ndarray, y_scale: np.ndarray) -> list[float]:
-    """Normalized RMSE at each step, over scenarios and outputs: how error grows along the rollout."""
+    """Normalized RMSE at each step, over scenarios and outputs: how error grows along the
+    rollout."""
     return np.sqrt(np.mean(((mean - y) / y_scale) ** 2, axis=(0, 2))).tolist()
 
 

@@ -133,24 +133,25 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
             )
     speed = metrics.get("speed", {})
     body = [
-        f"<h1>{html.escape(system.name)}: {html.escape(model.kind)} ensemble of {model.members}</h1>",
-        "<table border=1 cellpadding=4><tr><th>split</th><th>regime</th><th>n</th><th>rel L2 median</th>"
-        "<th>rel L2 p95</th><th>90% coverage</th></tr>",
+        f"<h1>{html.escape(system.name)}: {html.escape(model.kind)} ensemble of "
+        f"{model.members}</h1>",
+        "<table border=1 cellpadding=4><tr><th>split</th><th>regime</th><th>n</th>"
+        "<th>rel L2 median</th><th>rel L2 p95</th><th>90% coverage</th></tr>",
         *rows,
         "</table>",
     ]
     if speed:
         body.append(
-            f"<p>Rollout of {speed['n_scenarios']} scenarios: surrogate {speed['surrogate_s']:.3f} s, solver "
+            f"<p>Rollout of {speed['n_scenarios']} scenarios: "
+            f"surrogate {speed['surrogate_s']:.3f} s, solver "
             f"looped {speed['solver_looped_s']:.3f} s ({speed['speedup_vs_looped']:.1f}x), stacked "
             f"{speed['solver_stacked_s']:.3f} s ({speed['speedup_vs_stacked']:.1f}x).</p>"
         )
     for title, img in imgs:
         body.append(f"<h2>{html.escape(title)}</h2><img src='{img}'>")
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>twin-ml report</title></head><body>"
-        + "\n".join(body)
-        + "</body></html>"
+        "<!doctype html><html><head><meta charset='utf-8'><title>twin-ml report</title></head>"
+        "<body>" + "\n".join(body) + "</body></html>"
     )
     path = out_dir / "report.html"
     atomic_write_bytes(path, page.encode())

@@ -59,7 +59,8 @@ class StackedMLP(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         act = ACTIVATIONS[self.activation]
         n = len(self.weights)
-        # the lists' own dicts: iterating a ParameterList indexes it, which costs more than the matmul
+        # the lists' own dicts: iterating a ParameterList indexes it, which costs more than the
+        # matmul
         for k, (w, b) in enumerate(
             zip(self.weights._parameters.values(), self.biases._parameters.values())
         ):

@@ -170,7 +170,8 @@ class SurrogateModule(L.LightningModule):
 
 
 def _member_generator(seed: int, member: int) -> torch.Generator:
-    """The generator of a member's bootstrap counts (scenarios or blocks), fixed by (seed, member)."""
+    """The generator of a member's bootstrap counts (scenarios or blocks), fixed by (seed,
+    member)."""
     return torch.Generator().manual_seed(seed * 7919 + 17 + member)
 
 

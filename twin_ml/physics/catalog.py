@@ -22,7 +22,8 @@ def list_systems() -> list[str]:
 
 def _import(module: str):
     """`importlib.import_module`, with the working directory on the path (a console script's
-    sys.path does not hold it; `python -m` and `python script.py` users expect their own modules)."""
+    sys.path does not hold it; `python -m` and `python script.py` users expect their own
+    modules)."""
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
@@ -30,7 +31,8 @@ def _import(module: str):
 
 
 def system_class(name: str) -> type[PhysicsSystem]:
-    """The class for a registered name, or an import path ``pkg.module:Class`` / ``pkg.module.Class``."""
+    """The class for a registered name, or an import path ``pkg.module:Class`` /
+    ``pkg.module.Class``."""
     known = list_systems()
     if name in _SYSTEMS:
         return _SYSTEMS[name]
@@ -48,7 +50,8 @@ def system_class(name: str) -> type[PhysicsSystem]:
             cls.name = name  # an unregistered class is addressed by its import path
         return cls
     raise KeyError(
-        f"unknown system {name!r}; known systems: {', '.join(known)} (or an import path pkg.module:Class)"
+        f"unknown system {name!r}; known systems: {', '.join(known)} "
+        "(or an import path pkg.module:Class)"
     )
 
 

@@ -121,7 +121,8 @@ def _check_batch(system: PhysicsSystem, t, u, p, x0, t_out):
             )
         if t_out[0] < t[0] or t_out[-1] > t[-1]:
             raise ValueError(
-                f"t_out must lie inside the input grid [{t[0]}, {t[-1]}], got [{t_out[0]}, {t_out[-1]}]"
+                f"t_out must lie inside the input grid [{t[0]}, {t[-1]}], "
+                f"got [{t_out[0]}, {t_out[-1]}]"
             )
     return t, u, p, x0, t_out
 

@@ -98,7 +98,8 @@ class Input:
         object.__setattr__(self, "bounds", check_bounds(f"input {self.name!r}", self.bounds))
         if self.interpolation not in ("zoh", "linear"):
             raise ValueError(
-                f"input {self.name!r}: interpolation must be 'zoh' or 'linear', got {self.interpolation!r}"
+                f"input {self.name!r}: interpolation must be 'zoh' or 'linear', "
+                f"got {self.interpolation!r}"
             )
 
 
@@ -227,7 +228,8 @@ class PhysicsSystem:
                 for vname, b in getattr(regime, kind).items():
                     if vname not in box:
                         raise TypeError(
-                            f"{cls.__name__}: regime {rname!r} names unknown {kind[:-1]} {vname!r}; "
+                            f"{cls.__name__}: regime {rname!r} names unknown "
+                            f"{kind[:-1]} {vname!r}; "
                             f"known: {sorted(box)}"
                         )
                     lo, hi = check_bounds(
@@ -236,7 +238,8 @@ class PhysicsSystem:
                     blo, bhi = box[vname].bounds
                     if lo < blo or hi > bhi:
                         raise TypeError(
-                            f"{cls.__name__}: regime {rname!r} {kind[:-1]} {vname!r} ({lo}, {hi}) is not "
+                            f"{cls.__name__}: regime {rname!r} {kind[:-1]} {vname!r} "
+                            f"({lo}, {hi}) is not "
                             f"inside its bounds ({blo}, {bhi})"
                         )
 
@@ -249,7 +252,8 @@ class PhysicsSystem:
         raise NotImplementedError
 
     def observe(self, x, u, p):
-        """y = h(x, u, p) [..., ny]. Default: outputs that share a state's name select that state."""
+        """y = h(x, u, p) [..., ny]. Default: outputs that share a state's name select that
+        state."""
         xp = self.xp(x)
         idx = {s.name: i for i, s in enumerate(self.states)}
         missing = [o.name for o in self.outputs if o.name not in idx]
