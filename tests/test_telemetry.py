@@ -17,7 +17,13 @@ import pandas as pd
 import pytest
 
 from twin_ml.data import real
-from twin_ml.data.telemetry import Contract, TelemetryError, ingest, read_telemetry
+from twin_ml.data.telemetry import (
+    Contract,
+    TelemetryError,
+    ingest,
+    read_metadata,
+    read_telemetry,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -48,7 +54,7 @@ def test_cascaded_tanks_converter_matches_the_csv(tmp_path):
         assert runs and all(r["value"] == 10.0 for r in runs)
         clipped = np.asarray(raw[y]) == 10.0
         assert sum(r["samples"] for r in runs) <= clipped.sum()
-        meta = real.read_metadata(written[rec])
+        meta = read_metadata(written[rec])
         assert (
             meta["record"] == rec
             and meta["source_sha256"] == real.SOURCES["cascaded_tanks"]["sha256"]

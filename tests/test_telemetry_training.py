@@ -129,7 +129,8 @@ def test_free_run_with_estimated_initial_state_matches_the_solver(record):
 
 
 def test_cascaded_tanks_real_runs_and_reports_the_test_record_rmse(tmp_path):
-    """The experiment, shortened (2 members, 4 steps): metrics.json carries the benchmark's metric."""
+    """The experiment, shortened (2 members, 4 steps): metrics.json carries the benchmark's
+    metric."""
     out = tmp_path / "run"
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "store")}
     r = subprocess.run(
@@ -212,6 +213,7 @@ def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
     import pandas as pd
 
     from twin_ml.data import real
+    from twin_ml.data.telemetry import write_telemetry
 
     root = Path(__file__).resolve().parent.parent
     frames = real.records(
@@ -222,11 +224,11 @@ def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
     lowered = est.copy()
     tail = (lowered["signal"] == "h2") & (lowered["timestamp"] >= cut)
     lowered.loc[tail, "value"] -= 1.0
-    real.write_telemetry(frames["test"], tmp_path / "test.parquet")
+    write_telemetry(frames["test"], tmp_path / "test.parquet")
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "store")}
     runs = {}
     for name, frame in (("clean", est), ("lowered", lowered)):
-        real.write_telemetry(frame, tmp_path / f"{name}.parquet")
+        write_telemetry(frame, tmp_path / f"{name}.parquet")
         out = tmp_path / name
         r = subprocess.run(
             [
@@ -275,10 +277,11 @@ def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
         r.returncode == 2
         and "telemetry.calibration_tail must be a fraction in [0, 0.5], got 0.7" in r.stderr
     )
-    # a tail the contract masks (readings over the sensor's 10 V range) leaves nothing to calibrate on
+    # a tail the contract masks (readings over the sensor's 10 V range) leaves nothing to
+    # calibrate on
     unreadable = est.copy()
     unreadable.loc[tail, "value"] = 12.0
-    real.write_telemetry(unreadable, tmp_path / "unreadable.parquet")
+    write_telemetry(unreadable, tmp_path / "unreadable.parquet")
     r = subprocess.run(
         [
             str(BIN / "twin-train"),

@@ -16,16 +16,14 @@ k * period, so records cut from one file keep their position in it.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from twin_ml._io import sha256_file, writing
-from twin_ml.data.telemetry import EPOCH, TelemetryError
+from twin_ml._io import sha256_file
+from twin_ml.data.telemetry import EPOCH, TelemetryError, write_telemetry
 
 SOURCES: dict[str, dict[str, Any]] = {
     "cascaded_tanks": {
@@ -104,36 +102,6 @@ def records(name: str, source: str | Path) -> dict[str, pd.DataFrame]:
         rec: _long(np.arange(lo, hi), period, {"u": u[lo:hi], "y": y[lo:hi]})
         for rec, (lo, hi) in parts.items()
     }
-
-
-def write_telemetry(
-    frame: pd.DataFrame, path: str | Path, metadata: dict[str, Any] | None = None
-) -> Path:
-    """Write a long telemetry frame as Parquet (temp file, then rename), with JSON metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    meta = dict(table.schema.metadata or {})
-    meta[b"twin_ml"] = json.dumps(metadata or {}, sort_keys=True).encode()
-    table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with writing(path):  # pyarrow names neither the file nor the errno in a way a user reads
-            pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"twin_ml", b"{}"))
 
 
 def convert(name: str, source: str | Path, out_dir: str | Path) -> dict[str, Path]:

@@ -3,8 +3,8 @@ and report its quality. Torch-free.
 
 The project's telemetry format is Parquet (CSV also reads), in one of two layouts:
 
-    long:  timestamp | signal | value | unit | quality      (unit and quality optional)
-    wide:  timestamp | <signal> | <signal> ...              (a header may carry its unit: "pump [V]")
+    long:  timestamp | signal | value | unit | quality     (unit and quality optional)
+    wide:  timestamp | <signal> | <signal> ...             (a header may carry its unit: "pump [V]")
 
 Timestamps are timezone-aware and UTC inside. Naive timestamps need `timezone=`; numbers are seconds
 after `epoch` (default 1970-01-01T00:00:00Z). `quality`, when present, is good / uncertain / bad
@@ -37,7 +37,9 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -47,6 +49,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from twin_ml._io import writing
 
 QUALITY = ("good", "uncertain", "bad")
 LONG_COLUMNS = ("timestamp", "signal", "value", "unit", "quality")
@@ -139,7 +143,7 @@ class Contract(BaseModel):
         return cls.parse(yaml.safe_load(path.read_text()) or {}, where=path.stem)
 
 
-# ---- units ----------------------------------------------------------------------------------------
+# ---- units ---------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=1)
@@ -176,7 +180,7 @@ def conversion(source: str, target: str, where: str, aliases: dict[str, str] | N
     return float(one - zero), float(zero)
 
 
-# ---- reading --------------------------------------------------------------------------------------
+# ---- reading -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -548,7 +552,7 @@ def _schema():
     )
 
 
-# ---- ingestion ------------------------------------------------------------------------------------
+# ---- ingestion -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -808,10 +812,43 @@ def _skews(
         }
 
 
+# ---- the format on disk -------------------------------------------------------------------------
+
+
+def write_telemetry(
+    frame: pd.DataFrame, path: str | Path, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write a long telemetry frame as Parquet (temp file, then rename), with JSON metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[b"twin_ml"] = json.dumps(metadata or {}, sort_keys=True).encode()
+    table = table.replace_schema_metadata(meta)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with writing(path):  # pyarrow names neither the file nor the errno in a way a user reads
+            pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata `write_telemetry` put into a Parquet file ({} when there is none)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"twin_ml", b"{}"))
+
+
 def save(tel: Telemetry, out_dir: str | Path) -> dict[str, Path]:
     """out_dir/telemetry.parquet (aligned, wide, with masks), quality.json and quality.png."""
     from twin_ml._io import atomic_write_json
-    from twin_ml.data.real import write_telemetry
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
