@@ -1,72 +1,83 @@
-"""Typed request / answer models built from the served model's manifest (pydantic), so the
+"""Typed request / answer models built from the served model's card (pydantic), so the
 OpenAPI schema at /docs.json names the model's own parameters, states, inputs and outputs, with
 units and training ranges, and carries an example request that the model answers."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from twin_ml.contract import ModelCard, Variable
 
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def _mid(box: dict[str, list[float]], key: str, default: float = 0.0) -> float:
-    lo, hi = box.get(key, (default, default))
+def _mid(rng: tuple[float, float] | None, default: float = 0.0) -> float:
+    lo, hi = rng or (default, default)
     return round((float(lo) + float(hi)) / 2, 6)
 
 
-def example_scenario(manifest: dict[str, Any], n_steps: int = 10) -> dict[str, Any]:
+def example_scenario(card: ModelCard, n_steps: int = 10) -> dict[str, Any]:
     """A valid in-domain scenario of the model: the middle of its training box, n_steps long."""
-    box, sysd, dt = manifest["domain"]["box"], manifest["system"], float(manifest["time"]["dt"])
-    if manifest["time"].get("fixed_steps"):
-        n_steps = int(manifest["time"]["max_steps"])
+    box, system = card.domain, card.system
+    if card.time.fixed_steps:
+        n_steps = card.time.max_steps
     return {
         "parameters": {
-            p["name"]: _mid(box, f"parameter:{p['name']}", p.get("nominal") or 0.0)
-            for p in sysd["parameters"]
+            p.name: _mid(box.parameters.get(p.name), p.nominal or 0.0) for p in system.parameters
         },
-        "initial_state": {s["name"]: _mid(box, f"state:{s['name']}") for s in sysd["states"]},
-        "t_end": round(n_steps * dt, 9),
+        "initial_state": {s.name: _mid(box.states.get(s.name)) for s in system.states},
+        "t_end": round(n_steps * card.time.dt, 9),
         "inputs": {
-            i["name"]: [_mid(box, f"input:{i['name']}:offset")] * (n_steps + 1)
-            for i in sysd["inputs"]
+            i.name: [_mid(box.inputs[i.name].offset if i.name in box.inputs else None)]
+            * (n_steps + 1)
+            for i in system.inputs
         },
         "quantiles": [0.05, 0.95],
     }
 
 
-def build_models(manifest: dict[str, Any]) -> tuple[type[BaseModel], type[BaseModel]]:
+def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
     """(Scenario, Answer) pydantic models of the served model."""
-    box, sysd = manifest["domain"]["box"], manifest["system"]
+    box, sysd = card.domain, card.system
 
-    def desc(kind: str, d: dict) -> str:
-        rng = box.get(f"{kind}:{d['name']}") or box.get(f"{kind}:{d['name']}:offset")
-        text = f"[{d.get('unit', '')}]"
-        return text + (f", training range [{rng[0]:g}, {rng[1]:g}]" if rng else "")
+    def desc(rng: tuple[float, float] | None, v: Variable) -> str:
+        text = f"[{v.unit}]" + (f", training range [{rng[0]:g}, {rng[1]:g}]" if rng else "")
+        lo, hi = v.physical
+        if math.isfinite(lo) or math.isfinite(hi):
+            text += f", physical limits [{lo:g}, {hi:g}] (outside: refused)"
+        return text
+
+    def offset(name: str) -> tuple[float, float] | None:
+        return box.inputs[name].offset if name in box.inputs else None
 
     params = create_model(
         "Parameters",
         __config__=STRICT,
-        **{p["name"]: (float, Field(description=desc("parameter", p))) for p in sysd["parameters"]},
+        **{
+            p.name: (float, Field(description=desc(box.parameters.get(p.name), p)))
+            for p in sysd.parameters
+        },
     )
     states = create_model(
         "InitialState",
         __config__=STRICT,
         **{
-            s["name"]: (Optional[float], Field(None, description=desc("state", s)))
-            for s in sysd["states"]
+            s.name: (float | None, Field(None, description=desc(box.states.get(s.name), s)))
+            for s in sysd.states
         },
     )
     inputs = create_model(
         "Inputs",
         __config__=STRICT,
         **{
-            i["name"]: (
+            i.name: (
                 list[float],
-                Field(description=desc("input", i) + "; one value per time point"),
+                Field(description=desc(offset(i.name), i) + "; one value per time point"),
             )
-            for i in sysd["inputs"]
+            for i in sysd.inputs
         },
     )
     scenario = create_model(
@@ -74,23 +85,23 @@ def build_models(manifest: dict[str, Any]) -> tuple[type[BaseModel], type[BaseMo
         __config__=ConfigDict(
             extra="forbid",
             allow_inf_nan=False,
-            json_schema_extra={"example": example_scenario(manifest)},
+            json_schema_extra={"example": example_scenario(card)},
         ),
         parameters=(params, Field(description="every parameter, by name")),
         initial_state=(
-            Optional[states],
+            states | None,
             Field(None, description="missing states: the middle of the training range"),
         ),
         t_end=(
-            Optional[float],
-            Field(None, description=f"horizon [{sysd['time_unit']}], a multiple of dt"),
+            float | None,
+            Field(None, description=f"horizon [{sysd.time_unit}], a multiple of dt"),
         ),
         dt=(
-            Optional[float],
-            Field(None, description=f"must equal the model's dt = {manifest['time']['dt']}"),
+            float | None,
+            Field(None, description=f"must equal the model's dt = {card.time.dt}"),
         ),
         times=(
-            Optional[list[float]],
+            list[float] | None,
             Field(None, description="explicit uniform grid with the model's dt"),
         ),
         inputs=(inputs, Field(description="every input, sampled on the time grid")),
@@ -106,7 +117,7 @@ def build_models(manifest: dict[str, Any]) -> tuple[type[BaseModel], type[BaseMo
         name: str
         version: str
 
-    outputs = create_model("Outputs", **{o["name"]: (Series, ...) for o in sysd["outputs"]})
+    outputs = create_model("Outputs", **{o.name: (Series, ...) for o in sysd.outputs})
     answer = create_model(
         "Answer",
         times=(list[float], ...),

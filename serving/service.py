@@ -48,11 +48,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.batching import Batcher
-from serving.runtime import RequestError, Runtime
+from serving.runtime import Runtime
 from serving.schemas import build_models
 from twin_ml import registry
-from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, SurrogateBackend, calibrate
-from twin_ml.calibrate.fit import public
+from twin_ml.calibrate import (
+    CalibrationResult,
+    Problem,
+    SolverBackend,
+    SurrogateBackend,
+    calibrate,
+)
+from twin_ml.contract import ModelCard, RequestError
 
 MODEL_ENV = "TWIN_ML_MODEL"
 TOKEN_ENV = (
@@ -183,24 +189,24 @@ class _TimeoutMiddleware(_traffic.TimeoutMiddleware):
 _traffic.TimeoutMiddleware = _TimeoutMiddleware
 
 
-def _load() -> tuple[bytes, dict[str, Any]]:
+def _load() -> tuple[bytes, ModelCard | None]:
     ref = os.environ.get(MODEL_ENV)
     if not ref:
-        return b"", {}
+        return b"", None
     # the very bytes whose sha256 was checked: reopening the file later would use whatever is
     # on disk by then (a replaced model answering under the verified one's name, or a truncated one)
     return registry.onnx_bytes(ref)
 
 
-ONNX_BYTES, MANIFEST = _load()
-if MANIFEST:
-    Scenario, Answer = build_models(MANIFEST)
+ONNX_BYTES, CARD = _load()
+if CARD is not None:
+    Scenario, Answer = build_models(CARD)
 else:  # imported without a model (tools, tests): untyped placeholders
     Scenario, Answer = dict[str, Any], dict[str, Any]
 
 
 async def _model_route(request: Request) -> JSONResponse:
-    return JSONResponse(MANIFEST)
+    return JSONResponse(CARD.to_json(store=True) if CARD is not None else {})
 
 
 manifest_app = Starlette(routes=[Route("/", _model_route, methods=["GET"])])
@@ -277,13 +283,13 @@ def _metrics() -> dict[str, Any]:
 )
 class TwinService:
     def __init__(self) -> None:
-        if not MANIFEST:
+        if CARD is None:
             raise RuntimeError(
                 f"set {MODEL_ENV} to the model to serve (NAME:VERSION, NAME:latest or NAME:production)"
             )
         self.runtime = Runtime(
             ONNX_BYTES,
-            MANIFEST,
+            CARD,
             threads=_env_int("TWIN_ML_THREADS", 1),
             strict=_env_flag("TWIN_ML_STRICT", False),
             max_scenarios=_env_int("TWIN_ML_MAX_SCENARIOS", 256),
@@ -365,8 +371,8 @@ class TwinService:
         }
         try:
             _check_magnitudes(request)
-            problem = Problem.build(request, MANIFEST)
-        except CalibrationError as e:
+            problem = Problem.build(request, CARD)
+        except RequestError as e:
             raise InvalidArgument(str(e)) from None
         options = {
             "n_starts": starts,
@@ -388,7 +394,7 @@ class TwinService:
                     )
                     return Response(status_code=499)
             result = waiter.result()
-        except CalibrationError as e:  # found during the fit (e.g. noise that cannot be estimated)
+        except RequestError as e:  # found during the fit (e.g. noise that cannot be estimated)
             raise InvalidArgument(str(e)) from None
         except BaseException:
             # the request timed out (BentoML's timeout cancels this handler), or waiting failed: the
@@ -398,8 +404,8 @@ class TwinService:
             waiter.cancel()
             raise
         body = {
-            **public(result),
-            "model": {"name": MANIFEST["name"], "version": MANIFEST["version"]},
+            **result.as_dict(),
+            "model": {"name": CARD.name, "version": CARD.version},
         }
         # a fit that overflowed (bounds of +-1e308, observations of 1e300) has NaN or inf in its
         # cost or errors: JSON has neither, and failing to write them was a 500 for a finished fit
@@ -414,20 +420,22 @@ class TwinService:
         if job.cancel():  # it was still queued: it never runs, so it is counted here
             self.metrics["calibrations"].labels(outcome=reason).inc()
 
-    def _calibrate(self, problem: Problem, options: dict[str, Any], stop: _Stop) -> dict[str, Any]:
+    def _calibrate(
+        self, problem: Problem, options: dict[str, Any], stop: _Stop
+    ) -> CalibrationResult:
         outcome = "error"
         try:
             # counters per calibration
-            surrogate = _Stoppable(SurrogateBackend(ONNX_BYTES, MANIFEST), stop)
+            surrogate = _Stoppable(SurrogateBackend(ONNX_BYTES, CARD), stop)
             result = calibrate(
-                problem, surrogate, _Stoppable(SolverBackend(MANIFEST), stop), **options
+                problem, surrogate, _Stoppable(SolverBackend(CARD), stop), **options
             )
             outcome = "ok"
             return result
         except _Cancelled:
             outcome = stop.reason
             raise
-        except CalibrationError:
+        except RequestError:
             outcome = "invalid"
             raise
         finally:
@@ -441,7 +449,7 @@ def _check_magnitudes(obj: Any, path: str = "") -> None:
     """Refuse a number the model cannot represent (float32): observations of 1e300 made the
     fit's squared residuals overflow inside scipy, a 500 instead of an answer."""
     if isinstance(obj, float) and abs(obj) > F32_MAX:
-        raise CalibrationError(
+        raise RequestError(
             path,
             f"{obj:g} is outside the range the model computes in "
             f"(float32: |value| <= {F32_MAX:.4g})",

@@ -87,7 +87,7 @@ def test_onnx_reproduces_torch_at_other_horizons_and_batches(runs, exp):
     run, data_dir = runs[exp]
     model, meta = load_trained(run / "model")
     data, manifest = export_run(run, name="m", version="v1", parity_scenarios=12, parity_steps=30)
-    assert manifest["parity"]["passed"] and manifest["parity"]["batch_64"]["n_failed"] == 0
+    assert manifest.parity["passed"] and manifest.parity["batch_64"]["n_failed"] == 0
     sess = _session(data)
     d = Dataset.open(data_dir).load("test")
     # horizons the graph was not built for (the emulator: its fixed grid only)
@@ -140,28 +140,16 @@ def test_exported_file_is_self_describing_and_needs_no_twin_ml(runs, tmp_path):
     mp = onnx.load(str(path), load_external_data=False)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in mp.graph.initializer)
     assert any(n.op_type == "Loop" for n in mp.graph.node)
-    meta = read_metadata(path)
-    for key in (
-        "name",
-        "version",
-        "system",
-        "domain",
-        "normalization",
-        "members",
-        "conformal_scale",
-        "metrics",
-        "dataset_sha256",
-        "config_sha256",
-        "code_version",
-        "created_at",
-        "integrator_error",
-        "parity",
-    ):
-        assert key in meta, key
-    assert [s["name"] for s in meta["system"]["states"]] == ["theta", "omega"]
-    assert meta["system"]["parameters"][0]["unit"] == "m" and meta["members"] == 3
-    assert meta["domain"]["box"]["parameter:length"] == [0.5, 2.0]
-    assert meta["integrator_error"]["max"] >= 0
+    card = read_metadata(path)  # the typed card, read back from the file's metadata
+    assert card.format == "twin-ml/onnx/v2" and card == manifest.model_copy(
+        update={"onnx_sha256": None}
+    )
+    assert card.system.state_names == ["theta", "omega"]
+    assert card.system.parameters[0].unit == "m" and card.members == 3
+    assert card.domain.parameters["length"] == (0.5, 2.0)
+    assert card.integrator_error["max"] >= 0 and card.parity["passed"]
+    prov = card.provenance
+    assert prov.dataset_sha256 and prov.config_sha256 and prov.code_version and prov.created_at
     code = f"""
 import json, sys, numpy as np, onnxruntime as ort
 s = ort.InferenceSession({str(path)!r}, providers=["CPUExecutionProvider"])

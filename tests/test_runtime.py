@@ -104,7 +104,7 @@ def test_answer_matches_the_torch_model_with_gaussian_quantiles(rt, exported):
         out["std"],
         ref["std"][0, :, 0].numpy(),
         rtol=0,
-        atol=tol * max(exported[1]["conformal_scale"]),
+        atol=tol * max(exported[1].conformal_scale),
     )
     z = NormalDist().inv_cdf(0.95)
     # float64: the runtime forms mean + z * std from the same float64 values the answer carries
@@ -127,7 +127,7 @@ def test_mixed_horizons_batch_like_single_calls(rt):
     del scs[-1]["t_end"]
     scs += [scenario(30, initial_state={"theta": -0.5, "omega": 0.3}), scenario(22)]
     # padded groups: 41 and 31 points share a batch, 26 and 23 another, the two 11s a third
-    assert plan([len(rt.parse(sc)["t"]) for sc in scs]) == [[3, 4], [1, 5], [0, 2]]
+    assert plan([len(rt.parse(sc).t) for sc in scs]) == [[3, 4], [1, 5], [0, 2]]
     together = rt.simulate(scs)
     for sc, a in zip(scs, together):
         alone = rt.simulate(sc)[0]
@@ -142,7 +142,7 @@ def test_mixed_horizons_batch_like_single_calls(rt):
             a["outputs"]["theta"]["std"],
             alone["outputs"]["theta"]["std"],
             rtol=0,
-            atol=tol * max(rt.manifest["conformal_scale"]),
+            atol=tol * max(rt.card.conformal_scale),
         )
 
 

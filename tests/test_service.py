@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
+from twin_ml.contract import ModelCard
 from twin_ml.data import ScenarioDesign, generate_dataset
 from twin_ml.physics import make_system
 
@@ -76,7 +77,7 @@ def server(tmp_path_factory):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     proc, url = _start(env, root / "server.log")
-    yield url, json.loads((run / "export" / "manifest.json").read_text()), run, env
+    yield url, ModelCard.from_json((run / "export" / "manifest.json").read_text()), run, env
     _stop(proc)
 
 
@@ -144,10 +145,8 @@ def _chunked_status(url, raw, headers, chunk=4096) -> int:
 
 
 def scenario(manifest, n=10):
-    box = manifest["domain"]["box"]
-    p = {
-        q["name"]: sum(box[f"parameter:{q['name']}"]) / 2 for q in manifest["system"]["parameters"]
-    }
+    box = manifest.domain.parameters
+    p = {name: sum(box[name]) / 2 for name in manifest.system.parameter_names}
     return {
         "parameters": p,
         "initial_state": {"h1": 4.0, "h2": 3.0},
@@ -181,8 +180,11 @@ def test_model_endpoint_serves_the_manifest(server):
     url, manifest, _, _ = server
     with urllib.request.urlopen(f"{url}/model/", timeout=10) as r:
         served = json.loads(r.read())
-    assert served["system"]["name"] == "cascaded_tanks" and served["domain"] == manifest["domain"]
-    assert served["onnx_sha256"] == manifest["onnx_sha256"]
+    assert (
+        served["system"]["name"] == "cascaded_tanks"
+        and served["domain"] == manifest.to_json()["domain"]
+    )
+    assert served["onnx_sha256"] == manifest.onnx_sha256
     with urllib.request.urlopen(f"{url}/model", timeout=10) as r:  # without the slash: no redirect
         assert r.status == 200 and r.url.endswith("/model") and json.loads(r.read()) == served
 
@@ -317,7 +319,7 @@ def _batch_histogram(url) -> tuple[float, float]:
 def test_custom_metrics_count_requests_by_domain_status_and_record_std(server):
     url, manifest, _, _ = server
     out = scenario(manifest)
-    out["parameters"]["k1"] = 10 * manifest["domain"]["box"]["parameter:k1"][1]
+    out["parameters"]["k1"] = 10 * manifest.domain.parameters["k1"][1]
     status, body = post(url, {"scenarios": [out]})
     assert (
         status == 200
@@ -352,7 +354,7 @@ def test_strict_mode_limits_and_overload_get_429_then_recover(server, tmp_path):
     )
     try:
         out = scenario(manifest)
-        out["parameters"]["k1"] = 10 * manifest["domain"]["box"]["parameter:k1"][1]
+        out["parameters"]["k1"] = 10 * manifest.domain.parameters["k1"][1]
         status, body = post(url, {"scenarios": [out]})
         assert (
             status == 400
@@ -380,9 +382,7 @@ def test_docs_json_example_is_a_valid_request(server):
     assert "/simulate" in spec["paths"]
     schemas = spec["components"]["schemas"]
     scen = schemas["Scenario"]
-    assert set(schemas["Parameters"]["properties"]) == {
-        p["name"] for p in manifest["system"]["parameters"]
-    }
+    assert set(schemas["Parameters"]["properties"]) == set(manifest.system.parameter_names)
     assert "training range" in schemas["Parameters"]["properties"]["k1"]["description"]
     example = scen["example"]
     status, body = post(url, {"scenarios": example})  # one scenario, not a list, is accepted too
@@ -538,7 +538,7 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
     assert status == 200, body
     assert set(body["estimate"]) == {"k1", "k3"} and set(body["posterior"]) == {"k1", "k3"}
     for k in ("k1", "k3"):
-        lo, hi = manifest["domain"]["box"][f"parameter:{k}"]
+        lo, hi = manifest.domain.parameters[k]
         assert lo <= body["estimate"][k] <= hi
     ver = body["verification"]
     lo, hi = ver["rms_residual_band"]  # verified: the 2-std check, the solve, and the residual band

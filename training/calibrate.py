@@ -89,10 +89,9 @@ def run(cfg: dict) -> Path:
     from twin_ml import registry
     from twin_ml._io import atomic_write_json
     from twin_ml.calibrate import Problem, SolverBackend, SurrogateBackend, calibrate
-    from twin_ml.calibrate.fit import public
     from twin_ml.calibrate.report import plot
 
-    onnx_path, manifest = registry.onnx_path(cfg["model"])
+    onnx_path, card = registry.onnx_path(cfg["model"])
     obs_path = Path(cfg["observations"])
     if not obs_path.is_file():
         raise ValueError(f"observations: no such file {obs_path}")
@@ -100,9 +99,9 @@ def run(cfg: dict) -> Path:
         request = json.loads(obs_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"observations: {obs_path} is not valid JSON ({e})") from None
-    problem = Problem.build(request, manifest)
-    surrogate = SurrogateBackend(onnx_path, manifest)
-    solver = SolverBackend(manifest, mode=cfg["solver_mode"])
+    problem = Problem.build(request, card)
+    surrogate = SurrogateBackend(onnx_path, card)
+    solver = SolverBackend(card, mode=cfg["solver_mode"])
     mcmc = (
         {"steps": cfg["steps"], "burn": cfg["burn"], "walkers": cfg["walkers"]}
         if cfg["mcmc"]
@@ -123,22 +122,15 @@ def run(cfg: dict) -> Path:
     )
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    plot(
-        problem,
-        result,
-        result["_mean"],
-        result["_std"],
-        out / "calibration.png",
-        samples=result.get("_samples"),
-    )
-    result = public(result)
-    result.update(
-        model=f"{manifest['name']}:{manifest['version']}",
-        system=manifest["system"]["name"],
+    plot(problem, result, out / "calibration.png")
+    body = result.as_dict()
+    body.update(
+        model=card.ref,
+        system=card.system.name,
         observations=str(obs_path),
         plot=str(out / "calibration.png"),
     )
-    atomic_write_json(out / "calibration.json", result)
+    atomic_write_json(out / "calibration.json", body)
     return out / "calibration.json"
 
 

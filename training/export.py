@@ -41,7 +41,7 @@ def export(cfg: DictConfig) -> dict:
     log.info(
         f"Exporting {run} as {name}:{version} (parity check on {cfg.parity_scenarios} scenarios)"
     )
-    data, manifest = export_run(
+    data, card = export_run(
         run,
         name=name,
         version=version,
@@ -53,7 +53,7 @@ def export(cfg: DictConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "model.onnx", data)
-    atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", card.to_json(store=True))
     extra = {p.name: p for p in sorted(run.glob("*.png"))}
     if (run / "report.html").exists():
         extra["report.html"] = run / "report.html"
@@ -63,7 +63,7 @@ def export(cfg: DictConfig) -> dict:
         name,
         version,
         data,
-        manifest,
+        card,
         extra_files=extra,
         labels={"system": model.system.name, "kind": model.kind, "stage": cfg.stage or "none"},
     )
@@ -82,10 +82,10 @@ def export(cfg: DictConfig) -> dict:
         "tag": tag,
         "onnx": str(out / "model.onnx"),
         "manifest": str(out / "manifest.json"),
-        "onnx_sha256": manifest["onnx_sha256"],
+        "onnx_sha256": card.onnx_sha256,
         "stage": cfg.stage,
-        "parity": manifest["parity"],
-        "integrator_error": manifest["integrator_error"],
+        "parity": card.parity,
+        "integrator_error": card.integrator_error,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

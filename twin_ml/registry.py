@@ -48,6 +48,7 @@ from twin_ml._io import (
     sha256_file,
     writing,
 )
+from twin_ml.contract.card import READABLE, CardError, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def save(
     name: str,
     version: str,
     onnx_bytes: bytes,
-    manifest: dict[str, Any],
+    card: ModelCard,
     *,
     extra_files: dict[str, Path] | None = None,
     labels: dict[str, str] | None = None,
@@ -179,9 +180,9 @@ def save(
     files = {
         fname: sha256_bytes(b) for fname, b in blobs.items()
     }  # the hashes of the bytes written below
-    full = {**manifest, "files": files}
-    manifest_bytes = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
-    meta = {"manifest_sha256": sha256_bytes(manifest_bytes), "format": manifest.get("format", "")}
+    stored = card.model_copy(update={"files": files})
+    manifest_bytes = (stored.dumps(store=True, indent=2) + "\n").encode()
+    meta = {"manifest_sha256": sha256_bytes(manifest_bytes), "format": card.format}
     staging = _home() / "twin-ml" / "staging"
     with _store_lock():  # a sweep and a new writer's claim on its folder never interleave
         staging.mkdir(parents=True, exist_ok=True)
@@ -299,13 +300,13 @@ def resolve(ref: str):
         ) from None
 
 
-def verify(ref: str) -> dict[str, Any]:
-    """Recompute the hash of the manifest and of every file it lists; the manifest if all match."""
+def verify(ref: str) -> ModelCard:
+    """Recompute the hash of the manifest and of every file it lists; the card if all match."""
     return _verify(resolve(ref))
 
 
-def _verify(bm, held: dict[str, bytes] | None = None) -> dict[str, Any]:
-    """The manifest, once it and every file it lists match their hashes. `held`: store name ->
+def _verify(bm, held: dict[str, bytes] | None = None) -> ModelCard:
+    """The model card, once it and every file it lists match their hashes. `held`: store name ->
     bytes already read; those bytes are checked instead of the file on disk."""
     held = held or {}
     d = Path(bm.path)
@@ -318,8 +319,11 @@ def _verify(bm, held: dict[str, bytes] | None = None) -> dict[str, Any]:
         raise RegistryError(
             f"{bm.tag}: {MANIFEST_FILE} does not match the sha256 recorded at save time; refusing it"
         )
-    manifest = json.loads(raw)
-    for fname, sha in manifest["files"].items():
+    try:
+        card = ModelCard.from_json(raw)
+    except CardError as e:
+        raise RegistryError(f"{bm.tag}: {e}") from None
+    for fname, sha in (card.files or {}).items():
         p = d / fname
         if fname not in held and not p.exists():
             raise RegistryError(f"{bm.tag}: {fname} is missing")
@@ -328,17 +332,17 @@ def _verify(bm, held: dict[str, bytes] | None = None) -> dict[str, Any]:
                 f"{bm.tag}: {fname} does not match its sha256 in {MANIFEST_FILE} "
                 "(tampered, truncated or swapped); refusing it"
             )
-    return manifest
+    return card
 
 
-def onnx_path(ref: str) -> tuple[Path, dict[str, Any]]:
-    """(the verified ONNX file, its manifest): nothing reads the file before the check passed."""
+def onnx_path(ref: str) -> tuple[Path, ModelCard]:
+    """(the verified ONNX file, its card): nothing reads the file before the check passed."""
     bm = resolve(ref)  # resolved once: NAME:latest / NAME:<stage> may move meanwhile
     return Path(bm.path) / ONNX_FILE, _verify(bm)
 
 
-def onnx_bytes(ref: str) -> tuple[bytes, dict[str, Any]]:
-    """(the ONNX model's bytes, its manifest), the sha256 checked on those very bytes: keep them
+def onnx_bytes(ref: str) -> tuple[bytes, ModelCard]:
+    """(the ONNX model's bytes, its card), the sha256 checked on those very bytes: keep them
     and open sessions from them (`twin_ml._ort.session(bytes)`), and whatever happens to the file
     afterwards cannot reach the caller."""
     bm = resolve(ref)  # resolved once: NAME:latest / NAME:<stage> may move meanwhile
@@ -347,12 +351,12 @@ def onnx_bytes(ref: str) -> tuple[bytes, dict[str, Any]]:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise RegistryError(f"{bm.tag}: {ONNX_FILE} is missing") from None
-    manifest = _verify(bm, {ONNX_FILE: raw})
-    if ONNX_FILE not in manifest["files"]:  # unchecked bytes must never pass as verified
+    card = _verify(bm, {ONNX_FILE: raw})
+    if ONNX_FILE not in (card.files or {}):  # unchecked bytes must never pass as verified
         raise RegistryError(
             f"{bm.tag}: {MANIFEST_FILE} lists no sha256 for {ONNX_FILE}; refusing it"
         )
-    return raw, manifest
+    return raw, card
 
 
 def promote(ref: str, stage: str) -> str:
@@ -391,7 +395,7 @@ def list_models() -> list[dict[str, Any]]:
     stages = _stages()
     rows = []
     for bm in _complete_models():
-        if (bm.info.metadata or {}).get("format") != "twin-ml/onnx/v1":
+        if (bm.info.metadata or {}).get("format") not in READABLE:
             continue
         pinned = _stages_of(bm, stages)
         rows.append(
@@ -407,7 +411,12 @@ def list_models() -> list[dict[str, Any]]:
 
 
 def show(ref: str) -> dict[str, Any]:
-    """The stored manifest of `ref` (verified), with its tag and stages."""
+    """The stored card of `ref` (verified) as JSON, with its tag and stages."""
     bm = resolve(ref)
-    manifest = _verify(bm)
-    return {"tag": str(bm.tag), "stages": _stages_of(bm), "path": str(bm.path), **manifest}
+    card = _verify(bm)
+    return {
+        "tag": str(bm.tag),
+        "stages": _stages_of(bm),
+        "path": str(bm.path),
+        **card.to_json(store=True),
+    }

@@ -17,18 +17,21 @@ from typing import Any
 import numpy as np
 
 from twin_ml.calibrate.problem import Problem
-from twin_ml.physics import SolverSettings, solve_looped, solve_stacked, system_from_description
+from twin_ml.contract import ModelCard
+from twin_ml.physics import SolverSettings, solve_looped, solve_stacked
 
 
 class SurrogateBackend:
     name = "surrogate"
     batched = True  # K candidates cost about one call: the optimizer may send extra ones
 
-    def __init__(self, onnx: str | Path | bytes, manifest: dict[str, Any], threads: int = 1):
+    def __init__(
+        self, onnx: str | Path | bytes, card: ModelCard | dict[str, Any], threads: int = 1
+    ):
         from twin_ml._ort import session
 
         self.session = session(onnx, threads=threads)
-        self.manifest = manifest
+        self.card = ModelCard.of(card)
         self.calls = self.scenarios = 0
         self.seconds = 0.0
 
@@ -53,12 +56,14 @@ class SolverBackend:
     name = "solver"
 
     def __init__(
-        self, manifest: dict[str, Any], mode: str = "looped", settings: SolverSettings | None = None
+        self,
+        card: ModelCard | dict[str, Any],
+        mode: str = "looped",
+        settings: SolverSettings | None = None,
     ):
         if mode not in ("looped", "stacked"):
             raise ValueError(f"solver mode must be 'looped' or 'stacked', got {mode!r}")
-        sysd = manifest["system"]
-        self.system = system_from_description(sysd)
+        self.system = ModelCard.of(card).system.build()
         self.mode, self.settings = mode, settings or SolverSettings()
         self.batched = mode == "stacked"
         self.calls = self.scenarios = 0

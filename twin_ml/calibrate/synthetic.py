@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 
+from twin_ml.contract import ModelCard
 from twin_ml.data import ScenarioDesign
 from twin_ml.data.generate import scenario_inputs
-from twin_ml.physics import SolverSettings, solve_looped, system_from_description
+from twin_ml.physics import SolverSettings, solve_looped
 
 
 def synthetic_request(
-    manifest: dict[str, Any],
+    card: ModelCard | dict[str, Any],
     fit: list[str],
     *,
     seed: int = 0,
@@ -26,22 +27,20 @@ def synthetic_request(
     initial state) is drawn from the system's default design on the model's training grid; the
     true values of the fitted parameters are drawn from the inner (1 - 2 margin) of the training
     box unless given. Noise std per output: noise_level x the range of its clean trajectory."""
-    sysd = manifest["system"]
-    system = system_from_description(sysd)
-    dt, steps = float(manifest["time"]["dt"]), int(manifest["time"]["train_steps"])
+    card = ModelCard.of(card)
+    system = card.system.build()
+    dt, steps = card.time.dt, card.time.train_steps
     design = ScenarioDesign(t_end=steps * dt, dt=dt, extrapolation_fraction=0.0)
     scen = design.sample(system, 1, seed)
     t = design.time_grid(system)
     u = scenario_inputs(t, design.signal_specs(system), scen, seed)[0]
     rng = np.random.default_rng(np.random.SeedSequence([seed, 61]))
-    box = manifest["domain"]["box"]
     p, x0 = scen.p[0].copy(), scen.x0[0].copy()
     names = system.parameter_names
     truth = dict(truth or {})
     for name in fit:
         if name not in truth:
-            key = name if name.startswith("state:") else f"parameter:{name}"
-            lo, hi = box[key]
+            lo, hi = card.domain.fitted(name)
             truth[name] = float(lo + (hi - lo) * rng.uniform(margin, 1 - margin))
         if name.startswith("state:"):
             x0[system.state_names.index(name[6:])] = truth[name]

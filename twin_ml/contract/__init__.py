@@ -13,6 +13,7 @@ from twin_ml.contract.card import Provenance as Provenance
 from twin_ml.contract.card import SystemCard as SystemCard
 from twin_ml.contract.card import TimeGrid as TimeGrid
 from twin_ml.contract.card import Variable as Variable
+from twin_ml.contract.dataset import DatasetCard as DatasetCard
 from twin_ml.contract.errors import RequestError as RequestError
 from twin_ml.contract.requests import CalibrationRequest as CalibrationRequest
 from twin_ml.contract.requests import Scenario as Scenario
@@ -21,7 +22,7 @@ from twin_ml.contract.requests import parse_scenario as parse_scenario
 from twin_ml.contract.requests import parse_scenarios as parse_scenarios
 
 __all__ = [
-    "FORMAT", "CalibrationRequest", "CardError", "DomainBox", "ModelCard", "Normalization",
-    "Provenance", "RequestError", "Scenario", "SystemCard", "TimeGrid", "Variable",
+    "FORMAT", "CalibrationRequest", "CardError", "DatasetCard", "DomainBox", "ModelCard",
+    "Normalization", "Provenance", "RequestError", "Scenario", "SystemCard", "TimeGrid", "Variable",
     "parse_calibration", "parse_scenario", "parse_scenarios",
 ]  # fmt: skip

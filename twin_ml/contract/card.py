@@ -310,7 +310,6 @@ class ModelCard(BaseModel):
     provenance: Provenance = Field(default_factory=Provenance)
     onnx_sha256: str | None = None  # in the store's copy (the file cannot hold its own hash)
     files: dict[str, str] | None = None  # in the store's copy: sha256 of every stored file
-    read_from: str | None = Field(None, exclude=True)  # the format it was read from
 
     @property
     def ref(self) -> str:
@@ -323,6 +322,11 @@ class ModelCard(BaseModel):
 
     def dumps(self, *, store: bool = False, indent: int | None = None) -> str:
         return json.dumps(self.to_json(store=store), sort_keys=True, indent=indent)
+
+    @classmethod
+    def of(cls, card: ModelCard | str | bytes | dict[str, Any]) -> ModelCard:
+        """`card` itself, or the card read from its JSON."""
+        return card if isinstance(card, ModelCard) else cls.from_json(card)
 
     @classmethod
     def from_json(cls, data: str | bytes | dict[str, Any]) -> ModelCard:
@@ -351,7 +355,6 @@ class ModelCard(BaseModel):
                 f"model card ({fmt}): {where}: {first['msg']} ({e.error_count()} problem(s)); "
                 "re-export the model (twin-export)"
             ) from None
-        card.read_from = fmt
         return card
 
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from twin_ml._io import sha256_file
+from twin_ml.contract.card import CardError
+from twin_ml.contract.dataset import DatasetCard
 from twin_ml.data.design import SPLITS
-from twin_ml.data.generate import FORMAT, MANIFEST, SHARD_KEYS, dataset_sha256
+from twin_ml.data.generate import MANIFEST, SHARD_KEYS, dataset_sha256
 
 
 class DatasetError(ValueError):
@@ -23,7 +23,7 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Dataset:
     path: Path
-    manifest: dict[str, Any]
+    card: DatasetCard
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: bool = True) -> Dataset:
@@ -38,48 +38,46 @@ class Dataset:
             )
             raise DatasetError(f"{path}: no {MANIFEST}; not a complete twin-ml dataset{hint}")
         try:
-            manifest = json.loads(mf.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DatasetError(f"{mf}: unreadable manifest ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise DatasetError(f"{mf}: format {manifest.get('format')!r} is not {FORMAT!r}")
-        ds = cls(path, manifest)
+            card = DatasetCard.read(mf)
+        except CardError as e:
+            raise DatasetError(str(e)) from None
+        ds = cls(path, card)
         if verify:
             ds.verify()
         return ds
 
     def verify(self) -> None:
         """Every shard's sha256, and dataset_sha256 from them; raises DatasetError on a mismatch."""
-        expect = dataset_sha256(
-            self.manifest["settings_sha256"], [s["sha256"] for s in self.manifest["shards"]]
-        )
-        if expect != self.manifest["dataset_sha256"]:
+        card = self.card
+        expect = dataset_sha256(card.settings_sha256, [s.sha256 for s in card.shards])
+        if expect != card.dataset_sha256:
             raise DatasetError(
                 f"{self.path}: dataset_sha256 does not match the shard hashes in the manifest"
             )
-        for s in self.manifest["shards"]:
-            f = self.path / s["file"]
+        for s in card.shards:
+            f = self.path / s.file
             if not f.exists():
                 raise DatasetError(f"{f}: shard missing")
             got = sha256_file(f)
-            if got != s["sha256"]:
+            if got != s.sha256:
                 raise DatasetError(
-                    f"{f}: sha256 {got[:12]}... does not match the manifest ({s['sha256'][:12]}...)"
+                    f"{f}: sha256 {got[:12]}... does not match the manifest ({s.sha256[:12]}...)"
                 )
 
     @property
     def sha256(self) -> str:
-        return self.manifest["dataset_sha256"]
+        return self.card.dataset_sha256
 
     def shards(self) -> Iterator[dict[str, np.ndarray]]:
-        for s in self.manifest["shards"]:
-            with np.load(self.path / s["file"], allow_pickle=False) as z:
+        for s in self.card.shards:
+            with np.load(self.path / s.file, allow_pickle=False) as z:
                 yield {k: z[k] for k in SHARD_KEYS}
 
     def load(
         self, split: str | None = None, *, include_failed: bool = False
     ) -> dict[str, np.ndarray]:
-        """All scenarios of one split (None: all), concatenated; failed ones dropped unless asked."""
+        """All scenarios of one split (None: all), concatenated; failed ones dropped unless
+        asked."""
         if split is not None and split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; splits: {SPLITS}")
         parts = []

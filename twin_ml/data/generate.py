@@ -46,12 +46,13 @@ from twin_ml._io import (
     sha256_file,
 )
 from twin_ml._version import code_version
+from twin_ml.contract.dataset import DATASET_FORMAT
 from twin_ml.data.design import SPLITS, ScenarioDesign, Scenarios
 from twin_ml.physics.signals import SignalSpec, generate
 from twin_ml.physics.solver import STATUS_NAMES, SolverSettings, solve_looped
 from twin_ml.physics.system import PhysicsSystem
 
-FORMAT = "twin-ml/dataset/v1"
+FORMAT = DATASET_FORMAT
 MANIFEST, PROGRESS, SHARDS = "manifest.json", ".generating.json", "shards"
 SHARD_KEYS = ("t", "index", "split", "p", "x0", "u", "x", "y", "status", "reason", "signal")
 _OWN = {MANIFEST, PROGRESS, SHARDS, "summary.json", "config.yaml", "overview.png"}

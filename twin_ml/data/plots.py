@@ -25,13 +25,13 @@ def plot_dataset(ds: Dataset, path: str | os.PathLike, *, per_split: int = 4) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m = ds.manifest["system"]
+    m = ds.card.system
     d = ds.load()
     t = d["t"]
-    rows = [("input", i, v) for i, v in enumerate(m["inputs"])] + [
-        ("output", i, v) for i, v in enumerate(m["outputs"])
+    rows = [("input", i, v) for i, v in enumerate(m.inputs)] + [
+        ("output", i, v) for i, v in enumerate(m.outputs)
     ]
-    cols = max(1, len(m["inputs"]), len(m["outputs"]))
+    cols = max(1, len(m.inputs), len(m.outputs))
     fig, axes = plt.subplots(
         2, cols, figsize=(max(7.0, 4.2 * cols), 6.0), squeeze=False, sharex=True
     )
@@ -52,14 +52,14 @@ def plot_dataset(ds: Dataset, path: str | os.PathLike, *, per_split: int = 4) ->
                     alpha=0.8,
                     label=split if j == 0 else None,
                 )
-        ax.set_title(f"{kind} {var['name']}")
-        ax.set_ylabel(var["unit"])
-        ax.set_xlabel(f"t [{ds.manifest['time']['unit']}]")
+        ax.set_title(f"{kind} {var.name}")
+        ax.set_ylabel(var.unit)
+        ax.set_xlabel(f"t [{ds.card.time.unit}]")
         ax.grid(alpha=0.3)
     axes[1, 0].legend(loc="best", fontsize=8)
-    c = ds.manifest["counts"]
+    c = ds.card.counts
     fig.suptitle(
-        f"{m['name']}: {c['total']} scenarios ({c['failed']} failed), sha256 {ds.sha256[:12]}",
+        f"{m.name}: {c['total']} scenarios ({c['failed']} failed), sha256 {ds.sha256[:12]}",
         fontsize=10,
     )
     fig.tight_layout()

@@ -78,7 +78,8 @@ class ScenarioDataModule(L.LightningDataModule):
             raise DatasetError(f"{data_dir}: training needs a uniform time grid of >= 2 points")
         if horizon is not None and not 1 <= horizon <= n_t - 1:
             raise ValueError(
-                f"data.horizon ({horizon} steps) must be in [1, {n_t - 1}]: the data has {n_t} time points"
+                f"data.horizon ({horizon} steps) must be in [1, {n_t - 1}]: "
+                f"the data has {n_t} time points"
             )
 
     def _open(self) -> Dataset:
@@ -87,12 +88,11 @@ class ScenarioDataModule(L.LightningDataModule):
                 f"data_dir {self.data_dir!r} does not exist; make it with twin-generate"
             )
         ds = Dataset.open(self.data_dir)
-        got = ds.manifest["system"]
-        want = {"name": self.system.name, "options": self.system.options}
-        if (got["name"], got.get("options", {})) != (want["name"], want["options"]):
+        got, want = ds.card.system, self.system
+        if (got.name, got.options) != (want.name, want.options):
             raise DatasetError(
-                f"{self.data_dir} was made for system {got['name']} {got.get('options', {})}, but the config "
-                f"says {want['name']} {want['options']}; pick the matching system= or another data_dir"
+                f"{self.data_dir} was made for system {got.name} {got.options}, but the config "
+                f"says {want.name} {want.options}; pick the matching system= or another data_dir"
             )
         return ds
 

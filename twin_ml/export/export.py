@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from twin_ml import code_version
 from twin_ml._io import sha256_bytes
+from twin_ml._version import code_version
+from twin_ml.contract import DomainBox, ModelCard, Normalization, Provenance, SystemCard, TimeGrid
 from twin_ml.data.design import ScenarioDesign
 from twin_ml.data.generate import scenario_inputs
 from twin_ml.export.onnx_export import ExportError, build_onnx, set_metadata
@@ -129,8 +130,9 @@ def export_run(
     parity_scenarios: int = 100,
     parity_steps: int = 100,
     seed: int = 0,
-) -> tuple[bytes, dict[str, Any]]:
-    """(ONNX bytes with the manifest in its metadata, the manifest) of the model in `run_dir`.
+) -> tuple[bytes, ModelCard]:
+    """(ONNX bytes with the model card in its metadata, the card with the file's sha256) of the
+    model in `run_dir`.
 
     Raises ExportError when the parity check fails (nothing is returned, nothing written)."""
     run_dir = Path(run_dir)
@@ -158,15 +160,13 @@ def export_run(
             f"parity check failed: onnxruntime and torch differ beyond {PARITY_TOL} "
             f"(normalized units): {json.dumps(parity)}"
         )
-    system = model.system.describe()
-    manifest = {
-        "format": "twin-ml/onnx/v1",
-        "name": name,
-        "version": version,
-        "kind": model.kind,
-        "members": model.members,
-        "system": system,
-        "interface": {
+    card = ModelCard(
+        name=name,
+        version=version,
+        kind=model.kind,
+        members=model.members,
+        system=SystemCard.model_validate(model.system.describe()),
+        interface={
             "inputs": {
                 "x0": ["batch", model.nx],
                 "u": ["batch", "time", model.nu],
@@ -179,27 +179,28 @@ def export_run(
             },
             "dtype": "float32",
         },
-        "time": {
-            "t0": time["t0"],
-            "dt": dt,
-            "unit": time["unit"],
-            "train_steps": n_train - 1,
-            "max_steps": max_steps,
-            "fixed_steps": is_emulator,
-        },
-        "domain": {"box": meta["design"]["box"], "regime": meta["design"].get("regime")},
-        "normalization": meta["config"]["stats"],
-        "conformal_scale": meta["conformal_scale"],
-        "metrics": meta.get("metrics", {}),
-        "parity": parity,
-        "integrator_error": integrator_error(model, s),
-        "dataset_sha256": meta["dataset_sha256"],
-        "config_sha256": meta["config_sha256"],
-        "weights_sha256": meta["weights_sha256"],
-        "code_version": code_version(),
-        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
-    set_metadata(mp, manifest)
+        time=TimeGrid(
+            t0=time["t0"],
+            dt=dt,
+            unit=time["unit"],
+            train_steps=n_train - 1,
+            max_steps=max_steps,
+            fixed_steps=is_emulator,
+        ),
+        domain=DomainBox.from_design(meta["design"]["box"], meta["design"].get("regime")),
+        normalization=Normalization.model_validate(meta["config"]["stats"]),
+        conformal_scale=meta["conformal_scale"],
+        metrics=meta.get("metrics", {}),
+        parity=parity,
+        integrator_error=integrator_error(model, s),
+        provenance=Provenance(
+            dataset_sha256=meta["dataset_sha256"],
+            config_sha256=meta["config_sha256"],
+            weights_sha256=meta["weights_sha256"],
+            code_version=code_version(),
+            created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        ),
+    )
+    set_metadata(mp, card)
     data = mp.SerializeToString()
-    manifest_out = {**manifest, "onnx_sha256": sha256_bytes(data)}
-    return data, manifest_out
+    return data, card.model_copy(update={"onnx_sha256": sha256_bytes(data)})

@@ -19,9 +19,7 @@ so onnxruntime alone can tell what the file is.
 from __future__ import annotations
 
 import io
-import json
 import warnings
-from typing import Any
 
 import numpy as np
 import onnx
@@ -29,6 +27,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from twin_ml.contract import ModelCard
 from twin_ml.models.ensemble import ACTIVATIONS
 from twin_ml.models.surrogates import FIXED_STEP, Emulator, Surrogate, VectorFieldODE, fixed_steps
 
@@ -305,20 +304,28 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     return mp
 
 
-def set_metadata(mp: onnx.ModelProto, manifest: dict[str, Any]) -> None:
-    """The manifest as JSON under "twin_ml.manifest", and a few flat keys for quick reading."""
+def set_metadata(mp: onnx.ModelProto, card: ModelCard) -> None:
+    """The model card as JSON under "twin_ml.manifest", and a few flat keys for quick reading."""
     del mp.metadata_props[:]
-    flat = {"twin_ml.manifest": json.dumps(manifest, sort_keys=True)}
-    for k in ("name", "version", "kind", "members", "code_version", "dataset_sha256", "created_at"):
-        if k in manifest:
-            flat[f"twin_ml.{k}"] = str(manifest[k])
-    flat["twin_ml.system"] = manifest["system"]["name"]
+    flat = {
+        "twin_ml.manifest": card.dumps(),
+        "twin_ml.format": card.format,
+        "twin_ml.name": card.name,
+        "twin_ml.version": card.version,
+        "twin_ml.kind": card.kind,
+        "twin_ml.members": str(card.members),
+        "twin_ml.system": card.system.name,
+        "twin_ml.code_version": str(card.provenance.code_version),
+        "twin_ml.dataset_sha256": str(card.provenance.dataset_sha256),
+        "twin_ml.created_at": str(card.provenance.created_at),
+    }
     onnx.helper.set_model_props(mp, flat)
-    mp.doc_string = f"twin-ml {manifest.get('kind', '')} ensemble of {manifest['system']['name']}"
+    mp.doc_string = f"twin-ml {card.kind} ensemble of {card.system.name}"
 
 
-def read_metadata(path_or_session) -> dict[str, Any]:
-    """The manifest of an exported file, read with onnxruntime alone (no twin-ml model code)."""
+def read_metadata(path_or_session) -> ModelCard:
+    """The model card of an exported file, read with onnxruntime alone (no twin-ml model code;
+    the JSON under "twin_ml.manifest" is plain, see twin_ml/contract/card.py for its layout)."""
     import onnxruntime as ort
 
     sess = path_or_session
@@ -329,4 +336,4 @@ def read_metadata(path_or_session) -> dict[str, Any]:
     meta = sess.get_modelmeta().custom_metadata_map
     if "twin_ml.manifest" not in meta:
         raise ExportError("not a twin-ml model: no 'twin_ml.manifest' in its metadata")
-    return json.loads(meta["twin_ml.manifest"])
+    return ModelCard.from_json(meta["twin_ml.manifest"])
