@@ -1,6 +1,7 @@
 """The serving runtime (onnxruntime, no torch): answers against the torch model, batching by
 horizon, domain flags, and a clear error naming the field for every kind of bad input."""
 
+import json
 import math
 import subprocess
 import sys
@@ -249,3 +250,30 @@ def test_runtime_does_not_import_torch(exported):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == ""
+
+
+def test_a_model_exported_in_the_previous_format_still_serves(exported, rt):
+    """A file whose metadata holds a v1 manifest (the layout before the typed card: one flat box
+    keyed "parameter:NAME", provenance at the top level) is read and answers the same."""
+    import onnx
+
+    from serving.runtime import Runtime
+    from twin_ml.export.onnx_export import read_metadata
+
+    path, card, _ = exported
+    v2 = card.to_json()
+    box = {f"parameter:{k}": v for k, v in v2["domain"]["parameters"].items()}
+    box |= {f"state:{k}": v for k, v in v2["domain"]["states"].items()}
+    for k, r in v2["domain"]["inputs"].items():
+        box |= {f"input:{k}:offset": r["offset"], f"input:{k}:amplitude": r["amplitude"]}
+    v1 = {k: v for k, v in v2.items() if k not in ("domain", "provenance")}
+    v1 |= {"format": "twin-ml/onnx/v1", "domain": {"box": box, "regime": None}}
+    v1 |= v2["provenance"]
+    mp = onnx.load_from_string(path.read_bytes())
+    del mp.metadata_props[:]
+    onnx.helper.set_model_props(mp, {"twin_ml.manifest": json.dumps(v1)})
+    old = mp.SerializeToString()
+    old_card = read_metadata(old)
+    assert old_card.domain == card.domain and old_card.provenance == card.provenance
+    sc = scenario(12)
+    assert Runtime(old, old_card).simulate(sc) == rt.simulate(sc)
