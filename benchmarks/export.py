@@ -88,7 +88,7 @@ def bench(experiment: str, run: Path, batch: int, repeats: int, seed: int) -> di
     threads = torch.get_num_threads()
     model, meta = load_trained(run / "model")
     t0 = time.perf_counter()
-    data, manifest = export_run(run, name=experiment.replace("_", "-"), version="bench")
+    data, card = export_run(run, name=experiment.replace("_", "-"), version="bench")
     export_s = time.perf_counter() - t0
     dt, n_train = meta["time"]["dt"], meta["time"]["n"]
     emulator = isinstance(model, Emulator)
@@ -133,8 +133,8 @@ def bench(experiment: str, run: Path, batch: int, repeats: int, seed: int) -> di
         "members": model.members,
         "threads": threads,
         "export_s": export_s,
-        "parity": manifest["parity"],
-        "integrator_error": manifest["integrator_error"],
+        "parity": card.parity,
+        "integrator_error": card.integrator_error,
         "rollout_steps": n_times - 1,
         **rows,
         "vs_solver": {

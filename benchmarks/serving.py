@@ -267,22 +267,22 @@ def prepare_model(env: dict, kind: str) -> str:
     return ref
 
 
-def make_bodies(manifest: dict, n: int, seed: int) -> list[str]:
+def make_bodies(card, n: int, seed: int) -> list[str]:
     from serving.schemas import example_scenario
 
     rng = np.random.default_rng(seed)
-    box = manifest["domain"]["box"]
+    box = card.domain
     bodies = []
     for _ in range(n):
-        sc = example_scenario(manifest, STEPS)
+        sc = example_scenario(card, STEPS)
         for name in sc["parameters"]:
-            lo, hi = box[f"parameter:{name}"]
+            lo, hi = box.parameters[name]
             sc["parameters"][name] = float(rng.uniform(lo, hi))
         for name in sc["initial_state"]:
-            lo, hi = box.get(f"state:{name}", (0.0, 0.0))
+            lo, hi = box.states.get(name, (0.0, 0.0))
             sc["initial_state"][name] = float(rng.uniform(lo, hi))
         for name, series in sc["inputs"].items():
-            lo, hi = box.get(f"input:{name}:offset", (0.0, 0.0))
+            lo, hi = box.inputs[name].offset if name in box.inputs else (0.0, 0.0)
             sc["inputs"][name] = [float(rng.uniform(lo, hi))] * len(series)
         bodies.append(json.dumps(sc))
     return bodies
@@ -371,17 +371,17 @@ def recovery(url: str, body: bytes, seconds: float = 30.0) -> float:
 def bench_model(model: str, env: dict, args) -> dict:
     from twin_ml import registry
 
-    _, manifest = registry.onnx_path(model)
+    _, card = registry.onnx_path(model)
     tag = model.replace(":", "-")
-    bodies = make_bodies(manifest, 64, args.seed)
+    bodies = make_bodies(card, 64, args.seed)
     wrapped = [json.dumps({"scenarios": json.loads(b)}) for b in bodies]
     wrapped_file = WORK / f"bodies-{tag}.json"
     wrapped_file.write_text(json.dumps(wrapped))
     n, big = (300, 1000) if args.quick else (args.requests, 10_000)
     out: dict = {
         "model": model,
-        "kind": manifest["kind"],
-        "members": manifest["members"],
+        "kind": card.kind,
+        "members": card.members,
         "steps": STEPS,
         "phases": {},
     }

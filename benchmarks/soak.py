@@ -112,22 +112,14 @@ def _trim(sc: dict, steps: int, dt: float) -> dict:
     }
 
 
-def build_samples(
-    manifest: dict, *, max_scenarios: int, max_body: int, seed: int
-) -> dict[str, list[Sample]]:
+def build_samples(card, *, max_scenarios: int, max_body: int, seed: int) -> dict[str, list[Sample]]:
     """Every kind's prepared requests (several variants of the valid ones) for this model."""
     from twin_ml.calibrate.synthetic import synthetic_request
 
-    time_ = manifest["time"]
-    dt, max_steps, fixed = (
-        float(time_["dt"]),
-        int(time_["max_steps"]),
-        bool(time_.get("fixed_steps")),
-    )
+    dt, max_steps, fixed = card.time.dt, card.time.max_steps, card.time.fixed_steps
     steps = max_steps if fixed else min(100, max_steps)
-    valid = [_trim(json.loads(b), steps, dt) for b in make_bodies(manifest, 16, seed)]
-    params = [p["name"] for p in manifest["system"]["parameters"]]
-    inputs = [i["name"] for i in manifest["system"]["inputs"]]
+    valid = [_trim(json.loads(b), steps, dt) for b in make_bodies(card, 16, seed)]
+    params, inputs = card.system.parameter_names, card.system.input_names
 
     def sim(body) -> bytes:
         return _wire("POST", "/simulate", json.dumps({"scenarios": body}).encode())
@@ -198,7 +190,7 @@ def build_samples(
             "body",
         )
     ]
-    request, _ = synthetic_request(manifest, params[:2], seed=seed)
+    request, _ = synthetic_request(card, params[:2], seed=seed)
     fit = json.dumps({**request, "starts": 1, "corrections": 0}).encode()
     out["calibrate"] = [Sample("calibrate", _wire("POST", "/calibrate", fit), 200, None)]
     bad_fit = json.dumps({**request, "fit": [UNKNOWN]}).encode()
@@ -557,12 +549,12 @@ def main(argv=None) -> int:
     from twin_ml import registry
 
     try:
-        manifest = registry.verify(model)
+        card = registry.verify(model)
     except registry.RegistryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     samples = build_samples(
-        manifest, max_scenarios=args.max_scenarios, max_body=args.max_body, seed=args.seed
+        card, max_scenarios=args.max_scenarios, max_body=args.max_body, seed=args.seed
     )
     if args.kinds:
         unknown = sorted(set(args.kinds.split(",")) - set(samples))
