@@ -103,12 +103,13 @@ def bench(experiment: str, run: Path, batch: int, repeats: int, seed: int) -> di
         args = [torch.tensor(feeds[k]) for k in ("x0", "u", "p")]
         tt = torch.tensor(s["t"], dtype=torch.float32)
         t_torch = median_time(
-            lambda: model.predict(*args, tt), repeats if b == 1 else max(2, repeats // 2)
+            lambda args=args, tt=tt: model.predict(*args, tt),
+            repeats if b == 1 else max(2, repeats // 2),
         )
-        t_ort = median_time(lambda: sess.run(None, feeds), repeats)
+        t_ort = median_time(lambda feeds=feeds: sess.run(None, feeds), repeats)
         rows[f"batch_{b}"] = {"torch_s": t_torch, "ort_s": t_ort, "speedup": t_torch / t_ort}
         if b == 1:
-            t1 = median_time(lambda: sess1.run(None, feeds), repeats)
+            t1 = median_time(lambda feeds=feeds: sess1.run(None, feeds), repeats)
             rows["batch_1"].update(ort_1thread_s=t1, speedup_1thread=t_torch / t1)
     # 2. onnxruntime at batch `batch` vs the solver on the same scenarios, the training horizon
     s = in_domain_scenarios(model, meta["design"], batch, n_train, dt, seed=seed + 1)
@@ -172,17 +173,20 @@ def main(argv=None) -> int:
         run = ensure_run(experiment, system, n, epochs)
         results.append(bench(experiment, run, batch, args.repeats, seed=11))
     print(
-        f"| experiment | ort x torch b1 | ort(1 thread) x torch b1 | ort x torch b{batch} | ort x looped | "
+        f"| experiment | ort x torch b1 | ort(1 thread) x torch b1 | ort x torch b{batch} | "
+        "ort x looped | "
         "ort x stacked | rel L2 median vs solver | p95 | parity max diff b1 / b64 |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         v = r["vs_solver"]
         print(
-            f"| {r['experiment']} | {r['batch_1']['speedup']:.1f} | {r['batch_1']['speedup_1thread']:.1f} | "
+            f"| {r['experiment']} | {r['batch_1']['speedup']:.1f} | "
+            f"{r['batch_1']['speedup_1thread']:.1f} | "
             f"{r[f'batch_{batch}']['speedup']:.2f} | {v['x_looped']:.0f} | {v['x_stacked']:.1f} | "
             f"{v['rel_l2_median']:.4f} | {v['rel_l2_p95']:.4f} | "
-            f"{r['parity']['batch_1']['max_diff']:.1e} / {r['parity']['batch_64']['max_diff']:.1e} |"
+            f"{r['parity']['batch_1']['max_diff']:.1e} / "
+            f"{r['parity']['batch_64']['max_diff']:.1e} |"
         )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     out = (

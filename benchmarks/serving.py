@@ -438,7 +438,8 @@ def bench_model(model: str, env: dict, args) -> dict:
         phases["c32"] = run_client(port, "/simulate", wrapped_file, big, 32)
         over = 4 * max_conc
         print(
-            f"[{model}] overload: concurrency {over} (4x max_concurrency={max_conc}, {big // 2} requests)...",
+            f"[{model}] overload: concurrency {over} "
+            f"(4x max_concurrency={max_conc}, {big // 2} requests)...",
             flush=True,
         )
         phases["overload"] = run_client(port, "/simulate", wrapped_file, big // 2, over, warmup=0)
@@ -485,7 +486,8 @@ def main_bench(args) -> int:
 
     atomic_write_json(OUT, results)
     print(
-        f"\none scenario per request, {STEPS}-step rollout, {results['machine']}; twin-serve workers={args.workers} "
+        f"\none scenario per request, {STEPS}-step rollout, {results['machine']}; "
+        f"twin-serve workers={args.workers} "
         f"access_log={args.access_log} max_concurrency={args.max_concurrency}"
     )
     print("| model | phase | requests | concurrency | p50 ms | p99 ms | scenarios/s | statuses |")
@@ -496,17 +498,22 @@ def main_bench(args) -> int:
                 f" + {p['connection_errors']} connection errors" if p["connection_errors"] else ""
             )
             print(
-                f"| {r['model']} ({r['kind']}, M={r['members']}) | {key} | {p['requests']} | {p['concurrency']} | "
-                f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['throughput_per_s']:.0f} | {p['statuses']}{errors} |"
+                f"| {r['model']} ({r['kind']}, M={r['members']}) | {key} | {p['requests']} | "
+                f"{p['concurrency']} | "
+                f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['throughput_per_s']:.0f} | "
+                f"{p['statuses']}{errors} |"
             )
     for r in results["models"]:
         s = r["summary"]
         print(
-            f"\n{r['model']}: served p50 / floor p50 = {s['served_over_floor_p50']:.1f} (goal <= 15); "
+            f"\n{r['model']}: served p50 / floor p50 = {s['served_over_floor_p50']:.1f} "
+            "(goal <= 15); "
             f"c1 p50 {s['c1_p50_ms']:.2f} ms (goal <= 2), p99 {s['c1_p99_ms']:.2f} ms (goal <= 5); "
             f"c1 p99 batching on / off = {s['c1_p99_batching_over_nobatch']:.2f} (goal <= 1.5); "
-            f"c32: {s['c32_scenarios_per_s']:.0f} scenarios/s (goal >= 1500) at p99 {s['c32_p99_ms']:.1f} ms "
-            f"(goal <= 20), {s['c32_errors']} errors; overload: {s['overload_statuses']}, ready again after "
+            f"c32: {s['c32_scenarios_per_s']:.0f} scenarios/s (goal >= 1500) "
+            f"at p99 {s['c32_p99_ms']:.1f} ms "
+            f"(goal <= 20), {s['c32_errors']} errors; overload: {s['overload_statuses']}, "
+            "ready again after "
             f"{s['overload_recovery_s']:.2f} s (goal <= 5)"
         )
     print(f"wrote {OUT}")

@@ -33,7 +33,8 @@ TINY = [
     "speed_scenarios=2",
     "logger=none",
 ]
-CASES = {  # experiment -> (system, t_end, dt): linear input + physics in the graph, held input, one-shot
+# experiment -> (system, t_end, dt): linear input + physics in the graph, held input, one-shot
+CASES = {
     "pendulum_hybrid": ("pendulum", 2.0, 0.1),
     "cascaded_tanks_node": ("cascaded_tanks", 80.0, 4.0),
     "pendulum_emulator": ("pendulum", 2.0, 0.1),
@@ -103,9 +104,10 @@ def test_onnx_reproduces_torch_at_other_horizons_and_batches(runs, exp):
             ref = model.predict(torch.tensor(x0), torch.tensor(u), torch.tensor(p), t)
             y_std = model.y_std.numpy()
             assert members.shape == (model.members, b, n_t, model.ny)
-            # two float32 programs of one rollout (the graph's folded weights, torch's eager ops), in
-            # normalized units. The emulator is one network pass, its outputs sums over the hidden
-            # width: as many roundings as the rollout bound counts for its n_t steps, and more
+            # two float32 programs of one rollout (the graph's folded weights, torch's eager ops),
+            # in normalized units. The emulator is one network pass, its outputs sums over the
+            # hidden width: as many roundings as the rollout bound counts for its n_t steps, and
+            # more
             scale = np.abs(ref["members"].numpy() / y_std).max()
             tol = rollout_tol(n_t, max(scale, 1.0))
             assert np.abs(members - ref["members"].numpy()).max() / y_std.min() < tol, (n_t, b)
@@ -150,7 +152,8 @@ def test_exported_file_is_self_describing_and_needs_no_twin_ml(runs, tmp_path):
     assert card.integrator_error["max"] >= 0 and card.parity["passed"]
     prov = card.provenance
     assert prov.dataset_sha256 and prov.config_sha256 and prov.code_version and prov.created_at
-    code = f"""
+    code = (
+        f"""
 import json, sys, numpy as np, onnxruntime as ort
 s = ort.InferenceSession({str(path)!r}, providers=["CPUExecutionProvider"])
 m = json.loads(s.get_modelmeta().custom_metadata_map["twin_ml.manifest"])
@@ -158,8 +161,10 @@ x0 = np.zeros((2, 2), np.float32); x0[:, 0] = 0.3
 u = np.zeros((2, 50, 1), np.float32); p = np.tile(np.array([[1.0, 0.2, 1.0]], np.float32), (2, 1))
 members, mean, std = s.run(None, {{"x0": x0, "u": u, "p": p}})
 assert "twin_ml" not in sys.modules and "torch" not in sys.modules
-print(json.dumps({{"name": m["name"], "shape": list(mean.shape), "std_pos": bool((std > 0).all())}}))
+print(json.dumps({{"name": m["name"], "shape": list(mean.shape),"""
+        f""" "std_pos": bool((std > 0).all())}}))
 """
+    )
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
@@ -207,7 +212,8 @@ def test_export_cli_registry_promote_and_tamper(runs, tmp_path):
     bad = _cli("twin-models", "show", "tanks:archived", home=home)
     assert bad.returncode == 1 and "no version of tanks is promoted to archived" in bad.stderr
     assert _cli("twin-models", "verify", "tanks:v1", home=home).returncode == 0
-    # flip one byte of the stored ONNX file: verify fails, and nothing can open it through the registry
+    # flip one byte of the stored ONNX file: verify fails, and nothing can open it through the
+    # registry
     onnx_file = next(home.glob("models/tanks/v1/model.onnx"))
     raw = bytearray(onnx_file.read_bytes())
     raw[len(raw) // 2] ^= 0x01

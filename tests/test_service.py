@@ -337,9 +337,9 @@ def test_custom_metrics_count_requests_by_domain_status_and_record_std(server):
 
 
 def test_strict_mode_limits_and_overload_get_429_then_recover(server, tmp_path):
-    """twin-serve strict=true max_concurrency=2 max_scenarios=4 max_steps=15: out-of-domain is refused,
-    the limits name their field, and a burst of 24 concurrent requests gets only 200 or 429, after
-    which the server is ready and answers at once."""
+    """twin-serve strict=true max_concurrency=2 max_scenarios=4 max_steps=15: out-of-domain is
+    refused, the limits name their field, and a burst of 24 concurrent requests gets only 200 or
+    429, after which the server is ready and answers at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     _, manifest, _, env = server
@@ -412,7 +412,10 @@ def test_twin_serve_refuses_a_missing_model_before_starting(server):
 
 
 def test_service_module_does_not_import_torch():
-    code = "import sys, serving.service; print(','.join(m for m in ('torch', 'lightning') if m in sys.modules))"
+    code = (
+        "import sys, serving.service; "
+        "print(','.join(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == ""
@@ -573,7 +576,8 @@ def test_timed_out_calibrations_stop_and_free_the_server(server, tmp_path):
     model call and the queued one never starts (both counted as cancelled) instead of holding the
     one calibration thread, so the next /calibrate is answered. The second server shares the first
     one's store: starting it must not wipe the first one's metrics (BentoML's default Prometheus
-    directory is one per store, emptied by every server that starts; twin-serve gives each its own)."""
+    directory is one per store, emptied by every server that starts; twin-serve gives each its
+    own)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from twin_ml.calibrate.synthetic import synthetic_request

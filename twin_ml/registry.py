@@ -71,7 +71,8 @@ def check_name(name: str) -> str:
 
 
 def check_new(name: str, version: str, stage: str | None = None) -> None:
-    """Refuse, before any work, a version that exists, reads as a stage or 'latest', or a bad stage."""
+    """Refuse, before any work, a version that exists, reads as a stage or 'latest', or a bad
+    stage."""
     check_name(name)
     if not isinstance(version, str) or not _NAME.match(version) or version in (*STAGES, "latest"):
         raise RegistryError(
@@ -227,11 +228,11 @@ def _commit(built: Path, name: str, version: str) -> None:
     bentoml = _bentoml()
     target = _models_dir() / name / version
     with _store_lock():
-        if (
-            target.exists()
-        ):  # the compare of the compare-and-swap: the lock makes it and the rename one step
+        # the compare of the compare-and-swap: the lock makes it and the rename one step
+        if target.exists():
             raise RegistryError(
-                f"{name}:{version} is already in the store; pick another version (or leave it unset)"
+                f"{name}:{version} is already in the store; "
+                "pick another version (or leave it unset)"
             )
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -244,8 +245,8 @@ def _commit(built: Path, name: str, version: str) -> None:
                 ) from None
             raise
         fsync_dir(target.parent)  # the rename itself, durable
-        # from here on the model is stored; `latest` is a convenience pointer, and failing to move it
-        # (a full disk) must not make a rerun of the export meet "already in the store"
+        # from here on the model is stored; `latest` is a convenience pointer, and failing to move
+        # it (a full disk) must not make a rerun of the export meet "already in the store"
         latest = target.parent / "latest"
         try:
             current = latest.read_text().strip() if latest.exists() else ""
@@ -255,15 +256,15 @@ def _commit(built: Path, name: str, version: str) -> None:
                     bool(current)
                     and bentoml.models.get(f"{name}:{current}").info.creation_time > mine
                 )
-            except (
-                Exception
-            ):  # `latest` names a version that is gone or broken: this one replaces it
+            except Exception:
+                # `latest` names a version that is gone or broken: this one replaces it
                 newer = False
             if not newer:
                 atomic_write_bytes(latest, version.encode())
         except OSError as e:
             log.warning(
-                f"{name}:{version} is stored, but {name}:latest still names {current or 'nothing'}: {e}"
+                f"{name}:{version} is stored, but {name}:latest still names "
+                f"{current or 'nothing'}: {e}"
             )
 
 
@@ -274,7 +275,8 @@ def resolve(ref: str):
 
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise RegistryError(
-            f"model reference {ref!r}: use NAME:VERSION, NAME:latest or NAME:<stage> ({', '.join(STAGES)})"
+            f"model reference {ref!r}: use NAME:VERSION, NAME:latest or NAME:<stage> "
+            f"({', '.join(STAGES)})"
         )
     name, version = ref.split(":")
     check_name(name)
@@ -282,8 +284,8 @@ def resolve(ref: str):
         pinned = _stages().get(name, {}).get(version)
         if not pinned:
             raise RegistryError(
-                f"no version of {name} is promoted to {version}; twin-models promote {name}:VERSION "
-                f"--stage {version}"
+                f"no version of {name} is promoted to {version}; "
+                f"twin-models promote {name}:VERSION --stage {version}"
             )
         version = pinned
     try:
@@ -317,7 +319,8 @@ def _verify(bm, held: dict[str, bytes] | None = None) -> ModelCard:
     want = (bm.info.metadata or {}).get("manifest_sha256")
     if sha256_bytes(raw) != want:
         raise RegistryError(
-            f"{bm.tag}: {MANIFEST_FILE} does not match the sha256 recorded at save time; refusing it"
+            f"{bm.tag}: {MANIFEST_FILE} does not match the sha256 recorded at save time; "
+            "refusing it"
         )
     try:
         card = ModelCard.from_json(raw)

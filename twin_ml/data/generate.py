@@ -3,13 +3,15 @@
 Layout of a dataset directory (format ``twin-ml/dataset/v1``; readable with numpy alone)::
 
     manifest.json        written last: its presence means the dataset is complete
-    shards/00000.npz     one standard .npz per `shard_size` scenarios (np.load(..., allow_pickle=False))
+    shards/00000.npz     one standard .npz per `shard_size` scenarios
+                         (np.load(..., allow_pickle=False))
     .generating.json     while generation is under way (the settings being generated)
 
 Each shard holds, for its scenarios i in [start, stop)::
 
     t [T]            time grid (the system's time unit)
-    index [n]        global scenario index          split [n]  int8: 0 train 1 val 2 test 3 extrapolation
+    index [n]        global scenario index          split [n]  int8: 0 train 1 val 2 test
+                                                               3 extrapolation
     p [n, np]        parameters                     x0 [n, nx] initial states
     u [n, T, nu]     inputs on the grid             x [n, T, nx] states     y [n, T, ny] outputs
     status [n] int8  0 ok, else a failure code      reason [n] str: why it failed ("" if ok)
@@ -207,7 +209,8 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
             if not overwrite:
                 raise ValueError(
                     f"out_dir {str(out)!r} holds a generation started by code version "
-                    f"{found.get('code_version')}, this is {code_version()}; pass overwrite=true to restart it"
+                    f"{found.get('code_version')}, this is {code_version()}; "
+                    "pass overwrite=true to restart it"
                 )
             shutil.rmtree(out / SHARDS, ignore_errors=True)
             marker = None
@@ -282,7 +285,8 @@ def scenario_inputs(
     n, nu = len(scen), len(specs)
     u = np.zeros((n, t.size, nu))
     for i in range(n):
-        # one generator per scenario, keyed by its global index: shards are independent of each other
+        # one generator per scenario, keyed by its global index: shards are independent of each
+        # other
         rng = np.random.default_rng(np.random.SeedSequence([seed, 3, start + i]))
         for j, spec in enumerate(specs):
             u[i, :, j] = generate(
