@@ -1,9 +1,108 @@
 """twin-ml: hybrid physics-ML surrogates for digital twins.
 
-The top-level package is light: it never imports torch (the serving side depends on that).
+What a user imports, from one place::
+
+    from twin_ml import PhysicsSystem, State, Input, Output, Parameter, Regime, register_system
+    from twin_ml import ScenarioDesign, generate_dataset, Dataset, load_trained, export_run
+
+The names load on first use (module `__getattr__`), so `import twin_ml` stays light: it never
+imports torch (the serving side depends on that). The physics, data and calibration names are
+torch-free; `load_trained`, `build_model` and `export_run` import torch when first touched.
+
+`calibrate` is both the calibration package and its entry point: `twin_ml.calibrate` is the
+package `twin_ml.calibrate`, made callable, and calling it calls
+`twin_ml.calibrate.fit.calibrate(problem, surrogate, solver, ...)`.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 from twin_ml._version import __version__ as __version__
 from twin_ml._version import code_version as code_version
 
-__all__ = ["__version__", "code_version"]
+# public name -> the module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    # physics declarations and the catalog (numpy/scipy)
+    "PhysicsSystem": "twin_ml.physics",
+    "State": "twin_ml.physics",
+    "Input": "twin_ml.physics",
+    "Output": "twin_ml.physics",
+    "Parameter": "twin_ml.physics",
+    "Regime": "twin_ml.physics",
+    "register_system": "twin_ml.physics",
+    "make_system": "twin_ml.physics",
+    "list_systems": "twin_ml.physics",
+    "system_from_description": "twin_ml.physics",
+    # the reference solver (scipy)
+    "SolverSettings": "twin_ml.physics",
+    "solve_looped": "twin_ml.physics",
+    "solve_stacked": "twin_ml.physics",
+    # scenario designs, generation, datasets (numpy/scipy)
+    "ScenarioDesign": "twin_ml.data",
+    "generate_dataset": "twin_ml.data",
+    "Dataset": "twin_ml.data",
+    "DatasetError": "twin_ml.data",
+    # surrogate models and their export (torch, imported on first access)
+    "build_model": "twin_ml.models",
+    "load_trained": "twin_ml.models",
+    "export_run": "twin_ml.export.export",
+    # calibration (torch-free: the exported model runs in onnxruntime); `calibrate` is below
+    "Problem": "twin_ml.calibrate",
+    "SurrogateBackend": "twin_ml.calibrate",
+    "SolverBackend": "twin_ml.calibrate",
+    "CalibrationError": "twin_ml.calibrate",
+    # the model card and the requests' errors (twin_ml.contract; pydantic, torch-free)
+    "ModelCard": "twin_ml.contract",
+    "RequestError": "twin_ml.contract",
+}
+
+__all__ = sorted([*_LAZY, "__version__", "calibrate", "code_version"])
+
+
+class _CallablePackage(types.ModuleType):
+    """The package twin_ml.calibrate, callable as its entry point (see the module docstring)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from twin_ml.calibrate.fit import calibrate
+
+        return calibrate(*args, **kwargs)
+
+
+def _calibrate() -> types.ModuleType:
+    package = importlib.import_module("twin_ml.calibrate")
+    if type(package) is types.ModuleType:
+        package.__class__ = _CallablePackage
+    return package
+
+
+class _Package(types.ModuleType):
+    # The import system sets `twin_ml.calibrate` to the package whenever it is first imported
+    # (by anyone); this property makes that name the callable package however it was reached.
+    @property
+    def calibrate(self) -> types.ModuleType:
+        return _calibrate()
+
+    @calibrate.setter
+    def calibrate(self, value: Any) -> None:
+        pass  # the import system's assignment of the package: the getter reads sys.modules
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'twin_ml' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    submodules = {k for k, v in globals().items() if getattr(v, "__name__", "") == f"twin_ml.{k}"}
+    return sorted({*__all__, *(k for k in submodules if not k.startswith("_"))})
