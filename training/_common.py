@@ -1,16 +1,24 @@
-"""Shared pieces of the entry points: one-line errors, and the summary.json every command writes."""
+"""Shared pieces of the entry points: one-line errors, key=value settings with their --help, the
+summary.json every command writes, and the Hydra apps' loggers."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from twin_ml._io import StorageFull, atomic_write_json, no_space, storage_full
 
-# The configs/ tree of this checkout (the entry points run from an editable install of it).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+# The checkout the entry points run from (an editable install), its configs/ tree, and the real
+# benchmark datasets' folder (data/real/<name>/, see twin_ml.data.real).
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(ROOT / "configs")
+REAL_DATA_DIR = ROOT / "data" / "real"
 
 
 def fail(err: BaseException, code: int = 2) -> NoReturn:
@@ -26,18 +34,77 @@ def fail(err: BaseException, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def key_values(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
-    """`key=value` settings over `defaults` (for commands that are not Hydra apps); unknown keys
-    are one error that lists the known ones."""
-    cfg = dict(defaults)
+@dataclass(frozen=True)
+class Setting:
+    """A key=value setting of a command that is not a Hydra app: its default (None: unset) and
+    what it means, in one line (shown by --help)."""
+
+    default: str | None
+    help: str = ""
+    required: bool = False
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def defaults(settings: Mapping[str, Setting]) -> dict[str, str | None]:
+    """{key: default} of a settings table."""
+    return {k: s.default for k, s in settings.items()}
+
+
+def key_values(
+    argv: list[str], settings: Mapping[str, Setting | str | None], doc: str | None = None
+) -> dict[str, Any]:
+    """`key=value` settings over the defaults (for commands that are not Hydra apps); unknown keys
+    are one error that lists the known ones.
+
+    `settings`: {key: Setting}, or plain {key: default}. -h or --help prints the command's help
+    (`doc`, by default the calling module's docstring, then a line per setting: name, default,
+    meaning) and exits 0.
+    """
+    if any(arg in HELP_FLAGS for arg in argv):
+        if doc is None:  # the command module's docstring (the caller's)
+            doc = sys._getframe(1).f_globals.get("__doc__") or ""
+        print(help_text(settings, doc))
+        sys.exit(0)
+    cfg = {k: s.default if isinstance(s, Setting) else s for k, s in settings.items()}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in defaults:
+        if not sep or key not in settings:
             raise ValueError(
-                f"unknown setting {arg!r}; settings: {', '.join(f'{k}=...' for k in defaults)}"
+                f"unknown setting {arg!r}; settings: {', '.join(f'{k}=...' for k in settings)}"
             )
         cfg[key] = value
     return cfg
+
+
+def _documented(doc: str, name: str) -> str:
+    """A setting's meaning from a docstring line `  name  meaning` (or `  a, name  meaning`): that
+    line's text, with " ..." when the docstring goes on about it."""
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s+)([\w, ]+?)\s{2,}(\S.*)$", line)
+        if m and name in [n.strip() for n in m.group(2).split(",")]:
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            more = len(nxt) - len(nxt.lstrip()) > len(m.group(1)) and nxt.strip()
+            return m.group(3).strip() + (" ..." if more else "")
+    return ""
+
+
+def help_text(settings: Mapping[str, Setting | str | None], doc: str = "") -> str:
+    """The command's description, then its settings a line each: name, default, meaning."""
+    rows = []
+    for name, s in settings.items():
+        setting = s if isinstance(s, Setting) else Setting(s)
+        default = "(required)" if setting.required else setting.default
+        meaning = setting.help or _documented(doc, name)
+        rows.append((name, "-" if default in (None, "") else default, meaning))
+    w_name = max(len(r[0]) for r in rows)
+    w_default = max(len(r[1]) for r in rows)
+    lines = [doc.strip(), ""] if doc.strip() else []
+    lines.append("settings (key=value; default, meaning):")
+    lines += [f"  {n:<{w_name}}  {d:<{w_default}}  {m}".rstrip() for n, d, m in rows]
+    return "\n".join(lines)
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
@@ -76,3 +143,48 @@ def lightning_logs_once() -> None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+def loggers(cfg, out_dir: Path) -> list | bool:
+    """The run's Lightning loggers from cfg.logger (False: none). wandb runs offline, its files
+    under the run directory, unless the environment says otherwise."""
+    import hydra
+
+    if not cfg.get("logger"):
+        return False
+    if "wandb" in cfg.logger:
+        for k, sub in (
+            ("WANDB_DIR", ""),
+            ("WANDB_CACHE_DIR", "wandb-cache"),
+            ("WANDB_CONFIG_DIR", "wandb-config"),
+        ):
+            os.environ.setdefault(k, str(out_dir / sub) if sub else str(out_dir))
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+    return [hydra.utils.instantiate(c) for c in cfg.logger.values()]
+
+
+def shown(value: Any) -> str:
+    """A config value as the Hydra apps' --help shows it (`${show:${key}}` in configs/hydra/help/):
+    as an override would spell it (null, true), a section as {...}."""
+    from omegaconf import DictConfig, ListConfig
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (DictConfig, dict)):
+        return "{...}" if value else "{}"
+    if isinstance(value, (ListConfig, list)):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    return str(value)
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("show"):
+        OmegaConf.register_new_resolver("show", shown)
+
+
+_register_resolvers()

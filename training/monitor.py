@@ -4,18 +4,12 @@
                  [reference_windows=25] [window=32] [horizon=32] [slack=1] [threshold=6]
                  [inject=KIND:SIGNAL:SIZE@ONSET_S[,...]] [steps=] [out_dir=runs/monitor]
 
-  model       a twin-train run on telemetry (its model/ directory is used) or a model directory
-  source      the stream: a telemetry file (.parquet/.csv, as twin-ingest reads them), replayed in
-              order under the model's data contract; or DATASET:RECORD for a real dataset's record
-              (e.g. silverbox:test_multisine)
-  reference   a clean record to standardize the detector by; default: the stream's own first
-              `reference_windows` windows, which are then assumed healthy
-  window      steps per monitoring window; horizon: the model's prediction restarts from the
-              measured states every `horizon` steps (`none`: one free run)
-  slack, threshold  the CUSUM's allowance and alarm level, in reference standard deviations
-  inject      known sensor faults to put into the stream first (bias adds SIZE, gain multiplies by
-              SIZE, skew delays by SIZE samples), e.g. inject=bias:y:0.005@20 (what-if checks)
-  steps       replay only the stream's first `steps` samples
+The stream (`source`) is a telemetry file (.parquet/.csv, as twin-ingest reads them), replayed in
+order under the model's data contract, or DATASET:RECORD for a real dataset's record (e.g.
+silverbox:test_multisine). Without `reference` the detector is standardized by the stream's own
+first `reference_windows` windows, which are then assumed healthy. Injected faults (what-if
+checks): bias adds SIZE, gain multiplies by SIZE, skew delays by SIZE samples, e.g.
+inject=bias:y:0.005@20.
 
 Writes out_dir/drift.json (alarms, per-window statistics, the reference, settings) and drift.png,
 and prints summary.json's path last. Exit status 0 whether or not drift is found; the report's
@@ -30,23 +24,31 @@ from typing import Any
 
 import numpy as np
 
-from training._common import fail, key_values, write_summary
+from training._common import REAL_DATA_DIR, Setting, defaults, fail, key_values, write_summary
 from twin_ml.drift import REFERENCE_WINDOWS, DriftSettings
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {
-    "model": None,
-    "source": None,
-    "reference": None,
-    "reference_windows": str(REFERENCE_WINDOWS),
-    "window": str(DriftSettings.window),
-    "horizon": "32",
-    "slack": str(DriftSettings.slack),
-    "threshold": str(DriftSettings.threshold),
-    "inject": None,
-    "steps": None,
-    "out_dir": "runs/monitor",
+SETTINGS = {
+    "model": Setting(
+        None, "a twin-train run on telemetry (its model/ is used) or a model directory", True
+    ),
+    "source": Setting(None, "the stream: a telemetry file or DATASET:RECORD", True),
+    "reference": Setting(
+        None, "a clean record to standardize the detector by (default: the stream's start)"
+    ),
+    "reference_windows": Setting(
+        str(REFERENCE_WINDOWS), "windows of the stream's start taken as the reference"
+    ),
+    "window": Setting(str(DriftSettings.window), "steps per monitoring window"),
+    "horizon": Setting(
+        "32", "the prediction restarts from the measured states every N steps (none: one run)"
+    ),
+    "slack": Setting(str(DriftSettings.slack), "the CUSUM's allowance, in reference std"),
+    "threshold": Setting(str(DriftSettings.threshold), "the CUSUM's alarm level, in reference std"),
+    "inject": Setting(None, "sensor faults to inject first: KIND:SIGNAL:SIZE@ONSET_S[,...]"),
+    "steps": Setting(None, "replay only the stream's first N samples"),
+    "out_dir": Setting("runs/monitor", "where drift.json, drift.png and summary.json go"),
 }
+DEFAULTS = defaults(SETTINGS)
 
 
 def _int(cfg: dict, key: str, allow_none: bool = False) -> int | None:
@@ -72,9 +74,10 @@ def _float(cfg: dict, key: str) -> float:
 
 
 def load_stream(spec: str, contract, system) -> dict[str, np.ndarray]:
-    """{"t", "u", "y", "mask"} of a telemetry file or a real dataset's record, under the contract."""
-    from training.train_telemetry import _full_outputs, _inputs
+    """{"t", "u", "y", "mask"} of a telemetry file or a real dataset's record, under the
+    contract."""
     from twin_ml.data import real
+    from twin_ml.data.records import record_arrays
     from twin_ml.data.telemetry import ingest, read_telemetry
 
     path = Path(spec)
@@ -86,18 +89,16 @@ def load_stream(spec: str, contract, system) -> dict[str, np.ndarray]:
         name, sep, record = spec.partition(":")
         if not sep or name not in real.SOURCES:
             raise ValueError(
-                f"source {spec!r} must be a .parquet/.csv file or DATASET:RECORD with a dataset among "
-                f"{', '.join(real.SOURCES)}"
+                f"source {spec!r} must be a .parquet/.csv file or DATASET:RECORD with a dataset "
+                f"among {', '.join(real.SOURCES)}"
             )
-        frames = real.records(name, ROOT / "data" / "real" / name / real.SOURCES[name]["file"])
+        frames = real.records(name, REAL_DATA_DIR / name / real.SOURCES[name]["file"])
         if record not in frames:
             raise ValueError(
                 f"source {spec!r}: record {record!r} is unknown; records: {', '.join(frames)}"
             )
         frame = frames[record]
-    tel = ingest(frame, contract)
-    y, mask = _full_outputs(system, contract, tel)
-    return {"t": tel.t - tel.t[0], "u": _inputs(system, tel), "y": y, "mask": mask}
+    return record_arrays(system, contract, ingest(frame, contract))
 
 
 def run(cfg: dict[str, Any]) -> Path:
@@ -116,8 +117,9 @@ def run(cfg: dict[str, Any]) -> Path:
     tmeta = meta.get("telemetry")
     if not tmeta or "state_ranges" not in tmeta:
         raise ValueError(
-            f"model={cfg['model']!r} was not trained on telemetry by this version (model.json has no "
-            "telemetry.state_ranges); train it with an experiment like cascaded_tanks_real"
+            f"model={cfg['model']!r} was not trained on telemetry by this version "
+            "(model.json has no telemetry.state_ranges); train it with an experiment like "
+            "cascaded_tanks_real"
         )
     system = model.system
     contract = Contract.model_validate(tmeta["contract"])
@@ -134,7 +136,8 @@ def run(cfg: dict[str, Any]) -> Path:
     for key, rec in (("source", stream), ("reference", ref)):
         if rec is not None and len(rec["t"]) < 3 * settings.window:
             raise ValueError(
-                f"{key}: {len(rec['t'])} samples; the monitor needs >= 3 windows of {settings.window}"
+                f"{key}: {len(rec['t'])} samples; the monitor needs >= 3 windows of "
+                f"{settings.window}"
             )
     names = system.output_names
     dt = float(stream["t"][1] - stream["t"][0])
@@ -143,8 +146,9 @@ def run(cfg: dict[str, Any]) -> Path:
         for f in faults:
             if f.onset_s < ref_windows * settings.window * dt:
                 raise ValueError(
-                    f"inject: onset {f.onset_s} s falls in the reference (the first {ref_windows} windows, "
-                    f"{ref_windows * settings.window * dt:.6g} s); move it later or give reference="
+                    f"inject: onset {f.onset_s} s falls in the reference (the first "
+                    f"{ref_windows} windows, {ref_windows * settings.window * dt:.6g} s); "
+                    "move it later or give reference="
                 )
     p = np.array([tmeta["parameters"][n] for n in system.parameter_names])
     result = monitor(
@@ -206,14 +210,17 @@ def run(cfg: dict[str, Any]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
     from twin_ml.data.telemetry import TelemetryError
+
+    try:
+        cfg = key_values(sys.argv[1:] if argv is None else argv, SETTINGS, __doc__)
+    except ValueError as e:
+        fail(e)
+    import torch
 
     torch.set_num_threads(1)  # a replay is many small sequential steps: a second thread only costs
     torch.set_flush_denormal(True)
     try:
-        cfg = key_values(sys.argv[1:] if argv is None else argv, DEFAULTS)
         path = run(cfg)
     except (ValueError, TelemetryError, OSError) as e:
         fail(e)

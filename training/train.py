@@ -2,16 +2,39 @@
 
     twin-train experiment=pendulum_node data_dir=data/pendulum-n256-s0 out_dir=runs/pendulum
     twin-train -m hparams_search=pendulum_node_optuna
+    twin-train experiment=cascaded_tanks_real out_dir=runs/tanks-real logger=none   # telemetry
 
 The run directory holds config.yaml, checkpoints/ (best.ckpt, last.ckpt), model/ (model.pt +
 model.json: everything to rebuild the calibrated model), metrics.json, report.html with PNGs and
-summary.json, whose path is printed last. Returns `optimized_metric` for sweeps.
+summary.json, whose path is printed last. Returns `optimized_metric` for sweeps. Each epoch logs
+one progress line (callbacks.progress, twin_ml.models.callbacks.EpochProgress).
+
+On measured telemetry (`telemetry:` in the config, e.g. experiment=cascaded_tanks_real): records
+-> contract check and alignment -> a state table from the physics -> multiple shooting with
+`TelemetryModule` -> free-run evaluation on the test records (initial state from their first
+samples) -> metrics.json, model/, plots, summary.json (twin_ml.train.telemetry). The section:
+  dataset     a real dataset under data/real/ (cascaded_tanks, silverbox), converted on the fly; or
+  files       {record: telemetry file} (Parquet/CSV, see twin-ingest)
+  contract    configs/contract/<name>.yaml (signals must match the system's inputs and outputs)
+  train/test  record names; `train` records are fitted, `test` records are only evaluated
+  parameters  the physics parameters to start from (default: the system's nominal values); the
+              hybrid's `learn_parameters` refine them jointly with the residual
+  initial_state  a guess for hidden states at a record's start (default: the middle of the state's
+              bounds); the physics simulated from it fills the state table's hidden columns
+  derivatives  {hidden state: measured output} for hidden states that are an output's time
+              derivative (a velocity): their column starts as the output's central difference, and
+              when every hidden state is covered no physics simulation is needed
+  calibration_tail  the fraction of each record's last samples held out of training, to fit the
+              conformal scale on (0: in-sample)
+  window, consistency, state_lr, iterations_per_epoch, windows_per_step, val_steps: see
+              twin_ml.models.module.TelemetryModule
+  init_samples  samples of a test record used to estimate its initial state
+  max_seconds  a wall-clock budget for fitting (Lightning's max_time); evaluation follows
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,90 +46,51 @@ from omegaconf import DictConfig, OmegaConf
 
 from training._common import (
     CONFIG_DIR,
+    REAL_DATA_DIR,
     check_group_choices,
     fail,
     lightning_logs_once,
+    loggers,
     write_summary,
 )
-from twin_ml._io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    remove_stale_temps,
-    sha256_bytes,
-    sha256_file,
-)
+from twin_ml._io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("twin-train")
 
 
-def _loggers(cfg: DictConfig, out_dir: Path):
-    if not cfg.get("logger"):
-        return False
-    if "wandb" in cfg.logger:
-        for k, sub in (
-            ("WANDB_DIR", ""),
-            ("WANDB_CACHE_DIR", "wandb-cache"),
-            ("WANDB_CONFIG_DIR", "wandb-config"),
-        ):
-            os.environ.setdefault(k, str(out_dir / sub) if sub else str(out_dir))
-        os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ.setdefault("WANDB_SILENT", "true")
-    return [hydra.utils.instantiate(c) for c in cfg.logger.values()]
+def _config_text(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def _stop_after(n: int):
-    """A callback that ends this run after n epochs (checkpoints are written; resume=true continues)."""
-    import lightning as L
+def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list, **kw: Any):
+    from twin_ml.models.checkpoint import AtomicCheckpointIO
 
-    class StopAfter(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch + 1 >= n:
-                trainer.should_stop = True
-
-    return StopAfter()
-
-
-def save_model(out_dir: Path, model, cfg: DictConfig, scale, t, system, **extra: Any) -> Path:
-    """out_dir/model/: model.pt (temp file, then rename) and model.json (the config to rebuild it,
-    the conformal scale, sha256 of weights and config, the time grid, plus `extra`)."""
-    from twin_ml.models.checkpoint import atomic_torch_save
-
-    model_dir = out_dir / "model"
-    model_dir.mkdir(exist_ok=True)
-    atomic_torch_save(model.state_dict(), model_dir / "model.pt")
-    config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_json(
-        model_dir / "model.json",
-        {
-            "config": model.config,
-            "conformal_scale": scale.tolist(),
-            "weights_sha256": sha256_file(model_dir / "model.pt"),
-            "config_sha256": sha256_bytes(config_text.encode()),
-            "time": {
-                "t0": float(t[0]),
-                "dt": float(t[1] - t[0]),
-                "n": len(t),
-                "unit": system.time_unit,
-            },
-            **extra,
-        },
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers(cfg, out_dir),
+        default_root_dir=str(out_dir),
+        enable_progress_bar=sys.stderr.isatty(),  # a bar needs a terminal; else the progress lines
+        plugins=[AtomicCheckpointIO()],
+        **kw,
     )
-    return model_dir
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train as `cfg` says; returns (flat metrics, summary) ({stopped_at_epoch}, {} for a run that
+    stop_after_epochs ended early)."""
     if cfg.get("telemetry"):
-        from training.train_telemetry import train_telemetry
-
         return train_telemetry(cfg)
     import lightning as L
     import torch
 
     from twin_ml.data.torch_data import ScenarioDataModule
-    from twin_ml.evaluate.evaluate import evaluate_splits, fit_conformal_scale, flat_metrics, speed
+    from twin_ml.evaluate.evaluate import flat_metrics
     from twin_ml.evaluate.report import write_report
-    from twin_ml.models import compute_stats
-    from twin_ml.models.checkpoint import AtomicCheckpointIO
+    from twin_ml.models import compute_stats, save_model
+    from twin_ml.models.callbacks import StopAfter
+    from twin_ml.train.dataset import HEADLINE, evaluate_trained
+    from twin_ml.train.fitting import fit, load_best, resume_from
 
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir)
@@ -138,48 +122,26 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     module = hydra.utils.instantiate(cfg.model.optim, _convert_="all")(model=model, seed=cfg.seed)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
-    if cfg.stop_after_epochs:
-        callbacks.append(_stop_after(int(cfg.stop_after_epochs)))
+    stop = StopAfter(int(cfg.stop_after_epochs)) if cfg.stop_after_epochs else None
+    if stop:
+        callbacks.append(stop)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=_loggers(cfg, out_dir),
-        default_root_dir=str(out_dir),
-        enable_progress_bar=sys.stderr.isatty(),
-        plugins=[AtomicCheckpointIO()],
-    )
-    remove_stale_temps(out_dir / "checkpoints")
-    last = out_dir / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if cfg.resume and last.exists() else None
+    atomic_write_bytes(out_dir / "config.yaml", _config_text(cfg).encode())
+    trainer = _trainer(cfg, out_dir, callbacks)
+    ckpt_path = resume_from(out_dir, cfg.resume)
     log.info("Resuming from last.ckpt" if ckpt_path else "Starting training")
-    t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    fit_seconds = time.perf_counter() - t_fit
-    if trainer.should_stop and cfg.stop_after_epochs and trainer.current_epoch < trainer.max_epochs:
+    fit_seconds = fit(trainer, module, dm, ckpt_path)
+    if stop and trainer.should_stop and trainer.current_epoch < trainer.max_epochs:
         if not any(type(c).__name__ == "EarlyStopping" and c.stopped_epoch for c in callbacks):
             log.info(
-                f"stopped after {trainer.current_epoch} epochs (stop_after_epochs); resume=true continues"
+                f"stopped after {trainer.current_epoch} epochs (stop_after_epochs); "
+                "resume=true continues"
             )
             return {"stopped_at_epoch": trainer.current_epoch}, {}
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)  # no pickled objects
-        module.load_state_dict(state["state_dict"])
-    model.eval()
-    splits = {s: dm.numpy(s) for s in ("val", "test", "extrapolation")}
-    scale = fit_conformal_scale(model, splits["val"], t)
-    metrics, preds = evaluate_splits(model, system, splits, t)
-    metrics["speed"] = speed(
-        model,
-        system,
-        splits["test"] if len(splits["test"]["p"]) else splits["val"],
-        t,
-        n=cfg.speed_scenarios,
-    )
-    metrics["conformal_scale"] = scale.tolist()
+    best = load_best(trainer, module)
+    ev = evaluate_trained(model, system, dm, speed_scenarios=cfg.speed_scenarios)
+    metrics = ev.metrics
     metrics["train"] = {
         "epochs": trainer.current_epoch,
         "fit_seconds": fit_seconds,
@@ -191,12 +153,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model_dir = save_model(
         out_dir,
         model,
-        cfg,
-        scale,
+        ev.scale,
         t,
-        system,
+        _config_text(cfg),
         dataset_sha256=dm.dataset.sha256,
-        design=dm.dataset.manifest["design"],  # the training domain, for export and serving
+        design=dm.dataset.card.design,  # the training domain, for export and serving
         metrics={
             k: flat[k]
             for k in sorted(flat)
@@ -204,24 +165,139 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         },
     )
     atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
-    report = write_report(out_dir, model, system, splits, preds, metrics, t)
+    report = write_report(out_dir, model, system, ev.splits, ev.preds, metrics, t)
     summary = {
         "run_dir": str(out_dir),
         "model": str(model_dir / "model.json"),
         "report": str(report),
         "metrics": str(out_dir / "metrics.json"),
         "dataset_sha256": dm.dataset.sha256,
-        "headline": {
-            k: flat[k]
-            for k in (
-                "test/rel_l2_median",
-                "test/rel_l2_p95",
-                "test/coverage_90",
-                "extrapolation/rel_l2_median",
-                "extrapolation/coverage_90",
-            )
-            if k in flat
-        },
+        "headline": {k: flat[k] for k in HEADLINE if k in flat},
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    return flat, summary
+
+
+def _max_time(seconds) -> dict[str, str]:
+    """Lightning's max_time ("DD:HH:MM:SS") for a budget in seconds ({} for none)."""
+    if not seconds:
+        return {}
+    s = int(seconds)
+    days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    return {"max_time": f"{days:02d}:{hours:02d}:{minutes:02d}:{s % 60:02d}"}
+
+
+def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train on measured records (the `telemetry:` section, see the module's docstring)."""
+    import lightning as L
+    import torch
+
+    from twin_ml.data.records import load_records
+    from twin_ml.data.telemetry import Contract
+    from twin_ml.models import save_model
+    from twin_ml.train import telemetry
+    from twin_ml.train.fitting import fit, load_best, resume_from
+
+    t_start = time.perf_counter()
+    tcfg = cfg.telemetry
+    out_dir = Path(cfg.out_dir)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.set_flush_denormal(True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    system = hydra.utils.instantiate(cfg.system, _convert_="all")
+    contract = Contract.load(Path(CONFIG_DIR) / "contract" / f"{tcfg.contract}.yaml")
+    plain = OmegaConf.to_container(tcfg, resolve=True)
+    loaded = load_records(
+        system,
+        contract,
+        list(tcfg.train) + list(tcfg.test),
+        dt=float(tcfg.dt),
+        files=plain.get("files"),
+        dataset=plain.get("dataset"),
+        real_dir=REAL_DATA_DIR,
+        contract_name=str(tcfg.contract),
+    )
+    data = telemetry.prepare(
+        system,
+        loaded,
+        list(tcfg.train),
+        parameters=plain.get("parameters"),
+        calibration_tail=plain.get("calibration_tail") or 0.0,
+        initial_state=plain.get("initial_state"),
+        derivatives=plain.get("derivatives"),
+    )
+    log.info(
+        f"Instantiating model <{cfg.model.net.kind}> x {cfg.ensemble.size} "
+        f"on telemetry records {data.names}"
+    )
+    model = hydra.utils.instantiate(
+        cfg.model.net,
+        system=system,
+        stats=data.stats(),
+        members=cfg.ensemble.size,
+        seed=cfg.seed,
+        _convert_="all",
+    )
+    optim = OmegaConf.to_container(cfg.model.optim, resolve=True)
+    optim = {k: v for k, v in optim.items() if k not in ("_target_", "_partial_")}
+    module = data.module(
+        model,
+        window=int(tcfg.window),
+        consistency=float(tcfg.consistency),
+        state_lr=float(tcfg.state_lr),
+        iterations_per_epoch=int(tcfg.iterations_per_epoch),
+        windows_per_step=tcfg.get("windows_per_step"),
+        val_steps=tcfg.get("val_steps"),
+        seed=cfg.seed,
+        **optim,
+    )
+    dm = data.datamodule(int(tcfg.iterations_per_epoch))
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "config.yaml", _config_text(cfg).encode())
+    trainer = _trainer(cfg, out_dir, callbacks, **_max_time(tcfg.get("max_seconds")))
+    fit_seconds = fit(trainer, module, dm, resume_from(out_dir, cfg.resume))
+    load_best(trainer, module)
+
+    ev = telemetry.evaluate(
+        model,
+        module,
+        data,
+        loaded,
+        list(tcfg.test),
+        init_samples=int(tcfg.init_samples),
+        out_dir=out_dir,
+        title=str(cfg.get("name", system.name)),
+    )
+    metrics, flat = ev.metrics, ev.flat
+    metrics["train_info"] = {
+        "epochs": trainer.current_epoch,
+        "fit_seconds": fit_seconds,
+        "members": model.members,
+        "iterations": trainer.global_step,
+        "records": data.names,
+    }
+    metrics["quality"] = {r: tel.report for r, tel in loaded.records.items()}
+    model_dir = save_model(
+        out_dir,
+        model,
+        ev.scale,
+        data.t,
+        _config_text(cfg),
+        dataset_sha256=loaded.sha256,
+        telemetry=telemetry.model_metadata(
+            data, loaded, list(tcfg.test), ev.ranges, int(tcfg.init_samples)
+        ),
+        metrics={k: v for k, v in flat.items() if k.startswith("test/")},
+    )
+    atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
+    summary = {
+        "run_dir": str(out_dir),
+        "model": str(model_dir / "model.json"),
+        "metrics": str(out_dir / "metrics.json"),
+        "plots": ev.plots,
+        "headline": {k: flat[k] for k in ("test/rmse", "test/coverage_90") if k in flat},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     return flat, summary

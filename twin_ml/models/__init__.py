@@ -7,3 +7,4 @@ from twin_ml.models.surrogates import build_model as build_model
 from twin_ml.models.surrogates import compute_stats as compute_stats
 from twin_ml.models.surrogates import load_trained as load_trained
 from twin_ml.models.surrogates import model_from_config as model_from_config
+from twin_ml.models.surrogates import save_model as save_model

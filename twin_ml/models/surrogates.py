@@ -37,8 +37,9 @@ def compute_stats(
 
     Robust: center = median, scale = IQR / 1.349 (the std of a normal), falling back to the std
     where the IQR is 0 (a signal that is mostly constant), and to 1 for a constant column (a
-    parameter fixed by the design), which must not blow up float32 round-off. A few extreme trajectories (a pendulum
-    that goes over the top and winds up 100 rad) must not set the scale of the typical ones.
+    parameter fixed by the design), which must not blow up float32 round-off. A few extreme
+    trajectories (a pendulum that goes over the top and winds up 100 rad) must not set the scale
+    of the typical ones.
     """
 
     def ms(a, axes):
@@ -86,7 +87,7 @@ class Surrogate(nn.Module):
         )  # per member and output, normalized y
         self.register_buffer("conformal_scale", torch.ones(self.ny))
         self._config: dict[str, Any] = {
-            "system": {"name": self.system.name, "options": self.system.options},
+            "system": self.system.reference(),
             "stats": {k: list(stats[k]) for k in STAT_KEYS},
             "members": members,
             "seed": seed,
@@ -105,8 +106,8 @@ class Surrogate(nn.Module):
 
     @torch.no_grad()
     def predict(self, x0, u, p, t) -> dict[str, torch.Tensor]:
-        """Ensemble mean and calibrated std of the outputs, [B, T, ny] each, plus the members' outputs
-        and (ODE models) their states [M, B, T, nx]."""
+        """Ensemble mean and calibrated std of the outputs, [B, T, ny] each, plus the members'
+        outputs and (ODE models) their states [M, B, T, nx]."""
         x, y = self(x0, u, p, t)
         mean = y.mean(dim=0)
         epi = y.var(dim=0, unbiased=False) if self.members > 1 else torch.zeros_like(mean)
@@ -164,7 +165,8 @@ class VectorFieldODE(Surrogate):
         unknown = set(learn_parameters) - set(self.system.parameter_names)
         if unknown:
             raise ValueError(
-                f"model.learn_parameters: unknown {sorted(unknown)}; parameters: {self.system.parameter_names}"
+                f"model.learn_parameters: unknown {sorted(unknown)}; "
+                f"parameters: {self.system.parameter_names}"
             )
         if learn_parameters and not physics:
             raise ValueError("model.learn_parameters needs the physics term (a hybrid model)")
@@ -371,7 +373,7 @@ def build_model(
     if kind not in MODEL_KINDS:
         raise KeyError(f"unknown model kind {kind!r}; kinds: {sorted(MODEL_KINDS)}")
     if isinstance(system, PhysicsSystem):
-        system = {"name": system.name, "options": system.options}
+        system = system.reference()
     if kind == "hybrid":
         kwargs["physics"] = True
     elif kind == "node":
@@ -403,3 +405,40 @@ def load_trained(model_dir: str | Path) -> tuple[Surrogate, dict[str, Any]]:
     model = model_from_config(meta["config"])
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval(), meta
+
+
+def save_model(
+    out_dir: str | Path,
+    model: Surrogate,
+    scale: np.ndarray,
+    t: np.ndarray,
+    config_text: str,
+    **extra: Any,
+) -> Path:
+    """Write out_dir/model/, what `load_trained` reads: model.pt (temp file, then rename) and
+    model.json (the config to rebuild the model, the conformal scale, sha256 of the weights and of
+    `config_text` (the run's resolved config), the time grid `t` in the system's unit, plus
+    `extra`). Returns the model directory."""
+    from twin_ml._io import atomic_write_json, sha256_bytes
+    from twin_ml.models.checkpoint import atomic_torch_save
+
+    model_dir = Path(out_dir) / "model"
+    model_dir.mkdir(exist_ok=True)
+    atomic_torch_save(model.state_dict(), model_dir / "model.pt")
+    atomic_write_json(
+        model_dir / "model.json",
+        {
+            "config": model.config,
+            "conformal_scale": np.asarray(scale).tolist(),
+            "weights_sha256": sha256_file(model_dir / "model.pt"),
+            "config_sha256": sha256_bytes(config_text.encode()),
+            "time": {
+                "t0": float(t[0]),
+                "dt": float(t[1] - t[0]),
+                "n": len(t),
+                "unit": model.system.time_unit,
+            },
+            **extra,
+        },
+    )
+    return model_dir
