@@ -68,8 +68,8 @@ def _main(cfg: DictConfig) -> None:
     c = summary["counts"] or {}
     if summary["complete"]:
         log.info(
-            f"dataset {summary['dataset_sha256'][:16]}: {c.get('ok')} ok / {c.get('total')} scenarios "
-            f"({c.get('failed')} failed) {summary['shape']}"
+            f"dataset {summary['dataset_sha256'][:16]}: {c.get('ok')} ok / {c.get('total')} "
+            f"scenarios ({c.get('failed')} failed) {summary['shape']}"
         )
     else:
         log.info(

@@ -3,13 +3,12 @@ its quality; or convert one of the real benchmark datasets into the telemetry fo
 
     twin-ingest source=FILE contract=NAME|FILE.yaml [out_dir=runs/ingest] [layout=auto]
                 [timestamp=timestamp] [timezone=] [start=] [end=]
-    twin-ingest convert=cascaded_tanks|silverbox [source=data/real/<name>/<file>] [out_dir=data/telemetry/<name>]
+    twin-ingest convert=cascaded_tanks|silverbox [source=data/real/<name>/<file>]
+                [out_dir=data/telemetry/<name>]
 
-  source      telemetry file (.parquet or .csv), long (timestamp, signal, value[, unit, quality])
-              or wide (timestamp + a column per signal, "name [unit]" headers allowed)
-  contract    a contract under configs/contract/ by name, or a YAML file
-  timezone    for naive timestamps (e.g. UTC, Europe/Berlin); numbers are seconds after 1970-01-01Z
-  start, end  the grid's first and last time (ISO 8601 with offset); default: the data's span
+The telemetry file (.parquet or .csv) is long (timestamp, signal, value[, unit, quality]) or wide
+(timestamp + a column per signal, "name [unit]" headers allowed). Naive timestamps need a
+timezone (e.g. UTC, Europe/Berlin); numbers are seconds after 1970-01-01Z.
 
 Ingest writes out_dir/telemetry.parquet (aligned, with a mask column per signal), quality.json and
 quality.png. Convert writes one long Parquet file per record and, beside each, its quality report
@@ -21,20 +20,31 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from training._common import CONFIG_DIR, fail, key_values, write_summary
+from training._common import (
+    CONFIG_DIR,
+    REAL_DATA_DIR,
+    ROOT,
+    Setting,
+    defaults,
+    fail,
+    key_values,
+    write_summary,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {
-    "source": None,
-    "contract": None,
-    "convert": None,
-    "out_dir": None,
-    "layout": "auto",
-    "timestamp": "timestamp",
-    "timezone": None,
-    "start": None,
-    "end": None,
+SETTINGS = {
+    "source": Setting(
+        None, "the telemetry file (.parquet/.csv); with convert: the benchmark's source file"
+    ),
+    "contract": Setting(None, "a contract under configs/contract/ by name, or a YAML file"),
+    "convert": Setting(None, "a real benchmark dataset to convert: cascaded_tanks or silverbox"),
+    "out_dir": Setting(None, "where outputs go (runs/ingest; convert: data/telemetry/<name>)"),
+    "layout": Setting("auto", "the file's layout: long, wide or auto"),
+    "timestamp": Setting("timestamp", "the timestamp column's name"),
+    "timezone": Setting(None, "the timezone of naive timestamps (e.g. UTC, Europe/Berlin)"),
+    "start": Setting(None, "the grid's first time (ISO 8601 with offset; default: the data's)"),
+    "end": Setting(None, "the grid's last time (ISO 8601 with offset; default: the data's)"),
 }
+DEFAULTS = defaults(SETTINGS)
 
 
 def contract_path(name: str) -> Path:
@@ -60,7 +70,7 @@ def run(cfg: dict) -> Path:
             raise ValueError(
                 f"convert={name!r} is unknown; known datasets: {', '.join(real.SOURCES)}"
             )
-        source = Path(cfg["source"] or ROOT / "data" / "real" / name / real.SOURCES[name]["file"])
+        source = Path(cfg["source"] or REAL_DATA_DIR / name / real.SOURCES[name]["file"])
         out = Path(cfg["out_dir"] or ROOT / "data" / "telemetry" / name)
         contract = Contract.load(contract_path(real.SOURCES[name]["contract"]))
         written = real.convert(name, source, out)
@@ -94,8 +104,9 @@ def run(cfg: dict) -> Path:
     paths = save(tel, out)
     for name, info in tel.report["signals"].items():
         print(
-            f"{name:>12}: {info['samples']} samples -> {info['sampled']} sampled, {info['interpolated']} "
-            f"interpolated, {info['masked']} masked; {info.get('out_of_range', 0)} out of range, "
+            f"{name:>12}: {info['samples']} samples -> {info['sampled']} sampled, "
+            f"{info['interpolated']} interpolated, {info['masked']} masked; "
+            f"{info.get('out_of_range', 0)} out of range, "
             f"{len(info['stuck_runs'])} stuck runs, {len(info['gaps'])} gaps"
         )
     for w in tel.report["warnings"]:
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     from twin_ml.data.telemetry import TelemetryError
 
     try:
-        cfg = key_values(sys.argv[1:] if argv is None else argv, DEFAULTS)
+        cfg = key_values(sys.argv[1:] if argv is None else argv, SETTINGS, __doc__)
         path = run(cfg)
     except (ValueError, TelemetryError, OSError, yaml.YAMLError) as e:
         fail(e)

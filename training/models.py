@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = registry.list_models()
             print(f"{'tag':<48} {'system':<16} {'kind':<9} {'stages':<20} created")
             for r in rows:
+                stages = ",".join(r["stages"]) or "-"
                 print(
-                    f"{r['tag']:<48} {r['system']:<16} {r['kind']:<9} {','.join(r['stages']) or '-':<20} {r['created']}"
+                    f"{r['tag']:<48} {r['system']:<16} {r['kind']:<9} {stages:<20} {r['created']}"
                 )
         elif args.cmd == "show":
             print(json.dumps(registry.show(args.ref), indent=2))

@@ -1,19 +1,8 @@
 """twin-serve: serve a stored model over HTTP (the BentoML service in serving/service.py).
 
-    twin-serve model=pendulum_node:production [port=3000] [host=127.0.0.1] [threads=1] [strict=false]
-               [batching=true] [max_batch=256] [max_scenarios=256] [max_steps=...] [max_concurrency=64]
-               [timeout=120] [workers=1] [access_log=true]
-
-  threads          onnxruntime intra-op threads per worker
-  strict           refuse (400) scenarios outside the training domain instead of flagging them
-  batching         adaptive batching across concurrent requests (false: one request per model call)
-  max_batch        scenarios per model call when batching
-  max_scenarios    scenarios per request (more: 400)
-  max_steps        longest horizon in steps (default and upper bound: the model's declared maximum)
-  max_concurrency  requests in flight per server; more get 429 at once
-  timeout          seconds a request may take (a long /calibrate included) before a 504
-  workers          server processes (each loads the model and batches on its own)
-  access_log       one log line per request (BentoML's access log)
+    twin-serve model=pendulum_node:production [port=3000] [host=127.0.0.1] [threads=1]
+               [strict=false] [batching=true] [max_batch=256] [max_scenarios=256] [max_steps=...]
+               [max_concurrency=64] [timeout=120] [workers=1] [access_log=true]
 
 Settings are key=value like the other commands (not a Hydra app: `model` names a config group
 there). Verifies the model in the store first (a tampered or missing model is one `error:` line
@@ -32,30 +21,39 @@ import re
 import sys
 from pathlib import Path
 
-from training._common import fail, key_values
+from training._common import Setting, defaults, fail, key_values
 
-DEFAULTS = {
-    "model": None,
-    "host": "127.0.0.1",
-    "port": "3000",
-    "threads": "1",
-    "strict": "false",
-    "batching": "true",
-    "max_batch": "256",
-    "max_scenarios": "256",
-    "max_steps": "0",
-    "max_concurrency": "64",
-    "timeout": "120",
-    "workers": "1",
-    "access_log": "true",
+SETTINGS = {
+    "model": Setting(None, "the stored model: NAME:VERSION, NAME:latest or NAME:<stage>", True),
+    "host": Setting("127.0.0.1", "the address to listen on"),
+    "port": Setting("3000", "the port to listen on"),
+    "threads": Setting("1", "onnxruntime intra-op threads per worker"),
+    "strict": Setting(
+        "false", "refuse (400) scenarios outside the training domain instead of flagging them"
+    ),
+    "batching": Setting(
+        "true", "adaptive batching across concurrent requests (false: one request per call)"
+    ),
+    "max_batch": Setting("256", "scenarios per model call when batching"),
+    "max_scenarios": Setting("256", "scenarios per request (more: 400)"),
+    "max_steps": Setting(
+        "0", "longest horizon in steps (0: the model's declared maximum, also the upper bound)"
+    ),
+    "max_concurrency": Setting("64", "requests in flight per server; more get 429 at once"),
+    "timeout": Setting(
+        "120", "seconds a request may take (a long /calibrate included) before a 504"
+    ),
+    "workers": Setting("1", "server processes (each loads the model and batches on its own)"),
+    "access_log": Setting("true", "one log line per request (BentoML's access log)"),
 }
+DEFAULTS = defaults(SETTINGS)
 POSITIVE = ("threads", "max_batch", "max_scenarios", "max_concurrency", "timeout", "workers")
 FLAGS = ("strict", "batching", "access_log")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    cfg = key_values(argv, DEFAULTS)
+    cfg = key_values(argv, SETTINGS, __doc__)
     if not cfg["model"]:
         raise ValueError("model=NAME:VERSION (or NAME:latest, NAME:production) is required")
     if not cfg["port"].isdigit() or not 0 < int(cfg["port"]) < 65536:
@@ -77,10 +75,13 @@ def parse(argv: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     # before anything imports bentoml: it reads this once, and the server never phones home
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    try:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        fail(e)
     from twin_ml import registry
 
     try:
-        cfg = parse(sys.argv[1:] if argv is None else argv)
         registry.verify(cfg["model"])
     except (ValueError, registry.RegistryError) as e:
         fail(e)
