@@ -2,7 +2,8 @@
 observations from the solver at known parameters with 1% noise (--noise; the issue's range is 1-2%)
 and 5% of the points missing.
 
-    python benchmarks/calibration.py [--out benchmarks/results/calibration.json] [--trials 40] [--noise 0.01] [--quick]
+    python benchmarks/calibration.py [--out benchmarks/results/calibration.json] [--trials 40]
+        [--noise 0.01] [--quick]
 
 For each system (pendulum: hybrid, fitting length and damping; cascaded tanks: hybrid, k1 and k3;
 Robertson, the stiff system: emulator, k1 and k3), in one run:
@@ -135,13 +136,13 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
     saved = WORK / f"runs-n{args.n}-e{args.epochs or 'default'}" / f"train_s-{experiment}.json"
     if train_s is None and saved.exists():
         train_s = json.loads(saved.read_text())["train_s"]
-    path, manifest = registry.onnx_path(ref)
-    request, truth = synthetic_request(manifest, fit, seed=args.seed, noise_level=args.noise)
-    problem = Problem.build(request, manifest)
+    path, card = registry.onnx_path(ref)
+    request, truth = synthetic_request(card, fit, seed=args.seed, noise_level=args.noise)
+    problem = Problem.build(request, card)
     row: dict = {
         "system": system,
         "model": ref,
-        "kind": manifest["kind"],
+        "kind": card.kind,
         "fit": fit,
         "truth": truth,
         "steps": len(problem.times) - 1,
@@ -150,30 +151,32 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
     }
 
     # point estimate: the same optimizer and starts, surrogate vs solver (looped, stacked)
-    sur = SurrogateBackend(path, manifest)
+    sur = SurrogateBackend(path, card)
     res_s = calibrate(
-        problem, sur, SolverBackend(manifest), n_starts=args.starts, mcmc=None, seed=args.seed
+        problem, sur, SolverBackend(card), n_starts=args.starts, mcmc=None, seed=args.seed
     )
     row["surrogate"] = {
-        "estimate": res_s["estimate"],
-        "least_squares_s": res_s["timings"]["least_squares_s"],
-        "multistart_s": res_s["timings"]["multistart_s"],
-        "multistart_model_s": res_s["timings"]["multistart_model_s"],
-        "uncorrected_max_param_rel_error": rel_error(res_s["uncorrected_estimate"], truth),
-        "scenarios": res_s["evaluations"]["surrogate_scenarios"],
-        "solver_scenarios": res_s["evaluations"]["solver_scenarios"],
-        "verification": {k: v for k, v in res_s["verification"].items()},
+        "estimate": res_s.estimate,
+        "least_squares_s": res_s.timings.least_squares_s,
+        "multistart_s": res_s.timings.multistart_s,
+        "multistart_model_s": res_s.timings.multistart_model_s,
+        "uncorrected_max_param_rel_error": rel_error(
+            {k: e.uncorrected for k, e in res_s.estimates.items()}, truth
+        ),
+        "scenarios": res_s.evaluations.surrogate_scenarios,
+        "solver_scenarios": res_s.evaluations.solver_scenarios,
+        "verification": res_s.verification.as_dict(),
     }
     for mode in ("looped", "stacked"):
-        solver = SolverBackend(manifest, mode=mode)
+        solver = SolverBackend(card, mode=mode)
         res = calibrate(
             problem, None, solver, backend="solver", n_starts=args.starts, seed=args.seed
         )
         row[f"solver_{mode}"] = {
-            "estimate": res["estimate"],
-            "least_squares_s": res["timings"]["least_squares_s"],
-            "scenarios": res["evaluations"]["solver_scenarios"],
-            "max_param_rel_error": rel_error(res["estimate"], truth),
+            "estimate": res.estimate,
+            "least_squares_s": res.timings.least_squares_s,
+            "scenarios": res.evaluations.solver_scenarios,
+            "max_param_rel_error": rel_error(res.estimate, truth),
         }
     looped, with_surrogate = row["solver_looped"], row["surrogate"]
     row["speedup"] = looped["least_squares_s"] / with_surrogate["least_squares_s"]
@@ -199,16 +202,16 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
     row["speedup_ceiling_per_evaluation"] = (
         looped["s_per_solve"] * 1e3 / min(with_surrogate["ms_per_scenario"].values())
     )
-    row["max_param_rel_error"] = rel_error(res_s["estimate"], truth)
-    row["verified"] = bool(res_s["verification"]["verified"])
+    row["max_param_rel_error"] = rel_error(res_s.estimate, truth)
+    row["verified"] = res_s.verification.verified
 
     # the same problem with 2% noise: the parameter errors of the surrogate and of the solver itself
-    req2, truth2 = synthetic_request(manifest, fit, seed=args.seed, noise_level=0.02)
-    prob2 = Problem.build(req2, manifest)
+    req2, truth2 = synthetic_request(card, fit, seed=args.seed, noise_level=0.02)
+    prob2 = Problem.build(req2, card)
     sur2 = calibrate(
         prob2,
-        SurrogateBackend(path, manifest),
-        SolverBackend(manifest),
+        SurrogateBackend(path, card),
+        SolverBackend(card),
         n_starts=args.starts,
         mcmc=None,
         seed=args.seed,
@@ -216,15 +219,15 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
     sol2 = calibrate(
         prob2,
         None,
-        SolverBackend(manifest, mode="stacked"),
+        SolverBackend(card, mode="stacked"),
         backend="solver",
         n_starts=args.starts,
         seed=args.seed,
     )
     row["noise_0.02"] = {
-        "max_param_rel_error": rel_error(sur2["estimate"], truth2),
-        "solver_max_param_rel_error": rel_error(sol2["estimate"], truth2),
-        "verified": bool(sur2["verification"]["verified"]),
+        "max_param_rel_error": rel_error(sur2.estimate, truth2),
+        "solver_max_param_rel_error": rel_error(sol2.estimate, truth2),
+        "verified": sur2.verification.verified,
     }
 
     # Bayesian: coverage of the 90% credible intervals over seeded trials
@@ -234,49 +237,49 @@ def bench_case(system: str, experiment: str, fit: list[str], env: dict, args) ->
     ref_hits, z_surrogate, z_solver = 0, [], []
     mcmc = {"steps": args.mcmc_steps, "burn": args.mcmc_steps // 3, "walkers": args.walkers}
     for trial in range(args.trials):
-        req, tr = synthetic_request(manifest, fit, seed=1000 + trial, noise_level=args.noise)
-        prob = Problem.build(req, manifest)
-        solver = SolverBackend(manifest)
+        req, tr = synthetic_request(card, fit, seed=1000 + trial, noise_level=args.noise)
+        prob = Problem.build(req, card)
+        solver = SolverBackend(card)
         res = calibrate(
-            prob, SurrogateBackend(path, manifest), solver, n_starts=4, mcmc=mcmc, seed=trial
+            prob, SurrogateBackend(path, card), solver, n_starts=4, mcmc=mcmc, seed=trial
         )
         if (
             trial == 0 and args.solver_mcmc
         ):  # the same sampler and seed with the solver, from its own estimate
             best = point_estimate(
-                SolverBackend(manifest, mode="stacked"), prob, prob.noise, starts(prob, 1, trial)
+                SolverBackend(card, mode="stacked"), prob, prob.noise, starts(prob, 1, trial)
             )
-            looped = SolverBackend(manifest)
+            looped = SolverBackend(card)
             t0 = time.perf_counter()
-            posterior(looped, prob, prob.noise, best["z"], seed=trial, cov_z=best["cov_z"], **mcmc)
+            posterior(looped, prob, prob.noise, best.z, seed=trial, cov_z=best.cov_z, **mcmc)
             solver_s = time.perf_counter() - t0
             row["mcmc_solver"] = {
                 "s": solver_s,
                 "scenarios": looped.scenarios,
-                "surrogate_s": res["timings"]["mcmc_s"],
-                "surrogate_scenarios": res["evaluations"]["surrogate_scenarios"],
-                "speedup": solver_s / res["timings"]["mcmc_s"],
+                "surrogate_s": res.timings.mcmc_s,
+                "surrogate_scenarios": res.evaluations.surrogate_scenarios,
+                "speedup": solver_s / res.timings.mcmc_s,
             }
         ref = calibrate(
             prob,
             None,
-            SolverBackend(manifest, mode="stacked"),
+            SolverBackend(card, mode="stacked"),
             backend="solver",
             n_starts=1,
             seed=trial,
         )
         for k, v in tr.items():
-            post = res["posterior"][k]
-            hits += int(post["q05"] <= v <= post["q95"])
+            post = res.estimates[k].posterior
+            hits += int(post.q05 <= v <= post.q95)
             total += 1
-            z = (ref["estimate"][k] - v) / ref["std_error"][k]
+            z = (ref.estimates[k].value - v) / ref.estimates[k].std_error
             ref_hits += int(abs(z) <= 1.645)
             z_solver.append(z)
-            z_surrogate.append((post["mean"] - v) / post["std"])
-        solver_calls.append(res["evaluations"]["solver_scenarios"])
-        accept.append(res["diagnostics"]["acceptance"])
-        mcmc_s.append(res["timings"]["mcmc_s"])
-        mcmc_scen.append(res["evaluations"]["surrogate_scenarios"])
+            z_surrogate.append((post.mean - v) / post.std)
+        solver_calls.append(res.evaluations.solver_scenarios)
+        accept.append(res.diagnostics.acceptance)
+        mcmc_s.append(res.timings.mcmc_s)
+        mcmc_scen.append(res.evaluations.surrogate_scenarios)
         print(
             f"  [{system}] trial {trial + 1}/{args.trials}: coverage so far {hits}/{total}",
             flush=True,
@@ -345,10 +348,13 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, rows)
     print(
-        "\n| system | model | steps | LS surrogate s | LS solver looped s | speedup | vs stacked | ceiling "
-        "| ceiling, free surrogate | ceiling per evaluation | max param rel err | (uncorrected) | (solver looped) "
+        "\n| system | model | steps | LS surrogate s | LS solver looped s | speedup | vs stacked "
+        "| ceiling "
+        "| ceiling, free surrogate | ceiling per evaluation | max param rel err | (uncorrected) "
+        "| (solver looped) "
         "| at 2% noise: err "
-        "| (solver) | verified | coverage90 | (solver Laplace) | trials | Bayesian solver calls | MCMC s "
+        "| (solver) | verified | coverage90 | (solver Laplace) | trials | Bayesian solver calls "
+        "| MCMC s "
         "| MCMC solver s (trial 0) | MCMC x solver | train s |"
     )
     print(
@@ -359,13 +365,17 @@ def main(argv=None) -> int:
         mcmc_solver = f"{ms['s']:.0f} vs {ms['surrogate_s']:.1f}" if ms else "-"
         mcmc_ratio = f"{ms['speedup']:.0f}" if ms else "-"
         print(
-            f"| {r['system']} | {r['kind']} | {r['steps']} | {r['surrogate']['least_squares_s']:.2f} | "
-            f"{r['solver_looped']['least_squares_s']:.2f} | {r['speedup']:.1f} | {r['speedup_vs_stacked']:.1f} | "
+            f"| {r['system']} | {r['kind']} | {r['steps']} | "
+            f"{r['surrogate']['least_squares_s']:.2f} | "
+            f"{r['solver_looped']['least_squares_s']:.2f} | {r['speedup']:.1f} | "
+            f"{r['speedup_vs_stacked']:.1f} | "
             f"{r['speedup_ceiling_one_solve']:.0f} | {r['speedup_ceiling_free_surrogate']:.0f} | "
             f"{r['speedup_ceiling_per_evaluation']:.0f} | "
-            f"{r['max_param_rel_error']:.4f} | {r['surrogate']['uncorrected_max_param_rel_error']:.4f} | "
+            f"{r['max_param_rel_error']:.4f} | "
+            f"{r['surrogate']['uncorrected_max_param_rel_error']:.4f} | "
             f"{r['solver_looped']['max_param_rel_error']:.4f} | "
-            f"{two['max_param_rel_error']:.4f} | {two['solver_max_param_rel_error']:.4f} | {r['verified']} | "
+            f"{two['max_param_rel_error']:.4f} | {two['solver_max_param_rel_error']:.4f} | "
+            f"{r['verified']} | "
             f"{r['coverage90']:.2f} | {r['coverage90_solver_laplace']:.2f} | {r['trials']} | "
             f"{r['bayesian_solver_calls_max']} | {r.get('mcmc_s_median') or 0:.1f} | "
             f"{mcmc_solver} | {mcmc_ratio} | "

@@ -1,7 +1,8 @@
 """Calibration (twin_ml/calibrate, twin-calibrate): bad input, the solver backend against known
 truth, the surrogate loop with MCMC and solver verification, an unverified result when the
 solver disagrees with the surrogate or with the stated noise, the noise estimate under a
-surrogate whose intervals are too wide, and MCMC diagnostics that come back as warnings."""
+surrogate whose intervals are too wide, MCMC diagnostics that come back as warnings, and the
+typed result whose as_dict() is the documented JSON."""
 
 import json
 import math
@@ -75,6 +76,25 @@ def exported(tmp_path_factory):
     return run / "export" / "model.onnx", manifest, env, root
 
 
+# the keys of the result's JSON (twin-calibrate's calibration.json, POST /calibrate's answer), in
+# order, as the README documents them: always these, then posterior and diagnostics with MCMC,
+# verification with the surrogate backend, refined with refine, and last timings and evaluations
+_JSON_KEYS = [
+    "backend",
+    "fit",
+    "estimate",
+    "std_error",
+    "cost",
+    "starts",
+    "uncorrected_estimate",
+    "corrections",
+    "bounds",
+    "noise",
+    "noise_estimated",
+    "warnings",
+]
+
+
 def _request(manifest, **kw):
     return synthetic_request(manifest, ["length", "damping"], seed=3, **kw)
 
@@ -85,7 +105,7 @@ def _solver_std_error(manifest, problem, sigma, theta):
     from twin_ml.calibrate.fit import point_estimate
 
     z = problem.to_unit(np.asarray(theta, dtype=float)[None])
-    return point_estimate(SolverBackend(manifest), problem, sigma, z, max_nfev=1)["std_error"]
+    return point_estimate(SolverBackend(manifest), problem, sigma, z, max_nfev=1).std_error
 
 
 def _with_conformal_scale(path, factor):
@@ -137,7 +157,7 @@ def _noise_tolerance(problem):
         (lambda r: r.update(bounds={"length": [2.0, 1.0]}), "bounds.length", "low < high"),
         (lambda r: r.update(noise={"theta": -1.0}), "noise.theta", "must be > 0"),
         (lambda r: r["parameters"].pop("mass"), "parameters", "missing 'mass'"),
-        (lambda r: r.update(times=r["times"][:2]), "times", "at least 3 timestamps"),
+        (lambda r: r.update(times=r["times"][:2]), "times", "at least 3 time points"),
         (
             lambda r: r.update(priors={"length": {"normal": [1.0, 0.1, 3.0]}}),
             "priors.length.normal",
@@ -193,7 +213,8 @@ def test_a_posterior_needs_enough_kept_steps(exported):
 
 
 def test_solver_backend_recovers_the_true_parameters_from_clean_data(exported):
-    """The oracle: data simulated by the solver at known values, fitted with the solver in the loop."""
+    """The oracle: data simulated by the solver at known values, fitted with the solver in the
+    loop."""
     _, manifest, _, _ = exported
     request, truth = _request(manifest, noise_level=1e-6, missing=0.0)
     problem = Problem.build(request, manifest)
@@ -203,8 +224,30 @@ def test_solver_backend_recovers_the_true_parameters_from_clean_data(exported):
     # the noise, 1e-6 of the range, lies below it), mapped through the weakly determined damping:
     # measured 2e-5 (length) and 1.5e-4 (damping) relative, so 1e-3 is that floor with 6x to spare
     for name, value in truth.items():
-        assert result["estimate"][name] == pytest.approx(value, rel=1e-3)
-    assert result["evaluations"]["solver_scenarios"] == solver.scenarios > 0
+        assert result.estimates[name].value == pytest.approx(value, rel=1e-3)
+    assert result.evaluations.solver_scenarios == solver.scenarios > 0
+    # the solver backend: no posterior, no verification, no solver re-simulation; the JSON has
+    # only the sections that ran
+    assert result.backend == "solver" and result.fit == tuple(problem.fit)
+    assert result.diagnostics is result.verification is result.samples is result.y_solver is None
+    assert all(e.posterior is None and e.refined is None for e in result.estimates.values())
+    body = json.loads(result.to_json(allow_nan=False))
+    assert list(body) == [*_JSON_KEYS, "timings", "evaluations"]
+    assert list(body["timings"]) == [
+        "multistart_s",
+        "multistart_model_s",
+        "least_squares_s",
+        "total_s",
+    ]
+    assert body["estimate"] == result.estimate and body["cost"] == result.cost
+    assert body["starts"] == [
+        {"start": list(s.start), "theta": list(s.theta), "cost": s.cost, "nfev": s.nfev}
+        for s in result.starts
+    ]
+    assert body["bounds"] == {
+        k: [lo, hi] for k, lo, hi in zip(problem.fit, problem.lower, problem.upper)
+    }
+    assert body["evaluations"]["solver_scenarios"] == solver.scenarios
 
 
 @pytest.mark.numeric
@@ -225,52 +268,82 @@ def test_surrogate_loop_with_mcmc_and_solver_verification(exported, tmp_path):
         refine_nfev=6,
         seed=1,
     )
-    post, diag, ver = result["posterior"], result["diagnostics"], result["verification"]
-    for name in problem.fit:
-        lo, hi = problem.lower[problem.fit.index(name)], problem.upper[problem.fit.index(name)]
-        assert lo <= post[name]["q05"] < post[name]["q95"] <= hi
-        assert lo <= result["estimate"][name] <= hi and result["std_error"][name] > 0
-    assert (
-        0 < diag["acceptance"] < 1
-        and len(diag["rhat"]) == 2
-        and all(math.isfinite(x) for x in diag["rhat"])
-    )
-    assert result["_samples"].shape == (100 * 8, 2)
+    diag, ver = result.diagnostics, result.verification
+    for name, lo, hi in zip(problem.fit, problem.lower, problem.upper):
+        est = result.estimates[name]
+        assert lo <= est.posterior.q05 < est.posterior.q95 <= hi
+        assert lo <= est.value <= hi and est.std_error > 0
+        assert est.bounds == (lo, hi)
+    assert 0 < diag.acceptance < 1 and len(diag.rhat) == 2
+    assert all(math.isfinite(x) for x in diag.rhat)
+    assert result.samples.shape == (100 * 8, 2)
+    assert result.mean.shape == result.std.shape == result.y_solver.shape == problem.y.shape
     # two output corrections, the estimate plus 4 posterior samples re-simulated, the refinement
-    assert (
-        len(result["corrections"]) == 2
-        and ver["n_candidates"] == 5
-        and len(ver["within_2std"]) == 5
-    )
-    assert 0 <= ver["uncorrected_within_2std"] <= 1
+    assert len(result.corrections) == 2 and ver.n_candidates == 5 and len(ver.within_2std) == 5
+    assert 0 <= ver.uncorrected_within_2std <= 1
     # a good fit stays verified: the solver's RMS normalized residual at the estimate is ~1 (0.92
     # measured), inside the band for this many points
-    lo, hi = rms_band(ver["n_observed"], problem.n_fit)
-    assert ver["rms_residual_band"] == [lo, hi] and lo <= ver["rms_residual_solver"][0] <= hi
-    assert ver["verified"] == (
-        ver["within_2std"][0] >= 0.9
-        and not ver["solver_failed"][0]
-        and lo <= ver["rms_residual_solver"][0] <= hi
+    lo, hi = rms_band(ver.n_observed, problem.n_fit)
+    assert ver.rms_residual_band == (lo, hi) and lo <= ver.rms_residual_solver[0] <= hi
+    assert ver.verified == (
+        ver.within_2std[0] >= 0.9
+        and not ver.solver_failed[0]
+        and lo <= ver.rms_residual_solver[0] <= hi
     )
-    assert ver["verified"] and not any(w.startswith("unverified") for w in result["warnings"])
+    assert ver.verified and not any(w.startswith("unverified") for w in result.warnings)
     # this short chain (100 kept steps of 8 walkers) is reported as one
-    assert set(mcmc_warnings(diag, problem.fit)) <= set(result["warnings"])
-    assert any(w.startswith("mcmc: ") for w in result["warnings"])
-    assert set(result["refined"]) == set(problem.fit)
-    assert result["evaluations"]["solver_scenarios"] == solver.scenarios >= 2 + 5
-    assert result["evaluations"]["surrogate_scenarios"] == surrogate.scenarios > 100 * 8
-    # the time inside the models is counted, and the multi-start fit's share of it lies within that fit
-    tm, ev = result["timings"], result["evaluations"]
-    assert 0 < tm["multistart_model_s"] < tm["multistart_s"] < tm["least_squares_s"] < tm["total_s"]
-    assert (
-        ev["surrogate_s"] == surrogate.seconds > tm["multistart_model_s"]
-        and ev["solver_s"] == solver.seconds > 0
-    )
+    assert set(mcmc_warnings(diag, problem.fit)) <= set(result.warnings)
+    assert any(w.startswith("mcmc: ") for w in result.warnings)
+    assert all(result.estimates[name].refined is not None for name in problem.fit)
+    assert result.evaluations.solver_scenarios == solver.scenarios >= 2 + 5
+    assert result.evaluations.surrogate_scenarios == surrogate.scenarios > 100 * 8
+    # the time inside the models is counted, and the multi-start fit's share of it lies within
+    # that fit
+    tm, ev = result.timings, result.evaluations
+    assert 0 < tm.multistart_model_s < tm.multistart_s < tm.least_squares_s < tm.total_s
+    assert ev.surrogate_s == surrogate.seconds > tm.multistart_model_s
+    assert ev.solver_s == solver.seconds > 0
+    assert tm.mcmc_s > 0 and tm.verification_s > 0 and tm.refine_s > 0
+    # the JSON: every section in the documented order, the same numbers as the typed result
+    body = json.loads(result.to_json(allow_nan=False))
+    assert list(body) == [
+        *_JSON_KEYS,
+        "posterior",
+        "diagnostics",
+        "verification",
+        "refined",
+        "timings",
+        "evaluations",
+    ]
+    assert body == result.as_dict()
+    assert body["estimate"] == result.estimate
+    assert body["posterior"] == {
+        k: {
+            "mean": e.posterior.mean,
+            "std": e.posterior.std,
+            "q05": e.posterior.q05,
+            "q95": e.posterior.q95,
+        }
+        for k, e in result.estimates.items()
+    }
+    assert body["refined"] == {k: e.refined for k, e in result.estimates.items()}
+    assert body["diagnostics"]["rhat"] == list(diag.rhat)
+    assert list(body["verification"])[-1] == "uncorrected_within_2std"
+    assert body["verification"]["rms_residual_band"] == [lo, hi]
+    assert list(body["timings"]) == [
+        "multistart_s",
+        "multistart_model_s",
+        "least_squares_s",
+        "mcmc_s",
+        "verification_s",
+        "refine_s",
+        "total_s",
+    ]
     # the refinement (solver in the loop from the estimate) lands near the truth, within 3 of the
     # solver's standard errors (the noise sets how close any estimate comes; 0.4 and 0.05 of them
     # measured); this rough surrogate (2 epochs: the undamped physics, a residual that has barely
     # learned the damping) does not have to
-    refined = [result["refined"][name] for name in problem.fit]
+    refined = [result.estimates[name].refined for name in problem.fit]
     se = _solver_std_error(manifest, problem, problem.noise, refined)
     for name, value, err in zip(problem.fit, refined, se):
         assert abs(value - truth[name]) <= 3 * err
@@ -294,9 +367,12 @@ def test_an_overconfident_surrogate_is_caught_by_the_solver(exported):
     result = calibrate(
         problem, shrunk, SolverBackend(manifest), n_starts=2, mcmc=None, corrections=0
     )
-    assert result["verification"]["within_2std"][0] < honest["verification"]["within_2std"][0]
-    assert result["verification"]["verified"] is False
-    assert any(w.startswith("unverified") for w in result["warnings"])
+    assert result.verification.within_2std[0] < honest.verification.within_2std[0]
+    assert result.verification.verified is False
+    assert any(w.startswith("unverified") for w in result.warnings)
+    # no output corrections: nothing uncorrected to compare, and so no such key in the JSON
+    assert result.verification.uncorrected_within_2std is None
+    assert "uncorrected_within_2std" not in result.as_dict()["verification"]
 
 
 def test_twin_calibrate_cli_writes_json_and_plot(exported, tmp_path):
@@ -359,9 +435,9 @@ def test_missing_noise_is_estimated_from_the_residuals(exported):
     result = calibrate(
         problem, None, SolverBackend(manifest), backend="solver", n_starts=2, max_nfev=40
     )
-    assert result["noise_estimated"] == ["theta"]
-    assert result["noise"]["theta"] == pytest.approx(sigma, rel=_noise_tolerance(problem))
-    estimate = [result["estimate"][name] for name in problem.fit]
+    assert result.noise_estimated == ("theta",)
+    assert result.noise["theta"] == pytest.approx(sigma, rel=_noise_tolerance(problem))
+    estimate = [result.estimates[name].value for name in problem.fit]
     se = _solver_std_error(manifest, problem, np.array([sigma]), estimate)
     for name, value, err in zip(problem.fit, estimate, se):
         assert abs(value - truth[name]) <= 3 * err
@@ -384,14 +460,14 @@ def test_a_surrogate_with_too_wide_intervals_still_gets_the_noise_right(exported
     wide = SurrogateBackend(_with_conformal_scale(path, 10), manifest)
     result = calibrate(problem, wide, SolverBackend(manifest), n_starts=2, mcmc=None)
     # the premise: the stated std is far wider than the noise (the variance left nothing)
-    assert np.median(result["_std"]) > 10 * sigma
-    assert result["noise_estimated"] == ["theta"]
-    assert result["noise"]["theta"] == pytest.approx(sigma, rel=_noise_tolerance(problem))
-    ver = result["verification"]
-    lo, hi = rms_band(ver["n_observed"], problem.n_fit)
-    assert lo <= ver["rms_residual_solver"][0] <= hi and ver["verified"]
+    assert np.median(result.std) > 10 * sigma
+    assert result.noise_estimated == ("theta",)
+    assert result.noise["theta"] == pytest.approx(sigma, rel=_noise_tolerance(problem))
+    ver = result.verification
+    lo, hi = rms_band(ver.n_observed, problem.n_fit)
+    assert lo <= ver.rms_residual_solver[0] <= hi and ver.verified
     # the corrections (1, then 1 + 2 for the slopes), the final estimate's noise, verification
-    assert result["evaluations"]["solver_scenarios"] == 1 + 3 + 1 + 1
+    assert result.evaluations.solver_scenarios == 1 + 3 + 1 + 1
 
 
 @pytest.mark.parametrize(
@@ -411,18 +487,18 @@ def test_a_misstated_declared_noise_is_unverified(exported, factor, says):
     problem = Problem.build(request, manifest)
     surrogate = SurrogateBackend(path, manifest)
     result = calibrate(problem, surrogate, SolverBackend(manifest), n_starts=2, mcmc=None)
-    ver = result["verification"]
-    lo, hi = ver["rms_residual_band"]
-    rms = ver["rms_residual_solver"][0]
-    assert not lo <= rms <= hi and ver["verified"] is False
+    ver = result.verification
+    lo, hi = ver.rms_residual_band
+    rms = ver.rms_residual_solver[0]
+    assert not lo <= rms <= hi and ver.verified is False
     # the surrogate itself stayed within its stated band: the noise alone fails it
-    assert ver["within_2std"][0] >= 0.9
+    assert ver.within_2std[0] >= 0.9
     head = (
         f"unverified: the solver's RMS normalized residual at the estimate is {rms:.3g}, "
-        f"outside the {lo:.2g}-{hi:.2g} accepted for {ver['n_observed']} observed points "
+        f"outside the {lo:.2g}-{hi:.2g} accepted for {ver.n_observed} observed points "
         f"(noise std declared for theta): "
     )
-    (warning,) = [w for w in result["warnings"] if w.startswith("unverified")]
+    (warning,) = [w for w in result.warnings if w.startswith("unverified")]
     assert warning.startswith(head) and says in warning and "Check the noise std" in warning
 
 
@@ -445,22 +521,24 @@ def test_a_short_mcmc_from_scattered_walkers_warns(exported):
         cov_z=np.eye(2),
         seed=0,
     )
-    diag = post["diagnostics"]
-    assert max(diag["rhat"]) > RHAT_MAX
-    assert post["warnings"] == mcmc_warnings(diag, problem.fit)
-    for name, rhat in zip(problem.fit, diag["rhat"]):
+    diag = post.diagnostics
+    assert max(diag.rhat) > RHAT_MAX
+    assert list(post.warnings) == mcmc_warnings(diag, problem.fit)
+    for name, rhat in zip(problem.fit, diag.rhat):
         if rhat > RHAT_MAX:
             said = f"mcmc: R-hat of {name} is {rhat:.3g} (> 1.05): "
-            assert any(w.startswith(said) for w in post["warnings"])
+            assert any(w.startswith(said) for w in post.warnings)
 
 
 _CLEAN = {
     "walkers": 32,
     "steps": 2000,
     "burn": 500,
-    "rhat": [1.01, 1.02],
-    "ess": [900.0, 800.0],
-    "autocorr_time": [20.0, 25.0],
+    "acceptance": 0.4,
+    "rhat": (1.01, 1.02),
+    "ess": (900.0, 800.0),
+    "autocorr_time": (20.0, 25.0),
+    "chain_over_50_tau": True,
 }
 
 
@@ -468,17 +546,18 @@ _CLEAN = {
     "change, says",
     [
         ({}, None),
-        ({"rhat": [1.01, 1.2]}, "mcmc: R-hat of damping is 1.2 (> 1.05): "),
-        ({"rhat": [None, 1.02]}, "mcmc: R-hat of length could not be computed: "),
-        ({"ess": [50.0, 800.0]}, "mcmc: the effective sample size of length is 50 (< 100): "),
+        ({"rhat": (1.01, 1.2)}, "mcmc: R-hat of damping is 1.2 (> 1.05): "),
+        ({"rhat": (None, 1.02)}, "mcmc: R-hat of length could not be computed: "),
+        ({"ess": (50.0, 800.0)}, "mcmc: the effective sample size of length is 50 (< 100): "),
         (
-            {"autocorr_time": [40.0, 25.0]},
-            "mcmc: the autocorrelation time of length is 40 steps, and the 1500 kept steps are fewer "
-            "than 50 of them (2000), so that time and the effective sample size are unreliable "
-            "(usually too small); run at least steps=2500 (now steps=2000, burn=500, walkers=32)",
+            {"autocorr_time": (40.0, 25.0)},
+            "mcmc: the autocorrelation time of length is 40 steps, and the 1500 kept steps are "
+            "fewer than 50 of them (2000), so that time and the effective sample size are "
+            "unreliable (usually too small); run at least steps=2500 (now steps=2000, burn=500, "
+            "walkers=32)",
         ),
         (
-            {"autocorr_time": [20.0, None]},
+            {"autocorr_time": (20.0, None)},
             "mcmc: the autocorrelation time of damping could not be estimated",
         ),
     ],
@@ -487,9 +566,9 @@ def test_mcmc_diagnostics_outside_their_range_are_warnings(change, says):
     """Each diagnostic beyond its threshold (R-hat > 1.05, ESS < 100, fewer than 50 autocorrelation
     times kept, or not computable) is one warning naming the parameter, the value and what to do;
     a converged run's diagnostics give none."""
-    from twin_ml.calibrate.fit import mcmc_warnings
+    from twin_ml.calibrate.fit import MCMCDiagnostics, mcmc_warnings
 
-    out = mcmc_warnings({**_CLEAN, **change}, ["length", "damping"])
+    out = mcmc_warnings(MCMCDiagnostics(**{**_CLEAN, **change}), ["length", "damping"])
     if says is None:
         assert out == []
     else:
@@ -510,8 +589,8 @@ def test_lockstep_starts_equal_each_start_alone_and_share_calls(exported):
     for i, z0 in enumerate(z0s):
         alone = SolverBackend(manifest)
         single = point_estimate(alone, problem, problem.noise, z0[None], max_nfev=6)
-        assert joint["starts"][i]["theta"] == single["starts"][0]["theta"]
-        assert joint["starts"][i]["nfev"] == single["starts"][0]["nfev"]
+        assert joint.starts[i].theta == single.starts[0].theta
+        assert joint.starts[i].nfev == single.starts[0].nfev
         apart_calls += alone.calls
         apart_scenarios += alone.scenarios
     assert together.scenarios == apart_scenarios
@@ -532,11 +611,12 @@ def test_batched_backend_gets_jacobian_points_with_each_candidate(exported):
     eager.batched = True
     a = point_estimate(plain, problem, problem.noise, z0s, max_nfev=8)
     b = point_estimate(eager, problem, problem.noise, z0s, max_nfev=8)
-    assert [s["theta"] for s in a["starts"]] == [s["theta"] for s in b["starts"]]
-    assert [s["nfev"] for s in a["starts"]] == [s["nfev"] for s in b["starts"]]
-    assert np.array_equal(a["cov_z"], b["cov_z"])
-    # every call of the eager run is one lockstep iteration: as many as the longest start's evaluations
-    assert eager.calls == max(s["nfev"] for s in b["starts"]) < plain.calls
+    assert [s.theta for s in a.starts] == [s.theta for s in b.starts]
+    assert [s.nfev for s in a.starts] == [s.nfev for s in b.starts]
+    assert np.array_equal(a.cov_z, b.cov_z)
+    # every call of the eager run is one lockstep iteration: as many as the longest start's
+    # evaluations
+    assert eager.calls == max(s.nfev for s in b.starts) < plain.calls
     assert eager.scenarios > plain.scenarios
 
 
@@ -555,10 +635,10 @@ def test_corrections_solve_the_estimate_and_its_slope_points_in_one_call(exporte
     result = calibrate(
         problem, SurrogateBackend(path, manifest), solver, n_starts=2, mcmc=None, corrections=2
     )
-    assert len(result["corrections"]) == 2
+    assert len(result.corrections) == 2
     assert (solver.calls, solver.scenarios) == (3, 5)
 
-    z = problem.to_unit(np.array([list(result["estimate"].values())]))[0]
+    z = problem.to_unit(np.array([list(result.estimate.values())]))[0]
     steps = _fd_steps(z, SLOPE_STEP)
     thetas = problem.from_unit(np.vstack([z, z + np.diag(steps)]))
 

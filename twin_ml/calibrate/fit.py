@@ -3,18 +3,21 @@
 The likelihood is Gaussian per observed point with variance sigma^2 + s^2: sigma is the noise
 model, s the surrogate's calibrated std at that point, so the surrogate's own uncertainty widens
 the likelihood (the solver's s is 0). Parameters are searched in the unit box of their bounds.
-Torch-free.
+`calibrate` returns a `CalibrationResult`: frozen dataclasses, whose `as_dict()` is the JSON that
+`twin-calibrate` writes and `POST /calibrate` answers. Torch-free.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -48,6 +51,238 @@ ESS_MIN = 100
 # the autocorrelation time (and so the ESS) is itself unreliable, usually too small (emcee's
 # guidance, the `tol` of its get_autocorr_time)
 TAU_LENGTHS = 50
+
+
+# ---- results: frozen dataclasses; `as_dict()` gives their JSON ---------------------------------
+@dataclass(frozen=True)
+class Posterior:
+    """The MCMC posterior of one fitted value: mean, std and the 90% credible interval."""
+
+    mean: float
+    std: float
+    q05: float
+    q95: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std, "q05": self.q05, "q95": self.q95}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One fitted value (a parameter or a "state:<name>" initial state), in physical units."""
+
+    value: float  # the least-squares estimate (after the solver's output corrections)
+    std_error: float  # from the least-squares Jacobian at the estimate
+    bounds: tuple[float, float]  # the box it was searched in
+    uncorrected: float  # the estimate of the multi-start fit, before any output correction
+    posterior: Posterior | None = None  # with MCMC (surrogate backend)
+    refined: float | None = None  # with refine: the solver-in-the-loop refinement
+
+
+@dataclass(frozen=True)
+class StartRun:
+    """One start of the multi-start least squares: where it began and ended (physical units)."""
+
+    start: tuple[float, ...]
+    theta: tuple[float, ...]
+    cost: float
+    nfev: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "start": list(self.start),
+            "theta": list(self.theta),
+            "cost": self.cost,
+            "nfev": self.nfev,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class LeastSquares:
+    """`point_estimate`'s answer: the best start's optimum and the covariance there."""
+
+    theta: np.ndarray  # [n_fit] the estimate, physical units
+    z: np.ndarray  # [n_fit] the same in the unit box
+    cov_z: np.ndarray  # [n_fit, n_fit] from the Jacobian, unit box
+    cost: float
+    std_error: np.ndarray  # [n_fit] physical units
+    starts: tuple[StartRun, ...]  # every start, in start order
+
+
+@dataclass(frozen=True)
+class MCMCDiagnostics:
+    """The sampler's settings and convergence diagnostics; per-value lists in `fit`'s order, None
+    where a diagnostic could not be computed (JSON has no NaN)."""
+
+    walkers: int
+    steps: int
+    burn: int
+    acceptance: float  # mean acceptance fraction over the walkers
+    autocorr_time: tuple[float | None, ...]  # steps
+    ess: tuple[float | None, ...]  # effective sample size
+    rhat: tuple[float | None, ...]  # split R-hat, walkers as chains
+    chain_over_50_tau: bool  # the kept chain is longer than TAU_LENGTHS autocorrelation times
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "walkers": self.walkers,
+            "steps": self.steps,
+            "burn": self.burn,
+            "acceptance": self.acceptance,
+            "autocorr_time": list(self.autocorr_time),
+            "ess": list(self.ess),
+            "rhat": list(self.rhat),
+            "chain_over_50_tau": self.chain_over_50_tau,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class MCMCRun:
+    """`posterior`'s answer: the kept samples, their summary, the diagnostics and the warnings
+    (`mcmc_warnings`). Arrays are per fitted value, physical units."""
+
+    samples: np.ndarray  # [S, n_fit]
+    mean: np.ndarray
+    std: np.ndarray
+    q05: np.ndarray
+    q95: np.ndarray
+    diagnostics: MCMCDiagnostics
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The solver's check of the candidates (the estimate first, then posterior samples); see
+    `verify`."""
+
+    n_candidates: int
+    within_2std: tuple[float, ...]  # per candidate: share of points within 2 stated stds
+    rms_residual_solver: tuple[float, ...]  # per candidate: RMS normalized residual, solver
+    rms_residual_surrogate: tuple[float, ...]  # the same with the (corrected) surrogate
+    rms_residual_solver_by_output: dict[str, float]  # at the estimate, per observed output
+    rms_residual_band: tuple[float, float]  # `rms_band`: accepted for the solver's at the estimate
+    n_observed: int
+    solver_failed: tuple[bool, ...]  # per candidate
+    verified: bool
+    # with output corrections: the share within 2 stds of the uncorrected surrogate at the estimate
+    uncorrected_within_2std: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "n_candidates": self.n_candidates,
+            "within_2std": list(self.within_2std),
+            "rms_residual_solver": list(self.rms_residual_solver),
+            "rms_residual_surrogate": list(self.rms_residual_surrogate),
+            "rms_residual_solver_by_output": dict(self.rms_residual_solver_by_output),
+            "rms_residual_band": list(self.rms_residual_band),
+            "n_observed": self.n_observed,
+            "solver_failed": list(self.solver_failed),
+            "verified": self.verified,
+        }
+        if self.uncorrected_within_2std is not None:
+            out["uncorrected_within_2std"] = self.uncorrected_within_2std
+        return out
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds: the multi-start fit (of it, inside the model), least squares with the corrections,
+    and, where they ran, MCMC, verification and refinement; the whole call."""
+
+    multistart_s: float
+    multistart_model_s: float
+    least_squares_s: float
+    mcmc_s: float | None
+    verification_s: float | None
+    refine_s: float | None
+    total_s: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """Calls, scenarios and seconds of the surrogate and of the solver over the whole call."""
+
+    surrogate_calls: int
+    surrogate_scenarios: int
+    surrogate_s: float
+    solver_calls: int
+    solver_scenarios: int
+    solver_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationResult:
+    """What `calibrate` found. `as_dict()` is the JSON of `twin-calibrate` and `POST /calibrate`
+    (without their own keys: model, system, ...); `to_json()` the same as text. The arrays for
+    plots (`mean`, `std`, `y_solver`, `samples`) are not part of it."""
+
+    backend: Literal["surrogate", "solver"]
+    fit: tuple[str, ...]
+    estimates: dict[str, Estimate]  # by fitted name, in `fit`'s order
+    cost: float  # the least-squares cost at the estimate
+    starts: tuple[StartRun, ...]  # the last fit's starts
+    corrections: tuple[dict[str, float], ...]  # the estimate after each output correction
+    noise: dict[str, float]  # the noise std used, per observed output
+    noise_estimated: tuple[str, ...]  # the observed outputs whose noise was estimated
+    # the problem's, then every MCMC diagnostic out of range, then why the estimate is unverified
+    warnings: tuple[str, ...]
+    timings: Timings
+    evaluations: Evaluations
+    mean: np.ndarray  # [T, ny] the calibrated prediction at the estimate
+    std: np.ndarray  # [T, ny] its stated std
+    y_solver: np.ndarray | None = None  # [T, ny] the solver at the estimate (surrogate backend)
+    samples: np.ndarray | None = None  # [S, n_fit] posterior samples (with MCMC)
+    diagnostics: MCMCDiagnostics | None = None  # with MCMC
+    verification: Verification | None = None  # surrogate backend
+
+    @property
+    def estimate(self) -> dict[str, float]:
+        """The estimate by fitted name."""
+        return {k: e.value for k, e in self.estimates.items()}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-ready result: plain dicts, lists, numbers and strings, keys in the documented
+        order."""
+        est = self.estimates
+        out: dict[str, Any] = {
+            "backend": self.backend,
+            "fit": list(self.fit),
+            "estimate": {k: e.value for k, e in est.items()},
+            "std_error": {k: e.std_error for k, e in est.items()},
+            "cost": self.cost,
+            "starts": [s.as_dict() for s in self.starts],
+            "uncorrected_estimate": {k: e.uncorrected for k, e in est.items()},
+            "corrections": [dict(c) for c in self.corrections],
+            "bounds": {k: list(e.bounds) for k, e in est.items()},
+            "noise": dict(self.noise),
+            "noise_estimated": list(self.noise_estimated),
+            "warnings": list(self.warnings),
+        }
+        if self.diagnostics is not None:
+            out["posterior"] = {
+                k: e.posterior.as_dict() for k, e in est.items() if e.posterior is not None
+            }
+            out["diagnostics"] = self.diagnostics.as_dict()
+        if self.verification is not None:
+            out["verification"] = self.verification.as_dict()
+        refined = {k: e.refined for k, e in est.items() if e.refined is not None}
+        if refined:
+            out["refined"] = refined
+        out["timings"] = self.timings.as_dict()
+        out["evaluations"] = self.evaluations.as_dict()
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        """`as_dict()` as JSON text; keyword arguments go to `json.dumps`."""
+        return json.dumps(self.as_dict(), **kwargs)
 
 
 def residuals(problem: Problem, mean: np.ndarray, std: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -135,7 +370,7 @@ def _fd_steps(z: np.ndarray, h: float = FD_STEP) -> np.ndarray:
 
 def point_estimate(
     backend, problem: Problem, sigma: np.ndarray, z0s: np.ndarray, *, max_nfev: int = 60
-) -> dict[str, Any]:
+) -> LeastSquares:
     """Multi-start least squares (scipy, trust-region reflective) on the normalized residuals. The
     starts run in lockstep (`_Lockstep`), and each forward-difference Jacobian is computed from
     one vectorized set of candidates. A backend that batches (`batched` True: the surrogate, a
@@ -146,7 +381,8 @@ def point_estimate(
     gate = _Lockstep(backend, problem, len(z0s))
     speculative = bool(getattr(backend, "batched", False))
 
-    def one(i: int, z0: np.ndarray) -> dict[str, Any]:
+    def one(i: int, z0: np.ndarray) -> tuple[StartRun, np.ndarray, np.ndarray]:
+        """(the start's run, its optimum in the unit box, the Jacobian there)"""
         last: dict[
             bytes, tuple[np.ndarray, np.ndarray | None]
         ] = {}  # z -> (residuals, Jacobian or None)
@@ -188,32 +424,31 @@ def point_estimate(
             )
         finally:
             gate.leave()
-        return {
-            "start": problem.from_unit(z0).tolist(),
-            "theta": problem.from_unit(res.x).tolist(),
-            "cost": float(res.cost),
-            "nfev": int(res.nfev),
-            "z": res.x,
-            "jac": res.jac,
-        }
+        run = StartRun(
+            start=tuple(problem.from_unit(z0).tolist()),
+            theta=tuple(problem.from_unit(res.x).tolist()),
+            cost=float(res.cost),
+            nfev=int(res.nfev),
+        )
+        return run, res.x, res.jac
 
     if len(z0s) == 1:
         runs = [one(0, z0s[0])]
     else:
         with ThreadPoolExecutor(max_workers=len(z0s), thread_name_prefix="twin-ml-start") as pool:
             runs = list(pool.map(one, range(len(z0s)), z0s))
-    best = min(runs, key=lambda r: r["cost"])
-    cov_z = np.linalg.pinv(best["jac"].T @ best["jac"])
+    best, z, jac = min(runs, key=lambda r: r[0].cost)
+    cov_z = np.linalg.pinv(jac.T @ jac)
     scale = problem.upper - problem.lower
     std_err = np.sqrt(np.clip(np.diag(cov_z), 0, None)) * scale
-    return {
-        "theta": np.array(best["theta"]),
-        "z": best["z"],
-        "cov_z": cov_z,
-        "cost": best["cost"],
-        "std_error": std_err,
-        "starts": [{k: v for k, v in r.items() if k not in ("z", "jac")} for r in runs],
-    }
+    return LeastSquares(
+        theta=np.array(best.theta),
+        z=z,
+        cov_z=cov_z,
+        cost=best.cost,
+        std_error=std_err,
+        starts=tuple(r[0] for r in runs),
+    )
 
 
 def estimate_noise(problem: Problem, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -269,16 +504,16 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def mcmc_warnings(diagnostics: dict[str, Any], names: list[str]) -> list[str]:
+def mcmc_warnings(diagnostics: MCMCDiagnostics, names: list[str]) -> list[str]:
     """One warning per parameter and diagnostic outside its accepted range (RHAT_MAX, ESS_MIN,
     TAU_LENGTHS) in `posterior`'s diagnostics; each names the parameter, the value and what to do.
     A diagnostic that could not be computed (None) is a warning too."""
-    steps, burn, walkers = diagnostics["steps"], diagnostics["burn"], diagnostics["walkers"]
+    steps, burn, walkers = diagnostics.steps, diagnostics.burn, diagnostics.walkers
     kept = steps - burn
     now = f"(now steps={steps}, burn={burn}, walkers={walkers})"
     out = []
     for name, rhat, ess, tau in zip(
-        names, diagnostics["rhat"], diagnostics["ess"], diagnostics["autocorr_time"]
+        names, diagnostics.rhat, diagnostics.ess, diagnostics.autocorr_time
     ):
         if rhat is None or rhat > RHAT_MAX:
             value = "could not be computed" if rhat is None else f"is {rhat:.3g} (> {RHAT_MAX})"
@@ -321,13 +556,13 @@ def posterior(
     burn: int = 300,
     seed: int = 0,
     cov_z: np.ndarray | None = None,
-) -> dict[str, Any]:
+) -> MCMCRun:
     """emcee's affine-invariant ensemble sampler, vectorized: every walker move is one backend call.
     Uniform prior on the bounds times the optional normal priors. Walkers start drawn from the
     Laplace approximation at the point estimate (covariance `cov_z`, from the least-squares
     Jacobian) when given, else in a small ball around it: a ball far narrower than the posterior
     takes many autocorrelation times to spread, and a short chain then understates the width.
-    Its "warnings" name every diagnostic outside its accepted range (`mcmc_warnings`)."""
+    Its `warnings` name every diagnostic outside its accepted range (`mcmc_warnings`)."""
     import emcee
 
     n = problem.n_fit
@@ -373,25 +608,25 @@ def posterior(
     finally:
         logger.setLevel(level)
     q05, q95 = np.quantile(flat, [0.05, 0.95], axis=0)
-    diagnostics = {
-        "walkers": walkers,
-        "steps": steps,
-        "burn": burn,
-        "acceptance": float(np.mean(sampler.acceptance_fraction)),
-        "autocorr_time": [_finite(x) for x in tau],
-        "ess": [_finite(chain.shape[0] * walkers / max(x, 1.0)) for x in tau],
-        "rhat": [_finite(x) for x in _rhat(chain)],
-        "chain_over_50_tau": bool(chain.shape[0] >= TAU_LENGTHS * float(np.max(tau))),
-    }
-    return {
-        "samples": flat,
-        "mean": flat.mean(axis=0),
-        "std": flat.std(axis=0),
-        "q05": q05,
-        "q95": q95,
-        "diagnostics": diagnostics,
-        "warnings": mcmc_warnings(diagnostics, problem.fit),
-    }
+    diagnostics = MCMCDiagnostics(
+        walkers=walkers,
+        steps=steps,
+        burn=burn,
+        acceptance=float(np.mean(sampler.acceptance_fraction)),
+        autocorr_time=tuple(_finite(x) for x in tau),
+        ess=tuple(_finite(chain.shape[0] * walkers / max(x, 1.0)) for x in tau),
+        rhat=tuple(_finite(x) for x in _rhat(chain)),
+        chain_over_50_tau=bool(chain.shape[0] >= TAU_LENGTHS * float(np.max(tau))),
+    )
+    return MCMCRun(
+        samples=flat,
+        mean=flat.mean(axis=0),
+        std=flat.std(axis=0),
+        q05=q05,
+        q95=q95,
+        diagnostics=diagnostics,
+        warnings=tuple(mcmc_warnings(diagnostics, problem.fit)),
+    )
 
 
 def rms_band(n_observed: int, n_fit: int) -> tuple[float, float]:
@@ -413,15 +648,15 @@ def rms_band(n_observed: int, n_fit: int) -> tuple[float, float]:
 
 def verify(
     surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.ndarray
-) -> dict[str, Any]:
+) -> tuple[Verification, np.ndarray, list[str]]:
     """Re-simulate candidates thetas [K, n_fit] (the estimate first) with the solver. Per candidate:
     the fraction of grid points where the solver lies within 2 stated stds of the surrogate mean,
     and the RMS normalized residual against the observations with each. Verified when, at the
     estimate, the fraction is >= 0.9, the solve succeeded, and the solver's RMS normalized
     residual lies in `rms_band` (outside it, the noise std is misstated or the model cannot fit
     the observations: the standard errors and intervals, which scale with the noise, are then
-    wrong whatever the surrogate did). "_warnings" says why a result is unverified, and what to
-    do."""
+    wrong whatever the surrogate did). Returns the `Verification`, the solver at the estimate
+    ([T, ny], for plots) and the warnings: why the estimate is unverified, and what to do."""
     y_solver, _ = solver.predict(problem, thetas)
     mean, std = surrogate.predict(problem, thetas)
     mask = ~np.isnan(problem.y)
@@ -482,24 +717,18 @@ def verify(
             "output correction) or refine, or retrain the model with data near the "
             "estimate"
         )
-    return {
-        "n_candidates": int(len(thetas)),
-        "within_2std": within.tolist(),
-        "rms_residual_solver": chi_solver.tolist(),
-        "rms_residual_surrogate": chi_surrogate.tolist(),
-        "rms_residual_solver_by_output": by_output,
-        "rms_residual_band": [lo, hi],
-        "n_observed": n_observed,
-        "solver_failed": failed.tolist(),
-        "verified": not warns,
-        "_y_solver": y_solver[0],
-        "_warnings": warns,
-    }
-
-
-def public(result: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-ready part of a result: without the arrays kept for plotting ("_" keys)."""
-    return {k: v for k, v in result.items() if not k.startswith("_")}
+    verification = Verification(
+        n_candidates=int(len(thetas)),
+        within_2std=tuple(within.tolist()),
+        rms_residual_solver=tuple(chi_solver.tolist()),
+        rms_residual_surrogate=tuple(chi_surrogate.tolist()),
+        rms_residual_solver_by_output=by_output,
+        rms_residual_band=(lo, hi),
+        n_observed=n_observed,
+        solver_failed=tuple(failed.tolist()),
+        verified=not warns,
+    )
+    return verification, y_solver[0], warns
 
 
 def calibrate(
@@ -507,7 +736,7 @@ def calibrate(
     surrogate,
     solver,
     *,
-    backend: str = "surrogate",
+    backend: Literal["surrogate", "solver"] = "surrogate",
     n_starts: int = 8,
     max_nfev: int = 60,
     mcmc: dict[str, Any] | None = None,
@@ -516,7 +745,7 @@ def calibrate(
     corrections: int = 2,
     slopes: bool = True,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> CalibrationResult:
     """The whole loop. backend="surrogate": least squares (and MCMC when `mcmc` is given) on the
     surrogate, then solver verification (and optional solver-in-the-loop refinement from the
     surrogate's optimum). backend="solver": the same least squares, same starts, on the solver.
@@ -539,16 +768,14 @@ def calibrate(
     estimate (simulated anyway), and finally the solver simulates the final estimate once more
     (one solve), whose residual gives the noise, and the fit restarts from the estimate with it
     (surrogate calls only). The surrogate's stated std is never subtracted: see `estimate_noise`.
-    `warnings` holds the problem's warnings, every MCMC diagnostic outside its accepted range
-    (`mcmc_warnings`) and every reason the solver did not verify the estimate (`verify`).
-    Arrays for plots ride along under "_" keys (`public` drops them): "_samples" (posterior
-    samples [S, n_fit]), "_y_solver" (the solver at the estimate, [T, ny]) and "_mean", "_std"
-    (the calibrated prediction at the estimate, [T, ny])."""
+    The result's `warnings` hold the problem's warnings, every MCMC diagnostic outside its accepted
+    range (`mcmc_warnings`) and every reason the solver did not verify the estimate (`verify`).
+    Its arrays for plots: `samples` (posterior samples [S, n_fit]), `y_solver` (the solver at the
+    estimate, [T, ny]) and `mean`, `std` (the calibrated prediction at the estimate, [T, ny])."""
     if backend not in ("surrogate", "solver"):
         raise ValueError(f"backend must be 'surrogate' or 'solver', got {backend!r}")
     engine = surrogate if backend == "surrogate" else solver
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     z0s = starts(problem, n_starts, seed)
     sigma = problem.noise.copy()
     unknown = bool(np.isnan(sigma).any())
@@ -557,18 +784,18 @@ def calibrate(
         first = point_estimate(engine, problem, rough, z0s, max_nfev=max_nfev)
         # the solver's residual when it is the engine; else the surrogate's, provisional (an
         # upper bound: the surrogate's error is in it) until the solver simulates the estimate
-        y_first, _ = engine.predict(problem, first["theta"][None])
+        y_first, _ = engine.predict(problem, first.theta[None])
         sigma = estimate_noise(problem, y_first[0], problem.noise)
-        z0s = np.vstack([first["z"][None], z0s[: max(0, n_starts - 1)]])
+        z0s = np.vstack([first.z[None], z0s[: max(0, n_starts - 1)]])
     t0, model_s = time.perf_counter(), engine.seconds
     best = point_estimate(engine, problem, sigma, z0s, max_nfev=max_nfev)
-    timings["multistart_s"] = time.perf_counter() - t0  # the fit before any correction
-    timings["multistart_model_s"] = engine.seconds - model_s  # of which, inside the model's calls
-    raw_estimate = best["theta"]
-    history = []
+    multistart_s = time.perf_counter() - t0  # the fit before any correction
+    multistart_model_s = engine.seconds - model_s  # of which, inside the model's calls
+    raw_estimate = best.theta
+    history: list[dict[str, float]] = []
     if backend == "surrogate":
         for round_ in range(corrections):
-            z = best["z"]
+            z = best.z
             zs = z[None]
             if slopes and round_ == corrections - 1:
                 steps = _fd_steps(z, SLOPE_STEP)
@@ -589,57 +816,35 @@ def calibrate(
                 slope = (d[1:] - d[:1]) / steps[:, None, None]
             engine = CorrectedSurrogate(surrogate, d[0], z0=z, slope=slope)
             best = point_estimate(engine, problem, sigma, z[None], max_nfev=max_nfev)
-            history.append(dict(zip(problem.fit, best["theta"].tolist())))
+            history.append(dict(zip(problem.fit, best.theta.tolist())))
         else:  # every round ran (after a failed solve, the same point would only fail again)
             if unknown:
                 # the noise from the solver at the final estimate: the rounds' solves lie one refit
                 # behind it, where the residual still holds that estimate's error (the test
                 # pendulum's first corrected estimate, 22% off in damping, gave 1.6x the noise)
-                y_solver, _ = solver.predict(problem, best["theta"][None])
+                y_solver, _ = solver.predict(problem, best.theta[None])
                 if np.all(np.isfinite(y_solver[0])):  # else verification reports the failed solve
                     sigma = estimate_noise(problem, y_solver[0], problem.noise)
                     # a refit from the estimate with that noise (surrogate calls only): the
                     # weights, the standard errors and the posterior scale with it
-                    best = point_estimate(
-                        engine, problem, sigma, best["z"][None], max_nfev=max_nfev
-                    )
-    timings["least_squares_s"] = time.perf_counter() - t0
+                    best = point_estimate(engine, problem, sigma, best.z[None], max_nfev=max_nfev)
+    least_squares_s = time.perf_counter() - t0
     observed = [j for j in range(len(problem.outputs)) if not np.all(np.isnan(problem.y[:, j]))]
-    out: dict[str, Any] = {
-        "backend": backend,
-        "fit": problem.fit,
-        "estimate": dict(zip(problem.fit, best["theta"].tolist())),
-        "std_error": dict(zip(problem.fit, best["std_error"].tolist())),
-        "cost": best["cost"],
-        "starts": best["starts"],
-        "uncorrected_estimate": dict(zip(problem.fit, raw_estimate.tolist())),
-        "corrections": history,
-        "bounds": {
-            k: [lo, hi]
-            for k, lo, hi in zip(problem.fit, problem.lower.tolist(), problem.upper.tolist())
-        },
-        "noise": {problem.outputs[j]: float(sigma[j]) for j in observed},
-        "noise_estimated": [problem.outputs[j] for j in observed if np.isnan(problem.noise[j])],
-        "warnings": list(problem.warnings),
-    }
+    warns = list(problem.warnings)
     samples = np.zeros((0, problem.n_fit))
+    run: MCMCRun | None = None
+    mcmc_s: float | None = None
+    verification_s: float | None = None
+    refine_s: float | None = None
     if mcmc is not None and backend == "surrogate":
         t0 = time.perf_counter()
-        post = posterior(engine, problem, sigma, best["z"], seed=seed, cov_z=best["cov_z"], **mcmc)
-        timings["mcmc_s"] = time.perf_counter() - t0
-        samples = post["samples"]
-        out["_samples"] = samples
-        out["posterior"] = {
-            k: {
-                "mean": float(post["mean"][i]),
-                "std": float(post["std"][i]),
-                "q05": float(post["q05"][i]),
-                "q95": float(post["q95"][i]),
-            }
-            for i, k in enumerate(problem.fit)
-        }
-        out["diagnostics"] = post["diagnostics"]
-        out["warnings"] += post["warnings"]
+        run = posterior(engine, problem, sigma, best.z, seed=seed, cov_z=best.cov_z, **mcmc)
+        mcmc_s = time.perf_counter() - t0
+        samples = run.samples
+        warns += run.warnings
+    verification: Verification | None = None
+    y_solver_at_estimate: np.ndarray | None = None
+    refined: np.ndarray | None = None
     if backend == "surrogate":
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed + 1)
@@ -648,32 +853,73 @@ def calibrate(
             if len(samples)
             else samples
         )
-        ver = verify(engine, solver, problem, sigma, np.vstack([best["theta"][None], picks]))
-        out["_y_solver"] = ver.pop("_y_solver")
-        out["warnings"] += ver.pop("_warnings")
+        verification, y_solver_at_estimate, why = verify(
+            engine, solver, problem, sigma, np.vstack([best.theta[None], picks])
+        )
+        warns += why
         if engine is not surrogate:  # how far the uncorrected surrogate was from the solver there
-            raw_mean, raw_std = surrogate.predict(problem, best["theta"][None])
+            raw_mean, raw_std = surrogate.predict(problem, best.theta[None])
             mask = ~np.isnan(problem.y)
-            ver["uncorrected_within_2std"] = float(
-                (np.abs(out["_y_solver"] - raw_mean[0]) <= 2 * raw_std[0])[mask].mean()
-            )
-        out["verification"] = ver
-        timings["verification_s"] = time.perf_counter() - t0
+            within = np.abs(y_solver_at_estimate - raw_mean[0]) <= 2 * raw_std[0]
+            verification = replace(verification, uncorrected_within_2std=float(within[mask].mean()))
+        verification_s = time.perf_counter() - t0
         if refine_nfev > 0:
             t0 = time.perf_counter()
-            ref = point_estimate(solver, problem, sigma, best["z"][None], max_nfev=refine_nfev)
-            out["refined"] = dict(zip(problem.fit, ref["theta"].tolist()))
-            timings["refine_s"] = time.perf_counter() - t0
-    mean, std = engine.predict(problem, best["theta"][None])
-    out["_mean"], out["_std"] = mean[0], std[0]  # the calibrated prediction, for plots
-    timings["total_s"] = time.perf_counter() - t_start
-    out["timings"] = timings
-    out["evaluations"] = {
-        "surrogate_calls": surrogate.calls if surrogate else 0,
-        "surrogate_scenarios": surrogate.scenarios if surrogate else 0,
-        "surrogate_s": surrogate.seconds if surrogate else 0.0,
-        "solver_calls": solver.calls,
-        "solver_scenarios": solver.scenarios,
-        "solver_s": solver.seconds,
+            ref = point_estimate(solver, problem, sigma, best.z[None], max_nfev=refine_nfev)
+            refined = ref.theta
+            refine_s = time.perf_counter() - t0
+    mean, std = engine.predict(problem, best.theta[None])  # the calibrated prediction, for plots
+    timings = Timings(
+        multistart_s=multistart_s,
+        multistart_model_s=multistart_model_s,
+        least_squares_s=least_squares_s,
+        mcmc_s=mcmc_s,
+        verification_s=verification_s,
+        refine_s=refine_s,
+        total_s=time.perf_counter() - t_start,
+    )
+    evaluations = Evaluations(
+        surrogate_calls=surrogate.calls if surrogate else 0,
+        surrogate_scenarios=surrogate.scenarios if surrogate else 0,
+        surrogate_s=surrogate.seconds if surrogate else 0.0,
+        solver_calls=solver.calls,
+        solver_scenarios=solver.scenarios,
+        solver_s=solver.seconds,
+    )
+    estimates = {
+        name: Estimate(
+            value=float(best.theta[i]),
+            std_error=float(best.std_error[i]),
+            bounds=(float(problem.lower[i]), float(problem.upper[i])),
+            uncorrected=float(raw_estimate[i]),
+            posterior=None
+            if run is None
+            else Posterior(
+                mean=float(run.mean[i]),
+                std=float(run.std[i]),
+                q05=float(run.q05[i]),
+                q95=float(run.q95[i]),
+            ),
+            refined=None if refined is None else float(refined[i]),
+        )
+        for i, name in enumerate(problem.fit)
     }
-    return out
+    return CalibrationResult(
+        backend=backend,
+        fit=tuple(problem.fit),
+        estimates=estimates,
+        cost=best.cost,
+        starts=best.starts,
+        corrections=tuple(history),
+        noise={problem.outputs[j]: float(sigma[j]) for j in observed},
+        noise_estimated=tuple(problem.outputs[j] for j in observed if np.isnan(problem.noise[j])),
+        warnings=tuple(warns),
+        timings=timings,
+        evaluations=evaluations,
+        mean=mean[0],
+        std=std[0],
+        y_solver=y_solver_at_estimate,
+        samples=None if run is None else run.samples,
+        diagnostics=None if run is None else run.diagnostics,
+        verification=verification,
+    )
