@@ -1,6 +1,7 @@
 """The BentoML scenario-inference service: POST /simulate, POST /calibrate, GET /model.
 
-    TWIN_ML_MODEL=pendulum_node:production bentoml serve serving.service:TwinService --host 127.0.0.1
+    TWIN_ML_MODEL=pendulum_node:production \
+        bentoml serve serving.service:TwinService --host 127.0.0.1
     twin-serve model=pendulum_node:production [port=3000]
 
 The model comes from the store (BENTOML_HOME) as NAME:VERSION, NAME:latest or NAME:<stage>; its
@@ -32,6 +33,7 @@ import asyncio
 import contextvars
 import hmac
 import json
+import logging
 import math
 import os
 import threading
@@ -60,6 +62,7 @@ from twin_ml.calibrate import (
 )
 from twin_ml.contract import ModelCard, RequestError
 
+log = logging.getLogger("twin_ml.service")
 MODEL_ENV = "TWIN_ML_MODEL"
 TOKEN_ENV = (
     "TWIN_ML_TOKEN"  # when set: bearer token for every path but health, readiness and metrics
@@ -285,7 +288,8 @@ class TwinService:
     def __init__(self) -> None:
         if CARD is None:
             raise RuntimeError(
-                f"set {MODEL_ENV} to the model to serve (NAME:VERSION, NAME:latest or NAME:production)"
+                f"set {MODEL_ENV} to the model to serve "
+                "(NAME:VERSION, NAME:latest or NAME:production)"
             )
         self.runtime = Runtime(
             ONNX_BYTES,
@@ -296,6 +300,14 @@ class TwinService:
             max_steps=_env_int("TWIN_ML_MAX_STEPS", 0) or None,
         )
         self.metrics = _metrics()
+        # /calibrate verifies with the physics solver: the system must be importable here (a
+        # user's own module: run twin-serve from its folder, or with it on PYTHONPATH)
+        self.no_solver: str | None = None
+        try:
+            CARD.system.build()
+        except (KeyError, ImportError, ValueError) as e:
+            self.no_solver = e.args[0] if e.args else str(e)
+            log.warning(f"/calibrate is unavailable: {self.no_solver}")
         self._calibrations = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="twin-ml-calibrate"
         )
@@ -342,22 +354,23 @@ class TwinService:
         times: list[float],
         outputs: dict[str, list[float | None]],
         fit: list[str],
-        inputs: dict[str, list[float]] = {},
+        # BentoML reads this signature as the request schema; the {} defaults are never mutated
+        inputs: dict[str, list[float]] = {},  # noqa: B006
         parameters: dict[str, float] = {},  # noqa: B006
-        initial_state: dict[str, float] = {},
+        initial_state: dict[str, float] = {},  # noqa: B006
         bounds: dict[str, list[float]] = {},  # noqa: B006
         priors: dict[str, dict[str, list[float]]] = {},  # noqa: B006
-        noise: dict[str, float] = {},
-        mcmc: MCMC | None = None,  # noqa: B006
+        noise: dict[str, float] = {},  # noqa: B006
+        mcmc: MCMC | None = None,
         starts: int = Field(4, ge=1, le=32),
         corrections: int = Field(2, ge=0, le=10),
         refine: int = Field(0, ge=0, le=200),
         ctx: bentoml.Context = None,
     ) -> dict:
-        """Fit parameters (and "state:<name>" initial states) to observations with the surrogate in the
-        loop: multi-start weighted least squares, optional MCMC posterior, and the solver's check of
-        the estimate (see twin_ml/calibrate). Bounds default to the training domain; missing noise
-        is estimated. One calibration runs at a time; others wait their turn."""
+        """Fit parameters (and "state:<name>" initial states) to observations with the surrogate in
+        the loop: multi-start weighted least squares, optional MCMC posterior, and the solver's
+        check of the estimate (see twin_ml/calibrate). Bounds default to the training domain;
+        missing noise is estimated. One calibration runs at a time; others wait their turn."""
         request = {
             "times": times,
             "outputs": outputs,
@@ -369,6 +382,12 @@ class TwinService:
             "priors": priors,
             "noise": noise,
         }
+        if self.no_solver:  # BentoML's own 5xx bodies hide the message: this one must say it
+            why = "calibration needs the model's physics solver, which this server cannot build: "
+            body = json.dumps({"error": why + self.no_solver}).encode()
+            if ctx is not None:
+                ctx.response.status_code = 503
+            return Response(body, status_code=503, media_type="application/json")
         try:
             _check_magnitudes(request)
             problem = Problem.build(request, CARD)
@@ -388,7 +407,8 @@ class TwinService:
             while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S))[0]:
                 if ctx is not None and await ctx.request.is_disconnected():
                     self._stop_calibration(job, stop, "disconnected")
-                    waiter.cancel()  # nobody reads the fit's outcome now (no "exception never retrieved")
+                    # nobody reads the fit's outcome now (no "exception never retrieved")
+                    waiter.cancel()
                     ctx.response.status_code = (
                         499  # nginx's "client closed request", for the access log
                     )
@@ -427,9 +447,7 @@ class TwinService:
         try:
             # counters per calibration
             surrogate = _Stoppable(SurrogateBackend(ONNX_BYTES, CARD), stop)
-            result = calibrate(
-                problem, surrogate, _Stoppable(SolverBackend(CARD), stop), **options
-            )
+            result = calibrate(problem, surrogate, _Stoppable(SolverBackend(CARD), stop), **options)
             outcome = "ok"
             return result
         except _Cancelled:

@@ -222,6 +222,25 @@ def test_twin_calibrate_elsewhere_names_the_module_it_cannot_import(project, tra
     assert r.stderr.startswith("error: ") and MODULE in r.stderr, r.stderr
 
 
+def test_a_server_started_elsewhere_simulates_and_says_why_it_cannot_calibrate(
+    project, trained, exported
+):
+    """/simulate needs the stored model only; /calibrate needs the user's solver: started from a
+    directory without the module, it answers 503 naming the module, and the server stays up."""
+    root, _, env = project
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        proc, url = _start(env, root / "server-elsewhere.log", "rotor:production")
+    try:
+        assert post(url, {"scenarios": [scenario()]})[0] == 200
+        status, body = _post_path(url, "/calibrate", observations(trained[0]))
+        text = json.dumps(body)
+        assert status == 503 and MODULE in text and "PYTHONPATH" in text, (status, text)
+        assert post(url, {"scenarios": [scenario()]})[0] == 200
+    finally:
+        _stop(proc)
+
+
 def test_this_process_never_imported_the_users_module():
     assert MODULE not in sys.modules
 

@@ -136,17 +136,13 @@ def run(cfg: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     from twin_ml import registry
-    from twin_ml.calibrate import CalibrationError
 
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         path = run(cfg)
-    except (
-        ValueError,
-        CalibrationError,
-        registry.RegistryError,
-        OSError,
-    ) as e:  # OSError: e.g. disk full
+    except (ValueError, KeyError, registry.RegistryError, OSError) as e:
+        # KeyError: the model's system cannot be found (its module is not importable from here);
+        # OSError: e.g. a full disk; ValueError includes every request error
         fail(e)
     result = json.loads(path.read_text())
     for k in result["fit"]:

@@ -66,16 +66,20 @@ def system_from_description(desc: Mapping[str, Any]) -> PhysicsSystem:
     """
     name, path = desc.get("name"), desc.get("class")
     options = dict(desc.get("options") or {})
-    if (
-        name and name in list_systems()
-    ):  # a shipped system, registered on import of twin_ml.physics.systems
+    if name and name in list_systems():  # registered: shipped, or its module already imported
         return _SYSTEMS[name](**options)
     if not path:
         raise KeyError(
             f"unknown system {name!r} and no import path recorded for it; known systems: "
             f"{', '.join(list_systems())}"
         )
-    cls = system_class(path)
+    try:
+        cls = system_class(path)
+    except KeyError as e:
+        raise KeyError(
+            f"{e.args[0]}; the system {name!r} was recorded with the class {path!r}: run from "
+            "the directory that holds its module, or put that folder on PYTHONPATH"
+        ) from None
     if name and cls.name != name:
         raise KeyError(
             f"system {name!r}: its recorded class {path!r} is now registered as {cls.name!r}"

@@ -313,6 +313,15 @@ class PhysicsSystem:
             )
         return self.regimes[name]
 
+    def reference(self) -> dict[str, Any]:
+        """How to build this system again: its registered name, its class's import path and its
+        constructor options (`twin_ml.physics.system_from_description` reads it)."""
+        return {
+            "name": self.name,
+            "class": f"{type(self).__module__}:{type(self).__qualname__}",
+            "options": self.options,
+        }
+
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description: names, units, bounds, regimes, solver hints."""
 
@@ -320,9 +329,7 @@ class PhysicsSystem:
             return [_jsonable(asdict(g)) for g in group]
 
         return {
-            "name": self.name,
-            "class": f"{type(self).__module__}:{type(self).__qualname__}",
-            "options": self.options,
+            **self.reference(),
             "time_unit": self.time_unit,
             "states": rows(self.states),
             "inputs": rows(self.inputs),
