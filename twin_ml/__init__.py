@@ -9,16 +9,13 @@ The names load on first use (module `__getattr__`), so `import twin_ml` stays li
 imports torch (the serving side depends on that). The physics, data and calibration names are
 torch-free; `load_trained`, `build_model` and `export_run` import torch when first touched.
 
-`calibrate` is both the calibration package and its entry point: `twin_ml.calibrate` is the
-package `twin_ml.calibrate`, made callable, and calling it calls
-`twin_ml.calibrate.fit.calibrate(problem, surrogate, solver, ...)`.
+Calibration's entry point lives in its package: `from twin_ml.calibrate import calibrate`
+(`twin_ml.calibrate` is the package; its types are here too).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 from twin_ml._version import __version__ as __version__
@@ -50,8 +47,9 @@ _LAZY: dict[str, str] = {
     "build_model": "twin_ml.models",
     "load_trained": "twin_ml.models",
     "export_run": "twin_ml.export.export",
-    # calibration (torch-free: the exported model runs in onnxruntime); `calibrate` is below
+    # calibration (torch-free: the exported model runs in onnxruntime)
     "Problem": "twin_ml.calibrate",
+    "CalibrationResult": "twin_ml.calibrate",
     "SurrogateBackend": "twin_ml.calibrate",
     "SolverBackend": "twin_ml.calibrate",
     "CalibrationError": "twin_ml.calibrate",
@@ -60,38 +58,7 @@ _LAZY: dict[str, str] = {
     "RequestError": "twin_ml.contract",
 }
 
-__all__ = sorted([*_LAZY, "__version__", "calibrate", "code_version"])
-
-
-class _CallablePackage(types.ModuleType):
-    """The package twin_ml.calibrate, callable as its entry point (see the module docstring)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from twin_ml.calibrate.fit import calibrate
-
-        return calibrate(*args, **kwargs)
-
-
-def _calibrate() -> types.ModuleType:
-    package = importlib.import_module("twin_ml.calibrate")
-    if type(package) is types.ModuleType:
-        package.__class__ = _CallablePackage
-    return package
-
-
-class _Package(types.ModuleType):
-    # The import system sets `twin_ml.calibrate` to the package whenever it is first imported
-    # (by anyone); this property makes that name the callable package however it was reached.
-    @property
-    def calibrate(self) -> types.ModuleType:
-        return _calibrate()
-
-    @calibrate.setter
-    def calibrate(self, value: Any) -> None:
-        pass  # the import system's assignment of the package: the getter reads sys.modules
-
-
-sys.modules[__name__].__class__ = _Package
+__all__ = sorted([*_LAZY, "__version__", "code_version"])
 
 
 def __getattr__(name: str) -> Any:
