@@ -1,4 +1,5 @@
-"""twin-generate as a user runs it: a real subprocess, Hydra overrides, one-line errors."""
+"""twin-generate as a user runs it: a real subprocess, Hydra overrides, one-line errors; and --help
+on every command."""
 
 import json
 import os
@@ -195,18 +196,6 @@ def test_api_and_cli_with_the_same_settings_make_the_same_dataset(tmp_path):
     )
 
 
-def test_readme_example_is_the_tested_user_system():
-    readme = (ROOT / "README.md").read_text()
-    example = (ASSETS / "mass_spring.py").read_text()
-    assert example in readme, (
-        "README's custom-system example drifted from tests/assets/mass_spring.py"
-    )
-    body = [
-        ln for ln in example.splitlines() if ln.strip() and not ln.strip().startswith(("#", '"""'))
-    ]
-    assert len(body) < 40
-
-
 def test_every_shipped_system_has_a_config_that_composes():
     from hydra import compose, initialize_config_dir
 
@@ -217,3 +206,107 @@ def test_every_shipped_system_has_a_config_that_composes():
             from hydra.utils import instantiate
 
             assert instantiate(cfg.system).name == name
+
+
+# ---- --help on every command ---------------------------------------------------------------------
+
+HYDRA_APPS = {"twin-generate": "generate", "twin-train": "train", "twin-evaluate": "evaluate"}
+HYDRA_APPS["twin-export"] = "export"
+KEY_VALUE = {
+    "twin-serve": "training.serve",
+    "twin-calibrate": "training.calibrate",
+    "twin-ingest": "training.ingest",
+    "twin-monitor": "training.monitor",
+}
+
+
+def test_every_console_script_has_help():
+    """pyproject's console scripts are the commands these tests ask for --help."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {*HYDRA_APPS, *KEY_VALUE, "twin-models"}
+
+
+def _help(command: str, flag: str = "--help") -> list[str]:
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / command), flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "error" not in r.stderr.lower() and "Traceback" not in r.stderr
+    return r.stdout.splitlines()
+
+
+def _setting_line(lines: list[str], name: str) -> str:
+    found = [ln for ln in lines if ln.split()[:1] == [name] and ln.startswith("  ")]
+    assert len(found) == 1, f"{name!r}: no line of its own in the help"
+    return found[0]
+
+
+@pytest.mark.parametrize("command", sorted(KEY_VALUE))
+def test_key_value_command_help_lists_every_setting_with_its_default(command):
+    """--help (and -h) exits 0 and gives each setting a line: name, default, and (for the
+    commands whose settings declare it) its meaning."""
+    import importlib
+
+    from training._common import Setting
+
+    module = importlib.import_module(KEY_VALUE[command])
+    settings = getattr(module, "SETTINGS", None) or module.DEFAULTS
+    lines = _help(command, "-h" if command == "twin-serve" else "--help")
+    assert lines[0].startswith(f"{command}: ")  # the description first, then the table
+    lines = lines[lines.index("settings (key=value; default, meaning):") :]
+    for name, setting in settings.items():
+        line = _setting_line(lines, name)
+        if isinstance(setting, Setting):
+            default = "(required)" if setting.required else setting.default or "-"
+            assert line.split()[1] == default and line.endswith(setting.help)
+        else:
+            assert line.split()[1] == (setting or "-")
+
+
+@pytest.mark.parametrize("command", sorted(HYDRA_APPS))
+def test_hydra_app_help_says_what_it_does_and_lists_its_settings(command):
+    """--help exits 0 with the command's own text: every top-level setting of its config on a
+    line with its default, and every config group with the option chosen."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from training._common import shown
+
+    name = HYDRA_APPS[command]
+    lines = _help(command)
+    assert lines[0].startswith(f"{command}: ") and "is powered by Hydra" not in "\n".join(lines)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name=name, return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    groups = [g for g in choices if not g.startswith("hydra")]
+    for key in cfg:
+        if key == "hydra" or key in groups:
+            continue
+        line = _setting_line(lines, key)
+        if OmegaConf.is_missing(cfg, key):
+            assert "(required)" in line
+            continue
+        try:
+            value = shown(OmegaConf.select(cfg, key, throw_on_missing=True))
+        except Exception:  # interpolates a required value (out_dir=${run_dir}/...)
+            continue
+        assert line.endswith(f"[{value}]"), (line, value)
+    for group in groups:
+        assert _setting_line(lines, group).endswith(f"[{shown(choices[group])}]")
+
+
+def test_twin_models_help_lists_its_commands():
+    lines = _help("twin-models", "-h")
+    text = "\n".join(lines)
+    for cmd, meaning in (
+        ("list", "stored twin-ml models"),
+        ("show", "the verified manifest"),
+        ("verify", "recompute every file's sha256"),
+        ("promote", "point NAME:<stage> at a version"),
+    ):
+        assert f"{cmd} " in text and meaning in text

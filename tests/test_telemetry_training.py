@@ -4,6 +4,7 @@ solver (an untrained hybrid is exactly its physics), and experiment=cascaded_tan
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,14 @@ def test_cascaded_tanks_real_runs_and_reports_the_test_record_rmse(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     # Lightning's lines print once, through Hydra's logging (its own handlers used to repeat them)
     assert r.stdout.count("GPU available") == 1 and "GPU available" not in r.stderr
+    # no terminal here, so no progress bar: a progress line per epoch in the log instead
+    progress = [ln for ln in r.stdout.splitlines() if "epoch 1/" in ln]
+    assert len(progress) == 1, r.stdout[-3000:]
+    assert re.search(
+        r"epoch 1/1: train loss -?[\d.e+-]+, val loss [\d.e+-]+, "
+        r"elapsed [\dhms.]+, left ~[\dhms.]+$",
+        progress[0],
+    ), progress[0]
     metrics = json.loads((out / "metrics.json").read_text())
     keys = [k for k in metrics if "test" in k and "rmse" in k]
     assert "test/rmse" in keys
