@@ -25,7 +25,8 @@ def _x0_with(
     hidden: list[int],
     observed: dict[int, int],
 ):
-    """x0 [M, B, nx]: observed states from y0 [ny], hidden ones from hidden_values [M, B, n_hidden]."""
+    """x0 [M, B, nx]: observed states from y0 [ny], hidden ones from hidden_values
+    [M, B, n_hidden]."""
     m, b = hidden_values.shape[0], hidden_values.shape[1]
     cols = []
     for i in range(model.nx):
@@ -98,7 +99,8 @@ def initial_state(
 def free_run(
     model, x0: torch.Tensor, u: torch.Tensor, p: torch.Tensor, t: torch.Tensor
 ) -> dict[str, np.ndarray]:
-    """Mean, calibrated std [T, ny] and members [M, T, ny] of per-member free runs from x0 [M, 1, nx]."""
+    """Mean, calibrated std [T, ny] and members [M, T, ny] of per-member free runs from
+    x0 [M, 1, nx]."""
     pred = model.predict(x0, u[None], p[None], t)
     return {
         k: v[..., 0, :, :].numpy().astype(np.float64)
@@ -252,7 +254,8 @@ def plot_record(
     path: str | Path,
     init_samples: int = 0,
 ) -> Path:
-    """Measured outputs against the free run's mean and 90% band (the initial-state window shaded)."""
+    """Measured outputs against the free run's mean and 90% band (the initial-state window
+    shaded)."""
     import matplotlib
 
     matplotlib.use("Agg")
