@@ -113,7 +113,7 @@ def _store_state(env) -> dict:
             "-c",
             "import json; from twin_ml import registry; "
             "rows = registry.list_models(); "
-            "print(json.dumps({'rows': rows, 'verified': [registry.verify(r['tag'])['version'] "
+            "print(json.dumps({'rows': rows, 'verified': [registry.verify(r['tag']).version "
             "for r in rows], 'production': registry.resolve(rows[0]['tag'].split(':')[0] + "
             "':production').tag.version if rows else None}))",
         ],

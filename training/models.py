@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="stored twin-ml models, newest first")
     for cmd, help_ in (
-        ("show", "the verified manifest"),
+        ("show", "the verified model card"),
         ("verify", "recompute every file's sha256"),
     ):
         sub.add_parser(cmd, help=help_).add_argument(
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "show":
             print(json.dumps(registry.show(args.ref), indent=2))
         elif args.cmd == "verify":
-            m = registry.verify(args.ref)
-            print(f"ok: {args.ref}: {len(m['files'])} files match their sha256")
+            card = registry.verify(args.ref)
+            print(f"ok: {args.ref}: {len(card.files or {})} files match their sha256")
         elif args.cmd == "promote":
             print(
                 f"{registry.promote(args.ref, args.stage)} -> {args.ref.split(':')[0]}:{args.stage}"
