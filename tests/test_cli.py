@@ -305,7 +305,7 @@ def test_twin_models_help_lists_its_commands():
     text = "\n".join(lines)
     for cmd, meaning in (
         ("list", "stored twin-ml models"),
-        ("show", "the verified manifest"),
+        ("show", "the verified model card"),
         ("verify", "recompute every file's sha256"),
         ("promote", "point NAME:<stage> at a version"),
     ):

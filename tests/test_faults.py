@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import train_here
+from test_contract import v1_manifest
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -77,17 +78,20 @@ def store_env(tmp_path_factory):
 
 # ---- the model store -------------------------------------------------------------------------
 
+CARD = json.dumps(v1_manifest())  # a complete model card (the store reads it back to verify)
+
 SAVE = """
 import sys, time
 from pathlib import Path
 from twin_ml import registry
+from twin_ml.contract import ModelCard
 name, version, size, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 blob = Path(sys.argv[5]).read_bytes() if size == 0 else bytes(size)
 while go != "-" and not Path(go).exists():  # start together
     time.sleep(0.001)
 try:
-    manifest = {"format": "twin-ml/onnx/v1", "name": name, "version": version}
-    tag = registry.save(name, version, blob, manifest)
+    card = ModelCard.from_json(sys.argv[6]).model_copy(update={"name": name, "version": version})
+    tag = registry.save(name, version, blob, card)
     registry.promote(tag, "production")
     print("stored", tag)
 except registry.RegistryError as e:
@@ -97,7 +101,7 @@ except registry.RegistryError as e:
 
 def _save_proc(env, name, version, *, size=1000, go="-", blob="-"):
     return subprocess.Popen(
-        [sys.executable, "-c", SAVE, name, version, str(size), go, blob],
+        [sys.executable, "-c", SAVE, name, version, str(size), go, blob, CARD],
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
