@@ -28,25 +28,26 @@ import json
 import sys
 from pathlib import Path
 
-from training._common import fail, key_values
+from training._common import Setting, defaults, fail, key_values
 
-DEFAULTS = {
-    "model": None,
-    "observations": None,
-    "out_dir": "runs/calibrate",
-    "backend": "surrogate",
-    "mcmc": "true",
-    "steps": "1000",
-    "burn": "300",
-    "walkers": "32",
-    "starts": "8",
-    "max_nfev": "60",
-    "verify_samples": "8",
-    "corrections": "2",
-    "refine": "0",
-    "solver_mode": "looped",
-    "seed": "0",
+SETTINGS = {
+    "model": Setting(None, "the stored model: NAME:VERSION, NAME:latest or NAME:<stage>", True),
+    "observations": Setting(None, "the calibration request, a JSON file (see above)", True),
+    "out_dir": Setting("runs/calibrate", "where calibration.json and calibration.png go"),
+    "backend": Setting("surrogate", "surrogate (onnxruntime) or solver (physics in the loop)"),
+    "mcmc": Setting("true", "posterior samples with emcee on the surrogate"),
+    "steps": Setting("1000", "MCMC steps per walker"),
+    "burn": Setting("300", "MCMC steps dropped at the start of each chain"),
+    "walkers": Setting("32", "MCMC walkers"),
+    "starts": Setting("8", "least-squares starts: the bounds' centre, then scrambled Sobol points"),
+    "max_nfev": Setting("60", "model evaluations per least-squares start"),
+    "verify_samples": Setting("8", "posterior samples the solver simulates to verify the fit"),
+    "corrections": Setting("2", "solver corrections of the surrogate near the optimum, each refit"),
+    "refine": Setting("0", "solver-in-the-loop evaluations from the surrogate's optimum"),
+    "solver_mode": Setting("looped", "looped (one solve_ivp per candidate) or stacked"),
+    "seed": Setting("0", "seed of the starts, the MCMC and the verification samples"),
 }
+DEFAULTS = defaults(SETTINGS)
 INTS = (
     "steps",
     "burn",
@@ -61,7 +62,7 @@ INTS = (
 
 
 def parse(argv: list[str]) -> dict:
-    cfg = key_values(argv, DEFAULTS)
+    cfg = key_values(argv, SETTINGS, __doc__)
     for key in ("model", "observations"):
         if not cfg[key]:
             raise ValueError(f"{key}=... is required")
