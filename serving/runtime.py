@@ -42,6 +42,11 @@ class Runtime:
         self.card = ModelCard.of(card)
         self.outputs = self.card.system.output_names
         self.max_steps = min(max_steps or self.card.time.max_steps, self.card.time.max_steps)
+        if self.card.time.fixed_steps and self.max_steps < self.card.time.max_steps:
+            raise ValueError(
+                f"max_steps={max_steps} is below this emulator's one horizon of "
+                f"{self.card.time.max_steps} steps: it could answer nothing"
+            )
         self.max_scenarios, self.strict = max_scenarios, strict
         self.session = session(onnx, threads=threads)
 

@@ -61,6 +61,7 @@ from twin_ml.calibrate import (
     calibrate,
 )
 from twin_ml.contract import ModelCard, RequestError
+from twin_ml.contract import Scenario as ParsedScenario
 
 log = logging.getLogger("twin_ml.service")
 MODEL_ENV = "TWIN_ML_MODEL"
@@ -305,7 +306,7 @@ class TwinService:
         self.no_solver: str | None = None
         try:
             CARD.system.build()
-        except (KeyError, ImportError, ValueError) as e:
+        except Exception as e:  # whatever the user's module does on import: /simulate stays up
             self.no_solver = e.args[0] if e.args else str(e)
             log.warning(f"/calibrate is unavailable: {self.no_solver}")
         self._calibrations = ThreadPoolExecutor(
@@ -318,7 +319,7 @@ class TwinService:
             observe=self.metrics["batch"].observe,
         )
 
-    def _run(self, parsed: list[dict[str, Any]]) -> list[tuple[bytes, bool]]:
+    def _run(self, parsed: list[ParsedScenario]) -> list[tuple[bytes, bool]]:
         """The batcher's worker thread: per scenario its answer as JSON and its in-domain flag."""
         out = []
         for a in self.runtime.run(parsed):

@@ -157,7 +157,7 @@ def _noise_tolerance(problem):
         (lambda r: r.update(bounds={"length": [2.0, 1.0]}), "bounds.length", "low < high"),
         (lambda r: r.update(noise={"theta": -1.0}), "noise.theta", "must be > 0"),
         (lambda r: r["parameters"].pop("mass"), "parameters", "missing 'mass'"),
-        (lambda r: r.update(times=r["times"][:2]), "times", "at least 3 time points"),
+        (lambda r: r.update(times=r["times"][:2]), "times", "at least 3 timestamps"),
         (
             lambda r: r.update(priors={"length": {"normal": [1.0, 0.1, 3.0]}}),
             "priors.length.normal",

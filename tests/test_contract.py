@@ -165,7 +165,7 @@ def test_a_scenario_is_parsed_onto_the_model_grid(card):
         (
             {**scenario(3), "t_end": None, "times": [0.0, 0.2, 0.4, 0.6]},
             "scenario.times",
-            "must be uniform with step 0.1",
+            "must be uniform with the model's step dt = 0.1",
         ),
         (scenario(2, inputs={"torque": [0.0, 1.0]}), "scenario.inputs.torque", "has 2 values"),
     ],
@@ -209,3 +209,61 @@ def test_the_contract_is_torch_free():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_horizon_below_one_step_is_refused(card):
+    with pytest.raises(RequestError, match="at least one step"):
+        parse_scenario(card, scenario(t_end=1e-12))
+
+
+def test_the_store_fields_are_written_only_when_known(card):
+    bare = card.model_copy(update={"onnx_sha256": None, "files": None})
+    assert "files" not in bare.to_json(store=True) and "onnx_sha256" not in bare.to_json(store=True)
+    assert card.to_json(store=True)["files"] == {"model.onnx": "o" * 64}
+    assert card.to_json()["converted_from"] == "twin-ml/onnx/v1"  # said, not hidden
+
+
+USER_SYSTEM = """
+from twin_ml.physics import Output, Parameter, PhysicsSystem, State
+
+class Decay(PhysicsSystem):
+    states = (State("x", "m", bounds=(0.0, 1.0)),)
+    outputs = (Output("x", "m"),)
+    parameters = (Parameter("k", "1/s", nominal=1.0, bounds=(0.5, 2.0), limits=(0.0, 1e3)),)
+
+    def rhs(self, t, x, u, p):
+        return -p[..., 0:1] * x
+"""
+
+FIND_AGAIN = """
+import json, sys
+from twin_ml.physics import system_from_description as find
+for desc in json.loads(sys.argv[1]):
+    print(type(find(desc)).__name__, end=" ")
+"""
+
+
+def test_an_unregistered_system_is_found_again_by_any_recorded_spelling(tmp_path):
+    """By its class path, by the name it was addressed with (pkg.mod:Class or pkg.mod.Class),
+    also as older runs recorded it (no class path), from the working directory, each in a
+    fresh process; a module that fails on import is one KeyError naming it."""
+    (tmp_path / "usersys.py").write_text(USER_SYSTEM)
+    (tmp_path / "broken.py").write_text("raise RuntimeError('half-written module')\n")
+    descs = [
+        {"name": "usersys:Decay", "class": "usersys:Decay", "options": {}},
+        {"name": "usersys.Decay", "class": "usersys:Decay", "options": {}},
+        {"name": "usersys.Decay", "options": {}},  # a run recorded before the class path was
+        {"name": "usersys:Decay", "options": {}},
+    ]
+    r = subprocess.run(
+        [sys.executable, "-c", FIND_AGAIN, json.dumps(descs)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout.split() == ["Decay"] * 4, r.stderr[-2000:]
+    bad = [{"name": "broken:Thing", "class": "broken:Thing", "options": {}}]
+    r = subprocess.run(
+        [sys.executable, "-c", FIND_AGAIN, json.dumps(bad)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 1 and "KeyError" in r.stderr
+    assert "RuntimeError: half-written module" in r.stderr and "PYTHONPATH" in r.stderr

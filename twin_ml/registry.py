@@ -326,7 +326,11 @@ def _verify(bm, held: dict[str, bytes] | None = None) -> ModelCard:
         card = ModelCard.from_json(raw)
     except CardError as e:
         raise RegistryError(f"{bm.tag}: {e}") from None
-    for fname, sha in (card.files or {}).items():
+    if ONNX_FILE not in (card.files or {}):  # unchecked bytes must never pass as verified
+        raise RegistryError(
+            f"{bm.tag}: {MANIFEST_FILE} lists no sha256 for {ONNX_FILE}; refusing it"
+        )
+    for fname, sha in card.files.items():
         p = d / fname
         if fname not in held and not p.exists():
             raise RegistryError(f"{bm.tag}: {fname} is missing")
@@ -355,10 +359,6 @@ def onnx_bytes(ref: str) -> tuple[bytes, ModelCard]:
     except FileNotFoundError:
         raise RegistryError(f"{bm.tag}: {ONNX_FILE} is missing") from None
     card = _verify(bm, {ONNX_FILE: raw})
-    if ONNX_FILE not in (card.files or {}):  # unchecked bytes must never pass as verified
-        raise RegistryError(
-            f"{bm.tag}: {MANIFEST_FILE} lists no sha256 for {ONNX_FILE}; refusing it"
-        )
     return raw, card
 
 

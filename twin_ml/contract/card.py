@@ -42,7 +42,6 @@ READABLE = (FORMAT, FORMAT_V1)
 
 Range = tuple[float, float]
 _OPEN = ConfigDict(extra="allow", populate_by_name=True)  # a newer writer may add fields
-_CLOSED = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class CardError(ValueError):
@@ -136,6 +135,8 @@ class TimeGrid(BaseModel):
         if t_end <= 0:
             raise RequestError(field, "must be > 0")
         n = int(round(t_end / self.dt))
+        if n < 1:
+            raise RequestError(field, f"must be at least one step, dt = {self.dt:g}")
         if n > max_steps:  # before any array of that length exists
             raise RequestError(
                 field,
@@ -149,7 +150,7 @@ class TimeGrid(BaseModel):
     def check_times(self, t: np.ndarray, field: str, *, min_points: int = 2) -> None:
         """Timestamps: at least `min_points`, sorted, unique, uniform with step dt."""
         if len(t) < min_points:
-            raise RequestError(field, f"needs at least {min_points} time points, got {len(t)}")
+            raise RequestError(field, f"needs at least {min_points} timestamps, got {len(t)}")
         d = np.diff(t)
         if np.any(d == 0):
             i = int(np.flatnonzero(d == 0)[0])
@@ -159,31 +160,33 @@ class TimeGrid(BaseModel):
             raise RequestError(field, f"not sorted: {t[i]:g} then {t[i + 1]:g} at position {i + 1}")
         if not np.allclose(d, self.dt, rtol=1e-6, atol=1e-9 * max(1.0, abs(self.dt))):
             raise RequestError(
-                field, f"must be uniform with step {self.dt:g} (the model's dt; resample first)"
+                field, f"must be uniform with the model's step dt = {self.dt:g} (resample first)"
             )
 
     def check_horizon(self, steps: int, field: str, max_steps: int | None = None) -> None:
-        """`steps` within the maximum, and the emulator's one fixed horizon."""
+        """`steps` within the maximum, and the emulator's one fixed horizon. The message speaks
+        of timestamps for a `times` field, of t_end otherwise."""
         max_steps = self.max_steps if max_steps is None else max_steps
+        by_times = field.endswith("times")
         if steps > max_steps:
+            limit = (
+                f"at most {max_steps + 1} timestamps"
+                if by_times
+                else f"t_end <= {max_steps * self.dt:g}"
+            )
             raise RequestError(
-                field,
-                f"{steps} steps exceed this model's maximum of {max_steps} "
-                f"(t_end <= {max_steps * self.dt:g})",
+                field, f"{steps} steps exceed this model's maximum of {max_steps} ({limit})"
             )
         if self.fixed_steps and steps != self.max_steps:
-            raise RequestError(
-                field,
-                f"this emulator answers on its training grid only: "
-                f"t_end = {self.max_steps * self.dt:g} ({self.max_steps + 1} time points "
-                f"{self.dt:g} apart)",
-            )
+            grid = f"{self.max_steps + 1} timestamps {self.dt:g} apart"
+            where = grid if by_times else f"t_end = {self.max_steps * self.dt:g} ({grid})"
+            raise RequestError(field, f"this emulator answers on its training grid only: {where}")
 
 
 class InputRange(BaseModel):
     """An input's training range: the signal offsets and amplitudes the design sampled."""
 
-    model_config = _CLOSED
+    model_config = _OPEN
     offset: Range
     amplitude: Range | None = None
 
@@ -193,7 +196,7 @@ class DomainBox(BaseModel):
 
     Owns the in-domain check (`reasons`) and every lookup of a variable's range."""
 
-    model_config = _CLOSED
+    model_config = _OPEN
     parameters: dict[str, Range] = Field(default_factory=dict)
     states: dict[str, Range] = Field(default_factory=dict)
     inputs: dict[str, InputRange] = Field(default_factory=dict)
@@ -316,9 +319,12 @@ class ModelCard(BaseModel):
         return f"{self.name}:{self.version}"
 
     def to_json(self, *, store: bool = False) -> dict[str, Any]:
-        """The JSON object (`store`: with the store's onnx_sha256 and files)."""
-        skip = set() if store else {"onnx_sha256", "files"}
-        return self.model_dump(mode="json", by_alias=True, exclude=skip, exclude_none=False)
+        """The JSON object (`store`: with the store's onnx_sha256 and files, where known)."""
+        out = self.model_dump(mode="json", by_alias=True)
+        for key in ("onnx_sha256", "files"):
+            if not store or out[key] is None:
+                del out[key]
+        return out
 
     def dumps(self, *, store: bool = False, indent: int | None = None) -> str:
         return json.dumps(self.to_json(store=store), sort_keys=True, indent=indent)
@@ -363,6 +369,7 @@ def _from_v1(m: dict[str, Any]) -> dict[str, Any]:
     try:
         out = {k: v for k, v in m.items() if k not in _V1_PROVENANCE and k != "domain"}
         out["format"] = FORMAT
+        out["converted_from"] = FORMAT_V1  # read from an export before the typed card
         domain = m["domain"]
         out["domain"] = DomainBox.from_design(domain["box"], domain.get("regime"))
         out["provenance"] = {k: m[k] for k in _V1_PROVENANCE if k in m}

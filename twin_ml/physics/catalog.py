@@ -40,9 +40,9 @@ def system_class(name: str) -> type[PhysicsSystem]:
         module, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
         try:
             cls = getattr(_import(module), attr)
-        except (ImportError, AttributeError) as e:
+        except Exception as e:  # not found, or the user's module fails on import: one line
             raise KeyError(
-                f"system {name!r}: cannot import {attr!r} from {module!r} ({e})"
+                f"system {name!r}: cannot import {attr!r} from {module!r} ({type(e).__name__}: {e})"
             ) from None
         if not (isinstance(cls, type) and issubclass(cls, PhysicsSystem)):
             raise KeyError(f"system {name!r} is not a PhysicsSystem subclass")
@@ -66,6 +66,8 @@ def system_from_description(desc: Mapping[str, Any]) -> PhysicsSystem:
     """
     name, path = desc.get("name"), desc.get("class")
     options = dict(desc.get("options") or {})
+    if not path and name and ("." in name or ":" in name):
+        path = name  # recorded before the class path was: an unregistered system's name is one
     if name and name in list_systems():  # registered: shipped, or its module already imported
         return _SYSTEMS[name](**options)
     if not path:
@@ -80,11 +82,16 @@ def system_from_description(desc: Mapping[str, Any]) -> PhysicsSystem:
             f"{e.args[0]}; the system {name!r} was recorded with the class {path!r}: run from "
             "the directory that holds its module, or put that folder on PYTHONPATH"
         ) from None
-    if name and cls.name != name:
+    if name and cls.name != name and cls.name in _SYSTEMS and name not in (path, _dotted(path)):
         raise KeyError(
             f"system {name!r}: its recorded class {path!r} is now registered as {cls.name!r}"
         )
     return cls(**options)
+
+
+def _dotted(path: str) -> str:
+    """`pkg.module:Class` spelled `pkg.module.Class` (both address a class)."""
+    return path.replace(":", ".")
 
 
 def make_system(name: str, **options: Any) -> PhysicsSystem:
