@@ -153,10 +153,12 @@ def test_cascaded_tanks_real_runs_and_reports_the_test_record_rmse(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     # Lightning's lines print once, through Hydra's logging (its own handlers used to repeat them)
-    assert r.stdout.count("GPU available") == 1 and "GPU available" not in r.stderr
-    # no terminal here, so no progress bar: a progress line per epoch in the log instead
-    progress = [ln for ln in r.stdout.splitlines() if "epoch 1/" in ln]
-    assert len(progress) == 1, r.stdout[-3000:]
+    assert r.stderr.count("GPU available") == 1 and "GPU available" not in r.stdout
+    # no terminal here, so no progress bar: a progress line per epoch in the log (on stderr:
+    # stdout holds only the summary path, for scripts) instead
+    progress = [ln for ln in r.stderr.splitlines() if "epoch 1/" in ln]
+    assert len(progress) == 1, r.stderr[-3000:]
+    assert len(r.stdout.splitlines()) == 1 and r.stdout.strip().endswith("summary.json")
     assert re.search(
         r"epoch 1/1: train loss -?[\d.e+-]+, val loss [\d.e+-]+, "
         r"elapsed [\dhms.]+, left ~[\dhms.]+$",
