@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -63,7 +64,7 @@ class Variable(BaseModel):
     limits: tuple[float | None, float | None] | None = None
     nominal: float | None = None
 
-    @property
+    @cached_property
     def physical(self) -> Range:
         """(low, high) physically possible values; +-inf where open."""
         lo, hi = self.limits or (None, None)
@@ -88,19 +89,19 @@ class SystemCard(BaseModel):
     solver: str | None = None
     default_horizon: list[float] | None = None
 
-    @property
+    @cached_property
     def parameter_names(self) -> list[str]:
         return [v.name for v in self.parameters]
 
-    @property
+    @cached_property
     def state_names(self) -> list[str]:
         return [v.name for v in self.states]
 
-    @property
+    @cached_property
     def input_names(self) -> list[str]:
         return [v.name for v in self.inputs]
 
-    @property
+    @cached_property
     def output_names(self) -> list[str]:
         return [v.name for v in self.outputs]
 

@@ -70,6 +70,13 @@ def numbers(
         raise RequestError(where, f"must be {what}")
     if n is not None and len(values) != n:
         raise RequestError(where, f"has {len(values)} values, but {_count(n, per)}")
+    if all(type(v) is float or type(v) is int for v in values):  # plain JSON numbers: at once
+        try:
+            a = np.array(values, dtype=np.float64)
+        except OverflowError:  # an int beyond float: the loop below names it
+            a = None
+        if a is not None and np.isfinite(a).all():
+            return a
     return np.array(
         [number(v, f"{where}[{i}]", allow_null=allow_null) for i, v in enumerate(values)],
         dtype=np.float64,
