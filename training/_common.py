@@ -65,7 +65,10 @@ def key_values(
     if any(arg in HELP_FLAGS for arg in argv):
         if doc is None:  # the command module's docstring (the caller's)
             doc = sys._getframe(1).f_globals.get("__doc__") or ""
-        print(help_text(settings, doc))
+        try:
+            print(help_text(settings, doc), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader is gone, which is no error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     cfg = {k: s.default if isinstance(s, Setting) else s for k, s in settings.items()}
     for arg in argv:
