@@ -13,6 +13,7 @@ from twin_ml.physics.signals import SignalSpec as SignalSpec
 from twin_ml.physics.solver import SolveResult as SolveResult
 from twin_ml.physics.solver import SolverSettings as SolverSettings
 from twin_ml.physics.solver import solve_looped as solve_looped
+from twin_ml.physics.solver import solve_pooled as solve_pooled
 from twin_ml.physics.solver import solve_stacked as solve_stacked
 from twin_ml.physics.system import Input as Input
 from twin_ml.physics.system import Output as Output
@@ -36,6 +37,7 @@ __all__ = [
     "make_system",
     "register_system",
     "solve_looped",
+    "solve_pooled",
     "solve_stacked",
     "system_class",
     "system_from_description",

@@ -16,6 +16,7 @@ failed scenario's rows are NaN with `status != 0` so no NaN is ever unmarked.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -208,6 +209,7 @@ def solve_looped(
     status = np.zeros(n, dtype=np.int8)
     reasons = [""] * n
     nfev = np.zeros(n, dtype=np.int64)
+    kwargs = _implicit_kwargs(system, settings, 1)
     for i in range(n):
         count = [0]
         u_at = interpolator(t, u[i], zoh)
@@ -224,7 +226,9 @@ def solve_looped(
 
         try:
             with np.errstate(all="ignore"):
-                x[i] = _integrate(make_f, t, t_out, x0[i], settings, _segments(t, u[i], zoh)).T
+                x[i] = _integrate(
+                    make_f, t, t_out, x0[i], settings, _segments(t, u[i], zoh), **kwargs
+                ).T
         except _Abort as e:
             status[i], reasons[i] = e.status, e.reason
         except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
@@ -256,13 +260,7 @@ def solve_stacked(
 
         return f
 
-    kwargs: dict[str, Any] = {}
-    if settings.method in ("Radau", "BDF"):
-        from scipy.sparse import block_diag
-
-        kwargs["jac_sparsity"] = block_diag([np.ones((nx, nx))] * n, format="csc")
-    elif settings.method == "LSODA":
-        kwargs.update(lband=nx - 1, uband=nx - 1)  # block diagonal => banded
+    kwargs = _implicit_kwargs(system, settings, n)
     x = np.full((n, t_out.size, nx), np.nan)
     status = np.zeros(n, dtype=np.int8)
     reasons = [""] * n
@@ -277,6 +275,79 @@ def solve_stacked(
     except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
         status[:], reasons = FAILED_SOLVER, [f"{type(e).__name__}: {e}"] * n
     return _finish(system, t, u, p, x, status, reasons, np.full(n, count[0], dtype=np.int64), t_out)
+
+
+def _implicit_kwargs(system: PhysicsSystem, settings: SolverSettings, n: int) -> dict[str, Any]:
+    """What the implicit methods get for n stacked scenarios: BDF and Radau the Jacobian's
+    sparsity (block diagonal, each block the system's own pattern, dense if it declares none),
+    LSODA its bandwidth."""
+    nx = len(system.states)
+    pattern = system.jacobian_sparsity()
+    from scipy.sparse import csc_matrix, identity, kron
+
+    if settings.method in ("Radau", "BDF"):
+        if pattern is None and n == 1:
+            return {}  # one dense block: scipy's own dense Jacobian
+        block = csc_matrix(np.ones((nx, nx)) if pattern is None else pattern, dtype=bool)
+        if block.shape != (nx, nx):
+            raise ValueError(
+                f"{type(system).__name__}.jacobian_sparsity() has shape {block.shape}, "
+                f"the system has {nx} states"
+            )
+        return {"jac_sparsity": kron(identity(n, format="csc"), block, format="csc")}
+    if settings.method == "LSODA" and n > 1:
+        if pattern is None:
+            return {"lband": nx - 1, "uband": nx - 1}  # block diagonal => banded
+        rows, cols = csc_matrix(pattern).nonzero()
+        return {
+            "lband": int(max(0, (rows - cols).max())),
+            "uband": int(max(0, (cols - rows).max())),
+        }
+    return {}
+
+
+def solve_pooled(
+    system: PhysicsSystem,
+    t,
+    u,
+    p,
+    x0,
+    settings: SolverSettings = SolverSettings(),
+    *,
+    t_out=None,
+    workers: int | None = None,
+    stacked: bool = True,
+) -> SolveResult:
+    """The scenarios split over a process pool of `workers` (default: every core), each part
+    solved stacked (or looped): the parallel baseline a user with several cores could run.
+
+    Same arguments and result as `solve_looped`; a part's failure is recorded for its scenarios
+    only (stacked: for every scenario of that part)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    t, u, p, x0, t_out = _check_batch(system, t, u, p, x0, t_out)
+    n = x0.shape[0]
+    n_proc = min(n, workers or os.cpu_count() or 1)
+    solve = solve_stacked if stacked else solve_looped
+    if n_proc <= 1:
+        return solve(system, t, u, p, x0, settings, t_out=t_out)
+    parts = np.array_split(np.arange(n), n_proc)
+    ctx = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    )
+    with ProcessPoolExecutor(n_proc, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(solve, system, t, u[i], p[i], x0[i], settings, t_out=t_out) for i in parts
+        ]
+        results = [f.result() for f in futures]
+    return SolveResult(
+        x=np.concatenate([r.x for r in results]),
+        y=np.concatenate([r.y for r in results]),
+        status=np.concatenate([r.status for r in results]),
+        reasons=[reason for r in results for reason in r.reasons],
+        nfev=np.concatenate([r.nfev for r in results]),
+    )
 
 
 def _zoh_mask(system: PhysicsSystem) -> np.ndarray:

@@ -251,6 +251,12 @@ class PhysicsSystem:
         """
         raise NotImplementedError
 
+    def jacobian_sparsity(self):
+        """The sparsity pattern of d(rhs)/dx, [nx, nx] (a scipy sparse matrix or a boolean array),
+        or None: dense. Spatially resolved systems (stencils) declare it, so BDF and Radau solve
+        with sparse LU and difference only the nonzero columns groups: the strong solver."""
+        return None
+
     def observe(self, x, u, p):
         """y = h(x, u, p) [..., ny]. Default: outputs that share a state's name select that
         state."""
