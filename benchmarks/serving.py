@@ -282,7 +282,7 @@ def make_bodies(card, n: int, seed: int) -> list[str]:
             lo, hi = box.states.get(name, (0.0, 0.0))
             sc["initial_state"][name] = float(rng.uniform(lo, hi))
         for name, series in sc["inputs"].items():
-            lo, hi = box.inputs[name].offset if name in box.inputs else (0.0, 0.0)
+            lo, hi = box.input_range(name) or (0.0, 0.0)
             sc["inputs"][name] = [float(rng.uniform(lo, hi))] * len(series)
         bodies.append(json.dumps(sc))
     return bodies

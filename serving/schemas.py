@@ -30,11 +30,7 @@ def example_scenario(card: ModelCard, n_steps: int = 10) -> dict[str, Any]:
         },
         "initial_state": {s.name: _mid(box.states.get(s.name)) for s in system.states},
         "t_end": round(n_steps * card.time.dt, 9),
-        "inputs": {
-            i.name: [_mid(box.inputs[i.name].offset if i.name in box.inputs else None)]
-            * (n_steps + 1)
-            for i in system.inputs
-        },
+        "inputs": {i.name: [_mid(box.input_range(i.name))] * (n_steps + 1) for i in system.inputs},
         "quantiles": [0.05, 0.95],
     }
 
@@ -49,9 +45,6 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         if math.isfinite(lo) or math.isfinite(hi):
             text += f", physical limits [{lo:g}, {hi:g}] (outside: refused)"
         return text
-
-    def offset(name: str) -> tuple[float, float] | None:
-        return box.inputs[name].offset if name in box.inputs else None
 
     params = create_model(
         "Parameters",
@@ -75,7 +68,7 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         **{
             i.name: (
                 list[float],
-                Field(description=desc(offset(i.name), i) + "; one value per time point"),
+                Field(description=desc(box.input_range(i.name), i) + "; one value per time point"),
             )
             for i in sysd.inputs
         },

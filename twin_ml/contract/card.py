@@ -228,6 +228,11 @@ class DomainBox(BaseModel):
             return self.states.get(name[6:])
         return self.parameters.get(name)
 
+    def input_range(self, name: str) -> Range | None:
+        """The range an input's values were trained on (its sampled offsets), or None."""
+        rng = self.inputs.get(name)
+        return rng.offset if rng else None
+
     def state_middle(self, name: str) -> float:
         lo, hi = self.states.get(name, (0.0, 0.0))
         return (lo + hi) / 2
@@ -257,13 +262,7 @@ class DomainBox(BaseModel):
         for n, v in zip(card.state_names, x0):
             check(self.states.get(n), f"initial state {n}", float(v), float(v))
         for j, n in enumerate(card.input_names):
-            rng = self.inputs.get(n)
-            check(
-                rng.offset if rng else None,
-                f"input {n}",
-                float(u[:, j].min()),
-                float(u[:, j].max()),
-            )
+            check(self.input_range(n), f"input {n}", float(u[:, j].min()), float(u[:, j].max()))
         return out
 
 
