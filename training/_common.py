@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,25 +51,17 @@ def defaults(settings: Mapping[str, Setting]) -> dict[str, str | None]:
     return {k: s.default for k, s in settings.items()}
 
 
-def key_values(
-    argv: list[str], settings: Mapping[str, Setting | str | None], doc: str | None = None
-) -> dict[str, Any]:
+def key_values(argv: list[str], settings: Mapping[str, Setting], doc: str) -> dict[str, Any]:
     """`key=value` settings over the defaults (for commands that are not Hydra apps); unknown keys
-    are one error that lists the known ones.
-
-    `settings`: {key: Setting}, or plain {key: default}. -h or --help prints the command's help
-    (`doc`, by default the calling module's docstring, then a line per setting: name, default,
-    meaning) and exits 0.
-    """
+    are one error that lists the known ones. -h or --help prints the command's help (`doc`, then
+    a line per setting: name, default, meaning) and exits 0."""
     if any(arg in HELP_FLAGS for arg in argv):
-        if doc is None:  # the command module's docstring (the caller's)
-            doc = sys._getframe(1).f_globals.get("__doc__") or ""
         try:
             print(help_text(settings, doc), flush=True)
         except BrokenPipeError:  # `--help | head`: the reader is gone, which is no error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    cfg = {k: s.default if isinstance(s, Setting) else s for k, s in settings.items()}
+    cfg = defaults(settings)
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in settings:
@@ -81,27 +72,12 @@ def key_values(
     return cfg
 
 
-def _documented(doc: str, name: str) -> str:
-    """A setting's meaning from a docstring line `  name  meaning` (or `  a, name  meaning`): that
-    line's text, with " ..." when the docstring goes on about it."""
-    lines = doc.splitlines()
-    for i, line in enumerate(lines):
-        m = re.match(r"^(\s+)([\w, ]+?)\s{2,}(\S.*)$", line)
-        if m and name in [n.strip() for n in m.group(2).split(",")]:
-            nxt = lines[i + 1] if i + 1 < len(lines) else ""
-            more = len(nxt) - len(nxt.lstrip()) > len(m.group(1)) and nxt.strip()
-            return m.group(3).strip() + (" ..." if more else "")
-    return ""
-
-
-def help_text(settings: Mapping[str, Setting | str | None], doc: str = "") -> str:
+def help_text(settings: Mapping[str, Setting], doc: str = "") -> str:
     """The command's description, then its settings a line each: name, default, meaning."""
     rows = []
-    for name, s in settings.items():
-        setting = s if isinstance(s, Setting) else Setting(s)
+    for name, setting in settings.items():
         default = "(required)" if setting.required else setting.default
-        meaning = setting.help or _documented(doc, name)
-        rows.append((name, "-" if default in (None, "") else default, meaning))
+        rows.append((name, "-" if default in (None, "") else default, setting.help))
     w_name = max(len(r[0]) for r in rows)
     w_default = max(len(r[1]) for r in rows)
     lines = [doc.strip(), ""] if doc.strip() else []
