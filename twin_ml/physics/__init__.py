@@ -8,6 +8,10 @@ from twin_ml.physics.catalog import make_system as make_system
 from twin_ml.physics.catalog import register_system as register_system
 from twin_ml.physics.catalog import system_class as system_class
 from twin_ml.physics.catalog import system_from_description as system_from_description
+from twin_ml.physics.field import Derived as Derived
+from twin_ml.physics.field import Field as Field
+from twin_ml.physics.field import FieldSystem as FieldSystem
+from twin_ml.physics.field import Probe as Probe
 from twin_ml.physics.grid import Grid as Grid
 from twin_ml.physics.signals import SIGNAL_KINDS as SIGNAL_KINDS
 from twin_ml.physics.signals import SignalSpec as SignalSpec
@@ -24,7 +28,11 @@ from twin_ml.physics.system import Regime as Regime
 from twin_ml.physics.system import State as State
 
 __all__ = [
+    "Derived",
+    "Field",
+    "FieldSystem",
     "Grid",
+    "Probe",
     "Input",
     "Output",
     "Parameter",

@@ -112,6 +112,7 @@ def _check_batch(system: PhysicsSystem, t, u, p, x0, t_out):
     for name, (shape, a) in expect.items():
         if a.shape != shape:
             raise ValueError(f"{name} must have shape {shape} (N, ...), got {a.shape}")
+    x0 = np.asarray(system.initial_state(x0), dtype=np.float64)  # a field system's whole field
     if t_out is None:
         t_out = t
     else:
@@ -281,7 +282,7 @@ def _implicit_kwargs(system: PhysicsSystem, settings: SolverSettings, n: int) ->
     """What the implicit methods get for n stacked scenarios: BDF and Radau the Jacobian's
     sparsity (block diagonal, each block the system's own pattern, dense if it declares none),
     LSODA its bandwidth."""
-    nx = len(system.states)
+    nx = system.state_size
     pattern = system.jacobian_sparsity()
     from scipy.sparse import csc_matrix, identity, kron
 
@@ -326,7 +327,8 @@ def solve_pooled(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    t, u, p, x0, t_out = _check_batch(system, t, u, p, x0, t_out)
+    t, u, p, _, t_out = _check_batch(system, t, u, p, x0, t_out)
+    x0 = np.asarray(x0, dtype=np.float64)  # as declared: each part lifts its own
     n = x0.shape[0]
     n_proc = min(n, workers or os.cpu_count() or 1)
     solve = solve_stacked if stacked else solve_looped

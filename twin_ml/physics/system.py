@@ -251,6 +251,18 @@ class PhysicsSystem:
         """
         raise NotImplementedError
 
+    @property
+    def state_size(self) -> int:
+        """The length of the ODE's state vector: its declared states (a field system: every
+        cell of every field)."""
+        return len(self.states)
+
+    def initial_state(self, x0):
+        """The ODE's initial state [..., state_size] from the declared initial state x0
+        [..., nx]: the same array here; a field system lifts its few initial conditions (say, a
+        uniform temperature) to the whole field."""
+        return x0
+
     def jacobian_sparsity(self):
         """The sparsity pattern of d(rhs)/dx, [nx, nx] (a scipy sparse matrix or a boolean array),
         or None: dense. Spatially resolved systems (stencils) declare it, so BDF and Radau solve
