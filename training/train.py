@@ -87,7 +87,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from twin_ml.data.torch_data import ScenarioDataModule
     from twin_ml.evaluate.evaluate import flat_metrics
     from twin_ml.evaluate.report import write_report
-    from twin_ml.models import compute_stats, save_model
+    from twin_ml.models import compute_stats, field_stats, save_model
     from twin_ml.models.callbacks import StopAfter
     from twin_ml.train.dataset import HEADLINE, evaluate_trained
     from twin_ml.train.fitting import fit, load_best, resume_from
@@ -108,8 +108,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     tr = dm.numpy("train")
     t = dm.t_grid
-    stats = compute_stats(tr["x"], tr["u"], tr["p"], tr["y"], t)
-    extra = {"n_times": len(t)} if cfg.model.net.kind == "emulator" else {}
+    kind = cfg.model.net.kind
+    extra: dict[str, Any] = {"n_times": len(t)} if kind == "emulator" else {}
+    if system.state_size != len(system.states):  # a field system: its states are snapshots
+        stats = field_stats(tr["x0"], tr["u"], tr["p"], tr["y"], t)
+        if kind in ("latent", "rom"):
+            extra.update(snapshots=tr["x"], snapshot_stride=dm.dataset.card.snapshot_stride)
+        elif kind != "emulator":
+            raise ValueError(
+                f"model.net.kind={kind!r} integrates every state; {system.name!r} is a field "
+                "system: use model=latent, model=rom or model=emulator"
+            )
+    else:
+        stats = compute_stats(tr["x"], tr["u"], tr["p"], tr["y"], t)
     log.info(f"Instantiating model <{cfg.model.net.kind}> x {cfg.ensemble.size}")
     model = hydra.utils.instantiate(
         cfg.model.net,

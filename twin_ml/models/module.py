@@ -84,10 +84,48 @@ class SurrogateModule(L.LightningModule):
             cut(y),
         )
 
+    @staticmethod
+    def latent_segments(model, batch, offset: int, steps: int):
+        """A reduced-order model's windows: they start at snapshot times (where the field, hence
+        the latent state, is known), every `offset`-th snapshot on; the latent targets are the
+        projected snapshots inside each window. Returns (index, z0, u, p, y, z_target, at) with
+        `at` the window positions of those targets."""
+        index, x0, u, p, xs, y = batch
+        stride, n_t = model.snapshot_stride, y.shape[1]
+        z = model.encode_field(xs)  # [B, Ts, r]
+        last = (n_t - 1 - steps) // stride  # the last snapshot a whole window fits after
+        first = offset % (last + 1) if last > 0 else 0
+        starts = torch.arange(first, max(last, 0) + 1, max(1, steps // stride))
+        if len(starts) == 0:
+            starts = torch.zeros(1, dtype=torch.long)
+        k = len(starts)
+        idx = starts[:, None] * stride + torch.arange(steps + 1)  # [K, steps+1]
+        at = torch.arange(0, steps + 1, stride)
+        z_idx = starts[:, None] + torch.arange(len(at))
+
+        def cut(a, ix):
+            return a[:, ix].reshape(a.shape[0] * k, ix.shape[1], a.shape[-1])
+
+        return (
+            index.repeat_interleave(k),
+            z[:, starts].reshape(-1, z.shape[-1]),
+            cut(u, idx),
+            p.repeat_interleave(k, dim=0),
+            cut(y, idx),
+            cut(z, z_idx),
+            at,
+        )
+
     def _loss(self, batch, offset: int, steps: int) -> torch.Tensor:
         m = self.model
         t = self._t()
-        if m.kind == "emulator":
+        if m.kind in ("latent", "rom"):
+            index, z0, u, p, y, zt, at = self.latent_segments(m, batch, offset, steps)
+            zm, ym = m(z0.unsqueeze(0).expand(m.members, -1, -1), u, p, t[: steps + 1] - t[0])
+            fit = ((zm[:, :, at] - zt) / m.z_std) ** 2  # [M, B*K, snapshots, r]
+            y_fit = ((ym - y) / m.y_std) ** 2
+            fit = torch.cat([fit.flatten(2), y_fit.flatten(2)], dim=2)[..., None]
+        elif m.kind == "emulator":
             index, x0, u, p, x, y = batch
             _, ym = m(x0, u, p, t)
             fit = ((ym - y) / m.y_std) ** 2  # [M, B, T, ny]

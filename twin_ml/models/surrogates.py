@@ -363,7 +363,232 @@ class Emulator(Surrogate):
         return None, yn * self.y_std + self.y_mean
 
 
-MODEL_KINDS = {"node": VectorFieldODE, "hybrid": VectorFieldODE, "emulator": Emulator}
+class LatentODE(VectorFieldODE):
+    """A reduced-order model of a field system: the field lives in a POD basis of r modes fitted
+    on the training snapshots (fields scaled per field, centred on their mean), and the ensemble
+    integrates those r latent coordinates z.
+
+    kind "latent": dz/dt = g_theta(z, u, p), a neural ODE in the latent space.
+    kind "rom": dz/dt = Phi^T f(m + s Phi z, u, p) / s + g_theta(z, u, p), the Galerkin projection
+    of the physics right-hand side onto the basis plus a learned closure that starts at zero.
+
+    The declared initial conditions x0 [B, nx] are lifted by the system and projected (the
+    encoder); probes are linear in the field, so they read z through a precomputed [ny_probe, r]
+    map (the cost does not grow with the grid); a derived reduction (a maximum) decodes only its
+    *support*: the cells where the training snapshots ever attained that extreme, and their
+    neighbours, a set fixed at fitting time (an extreme that moves elsewhere on new data shows up
+    as test error, not silently). `decode(z)` gives the whole field on request.
+    """
+
+    def __init__(
+        self,
+        system: dict[str, Any],
+        stats: dict[str, list],
+        *,
+        rank: int = 12,
+        snapshot_stride: int = 1,
+        snapshots: np.ndarray | None = None,
+        support_sizes: list[int] | None = None,
+        pod_energy: float | None = None,
+        galerkin: bool = False,
+        members: int = 5,
+        seed: int = 0,
+        hidden: int = 64,
+        depth: int = 2,
+        activation: str = "tanh",
+        solver: str = "rk4",
+        step_fraction: float = 1.0,
+        rtol: float = 1e-4,
+        atol: float = 1e-6,
+    ):
+        super().__init__(
+            system,
+            stats,
+            members=members,
+            seed=seed,
+            hidden=hidden,
+            depth=depth,
+            activation=activation,
+            solver=solver,
+            step_fraction=step_fraction,
+            rtol=rtol,
+            atol=atol,
+        )
+        sysm = self.system
+        if not hasattr(sysm, "grid"):
+            raise ValueError(
+                f"model kinds 'latent' and 'rom' reduce a field system (twin_ml.physics."
+                f"FieldSystem); {sysm.name!r} has no grid: use node, hybrid or emulator"
+            )
+        n = sysm.state_size
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
+            raise ValueError(f"model.rank must be an integer in [1, {n}], got {rank!r}")
+        if isinstance(snapshot_stride, bool) or not isinstance(snapshot_stride, int):
+            raise ValueError(f"snapshot_stride must be an integer >= 1, got {snapshot_stride!r}")
+        self.rank, self.galerkin, self.snapshot_stride = rank, bool(galerkin), snapshot_stride
+        self.n_probe = len(sysm.probes)
+        self.net = StackedMLP(
+            members,
+            rank + self.nu + self.n_p,
+            rank,
+            hidden=hidden,
+            depth=depth,
+            activation=activation,
+            seed=seed,
+            zero_last=self.galerkin,
+        )
+        for name, shape in (
+            ("field_mean", (n,)),
+            ("field_scale", (n,)),
+            ("basis", (n, rank)),
+            ("z_mean", (rank,)),
+            ("z_std", (rank,)),
+            ("dz_std", (rank,)),
+            ("probe_map", (self.n_probe, rank)),
+            ("probe_offset", (self.n_probe,)),
+        ):
+            self.register_buffer(name, torch.zeros(shape))
+        if snapshots is not None:
+            support = self._fit_basis(np.asarray(snapshots, dtype=np.float64), stats)
+        else:
+            if support_sizes is None or len(support_sizes) != len(sysm.derived):
+                raise ValueError(
+                    "a LatentODE is built from training snapshots, or from a saved config "
+                    f"(support_sizes: one per derived output, {len(sysm.derived)})"
+                )
+            support = [torch.zeros(k, dtype=torch.long) for k in support_sizes]
+        for k, idx in enumerate(support):
+            self.register_buffer(f"support_{k}", idx)
+        self._config.update(
+            rank=rank,
+            snapshot_stride=snapshot_stride,
+            support_sizes=[len(i) for i in support],
+            pod_energy=self._config.get("pod_energy", pod_energy),
+            galerkin=self.galerkin,
+        )
+        for k in ("physics", "physics_options", "learn_parameters"):
+            self._config.pop(k, None)
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "rom" if self.galerkin else "latent"
+
+    def _fit_basis(self, snaps: np.ndarray, stats: dict[str, list]) -> list[torch.Tensor]:
+        """POD of snapshots [N, Ts, n] (float64): mean, per-field scale, the leading modes (a
+        randomized SVD); the latent statistics; the probe map; each derived output's support."""
+        sysm, n, r = self.system, self.system.state_size, self.rank
+        if snaps.ndim != 3 or snaps.shape[-1] != n:
+            raise ValueError(f"snapshots must be [N, Ts, {n}], got {snaps.shape}")
+        flat = snaps.reshape(-1, n)
+        mean = flat.mean(axis=0)
+        scale = np.ones(n)
+        for k in range(len(sysm.fields)):
+            sl = slice(k * sysm.grid.cells, (k + 1) * sysm.grid.cells)
+            s = float((flat[:, sl] - mean[sl]).std())
+            scale[sl] = s if s > 0 else 1.0
+        xc = torch.tensor((flat - mean) / scale)
+        g = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        u_, sv, v = torch.svd_lowrank(xc, q=min(r + 10, min(xc.shape)), niter=6)
+        total = float((xc**2).sum())
+        basis = v[:, :r]
+        self._config["pod_energy"] = float((sv[:r] ** 2).sum() / total) if total > 0 else 1.0
+        z = (xc @ basis).reshape(snaps.shape[0], snaps.shape[1], r)
+        dt = float(stats["dt"][0]) if "dt" in stats else 1.0
+        dz = (z[:, 1:] - z[:, :-1]) / (self.snapshot_stride * dt) if z.shape[1] > 1 else z
+        with torch.no_grad():
+            self.field_mean.copy_(torch.tensor(mean))
+            self.field_scale.copy_(torch.tensor(scale))
+            self.basis.copy_(basis)
+            self.z_mean.copy_(z.mean(dim=(0, 1)))
+            self.z_std.copy_(z.std(dim=(0, 1)).clamp_min(1e-6))
+            self.dz_std.copy_(dz.std(dim=(0, 1)).clamp_min(1e-6))
+            pm = torch.zeros(self.n_probe, r, dtype=torch.float64)
+            po = torch.zeros(self.n_probe, dtype=torch.float64)
+            for j, terms in enumerate(sysm._probe_terms):
+                for i, w in terms:
+                    pm[j] += w * scale[i] * basis[i]
+                    po[j] += w * mean[i]
+            self.probe_map.copy_(pm)
+            self.probe_offset.copy_(po)
+        support = []
+        for o in sysm.derived:
+            k = sysm.field_names.index(o.field)
+            cells = flat[:, k * sysm.grid.cells : (k + 1) * sysm.grid.cells]
+            if o.reduce == "mean":
+                hit = np.arange(sysm.grid.cells)
+            else:
+                arg = cells.argmax(axis=1) if o.reduce == "max" else cells.argmin(axis=1)
+                pattern = sysm.grid.laplacian_pattern()  # a cell and its stencil neighbours
+                hit = np.unique(pattern[np.unique(arg)].nonzero()[1])
+            support.append(torch.tensor(k * sysm.grid.cells + hit, dtype=torch.long))
+        return support
+
+    def encode_field(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent coordinates [..., r] of states [..., n]."""
+        return ((x - self.field_mean) / self.field_scale) @ self.basis
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The field [..., n] of latent coordinates [..., r]."""
+        return self.field_mean + self.field_scale * (z @ self.basis.T)
+
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """z0 [B, r] from the declared initial conditions [B, nx] (the system's lift, then the
+        projection)."""
+        return self.encode_field(self.system.initial_state(x0))
+
+    def vector_field(self, z, u_t, p, pm=None):
+        m, b = z.shape[0], z.shape[1]
+        inp = torch.cat(
+            [
+                (z - self.z_mean) / self.z_std,
+                ((u_t - self.u_mean) / self.u_std).expand(m, b, -1),
+                ((p - self.p_mean) / self.p_std).expand(m, b, -1),
+            ],
+            dim=-1,
+        )
+        dz = self.net(inp) * self.dz_std
+        if self.galerkin:
+            f = self.system.rhs(None, self.decode(z), u_t, p)
+            dz = dz + (f / self.field_scale) @ self.basis
+        return dz
+
+    def observe(self, z, u, p):
+        """Probes through the probe map, then each derived reduction over its support."""
+        cols = [z @ self.probe_map.T + self.probe_offset]
+        for k, o in enumerate(self.system.derived):
+            idx = getattr(self, f"support_{k}")
+            cells = self.field_mean[idx] + self.field_scale[idx] * (z @ self.basis[idx].T)
+            red = {"max": torch.amax, "min": torch.amin, "mean": torch.mean}[o.reduce]
+            cols.append(red(cells, dim=-1, keepdim=True))
+        return torch.cat(cols, dim=-1)
+
+    def forward(self, x0, u, p, t):
+        """x0: the declared initial conditions [B, nx] (or latent states [M, B, r] to start
+        from); returns (z [M, B, T, r], y [M, B, T, ny])."""
+        z0 = x0 if x0.dim() == 3 else self.encode(x0)
+        return super().forward(z0, u, p, t)
+
+
+def field_stats(
+    x0: np.ndarray, u: np.ndarray, p: np.ndarray, y: np.ndarray, t: np.ndarray
+) -> dict[str, list]:
+    """`compute_stats` for a field system's dataset, whose states are stored as snapshots: the
+    state statistics are those of the declared initial conditions x0 [N, nx]."""
+    x = np.repeat(x0[:, None, :], 2, axis=1)
+    st = compute_stats(x, u, p, y, t[:2])
+    st["dx_std"] = [1.0] * x0.shape[1]
+    st["dt"] = [float(t[1] - t[0])]
+    return st
+
+
+MODEL_KINDS = {
+    "node": VectorFieldODE,
+    "hybrid": VectorFieldODE,
+    "emulator": Emulator,
+    "latent": LatentODE,
+    "rom": LatentODE,
+}
 
 
 def build_model(
@@ -378,6 +603,8 @@ def build_model(
         kwargs["physics"] = True
     elif kind == "node":
         kwargs["physics"] = False
+    elif kind in ("latent", "rom"):
+        kwargs["galerkin"] = kind == "rom"
     return MODEL_KINDS[kind](system, stats, **kwargs)
 
 
