@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from twin_ml.contract import ModelCard, RequestError, Scenario, parse_scenario, parse_scenarios
+from twin_ml.contract import (
+    ModelCard,
+    RequestError,
+    Scenario,
+    decodes_fields,
+    parse_scenario,
+    parse_scenarios,
+)
 
 __all__ = ["PAD_RATIO", "RequestError", "Runtime", "plan"]
 
@@ -36,6 +43,7 @@ class Runtime:
         max_steps: int | None = None,
         strict: bool = False,
         threads: int = 1,
+        max_field_values: int = 1 << 20,
     ):
         from twin_ml._ort import session
 
@@ -48,6 +56,8 @@ class Runtime:
                 f"{self.card.time.max_steps} steps: it could answer nothing"
             )
         self.max_scenarios, self.strict = max_scenarios, strict
+        self.max_field_values = max_field_values
+        self.fields = decodes_fields(self.card)
         self.session = session(onnx, threads=threads)
 
     # ---- request -> arrays ---------------------------------------------------------------------
@@ -64,6 +74,7 @@ class Runtime:
             max_scenarios=self.max_scenarios,
             max_steps=self.max_steps,
             strict=self.strict,
+            max_field_values=self.max_field_values,
         )
 
     # ---- run -----------------------------------------------------------------------------------
@@ -81,12 +92,22 @@ class Runtime:
                 "u": np.stack([_pad(parsed[i].u, n) for i in idx]).astype(np.float32),
                 "p": np.stack([parsed[i].p for i in idx]).astype(np.float32),
             }
-            mean, std = self.session.run(["mean", "std"], feeds)
+            steps = sorted({k for i in idx for k in parsed[i].field_steps})
+            if steps:  # the group's fields at the union of its steps; each takes its own
+                feeds["field_steps"] = np.array(steps, dtype=np.int64)
+                mean, std, f_mean, f_std = self.session.run(
+                    ["mean", "std", "field_mean", "field_std"], feeds
+                )
+            else:
+                mean, std = self.session.run(["mean", "std"], feeds)
             for k, i in enumerate(idx):
                 m = len(parsed[i].t)  # the mask: a scenario's own steps only
                 answers[i] = self._answer(
                     parsed[i], mean[k, :m].astype(np.float64), std[k, :m].astype(np.float64)
                 )
+                if parsed[i].field_steps:
+                    at = [steps.index(j) for j in parsed[i].field_steps]
+                    answers[i]["fields"] = self._fields(parsed[i], f_mean[k, at], f_std[k, at])
         return answers  # type: ignore[return-value]
 
     def _answer(self, s: Scenario, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
@@ -115,6 +136,29 @@ class Runtime:
             "model": {"name": self.card.name, "version": self.card.version},
             "warnings": warnings,
         }
+
+    def _fields(self, s: Scenario, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
+        """{"times", "shape", "extent", "length_unit", name: {"mean", "std"}}: each field as
+        nested lists [time][row][column] (2D: rows along y) of the grid's cell centres; std is the
+        members' spread (epistemic: the reduced model's own disagreement)."""
+        sysd = self.card.system
+        grid = sysd.grid
+        shape = (len(s.field_steps), *grid.shape)
+        out: dict[str, Any] = {
+            "times": [float(s.t[k]) for k in s.field_steps],
+            "shape": list(grid.shape),
+            "extent": list(grid.extent),
+            "length_unit": grid.length_unit,
+        }
+        n = grid.cells
+        for j, name in enumerate(sysd.field_names):
+            sl = slice(j * n, (j + 1) * n)
+            out[name] = {
+                "unit": sysd.fields[j].unit,
+                "mean": np.round(mean[:, sl].astype(np.float64), 6).reshape(shape).tolist(),
+                "std": np.round(std[:, sl].astype(np.float64), 6).reshape(shape).tolist(),
+            }
+        return out
 
 
 # a scenario joins a padded group when the group's longest grid is at most this much longer

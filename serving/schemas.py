@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from twin_ml.contract import ModelCard, Variable
+from twin_ml.contract import ModelCard, Variable, decodes_fields
 
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -99,6 +99,7 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         ),
         inputs=(inputs, Field(description="every input, sampled on the time grid")),
         quantiles=(list[float], Field(default_factory=list, description="levels in (0, 1)")),
+        **_fields_request(card),
     )
 
     class Series(BaseModel):
@@ -119,5 +120,41 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         domain_reasons=(list[str], ...),
         model=(ModelRef, ...),
         warnings=(list[str], ...),
+        **_fields_answer(card),
     )
     return scenario, answer
+
+
+def _fields_request(card: ModelCard) -> dict[str, Any]:
+    """The `fields` option of a model that decodes its system's fields."""
+    if not decodes_fields(card):
+        return {}
+    grid = card.system.grid
+    return {
+        "fields": (
+            list[float] | None,
+            Field(
+                None,
+                description=(
+                    f"times of the grid at which to return the fields "
+                    f"({', '.join(card.system.field_names)}) on the {grid.shape} grid; "
+                    "the server limits the numbers per request (413 beyond)"
+                ),
+            ),
+        )
+    }
+
+
+def _fields_answer(card: ModelCard) -> dict[str, Any]:
+    if not decodes_fields(card):
+        return {}
+    return {
+        "fields": (
+            dict[str, Any] | None,
+            Field(
+                None,
+                description="times, shape, extent, and per field its unit, mean and std as "
+                "[time][row][column] (rows along y); std: the members' spread",
+            ),
+        )
+    }

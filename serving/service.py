@@ -60,7 +60,7 @@ from twin_ml.calibrate import (
     SurrogateBackend,
     calibrate,
 )
-from twin_ml.contract import ModelCard, RequestError
+from twin_ml.contract import ModelCard, RequestError, RequestTooLarge
 from twin_ml.contract import Scenario as ParsedScenario
 
 log = logging.getLogger("twin_ml.service")
@@ -299,6 +299,7 @@ class TwinService:
             strict=_env_flag("TWIN_ML_STRICT", False),
             max_scenarios=_env_int("TWIN_ML_MAX_SCENARIOS", 256),
             max_steps=_env_int("TWIN_ML_MAX_STEPS", 0) or None,
+            max_field_values=_env_int("TWIN_ML_MAX_FIELD_VALUES", 1 << 20),
         )
         self.metrics = _metrics()
         # /calibrate verifies with the physics solver: the system must be importable here (a
@@ -341,6 +342,12 @@ class TwinService:
         plain = [s.model_dump(exclude_none=True) if hasattr(s, "model_dump") else s for s in items]
         try:
             parsed = self.runtime.parse_request(plain)
+        except RequestTooLarge as e:
+            return Response(
+                json.dumps({"error": str(e)}).encode(),
+                status_code=413,
+                media_type="application/json",
+            )
         except RequestError as e:
             raise InvalidArgument(str(e)) from None
         done = await self.batcher.submit(parsed)

@@ -34,5 +34,6 @@ def session(source: str | Path | bytes, *, threads: int | None = None):
     if threads is not None:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: a field model's optional input (its default) warns
     src = source if isinstance(source, bytes) else str(source)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])

@@ -71,6 +71,19 @@ class Variable(BaseModel):
         return _limit(lo, -math.inf), _limit(hi, math.inf)
 
 
+class GridCard(BaseModel):
+    """A field system's grid: cells per axis ((ny, nx) in 2D), the domain's lengths, their unit."""
+
+    model_config = _OPEN
+    shape: list[int]
+    extent: list[float]
+    length_unit: str = "m"
+
+    @property
+    def cells(self) -> int:
+        return math.prod(self.shape)
+
+
 class SystemCard(BaseModel):
     """The physics system of a model: names, units, bounds, limits, regimes, and how to build it
     again (its registered name, its class's import path, its constructor options)."""
@@ -88,6 +101,15 @@ class SystemCard(BaseModel):
     stiffness: str | None = None
     solver: str | None = None
     default_horizon: list[float] | None = None
+    # field systems (twin_ml.physics.FieldSystem): the grid, the fields (each `grid.cells` values
+    # in the state, one after another), and the stride their snapshots were kept at
+    grid: GridCard | None = None
+    fields: list[Variable] = Field(default_factory=list)
+    snapshot_stride: int | None = None
+
+    @cached_property
+    def field_names(self) -> list[str]:
+        return [v.name for v in self.fields]
 
     @cached_property
     def parameter_names(self) -> list[str]:

@@ -10,3 +10,8 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class RequestTooLarge(RequestError):
+    """A request whose answer would exceed a server's size limit (HTTP 413): the message says
+    the limit and how to stay under it."""

@@ -8,7 +8,9 @@ A scenario::
      "initial_state": {"theta": 0.3, ...},  # optional; missing states: the training box's middle
      "t_end": 5.0, "dt": 0.05,              # or "times": [0, 0.05, ...] (uniform, the model's dt)
      "inputs": {"torque": [0.0, 0.1, ...]}, # every declared input, one value per time point
-     "quantiles": [0.05, 0.95]}             # optional
+     "quantiles": [0.05, 0.95],             # optional
+     "fields": [0.0, 50.0]}                 # optional, reduced-order models of field systems:
+                                            # the decoded fields at these times of the grid
 
 A calibration::
 
@@ -35,9 +37,18 @@ from typing import Any, TypeVar
 import numpy as np
 
 from twin_ml.contract.card import ModelCard, Variable
-from twin_ml.contract.errors import RequestError
+from twin_ml.contract.errors import RequestError, RequestTooLarge
 
-SCENARIO_FIELDS = ("parameters", "initial_state", "t_end", "dt", "times", "inputs", "quantiles")
+SCENARIO_FIELDS = (
+    "parameters",
+    "initial_state",
+    "t_end",
+    "dt",
+    "times",
+    "inputs",
+    "quantiles",
+    "fields",
+)
 CALIBRATION_FIELDS = (
     "times", "outputs", "inputs", "fit", "parameters", "initial_state", "bounds", "priors", "noise",
 )  # fmt: skip
@@ -135,6 +146,7 @@ class Scenario:
     quantiles: list[float]
     reasons: list[str]  # why it is outside the training domain; empty: inside
     defaulted_states: list[str]
+    field_steps: list[int] = field(default_factory=list)  # grid indices of the fields asked for
 
     @property
     def in_domain(self) -> bool:
@@ -218,13 +230,49 @@ def parse_scenario(
         raise RequestError(
             f"{where}.quantiles", f"levels must differ (as the answer names them, {{q:g}}): {qs}"
         )
+    field_steps = _field_steps(card, sc.get("fields"), f"{where}.fields", t)
     reasons = card.domain.reasons(system, p, x0, u)
     if reasons and strict:
         raise RequestError(
             where, "outside the training domain (strict mode): " + "; ".join(reasons)
         )
     defaulted = [n for n in system.state_names if n not in given_x]
-    return Scenario(t, x0, u, p, qs, reasons, defaulted)
+    return Scenario(t, x0, u, p, qs, reasons, defaulted, field_steps)
+
+
+def decodes_fields(card: ModelCard) -> bool:
+    """Whether the model's file decodes the fields of its system (a reduced-order model)."""
+    return "field_mean" in (card.interface or {}).get("outputs", {})
+
+
+def _field_steps(card: ModelCard, times: Any, where: str, t: np.ndarray | None = None) -> list[int]:
+    """The grid indices of the requested field times (distinct, on the scenario's grid)."""
+    if times is None:
+        return []
+    if not decodes_fields(card):
+        what = (
+            f"a {card.kind} model of field system {card.system.name!r} predicts its outputs only; "
+            "export a latent or rom model to get fields"
+            if card.system.grid is not None
+            else f"system {card.system.name!r} has no fields"
+        )
+        raise RequestError(where, what)
+    values = numbers(times, where)
+    steps = []
+    for i, v in enumerate(values):
+        k = int(round((v - t[0]) / card.time.dt))
+        if not (
+            0 <= k < len(t) and math.isclose(t[k], v, rel_tol=1e-9, abs_tol=1e-6 * card.time.dt)
+        ):
+            raise RequestError(
+                f"{where}[{i}]",
+                f"{v:g} is not a time of the scenario's grid (multiples of dt = {card.time.dt:g} "
+                f"from {t[0]:g} to {t[-1]:g})",
+            )
+        steps.append(k)
+    if len(set(steps)) != len(steps):
+        raise RequestError(where, "times must differ")
+    return steps
 
 
 def parse_scenarios(
@@ -234,8 +282,10 @@ def parse_scenarios(
     max_scenarios: int,
     max_steps: int | None = None,
     strict: bool = False,
+    max_field_values: int | None = None,
 ) -> list[Scenario]:
-    """One scenario (an object) or a non-empty list of at most `max_scenarios`."""
+    """One scenario (an object) or a non-empty list of at most `max_scenarios`; the fields asked
+    for, all scenarios together, at most `max_field_values` numbers (`RequestTooLarge`)."""
     if isinstance(scenarios, dict):
         scenarios = [scenarios]
     if not isinstance(scenarios, list) or not scenarios:
@@ -245,10 +295,22 @@ def parse_scenarios(
             "scenarios",
             f"{len(scenarios)} scenarios exceed the limit of {max_scenarios} per request",
         )
-    return [
+    parsed = [
         parse_scenario(card, sc, f"scenarios[{i}]", max_steps=max_steps, strict=strict)
         for i, sc in enumerate(scenarios)
     ]
+    n_fields = sum(len(s.field_steps) for s in parsed)
+    if n_fields and max_field_values is not None:
+        per = 2 * card.system.grid.cells * len(card.system.fields)  # mean and std
+        if n_fields * per > max_field_values:
+            raise RequestTooLarge(
+                "scenarios[].fields",
+                f"{n_fields} fields of {per} values each ({n_fields * per} values) exceed this "
+                f"server's limit of {max_field_values} values per request "
+                f"(at most {max_field_values // per} field times in all); ask for fewer times "
+                "or split the request",
+            )
+    return parsed
 
 
 # ---- calibrations ------------------------------------------------------------------------------

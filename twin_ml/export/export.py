@@ -24,7 +24,7 @@ from twin_ml.data.design import ScenarioDesign
 from twin_ml.data.generate import scenario_inputs
 from twin_ml.export.onnx_export import ExportError, build_onnx, set_metadata
 from twin_ml.models import load_trained
-from twin_ml.models.surrogates import Emulator, Surrogate
+from twin_ml.models.surrogates import Emulator, LatentODE, Surrogate
 
 PARITY_TOL = 1e-5  # max |onnxruntime - torch| in normalized output units (y / y_std)
 
@@ -121,6 +121,15 @@ def integrator_error(
     }
 
 
+def _field_outputs(model: Surrogate) -> dict[str, list]:
+    """A reduced-order model's field outputs: the decoded fields at the steps of the optional
+    input `field_steps` [K] (default: none), ensemble mean and spread."""
+    if not isinstance(model, LatentODE):
+        return {}
+    n = model.system.state_size
+    return {"field_mean": ["batch", "fields", n], "field_std": ["batch", "fields", n]}
+
+
 def export_run(
     run_dir: str | Path,
     *,
@@ -176,6 +185,7 @@ def export_run(
                 "members": [model.members, "batch", "time", model.ny],
                 "mean": ["batch", "time", model.ny],
                 "std": ["batch", "time", model.ny],
+                **_field_outputs(model),
             },
             "dtype": "float32",
         },

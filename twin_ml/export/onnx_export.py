@@ -29,7 +29,14 @@ from torch import nn
 
 from twin_ml.contract import ModelCard
 from twin_ml.models.ensemble import ACTIVATIONS
-from twin_ml.models.surrogates import FIXED_STEP, Emulator, Surrogate, VectorFieldODE, fixed_steps
+from twin_ml.models.surrogates import (
+    FIXED_STEP,
+    Emulator,
+    LatentODE,
+    Surrogate,
+    VectorFieldODE,
+    fixed_steps,
+)
 
 OPSET = 17
 INPUTS = ("x0", "u", "p")
@@ -118,6 +125,42 @@ class IntervalStep(nn.Module):
             return dx
 
         return fixed_steps(f, x, self.dt, n, m.solver), y
+
+
+class LatentIntervalStep(nn.Module):
+    """One grid interval of a LatentODE rollout: (z [M,B,r], u0, u1 [B,nu], p [B,np]) ->
+    (z at the interval's end, y [M,B,ny] at its start): the model's own vector field and
+    observation, unfolded (the latent state is small; the Galerkin term decodes the field)."""
+
+    def __init__(self, model: LatentODE, dt: float):
+        super().__init__()
+        if model.solver not in FIXED_STEP:
+            raise ExportError(
+                f"export integrates with a fixed-step method; the model uses {model.solver!r}. "
+                f"Train with model.net.solver in {FIXED_STEP}"
+            )
+        self.model, self.dt = model, float(dt)
+        self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
+
+    def forward(self, z, u0, u1, p):
+        m = self.model
+        y = m.observe(z, u0, p)
+        du = torch.where(self.held, torch.zeros_like(u0), u1 - u0)
+        return (
+            fixed_steps(
+                lambda zz, s: m.vector_field(zz, u0 + s * du, p), z, self.dt, m.substeps, m.solver
+            ),
+            y,
+        )
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: LatentODE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0):
+        return self.model.encode(x0)
 
 
 class _EmulatorMembers(nn.Module):
@@ -226,13 +269,16 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         return _model(graph)
     if not isinstance(model, VectorFieldODE):
         raise ExportError(f"cannot export a model of kind {model.kind!r}")
+    latent = isinstance(model, LatentODE)
+    nz = model.rank if latent else nx
 
     # the interval step, from torch
     b = 2
-    step = IntervalStep(model, dt).eval()
+    step = (LatentIntervalStep(model, dt) if latent else IntervalStep(model, dt)).eval()
+    x0_ex = model.z_mean.detach().expand(m, b, -1).clone() if latent else torch.zeros(m, b, nx)
     sg = _torch_to_onnx(
         step,
-        (torch.zeros(m, b, nx), torch.zeros(b, nu), torch.zeros(b, nu), torch.ones(b, n_p)),
+        (x0_ex, torch.zeros(b, nu), torch.zeros(b, nu), torch.ones(b, n_p)),
         ["x", "u0", "u1", "p"],
         ["x_next", "y"],
         {
@@ -256,43 +302,104 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         helper.make_node("Identity", ["step/x_next"], ["body/x_out"]),
         helper.make_node("Identity", ["step/y"], ["body/y_out"]),
     ]
+    body_outs = [
+        helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+        _vi("body/x_out", [m, "batch", nz]),
+        _vi("body/y_out", [m, "batch", ny]),
+    ]
+    if latent:  # the latent state at each interval's start: the fields are decoded from it
+        body_nodes.append(helper.make_node("Identity", ["step/x"], ["body/z_out"]))
+        body_outs.append(_vi("body/z_out", [m, "batch", nz]))
     body = helper.make_graph(
         body_nodes,
         "interval",
         [
             helper.make_tensor_value_info("iter", TensorProto.INT64, []),
             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            _vi("step/x_in", [m, "batch", nx]),
+            _vi("step/x_in", [m, "batch", nz]),
         ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            _vi("body/x_out", [m, "batch", nx]),
-            _vi("body/y_out", [m, "batch", ny]),
-        ],
+        body_outs,
     )
+    inits = [
+        _const("one_i64", np.array(1, dtype=np.int64)),
+        _const("zero_axis", np.array([0], dtype=np.int64)),
+        _const("member_shape", np.array([m, 1, 1], dtype=np.int64)),
+    ]
     nodes = [
         helper.make_node("Shape", ["u"], ["shape_u"]),
         helper.make_node(
             "Gather", ["shape_u", "one_i64"], ["n_times"], axis=0
         ),  # scalar: the trip count
         helper.make_node("Sub", ["n_times", "one_i64"], ["last_index"]),
-        helper.make_node("Unsqueeze", ["x0", "zero_axis"], ["x0_1"]),
+    ]
+    start = "x0"
+    if latent:  # the encoder: the system's lift of the initial conditions, then the projection
+        eg = _torch_to_onnx(
+            _Encoder(model).eval(),
+            (torch.zeros(b, nx),),
+            ["x0"],
+            ["z0"],
+            {"x0": {0: "batch"}, "z0": {0: "batch"}},
+        ).graph
+        _prefixed(eg, "enc/", keep={"x0"})
+        nodes += list(eg.node)
+        inits += list(eg.initializer)
+        start = "enc/z0"
+    nodes += [
+        helper.make_node("Unsqueeze", [start, "zero_axis"], ["x0_1"]),
         helper.make_node("Expand", ["x0_1", "member_shape"], ["x_init"]),
-        helper.make_node("Loop", ["n_times", "", "x_init"], ["x_end", "y_scan"], body=body),
+        helper.make_node(
+            "Loop",
+            ["n_times", "", "x_init"],
+            ["x_end", "y_scan"] + (["z_scan"] if latent else []),
+            body=body,
+        ),
         helper.make_node("Transpose", ["y_scan"], ["members"], perm=[1, 2, 0, 3]),
     ]
     ens_nodes, ens_inits = _ensemble_nodes(model, "members")
-    inits = [
-        _const("one_i64", np.array(1, dtype=np.int64)),
-        _const("zero_axis", np.array([0], dtype=np.int64)),
-        _const("member_shape", np.array([m, 1, 1], dtype=np.int64)),
-        *sg.initializer,
-        *ens_inits,
-    ]
+    inits += [*sg.initializer, *ens_inits]
+    if latent:
+        f_nodes, f_inits = _field_nodes(model)
+        nodes += f_nodes
+        inits += f_inits
+        ins.append(helper.make_tensor_value_info("field_steps", TensorProto.INT64, ["fields"]))
+        inits.append(_const("field_steps", np.zeros(0, dtype=np.int64)))  # default: none
+        n = model.system.state_size
+        outs += [
+            _vi("field_mean", ["batch", "fields", n]),
+            _vi("field_std", ["batch", "fields", n]),
+        ]
     graph = helper.make_graph(
         nodes + ens_nodes, f"twin_ml_{model.kind}", ins, outs, initializer=inits
     )
     return _model(graph)
+
+
+def _field_nodes(model: LatentODE) -> tuple[list, list]:
+    """The fields at the requested steps `field_steps` [K] from the latent scan [T, M, B, r]:
+    each member's decoded field, then the members' mean and spread, [B, K, n] each."""
+    basis_t = model.basis.detach().T.numpy().astype(np.float32)  # [r, n]
+    inits = [
+        _const("field/basis_t", basis_t),
+        _const("field/scale", model.field_scale.detach().numpy().astype(np.float32)),
+        _const("field/mean0", model.field_mean.detach().numpy().astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["z_scan", "field_steps"], ["field/zk"], axis=0),  # [K,M,B,r]
+        helper.make_node("MatMul", ["field/zk", "field/basis_t"], ["field/dev"]),
+        helper.make_node("Mul", ["field/dev", "field/scale"], ["field/scaled"]),
+        helper.make_node("Add", ["field/scaled", "field/mean0"], ["field/members"]),  # [K,M,B,n]
+        helper.make_node("ReduceMean", ["field/members"], ["field/m"], axes=[1], keepdims=0),
+        helper.make_node("Sub", ["field/members", "field/m_1"], ["field/d"]),
+        helper.make_node("Mul", ["field/d", "field/d"], ["field/d2"]),
+        helper.make_node("ReduceMean", ["field/d2"], ["field/v"], axes=[1], keepdims=0),
+        helper.make_node("Sqrt", ["field/v"], ["field/s"]),
+        helper.make_node("Transpose", ["field/m"], ["field_mean"], perm=[1, 0, 2]),
+        helper.make_node("Transpose", ["field/s"], ["field_std"], perm=[1, 0, 2]),
+    ]
+    nodes.insert(5, helper.make_node("Unsqueeze", ["field/m", "one_axis"], ["field/m_1"]))
+    inits.append(_const("one_axis", np.array([1], dtype=np.int64)))
+    return nodes, inits
 
 
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
