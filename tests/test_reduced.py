@@ -1,0 +1,134 @@
+"""Reduced-order models of field systems (LatentODE: kinds latent and rom) against independent
+oracles: a full-rank Galerkin model with its closure at zero IS the semi-discrete physics, so it
+must reproduce the sparse BDF solve to the RK4 error; the POD basis reconstructs the training
+snapshots to the energy it leaves out; onnxruntime reproduces torch, the decoded fields included.
+Small grids: the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import EPS32, rollout_tol
+
+from twin_ml.models import build_model, field_stats, model_from_config
+from twin_ml.physics import SolverSettings, make_system, solve_looped
+
+SHAPE = [6, 6]
+
+
+def _data(n=8, steps=20, seed=0, shape=SHAPE):
+    """Solver trajectories of heat_plate on a small grid: smooth random inputs, in-bounds
+    parameters and initial temperatures."""
+    system = make_system("heat_plate", shape=shape)
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps + 1) * system.default_horizon[1]
+    lo = np.array([v.bounds[0] for v in system.parameters])
+    hi = np.array([v.bounds[1] for v in system.parameters])
+    p = rng.uniform(lo, hi, (n, len(lo)))
+    x0 = rng.uniform(15.0, 35.0, (n, 1))
+    phase = rng.uniform(0, 2 * np.pi, (n, 1))
+    power = 10.0 + 8.0 * np.sin(2 * np.pi * t[None, :] / 60.0 + phase)
+    coolant = 25.0 + 5.0 * np.cos(2 * np.pi * t[None, :] / 90.0 + phase)
+    u = np.stack([power, coolant], axis=-1)
+    tight = SolverSettings(method="BDF", rtol=1e-9, atol=1e-9)
+    r = solve_looped(system, t, u, p, x0, tight)
+    assert (r.status == 0).all()
+    return system, t, u, p, x0, r
+
+
+def _model(kind, system, t, u, p, x0, r, rank, **kw):
+    stats = field_stats(x0, u, p, r.y, t)
+    return build_model(
+        kind, system, stats, rank=rank, snapshots=r.x, snapshot_stride=1, members=2, **kw
+    )
+
+
+def test_full_rank_galerkin_rom_is_the_physics():
+    """rank = every cell and a zero closure: the rom integrates the system's own semi-discrete
+    equations (in a rotated basis) with RK4, so it meets the tight BDF solution within the RK4
+    error, which the same rollout at half the step bounds (Richardson: err(h) ~ 16/15 |y_h -
+    y_h/2|)."""
+    system, t, u, p, x0, r = _data()
+    n = system.state_size
+
+    def run(step_fraction):
+        m = _model("rom", system, t, u, p, x0, r, n, step_fraction=step_fraction).double()
+        with torch.no_grad():
+            _, y = m(*(torch.tensor(a) for a in (x0, u, p, t)))
+        return y.numpy()
+
+    y1, y2 = run(0.5), run(0.25)
+    assert np.allclose(y1[0], y1[1])  # both members: closure 0, the same physics
+    rk4 = 16.0 / 15.0 * np.abs(y1 - y2).max()
+    err = np.abs(y1[0] - r.y).max()
+    scale = np.abs(r.y).max()
+    assert err <= 2.0 * rk4 + 1e-7 * scale, (err, rk4)
+    assert rk4 < 1e-2 * scale  # the step is resolved: the comparison means something
+
+
+def test_pod_basis_reconstructs_snapshots_to_the_energy_it_keeps():
+    """The truncation error of the projection is the discarded energy fraction (POD's optimality,
+    in the scaled and centred coordinates); the probes read through the latent map equal the
+    probes of the decoded field; the maximum over its support equals the true maximum on the
+    training snapshots (the support holds every training argmax)."""
+    system, t, u, p, x0, r = _data(n=10)
+    m = _model("latent", system, t, u, p, x0, r, 4).double()
+    snaps = torch.tensor(r.x)
+    z = m.encode_field(snaps)
+    rec = m.decode(z)
+    scaled = ((snaps - m.field_mean) / m.field_scale).reshape(-1, system.state_size)
+    resid = ((rec - snaps) / m.field_scale).reshape(-1, system.state_size)
+    lost = float((resid**2).sum() / (scaled**2).sum())
+    assert lost == pytest.approx(1.0 - m.config["pod_energy"], rel=1e-3, abs=1e-12)
+    y_latent = m.observe(z, None, None).numpy()
+    y_field = system.observe(rec.numpy(), None, None)
+    # the map is stored in float32 (as the buffers are): a few ulps per term of its r-sum
+    assert np.abs(y_latent - y_field).max() <= 4 * 4 * EPS32 * np.abs(y_field).max()
+    k_max = system.output_names.index("T_max")
+    full_rank = _model("latent", system, t, u, p, x0, r, system.state_size).double()
+    zf = full_rank.encode_field(snaps)
+    got = full_rank.observe(zf, None, None).numpy()[..., k_max]
+    assert np.abs(got - r.y[..., k_max]).max() <= 4 * system.state_size * EPS32 * np.abs(r.y).max()
+
+
+def test_a_saved_latent_model_rebuilds_and_exports_with_its_fields():
+    """config + state_dict rebuild the same model (basis, supports); the ONNX graph reproduces
+    torch's members and decodes the fields asked for by `field_steps` (none by default)."""
+    from twin_ml._ort import session
+    from twin_ml.export.onnx_export import build_onnx
+
+    system, t, u, p, x0, r = _data(n=6)
+    m = _model("latent", system, t, u, p, x0, r, 5).eval()
+    again = model_from_config(m.config)
+    again.load_state_dict(m.state_dict())
+    f32 = [torch.tensor(a, dtype=torch.float32) for a in (x0, u, p, t)]
+    with torch.no_grad():
+        z, y = m(*f32)
+        _, y2 = again(*f32)
+        fields = m.decode(z[:, :, [0, 7, 20]])
+    assert torch.equal(y, y2)
+    sess = session(build_onnx(m, float(t[1] - t[0])).SerializeToString())
+    feeds = {k: a.numpy() for k, a in zip(("x0", "u", "p"), f32[:3])}
+    members, f_mean, f_std = sess.run(["members", "field_mean", "field_std"], feeds)
+    assert f_mean.shape == (6, 0, system.state_size)  # no field asked: none computed
+    scale = float(np.abs(r.y).max())
+    assert np.abs(members - y.numpy()).max() <= rollout_tol(len(t), scale)
+    f_mean, f_std = sess.run(
+        ["field_mean", "field_std"], {**feeds, "field_steps": np.array([0, 7, 20])}
+    )
+    want = fields.mean(dim=0).numpy()
+    assert np.abs(f_mean - want).max() <= rollout_tol(len(t), scale)
+    assert np.abs(f_std - fields.std(dim=0, unbiased=False).numpy()).max() <= rollout_tol(
+        len(t), scale
+    )
+
+
+def test_reduced_models_need_a_field_system_and_a_valid_rank():
+    system, t, u, p, x0, r = _data(n=4, steps=4)
+    with pytest.raises(ValueError, match="rank"):
+        _model("latent", system, t, u, p, x0, r, system.state_size + 1)
+    stats = field_stats(x0, u, p, r.y, t)
+    pendulum = make_system("pendulum")
+    with pytest.raises(ValueError, match="field system"):
+        build_model("latent", pendulum, {**stats, "x_mean": [0, 0], "x_std": [1, 1]})
