@@ -22,7 +22,16 @@ def rollout_tol(n_steps: int, scale: float, *, evals_per_step: int = 4) -> float
     return 4.0 * evals_per_step * max(int(n_steps), 1) * EPS32 * max(float(scale), 1e-30)
 
 
-SHIPPED = ["pendulum", "cascaded_tanks", "thermal_rc", "cstr", "robertson", "duffing"]
+SHIPPED = [
+    "pendulum",
+    "cascaded_tanks",
+    "thermal_rc",
+    "cstr",
+    "robertson",
+    "duffing",
+    "heat_plate",
+    "tubular_reactor",
+]
 
 
 @pytest.fixture
