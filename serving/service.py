@@ -17,7 +17,7 @@ of different horizons padded and masked (serving/runtime.py `plan`). Settings co
 environment (twin-serve sets them): TWIN_ML_MODEL, TWIN_ML_THREADS, TWIN_ML_STRICT,
 TWIN_ML_BATCHING, TWIN_ML_MAX_BATCH, TWIN_ML_MAX_SCENARIOS, TWIN_ML_MAX_STEPS,
 TWIN_ML_MAX_CONCURRENCY, TWIN_ML_TIMEOUT, TWIN_ML_WORKERS, TWIN_ML_ACCESS_LOG, TWIN_ML_TOKEN,
-TWIN_ML_MAX_BODY_BYTES.
+TWIN_ML_MAX_BODY_BYTES, TWIN_ML_MAX_FIELD_VALUES (a reduced model's decoded fields per request).
 
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered

@@ -2,6 +2,7 @@
 
     twin-serve model=pendulum_node:production [port=3000] [host=127.0.0.1] [threads=1]
                [strict=false] [batching=true] [max_batch=256] [max_scenarios=256] [max_steps=...]
+               [max_field_values=1048576]
                [max_concurrency=64] [timeout=120] [workers=1] [access_log=true]
 
 Settings are key=value like the other commands (not a Hydra app: `model` names a config group
@@ -39,6 +40,10 @@ SETTINGS = {
     "max_steps": Setting(
         "0", "longest horizon in steps (0: the model's declared maximum, also the upper bound)"
     ),
+    "max_field_values": Setting(
+        "1048576",
+        "numbers of decoded fields per request (reduced models of field systems); more: 413",
+    ),
     "max_concurrency": Setting("64", "requests in flight per server; more get 429 at once"),
     "timeout": Setting(
         "120", "seconds a request may take (a long /calibrate included) before a 504"
@@ -47,7 +52,15 @@ SETTINGS = {
     "access_log": Setting("true", "one log line per request (BentoML's access log)"),
 }
 DEFAULTS = defaults(SETTINGS)
-POSITIVE = ("threads", "max_batch", "max_scenarios", "max_concurrency", "timeout", "workers")
+POSITIVE = (
+    "threads",
+    "max_batch",
+    "max_scenarios",
+    "max_field_values",
+    "max_concurrency",
+    "timeout",
+    "workers",
+)
 FLAGS = ("strict", "batching", "access_log")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
