@@ -2,6 +2,7 @@
 
     twin-generate system=pendulum n_scenarios=256 seed=0 out_dir=data/pendulum
     twin-generate system.name=my_pkg.my_module:MySystem      # a system by import path
+    twin-generate system=heat_plate snapshot_stride=20       # the plate's fields every 20th step
 
 Prints the path of summary.json last.
 """
@@ -43,6 +44,7 @@ def generate(cfg: DictConfig) -> dict:
         overwrite=cfg.overwrite,
         max_new_shards=cfg.max_new_shards,
         progress=cfg.progress,
+        snapshot_stride=cfg.get("snapshot_stride"),
     )
     summary = res.summary()
     if res.complete:

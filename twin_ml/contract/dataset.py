@@ -51,6 +51,9 @@ class DatasetCard(BaseModel):
     shapes: dict[str, int] = Field(default_factory=dict)
     splits: dict[str, list[int]] = Field(default_factory=dict)
     failures: list[dict[str, Any]] = Field(default_factory=list)
+    # a field system's fields are stored at t[::snapshot_stride] (shapes.n_snapshots of them);
+    # everything else, and an ordinary system's states, at every step (older manifests: 1)
+    snapshot_stride: int = Field(1, ge=1)
     code_version: str | None = None
     created_at: str | None = None
 

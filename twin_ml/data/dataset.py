@@ -68,6 +68,22 @@ class Dataset:
     def sha256(self) -> str:
         return self.card.dataset_sha256
 
+    @property
+    def snapshot_stride(self) -> int:
+        """x holds the states at every `snapshot_stride`-th time of t (1: every step; a field
+        system's dataset: its fields at t[::snapshot_stride]); u and y are at every step."""
+        return self.card.snapshot_stride
+
+    def snapshot_times(self) -> np.ndarray:
+        """The times of x's time axis: t[::snapshot_stride] (t itself where the stride is 1)."""
+        return self.times()[:: self.snapshot_stride]
+
+    def times(self) -> np.ndarray:
+        """The grid t [T] of u and y (read from the first shard: the exact floats stored)."""
+        s = self.card.shards[0]
+        with np.load(self.path / s.file, allow_pickle=False) as z:
+            return z["t"]
+
     def shards(self) -> Iterator[dict[str, np.ndarray]]:
         for s in self.card.shards:
             with np.load(self.path / s.file, allow_pickle=False) as z:
@@ -77,7 +93,7 @@ class Dataset:
         self, split: str | None = None, *, include_failed: bool = False
     ) -> dict[str, np.ndarray]:
         """All scenarios of one split (None: all), concatenated; failed ones dropped unless
-        asked."""
+        asked. x is at `snapshot_times()` (fewer times than t when snapshot_stride > 1)."""
         if split is not None and split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; splits: {SPLITS}")
         parts = []

@@ -64,6 +64,9 @@ class ScenarioDataModule(L.LightningDataModule):
         self.dataset = self._open()
         self.t_grid = self._t()  # float64, as generated (model.json records its dt exactly)
         self.t = torch.tensor(self.t_grid, dtype=torch.float32)
+        # x's times: t_grid[::snapshot_stride] (a field system's fields; u and y: every step)
+        self.snapshot_stride = self.dataset.snapshot_stride
+        self.t_snapshots = self.t_grid[:: self.snapshot_stride]
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         for split in ("train", "val", "test", "extrapolation"):
             self.splits[split] = self._load(split)
