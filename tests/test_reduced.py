@@ -6,21 +6,25 @@ Small grids: the whole file runs in seconds."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from conftest import EPS32, rollout_tol
 
 from twin_ml.models import build_model, field_stats, model_from_config
+from twin_ml.models.surrogates import check_affine
 from twin_ml.physics import SolverSettings, make_system, solve_looped
 
 SHAPE = [6, 6]
 
 
-def _data(n=8, steps=20, seed=0, shape=SHAPE):
+@functools.cache
+def _data(n=8, steps=20, seed=0, shape=tuple(SHAPE)):
     """Solver trajectories of heat_plate on a small grid: smooth random inputs, in-bounds
-    parameters and initial temperatures."""
-    system = make_system("heat_plate", shape=shape)
+    parameters and initial temperatures (computed once; the tests only read them)."""
+    system = make_system("heat_plate", shape=list(shape))
     rng = np.random.default_rng(seed)
     t = np.arange(steps + 1) * system.default_horizon[1]
     lo = np.array([v.bounds[0] for v in system.parameters])
@@ -67,12 +71,50 @@ def test_full_rank_galerkin_rom_is_the_physics():
     assert rk4 < 1e-2 * scale  # the step is resolved: the comparison means something
 
 
+def test_affine_galerkin_operators_equal_the_projected_right_hand_side():
+    """heat_plate declares its right-hand side affine in (x, u): the rom's precomputed r x r
+    operators give the same rollout as projecting the whole right-hand side at every stage."""
+    system, t, u, p, x0, r = _data()
+    m = _model("rom", system, t, u, p, x0, r, 6, step_fraction=0.5).double()
+    assert m.affine
+    args = [torch.tensor(a) for a in (x0, u, p, t)]
+    with torch.no_grad():
+        _, y_affine = m(*args)
+        m.affine = False  # the general path: the field's right-hand side, projected
+        _, y_full = m(*args)
+    assert torch.allclose(y_affine, y_full, rtol=0, atol=1e-10 * float(y_full.abs().max()))
+
+
+def test_a_false_affine_declaration_is_caught():
+    from twin_ml.physics.systems.tubular_reactor import TubularReactor
+
+    class Claims(TubularReactor):
+        affine = True
+
+    reactor = make_system("tubular_reactor", shape=[6])
+    claims = Claims(shape=[6])
+    rng = np.random.default_rng(0)
+    t = np.arange(11) * reactor.default_horizon[1]
+    lo = np.array([v.bounds[0] for v in reactor.parameters])
+    hi = np.array([v.bounds[1] for v in reactor.parameters])
+    p = rng.uniform(lo, hi, (3, len(lo)))
+    x0 = np.array([[v.bounds[0] + 0.5 * (v.bounds[1] - v.bounds[0]) for v in reactor.states]] * 3)
+    u = np.stack([np.full((3, len(t)), 0.5 * sum(v.bounds)) for v in reactor.inputs], axis=-1)
+    res = solve_looped(reactor, t, u, p, x0)
+    stats = field_stats(x0, u, p, res.y, t)
+    with pytest.raises(ValueError, match="declares affine = True, but"):
+        check_affine(claims, res.x, seed=0)
+    check_affine(make_system("heat_plate", shape=SHAPE), _data()[-1].x, seed=0)
+    general = build_model("rom", reactor, stats, rank=3, snapshots=res.x, snapshot_stride=1)
+    assert not general.affine  # the reactor (Arrhenius) projects its whole right-hand side
+
+
 def test_pod_basis_reconstructs_snapshots_to_the_energy_it_keeps():
     """The truncation error of the projection is the discarded energy fraction (POD's optimality,
     in the scaled and centred coordinates); the probes read through the latent map equal the
     probes of the decoded field; the maximum over its support equals the true maximum on the
     training snapshots (the support holds every training argmax)."""
-    system, t, u, p, x0, r = _data(n=10)
+    system, t, u, p, x0, r = _data()
     m = _model("latent", system, t, u, p, x0, r, 4).double()
     snaps = torch.tensor(r.x)
     z = m.encode_field(snaps)
@@ -92,14 +134,16 @@ def test_pod_basis_reconstructs_snapshots_to_the_energy_it_keeps():
     assert np.abs(got - r.y[..., k_max]).max() <= 4 * system.state_size * EPS32 * np.abs(r.y).max()
 
 
-def test_a_saved_latent_model_rebuilds_and_exports_with_its_fields():
-    """config + state_dict rebuild the same model (basis, supports); the ONNX graph reproduces
-    torch's members and decodes the fields asked for by `field_steps` (none by default)."""
+@pytest.mark.parametrize("kind", ["latent", "rom"])
+def test_a_saved_reduced_model_rebuilds_and_exports_with_its_fields(kind):
+    """config + state_dict rebuild the same model (basis, supports); the ONNX graph (the affine
+    rom: its Galerkin operators before the loop) reproduces torch's members and decodes the fields
+    asked for by `field_steps` (none by default)."""
     from twin_ml._ort import session
     from twin_ml.export.onnx_export import build_onnx
 
-    system, t, u, p, x0, r = _data(n=6)
-    m = _model("latent", system, t, u, p, x0, r, 5).eval()
+    system, t, u, p, x0, r = _data()
+    m = _model(kind, system, t, u, p, x0, r, 5, step_fraction=0.5).eval()
     again = model_from_config(m.config)
     again.load_state_dict(m.state_dict())
     f32 = [torch.tensor(a, dtype=torch.float32) for a in (x0, u, p, t)]
@@ -111,7 +155,7 @@ def test_a_saved_latent_model_rebuilds_and_exports_with_its_fields():
     sess = session(build_onnx(m, float(t[1] - t[0])).SerializeToString())
     feeds = {k: a.numpy() for k, a in zip(("x0", "u", "p"), f32[:3])}
     members, f_mean, f_std = sess.run(["members", "field_mean", "field_std"], feeds)
-    assert f_mean.shape == (6, 0, system.state_size)  # no field asked: none computed
+    assert f_mean.shape == (len(p), 0, system.state_size)  # no field asked: none computed
     scale = float(np.abs(r.y).max())
     assert np.abs(members - y.numpy()).max() <= rollout_tol(len(t), scale)
     f_mean, f_std = sess.run(
@@ -125,7 +169,7 @@ def test_a_saved_latent_model_rebuilds_and_exports_with_its_fields():
 
 
 def test_reduced_models_need_a_field_system_and_a_valid_rank():
-    system, t, u, p, x0, r = _data(n=4, steps=4)
+    system, t, u, p, x0, r = _data()
     with pytest.raises(ValueError, match="rank"):
         _model("latent", system, t, u, p, x0, r, system.state_size + 1)
     stats = field_stats(x0, u, p, r.y, t)

@@ -142,16 +142,31 @@ class LatentIntervalStep(nn.Module):
         self.model, self.dt = model, float(dt)
         self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
 
-    def forward(self, z, u0, u1, p):
+    def forward(self, z, u0, u1, p, *ops):
+        """`ops`: an affine rom's Galerkin operators (A, B, c), computed once before the loop."""
         m = self.model
         y = m.observe(z, u0, p)
         du = torch.where(self.held, torch.zeros_like(u0), u1 - u0)
+        ctx = tuple(ops) if ops else None
         return (
             fixed_steps(
-                lambda zz, s: m.vector_field(zz, u0 + s * du, p), z, self.dt, m.substeps, m.solver
+                lambda zz, s: m.vector_field(zz, u0 + s * du, p, ctx),
+                z,
+                self.dt,
+                m.substeps,
+                m.solver,
             ),
             y,
         )
+
+
+class _Operators(nn.Module):
+    def __init__(self, model: LatentODE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, p):
+        return self.model.galerkin_operators(p)
 
 
 class _Encoder(nn.Module):
@@ -276,10 +291,18 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     b = 2
     step = (LatentIntervalStep(model, dt) if latent else IntervalStep(model, dt)).eval()
     x0_ex = model.z_mean.detach().expand(m, b, -1).clone() if latent else torch.zeros(m, b, nx)
+    p_ex = (
+        torch.tensor(model.system.nominal_parameters, dtype=torch.float32).expand(b, -1).clone()
+        if latent
+        else torch.ones(b, n_p)
+    )
+    affine = latent and model.affine
+    ops_names = ["ops/A", "ops/B", "ops/c"] if affine else []
+    ops_ex = tuple(t.detach() for t in model.galerkin_operators(p_ex)) if affine else ()
     sg = _torch_to_onnx(
         step,
-        (x0_ex, torch.zeros(b, nu), torch.zeros(b, nu), torch.ones(b, n_p)),
-        ["x", "u0", "u1", "p"],
+        (x0_ex, torch.zeros(b, nu), torch.zeros(b, nu), p_ex, *ops_ex),
+        ["x", "u0", "u1", "p", *ops_names],
         ["x_next", "y"],
         {
             "x": {1: "batch"},
@@ -288,9 +311,11 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
             "p": {0: "batch"},
             "x_next": {1: "batch"},
             "y": {1: "batch"},
+            **{name: {0: "batch"} for name in ops_names},
         },
     ).graph
-    _prefixed(sg, "step/", keep={"p"})  # p: the outer graph's input, visible inside the loop body
+    # p and the operators: the outer graph's values, visible inside the loop body
+    _prefixed(sg, "step/", keep={"p", *ops_names})
     body_nodes = [
         helper.make_node("Add", ["iter", "one_i64"], ["body/next"]),
         helper.make_node("Min", ["body/next", "last_index"], ["body/next_c"]),
@@ -345,6 +370,17 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         nodes += list(eg.node)
         inits += list(eg.initializer)
         start = "enc/z0"
+    if affine:  # the Galerkin operators of each scenario, once per rollout
+        og = _torch_to_onnx(
+            _Operators(model).eval(),
+            (p_ex,),
+            ["p"],
+            ["A", "B", "c"],
+            {"p": {0: "batch"}, "A": {0: "batch"}, "B": {0: "batch"}, "c": {0: "batch"}},
+        ).graph
+        _prefixed(og, "ops/", keep={"p"})
+        nodes += list(og.node)
+        inits += list(og.initializer)
     nodes += [
         helper.make_node("Unsqueeze", [start, "zero_axis"], ["x0_1"]),
         helper.make_node("Expand", ["x0_1", "member_shape"], ["x_init"]),

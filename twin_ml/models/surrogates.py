@@ -213,6 +213,11 @@ class VectorFieldODE(Surrogate):
             )
         return pm
 
+    def step_context(self, p: torch.Tensor):
+        """What every evaluation of the vector field along one rollout shares, computed once per
+        rollout (the hybrid: its physical parameters); passed to `vector_field` as `pm`."""
+        return self.physical_parameters(p) if self.physics else None
+
     def vector_field(
         self, x: torch.Tensor, u_t: torch.Tensor, p: torch.Tensor, pm: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -257,7 +262,7 @@ class VectorFieldODE(Surrogate):
         fixed = self.solver in FIXED_STEP
         n_sub = self.substeps
         x = x0 if x0.dim() == 3 else x0.unsqueeze(0).expand(self.members, -1, -1)
-        pm = self.physical_parameters(p) if self.physics else None
+        pm = self.step_context(p)
         xs = [x]
         for k in range(len(t_np) - 1):
             u0 = u[:, k]
@@ -426,6 +431,9 @@ class LatentODE(VectorFieldODE):
         if isinstance(snapshot_stride, bool) or not isinstance(snapshot_stride, int):
             raise ValueError(f"snapshot_stride must be an integer >= 1, got {snapshot_stride!r}")
         self.rank, self.galerkin, self.snapshot_stride = rank, bool(galerkin), snapshot_stride
+        # an affine system's Galerkin term is A(p) z + B(p) u + c(p): r x r operators computed once
+        # per rollout instead of the whole field's right-hand side at every stage
+        self.affine = self.galerkin and bool(getattr(sysm, "affine", False))
         self.n_probe = len(sysm.probes)
         self.net = StackedMLP(
             members,
@@ -459,6 +467,8 @@ class LatentODE(VectorFieldODE):
             support = [torch.zeros(k, dtype=torch.long) for k in support_sizes]
         for k, idx in enumerate(support):
             self.register_buffer(f"support_{k}", idx)
+        if self.affine and snapshots is not None:
+            check_affine(sysm, np.asarray(snapshots, dtype=np.float64), seed)
         self._config.update(
             rank=rank,
             snapshot_stride=snapshot_stride,
@@ -537,6 +547,30 @@ class LatentODE(VectorFieldODE):
         projection)."""
         return self.encode_field(self.system.initial_state(x0))
 
+    def galerkin_operators(self, p: torch.Tensor):
+        """The projected physics of an affine system, g(z, u, p) = A z + B u + c, per scenario:
+        A [B, r, r], B [B, r, nu], c [B, r], from 1 + r + nu evaluations of the right-hand side
+        (at z = 0, u = 0 and at each unit vector)."""
+        r, nu, b = self.rank, self.nu, p.shape[0]
+        eye_z = torch.eye(r + nu, dtype=p.dtype, device=p.device)
+        zs = torch.cat([torch.zeros(1, r, dtype=p.dtype), eye_z[:, :r]])  # [1 + r + nu, r]
+        us = torch.cat([torch.zeros(1, nu, dtype=p.dtype), eye_z[:, r:]])
+        k = zs.shape[0]
+        x = self.decode(zs).unsqueeze(0).expand(b, k, -1)
+        f = self.system.rhs(
+            None, x, us.unsqueeze(0).expand(b, k, -1), p.unsqueeze(1).expand(b, k, -1)
+        )
+        g = (f / self.field_scale) @ self.basis  # [B, k, r]
+        c = g[:, 0]
+        return (
+            (g[:, 1 : 1 + r] - c[:, None]).transpose(1, 2),
+            (g[:, 1 + r :] - c[:, None]).transpose(1, 2),
+            c,
+        )
+
+    def step_context(self, p):
+        return self.galerkin_operators(p) if self.affine else None
+
     def vector_field(self, z, u_t, p, pm=None):
         m, b = z.shape[0], z.shape[1]
         inp = torch.cat(
@@ -548,7 +582,13 @@ class LatentODE(VectorFieldODE):
             dim=-1,
         )
         dz = self.net(inp) * self.dz_std
-        if self.galerkin:
+        if self.affine:
+            a, bu, c = self.galerkin_operators(p) if pm is None else pm
+            lin = torch.matmul(a, z.unsqueeze(-1)).squeeze(-1)  # [M, B, r]
+            if self.nu:
+                lin = lin + torch.matmul(bu, u_t.unsqueeze(-1)).squeeze(-1)
+            dz = dz + lin + c
+        elif self.galerkin:
             f = self.system.rhs(None, self.decode(z), u_t, p)
             dz = dz + (f / self.field_scale) @ self.basis
         return dz
@@ -568,6 +608,33 @@ class LatentODE(VectorFieldODE):
         from); returns (z [M, B, T, r], y [M, B, T, ny])."""
         z0 = x0 if x0.dim() == 3 else self.encode(x0)
         return super().forward(z0, u, p, t)
+
+
+def check_affine(system, snapshots: np.ndarray, seed: int, tol: float = 1e-9) -> None:
+    """A system that declares `affine = True` must have a right-hand side affine in (x, u) for
+    fixed parameters: checked on random pairs of states (around the snapshots) and inputs (in
+    their bounds), at random parameters in their bounds; f at a mix of two points must equal the
+    mix of f (to round-off, float64)."""
+    rng = np.random.default_rng(seed)
+    flat = snapshots.reshape(-1, snapshots.shape[-1])
+    n = 8
+    x1, x2 = (
+        flat[rng.integers(0, len(flat), n)] + rng.normal(0, 1, (n, flat.shape[1])) for _ in "ab"
+    )
+    ub = np.array([v.bounds for v in system.inputs]).reshape(-1, 2)
+    pb = np.array([v.bounds for v in system.parameters]).reshape(-1, 2)
+    u1, u2 = (rng.uniform(ub[:, 0], ub[:, 1], (n, len(ub))) for _ in "ab")
+    p = rng.uniform(pb[:, 0], pb[:, 1], (n, len(pb)))
+    a = rng.uniform(0.2, 0.8, (n, 1))
+    mix = system.rhs(0.0, a * x1 + (1 - a) * x2, a * u1 + (1 - a) * u2, p)
+    want = a * system.rhs(0.0, x1, u1, p) + (1 - a) * system.rhs(0.0, x2, u2, p)
+    dev = float(np.abs(mix - want).max() / max(np.abs(want).max(), 1e-300))
+    if not dev <= tol:
+        raise ValueError(
+            f"system {system.name!r} declares affine = True, but its right-hand side is not affine "
+            f"in (x, u): a mix of two points is off the mix of their derivatives by {dev:.2e} "
+            "(relative); remove the declaration (the rom then evaluates the whole right-hand side)"
+        )
 
 
 def field_stats(

@@ -95,6 +95,10 @@ class FieldSystem(PhysicsSystem):
     length_unit: ClassVar[str] = "m"
     # the snapshot stride a dataset keeps the fields at unless told otherwise (probes: every step)
     snapshot_stride: ClassVar[int] = 10
+    # True: the right-hand side is affine in (x, u) for fixed parameters (linear conduction with
+    # sources and convective faces); Galerkin reduced models then precompute their r x r
+    # operators once per scenario (checked numerically when such a model is built)
+    affine: ClassVar[bool] = False
     stiffness = "stiff"
     solver = "BDF"
 

@@ -101,6 +101,7 @@ class HeatPlate(FieldSystem):
     default_shape = (32, 32)
     default_horizon = (300.0, 1.5)
     snapshot_stride = 10
+    affine = True  # linear conduction, a source linear in the power, a linear convective face
     stiffness = "stiff"  # explicit stability dt ~ dx^2 / (4 alpha) ~ 0.03 s on 32 x 32
     solver = "BDF"
     divergence_limit = 1e4
