@@ -134,7 +134,7 @@ class LatentIntervalStep(nn.Module):
 
     def __init__(self, model: LatentODE, dt: float):
         super().__init__()
-        if model.solver not in FIXED_STEP:
+        if model.solver not in (*FIXED_STEP, "exact"):
             raise ExportError(
                 f"export integrates with a fixed-step method; the model uses {model.solver!r}. "
                 f"Train with model.net.solver in {FIXED_STEP}"
@@ -146,6 +146,8 @@ class LatentIntervalStep(nn.Module):
         """`ops`: an affine rom's Galerkin operators (A, B, c), computed once before the loop."""
         m = self.model
         y = m.observe(z, u0, p)
+        if m.solver == "exact":
+            return m.exact_step(z, u0, u1, p, ops, self.dt), y
         du = torch.where(self.held, torch.zeros_like(u0), u1 - u0)
         ctx = tuple(ops) if ops else None
         return (
@@ -161,11 +163,16 @@ class LatentIntervalStep(nn.Module):
 
 
 class _Operators(nn.Module):
-    def __init__(self, model: LatentODE):
+    """An affine rom's operators of each scenario: the Galerkin (A, B, c), or with the exact
+    solver its step operators over dt (Phi, G0, G1)."""
+
+    def __init__(self, model: LatentODE, dt: float):
         super().__init__()
-        self.model = model
+        self.model, self.dt = model, float(dt)
 
     def forward(self, p):
+        if self.model.solver == "exact":
+            return self.model.discrete_operators(p, self.dt)
         return self.model.galerkin_operators(p)
 
 
@@ -298,7 +305,7 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     )
     affine = latent and model.affine
     ops_names = ["ops/A", "ops/B", "ops/c"] if affine else []
-    ops_ex = tuple(t.detach() for t in model.galerkin_operators(p_ex)) if affine else ()
+    ops_ex = tuple(t.detach() for t in _Operators(model, dt)(p_ex)) if affine else ()
     sg = _torch_to_onnx(
         step,
         (x0_ex, torch.zeros(b, nu), torch.zeros(b, nu), p_ex, *ops_ex),
@@ -372,7 +379,7 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         start = "enc/z0"
     if affine:  # the Galerkin operators of each scenario, once per rollout
         og = _torch_to_onnx(
-            _Operators(model).eval(),
+            _Operators(model, dt).eval(),
             (p_ex,),
             ["p"],
             ["A", "B", "c"],
