@@ -27,6 +27,7 @@ from twin_ml.physics.system import PhysicsSystem
 
 FIXED_STEP = ("rk4", "euler", "midpoint")
 ODE_SOLVERS = (*FIXED_STEP, "dopri5", "bosh3")
+MODE_FLOOR = 1e-4  # a kept POD mode's singular value, at least this fraction of the leading one's
 STAT_KEYS = ("x_mean", "x_std", "u_mean", "u_std", "p_mean", "p_std", "y_mean", "y_std", "dx_std")
 
 
@@ -396,6 +397,8 @@ class LatentODE(VectorFieldODE):
         support_sizes: list[int] | None = None,
         pod_energy: float | None = None,
         galerkin: bool = False,
+        mode_floor: float = MODE_FLOOR,
+        requested_rank: int | None = None,
         members: int = 5,
         seed: int = 0,
         hidden: int = 64,
@@ -430,6 +433,15 @@ class LatentODE(VectorFieldODE):
             raise ValueError(f"model.rank must be an integer in [1, {n}], got {rank!r}")
         if isinstance(snapshot_stride, bool) or not isinstance(snapshot_stride, int):
             raise ValueError(f"snapshot_stride must be an integer >= 1, got {snapshot_stride!r}")
+        pod = None
+        if snapshots is not None:
+            snapshots = np.asarray(snapshots, dtype=np.float64)
+            pod = _pod(snapshots, sysm, rank, seed)
+            requested_rank = rank
+            # modes far below the leading one are float32 noise once encoded (the graph runs in
+            # float32): keep those at least `mode_floor` of its amplitude
+            sv = pod["sv"]
+            rank = max(1, min(rank, int((sv >= mode_floor * sv[0]).sum()) if sv[0] > 0 else 1))
         self.rank, self.galerkin, self.snapshot_stride = rank, bool(galerkin), snapshot_stride
         # an affine system's Galerkin term is A(p) z + B(p) u + c(p): r x r operators computed once
         # per rollout instead of the whole field's right-hand side at every stage
@@ -465,7 +477,7 @@ class LatentODE(VectorFieldODE):
         ):
             self.register_buffer(name, torch.zeros(shape))
         if snapshots is not None:
-            support = self._fit_basis(np.asarray(snapshots, dtype=np.float64), stats)
+            support = self._fit_basis(snapshots, stats, pod)
         else:
             if support_sizes is None or len(support_sizes) != len(sysm.derived):
                 raise ValueError(
@@ -482,6 +494,8 @@ class LatentODE(VectorFieldODE):
             snapshot_stride=snapshot_stride,
             support_sizes=[len(i) for i in support],
             pod_energy=self._config.get("pod_energy", pod_energy),
+            mode_floor=mode_floor,
+            requested_rank=requested_rank,
             galerkin=self.galerkin,
         )
         for k in ("physics", "physics_options", "learn_parameters"):
@@ -491,25 +505,13 @@ class LatentODE(VectorFieldODE):
     def kind(self) -> str:  # type: ignore[override]
         return "rom" if self.galerkin else "latent"
 
-    def _fit_basis(self, snaps: np.ndarray, stats: dict[str, list]) -> list[torch.Tensor]:
-        """POD of snapshots [N, Ts, n] (float64): mean, per-field scale, the leading modes (a
-        randomized SVD); the latent statistics; the probe map; each derived output's support."""
-        sysm, n, r = self.system, self.system.state_size, self.rank
-        if snaps.ndim != 3 or snaps.shape[-1] != n:
-            raise ValueError(f"snapshots must be [N, Ts, {n}], got {snaps.shape}")
-        flat = snaps.reshape(-1, n)
-        mean = flat.mean(axis=0)
-        scale = np.ones(n)
-        for k in range(len(sysm.fields)):
-            sl = slice(k * sysm.grid.cells, (k + 1) * sysm.grid.cells)
-            s = float((flat[:, sl] - mean[sl]).std())
-            scale[sl] = s if s > 0 else 1.0
-        xc = torch.tensor((flat - mean) / scale)
-        g = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        u_, sv, v = torch.svd_lowrank(xc, q=min(r + 10, min(xc.shape)), niter=6)
+    def _fit_basis(self, snaps: np.ndarray, stats: dict[str, list], pod: dict) -> list:
+        """From the POD of the snapshots [N, Ts, n]: the basis, the latent statistics, the probe
+        map, each derived output's support."""
+        sysm, r = self.system, self.rank
+        flat, mean, scale, xc = pod["flat"], pod["mean"], pod["scale"], pod["xc"]
+        sv, basis = pod["sv"], pod["v"][:, :r]
         total = float((xc**2).sum())
-        basis = v[:, :r]
         self._config["pod_energy"] = float((sv[:r] ** 2).sum() / total) if total > 0 else 1.0
         z = (xc @ basis).reshape(snaps.shape[0], snaps.shape[1], r)
         dt = float(stats["dt"][0]) if "dt" in stats else 1.0
@@ -662,6 +664,30 @@ class LatentODE(VectorFieldODE):
             zs.append(z)
         z = torch.stack(zs, dim=2)
         return z, self.observe(z, u, p)
+
+
+def _pod(snaps: np.ndarray, system, rank: int, seed: int) -> dict[str, Any]:
+    """POD of snapshots [N, Ts, n] (float64): the mean field, a scale per field (its std), and the
+    leading singular values and right vectors of the centred, scaled snapshots (randomized SVD,
+    seeded)."""
+    n = system.state_size
+    if snaps.ndim != 3 or snaps.shape[-1] != n:
+        raise ValueError(f"snapshots must be [N, Ts, {n}], got {snaps.shape}")
+    flat = snaps.reshape(-1, n)
+    mean = flat.mean(axis=0)
+    scale = np.ones(n)
+    for k in range(len(system.fields)):
+        sl = slice(k * system.grid.cells, (k + 1) * system.grid.cells)
+        s = float((flat[:, sl] - mean[sl]).std())
+        scale[sl] = s if s > 0 else 1.0
+    xc = torch.tensor((flat - mean) / scale)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        _, sv, v = torch.svd_lowrank(xc, q=min(rank + 10, min(xc.shape)), niter=6)
+    finally:
+        torch.random.set_rng_state(state)
+    return {"flat": flat, "mean": mean, "scale": scale, "xc": xc, "sv": sv.numpy(), "v": v}
 
 
 def _expm(a: torch.Tensor, squarings: int = 12, order: int = 10) -> torch.Tensor:
