@@ -139,3 +139,33 @@ def test_the_schema_names_the_fields_option(served):
         doc = json.loads(r.read())
     text = json.dumps(doc)
     assert "times of the grid at which to return the fields" in text
+
+
+def test_calibrate_a_field_system_through_its_reduced_model(served):
+    """/calibrate on the plate's rom: conductivity and convective coefficient from the probes
+    (synthetic: the solver at known values, 1% noise); the estimate is checked by the solver on
+    the plate itself, and the answer says whether it verified."""
+    from twin_ml.calibrate.synthetic import synthetic_request
+
+    url, card = served
+    request, truth = synthetic_request(card, ["k", "h"], seed=1, noise_level=0.01)
+    body = {**request, "starts": 2, "mcmc": {"steps": 60, "burn": 20, "walkers": 8}}
+    req = urllib.request.Request(
+        f"{url}/calibrate",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+        answer = json.loads(r.read())
+    assert set(answer["estimate"]) == {"k", "h"}
+    ver = answer["verification"]
+    lo, hi = ver["rms_residual_band"]
+    assert ver["verified"] == (
+        ver["within_2std"][0] >= 0.9
+        and not ver["solver_failed"][0]
+        and lo <= ver["rms_residual_solver"][0] <= hi
+    )
+    for k, v in truth.items():  # inside the posterior's 99.9% range (the solver verified it)
+        post = answer["posterior"][k]
+        assert abs(answer["estimate"][k] - v) <= 3.3 * post["std"] + 1e-9 * abs(v), (k, v, post)
