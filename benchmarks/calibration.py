@@ -38,15 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _runs import BIN, sh, train_and_export
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 WORK = ROOT / "runs" / "bench-calibration"
 OUT = ROOT / "benchmarks" / "results" / "calibration.json"
 CASES = [
@@ -59,14 +58,6 @@ CASES = [
 # trial's solver reference and verification cost ~30 s), and the solver's own MCMC (3200 solves,
 # ~20 min) is not run; its cost is extrapolated from the measured time per solve like the others'
 CASE_LIMITS = {"heat_plate": {"trials": 10, "solver_mcmc": False}}
-
-
-def sh(*args, env=None) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
-    return time.perf_counter() - t0
 
 
 def ensure_model(
@@ -94,18 +85,7 @@ def ensure_model(
         "progress=false",
         env=env,
     )
-    extra = [f"trainer.max_epochs={epochs}"] if epochs else []
-    train_s = sh(
-        BIN / "twin-train",
-        f"experiment={experiment}",
-        f"data_dir={data}",
-        f"out_dir={run}",
-        "logger=none",
-        *extra,
-        env=env,
-    )
-    sh(BIN / "twin-export", f"run_dir={run}", f"name=bench_{experiment}", "version=v1", env=env)
-    (run.parent / f"train_s-{experiment}.json").write_text(json.dumps({"train_s": train_s}))
+    train_s = train_and_export(experiment, data, run, env, epochs)
     return ref, train_s
 
 

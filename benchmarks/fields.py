@@ -1,0 +1,310 @@
+"""Reduced-order surrogates of a costly field system against the strongest solver, side by side in
+one run (issue 20's numbers).
+
+    python benchmarks/fields.py [--out benchmarks/results/fields.json] [--n 256] [--batch 1024]
+        [--looped 8] [--strong 64] [--grids 16,32,64] [--experiments heat_plate_rom,...] [--quick]
+
+1. Trains (when not in the store under runs/bench-fields/) each experiment on a --n scenario
+   heat_plate dataset at the default 32 x 32 grid and exports it (training time reported apart).
+2. Accuracy on the dataset's test split, from the exported file (onnxruntime): probe relative L2
+   per scenario (median, p95) as twin-train reports it, and a stricter one: the relative L2 of
+   the probes' *change* from their initial values (temperatures near 25 degC make the plain one
+   small); 90% interval coverage of the calibrated std.
+3. Speed at batch --batch (M = 5 members), per scenario: the surrogate (onnxruntime, every core)
+   against the looped reference (one sparse BDF solve_ivp per scenario, timed on --looped
+   scenarios), the stacked solve (all scenarios in one block-sparse BDF solve) and the process
+   pool (every core, each part stacked), both on --strong scenarios; the strongest is the faster.
+4. Cost against the grid (--grids): per scenario, the looped and the strongest solver and each
+   reduced model's rollout with the same architecture, its basis fitted on that grid's solver
+   snapshots (cost only: a rollout's cost does not depend on its weights; accuracy is measured at
+   the default grid in 2.).
+
+Writes one JSON (settings, rows per experiment, the grid table) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _runs import BIN, sh, train_and_export
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "runs" / "bench-fields"
+OUT = ROOT / "benchmarks" / "results" / "fields.json"
+SYSTEM = "heat_plate"
+EXPERIMENTS = ("heat_plate_rom", "heat_plate_latent", "heat_plate_emulator")
+
+
+def ensure_data(n: int, env: dict) -> tuple[Path, float | None]:
+    data = WORK / "data" / f"{SYSTEM}-n{n}"
+    if (data / "manifest.json").exists():
+        return data, None
+    s = sh(
+        BIN / "twin-generate",
+        f"system={SYSTEM}",
+        f"n_scenarios={n}",
+        "seed=0",
+        f"out_dir={data}",
+        "workers=0",
+        "progress=false",
+        env=env,
+    )
+    return data, s
+
+
+def ensure_model(experiment: str, data: Path, env: dict, n: int, epochs: int | None):
+    from twin_ml import registry
+
+    ref = f"bench_{experiment}:v1"
+    run = WORK / f"runs-n{n}-e{epochs or 'default'}" / experiment
+    saved = run.parent / f"train_s-{experiment}.json"
+    try:
+        registry.verify(ref)
+        if (run / "model" / "model.json").exists():
+            return ref, json.loads(saved.read_text())["train_s"] if saved.exists() else None, run
+    except registry.RegistryError:
+        pass
+    train_s = train_and_export(experiment, data, run, env, epochs)
+    return ref, train_s, run
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def scenarios(system, design: dict, n: int, seed: int) -> dict[str, np.ndarray]:
+    """n in-domain scenarios of the training design (its signals too)."""
+    from twin_ml.data import ScenarioDesign
+    from twin_ml.data.generate import scenario_inputs
+
+    fields = {k: v for k, v in design.items() if k != "box"}
+    d = ScenarioDesign(**{**fields, "extrapolation_fraction": 0.0})
+    scen = d.sample(system, n, seed)
+    t = d.time_grid(system)
+    return {
+        "t": t,
+        "x0": scen.x0,
+        "u": scenario_inputs(t, d.signal_specs(system), scen, seed),
+        "p": scen.p,
+    }
+
+
+def solver_times(system, s: dict, n_looped: int, n_strong: int, repeats: int) -> dict:
+    """Seconds per scenario: looped, stacked, pooled (every core), and the strongest."""
+    from twin_ml.physics import SolverSettings, solve_looped, solve_pooled, solve_stacked
+
+    settings = SolverSettings()
+
+    def part(k):
+        return [s[key][:k] for key in ("u", "p", "x0")]
+
+    u, p, x0 = part(n_looped)
+    looped = median_time(lambda: solve_looped(system, s["t"], u, p, x0, settings), 1) / n_looped
+    u, p, x0 = part(n_strong)
+    stacked = median_time(lambda: solve_stacked(system, s["t"], u, p, x0, settings), 1) / n_strong
+    pooled = (
+        median_time(lambda: solve_pooled(system, s["t"], u, p, x0, settings), max(1, repeats - 2))
+        / n_strong
+    )
+    strongest = min(("stacked", stacked), ("pooled", pooled), key=lambda kv: kv[1])
+    return {
+        "looped_s": looped,
+        "stacked_s": stacked,
+        "pooled_s": pooled,
+        "pool_workers": os.cpu_count(),
+        "strongest": strongest[0],
+        "strongest_s": strongest[1],
+        "n_looped": n_looped,
+        "n_strong": n_strong,
+    }
+
+
+def surrogate_time(onnx, s: dict, batch: int, repeats: int) -> float:
+    """Seconds per scenario of one onnxruntime call on `batch` scenarios (every core)."""
+    from twin_ml._ort import session
+
+    sess = session(onnx)
+    reps = -(-batch // len(s["p"]))
+    feeds = {k: np.concatenate([s[k]] * reps)[:batch].astype(np.float32) for k in ("x0", "u", "p")}
+    return median_time(lambda: sess.run(["mean", "std"], feeds), repeats) / batch
+
+
+def accuracy(onnx, data: Path) -> dict:
+    """Probe accuracy and coverage of the exported model on the dataset's test split."""
+    from twin_ml._ort import session
+    from twin_ml.data import Dataset
+    from twin_ml.evaluate.metrics import accuracy as acc
+    from twin_ml.uq.metrics import coverage
+
+    test = Dataset.open(data).load("test")
+    sess = session(onnx)
+    feeds = {k: test[k].astype(np.float32) for k in ("x0", "u", "p")}
+    mean, std = (a.astype(np.float64) for a in sess.run(["mean", "std"], feeds))
+    y = test["y"]
+    a = acc(y, mean, np.ones(y.shape[-1]), [f"y{j}" for j in range(y.shape[-1])])
+    change = np.linalg.norm((mean - y).reshape(len(y), -1), axis=1) / np.maximum(
+        np.linalg.norm((y - y[:, :1]).reshape(len(y), -1), axis=1), 1e-12
+    )
+    return {
+        "n_test": len(y),
+        "rel_l2_median": a["rel_l2_median"],
+        "rel_l2_p95": a["rel_l2_p95"],
+        "change_rel_l2_median": float(np.median(change)),
+        "change_rel_l2_p95": float(np.percentile(change, 95)),
+        "coverage_90": float(coverage(y, mean, std, 0.90)),
+        "rmse_degC": float(np.sqrt(np.mean((mean - y) ** 2))),
+    }
+
+
+def grid_row(shape: int, args, design: dict, archs: dict) -> dict:
+    """Cost per scenario at one grid: the solvers, and each reduced model's rollout (its basis
+    fitted on this grid's solver snapshots, the trained model's architecture)."""
+    import torch
+
+    from twin_ml.export.onnx_export import build_onnx
+    from twin_ml.models import build_model, field_stats
+    from twin_ml.physics import SolverSettings, make_system, solve_looped
+
+    system = make_system(SYSTEM, shape=[shape, shape])
+    s = scenarios(system, design, max(args.grid_looped, 8), seed=4242)
+    row = {"grid": f"{shape}x{shape}", "cells": shape * shape}
+    row.update(solver_times(system, s, args.grid_looped, args.grid_strong, 3))
+    snaps = solve_looped(system, s["t"], s["u"], s["p"], s["x0"], SolverSettings())
+    stats = field_stats(s["x0"], s["u"], s["p"], snaps.y, s["t"])
+    for kind, cfg in archs.items():
+        torch.manual_seed(0)
+        m = build_model(
+            kind,
+            system,
+            stats,
+            rank=cfg["rank"],
+            snapshots=snaps.x[:, :: system.snapshot_stride],
+            snapshot_stride=system.snapshot_stride,
+            members=cfg["members"],
+            hidden=cfg["hidden"],
+            depth=cfg["depth"],
+            step_fraction=cfg["step_fraction"],
+        ).eval()
+        onnx = build_onnx(m, float(s["t"][1] - s["t"][0])).SerializeToString()
+        row[f"{kind}_s"] = surrogate_time(onnx, s, args.batch, args.repeats)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--n", type=int, default=256, help="training scenarios (dataset size)")
+    ap.add_argument("--epochs", type=int, default=None, help="override the experiments' max_epochs")
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--looped", type=int, default=8, help="scenarios timed looped")
+    ap.add_argument("--strong", type=int, default=64, help="scenarios timed stacked and pooled")
+    ap.add_argument("--grids", default="16,32,64")
+    ap.add_argument("--grid-looped", type=int, default=4)
+    ap.add_argument("--grid-strong", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--experiments", default=",".join(EXPERIMENTS))
+    ap.add_argument("--quick", action="store_true", help="64 scenarios, 3 epochs, small timings")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.epochs, args.batch, args.looped, args.strong = 64, 3, 64, 2, 8
+        args.grid_looped, args.grid_strong, args.grids, args.repeats = 2, 4, "16,32", 2
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.environ["BENTOML_HOME"] = str(WORK / ("store-quick" if args.quick else "store"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    env = dict(os.environ)
+
+    from twin_ml import registry
+    from twin_ml._io import atomic_write_json
+    from twin_ml.physics import make_system
+
+    data, gen_s = ensure_data(args.n, env)
+    print(f"dataset {data} ({f'generated in {gen_s:.0f} s' if gen_s else 'found'})", flush=True)
+    system = make_system(SYSTEM)
+    rows, archs, design = [], {}, None
+    for exp in args.experiments.split(","):
+        print(f"[{exp}] training / export", flush=True)
+        ref, train_s, run = ensure_model(exp, data, env, args.n, args.epochs)
+        path, card = registry.onnx_path(ref)
+        meta = json.loads((run / "model" / "model.json").read_text())
+        design = meta["design"]
+        if card.kind in ("latent", "rom"):
+            archs[card.kind] = meta["config"]
+        onnx = Path(path).read_bytes()
+        row = {"experiment": exp, "kind": card.kind, "model": ref, "train_s": train_s}
+        row.update(accuracy(onnx, data))
+        rows.append(row)
+    s = scenarios(system, design, max(args.strong, args.looped), seed=4242)
+    print(f"timing the solvers ({args.looped} looped, {args.strong} stacked / pooled)", flush=True)
+    solver = solver_times(system, s, args.looped, args.strong, args.repeats)
+    for row in rows:
+        onnx = Path(registry.onnx_path(row["model"])[0]).read_bytes()
+        sur = surrogate_time(onnx, s, args.batch, args.repeats)
+        row["surrogate_s"] = sur
+        row["speedup_vs_looped"] = solver["looped_s"] / sur
+        row["speedup_vs_strongest"] = solver["strongest_s"] / sur
+    grid = []
+    for g in (int(v) for v in args.grids.split(",")):
+        print(f"grid {g}x{g}", flush=True)
+        grid.append(grid_row(g, args, design, archs))
+    result = {
+        "system": SYSTEM,
+        "grid": "32x32",
+        "batch": args.batch,
+        "n_dataset": args.n,
+        "solver": solver,
+        "rows": rows,
+        "grid_cost": grid,
+        "cpu_count": os.cpu_count(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(
+        f"\nsolver per scenario: looped {solver['looped_s']:.3f} s, stacked "
+        f"{solver['stacked_s']:.3f} s, pooled ({solver['pool_workers']} cores) "
+        f"{solver['pooled_s']:.3f} s; strongest: {solver['strongest']}\n"
+    )
+    print(
+        "| model | probe rel L2 median | p95 | change rel L2 median | p95 | coverage 90 "
+        "| surrogate ms/scenario | x looped | x strongest | train s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['kind']} | {r['rel_l2_median']:.4f} | {r['rel_l2_p95']:.4f} | "
+            f"{r['change_rel_l2_median']:.3f} | {r['change_rel_l2_p95']:.3f} | "
+            f"{r['coverage_90']:.3f} | {r['surrogate_s'] * 1e3:.3f} | "
+            f"{r['speedup_vs_looped']:.0f} | {r['speedup_vs_strongest']:.0f} | "
+            f"{r['train_s'] if r['train_s'] is None else round(r['train_s'])} |"
+        )
+    kinds = [k for k in ("rom", "latent") if any(f"{k}_s" in g for g in grid)]
+    print(
+        "\n| grid | cells | looped s | strongest s | " + " | ".join(f"{k} ms" for k in kinds) + " |"
+    )
+    print("|---|---|---|---|" + "---|" * len(kinds))
+    for g in grid:
+        print(
+            f"| {g['grid']} | {g['cells']} | {g['looped_s']:.3f} | {g['strongest_s']:.3f} | "
+            + " | ".join(f"{g[f'{k}_s'] * 1e3:.3f}" for k in kinds)
+            + " |"
+        )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
