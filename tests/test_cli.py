@@ -86,7 +86,8 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path):
     [
         (
             ["system.name=pendulm"],
-            "unknown system 'pendulm'; known systems: cascaded_tanks, cstr, duffing, pendulum",
+            "unknown system 'pendulm'; known systems: cascaded_tanks, cstr, duffing, heat_plate, "
+            "pendulum",
         ),
         (
             ["+design.parameters.length=[2.0,1.0]"],
