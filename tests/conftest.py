@@ -1,5 +1,19 @@
+import fcntl
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+# One intra-op thread in every test process and in every command a test starts (they inherit the
+# environment): torch's OpenMP and OpenBLAS, read when they load, so before numpy and torch. The
+# suite already runs TEST_WORKERS processes on as many cores, and its models' ops are tiny: a
+# second thread per process only spins against the other worker's (a 3-member pendulum hybrid's
+# twin-export: 38 s with two threads, 12 s with one, beside a second worker; the whole suite
+# ~40% less CPU). As twin-train's `threads=1` says: 1 avoids oversubscription when runs share
+# cores. Only a reduction's order changes, which every tolerance here already allows. A value
+# set outside is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -69,3 +83,110 @@ def train_here(*overrides):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))
     return train(cfg)
+
+
+# ---- one tiny pendulum hybrid, trained once per test session -------------------------------------
+
+# test_export, test_calibrate and test_runtime each trained this very run (the same command on the
+# same dataset, seed 0): now the first worker to ask trains it, and the others wait for it
+TINY_PENDULUM_HYBRID = [
+    "experiment=pendulum_hybrid",
+    "ensemble.size=3",
+    "trainer.max_epochs=2",
+    "data.batch_size=8",
+    "model.net.hidden=16",
+    "speed_scenarios=2",
+    "logger=none",
+]
+
+
+def session_dir(tmp_path_factory) -> Path:
+    """A folder all xdist workers of this test session share (their basetemps' parent, new for
+    every session, so `make test-portable` builds its own); without xdist, the basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def pendulum_hybrid_run(tmp_path_factory):
+    """(run_dir, data_dir): 24 pendulum scenarios of 2 s at dt 0.1 (seed 0) and a real twin-train
+    experiment=pendulum_hybrid on them (3 members, 2 epochs), made once per session under a file
+    lock. Shared by the workers, so read-only: copy the run before anything writes into it
+    (twin-export writes run_dir/export)."""
+    from twin_ml.data import ScenarioDesign, generate_dataset
+    from twin_ml.physics import make_system
+
+    root = session_dir(tmp_path_factory) / "pendulum-hybrid"
+    root.mkdir(exist_ok=True)
+    data, run, done = root / "data", root / "run", root / "done"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():  # not yet, or a worker failed half-way: from the start
+            shutil.rmtree(data, ignore_errors=True)
+            shutil.rmtree(run, ignore_errors=True)
+            generate_dataset(
+                make_system("pendulum"),
+                ScenarioDesign(t_end=2.0, dt=0.1),
+                n_scenarios=24,
+                seed=0,
+                out_dir=data,
+                progress=False,
+            )
+            r = subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "twin-train"),
+                    f"data_dir={data}",
+                    f"out_dir={run}",
+                    *TINY_PENDULUM_HYBRID,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
+            done.touch()
+    return run, data
+
+
+# ---- the order of the files on the xdist workers (make test: --dist loadfile) --------------------
+
+# Each file runs whole on one worker (its module fixtures: trained models, live servers), so the run
+# ends when the last file does. xdist hands out the files with the most tests first; these seconds
+# (each file's tests on 2 cores beside the other worker; rough, only their order matters) hand out
+# the longest first, so that short files fill both workers' ends. A file not listed weighs 0 and
+# keeps xdist's place.
+FILE_SECONDS = {
+    "test_train.py": 190,
+    "test_export.py": 175,
+    "test_faults.py": 155,
+    "test_cli.py": 135,
+    "test_telemetry_training.py": 135,
+    "test_service.py": 125,
+    "test_own_system.py": 105,
+    "test_monitor.py": 60,
+    "test_field_service.py": 60,
+    "test_calibrate.py": 40,
+    "test_regression.py": 40,
+    "test_physics_oracles.py": 35,
+    "test_telemetry.py": 25,
+    "test_runtime.py": 15,
+    "test_field_data.py": 15,
+    "test_generate.py": 15,
+    "test_reduced.py": 10,
+    "test_field_systems.py": 10,
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFileFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            longest = max(self.workqueue, key=lambda f: FILE_SECONDS.get(Path(f).name, 0))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
+    return LongestFileFirst(config, log)

@@ -7,6 +7,7 @@ typed result whose as_dict() is the documented JSON."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,47 +18,20 @@ from conftest import rollout_tol
 
 from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, SurrogateBackend, calibrate
 from twin_ml.calibrate.synthetic import synthetic_request
-from twin_ml.data import ScenarioDesign, generate_dataset
-from twin_ml.physics import make_system
 
 BIN = Path(sys.executable).parent
 EPS64 = float(np.finfo(np.float64).eps)  # the solver, the corrections and the objective in float64
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, pendulum_hybrid_run):
     """A pendulum hybrid (undamped physics plus a learned residual), briefly trained, exported and
-    stored: a rough surrogate, which is what verification is for."""
+    stored: a rough surrogate, which is what verification is for. The run is the session's shared
+    one (conftest: 3 members, 2 epochs on 24 scenarios), copied: twin-export writes into it."""
     root = tmp_path_factory.mktemp("calibrate")
-    data, run, home = root / "data", root / "run", root / "store"
-    generate_dataset(
-        make_system("pendulum"),
-        ScenarioDesign(t_end=2.0, dt=0.1),
-        n_scenarios=24,
-        seed=0,
-        out_dir=data,
-        progress=False,
-    )
+    run, home = root / "run", root / "store"
+    shutil.copytree(pendulum_hybrid_run[0], run)
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    r = subprocess.run(
-        [
-            str(BIN / "twin-train"),
-            "experiment=pendulum_hybrid",
-            f"data_dir={data}",
-            f"out_dir={run}",
-            "ensemble.size=3",
-            "trainer.max_epochs=2",
-            "data.batch_size=8",
-            "model.net.hidden=16",
-            "speed_scenarios=2",
-            "logger=none",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run(
         [
             str(BIN / "twin-export"),

@@ -7,6 +7,7 @@ BentoML model store under a temporary BENTOML_HOME with one byte flipped.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import rollout_tol
+from conftest import TINY_PENDULUM_HYBRID, rollout_tol
 
 from twin_ml.data import Dataset, ScenarioDesign, generate_dataset
 from twin_ml.export.export import export_run, in_domain_scenarios, parity_check
@@ -42,11 +43,18 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, pendulum_hybrid_run):
     root = tmp_path_factory.mktemp("export")
-    out = {}
+    # pendulum_hybrid is the session's shared run (conftest: this same command on these same 24
+    # scenarios), copied: twin-export writes into the run directory
+    shared_run, shared_data = pendulum_hybrid_run
+    assert TINY == TINY_PENDULUM_HYBRID[1:] and CASES["pendulum_hybrid"] == ("pendulum", 2.0, 0.1)
+    shutil.copytree(shared_run, root / "pendulum_hybrid")
+    out = {"pendulum_hybrid": (root / "pendulum_hybrid", shared_data)}
     for exp, (system, t_end, dt) in CASES.items():
-        data = root / f"data-{system}"
+        data = shared_data if system == "pendulum" else root / f"data-{system}"
+        if exp in out:
+            continue
         if not data.exists():
             generate_dataset(
                 make_system(system),

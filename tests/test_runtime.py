@@ -13,10 +13,8 @@ import pytest
 import torch
 from conftest import rollout_tol
 
-from twin_ml.data import ScenarioDesign, generate_dataset
 from twin_ml.export.export import export_run
 from twin_ml.models import load_trained
-from twin_ml.physics import make_system
 
 pytestmark = pytest.mark.numeric  # also run in `make test-portable`
 
@@ -24,36 +22,11 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, pendulum_hybrid_run):
+    """The session's shared pendulum hybrid (conftest: 3 members, 2 epochs on 24 scenarios),
+    exported in this process (which only reads the run)."""
     root = tmp_path_factory.mktemp("runtime")
-    data = root / "data"
-    generate_dataset(
-        make_system("pendulum"),
-        ScenarioDesign(t_end=2.0, dt=0.1),
-        n_scenarios=24,
-        seed=0,
-        out_dir=data,
-        progress=False,
-    )
-    run = root / "run"
-    r = subprocess.run(
-        [
-            str(BIN / "twin-train"),
-            "experiment=pendulum_hybrid",
-            f"data_dir={data}",
-            f"out_dir={run}",
-            "ensemble.size=3",
-            "trainer.max_epochs=2",
-            "data.batch_size=8",
-            "model.net.hidden=16",
-            "speed_scenarios=2",
-            "logger=none",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run = pendulum_hybrid_run[0]
     blob, manifest = export_run(
         run, name="pendulum_hybrid", version="v1", parity_scenarios=8, parity_steps=20
     )
