@@ -35,6 +35,7 @@ from twin_ml.models.surrogates import (
     LatentODE,
     Surrogate,
     VectorFieldODE,
+    _apply,
     fixed_steps,
 )
 
@@ -67,34 +68,12 @@ class IntervalStep(nn.Module):
         self.model, self.dt, self.n_sub = model, float(dt), model.substeps
         self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
         self.all_held = bool(np.all(model.zoh))
-        net, nx, nu = model.net, model.nx, model.nu
-        with torch.no_grad():
-            w0, b0 = net.weights[0].detach().double(), net.biases[0].detach().double()
-            folded_b0 = b0.clone()
-            parts = {}
-            for name, sl, mean, std in (
-                ("x", slice(0, nx), model.x_mean, model.x_std),
-                ("u", slice(nx, nx + nu), model.u_mean, model.u_std),
-                ("p", slice(nx + nu, None), model.p_mean, model.p_std),
-            ):
-                w = w0[:, sl] / std.double()[None, :, None]  # [M, d, H]
-                if w.shape[1]:  # (v - mean) / std @ W = v @ w - mean @ w
-                    folded_b0 = folded_b0 - torch.matmul(mean.double()[None, None, :], w)
-                parts[name] = w
-            self.register_buffer("w_x", parts["x"].float())
-            self.register_buffer("w_u", parts["u"].float())
-            self.register_buffer("w_p", parts["p"].float())
-            self.register_buffer("b_0", folded_b0.float())
-            self.hidden_w = nn.ParameterList(
-                [nn.Parameter(w.detach().clone(), requires_grad=False) for w in net.weights[1:-1]]
-            )
-            self.hidden_b = nn.ParameterList(
-                [nn.Parameter(b.detach().clone(), requires_grad=False) for b in net.biases[1:-1]]
-            )
-            scale = model.dx_std.detach()
-            self.register_buffer("w_last", (net.weights[-1].detach() * scale).float())
-            self.register_buffer("b_last", (net.biases[-1].detach() * scale).float())
-        self.act = ACTIVATIONS[net.activation]
+        _fold_net(
+            self,
+            model.net,
+            [(model.x_mean, model.x_std), (model.u_mean, model.u_std), (model.p_mean, model.p_std)],
+            model.dx_std.detach(),
+        )
 
     def forward(self, x, u0, u1, p):
         m = self.model
@@ -125,6 +104,117 @@ class IntervalStep(nn.Module):
             return dx
 
         return fixed_steps(f, x, self.dt, n, m.solver), y
+
+
+def _fold_net(module: nn.Module, net, norms: list, out_scale: torch.Tensor) -> None:
+    """Register on `module` the StackedMLP `net` folded for inference: its input is (x, u, p), each
+    normalized as (v - mean) / std (`norms`), and its output scaled by `out_scale`. The
+    normalization goes into the first layer, split by input (w_x, w_u, w_p and the bias b_0), so
+    that the u and p terms can be computed apart; the scale goes into the last layer (w_last,
+    b_last); the layers between are `hidden_w`, `hidden_b`; `act` is the activation."""
+    with torch.no_grad():
+        w0, b0 = net.weights[0].detach().double(), net.biases[0].detach().double()
+        folded_b0, start = b0.clone(), 0
+        for name, (mean, std) in zip(("w_x", "w_u", "w_p"), norms):
+            w = w0[:, start : start + len(mean)] / std.double()[None, :, None]  # [M, d, H]
+            start += len(mean)
+            if w.shape[1]:  # (v - mean) / std @ W = v @ w - mean @ w
+                folded_b0 = folded_b0 - torch.matmul(mean.double()[None, None, :], w)
+            module.register_buffer(name, w.float())
+        module.register_buffer("b_0", folded_b0.float())
+        module.hidden_w = nn.ParameterList(
+            [nn.Parameter(w.detach().clone(), requires_grad=False) for w in net.weights[1:-1]]
+        )
+        module.hidden_b = nn.ParameterList(
+            [nn.Parameter(b.detach().clone(), requires_grad=False) for b in net.biases[1:-1]]
+        )
+        module.register_buffer("w_last", (net.weights[-1].detach() * out_scale).float())
+        module.register_buffer("b_last", (net.biases[-1].detach() * out_scale).float())
+    module.act = ACTIVATIONS[net.activation]
+
+
+class _ExactPrelude(nn.Module):
+    """What an affine rom's exact rollout (`LatentODE.exact_step`) computes apart from the latent
+    state, for every interval at once, before the loop: (u [B, T, nu], p [B, np]) ->
+    (Phi [B, r, r]; forcing [T, M, B, r]: the inputs' exact contribution plus the closure's folded
+    output bias; pre [T, M, B, H]: the closure's first layer on (u_k, p), bias included). The
+    loop body is then the state's part alone (`_ExactStep`): a handful of nodes per interval."""
+
+    def __init__(self, model: LatentODE, dt: float):
+        super().__init__()
+        self.model, self.dt = model, float(dt)
+        self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
+        _fold_net(
+            self,
+            model.net,
+            [(model.z_mean, model.z_std), (model.u_mean, model.u_std), (model.p_mean, model.p_std)],
+            model.dz_std.detach() * self.dt,
+        )
+
+    def forward(self, u, p):
+        phi, g0, g1 = self.model.discrete_operators(p, self.dt)
+        ut = u.transpose(0, 1)  # [T, B, nu]
+        du = torch.cat([ut[1:] - ut[:-1], torch.zeros_like(ut[:1])], dim=0)
+        du = torch.where(self.held, torch.zeros_like(du), du)
+        one = torch.ones_like(ut[..., :1])
+        forcing = _apply(g0, torch.cat([ut, one], -1)) + _apply(g1, torch.cat([du, 0 * one], -1))
+        forcing = forcing.unsqueeze(1) + self.b_last.unsqueeze(0)  # [T, M, B, r]
+        pre = self.b_0 + torch.matmul(p, self.w_p)  # [M, B, H]
+        if self.model.nu:
+            pre = pre + torch.matmul(ut.unsqueeze(1), self.w_u)  # [T, M, B, H]
+        else:
+            pre = pre.unsqueeze(0).expand(ut.shape[0], -1, -1, -1)
+        return phi, forcing, pre
+
+
+class _ExactStep(nn.Module):
+    """One interval of an affine rom's exact rollout, the state's part: (z [M, B, r], Phi,
+    forcing_k [M, B, r], pre_k [M, B, H]) -> (z at the interval's end (`LatentODE.exact_step`),
+    the derived outputs at its start [M, B, nd]: each reduction over its support cells, decoded
+    here, step by step, where they are small (after the loop, all steps' cells at once are a
+    tensor of T x M x B x cells that costs more to write than to compute))."""
+
+    def __init__(self, prelude: _ExactPrelude):
+        super().__init__()
+        self.p = prelude
+        model = prelude.model
+        self.reduce = [o.reduce for o in model.system.derived]
+        with torch.no_grad():
+            for k in range(len(self.reduce)):
+                idx = getattr(model, f"support_{k}")
+                scaled = model.basis[idx] * model.field_scale[idx, None]  # [cells, r]
+                self.register_buffer(f"decode_{k}", scaled.T.contiguous().float())
+                self.register_buffer(f"mean_{k}", model.field_mean[idx].float())
+
+    def forward(self, z, phi, forcing, pre):
+        h = self.p.act(torch.matmul(z, self.p.w_x) + pre)
+        for w, b in zip(self.p.hidden_w, self.p.hidden_b):
+            h = self.p.act(torch.baddbmm(b, h, w))
+        z_next = _apply(phi, z) + forcing + torch.matmul(h, self.p.w_last)
+        red = {"max": torch.amax, "min": torch.amin, "mean": torch.mean}
+        derived = [
+            red[r](
+                torch.matmul(z, getattr(self, f"decode_{k}")) + getattr(self, f"mean_{k}"),
+                -1,
+                keepdim=True,
+            )
+            for k, r in enumerate(self.reduce)
+        ]
+        if len(derived) == 1:  # no concatenation node in the loop
+            return z_next, derived[0]
+        return z_next, torch.cat(derived, -1) if derived else z[..., :0]
+
+
+class _Probes(nn.Module):
+    """The outputs of an exact rom's latent scan z [T, M, B, r] and its derived outputs
+    [T, M, B, nd]: the probes through the probe map, then the derived (`LatentODE.observe`)."""
+
+    def __init__(self, model: LatentODE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z, derived):
+        return torch.cat([z @ self.model.probe_map.T + self.model.probe_offset, derived], -1)
 
 
 class LatentIntervalStep(nn.Module):
@@ -296,7 +386,6 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
 
     # the interval step, from torch
     b = 2
-    step = (LatentIntervalStep(model, dt) if latent else IntervalStep(model, dt)).eval()
     x0_ex = model.z_mean.detach().expand(m, b, -1).clone() if latent else torch.zeros(m, b, nx)
     p_ex = (
         torch.tensor(model.system.nominal_parameters, dtype=torch.float32).expand(b, -1).clone()
@@ -304,30 +393,62 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         else torch.ones(b, n_p)
     )
     affine = latent and model.affine
-    ops_names = ["ops/A", "ops/B", "ops/c"] if affine else []
-    ops_ex = tuple(t.detach() for t in _Operators(model, dt)(p_ex)) if affine else ()
-    sg = _torch_to_onnx(
-        step,
-        (x0_ex, torch.zeros(b, nu), torch.zeros(b, nu), p_ex, *ops_ex),
-        ["x", "u0", "u1", "p", *ops_names],
-        ["x_next", "y"],
-        {
-            "x": {1: "batch"},
-            "u0": {0: "batch"},
-            "u1": {0: "batch"},
-            "p": {0: "batch"},
-            "x_next": {1: "batch"},
-            "y": {1: "batch"},
-            **{name: {0: "batch"} for name in ops_names},
-        },
-    ).graph
-    # p and the operators: the outer graph's values, visible inside the loop body
-    _prefixed(sg, "step/", keep={"p", *ops_names})
-    body_nodes = [
-        helper.make_node("Add", ["iter", "one_i64"], ["body/next"]),
-        helper.make_node("Min", ["body/next", "last_index"], ["body/next_c"]),
-        helper.make_node("Gather", ["u", "iter"], ["step/u0"], axis=1),
-        helper.make_node("Gather", ["u", "body/next_c"], ["step/u1"], axis=1),
+    # an affine rom's exact rollout: all but the state's part before the loop (`_ExactPrelude`),
+    # the outputs after it, from the latent scan; the body is the state's few nodes (`_ExactStep`)
+    exact = affine and model.solver == "exact"
+    ops_names = ["ops/A", "ops/B", "ops/c"] if affine and not exact else []
+    if exact:
+        prelude = _ExactPrelude(model, dt).eval()
+        with torch.no_grad():
+            phi_ex, f_ex, h_ex = prelude(torch.zeros(b, 3, nu), p_ex)
+        sg = _torch_to_onnx(
+            _ExactStep(prelude).eval(),
+            (x0_ex, phi_ex, f_ex[0], h_ex[0]),
+            ["x", "pre/phi", "f", "hk"],
+            ["x_next", "y"],
+            {
+                "x": {1: "batch"},
+                "pre/phi": {0: "batch"},
+                "f": {1: "batch"},
+                "hk": {1: "batch"},
+                "x_next": {1: "batch"},
+                "y": {1: "batch"},
+            },
+        ).graph
+        _prefixed(sg, "step/", keep={"pre/phi"})  # Phi: the outer graph's, visible in the body
+        body_nodes = [
+            helper.make_node("Gather", ["pre/forcing", "iter"], ["step/f"], axis=0),
+            helper.make_node("Gather", ["pre/pre", "iter"], ["step/hk"], axis=0),
+        ]
+        body_outs = [_vi("body/y_out", [m, "batch", len(model.system.derived)])]
+    else:
+        step = (LatentIntervalStep(model, dt) if latent else IntervalStep(model, dt)).eval()
+        ops_ex = tuple(t.detach() for t in _Operators(model, dt)(p_ex)) if ops_names else ()
+        sg = _torch_to_onnx(
+            step,
+            (x0_ex, torch.zeros(b, nu), torch.zeros(b, nu), p_ex, *ops_ex),
+            ["x", "u0", "u1", "p", *ops_names],
+            ["x_next", "y"],
+            {
+                "x": {1: "batch"},
+                "u0": {0: "batch"},
+                "u1": {0: "batch"},
+                "p": {0: "batch"},
+                "x_next": {1: "batch"},
+                "y": {1: "batch"},
+                **{name: {0: "batch"} for name in ops_names},
+            },
+        ).graph
+        # p and the operators: the outer graph's values, visible inside the loop body
+        _prefixed(sg, "step/", keep={"p", *ops_names})
+        body_nodes = [
+            helper.make_node("Add", ["iter", "one_i64"], ["body/next"]),
+            helper.make_node("Min", ["body/next", "last_index"], ["body/next_c"]),
+            helper.make_node("Gather", ["u", "iter"], ["step/u0"], axis=1),
+            helper.make_node("Gather", ["u", "body/next_c"], ["step/u1"], axis=1),
+        ]
+        body_outs = [_vi("body/y_out", [m, "batch", ny])]
+    body_nodes += [
         helper.make_node("Identity", ["step/x_in"], ["step/x"]),
         *sg.node,
         helper.make_node("Identity", ["cond_in"], ["cond_out"]),
@@ -337,7 +458,7 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     body_outs = [
         helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
         _vi("body/x_out", [m, "batch", nz]),
-        _vi("body/y_out", [m, "batch", ny]),
+        *body_outs,
     ]
     if latent:  # the latent state at each interval's start: the fields are decoded from it
         body_nodes.append(helper.make_node("Identity", ["step/x"], ["body/z_out"]))
@@ -377,28 +498,61 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         nodes += list(eg.node)
         inits += list(eg.initializer)
         start = "enc/z0"
-    if affine:  # the Galerkin operators of each scenario, once per rollout
-        og = _torch_to_onnx(
-            _Operators(model, dt).eval(),
-            (p_ex,),
-            ["p"],
-            ["A", "B", "c"],
-            {"p": {0: "batch"}, "A": {0: "batch"}, "B": {0: "batch"}, "c": {0: "batch"}},
-        ).graph
-        _prefixed(og, "ops/", keep={"p"})
-        nodes += list(og.node)
-        inits += list(og.initializer)
+    pre = []
+    if exact:  # Phi, the forcing and the closure's input terms of every interval
+        pre.append(
+            _torch_to_onnx(
+                prelude,
+                (torch.zeros(b, 3, nu), p_ex),
+                ["u", "p"],
+                ["phi", "forcing", "pre"],
+                {
+                    "u": {0: "batch", 1: "time"},
+                    "p": {0: "batch"},
+                    "phi": {0: "batch"},
+                    "forcing": {0: "time", 2: "batch"},
+                    "pre": {0: "time", 2: "batch"},
+                },
+            ).graph
+        )
+        _prefixed(pre[-1], "pre/", keep={"u", "p"})
+    elif affine:  # the Galerkin operators of each scenario, once per rollout
+        pre.append(
+            _torch_to_onnx(
+                _Operators(model, dt).eval(),
+                (p_ex,),
+                ["p"],
+                ["A", "B", "c"],
+                {"p": {0: "batch"}, "A": {0: "batch"}, "B": {0: "batch"}, "c": {0: "batch"}},
+            ).graph
+        )
+        _prefixed(pre[-1], "ops/", keep={"p"})
+    for g in pre:
+        nodes += list(g.node)
+        inits += list(g.initializer)
     nodes += [
         helper.make_node("Unsqueeze", [start, "zero_axis"], ["x0_1"]),
         helper.make_node("Expand", ["x0_1", "member_shape"], ["x_init"]),
         helper.make_node(
             "Loop",
             ["n_times", "", "x_init"],
-            ["x_end", "y_scan"] + (["z_scan"] if latent else []),
+            ["x_end", "d_scan" if exact else "y_scan"] + (["z_scan"] if latent else []),
             body=body,
         ),
-        helper.make_node("Transpose", ["y_scan"], ["members"], perm=[1, 2, 0, 3]),
     ]
+    if exact:  # the probes of every step at once, from the latent scan [T, M, B, r]
+        nd = len(model.system.derived)
+        og = _torch_to_onnx(
+            _Probes(model).eval(),
+            (x0_ex.unsqueeze(0).expand(3, -1, -1, -1).clone(), torch.zeros(3, m, b, nd)),
+            ["z_scan", "d_scan"],
+            ["y_scan"],
+            {name: {0: "time", 2: "batch"} for name in ("z_scan", "d_scan", "y_scan")},
+        ).graph
+        _prefixed(og, "obs/", keep={"z_scan", "d_scan", "y_scan"})
+        nodes += list(og.node)
+        inits += list(og.initializer)
+    nodes.append(helper.make_node("Transpose", ["y_scan"], ["members"], perm=[1, 2, 0, 3]))
     ens_nodes, ens_inits = _ensemble_nodes(model, "members")
     inits += [*sg.initializer, *ens_inits]
     if latent:
