@@ -372,6 +372,7 @@ class TwinService:
         mcmc: MCMC | None = None,
         starts: int = Field(4, ge=1, le=32),
         corrections: int = Field(2, ge=0, le=10),
+        correction_tol: float = Field(0.1, ge=0, le=1e3),
         refine: int = Field(0, ge=0, le=200),
         ctx: bentoml.Context = None,
     ) -> dict:
@@ -405,6 +406,7 @@ class TwinService:
             "n_starts": starts,
             "refine_nfev": refine,
             "corrections": corrections,
+            "correction_tol": correction_tol,
             "mcmc": mcmc.model_dump() if mcmc is not None else None,
         }
         stop = _Stop()

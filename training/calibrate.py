@@ -3,7 +3,8 @@ surrogate in the loop, checked by the solver.
 
     twin-calibrate model=NAME:REF observations=obs.json [out_dir=runs/calibrate] [backend=surrogate]
                    [mcmc=true] [steps=1000] [burn=300] [walkers=32] [starts=8] [max_nfev=60]
-                   [verify_samples=8] [corrections=2] [refine=0] [solver_mode=looped] [seed=0]
+                   [verify_samples=8] [corrections=2] [correction_tol=0.1] [refine=0]
+                   [solver_mode=looped] [seed=0]
 
   observations    a JSON file: times, outputs (null = missing), inputs, fit, and optionally
                   parameters, initial_state, bounds (default: the training domain), priors, noise
@@ -13,6 +14,9 @@ surrogate in the loop, checked by the solver.
   mcmc            posterior samples with emcee on the surrogate (steps, burn, walkers)
   corrections     solver simulations that correct the surrogate's output near the optimum, each
                   followed by a refit on the corrected surrogate (0: the surrogate alone)
+  correction_tol  the corrections end at a round whose correction would move the estimate by at
+                  most this many standard errors (first order): the surrogate already agrees with
+                  the solver there, and that one solve verifies the estimate (0: every round)
   refine          solver-in-the-loop least-squares evaluations started from the surrogate's optimum
   solver_mode     looped (one solve_ivp per candidate) or stacked (one vectorized solve per call)
 
@@ -43,6 +47,7 @@ SETTINGS = {
     "max_nfev": Setting("60", "model evaluations per least-squares start"),
     "verify_samples": Setting("8", "posterior samples the solver simulates to verify the fit"),
     "corrections": Setting("2", "solver corrections of the surrogate near the optimum, each refit"),
+    "correction_tol": Setting("0.1", "end the corrections below this shift (standard errors)"),
     "refine": Setting("0", "solver-in-the-loop evaluations from the surrogate's optimum"),
     "solver_mode": Setting("looped", "looped (one solve_ivp per candidate) or stacked"),
     "seed": Setting("0", "seed of the starts, the MCMC and the verification samples"),
@@ -70,6 +75,13 @@ def parse(argv: list[str]) -> dict:
         if not str(cfg[key]).isdigit():
             raise ValueError(f"{key} must be an integer >= 0, got {cfg[key]!r}")
         cfg[key] = int(cfg[key])
+    raw = cfg["correction_tol"]
+    try:
+        cfg["correction_tol"] = float(raw)
+    except ValueError:
+        cfg["correction_tol"] = -1.0
+    if not 0 <= cfg["correction_tol"] < float("inf"):
+        raise ValueError(f"correction_tol must be a number >= 0 (standard errors), got {raw!r}")
     if cfg["starts"] < 1 or cfg["steps"] < 1:
         raise ValueError("starts and steps must be >= 1")
     if cfg["backend"] not in ("surrogate", "solver"):
@@ -119,6 +131,7 @@ def run(cfg: dict) -> Path:
         verify_samples=cfg["verify_samples"],
         refine_nfev=cfg["refine"],
         corrections=cfg["corrections"],
+        correction_tol=cfg["correction_tol"],
         seed=cfg["seed"],
     )
     out = Path(cfg["out_dir"])

@@ -107,6 +107,7 @@ class LeastSquares:
     cost: float
     std_error: np.ndarray  # [n_fit] physical units
     starts: tuple[StartRun, ...]  # every start, in start order
+    jac: np.ndarray  # [n_residuals, n_fit] the normalized residuals' Jacobian there, unit box
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,8 @@ class CalibrationResult:
     cost: float  # the least-squares cost at the estimate
     starts: tuple[StartRun, ...]  # the last fit's starts
     corrections: tuple[dict[str, float], ...]  # the estimate after each output correction
+    # per round, how far its correction would move the estimate (first order, standard errors)
+    correction_shifts: tuple[float, ...]
     noise: dict[str, float]  # the noise std used, per observed output
     noise_estimated: tuple[str, ...]  # the observed outputs whose noise was estimated
     # the problem's, then every MCMC diagnostic out of range, then why the estimate is unverified
@@ -261,6 +264,7 @@ class CalibrationResult:
             "starts": [s.as_dict() for s in self.starts],
             "uncorrected_estimate": {k: e.uncorrected for k, e in est.items()},
             "corrections": [dict(c) for c in self.corrections],
+            "correction_shifts": list(self.correction_shifts),
             "bounds": {k: list(e.bounds) for k, e in est.items()},
             "noise": dict(self.noise),
             "noise_estimated": list(self.noise_estimated),
@@ -448,6 +452,7 @@ def point_estimate(
         cost=best.cost,
         std_error=std_err,
         starts=tuple(r[0] for r in runs),
+        jac=jac,
     )
 
 
@@ -646,8 +651,42 @@ def rms_band(n_observed: int, n_fit: int) -> tuple[float, float]:
     return min(lo, 0.5), max(hi, 2.0)
 
 
+def correction_shift(
+    best: LeastSquares,
+    problem: Problem,
+    sigma_fit: np.ndarray,
+    sigma: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    y_solver: np.ndarray,
+) -> float:
+    """How far an output correction at the estimate would move it, to first order, in the
+    standard errors the data allow (the largest over the fitted values): with residuals weighted
+    by the noise s = sigma, the correction changes them by -(y_solver - mean) / s, and the
+    Gauss-Newton step from an optimum (J^T r = 0) is -(J^T J)^-1 J^T of that change. The noise
+    alone, not the model's stated std: a model that states wide intervals must not excuse its
+    error. `best` was fitted with the noise `sigma_fit` and the model's std; its Jacobian's rows
+    are re-weighted to s. mean, std [1, T, ny]: the model at the estimate; y_solver [1, T, ny]:
+    the solver there."""
+    mask = ~np.isnan(problem.y)
+    s_fit = np.sqrt(sigma_fit[None, :] ** 2 + std[0] ** 2)[mask]
+    s = np.broadcast_to(sigma[None, :], std[0].shape)[mask]
+    change = -(y_solver[0] - mean[0])[mask] / s
+    jac = best.jac * (s_fit / s)[:, None]
+    if not (np.all(np.isfinite(change)) and np.all(np.isfinite(jac))):
+        return math.inf
+    cov = np.linalg.pinv(jac.T @ jac)
+    se = np.sqrt(np.clip(np.diag(cov), 1e-300, None))
+    return float(np.max(np.abs(cov @ (jac.T @ change)) / se))
+
+
 def verify(
-    surrogate, solver, problem: Problem, sigma: np.ndarray, thetas: np.ndarray
+    surrogate,
+    solver,
+    problem: Problem,
+    sigma: np.ndarray,
+    thetas: np.ndarray,
+    y_known: np.ndarray | None = None,
 ) -> tuple[Verification, np.ndarray, list[str]]:
     """Re-simulate candidates thetas [K, n_fit] (the estimate first) with the solver. Per candidate:
     the fraction of grid points where the solver lies within 2 stated stds of the surrogate mean,
@@ -656,8 +695,14 @@ def verify(
     residual lies in `rms_band` (outside it, the noise std is misstated or the model cannot fit
     the observations: the standard errors and intervals, which scale with the noise, are then
     wrong whatever the surrogate did). Returns the `Verification`, the solver at the estimate
-    ([T, ny], for plots) and the warnings: why the estimate is unverified, and what to do."""
-    y_solver, _ = solver.predict(problem, thetas)
+    ([T, ny], for plots) and the warnings: why the estimate is unverified, and what to do.
+    `y_known`: the solver at the estimate [T, ny], simulated already (not again)."""
+    if y_known is None:
+        y_solver, _ = solver.predict(problem, thetas)
+    elif len(thetas) > 1:
+        y_solver = np.concatenate([y_known[None], solver.predict(problem, thetas[1:])[0]])
+    else:
+        y_solver = y_known[None]
     mean, std = surrogate.predict(problem, thetas)
     mask = ~np.isnan(problem.y)
     within = (np.abs(y_solver - mean) <= 2 * std)[:, mask].mean(axis=1)
@@ -744,6 +789,7 @@ def calibrate(
     refine_nfev: int = 0,
     corrections: int = 2,
     slopes: bool = True,
+    correction_tol: float = 0.1,
     seed: int = 0,
 ) -> CalibrationResult:
     """The whole loop. backend="surrogate": least squares (and MCMC when `mcmc` is given) on the
@@ -759,7 +805,11 @@ def calibrate(
     correction's slope (n_fit more simulations, secant steps of SLOPE_STEP in the unit box, solved
     with the estimate in one stacked solve): the corrected surrogate then has the solver's
     sensitivities at the estimate, which set the posterior's width. MCMC and verification then
-    use the corrected surrogate.
+    use the corrected surrogate. Each round first measures how far its correction would move
+    the estimate (`correction_shift`, to first order, in standard errors); at most
+    `correction_tol`, the corrections end there: the model already agrees with the solver at its
+    estimate to within what the data can tell apart, and that solve verifies the estimate. A
+    surrogate accurate at the estimate then costs one solve, an inaccurate one every round.
 
     Outputs with no declared noise std: a first fit with a rough scale gives a first estimate, and
     the noise is estimated from the residuals there (`estimate_noise`). With the surrogate backend
@@ -793,6 +843,8 @@ def calibrate(
     multistart_model_s = engine.seconds - model_s  # of which, inside the model's calls
     raw_estimate = best.theta
     history: list[dict[str, float]] = []
+    shifts: list[float] = []
+    y_known: np.ndarray | None = None  # the solver at the final estimate, when a round has it
     if backend == "surrogate":
         for round_ in range(corrections):
             z = best.z
@@ -807,8 +859,20 @@ def calibrate(
                 y_solver, _ = solver.predict(problem, problem.from_unit(zs))
             if not np.all(np.isfinite(y_solver[0])):
                 break  # the solver failed there: keep the last estimate (verification reports it)
+            sigma_fit = sigma
             if unknown:  # the refit weighs by the solver's residual (simulated anyway)
                 sigma = estimate_noise(problem, y_solver[0], problem.noise)
+            at_z = engine.predict(problem, problem.from_unit(z[None]))
+            shifts.append(correction_shift(best, problem, sigma_fit, sigma, *at_z, y_solver[:1]))
+            if shifts[-1] <= correction_tol:
+                # the engine already agrees with the solver at its estimate to within what the
+                # data can tell apart: a correction would move the estimate by a fraction of a
+                # standard error, and this solve verifies the estimate (unchanged: no refit)
+                if unknown:  # a refit with the solver's noise (surrogate calls only)
+                    best = point_estimate(engine, problem, sigma, z[None], max_nfev=max_nfev)
+                else:
+                    y_known = y_solver[0]
+                break
             mean, _ = surrogate.predict(problem, problem.from_unit(zs))
             d = y_solver - mean
             slope = None
@@ -818,7 +882,7 @@ def calibrate(
             best = point_estimate(engine, problem, sigma, z[None], max_nfev=max_nfev)
             history.append(dict(zip(problem.fit, best.theta.tolist())))
         else:  # every round ran (after a failed solve, the same point would only fail again)
-            if unknown:
+            if unknown and corrections:
                 # the noise from the solver at the final estimate: the rounds' solves lie one refit
                 # behind it, where the residual still holds that estimate's error (the test
                 # pendulum's first corrected estimate, 22% off in damping, gave 1.6x the noise)
@@ -854,7 +918,7 @@ def calibrate(
             else samples
         )
         verification, y_solver_at_estimate, why = verify(
-            engine, solver, problem, sigma, np.vstack([best.theta[None], picks])
+            engine, solver, problem, sigma, np.vstack([best.theta[None], picks]), y_known
         )
         warns += why
         if engine is not surrogate:  # how far the uncorrected surrogate was from the solver there
@@ -911,6 +975,7 @@ def calibrate(
         cost=best.cost,
         starts=best.starts,
         corrections=tuple(history),
+        correction_shifts=tuple(shifts),
         noise={problem.outputs[j]: float(sigma[j]) for j in observed},
         noise_estimated=tuple(problem.outputs[j] for j in observed if np.isnan(problem.noise[j])),
         warnings=tuple(warns),
