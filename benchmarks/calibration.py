@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _runs import BIN, sh, train_and_export
+from _runs import BIN, sh, stored_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "bench-calibration"
@@ -63,30 +63,22 @@ CASE_LIMITS = {"heat_plate": {"trials": 10, "solver_mcmc": False}}
 def ensure_model(
     system: str, experiment: str, env: dict, n: int, epochs: int | None
 ) -> tuple[str, float | None]:
-    from twin_ml import registry
-
-    ref = f"bench_{experiment}:v1"
-    try:
-        registry.verify(ref)
-        return ref, None
-    except registry.RegistryError:
-        pass
     data, run = (
         WORK / "data" / f"{system}-n{n}",
         WORK / f"runs-n{n}-e{epochs or 'default'}" / experiment,
     )
-    sh(
-        BIN / "twin-generate",
-        f"system={system}",
-        f"n_scenarios={n}",
-        "seed=0",
-        f"out_dir={data}",
-        "workers=0",
-        "progress=false",
-        env=env,
-    )
-    train_s = train_and_export(experiment, data, run, env, epochs)
-    return ref, train_s
+    if not (run / "model" / "model.json").exists() and not (data / "manifest.json").exists():
+        sh(
+            BIN / "twin-generate",
+            f"system={system}",
+            f"n_scenarios={n}",
+            "seed=0",
+            f"out_dir={data}",
+            "workers=0",
+            "progress=false",
+            env=env,
+        )
+    return stored_model(experiment, data, run, env, epochs)
 
 
 def rel_error(estimate: dict, truth: dict) -> float:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _runs import BIN, sh, train_and_export
+from _runs import BIN, sh, stored_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "bench-fields"
@@ -59,18 +59,9 @@ def ensure_data(n: int, env: dict) -> tuple[Path, float | None]:
 
 
 def ensure_model(experiment: str, data: Path, env: dict, n: int, epochs: int | None):
-    from twin_ml import registry
-
-    ref = f"bench_{experiment}:v1"
+    """(the stored ref, the training's seconds, the run directory)."""
     run = WORK / f"runs-n{n}-e{epochs or 'default'}" / experiment
-    saved = run.parent / f"train_s-{experiment}.json"
-    try:
-        registry.verify(ref)
-        if (run / "model" / "model.json").exists():
-            return ref, json.loads(saved.read_text())["train_s"] if saved.exists() else None, run
-    except registry.RegistryError:
-        pass
-    train_s = train_and_export(experiment, data, run, env, epochs)
+    ref, train_s = stored_model(experiment, data, run, env, epochs)
     return ref, train_s, run
 
 

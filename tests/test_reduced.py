@@ -202,3 +202,31 @@ def test_reduced_models_need_a_field_system_and_a_valid_rank():
     pendulum = make_system("pendulum")
     with pytest.raises(ValueError, match="field system"):
         build_model("latent", pendulum, {**stats, "x_mean": [0, 0], "x_std": [1, 1]})
+
+
+def test_a_closure_stays_only_where_it_helps_the_rollouts():
+    """Member 0's closure is set to weights that make the rollouts *be* the observations (the
+    observations are that closure's own rollouts): kept, at zero error against a nonzero one
+    without it. Member 1's closure is the same weights scaled by 3 (wrong): dropped, and zeroed,
+    so member 1 is then the projected physics alone, to the last bit."""
+    system, t, u, p, x0, r = _data()
+    m = _model("rom", system, t, u, p, x0, r, 5, solver="exact").double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in (m.net.weights[-1], m.net.biases[-1]):
+            w[0] = 0.3 * torch.randn(w[0].shape, generator=gen, dtype=w.dtype)
+            w[1] = 3 * w[0]
+        args = [torch.tensor(a) for a in (x0, u, p, t)]
+        observed = m(*args)[1][0].numpy()  # member 0's rollouts are the data
+    report = m.prune_closures(x0, u, p, t, observed)
+    assert report["kept"] == [True, False]
+    assert report["rmse_with_closure"][0] == 0.0 < report["rmse_without_closure"][0]
+    assert report["rmse_with_closure"][1] > report["rmse_without_closure"][1]
+    assert not m.net.weights[-1][1].any() and not m.net.biases[-1][1].any()
+    assert m.net.weights[-1][0].any()
+    with torch.no_grad():
+        pruned = m(*args)[1][1]
+        m.net.weights[-1].zero_()
+        m.net.biases[-1].zero_()
+        physics = m(*args)[1][1]
+    assert torch.equal(pruned, physics)

@@ -151,6 +151,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             return {"stopped_at_epoch": trainer.current_epoch}, {}
 
     best = load_best(trainer, module)
+    closures = None
+    if kind == "rom":  # each member's closure stays only where it helps its validation rollouts
+        va = dm.numpy("val")
+        closures = model.prune_closures(va["x0"], va["u"], va["p"], t, va["y"])
+        log.info(
+            f"closures kept by {sum(closures['kept'])} of {model.members} members (validation "
+            "RMSE with / without: "
+            + ", ".join(
+                f"{a:.2e}/{b:.2e}"
+                for a, b in zip(closures["rmse_with_closure"], closures["rmse_without_closure"])
+            )
+            + ")"
+        )
     ev = evaluate_trained(model, system, dm, speed_scenarios=cfg.speed_scenarios)
     metrics = ev.metrics
     metrics["train"] = {
@@ -159,6 +172,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "members": model.members,
         "best_checkpoint": Path(best).name if best else None,
     }
+    if closures is not None:
+        metrics["train"]["closures"] = closures
     flat = flat_metrics(metrics)
 
     model_dir = save_model(

@@ -646,6 +646,38 @@ class LatentODE(VectorFieldODE):
             cols.append(red(cells, dim=-1, keepdim=True))
         return torch.cat(cols, dim=-1)
 
+    def prune_closures(self, x0, u, p, t, y) -> dict[str, list]:
+        """A Galerkin rom keeps each member's learned closure only where it brings the member's
+        whole rollouts of the scenarios (x0, u, p on t; y [B, T, ny] observed) closer to y than
+        the projected physics alone, the closure's starting point: trained on windows, a closure
+        can drift over whole records, while the physics alone, stepped exactly, has only the
+        basis's truncation error. A dropped closure is zeroed (its last layer). Returns per
+        member: "kept", and the RMSE (in units of each output's std) with and without it."""
+        if not self.galerkin:
+            raise ValueError("prune_closures is for kind rom (a Galerkin closure)")
+        w, b = self.net.weights[-1], self.net.biases[-1]
+        ref = torch.as_tensor(y, dtype=w.dtype)
+
+        def rmse():
+            with torch.no_grad():
+                _, got = self(*(torch.as_tensor(a, dtype=w.dtype) for a in (x0, u, p, t)))
+            return (((got - ref) / self.y_std) ** 2).mean(dim=(1, 2, 3)).sqrt()
+
+        with torch.no_grad():
+            trained = rmse()
+            saved = (w.detach().clone(), b.detach().clone())
+            w.zero_()
+            b.zero_()
+            without = rmse()
+            keep = trained < without
+            w.copy_(torch.where(keep[:, None, None], saved[0], w))
+            b.copy_(torch.where(keep[:, None, None], saved[1], b))
+        return {
+            "kept": keep.tolist(),
+            "rmse_with_closure": trained.tolist(),
+            "rmse_without_closure": without.tolist(),
+        }
+
     def forward(self, x0, u, p, t):
         """x0: the declared initial conditions [B, nx] (or latent states [M, B, r] to start
         from); returns (z [M, B, T, r], y [M, B, T, ny])."""
