@@ -160,16 +160,30 @@ def test_pod_basis_reconstructs_snapshots_to_the_energy_it_keeps():
     assert np.abs(got - r.y[..., k_max]).max() <= 4 * system.state_size * EPS32 * np.abs(r.y).max()
 
 
-@pytest.mark.parametrize(("kind", "solver"), [("latent", "rk4"), ("rom", "rk4"), ("rom", "exact")])
-def test_a_saved_reduced_model_rebuilds_and_exports_with_its_fields(kind, solver):
+@pytest.mark.parametrize(
+    ("kind", "solver", "closure"),
+    [
+        ("latent", "rk4", True),
+        ("rom", "rk4", True),
+        ("rom", "exact", True),
+        ("rom", "exact", False),
+    ],
+)
+def test_a_saved_reduced_model_rebuilds_and_exports_with_its_fields(kind, solver, closure):
     """config + state_dict rebuild the same model (basis, supports); the ONNX graph (the affine
-    rom: its Galerkin operators before the loop) reproduces torch's members and decodes the fields
-    asked for by `field_steps` (none by default)."""
+    rom: its Galerkin operators before the loop; the exact rom with a closure, and without one,
+    whose graph then has none) reproduces torch's members and decodes the fields asked for by
+    `field_steps` (none by default)."""
     from twin_ml._ort import session
     from twin_ml.export.onnx_export import build_onnx
 
     system, t, u, p, x0, r = _data()
     m = _model(kind, system, t, u, p, x0, r, 5, step_fraction=0.5, solver=solver).eval()
+    if closure:  # a rom's closure starts at zero: give it weights, so that the graph holds it
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for w in (m.net.weights[-1], m.net.biases[-1]):
+                w.copy_(0.05 * torch.randn(w.shape, generator=gen))
     again = model_from_config(m.config)
     again.load_state_dict(m.state_dict())
     f32 = [torch.tensor(a, dtype=torch.float32) for a in (x0, u, p, t)]

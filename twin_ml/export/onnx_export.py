@@ -18,7 +18,6 @@ so onnxruntime alone can tell what the file is.
 
 from __future__ import annotations
 
-import copy
 import io
 import warnings
 
@@ -137,18 +136,15 @@ def _fold_net(module: nn.Module, net, norms: list, out_scale: torch.Tensor) -> N
 class _ExactPrelude(nn.Module):
     """What an affine rom's exact rollout (`LatentODE.exact_step`) computes apart from the latent
     state, for every interval at once, before the loop: (u [B, T, nu], p [B, np]) ->
-    (Phi [B, r, r]; forcing [T, M, B, r]: the inputs' exact contribution plus the closure's folded
-    output bias; pre [T, M, B, H]: the closure's first layer on (u_k, p), bias included). The
-    loop body is then the state's part alone (`_ExactStep`): a handful of nodes per interval."""
+    (Phi^T [B, r, r]; forcing [T, M, B, r]: the inputs' exact contribution plus the closure's
+    folded output bias; pre [T, M, B, H]: the closure's first layer on (u_k, p), bias included).
+    The loop body is then the state's part alone (`_ExactStep`): a handful of nodes per interval.
+    With every member's closure at zero (`prune_closures` dropped them all), there is no closure
+    in the graph: (Phi^T, forcing [T, 1, B, r])."""
 
     def __init__(self, model: LatentODE, dt: float):
         super().__init__()
         self.model, self.dt = model, float(dt)
-        # the operators in float64, as in torch: the Galerkin terms difference the right-hand side
-        # at fields of ~10-100 units, whose float32 cancellation error biased the plate's probes by
-        # ~1e-3 degC (a hundredth of a 1% noise, but the same sign at every point: a calibration
-        # of 1400 points reads it as a third of a standard error)
-        self.operators = copy.deepcopy(model).double()
         self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
         _fold_net(
             self,
@@ -156,21 +152,26 @@ class _ExactPrelude(nn.Module):
             [(model.z_mean, model.z_std), (model.u_mean, model.u_std), (model.p_mean, model.p_std)],
             model.dz_std.detach() * self.dt,
         )
+        last = (model.net.weights[-1], model.net.biases[-1])
+        self.closure = bool(any(w.detach().abs().max() > 0 for w in last))
 
     def forward(self, u, p):
-        phi, g0, g1 = (a.float() for a in self.operators.discrete_operators(p.double(), self.dt))
+        phi, g0, g1 = self.model.discrete_operators(p, self.dt)
+        phi_t = phi.transpose(1, 2)  # z @ Phi^T: a batched matmul over the scenarios
         ut = u.transpose(0, 1)  # [T, B, nu]
         du = torch.cat([ut[1:] - ut[:-1], torch.zeros_like(ut[:1])], dim=0)
         du = torch.where(self.held, torch.zeros_like(du), du)
         one = torch.ones_like(ut[..., :1])
         forcing = _apply(g0, torch.cat([ut, one], -1)) + _apply(g1, torch.cat([du, 0 * one], -1))
+        if not self.closure:
+            return phi_t, forcing.unsqueeze(1)  # [T, 1, B, r]
         forcing = forcing.unsqueeze(1) + self.b_last.unsqueeze(0)  # [T, M, B, r]
         pre = self.b_0 + torch.matmul(p, self.w_p)  # [M, B, H]
         if self.model.nu:
             pre = pre + torch.matmul(ut.unsqueeze(1), self.w_u)  # [T, M, B, H]
         else:
             pre = pre.unsqueeze(0).expand(ut.shape[0], -1, -1, -1)
-        return phi, forcing, pre
+        return phi_t, forcing, pre
 
 
 class _ExactStep(nn.Module):
@@ -192,11 +193,14 @@ class _ExactStep(nn.Module):
                 self.register_buffer(f"decode_{k}", scaled.T.contiguous().float())
                 self.register_buffer(f"mean_{k}", model.field_mean[idx].float())
 
-    def forward(self, z, phi, forcing, pre):
-        h = self.p.act(torch.matmul(z, self.p.w_x) + pre)
-        for w, b in zip(self.p.hidden_w, self.p.hidden_b):
-            h = self.p.act(torch.baddbmm(b, h, w))
-        z_next = _apply(phi, z) + forcing + torch.matmul(h, self.p.w_last)
+    def forward(self, z, phi_t, forcing, pre=None):
+        # Phi z per scenario: [B, M, r] @ [B, r, r], a batched matmul (~2x the product-and-sum)
+        z_next = torch.matmul(z.transpose(0, 1), phi_t).transpose(0, 1) + forcing
+        if pre is not None:  # the closure
+            h = self.p.act(torch.matmul(z, self.p.w_x) + pre)
+            for w, b in zip(self.p.hidden_w, self.p.hidden_b):
+                h = self.p.act(torch.baddbmm(b, h, w))
+            z_next = z_next + torch.matmul(h, self.p.w_last)
         red = {"max": torch.amax, "min": torch.amin, "mean": torch.mean}
         derived = [
             red[r](
@@ -406,11 +410,13 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     if exact:
         prelude = _ExactPrelude(model, dt).eval()
         with torch.no_grad():
-            phi_ex, f_ex, h_ex = prelude(torch.zeros(b, 3, nu), p_ex)
+            pre_ex = prelude(torch.zeros(b, 3, nu), p_ex)
+        pre_names = ["phi", "forcing", "pre"][: len(pre_ex)]
+        step_in = ["x", "pre/phi", "f", "hk"][: 1 + len(pre_ex)]
         sg = _torch_to_onnx(
             _ExactStep(prelude).eval(),
-            (x0_ex, phi_ex, f_ex[0], h_ex[0]),
-            ["x", "pre/phi", "f", "hk"],
+            (x0_ex, pre_ex[0], *(a[0] for a in pre_ex[1:])),
+            step_in,
             ["x_next", "y"],
             {
                 "x": {1: "batch"},
@@ -423,8 +429,8 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         ).graph
         _prefixed(sg, "step/", keep={"pre/phi"})  # Phi: the outer graph's, visible in the body
         body_nodes = [
-            helper.make_node("Gather", ["pre/forcing", "iter"], ["step/f"], axis=0),
-            helper.make_node("Gather", ["pre/pre", "iter"], ["step/hk"], axis=0),
+            helper.make_node("Gather", [f"pre/{name}", "iter"], [f"step/{k}"], axis=0)
+            for name, k in zip(pre_names[1:], ("f", "hk"))
         ]
         body_outs = [_vi("body/y_out", [m, "batch", len(model.system.derived)])]
     else:
@@ -511,13 +517,12 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
                 prelude,
                 (torch.zeros(b, 3, nu), p_ex),
                 ["u", "p"],
-                ["phi", "forcing", "pre"],
+                pre_names,
                 {
                     "u": {0: "batch", 1: "time"},
                     "p": {0: "batch"},
                     "phi": {0: "batch"},
-                    "forcing": {0: "time", 2: "batch"},
-                    "pre": {0: "time", 2: "batch"},
+                    **{name: {0: "time", 2: "batch"} for name in pre_names[1:]},
                 },
             ).graph
         )
