@@ -2,14 +2,17 @@
 one run (issue 20's numbers).
 
     python benchmarks/fields.py [--out benchmarks/results/fields.json] [--n 256] [--batch 1024]
-        [--looped 8] [--strong 64] [--grids 16,32,64] [--experiments heat_plate_rom,...] [--quick]
+        [--looped 8] [--strong 64] [--grids 16,32,64] [--fresh 256]
+        [--experiments heat_plate_rom,...] [--quick]
 
 1. Trains (when not in the store under runs/bench-fields/) each experiment on a --n scenario
    heat_plate dataset at the default 32 x 32 grid and exports it (training time reported apart).
 2. Accuracy on the dataset's test split, from the exported file (onnxruntime): probe relative L2
    per scenario (median, p95) as twin-train reports it, and a stricter one: the relative L2 of
    the probes' *change* from their initial values (temperatures near 25 degC make the plain one
-   small); 90% interval coverage of the calibrated std.
+   small); 90% interval coverage of the calibrated std. The same on --fresh new scenarios of the
+   training design, solved by the reference solver (the split's 39 scenarios leave a coverage
+   uncertain by about +-0.05).
 3. Speed at batch --batch (M = 5 members), per scenario: the surrogate (onnxruntime, every core)
    against the looped reference (one sparse BDF solve_ivp per scenario, timed on --looped
    scenarios), the stacked solve (all scenarios in one block-sparse BDF solve) and the process
@@ -92,8 +95,12 @@ def scenarios(system, design: dict, n: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+CHUNKS = (4, 8, 16)  # the pool's stack sizes tried besides one part per core
+
+
 def solver_times(system, s: dict, n_looped: int, n_strong: int, repeats: int) -> dict:
-    """Seconds per scenario: looped, stacked, pooled (every core), and the strongest."""
+    """Seconds per scenario: looped, stacked, pooled (every core; one part per core, and in
+    stacks of each of CHUNKS scenarios), and the strongest of them."""
     from twin_ml.physics import SolverSettings, solve_looped, solve_pooled, solve_stacked
 
     settings = SolverSettings()
@@ -109,11 +116,22 @@ def solver_times(system, s: dict, n_looped: int, n_strong: int, repeats: int) ->
         median_time(lambda: solve_pooled(system, s["t"], u, p, x0, settings), max(1, repeats - 2))
         / n_strong
     )
-    strongest = min(("stacked", stacked), ("pooled", pooled), key=lambda kv: kv[1])
+    chunked = {
+        c: median_time(lambda c=c: solve_pooled(system, s["t"], u, p, x0, settings, chunk=c), 1)
+        / n_strong
+        for c in CHUNKS
+    }
+    strongest = min(
+        ("stacked", stacked),
+        ("pooled", pooled),
+        *((f"pooled in stacks of {c}", v) for c, v in chunked.items()),
+        key=lambda kv: kv[1],
+    )
     return {
         "looped_s": looped,
         "stacked_s": stacked,
         "pooled_s": pooled,
+        "pooled_chunk_s": {str(c): v for c, v in chunked.items()},
         "pool_workers": os.cpu_count(),
         "strongest": strongest[0],
         "strongest_s": strongest[1],
@@ -134,22 +152,27 @@ def surrogate_time(onnx, s: dict, batch: int, repeats: int) -> float:
 
 def accuracy(onnx, data: Path) -> dict:
     """Probe accuracy and coverage of the exported model on the dataset's test split."""
-    from twin_ml._ort import session
     from twin_ml.data import Dataset
+
+    test = Dataset.open(data).load("test")
+    return {"n_test": len(test["y"]), **scores(onnx, test)}
+
+
+def scores(onnx, s: dict) -> dict:
+    """Probe accuracy and coverage of the exported model on scenarios s (x0, u, p, y)."""
+    from twin_ml._ort import session
     from twin_ml.evaluate.metrics import accuracy as acc
     from twin_ml.uq.metrics import coverage
 
-    test = Dataset.open(data).load("test")
     sess = session(onnx)
-    feeds = {k: test[k].astype(np.float32) for k in ("x0", "u", "p")}
+    feeds = {k: s[k].astype(np.float32) for k in ("x0", "u", "p")}
     mean, std = (a.astype(np.float64) for a in sess.run(["mean", "std"], feeds))
-    y = test["y"]
+    y = s["y"]
     a = acc(y, mean, np.ones(y.shape[-1]), [f"y{j}" for j in range(y.shape[-1])])
     change = np.linalg.norm((mean - y).reshape(len(y), -1), axis=1) / np.maximum(
         np.linalg.norm((y - y[:, :1]).reshape(len(y), -1), axis=1), 1e-12
     )
     return {
-        "n_test": len(y),
         "rel_l2_median": a["rel_l2_median"],
         "rel_l2_p95": a["rel_l2_p95"],
         "change_rel_l2_median": float(np.median(change)),
@@ -157,6 +180,18 @@ def accuracy(onnx, data: Path) -> dict:
         "coverage_90": float(coverage(y, mean, std, 0.90)),
         "rmse_degC": float(np.sqrt(np.mean((mean - y) ** 2))),
     }
+
+
+def fresh_scenarios(system, design: dict, n: int) -> dict:
+    """n new in-domain scenarios of the training design (a seed no split used), solved by the
+    reference solver (pooled, stacks of 8): a test set 6x the split's, for the coverage, whose
+    scatter on the split's 39 scenarios is about +-0.05."""
+    from twin_ml.physics import SolverSettings, solve_pooled
+
+    s = scenarios(system, design, n, seed=777)
+    r = solve_pooled(system, s["t"], s["u"], s["p"], s["x0"], SolverSettings(), chunk=8)
+    ok = r.status == 0
+    return {"x0": s["x0"][ok], "u": s["u"][ok], "p": s["p"][ok], "y": r.y[ok]}
 
 
 def grid_row(shape: int, args, design: dict, archs: dict) -> dict:
@@ -207,12 +242,16 @@ def main(argv=None) -> int:
     ap.add_argument("--grid-looped", type=int, default=4)
     ap.add_argument("--grid-strong", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--fresh", type=int, default=256, help="new scenarios scored besides the test split"
+    )
     ap.add_argument("--experiments", default=",".join(EXPERIMENTS))
     ap.add_argument("--quick", action="store_true", help="64 scenarios, 3 epochs, small timings")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.epochs, args.batch, args.looped, args.strong = 64, 3, 64, 2, 8
         args.grid_looped, args.grid_strong, args.grids, args.repeats = 2, 4, "16,32", 2
+        args.fresh = 16
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ["BENTOML_HOME"] = str(WORK / ("store-quick" if args.quick else "store"))
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
@@ -238,6 +277,12 @@ def main(argv=None) -> int:
         row = {"experiment": exp, "kind": card.kind, "model": ref, "train_s": train_s}
         row.update(accuracy(onnx, data))
         rows.append(row)
+    if args.fresh:
+        print(f"{args.fresh} fresh scenarios (solver, pooled)", flush=True)
+        fresh = fresh_scenarios(system, design, args.fresh)
+        for row in rows:
+            onnx = Path(registry.onnx_path(row["model"])[0]).read_bytes()
+            row["fresh"] = {"n": len(fresh["y"]), **scores(onnx, fresh)}
     s = scenarios(system, design, max(args.strong, args.looped), seed=4242)
     print(f"timing the solvers ({args.looped} looped, {args.strong} stacked / pooled)", flush=True)
     solver = solver_times(system, s, args.looped, args.strong, args.repeats)
@@ -267,7 +312,9 @@ def main(argv=None) -> int:
     print(
         f"\nsolver per scenario: looped {solver['looped_s']:.3f} s, stacked "
         f"{solver['stacked_s']:.3f} s, pooled ({solver['pool_workers']} cores) "
-        f"{solver['pooled_s']:.3f} s; strongest: {solver['strongest']}\n"
+        f"{solver['pooled_s']:.3f} s, in stacks of "
+        + ", ".join(f"{c}: {v:.3f} s" for c, v in solver["pooled_chunk_s"].items())
+        + f"; strongest: {solver['strongest']}\n"
     )
     print(
         "| model | probe rel L2 median | p95 | change rel L2 median | p95 | coverage 90 "
@@ -276,12 +323,21 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['kind']} | {r['rel_l2_median']:.4f} | {r['rel_l2_p95']:.4f} | "
+            f"| {r['kind']} | {r['rel_l2_median']:.2e} | {r['rel_l2_p95']:.2e} | "
             f"{r['change_rel_l2_median']:.3f} | {r['change_rel_l2_p95']:.3f} | "
             f"{r['coverage_90']:.3f} | {r['surrogate_s'] * 1e3:.3f} | "
             f"{r['speedup_vs_looped']:.0f} | {r['speedup_vs_strongest']:.0f} | "
             f"{r['train_s'] if r['train_s'] is None else round(r['train_s'])} |"
         )
+    if args.fresh:
+        print(f"\non {rows[0]['fresh']['n']} fresh scenarios:\n")
+        print("| model | probe rel L2 median | p95 | coverage 90 |\n|---|---|---|---|")
+        for r in rows:
+            f = r["fresh"]
+            print(
+                f"| {r['kind']} | {f['rel_l2_median']:.2e} | {f['rel_l2_p95']:.2e} | "
+                f"{f['coverage_90']:.3f} |"
+            )
     kinds = [k for k in ("rom", "latent") if any(f"{k}_s" in g for g in grid)]
     print(
         "\n| grid | cells | looped s | strongest s | " + " | ".join(f"{k} ms" for k in kinds) + " |"
@@ -289,7 +345,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|" + "---|" * len(kinds))
     for g in grid:
         print(
-            f"| {g['grid']} | {g['cells']} | {g['looped_s']:.3f} | {g['strongest_s']:.3f} | "
+            f"| {g['grid']} | {g['cells']} | {g['looped_s']:.3f} | "
+            f"{g['strongest_s']:.3f} ({g['strongest']}) | "
             + " | ".join(f"{g[f'{k}_s'] * 1e3:.3f}" for k in kinds)
             + " |"
         )

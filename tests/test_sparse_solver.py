@@ -130,6 +130,12 @@ def test_the_process_pool_returns_the_scenarios_in_order_with_their_failures():
     np.testing.assert_array_equal(pooled.x[:4], looped.x[:4])  # the same per-scenario solves
     stacked = solve(rod(n_cells), t, alphas[:4], x0[:4], how=solve_pooled, workers=2)
     assert stacked.n_failed == 0 and np.max(np.abs(stacked.x - looped.x[:4])) <= 1e-6
+    # in stacks of at most 2 (3 parts for 5 scenarios): the broken one fails with its stack only
+    chunked = solve(rod(n_cells), t, alphas, x0, how=solve_pooled, workers=2, chunk=2)
+    assert chunked.status.tolist() == looped.status.tolist()
+    assert np.max(np.abs(chunked.x[:4] - looped.x[:4])) <= 1e-6
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+        solve(rod(n_cells), t, alphas, x0, how=solve_pooled, chunk=0)
 
 
 def test_the_semi_discrete_decay_converges_at_second_order_in_the_grid():

@@ -318,9 +318,14 @@ def solve_pooled(
     t_out=None,
     workers: int | None = None,
     stacked: bool = True,
+    chunk: int | None = None,
 ) -> SolveResult:
     """The scenarios split over a process pool of `workers` (default: every core), each part
     solved stacked (or looped): the parallel baseline a user with several cores could run.
+    `chunk`: parts of at most this many scenarios (default: one part per worker). Small stacks
+    can be the fastest: they share the per-call overhead, while in a big one the stiffest
+    scenario sets every scenario's steps and the sparse LU grows (heat_plate: 0.19 s per
+    scenario stacked by 16, 0.40 s by 64).
 
     Same arguments and result as `solve_looped`; a part's failure is recorded for its scenarios
     only (stacked: for every scenario of that part)."""
@@ -332,9 +337,12 @@ def solve_pooled(
     n = x0.shape[0]
     n_proc = min(n, workers or os.cpu_count() or 1)
     solve = solve_stacked if stacked else solve_looped
-    if n_proc <= 1:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be an integer >= 1 or None, got {chunk!r}")
+    n_parts = n_proc if chunk is None else max(n_proc, -(-n // chunk))
+    if n_parts <= 1:
         return solve(system, t, u, p, x0, settings, t_out=t_out)
-    parts = np.array_split(np.arange(n), n_proc)
+    parts = np.array_split(np.arange(n), n_parts)
     ctx = multiprocessing.get_context(
         "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     )
