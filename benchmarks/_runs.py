@@ -22,6 +22,21 @@ def sh(*args, env=None) -> float:
     return time.perf_counter() - t0
 
 
+def generate(system: str, n: int, out_dir: Path, env=None) -> float:
+    """twin-generate n scenarios of `system` (seed 0, in this process's worker) into out_dir (it
+    resumes a dataset that is there); the wall time in seconds."""
+    return sh(
+        BIN / "twin-generate",
+        f"system={system}",
+        f"n_scenarios={n}",
+        "seed=0",
+        f"out_dir={out_dir}",
+        "workers=0",
+        "progress=false",
+        env=env,
+    )
+
+
 ROOT = Path(__file__).resolve().parent.parent
 # the code that makes an exported graph: a change in it is a new graph to measure
 GRAPH_CODE = ("twin_ml/export/onnx_export.py", "twin_ml/models/surrogates.py")

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _runs import BIN, sh, stored_model
+from _runs import generate, stored_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "bench-calibration"
@@ -68,16 +68,7 @@ def ensure_model(
         WORK / f"runs-n{n}-e{epochs or 'default'}" / experiment,
     )
     if not (run / "model" / "model.json").exists() and not (data / "manifest.json").exists():
-        sh(
-            BIN / "twin-generate",
-            f"system={system}",
-            f"n_scenarios={n}",
-            "seed=0",
-            f"out_dir={data}",
-            "workers=0",
-            "progress=false",
-            env=env,
-        )
+        generate(system, n, data, env)
     return stored_model(experiment, data, run, env, epochs)
 
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _runs import BIN, sh, stored_model
+from _runs import generate, stored_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "bench-fields"
@@ -48,17 +48,7 @@ def ensure_data(n: int, env: dict) -> tuple[Path, float | None]:
     data = WORK / "data" / f"{SYSTEM}-n{n}"
     if (data / "manifest.json").exists():
         return data, None
-    s = sh(
-        BIN / "twin-generate",
-        f"system={SYSTEM}",
-        f"n_scenarios={n}",
-        "seed=0",
-        f"out_dir={data}",
-        "workers=0",
-        "progress=false",
-        env=env,
-    )
-    return data, s
+    return data, generate(SYSTEM, n, data, env)
 
 
 def ensure_model(experiment: str, data: Path, env: dict, n: int, epochs: int | None):

@@ -35,7 +35,7 @@ from twin_ml.models.surrogates import (
     LatentODE,
     Surrogate,
     VectorFieldODE,
-    _apply,
+    batched_matvec,
     fixed_steps,
 )
 
@@ -162,7 +162,8 @@ class _ExactPrelude(nn.Module):
         du = torch.cat([ut[1:] - ut[:-1], torch.zeros_like(ut[:1])], dim=0)
         du = torch.where(self.held, torch.zeros_like(du), du)
         one = torch.ones_like(ut[..., :1])
-        forcing = _apply(g0, torch.cat([ut, one], -1)) + _apply(g1, torch.cat([du, 0 * one], -1))
+        forcing = batched_matvec(g0, torch.cat([ut, one], -1))
+        forcing = forcing + batched_matvec(g1, torch.cat([du, 0 * one], -1))
         if not self.closure:
             return phi_t, forcing.unsqueeze(1)  # [T, 1, B, r]
         forcing = forcing.unsqueeze(1) + self.b_last.unsqueeze(0)  # [T, M, B, r]

@@ -614,8 +614,9 @@ class LatentODE(VectorFieldODE):
         phi, g0, g1 = ops
         one = torch.ones_like(u0[..., :1])
         du = torch.where(self.held_inputs, torch.zeros_like(u0), u1 - u0)
-        forcing = _apply(g0, torch.cat([u0, one], -1)) + _apply(g1, torch.cat([du, 0 * one], -1))
-        return _apply(phi, z) + forcing + h * self.closure(z, u0, p)
+        forcing = batched_matvec(g0, torch.cat([u0, one], -1))
+        forcing = forcing + batched_matvec(g1, torch.cat([du, 0 * one], -1))
+        return batched_matvec(phi, z) + forcing + h * self.closure(z, u0, p)
 
     @property
     def held_inputs(self) -> torch.Tensor:
@@ -638,9 +639,9 @@ class LatentODE(VectorFieldODE):
         dz = self.closure(z, u_t, p)
         if self.affine:
             a, bu, c = self.galerkin_operators(p) if pm is None else pm
-            lin = _apply(a, z)  # [M, B, r]
+            lin = batched_matvec(a, z)  # [M, B, r]
             if self.nu:
-                lin = lin + _apply(bu, u_t)
+                lin = lin + batched_matvec(bu, u_t)
             dz = dz + lin + c
         elif self.galerkin:
             f = self.system.rhs(None, self.decode(z), u_t, p)
@@ -730,7 +731,7 @@ def _pod(snaps: np.ndarray, system, rank: int, seed: int) -> dict[str, Any]:
     return {"flat": flat, "mean": mean, "scale": scale, "xc": xc, "sv": sv.numpy(), "v": v}
 
 
-def _apply(mats: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def batched_matvec(mats: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Each scenario's matrix times its vector: mats [B, r, q], v [..., B, q] -> [..., B, r], as
     a product and a sum over q (one vectorized op each; a batched matmul of B tiny matrices runs
     as B small GEMMs, about 10x slower in onnxruntime here)."""
