@@ -737,3 +737,12 @@ def test_the_correction_shift_predicts_how_far_the_solver_moves_the_estimate(exp
     assert 0.3 < actual  # the premise: a correction is worth making here
     assert result.correction_shifts[0] == pytest.approx(actual, rel=0.1)
     assert len(result.corrections) >= 1  # and it was made
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "abc"])
+def test_twin_calibrate_refuses_a_bad_correction_tol(bad):
+    from training.calibrate import parse
+
+    with pytest.raises(ValueError, match=rf"correction_tol must be a number >= 0 .*'{bad}'"):
+        parse(["model=m:v1", "observations=o.json", f"correction_tol={bad}"])
+    assert parse(["model=m:v1", "observations=o.json", "correction_tol=0"])["correction_tol"] == 0.0
