@@ -60,22 +60,27 @@ def stored_model(
     os.environ alike)."""
     from twin_ml import registry
 
-    ref = f"bench_{experiment}:{graph_version()}"
-    saved = run.parent / f"train_s-{experiment}.json"
+    version = graph_version()
+    ref = f"bench_{experiment}:{version}"
     if not (run / "model" / "model.json").exists():
-        train_s = train_and_export(experiment, data, run, env, epochs, version=ref.split(":")[1])
-        return ref, train_s
+        return ref, train_and_export(experiment, data, run, env, epochs, version=version)
     try:
         registry.verify(ref)
     except registry.RegistryError:
-        sh(
-            BIN / "twin-export",
-            f"run_dir={run}",
-            f"name=bench_{experiment}",
-            f"version={ref.split(':')[1]}",
-            env=env,
-        )
+        export(experiment, run, version, env)
+    saved = run.parent / f"train_s-{experiment}.json"
     return ref, json.loads(saved.read_text())["train_s"] if saved.exists() else None
+
+
+def export(experiment: str, run: Path, version: str, env: dict) -> float:
+    """twin-export the run as bench_<experiment>:<version>; the wall time in seconds."""
+    return sh(
+        BIN / "twin-export",
+        f"run_dir={run}",
+        f"name=bench_{experiment}",
+        f"version={version}",
+        env=env,
+    )
 
 
 def train_and_export(
@@ -84,7 +89,7 @@ def train_and_export(
     run: Path,
     env: dict,
     epochs: int | None,
-    version: str = "v1",
+    version: str,
 ) -> float:
     """twin-train the experiment on `data` into `run`, twin-export it as
     bench_<experiment>:<version>; the training's wall time (also saved beside the run as
@@ -99,12 +104,6 @@ def train_and_export(
         *extra,
         env=env,
     )
-    sh(
-        BIN / "twin-export",
-        f"run_dir={run}",
-        f"name=bench_{experiment}",
-        f"version={version}",
-        env=env,
-    )
+    export(experiment, run, version, env)
     (run.parent / f"train_s-{experiment}.json").write_text(json.dumps({"train_s": train_s}))
     return train_s

@@ -79,7 +79,7 @@ def parse(argv: list[str]) -> dict:
     try:
         cfg["correction_tol"] = float(raw)
     except ValueError:
-        cfg["correction_tol"] = -1.0
+        cfg["correction_tol"] = float("nan")  # refused below, with the others
     if not 0 <= cfg["correction_tol"] < float("inf"):
         raise ValueError(f"correction_tol must be a number >= 0 (standard errors), got {raw!r}")
     if cfg["starts"] < 1 or cfg["steps"] < 1:

@@ -176,23 +176,15 @@ class _ExactPrelude(nn.Module):
 
 
 class _ExactStep(nn.Module):
-    """One interval of an affine rom's exact rollout, the state's part: (z [M, B, r], Phi,
+    """One interval of an affine rom's exact rollout, the state's part: (z [M, B, r], Phi^T,
     forcing_k [M, B, r], pre_k [M, B, H]) -> (z at the interval's end (`LatentODE.exact_step`),
-    the derived outputs at its start [M, B, nd]: each reduction over its support cells, decoded
-    here, step by step, where they are small (after the loop, all steps' cells at once are a
-    tensor of T x M x B x cells that costs more to write than to compute))."""
+    the derived outputs at its start [M, B, nd] (`LatentODE.derived`): decoded here, step by
+    step, where they are small (after the loop, all steps' support cells at once are a tensor of
+    T x M x B x cells that costs more to write than to compute))."""
 
     def __init__(self, prelude: _ExactPrelude):
         super().__init__()
         self.p = prelude
-        model = prelude.model
-        self.reduce = [o.reduce for o in model.system.derived]
-        with torch.no_grad():
-            for k in range(len(self.reduce)):
-                idx = getattr(model, f"support_{k}")
-                scaled = model.basis[idx] * model.field_scale[idx, None]  # [cells, r]
-                self.register_buffer(f"decode_{k}", scaled.T.contiguous().float())
-                self.register_buffer(f"mean_{k}", model.field_mean[idx].float())
 
     def forward(self, z, phi_t, forcing, pre=None):
         # Phi z per scenario: [B, M, r] @ [B, r, r], a batched matmul (~2x the product-and-sum)
@@ -202,30 +194,19 @@ class _ExactStep(nn.Module):
             for w, b in zip(self.p.hidden_w, self.p.hidden_b):
                 h = self.p.act(torch.baddbmm(b, h, w))
             z_next = z_next + torch.matmul(h, self.p.w_last)
-        red = {"max": torch.amax, "min": torch.amin, "mean": torch.mean}
-        derived = [
-            red[r](
-                torch.matmul(z, getattr(self, f"decode_{k}")) + getattr(self, f"mean_{k}"),
-                -1,
-                keepdim=True,
-            )
-            for k, r in enumerate(self.reduce)
-        ]
-        if len(derived) == 1:  # no concatenation node in the loop
-            return z_next, derived[0]
-        return z_next, torch.cat(derived, -1) if derived else z[..., :0]
+        return z_next, self.p.model.derived(z)
 
 
 class _Probes(nn.Module):
     """The outputs of an exact rom's latent scan z [T, M, B, r] and its derived outputs
-    [T, M, B, nd]: the probes through the probe map, then the derived (`LatentODE.observe`)."""
+    [T, M, B, nd]: the probes (`LatentODE.probes`), then the derived."""
 
     def __init__(self, model: LatentODE):
         super().__init__()
         self.model = model
 
     def forward(self, z, derived):
-        return torch.cat([z @ self.model.probe_map.T + self.model.probe_offset, derived], -1)
+        return torch.cat([self.model.probes(z), derived], -1)
 
 
 class LatentIntervalStep(nn.Module):

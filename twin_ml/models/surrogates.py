@@ -650,13 +650,26 @@ class LatentODE(VectorFieldODE):
 
     def observe(self, z, u, p):
         """Probes through the probe map, then each derived reduction over its support."""
-        cols = [z @ self.probe_map.T + self.probe_offset]
+        return torch.cat([self.probes(z), self.derived(z)], dim=-1)
+
+    def probes(self, z: torch.Tensor) -> torch.Tensor:
+        """The probe outputs [..., n_probe] of latent states z [..., r]."""
+        return z @ self.probe_map.T + self.probe_offset
+
+    def derived(self, z: torch.Tensor) -> torch.Tensor:
+        """The derived outputs [..., nd] of latent states z [..., r]: each reduction over its
+        support cells, decoded with the field's scale folded into the basis (constants, so an
+        exported graph holds one product per output). With one output there is no
+        concatenation (no node for it inside an exported loop)."""
+        red = {"max": torch.amax, "min": torch.amin, "mean": torch.mean}
+        cols = []
         for k, o in enumerate(self.system.derived):
             idx = getattr(self, f"support_{k}")
-            cells = self.field_mean[idx] + self.field_scale[idx] * (z @ self.basis[idx].T)
-            red = {"max": torch.amax, "min": torch.amin, "mean": torch.mean}[o.reduce]
-            cols.append(red(cells, dim=-1, keepdim=True))
-        return torch.cat(cols, dim=-1)
+            decode = (self.basis[idx] * self.field_scale[idx, None]).T  # [r, cells]
+            cols.append(red[o.reduce](z @ decode + self.field_mean[idx], dim=-1, keepdim=True))
+        if len(cols) == 1:
+            return cols[0]
+        return torch.cat(cols, dim=-1) if cols else z[..., :0]
 
     def prune_closures(self, x0, u, p, t, y) -> dict[str, list]:
         """A Galerkin rom keeps each member's learned closure only where it brings the member's
@@ -733,8 +746,9 @@ def _pod(snaps: np.ndarray, system, rank: int, seed: int) -> dict[str, Any]:
 
 def batched_matvec(mats: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Each scenario's matrix times its vector: mats [B, r, q], v [..., B, q] -> [..., B, r], as
-    a product and a sum over q (one vectorized op each; a batched matmul of B tiny matrices runs
-    as B small GEMMs, about 10x slower in onnxruntime here)."""
+    a product and a sum over q (one vectorized op each, whatever v's leading dimensions; where
+    they can be moved behind B, a batched matmul is ~2x faster in onnxruntime: the exported exact
+    rom step does that)."""
     return (mats * v.unsqueeze(-2)).sum(-1)
 
 
