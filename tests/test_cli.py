@@ -311,3 +311,102 @@ def test_twin_models_help_lists_its_commands():
         ("promote", "point NAME:<stage> at a version"),
     ):
         assert f"{cmd} " in text and meaning in text
+
+
+# ---- the user's own config directory beside the clone ------------------------------------------
+
+
+def _user_dir(root: Path) -> Path:
+    """A user's config directory outside the repository: a system (the mass-spring module on
+    PYTHONPATH), an experiment that selects it, and a contract."""
+    d = root / "my_twin"
+    for sub in ("system", "experiment", "contract"):
+        (d / sub).mkdir(parents=True)
+    (d / "system" / "my_spring.yaml").write_text(
+        "_target_: twin_ml.physics.make_system\nname: mass_spring:MassSpring\n"
+    )
+    (d / "experiment" / "my_exp.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /system: my_spring\n"
+        "n_scenarios: 3\nshard_size: 8\nprogress: false\ndesign:\n  t_end: 1.0\n"
+    )
+    (d / "contract" / "my_spring.yaml").write_text(
+        "system: mass_spring\nperiod_s: 0.05\nsignals:\n"
+        "  - {name: force, role: input, unit: N}\n  - {name: pos, role: output, unit: m}\n"
+    )
+    return d
+
+
+def test_experiment_and_system_from_a_user_config_dir(tmp_path):
+    """--config-dir DIR (and hydra.searchpath=[file://DIR]) adds the user's experiment/ and system/
+    to the project's: experiment=my_exp selects DIR/experiment/my_exp.yaml, which selects
+    DIR/system/my_spring.yaml. An unknown name is one line that lists the names of every config
+    directory and where it looked; a missing --config-dir is one line too."""
+    user = _user_dir(tmp_path)
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    for how, out in (
+        (["--config-dir", str(user)], "a"),
+        ([f"hydra.searchpath=[file://{user}]"], "b"),
+        (["--config-dir=../my_twin"], "c"),  # relative to the directory the command starts in
+    ):
+        r = run(*how, "experiment=my_exp", f"out_dir={tmp_path / out}", cwd=elsewhere)
+        assert r.returncode == 0, r.stderr
+        m = json.loads((tmp_path / out / "manifest.json").read_text())
+        assert m["system"]["name"] == "mass_spring" and m["counts"]["total"] == 4, how
+    r = run("--config-dir", str(user), "experiment=my_exq", f"out_dir={tmp_path / 'x'}")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: experiment='my_exq' is unknown; known experiment configs: ")
+    assert "my_exp" in lines[0] and "pendulum_node" in lines[0]
+    assert f"searched {user / 'experiment'}, {ROOT / 'configs' / 'experiment'}" in lines[0]
+    r = run("--config-dir", str(tmp_path / "nope"), "experiment=my_exp")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: --config-dir '{tmp_path / 'nope'}': no such directory {tmp_path / 'nope'}"
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_one_rule_finds_config_files_by_name_or_path(tmp_path, monkeypatch):
+    """config_file: a name is looked up in each config directory of the search path (the user's
+    first, then the project's); a .yaml value or an existing file is a path, as given (relative to
+    the directory the command started in); errors name the setting and list the names found.
+    twin-ingest's contract= follows the same rule (its only config directory: the project's)."""
+    from training._common import config_dirs, config_file
+    from training.ingest import contract_path
+
+    user = _user_dir(tmp_path)
+    project = ROOT / "configs"
+    assert config_dirs([]) == [project]
+    dirs = config_dirs(["--config-dir", str(user), "experiment=x"])
+    assert dirs == [user, project]
+    assert config_dirs(["-cd", str(user), f"hydra.searchpath=[file://{tmp_path}]"]) == [
+        user,
+        tmp_path,
+        project,
+    ]
+    # a name in the project, a name in the user's directory, the user's first where both have it
+    assert config_file("contract", "cascaded_tanks", dirs=dirs) == (
+        project / "contract" / "cascaded_tanks.yaml"
+    )
+    assert config_file("contract", "my_spring", dirs=dirs) == user / "contract" / "my_spring.yaml"
+    (user / "contract" / "silverbox.yaml").write_text("system: silverbox\n")
+    assert config_file("contract", "silverbox", dirs=dirs) == user / "contract" / "silverbox.yaml"
+    # a path relative to the current directory, as given (no configs/contract/ prefix or suffix)
+    monkeypatch.chdir(tmp_path)
+    rel = "my_twin/contract/my_spring.yaml"
+    assert config_file("contract", rel, dirs=dirs) == tmp_path / rel
+    assert contract_path(rel) == tmp_path / rel
+    assert config_file("contract", str(tmp_path / rel), dirs=[project]) == tmp_path / rel
+    # errors: the setting, the names found, where
+    with pytest.raises(ValueError) as e:
+        config_file("contract", "my_sprung", setting="telemetry.contract", dirs=dirs)
+    assert str(e.value) == (
+        "telemetry.contract='my_sprung' is unknown; known contracts: cascaded_tanks, my_spring, "
+        f"silverbox (searched {user / 'contract'}, {project / 'contract'}; or give a path to a "
+        ".yaml file)"
+    )
+    with pytest.raises(ValueError, match=r"telemetry.contract='contracts/x.yaml': no such file"):
+        config_file("contract", "contracts/x.yaml", setting="telemetry.contract", dirs=dirs)
+    with pytest.raises(ValueError, match="contract='my_spring' is unknown; known contracts: "):
+        contract_path("my_spring")  # twin-ingest knows the project's configs/ only

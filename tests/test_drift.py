@@ -155,3 +155,55 @@ def test_faults_on_unknown_signals_or_after_the_end_are_refused():
         inject(y, np.ones_like(y, dtype=bool), t, ["y"], [Fault.parse("bias:z:1@0")])
     with pytest.raises(ValueError, match="after the record's end"):
         inject(y, np.ones_like(y, dtype=bool), t, ["y"], [Fault.parse("bias:y:1@9")])
+
+
+def _strict(obj):
+    """obj through strict JSON: NaN or Infinity raise."""
+    import json
+
+    def refuse(c):
+        raise ValueError(f"{c} in JSON")
+
+    return json.loads(json.dumps(obj), parse_constant=refuse)
+
+
+def test_an_output_without_measured_points_is_not_monitored_and_the_report_has_no_nan(ref):
+    """Output b is never measured (masked, or NaN): the report says it is not monitored, with a
+    note and null statistics, while a is monitored as if alone; windows of a where nothing was
+    measured have null statistics and leave its CUSUM as it was. The report is strict JSON."""
+    a = _stream(2)[:, 0]
+    y = np.stack([a, np.full_like(a, np.nan)], axis=1)
+    mask = np.stack([np.ones_like(a, dtype=bool), np.zeros_like(a, dtype=bool)], axis=1)
+    mask[128:192, 0] = False  # window 2 of a: nothing measured
+    mean, std = np.zeros_like(y), np.ones_like(y)
+    stats = window_statistics(y, mask, mean, std, 64)
+    assert np.isnan(stats["level"][:, 1]).all() and stats["n"][2, 0] == 0
+    ref2 = reference({k: v[:8] for k, v in stats.items()})
+    assert ref2["level_mean"][1] is None and ref2["level_mean"][0] is not None
+    rep = detect(y, mask, mean, std, ref2, ["a", "b"], DriftSettings(window=64))
+    out_b = rep["outputs"]["b"]
+    assert out_b["monitored"] is False and "b: not monitored" in out_b["note"]
+    assert rep["notes"] == [out_b["note"]] and set(out_b["level"]) == {None}
+    out_a = rep["outputs"]["a"]
+    assert out_a["monitored"] is True and out_a["level"][2] is None
+    assert out_a["cusum_level"][2] == out_a["cusum_level"][1]
+    # a alone (the same reference for it) gives the same statistics
+    alone = detect(
+        y[:, :1],
+        mask[:, :1],
+        mean[:, :1],
+        std[:, :1],
+        {k: v[:1] if isinstance(v, list) else v for k, v in ref2.items()},
+        ["a"],
+        DriftSettings(window=64),
+    )
+    # (the same float64 sums, reduced in another order over one column or two: 64 terms per window)
+    tol = 64 * np.finfo(np.float64).eps
+    np.testing.assert_allclose(
+        alone["outputs"]["a"]["cusum_level"], out_a["cusum_level"], rtol=tol, atol=10 * tol
+    )
+    assert _strict(rep) == rep
+    # measured in the stream but not in the reference: not monitored either
+    rep = detect(np.nan_to_num(y), np.ones_like(mask), mean, std, ref2, ["a", "b"])
+    assert rep["outputs"]["b"]["monitored"] is False and "the reference" in rep["notes"][0]
+    assert _strict(rep) == rep

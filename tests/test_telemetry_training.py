@@ -313,3 +313,192 @@ def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
         r.returncode == 2
         and "holds out 205 samples with [0] measured points per output" in r.stderr
     ), r.stderr
+
+
+# ---- a user's project beside the clone: an oscillator whose velocity has no sensor -------------
+
+OSCILLATOR = '''
+from twin_ml.physics import Input, Output, Parameter, PhysicsSystem, State
+
+
+class Oscillator(PhysicsSystem):
+    """A damped linear oscillator; position and velocity are both outputs."""
+
+    states = (State("pos", "m", bounds=(-1.0, 1.0)), State("vel", "m/s", bounds=(-2.0, 2.0)))
+    inputs = (Input("force", "N", bounds=(-1.0, 1.0), interpolation="zoh"),)
+    outputs = (Output("pos", "m"), Output("vel", "m/s"))
+    parameters = (
+        Parameter("k", "N/m", nominal=4.0, bounds=(2.0, 8.0)),
+        Parameter("c", "N s/m", nominal=0.8, bounds=(0.2, 1.6)),
+    )
+    default_horizon = (4.0, 0.1)
+
+    def rhs(self, t, x, u, p):
+        xp = self.xp(x)
+        pos, vel = x[..., 0], x[..., 1]
+        return xp.stack([vel, u[..., 0] - p[..., 0] * pos - p[..., 1] * vel], axis=-1)
+'''
+
+
+def _strict_json(path: Path):
+    """The file parsed by a strict JSON parser: NaN, Infinity and -Infinity are refused."""
+
+    def refuse(constant):
+        raise ValueError(f"{path.name} holds {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def oscillator_project(tmp_path_factory):
+    """A user's directory outside the repository: the system's module, system/, contract/ (the
+    velocity's sensor optional, and absent from every record) and experiment/, and two records
+    (CSV, position only) from the solver. twin-train runs the experiment from there with
+    --config-dir, the contract found by name in the user's contract/. Returns (dir, run dir,
+    completed process)."""
+    import pandas as pd
+
+    from twin_ml.physics import SolverSettings, solve_looped
+
+    root = tmp_path_factory.mktemp("oscillator_project")
+    (root / "my_osc.py").write_text(OSCILLATOR)
+    for sub in ("system", "contract", "experiment"):
+        (root / sub).mkdir()
+    (root / "system" / "my_osc.yaml").write_text(
+        "_target_: twin_ml.physics.make_system\nname: my_osc:Oscillator\n"
+    )
+    (root / "contract" / "my_osc.yaml").write_text(
+        "system: my_osc\nperiod_s: 0.1\nsignals:\n"
+        "  - {name: force, role: input, unit: N, interpolation: zoh}\n"
+        "  - {name: pos, role: output, unit: m}\n"
+        "  - {name: vel, role: output, unit: m/s, required: false}   # no sensor\n"
+    )
+    (root / "experiment" / "osc_tel.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /system: my_osc\n  - override /model: hybrid\n"
+        "telemetry:\n  dataset: null\n  files: {est: est.csv, test: test.csv}\n"
+        "  contract: my_osc\n  dt: 0.1\n  train: [est]\n  test: [test]\n"
+        "  derivatives: {vel: pos}\n  window: 16\n  consistency: 1.0\n  state_lr: 4.0e-3\n"
+        "  iterations_per_epoch: 4\n  init_samples: 10\n  calibration_tail: 0.0\n"
+        "model:\n  net:\n    hidden: 8\n    depth: 2\n"
+        "ensemble:\n  size: 2\ntrainer:\n  max_epochs: 1\nthreads: 1\n"
+    )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("my_osc_records", root / "my_osc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    system = module.Oscillator()
+    for name, seed in (("est", 0), ("test", 1)):
+        rng = np.random.default_rng(seed)
+        t = np.arange(240) * 0.1
+        u = np.repeat(rng.uniform(-1.0, 1.0, 12), 20)[:, None]
+        ref = solve_looped(
+            system,
+            t,
+            u[None],
+            np.array([[4.0, 0.8]]),
+            np.array([[0.3, 0.0]]),
+            SolverSettings(rtol=1e-9, atol=1e-11),
+        )
+        stamps = pd.Timestamp("2024-01-01T00:00:00Z") + pd.to_timedelta(t, unit="s")
+        pd.DataFrame(
+            {
+                "timestamp": stamps.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "force [N]": u[:, 0],
+                "pos [m]": ref.y[0][:, 0],
+            }
+        ).to_csv(root / f"{name}.csv", index=False)
+    out = root / "runs" / "osc"
+    r = subprocess.run(
+        [
+            str(BIN / "twin-train"),
+            "--config-dir",
+            str(root),
+            "experiment=osc_tel",
+            f"out_dir={out}",
+            "logger=none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,  # the user's module imports from here, the records' paths are relative to it
+        env={**os.environ, "BENTOML_HOME": str(root / "store")},
+    )
+    return root, out, r
+
+
+def test_an_output_without_measurements_is_null_with_a_note_and_never_nan(oscillator_project):
+    """The experiment, system and contract from the user's --config-dir; vel is in no record:
+    metrics.json (strict JSON) has finite RMSE, coverage_50/90/95, NLL and CRPS for pos, over its
+    points alone, and null for vel with a note; the free-run plot labels vel "not measured"."""
+    root, out, r = oscillator_project
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = _strict_json(out / "metrics.json")
+    _strict_json(out / "model" / "model.json")
+    summary = _strict_json(Path(r.stdout.strip().splitlines()[-1]))
+    for rec in ("train/est", "test/test"):
+        assert metrics[f"{rec}/rmse_vel"] is None and metrics[f"{rec}/coverage_90_vel"] is None
+        assert 0.0 <= metrics[f"{rec}/coverage_90_pos"] <= 1.0
+        assert metrics[f"{rec}/points"] == 240  # pos's points only
+        detail = metrics["detail"][rec]
+        pos, vel = detail["outputs"]["pos"], detail["outputs"]["vel"]
+        for key in ("coverage_50", "coverage_90", "coverage_95", "nll", "crps", "rmse"):
+            assert np.isfinite(pos[key]) and vel[key] is None, key
+            assert detail[key] == pos[key]  # all measured points: pos's
+        assert pos["points"] == 240 and vel["points"] == 0
+        assert detail["notes"] == [vel["note"]] and "vel: not measured" in vel["note"]
+    assert metrics["detail"]["notes"] == [
+        f"{rec}: {metrics['detail'][rec]['outputs']['vel']['note']}"
+        for rec in ("train/est", "test/test")
+    ]
+    assert np.isfinite(metrics["test/rmse"]) and 0.0 <= metrics["test/coverage_90"] <= 1.0
+    assert summary["headline"]["test/coverage_90"] == metrics["test/coverage_90"]
+    assert (out / "free_run_test.png").stat().st_size > 10_000
+
+
+def test_twin_monitor_on_a_record_without_an_output(oscillator_project, tmp_path, monkeypatch):
+    """twin-monitor replays a record that lacks vel against that model: vel is not monitored (a
+    note in drift.json and summary.json, strict JSON, no NaN), pos is. A monitor that fails while
+    writing leaves no output directory behind (nor the parents it made)."""
+    import torch
+
+    from training.monitor import DEFAULTS, run
+
+    root, out, r = oscillator_project
+    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.chdir(root)  # the system's module (recorded as my_osc:Oscillator) imports from here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = {
+            **DEFAULTS,
+            "model": str(out),
+            "source": str(root / "test.csv"),
+            "window": "8",
+            "reference_windows": "5",
+            "out_dir": str(tmp_path / "monitor"),
+        }
+        summary = _strict_json(run(cfg))
+        report = _strict_json(Path(summary["report"]))
+        assert report["outputs"]["vel"]["monitored"] is False
+        assert report["outputs"]["pos"]["monitored"] is True
+        assert report["notes"] == summary["notes"] == [report["outputs"]["vel"]["note"]]
+        assert report["reference"]["level_mean"][1] is None
+        assert Path(summary["plot"]).stat().st_size > 10_000
+        assert sorted(p.name for p in (tmp_path / "monitor").iterdir()) == [
+            "drift.json",
+            "drift.png",
+            "summary.json",
+        ]
+
+        def broken(*a, **k):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("twin_ml.drift.plot_report", broken)
+        with pytest.raises(OSError):
+            run({**cfg, "out_dir": str(tmp_path / "new" / "monitor")})
+        assert not (tmp_path / "new").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["monitor"]  # no staging left
+    finally:
+        torch.set_num_threads(threads)

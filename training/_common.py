@@ -1,12 +1,18 @@
 """Shared pieces of the entry points: one-line errors, key=value settings with their --help, the
-summary.json every command writes, and the Hydra apps' loggers."""
+summary.json every command writes (strict JSON: never NaN), the Hydra apps' loggers, and the one
+rule by which every command finds a config file (`config_file`) in the config directories of its
+search path (`config_dirs`: the user's --config-dir / hydra.searchpath, then the project's
+configs/)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -88,25 +94,265 @@ def help_text(settings: Mapping[str, Setting], doc: str = "") -> str:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / "summary.json"
-    atomic_write_json(path, summary)
+    write_json(path, summary)
     return path
 
 
+# ---- JSON without NaN ---------------------------------------------------------------------------
+
+
+def json_safe(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """`obj` with every non-finite float (NaN, inf; numpy's too) replaced by None, and the key paths
+    replaced ("test/x/rmse", "outputs.vel.level[3]"). numpy scalars and arrays become plain
+    Python values."""
+    import math
+
+    import numpy as np
+
+    bad: list[str] = []
+
+    def walk(v: Any, at: str) -> Any:
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float):
+            if math.isfinite(v):
+                return v
+            bad.append(at or "(the value)")
+            return None
+        if isinstance(v, Mapping):
+            return {k: walk(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    return walk(obj, where), bad
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as strict JSON (atomically): a value that is legitimately absent is None in
+    `obj` already; a non-finite number that slipped through (a diverged prediction) is written as
+    null too, and a warning names each such key, so no command ever writes NaN or Infinity (which
+    strict JSON parsers refuse) nor fails at the end of a long run over one."""
+    clean, bad = json_safe(obj)
+    if bad:
+        shown_keys = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        logging.getLogger("twin-ml").warning(
+            f"{Path(path).name}: non-finite values written as null: {shown_keys}"
+        )
+    atomic_write_json(path, clean)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A folder to write a command's outputs into, published as `out` only when the block ends
+    without an error: a new `out` is the folder renamed; an existing one gets its files replaced
+    one by one. On an error the staged files are removed, and so are the parent folders this made:
+    a failed command leaves no empty or half-written output directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {str(out)!r} is a file, not a directory")
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir {str(out)!r} cannot be created ({e.strerror})") from None
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield stage
+        if out.is_dir():
+            for f in sorted(stage.iterdir()):
+                os.replace(f, out / f.name)
+            stage.rmdir()
+        else:
+            os.rename(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+# ---- config directories and config files --------------------------------------------------------
+
+_CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+_CONFIG_PATH_FLAGS = ("--config-path", "-cp")
+_SEARCHPATH_KEYS = ("hydra.searchpath", "+hydra.searchpath", "++hydra.searchpath")
+
+
+def _flag_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """The values of `--flag VALUE` / `--flag=VALUE` in argv."""
+    out = []
+    for i, arg in enumerate(argv):
+        for flag in flags:
+            if arg == flag and i + 1 < len(argv):
+                out.append(argv[i + 1])
+            elif arg.startswith(flag + "="):
+                out.append(arg[len(flag) + 1 :])
+    return out
+
+
+def _search_dir(entry: str, base: Path) -> Path | None:
+    """A Hydra search-path entry (file://DIR, pkg://pkg.module, or a bare DIR) as a folder."""
+    scheme, sep, rest = entry.partition("://")
+    if not sep:
+        scheme, rest = "file", entry
+    if scheme == "file":
+        path = Path(rest).expanduser()
+        return path if path.is_absolute() else base / path
+    if scheme == "pkg":
+        import importlib.resources
+
+        try:
+            found = importlib.resources.files(rest.replace("/", ".").rstrip("."))
+        except (ImportError, TypeError, ValueError):
+            return None
+        return Path(str(found)) if Path(str(found)).is_dir() else None
+    return None  # structured:// and other schemes hold no YAML files
+
+
+def original_cwd() -> Path:
+    """The directory the command was started in (Hydra's, should hydra.job.chdir move the job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        from hydra.utils import get_original_cwd
+
+        return Path(get_original_cwd())
+    return Path.cwd()
+
+
+def config_dirs(argv: list[str] | None = None) -> list[Path]:
+    """Every config directory of a command's search path, the user's first, then the primary one
+    (the project's configs/, or --config-path's). Inside a Hydra app: Hydra's own search path
+    (hydra.runtime.config_sources); else from argv (default sys.argv): --config-dir/-cd DIR,
+    --config-path/-cp DIR and hydra.searchpath=[file://DIR,...], as Hydra reads them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    base = original_cwd()
+    user: list[Path] = []
+    primary = Path(CONFIG_DIR)
+    if argv is None and HydraConfig.initialized():
+        for src in HydraConfig.get().runtime.config_sources:
+            if src.schema not in ("file", "pkg") or src.provider == "hydra":
+                continue
+            path = _search_dir(f"{src.schema}://{src.path}", base)
+            if path is None:
+                continue
+            if src.provider == "main":
+                primary = path
+            else:
+                user.append(path)
+    else:
+        argv = sys.argv[1:] if argv is None else argv
+        for value in _flag_values(argv, _CONFIG_PATH_FLAGS):
+            # Hydra: absolute, or relative to the folder of the entry point's file (training/)
+            path = Path(value).expanduser()
+            primary = path if path.is_absolute() else (ROOT / "training" / path).resolve()
+        user += [base / Path(v).expanduser() for v in _flag_values(argv, _CONFIG_DIR_FLAGS)]
+        for arg in argv:
+            key, sep, value = arg.partition("=")
+            if sep and key in _SEARCHPATH_KEYS:
+                from hydra.core.override_parser.overrides_parser import OverridesParser
+
+                try:
+                    entries = OverridesParser.create().parse_overrides([arg])[0].value()
+                except Exception:  # Hydra itself reports a malformed override
+                    continue
+                for entry in entries if isinstance(entries, list) else [entries]:
+                    path = _search_dir(str(entry), base)
+                    if path is not None:
+                        user.append(path)
+    out: list[Path] = []
+    for path in [*user, primary]:
+        path = Path(os.path.abspath(path))
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def _names(dirs: list[Path], group: str) -> list[str]:
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
+
+
+def _searched(dirs: list[Path], group: str) -> str:
+    return ", ".join(str(d / group) for d in dirs)
+
+
+def config_file(
+    group: str, value: str, *, setting: str | None = None, dirs: list[Path] | None = None
+) -> Path:
+    """The YAML file a setting names, by one rule for every command: a value that ends in
+    .yaml/.yml or is an existing file (absolute, or relative to the directory the command started
+    in) is that file, as given; otherwise it is a name, looked up as <dir>/<group>/<name>.yaml in
+    each config directory of the search path (`config_dirs`: the user's first, then the
+    project's). Errors name the setting (default: `group`) and list the names found."""
+    setting = setting or group
+    dirs = config_dirs() if dirs is None else [Path(d) for d in dirs]
+    text = str(value).strip()
+    if not text:
+        raise ValueError(f"{setting} is empty; give a {group} name or a .yaml file")
+    path = Path(text).expanduser()
+    full = path if path.is_absolute() else original_cwd() / path
+    if full.is_file():
+        return full
+    if path.suffix.lower() in (".yaml", ".yml") or len(path.parts) > 1:
+        raise ValueError(f"{setting}={text!r}: no such file {full}")
+    for d in dirs:
+        found = d / group / f"{text}.yaml"
+        if found.is_file():
+            return found
+    known = _names(dirs, group)
+    raise ValueError(
+        f"{setting}={text!r} is unknown; known {group}s: {', '.join(known) or 'none'} "
+        f"(searched {_searched(dirs, group)}; or give a path to a .yaml file)"
+    )
+
+
 def check_group_choices(argv: list[str], groups: list[str]) -> None:
-    """`group=choice` overrides must name a YAML in configs/<group>/: else one line that lists them.
+    """`group=choice` overrides must name a YAML in <dir>/<group>/ of a config directory of the
+    search path (`config_dirs`: --config-dir, hydra.searchpath, the project's configs/): else one
+    line that lists the names found and where. A missing --config-dir is one line too. A name
+    found in more than one directory gets a warning that says which one Hydra takes (the project's
+    before --config-dir's, which come before hydra.searchpath's).
 
     (Hydra's own message for this is a multi-line error; this one matches every other bad input.)
     """
+    base = original_cwd()
+    for value in _flag_values(argv, _CONFIG_DIR_FLAGS):
+        if not (base / Path(value).expanduser()).is_dir():
+            print(
+                f"error: --config-dir {value!r}: no such directory {base / value}", file=sys.stderr
+            )
+            sys.exit(2)
+    dirs = config_dirs(argv)
+    hydra_order = [dirs[-1], *dirs[:-1]]  # Hydra looks in the primary directory first
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
-        if sep and key in groups:
-            options = sorted(p.stem for p in (Path(CONFIG_DIR) / key).glob("*.yaml"))
-            if value not in options:
+        if not sep or key not in groups:
+            continue
+        for choice in value.split(","):  # a sweep (-m) lists several
+            choice = choice.strip()
+            if choice in ("null", ""):
+                continue
+            where = [d for d in hydra_order if (d / key / f"{choice}.yaml").is_file()]
+            if not where:
+                options = _names(dirs, key)
                 print(
-                    f"error: {key}={value!r} is unknown; known {key} configs: {', '.join(options)}",
+                    f"error: {key}={choice!r} is unknown; known {key} configs: "
+                    f"{', '.join(options) or 'none'} (searched {_searched(dirs, key)})",
                     file=sys.stderr,
                 )
                 sys.exit(2)
+            if len(where) > 1:
+                print(
+                    f"warning: {key}={choice!r} is in {len(where)} config directories; "
+                    f"Hydra uses {where[0] / key / f'{choice}.yaml'}",
+                    file=sys.stderr,
+                )
 
 
 def lightning_logs_once() -> None:

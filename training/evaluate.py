@@ -12,8 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from training._common import CONFIG_DIR, fail, write_summary
-from twin_ml._io import atomic_write_json
+from training._common import CONFIG_DIR, fail, write_json, write_summary
 
 log = logging.getLogger("twin-evaluate")
 
@@ -41,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = flat_metrics(metrics)
-    atomic_write_json(out / "metrics.json", {**flat, "detail": metrics})
+    write_json(out / "metrics.json", {**flat, "detail": metrics})
     report = write_report(out, model, model.system, splits, preds, metrics, t)
     return {
         "run_dir": str(run),

@@ -3,7 +3,10 @@
     twin-generate system=pendulum n_scenarios=256 seed=0 out_dir=data/pendulum
     twin-generate system.name=my_pkg.my_module:MySystem      # a system by import path
     twin-generate system=heat_plate snapshot_stride=20       # the plate's fields every 20th step
+    twin-generate --config-dir ~/my_twin experiment=my_setup  # your own system/, experiment/ ...
 
+Config groups (system, design, solver, paths, experiment) are looked up in every config directory
+of the search path: --config-dir DIR or hydra.searchpath=[file://DIR], then the project's configs/.
 Prints the path of summary.json last.
 """
 
@@ -81,7 +84,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    check_group_choices(sys.argv[1:], ["system", "design", "solver", "paths"])
+    check_group_choices(sys.argv[1:], ["system", "design", "solver", "paths", "experiment"])
     _main()
 
 

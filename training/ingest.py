@@ -48,15 +48,12 @@ DEFAULTS = defaults(SETTINGS)
 
 
 def contract_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml"):
-        return path
-    known = sorted(p.stem for p in (Path(CONFIG_DIR) / "contract").glob("*.yaml"))
-    if name not in known:
-        raise ValueError(
-            f"contract={name!r} is unknown; known contracts: {', '.join(known)} (or a .yaml file)"
-        )
-    return Path(CONFIG_DIR) / "contract" / f"{name}.yaml"
+    """The contract file `name` means, by the rule every command follows (`config_file`): a .yaml
+    file or an existing path as given (relative to the current directory), else a name under the
+    project's configs/contract/ (twin-ingest has no --config-dir: give your own contract's path)."""
+    from training._common import config_file
+
+    return config_file("contract", name, setting="contract", dirs=[Path(CONFIG_DIR)])
 
 
 def run(cfg: dict) -> Path:

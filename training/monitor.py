@@ -13,7 +13,9 @@ inject=bias:y:0.005@20.
 
 Writes out_dir/drift.json (alarms, per-window statistics, the reference, settings) and drift.png,
 and prints summary.json's path last. Exit status 0 whether or not drift is found; the report's
-"drift" field says which.
+"drift" field says which. A record may leave out some of the model's outputs (or have them masked
+throughout): those are not monitored, which the report's "notes" say; at least one output must be
+measured. Nothing is written unless the whole report is (no empty out_dir after an error).
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from training._common import REAL_DATA_DIR, Setting, defaults, fail, key_values, write_summary
+from training._common import (
+    REAL_DATA_DIR,
+    Setting,
+    defaults,
+    fail,
+    key_values,
+    staged_dir,
+    write_json,
+    write_summary,
+)
 from twin_ml.drift import REFERENCE_WINDOWS, DriftSettings
 
 SETTINGS = {
@@ -73,9 +84,19 @@ def _float(cfg: dict, key: str) -> float:
         raise ValueError(f"{key} must be a number, got {cfg[key]!r}") from None
 
 
-def load_stream(spec: str, contract, system) -> dict[str, np.ndarray]:
+def _outputs_optional(contract):
+    """The contract with its outputs not required: a record that lacks one is monitored on the
+    others (its inputs stay required: the model needs them to predict)."""
+    signals = [
+        s.model_copy(update={"required": False}) if s.role == "output" else s
+        for s in contract.signals
+    ]
+    return contract.model_copy(update={"signals": signals})
+
+
+def load_stream(spec: str, contract, system, key: str = "source") -> dict[str, np.ndarray]:
     """{"t", "u", "y", "mask"} of a telemetry file or a real dataset's record, under the
-    contract."""
+    contract (outputs may be missing from it, not all of them)."""
     from twin_ml.data import real
     from twin_ml.data.records import record_arrays
     from twin_ml.data.telemetry import ingest, read_telemetry
@@ -98,11 +119,17 @@ def load_stream(spec: str, contract, system) -> dict[str, np.ndarray]:
                 f"source {spec!r}: record {record!r} is unknown; records: {', '.join(frames)}"
             )
         frame = frames[record]
-    return record_arrays(system, contract, ingest(frame, contract))
+    contract = _outputs_optional(contract)
+    rec = record_arrays(system, contract, ingest(frame, contract))
+    if not rec["mask"].any():
+        raise ValueError(
+            f"{key} {spec!r} measures none of the model's outputs "
+            f"({', '.join(system.output_names)}): there is nothing to monitor"
+        )
+    return rec
 
 
 def run(cfg: dict[str, Any]) -> Path:
-    from twin_ml._io import atomic_write_json
     from twin_ml.data.telemetry import Contract
     from twin_ml.drift import Fault, inject, plot_report
     from twin_ml.evaluate.telemetry import monitor
@@ -132,7 +159,7 @@ def run(cfg: dict[str, Any]) -> Path:
     steps = _int(cfg, "steps", allow_none=True)
     if steps is not None:
         stream = {k: v[:steps] for k, v in stream.items()}
-    ref = load_stream(cfg["reference"], contract, system) if cfg["reference"] else None
+    ref = load_stream(cfg["reference"], contract, system, "reference") if cfg["reference"] else None
     for key, rec in (("source", stream), ("reference", ref)):
         if rec is not None and len(rec["t"]) < 3 * settings.window:
             raise ValueError(
@@ -175,38 +202,42 @@ def run(cfg: dict[str, Any]) -> Path:
         period_s=dt,
     )
     out = Path(cfg["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "drift.json", report)
-    plot = plot_report(
-        report,
-        stream["t"],
-        y,
-        mask,
-        result["mean"],
-        result["std"],
-        names,
-        out / "drift.png",
-        title=f"{system.name}: {cfg['source']}" + (f" with {cfg['inject']}" if faults else ""),
-        onsets=[f.onset_s for f in faults],
-    )
-    for a in report["alarms"]:
-        print(
-            f"alarm: {a['signal']} {a['kind']} in window {a['window']} (by t = {a['time_s']:.6g} s)"
+    title = f"{system.name}: {cfg['source']}" + (f" with {cfg['inject']}" if faults else "")
+    with staged_dir(out) as stage:  # published as out_dir only once everything is written
+        write_json(stage / "drift.json", report)
+        plot_report(
+            report,
+            stream["t"],
+            y,
+            mask,
+            result["mean"],
+            result["std"],
+            names,
+            stage / "drift.png",
+            title=title,
+            onsets=[f.onset_s for f in faults],
         )
-    if not report["alarms"]:
-        print(f"no drift over {report['windows']} windows of {settings.window} steps")
-    return write_summary(
-        out,
-        {
+        summary = {
             "command": "twin-monitor",
             "model": str(model_dir),
             "source": cfg["source"],
             "drift": report["drift"],
             "alarms": report["alarms"],
             "report": str(out / "drift.json"),
-            "plot": str(plot),
-        },
-    )
+            "plot": str(out / "drift.png"),
+        }
+        if report.get("notes"):
+            summary["notes"] = report["notes"]
+        write_summary(stage, summary)
+    for note in report.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    for a in report["alarms"]:
+        print(
+            f"alarm: {a['signal']} {a['kind']} in window {a['window']} (by t = {a['time_s']:.6g} s)"
+        )
+    if not report["alarms"]:
+        print(f"no drift over {report['windows']} windows of {settings.window} steps")
+    return out / "summary.json"
 
 
 def main(argv: list[str] | None = None) -> None:

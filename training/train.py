@@ -15,7 +15,10 @@ On measured telemetry (`telemetry:` in the config, e.g. experiment=cascaded_tank
 samples) -> metrics.json, model/, plots, summary.json (twin_ml.train.telemetry). The section:
   dataset     a real dataset under data/real/ (cascaded_tanks, silverbox), converted on the fly; or
   files       {record: telemetry file} (Parquet/CSV, see twin-ingest)
-  contract    configs/contract/<name>.yaml (signals must match the system's inputs and outputs)
+  contract    a contract by name (<config dir>/contract/<name>.yaml, a --config-dir's first, then
+              the project's configs/) or a .yaml file (signals must match the system's inputs,
+              and be among its outputs: outputs a record does not measure are left out of its
+              metrics, reported as null with a note)
   train/test  record names; `train` records are fitted, `test` records are only evaluated
   parameters  the physics parameters to start from (default: the system's nominal values); the
               hybrid's `learn_parameters` refine them jointly with the residual
@@ -48,12 +51,15 @@ from training._common import (
     CONFIG_DIR,
     REAL_DATA_DIR,
     check_group_choices,
+    config_file,
     fail,
+    json_safe,
     lightning_logs_once,
     loggers,
+    write_json,
     write_summary,
 )
-from twin_ml._io import atomic_write_bytes, atomic_write_json
+from twin_ml._io import atomic_write_bytes
 
 log = logging.getLogger("twin-train")
 
@@ -185,12 +191,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         dataset_sha256=dm.dataset.sha256,
         design=dm.dataset.card.design,  # the training domain, for export and serving
         metrics={
-            k: flat[k]
-            for k in sorted(flat)
+            k: v
+            for k, v in sorted(json_safe(flat)[0].items())
             if k.startswith(("val/", "test/")) and "/regime/" not in k
         },
     )
-    atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
+    write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
     report = write_report(out_dir, model, system, ev.splits, ev.preds, metrics, t)
     summary = {
         "run_dir": str(out_dir),
@@ -232,7 +238,9 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     torch.set_flush_denormal(True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = hydra.utils.instantiate(cfg.system, _convert_="all")
-    contract = Contract.load(Path(CONFIG_DIR) / "contract" / f"{tcfg.contract}.yaml")
+    contract = Contract.load(
+        config_file("contract", str(tcfg.contract), setting="telemetry.contract")
+    )
     plain = OmegaConf.to_container(tcfg, resolve=True)
     loaded = load_records(
         system,
@@ -315,9 +323,9 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         telemetry=telemetry.model_metadata(
             data, loaded, list(tcfg.test), ev.ranges, int(tcfg.init_samples)
         ),
-        metrics={k: v for k, v in flat.items() if k.startswith("test/")},
+        metrics=json_safe({k: v for k, v in flat.items() if k.startswith("test/")})[0],
     )
-    atomic_write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
+    write_json(out_dir / "metrics.json", {**flat, "detail": metrics})
     summary = {
         "run_dir": str(out_dir),
         "model": str(model_dir / "model.json"),

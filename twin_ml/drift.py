@@ -17,6 +17,10 @@ strongly correlated, so a per-sample CUSUM tuned for independent noise alarms on
 Input-domain drift: the share of input samples outside the training range (plus `margin` of its
 width) per window; a window above `max_outside` raises an input alarm.
 
+An output the stream (or the reference) does not measure at all is not monitored: the report says
+so in a note, with null statistics; a window without a measured point has null statistics and
+leaves the CUSUM as it was. The report holds no NaN (it is written as strict JSON).
+
 `Fault` / `inject` put known sensor faults into a clean record (to test a monitor on real data):
 a bias (added), a gain change (multiplied) or a time skew (the signal arrives `size` samples late),
 each from an onset time on.
@@ -24,6 +28,7 @@ each from an onset time on.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,12 +135,16 @@ def window_statistics(
     y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, window: int
 ) -> dict[str, np.ndarray]:
     """Per window (full windows only) and output: level = mean z, spread = log RMS z, n = points
-    used. y, mask, mean, std: [T, ny]."""
-    z = np.where(mask, (y - mean) / np.maximum(std, 1e-12), np.nan)
+    used (measured: mask, and finite y). y, mask, mean, std: [T, ny]. A window without a measured
+    point has NaN statistics (n = 0)."""
+    ok = np.asarray(mask, dtype=bool) & np.isfinite(y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(ok, (y - mean) / np.maximum(std, 1e-12), np.nan)
     n_w = len(z) // window
     zw = z[: n_w * window].reshape(n_w, window, -1)
     n = np.sum(~np.isnan(zw), axis=1)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a window without a measured point
         level = np.nanmean(zw, axis=1) if n_w else np.zeros((0, z.shape[1]))
         spread = (
             0.5 * np.log(np.maximum(np.nanmean(zw**2, axis=1), 1e-24))
@@ -145,18 +154,31 @@ def window_statistics(
     return {"level": level, "spread": spread, "n": n}
 
 
-def reference(stats: dict[str, np.ndarray]) -> dict[str, list[float]]:
-    """Location and scale of the window statistics on clean data (per output)."""
+def reference(stats: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
+    """Location and scale of the window statistics on clean data (per output; None for an output
+    without a measured point in any of the reference's windows)."""
     level, spread = stats["level"], stats["spread"]
     if len(level) < 3:
         raise ValueError(f"the reference needs >= 3 full windows, got {len(level)}")
-    return {
-        "level_mean": np.nanmean(level, axis=0).tolist(),
-        "level_std": np.maximum(np.nanstd(level, axis=0), 1e-6).tolist(),
-        "spread_mean": np.nanmean(spread, axis=0).tolist(),
-        "spread_std": np.maximum(np.nanstd(spread, axis=0), 1e-6).tolist(),
-        "windows": int(len(level)),
-    }
+    seen = np.isfinite(level).any(axis=0)
+
+    def per_output(values: np.ndarray) -> list[float | None]:
+        return [float(v) if ok else None for v, ok in zip(values, seen)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an output without a measured point
+        return {
+            "level_mean": per_output(np.nanmean(level, axis=0)),
+            "level_std": per_output(np.maximum(np.nanstd(level, axis=0), 1e-6)),
+            "spread_mean": per_output(np.nanmean(spread, axis=0)),
+            "spread_std": per_output(np.maximum(np.nanstd(spread, axis=0), 1e-6)),
+            "windows": int(len(level)),
+        }
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    """A series for the report: NaN (a window without a measured point) as None."""
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def cusum(
@@ -203,14 +225,36 @@ def detect(
         "outputs": {},
         "alarms": [],
     }
+    notes = []
     for j, name in enumerate(names):
+        absent = (
+            "the stream"
+            if not (stats["n"][:, j] > 0).any()
+            else "the reference"
+            if any(_missing(ref[k][j]) for k in ("level_mean", "level_std"))
+            else None
+        )
+        if absent:  # nothing to compare: the output is not monitored, and the report says so
+            note = f"{name}: not monitored: {absent} has no measured point of it"
+            notes.append(note)
+            report["outputs"][name] = {
+                "monitored": False,
+                "note": note,
+                "level": [None] * len(stats["level"]),
+                "spread": [None] * len(stats["level"]),
+                "cusum_level": [None] * len(stats["level"]),
+                "cusum_spread": [None] * len(stats["level"]),
+                "first_alarm_window": None,
+            }
+            continue
         lvl = (stats["level"][:, j] - ref["level_mean"][j]) / ref["level_std"][j]
         spr = (stats["spread"][:, j] - ref["spread_mean"][j]) / ref["spread_std"][j]
         c_lvl, a_lvl = cusum(lvl, settings.slack, settings.threshold, two_sided=True)
         c_spr, a_spr = cusum(spr, settings.slack, settings.threshold, two_sided=False)
         report["outputs"][name] = {
-            "level": lvl.tolist(),
-            "spread": spr.tolist(),
+            "monitored": True,
+            "level": _listed(lvl),
+            "spread": _listed(spr),
             "cusum_level": c_lvl.tolist(),
             "cusum_spread": c_spr.tolist(),
             "first_alarm_window": None,
@@ -251,7 +295,13 @@ def detect(
                 )
     report["alarms"].sort(key=lambda a: a["window"])
     report["drift"] = bool(report["alarms"])
+    if notes:
+        report["notes"] = notes
     return report
+
+
+def _missing(v) -> bool:
+    return v is None or not np.isfinite(v)
 
 
 def band_panel(
@@ -293,14 +343,18 @@ def plot_report(
     )
     for j, name in enumerate(names):
         ax, axc = axes[2 * j, 0], axes[2 * j + 1, 0]
-        ok = mask[:, j]
+        ok = np.asarray(mask[:, j], dtype=bool) & np.isfinite(y[:, j])
         band_panel(ax, t, y[:, j], ok, mean[:, j], std[:, j], "predicted")
         ax.set_ylabel(name)
         out = report["outputs"][name]
-        axc.step(tw, out["cusum_level"], where="post", color="C1", label="CUSUM level")
-        axc.step(tw, out["cusum_spread"], where="post", color="C2", label="CUSUM spread")
-        axc.axhline(thr, color="r", ls="--", lw=1, label="threshold")
-        axc.set_yscale("symlog", linthresh=thr)
+        if out.get("monitored", True):
+            axc.step(tw, out["cusum_level"], where="post", color="C1", label="CUSUM level")
+            axc.step(tw, out["cusum_spread"], where="post", color="C2", label="CUSUM spread")
+            axc.axhline(thr, color="r", ls="--", lw=1, label="threshold")
+            axc.set_yscale("symlog", linthresh=thr)
+        else:
+            ax.set_title(f"{name}: not measured (prediction only)", fontsize=9)
+            axc.text(0.5, 0.5, "not monitored", transform=axc.transAxes, ha="center", va="center")
         axc.set_ylabel("CUSUM [ref. std]")
         for a in (ax, axc):
             for o in onsets or []:
@@ -311,7 +365,8 @@ def plot_report(
                         t[0] + alarm["time_s"], color="r", lw=1.5, alpha=0.6, label="first alarm"
                     )
                     break
-            a.legend(loc="upper left", fontsize=7)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(loc="upper left", fontsize=7)
     axes[-1, 0].set_xlabel("time [s]")
     fig.suptitle(
         title

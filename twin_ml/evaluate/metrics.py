@@ -9,30 +9,37 @@ from twin_ml.physics.system import PhysicsSystem
 
 def accuracy(
     y: np.ndarray, mean: np.ndarray, y_scale: np.ndarray, names: list[str]
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Relative L2 error per scenario (||y_hat - y|| / ||y|| over steps and outputs): median, p95;
-    per output: NRMSE (RMSE / y_scale, the training data's std), MAE, max error."""
-    err = mean - y
+    per output: NRMSE (RMSE / y_scale, the training data's std), MAE, max error. Over the measured
+    points only (a NaN in y is a point not measured); a value with no measured point is None."""
+    ok = np.isfinite(y)
+    err = np.where(ok, mean - np.where(ok, y, 0.0), 0.0)
+    n_ok = ok.reshape(len(y), -1).sum(axis=1)
     rel = np.linalg.norm(err.reshape(len(y), -1), axis=1) / np.maximum(
-        np.linalg.norm(y.reshape(len(y), -1), axis=1), 1e-12
+        np.linalg.norm(np.where(ok, y, 0.0).reshape(len(y), -1), axis=1), 1e-12
     )
-    out = {
-        "rel_l2_median": float(np.median(rel)),
-        "rel_l2_p95": float(np.percentile(rel, 95)),
+    rel = rel[n_ok > 0]
+    out: dict[str, float | None] = {
+        "rel_l2_median": float(np.median(rel)) if len(rel) else None,
+        "rel_l2_p95": float(np.percentile(rel, 95)) if len(rel) else None,
         "n_scenarios": int(len(y)),
     }
     for j, name in enumerate(names):
-        e = err[..., j]
-        out[f"nrmse_{name}"] = float(np.sqrt(np.mean(e**2)) / y_scale[j])
-        out[f"mae_{name}"] = float(np.mean(np.abs(e)))
-        out[f"max_err_{name}"] = float(np.max(np.abs(e)))
+        e = err[..., j][ok[..., j]]
+        out[f"nrmse_{name}"] = float(np.sqrt(np.mean(e**2)) / y_scale[j]) if e.size else None
+        out[f"mae_{name}"] = float(np.mean(np.abs(e))) if e.size else None
+        out[f"max_err_{name}"] = float(np.max(np.abs(e))) if e.size else None
     return out
 
 
-def error_vs_horizon(y: np.ndarray, mean: np.ndarray, y_scale: np.ndarray) -> list[float]:
-    """Normalized RMSE at each step, over scenarios and outputs: how error grows along the
-    rollout."""
-    return np.sqrt(np.mean(((mean - y) / y_scale) ** 2, axis=(0, 2))).tolist()
+def error_vs_horizon(y: np.ndarray, mean: np.ndarray, y_scale: np.ndarray) -> list[float | None]:
+    """Normalized RMSE at each step, over scenarios and outputs (their measured points): how error
+    grows along the rollout; None at a step with no measured point."""
+    ok = np.isfinite(y)
+    e2 = np.where(ok, ((mean - np.where(ok, y, 0.0)) / y_scale) ** 2, 0.0)
+    n = ok.sum(axis=(0, 2))
+    return [float(np.sqrt(s / k)) if k else None for s, k in zip(e2.sum(axis=(0, 2)), n)]
 
 
 def regime_masks(

@@ -1,5 +1,6 @@
 """report.html with PNGs: trajectories with bands over the solver truth, parity, calibration,
-error vs horizon, per-regime table."""
+error vs horizon, per-regime table. Points not measured (NaN in y) are left out of every panel and
+number; a metric without any measured point shows as "-"."""
 
 from __future__ import annotations
 
@@ -10,6 +11,18 @@ import numpy as np
 from scipy.stats import norm
 
 from twin_ml._io import atomic_write_bytes, save_figure
+
+
+def _num(value, fmt: str) -> str:
+    """A metric for the table ("-" when absent or not finite)."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    return format(value, fmt)
+
+
+def _curve(values) -> np.ndarray:
+    """A list of metrics (None where absent) as floats for a plot (NaN: a gap)."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
 def _save(fig, path: Path) -> str:
@@ -96,7 +109,10 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
         if split in preds:
             mean, std = preds[split]
             y = splits[split]["y"]
-            cov = [np.mean(np.abs(y - mean) <= norm.ppf(0.5 + lv / 2) * std) for lv in levels]
+            ok = np.isfinite(y)
+            if not ok.any():
+                continue
+            cov = [np.mean((np.abs(y - mean) <= norm.ppf(0.5 + lv / 2) * std)[ok]) for lv in levels]
             ax.plot(levels, cov, color=color, label=split)
     ax.plot([0, 1], [0, 1], "k", lw=0.8)
     ax.set_xlabel("nominal interval level")
@@ -110,7 +126,7 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for split, color in (("test", "tab:blue"), ("extrapolation", "tab:red")):
         if split in metrics:
-            ax.plot(t, metrics[split]["error_vs_horizon"], color=color, label=split)
+            ax.plot(t, _curve(metrics[split]["error_vs_horizon"]), color=color, label=split)
     ax.set_xlabel(f"t [{system.time_unit}]")
     ax.set_ylabel("normalized RMSE")
     ax.legend()
@@ -123,13 +139,15 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
         if not isinstance(m, dict) or "rel_l2_median" not in m:
             continue
         rows.append(
-            f"<tr><td>{split}</td><td>all</td><td>{m['n_scenarios']}</td><td>{m['rel_l2_median']:.4f}</td>"
-            f"<td>{m['rel_l2_p95']:.4f}</td><td>{m.get('coverage_90', float('nan')):.3f}</td></tr>"
+            f"<tr><td>{split}</td><td>all</td><td>{m['n_scenarios']}</td>"
+            f"<td>{_num(m['rel_l2_median'], '.4f')}</td><td>{_num(m['rel_l2_p95'], '.4f')}</td>"
+            f"<td>{_num(m.get('coverage_90'), '.3f')}</td></tr>"
         )
         for r, rm in m.get("regimes", {}).items():
             rows.append(
                 f"<tr><td>{split}</td><td>{html.escape(r)}</td><td>{rm['n_scenarios']}</td>"
-                f"<td>{rm['rel_l2_median']:.4f}</td><td>{rm['rel_l2_p95']:.4f}</td><td></td></tr>"
+                f"<td>{_num(rm['rel_l2_median'], '.4f')}</td>"
+                f"<td>{_num(rm['rel_l2_p95'], '.4f')}</td><td></td></tr>"
             )
     speed = metrics.get("speed", {})
     body = [

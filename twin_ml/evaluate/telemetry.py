@@ -5,6 +5,10 @@ benchmark allows): states that are outputs start at their measured value; the ot
 searched per member, on a grid for one hidden state, by Adam for more. Then every member runs
 free over the whole record; the metric is the RMSE of the ensemble mean over all (unmasked)
 points of the record, beside the 90% interval coverage and width.
+
+A record may measure only some of the model's outputs (the contract leaves one out, or a signal is
+masked or NaN throughout): every metric is taken over the measured points only, and an output
+without any is reported as null with a note (never NaN), and plotted as "not measured".
 """
 
 from __future__ import annotations
@@ -225,21 +229,45 @@ def monitor(
     return {"report": report, "mean": pred["mean"], "std": pred["std"]}
 
 
+def not_measured_note(name: str) -> str:
+    return f"{name}: not measured in this record (no usable point); its metrics are null"
+
+
 def record_metrics(
     y: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray, names: list[str]
 ) -> dict[str, Any]:
-    """RMSE per output and overall (unmasked points), and the interval report (coverage, width)."""
+    """Over the measured points (mask, and finite y) of y [T, ny]: the RMSE per output and overall,
+    the interval report (coverage_50/90/95, widths, NLL, CRPS) over all measured points, and per
+    output under "outputs" ({name: {"points", "rmse", coverage, ...}}) with rmse_<name> and
+    coverage_90_<name> also at the top. An output with no measured point has null metrics and a
+    line in "notes"."""
+    ok = np.asarray(mask, dtype=bool) & np.isfinite(y)
     out: dict[str, Any] = {}
+    per: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
     sq = []
     for j, name in enumerate(names):
-        ok = mask[:, j]
-        e2 = (mean[ok, j] - y[ok, j]) ** 2
-        out[f"rmse_{name}"] = float(np.sqrt(e2.mean())) if ok.any() else None
+        okj = ok[:, j]
+        e2 = (mean[okj, j] - y[okj, j]) ** 2
+        rmse = float(np.sqrt(e2.mean())) if okj.any() else None
+        per[name] = {
+            "points": int(okj.sum()),
+            "rmse": rmse,
+            **interval_report(y[:, j], mean[:, j], std[:, j], mask=okj),
+        }
+        if not okj.any():
+            per[name]["note"] = not_measured_note(name)
+            notes.append(per[name]["note"])
+        out[f"rmse_{name}"] = rmse
+        out[f"coverage_90_{name}"] = per[name]["coverage_90"]
         sq.append(e2)
-    out["rmse"] = float(np.sqrt(np.concatenate(sq).mean()))
-    ok = mask.all(axis=1)  # time points where every output was measured
-    if ok.any():
-        out.update(interval_report(y[None, ok], mean[None, ok], std[None, ok]))
+    all_sq = np.concatenate(sq)
+    out["rmse"] = float(np.sqrt(all_sq.mean())) if all_sq.size else None
+    out["points"] = int(ok.sum())
+    out.update(interval_report(y, mean, std, mask=ok))
+    out["outputs"] = per
+    if notes:
+        out["notes"] = notes
     return out
 
 
@@ -255,7 +283,7 @@ def plot_record(
     init_samples: int = 0,
 ) -> Path:
     """Measured outputs against the free run's mean and 90% band (the initial-state window
-    shaded)."""
+    shaded); an output with no measured point shows its prediction, titled "not measured"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +301,7 @@ def plot_record(
     )
     for j, name in enumerate(names):
         ax, axr = axes[2 * j, 0], axes[2 * j + 1, 0]
-        ok = mask[:, j]
+        ok = np.asarray(mask[:, j], dtype=bool) & np.isfinite(y[:, j])
         band_panel(ax, t, y[:, j], ok, mean[:, j], std[:, j], "free run (ensemble mean)")
         # the error against the band's half-width: what a long, dense record hides in the top panel
         axr.fill_between(
@@ -291,8 +319,12 @@ def plot_record(
                     lw=0,
                     label="initial-state window" if a is ax else None,
                 )
-        rmse = float(np.sqrt(np.mean((mean[ok, j] - y[ok, j]) ** 2)))
-        ax.set_title(f"{name}: RMSE {rmse:.3g}", fontsize=9)
+        if ok.any():
+            rmse = float(np.sqrt(np.mean((mean[ok, j] - y[ok, j]) ** 2)))
+            ax.set_title(f"{name}: RMSE {rmse:.3g}", fontsize=9)
+        else:
+            ax.set_title(f"{name}: not measured in this record (prediction only)", fontsize=9)
+            axr.text(0.5, 0.5, "not measured", transform=axr.transAxes, ha="center", va="center")
         ax.legend(loc="upper right", fontsize=7)
         axr.legend(loc="upper right", fontsize=7)
     axes[-1, 0].set_xlabel("time [s]")

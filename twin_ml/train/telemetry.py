@@ -288,16 +288,17 @@ def evaluate(
                 flat[f"{key}/{k}"] = v
     test_names = list(test)
     if test_names:  # the headline: free-run RMSE over the test records (the root of their mean MSE)
-        flat["test/rmse"] = float(
-            np.sqrt(np.mean([metrics[f"test/{r}"]["rmse"] ** 2 for r in test_names]))
-        )
-        cov = [
-            metrics[f"test/{r}"]["coverage_90"]
-            for r in test_names
-            if "coverage_90" in metrics[f"test/{r}"]
-        ]
-        if cov:
-            flat["test/coverage_90"] = float(np.mean(cov))
+        # over the records that measure anything; None (null) when none does
+        rmses = [metrics[f"test/{r}"]["rmse"] for r in test_names]
+        rmses = [v for v in rmses if v is not None]
+        flat["test/rmse"] = float(np.sqrt(np.mean(np.square(rmses)))) if rmses else None
+        cov = [metrics[f"test/{r}"].get("coverage_90") for r in test_names]
+        cov = [v for v in cov if v is not None]
+        flat["test/coverage_90"] = float(np.mean(cov)) if cov else None
+    # outputs a record does not measure: named once at the top, beside their null metrics
+    notes = [f"{key}: {n}" for key, m in metrics.items() for n in m.get("notes", [])]
+    if notes:
+        metrics["notes"] = notes
     metrics["learned_parameters"] = learned_parameters(model, p)
     metrics["conformal_scale"] = scale.tolist()
     return Evaluation(metrics, flat, plots, scale, ranges)

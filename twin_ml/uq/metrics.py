@@ -2,6 +2,11 @@
 
 Arrays are [N, T, ny] (scenarios, steps, outputs); a prediction is a mean and a std. Intervals
 are central: mean +- z_{(1+level)/2} * std.
+
+Every metric is taken over the measured points only: those where `mask` (optional, broadcast to
+y's shape; True = measured) holds and y is finite (a NaN in y is a point not measured). A metric
+with no measured point is None (absent), never NaN. A non-finite prediction at a measured point is
+not hidden: it makes the metric non-finite.
 """
 
 from __future__ import annotations
@@ -18,18 +23,53 @@ def _z(level: float) -> float:
     return float(norm.ppf(0.5 + level / 2))
 
 
-def coverage(y, mean, std, level: float) -> float:
-    """Fraction of y inside the central `level` interval."""
-    return float(np.mean(np.abs(y - mean) <= _z(level) * std))
+def measured(y, mask=None) -> np.ndarray:
+    """Bool array of y's shape: the points measured (finite y, and `mask` where given)."""
+    y = np.asarray(y, dtype=float)
+    ok = np.isfinite(y)
+    if mask is not None:
+        ok &= np.broadcast_to(np.asarray(mask, dtype=bool), y.shape)
+    return ok
 
 
-def nll_gaussian(y, mean, std) -> float:
+def _points(y, mean, std, mask):
+    """(y, mean, std) at the measured points, flat; None when there is none."""
+    y = np.asarray(y, dtype=float)
+    mean, std = np.broadcast_to(mean, y.shape), np.broadcast_to(std, y.shape)
+    ok = measured(y, mask)
+    if not ok.any():
+        return None
+    return y[ok], np.asarray(mean, dtype=float)[ok], np.asarray(std, dtype=float)[ok]
+
+
+def coverage(y, mean, std, level: float, mask=None) -> float | None:
+    """Fraction of the measured y inside the central `level` interval (None: no measured
+    point)."""
+    z = _z(level)
+    pts = _points(y, mean, std, mask)
+    if pts is None:
+        return None
+    y, mean, std = pts
+    return float(np.mean(np.abs(y - mean) <= z * std))
+
+
+def nll_gaussian(y, mean, std, mask=None) -> float | None:
+    """Mean negative log-likelihood over the measured points (None: no measured point)."""
+    pts = _points(y, mean, std, mask)
+    if pts is None:
+        return None
+    y, mean, std = pts
     var = np.maximum(std, 1e-300) ** 2
     return float(np.mean(0.5 * (np.log(2 * np.pi * var) + (y - mean) ** 2 / var)))
 
 
-def crps_gaussian(y, mean, std) -> float:
-    """Mean continuous ranked probability score (Gneiting & Raftery 2007, closed form)."""
+def crps_gaussian(y, mean, std, mask=None) -> float | None:
+    """Mean continuous ranked probability score (Gneiting & Raftery 2007, closed form) over the
+    measured points (None: no measured point)."""
+    pts = _points(y, mean, std, mask)
+    if pts is None:
+        return None
+    y, mean, std = pts
     s = np.maximum(std, 1e-300)
     z = (y - mean) / s
     return float(np.mean(s * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / np.sqrt(np.pi))))
@@ -37,16 +77,32 @@ def crps_gaussian(y, mean, std) -> float:
 
 def conformal_scale(y, mean, std, level: float = 0.9) -> np.ndarray:
     """Split-conformal scale per output [ny]: multiplying std by it makes the `level` interval cover
-    the calibration data with the finite-sample guarantee ceil((n+1) level) / n."""
-    r = np.abs(y - mean) / np.maximum(std, 1e-300)  # [N, T, ny]
+    the calibration data with the finite-sample guarantee ceil((n+1) level) / n. Each output on its
+    measured points (finite y); an output with none keeps the scale 1."""
+    r = np.abs(np.asarray(y, dtype=float) - mean) / np.maximum(std, 1e-300)  # [N, T, ny]
     r = r.reshape(-1, r.shape[-1])
-    n = r.shape[0]
-    q = min(1.0, np.ceil((n + 1) * level) / n)
-    return np.quantile(r, q, axis=0, method="higher") / _z(level)
+    z = _z(level)
+    finite_y = np.isfinite(np.asarray(y, dtype=float)).reshape(-1, r.shape[-1])
+    scale = np.ones(r.shape[-1])
+    for j in range(r.shape[-1]):
+        rj = r[finite_y[:, j], j]
+        if len(rj):
+            q = min(1.0, np.ceil((len(rj) + 1) * level) / len(rj))
+            scale[j] = np.quantile(rj, q, method="higher") / z
+    return scale
 
 
-def interval_report(y, mean, std, levels=LEVELS) -> dict[str, float]:
-    out = {f"coverage_{int(round(100 * lv))}": coverage(y, mean, std, lv) for lv in levels}
+def interval_report(y, mean, std, levels=LEVELS, mask=None) -> dict[str, float | None]:
+    """coverage_<level>, width_<level> (the mean interval width), nll and crps over the measured
+    points; every value None when no point is measured."""
+    pts = _points(y, mean, std, mask)
+    keys = [f"{k}_{int(round(100 * lv))}" for k in ("coverage", "width") for lv in levels]
+    if pts is None:
+        return {**dict.fromkeys(keys), "nll": None, "crps": None}
+    y, mean, std = pts
+    out: dict[str, float | None] = {
+        f"coverage_{int(round(100 * lv))}": coverage(y, mean, std, lv) for lv in levels
+    }
     out.update({f"width_{int(round(100 * lv))}": float(np.mean(2 * _z(lv) * std)) for lv in levels})
     out["nll"] = nll_gaussian(y, mean, std)
     out["crps"] = crps_gaussian(y, mean, std)
