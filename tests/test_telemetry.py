@@ -15,14 +15,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from twin_ml.data import real
 from twin_ml.data.telemetry import (
     Contract,
     TelemetryError,
+    conversion,
+    convert_units,
     ingest,
     read_metadata,
     read_telemetry,
+    write_telemetry,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -515,7 +519,7 @@ def test_naive_timestamps_with_a_timezone_are_converted_to_utc():
         (lambda c: c.update(period_s=0), "contract.period_s"),
         (lambda c: c["signals"][0].update(range=[5, 1]), "contract.signals.0"),
         (lambda c: c["signals"][0].update(role="sensor"), "contract.signals.0.role"),
-        (lambda c: c["signals"][1].update(unit="blorbs"), "contract.signals.1"),
+        (lambda c: c["signals"][1].update(unit="blorbs"), "contract.signals.1.unit"),
         (lambda c: c.update(colour="red"), "contract.colour"),
         (lambda c: c["signals"].append(dict(c["signals"][0])), "contract"),
     ],
@@ -553,7 +557,8 @@ def test_twin_ingest_converts_and_ingests(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     aligned = pd.read_parquet(run / "telemetry.parquet")
-    assert list(aligned.columns) == ["timestamp", "pump [V]", "h2 [V]", "pump.mask", "h2.mask"]
+    assert list(aligned.columns) == ["timestamp", "pump [V]", "h2 [V]", "pump.valid", "h2.valid"]
+    assert aligned["pump.valid"].dtype == bool and aligned["h2.valid"].all()
     np.testing.assert_array_equal(aligned["h2 [V]"], _csv_columns(TANKS)["yVal"])
     assert (run / "quality.png").stat().st_size > 10_000
     from training.ingest import contract_path
@@ -562,3 +567,380 @@ def test_twin_ingest_converts_and_ingests(tmp_path):
         ValueError, match="contract='tanks' is unknown; known contracts: cascaded_tanks, silverbox"
     ):
         contract_path("tanks")
+
+
+# ---- foreign files through the contract alone ----------------------------------------------------
+
+RIG_YAML = """\
+system: rig
+period_s: 0.1
+timestamp: {column: t_rel, unit: s, epoch: "2024-05-02T08:00:00+02:00"}
+unit_aliases: {qsc: "0.125 m"}
+signals:
+  - {name: pump, role: input, unit: V, column: U_pump, source_unit: mV}
+  - {name: h2, role: output, unit: m, column: level_raw, source_unit: qsc}
+  - {name: t_water, role: extra, unit: degC, column: T_w, source_unit: degF}
+"""
+
+
+def _float32_seconds(n: int, start: float) -> np.ndarray:
+    return (start + 0.1 * np.arange(n)).astype(np.float32)
+
+
+def test_a_foreign_csv_is_ingested_through_the_contract_alone(tmp_path):
+    """The README's rig: source column names, mV, counts of 0.125 m through an alias, degF, float32
+    seconds after a local epoch, an extra signal and a text column no signal reads. Every value is
+    chosen so that its conversion is exact."""
+    n = 4968
+    k = np.arange(n)
+    t32 = _float32_seconds(n, 1000.0)
+    raw = pd.DataFrame(
+        {
+            "t_rel": t32.astype(np.float64),  # float32 numbers, written with all their digits
+            "U_pump": 125.0 * (k % 80),  # mV -> 0.125 V steps
+            "level_raw": (k % 17).astype(float),  # counts of 0.125 m
+            "T_w": 32.0 + 9.0 * (k % 21),  # degF -> 5 degC steps, 0 to 100
+            "operator": np.where(k % 2, "ok", "valve check"),
+        }
+    )
+    raw.to_csv(tmp_path / "rig.csv", index=False)
+    (tmp_path / "rig.yaml").write_text(RIG_YAML)
+    r = subprocess.run(
+        [
+            str(BIN / "twin-ingest"),
+            f"source={tmp_path / 'rig.csv'}",
+            f"contract={tmp_path / 'rig.yaml'}",
+            f"out_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "t_water" in r.stdout and "(extra)" in r.stdout
+    out = pd.read_parquet(tmp_path / "run" / "telemetry.parquet")
+    assert list(out.columns) == [
+        "timestamp",
+        "pump [V]",
+        "h2 [m]",
+        "t_water [degC]",
+        "pump.valid",
+        "h2.valid",
+        "t_water.valid",
+    ]
+    assert len(out) == n and out[["pump.valid", "h2.valid", "t_water.valid"]].all().all()
+    np.testing.assert_array_equal(out["pump [V]"], 0.125 * (k % 80))
+    np.testing.assert_array_equal(out["h2 [m]"], 0.125 * (k % 17))
+    np.testing.assert_array_equal(out["t_water [degC]"], 5.0 * (k % 21))
+    # the epoch is 06:00Z; the first sample 1000 s after it (float32 1000.0 is exact)
+    assert out["timestamp"].iloc[0] == pd.Timestamp("2024-05-02T06:16:40Z")
+    report = json.loads((tmp_path / "run" / "quality.json").read_text())
+    assert report["signals"]["t_water"]["role"] == "extra"
+    assert report["signals"]["t_water"]["converted_from"] == {"degF": n}
+    assert report["signals"]["h2"]["converted_from"] == {"qsc": n}
+    assert report["signals"]["h2"]["source"] == "level_raw"
+    assert report["ignored_signals"] == ["operator"]
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "zoh"])
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_float32_timestamps_keep_every_sample(tmp_path, suffix, interpolation):
+    """4968 samples at 0.1 s from 1000 s with float32 timestamps: rounding puts the last one
+    before its grid point, and an exact comparison dropped it (4967 of 4968 grid points). Every
+    sample lands on its grid point, with its value as it is."""
+    n = 4968
+    t32 = _float32_seconds(n, 1000.0)
+    eps = float(np.finfo(np.float32).eps) * float(t32.max())  # float32's resolution at ~1500 s
+    span = float(t32[-1]) - float(t32[0])
+    assert 0 < (n - 1) * 0.1 - span <= eps  # the last sample lies a rounding before its point
+    grid = float(t32[0]) + 0.1 * np.arange(n)
+    assert np.max(np.abs(t32.astype(np.float64) - grid)) <= eps  # every sample near its point
+    level = np.random.default_rng(7).uniform(0.0, 2.0, n)
+    path = tmp_path / f"rig.{suffix}"
+    if suffix == "parquet":
+        pd.DataFrame({"t_s": t32, "level": level}).to_parquet(path)
+    else:  # CSV has no float32: the numbers with all their digits
+        pd.DataFrame({"t_s": t32.astype(np.float64), "level": level}).to_csv(path, index=False)
+    contract = Contract.parse(
+        {
+            "system": "rig",
+            "period_s": 0.1,
+            "timestamp": {"column": "t_s", "unit": "s"},
+            "signals": [
+                {"name": "level", "role": "output", "unit": "m", "interpolation": interpolation}
+            ],
+        }
+    )
+    frame = read_telemetry(path, contract=contract)
+    assert frame.attrs["timestamp_resolution_s"] >= eps  # read as float32 numbers
+    tel = ingest(frame, contract)
+    assert len(tel.t) == n and tel.mask.all()
+    np.testing.assert_array_equal(tel.signal("level")[0], level)
+    info = tel.report["signals"]["level"]
+    assert info["sampled"] == n and info["interpolated"] == 0 and info["masked"] == 0
+    assert tel.start == real.EPOCH + pd.Timedelta(seconds=1000)
+
+
+@pytest.mark.parametrize(
+    "source, target, x, expected",
+    [
+        ("mm", "m", [1500.0, -2.0, 0.5], [1.5, -0.002, 0.0005]),
+        ("0.125 m", "m", [8.0, 13.0, -1.0], [1.0, 1.625, -0.125]),
+        ("0.125 m", "mm", [8.0, 1.0], [1000.0, 125.0]),
+        ("qsc", "m", [8.0, 3.0], [1.0, 0.375]),  # an alias with a factor
+        ("degF", "degC", [32.0, 212.0, -40.0, 50.0], [0.0, 100.0, -40.0, 10.0]),
+        ("degC", "degF", [0.0, 100.0, -40.0, 10.0], [32.0, 212.0, -40.0, 50.0]),
+        ("l/min", "m^3/s", [60.0, 120.0], [0.001, 0.002]),
+    ],
+)
+def test_scaled_and_offset_units_convert_exactly(source, target, x, expected):
+    out = convert_units(np.array(x), source, target, aliases={"qsc": "0.125 m"})
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_an_offset_unit_off_the_exact_points_is_within_a_rounding():
+    out = convert_units(np.array([98.6]), "degF", "degC")
+    # (98.6 - 32) * 5 / 9: three roundings of numbers below 100
+    assert abs(out[0] - 37.0) <= 3 * np.finfo(np.float64).eps * 100.0
+    assert conversion("degF", "degC", "x") == (5 / 9, -160 / 9)
+
+
+def test_the_files_unit_wins_over_the_contracts_source_unit(tmp_path):
+    path = tmp_path / "rig.csv"
+    pd.DataFrame({"time": [0.0, 1.0], "Q_in [l/min]": [60.0, 120.0], "T_in": [20.0, 21.0]}).to_csv(
+        path, index=False
+    )
+    contract = Contract.parse(
+        {
+            "system": "rig",
+            "period_s": 1.0,
+            "timestamp": {"column": "time"},
+            "signals": [
+                {"name": "flow", "role": "input", "unit": "m^3/s", "column": "Q_in"},
+                {"name": "temp", "role": "output", "unit": "degC", "column": "T_in"},
+            ],
+        }
+    )
+    tel = ingest(read_telemetry(path, contract=contract), contract)
+    np.testing.assert_array_equal(tel.signal("flow")[0], [0.001, 0.002])
+    np.testing.assert_array_equal(tel.signal("temp")[0], [20.0, 21.0])  # no unit: the contract's
+    scaled = contract.model_copy(
+        update={
+            "signals": [
+                contract.signals[0].model_copy(update={"source_unit": "l/s"}),  # the header wins
+                contract.signals[1].model_copy(update={"source_unit": "degF"}),
+            ]
+        }
+    )
+    tel = ingest(read_telemetry(path, contract=scaled), scaled)
+    np.testing.assert_array_equal(tel.signal("flow")[0], [0.001, 0.002])
+    assert tel.report["signals"]["flow"]["converted_from"] == {"l/min": 2}
+    temp = tel.signal("temp")[0]
+    np.testing.assert_allclose(temp, [-20 / 3, -55 / 9], rtol=0, atol=4 * np.finfo(float).eps * 10)
+
+
+def test_a_missing_source_column_names_the_signal_and_lists_the_files_columns(tmp_path):
+    path = tmp_path / "rig.csv"
+    pd.DataFrame({"time": [0.0, 1.0], "Q_in [l/min]": [60.0, 120.0], "T_in": [1.0, 2.0]}).to_csv(
+        path, index=False
+    )
+    contract = Contract.parse(
+        {
+            "system": "rig",
+            "period_s": 1.0,
+            "timestamp": {"column": "time"},
+            "signals": [
+                {"name": "flow", "role": "input", "unit": "m^3/s", "column": "Q_in [l/min]"},
+                {"name": "temp", "role": "output", "unit": "K", "column": "T_out"},
+            ],
+        }
+    )
+    with pytest.raises(TelemetryError) as e:
+        ingest(read_telemetry(path, contract=contract), contract)
+    assert e.value.where == "signals"
+    assert "missing ['temp'] (temp from column 'T_out')" in str(e.value)
+    assert "the file's columns: time, Q_in [l/min], T_in" in str(e.value)
+    none = contract.model_copy(update={"signals": contract.signals[1:]})  # reads no column at all
+    with pytest.raises(TelemetryError) as e:
+        ingest(read_telemetry(path, contract=none), none)
+    assert "missing ['temp'] (temp from column 'T_out')" in str(e.value)
+
+
+def test_the_contracts_timestamp_section_and_what_wins_over_it(tmp_path):
+    path = tmp_path / "clock.csv"
+    pd.DataFrame(
+        {
+            "t_ms": [0, 500, 1000, 1500],
+            "local": [f"2024-07-01 14:00:0{s}" for s in ("0", "0.5", "1", "1.5")],
+            "a": [1.0, 2.0, 3.0, 4.0],
+        }
+    ).to_csv(path, index=False)
+    base = {"system": "s", "period_s": 0.5}
+    base["signals"] = [{"name": "a", "role": "output", "unit": "V"}]
+    section = {"column": "t_ms", "unit": "ms", "epoch": "2024-07-01T16:00:00+02:00"}
+    ms = Contract.parse({**base, "timestamp": section})
+    tel = ingest(read_telemetry(path, contract=ms), ms)
+    assert tel.start == pd.Timestamp("2024-07-01T14:00:00Z") and len(tel.t) == 4
+    np.testing.assert_array_equal(tel.signal("a")[0], [1.0, 2.0, 3.0, 4.0])
+    local = Contract.parse(
+        {**base, "timestamp": {"column": "local", "unit": "datetime", "timezone": "Europe/Berlin"}}
+    )
+    assert ingest(read_telemetry(path, contract=local), local).start == pd.Timestamp(
+        "2024-07-01T12:00:00Z"
+    )
+    # arguments (twin-ingest's timestamp= and timezone=) win over the section; another column is
+    # not read in the section's unit
+    frame = read_telemetry(path, contract=ms, timestamp="local", timezone="UTC")
+    assert ingest(frame, ms).start == pd.Timestamp("2024-07-01T14:00:00Z")
+    frame = read_telemetry(path, contract=local, timezone="UTC")
+    assert ingest(frame, local).start == pd.Timestamp("2024-07-01T14:00:00Z")
+    wrong = Contract.parse({**base, "timestamp": {"column": "local", "unit": "ms"}})
+    with pytest.raises(TelemetryError) as e:
+        read_telemetry(path, contract=wrong)
+    assert e.value.where == "timestamp"
+    assert "'2024-07-01 14:00:00' is not a number, but the contract's timestamp.unit is 'ms'" in (
+        str(e.value)
+    )
+
+
+def test_an_extra_signal_is_kept_but_never_an_output():
+    from types import SimpleNamespace
+
+    from twin_ml.data.records import check_contract, record_arrays
+
+    contract = Contract.parse(
+        {
+            "system": "s",
+            "period_s": 1.0,
+            "signals": [
+                {"name": "u", "role": "input", "unit": "V"},
+                {"name": "y", "role": "output", "unit": "V"},
+                {"name": "z", "role": "extra", "unit": "V", "range": [0.0, 10.0]},
+            ],
+        }
+    )
+    z = np.array([1.0, 2.0, 42.0, 4.0, 5.0])  # 42 is out of range: masked like any signal's
+    frame = pd.DataFrame(
+        {
+            "timestamp": T0 + pd.to_timedelta(np.arange(5), unit="s"),
+            "u": np.arange(5.0),
+            "y": np.arange(5.0) ** 2,
+            "z": z,
+        }
+    )
+    tel = ingest(read_telemetry(frame), contract)
+    assert contract.names("output") == ["y"] and contract.names("extra") == ["z"]
+    values, valid = tel.role("extra")
+    np.testing.assert_array_equal(values[:, 0], [1.0, 2.0, 3.0, 4.0, 5.0])  # interpolated at 2
+    assert tel.report["signals"]["z"]["out_of_range"] == 1
+    assert tel.report["signals"]["z"]["role"] == "extra"
+    assert "z [V]" in tel.to_frame().columns and "z.valid" in tel.to_frame().columns
+    # a system that has z as an output: the contract does not, so records leave it masked
+    system = SimpleNamespace(input_names=["u"], output_names=["y", "z"])
+    check_contract(contract, system, "s")
+    arrays = record_arrays(system, contract, tel)
+    assert arrays["mask"][:, 0].all() and not arrays["mask"][:, 1].any()
+    np.testing.assert_array_equal(arrays["y"][:, 0], np.arange(5.0) ** 2)
+
+
+@pytest.mark.parametrize("suffix", ["valid", "mask"])
+def test_an_ingested_file_reads_back_with_its_validity(tmp_path, suffix):
+    """The ingested file, read back under a contract that reads other columns and another
+    timestamp: its own format wins (signals by their names, its timestamp), its clock offsets are
+    not applied twice, and "<signal>.valid" (or the older ".mask", True = valid as well) is read
+    as validity."""
+    frame, _ = _messy_long()
+    contract = Contract.parse(CONTRACT)
+    tel = ingest(
+        read_telemetry(frame), contract, start="2024-03-01T12:00:00Z", end="2024-03-01T12:00:59Z"
+    )
+    assert not tel.mask[:, 1].all()  # temp's gap
+    written = tel.to_frame()
+    written.loc[40, "flow.valid"] = False  # a finite value that is not valid
+    if suffix == "mask":
+        written.columns = [c.replace(".valid", ".mask") for c in written.columns]
+    path = write_telemetry(written, tmp_path / "telemetry.parquet", {"aligned": True})
+    foreign = json.loads(json.dumps(CONTRACT))
+    foreign["timestamp"] = {"column": "t_rel", "unit": "ms"}
+    foreign["signals"][0]["column"] = "Q_in"
+    foreign["signals"][1]["column"] = "T_out"
+    foreign = Contract.parse(foreign)
+    back = ingest(read_telemetry(path, contract=foreign), foreign)
+    assert back.start == tel.start and len(back.t) == len(tel.t)
+    np.testing.assert_array_equal(back.values[:, 1], tel.values[:, 1])
+    np.testing.assert_array_equal(back.mask[:, 1], tel.mask[:, 1])
+    assert back.report["signals"]["flow"]["bad_quality"] == 1  # the False read as not valid
+    flow = back.signal("flow")[0]
+    assert flow[40] == tel.signal("flow")[0][39]  # zoh holds the last valid sample
+    np.testing.assert_array_equal(np.delete(flow, 40), np.delete(tel.signal("flow")[0], 40))
+    assert any("read by their own names" in w for w in back.report["warnings"])
+
+
+@pytest.mark.parametrize(
+    "mutate, where, text",
+    [
+        (
+            lambda c: c["signals"][1].update(source_unit="0.125 blorbs"),
+            "contract.signals.1.source_unit",
+            "signal 'temp': unknown unit '0.125 blorbs': it is not a unit pint knows; give a "
+            "unit pint knows, or a positive factor times one",
+        ),
+        (
+            lambda c: c["signals"][1].update(source_unit="2 degF"),
+            "contract.signals.1.source_unit",
+            "signal 'temp': unknown unit '2 degF': it puts a factor on an offset unit",
+        ),
+        (
+            lambda c: c["signals"][1].update(source_unit="s"),
+            "contract.signals.1.source_unit",
+            "signal 'temp': unit 's' cannot be converted to the contract's 'K'",
+        ),
+        (
+            lambda c: c.update(unit_aliases={"qsc": "0.125 blorbs"}),
+            "contract.unit_aliases.qsc",
+            "unknown unit 'qsc' (= '0.125 blorbs' in unit_aliases)",
+        ),
+        (
+            lambda c: c["signals"][1].update(column="flow"),
+            "contract",
+            "two signals read the same column ['flow']",
+        ),
+        (
+            lambda c: c.update(timestamp={"unit": "fortnight"}),
+            "contract.timestamp.unit",
+            "'s', 'ms', 'us', 'ns', 'min', 'h' or 'datetime'",
+        ),
+        (
+            lambda c: c.update(timestamp={"epoch": "yesterday"}),
+            "contract.timestamp.epoch",
+            "'yesterday' is not an ISO 8601 time",
+        ),
+        (
+            lambda c: c.update(timestamp={"epoch": "2024-01-01T00:00:00"}),
+            "contract.timestamp.epoch",
+            "has no timezone",
+        ),
+        (
+            lambda c: c.update(timestamp={"timezone": "Mars/Olympus"}),
+            "contract.timestamp.timezone",
+            "'Mars/Olympus' is not a timezone",
+        ),
+        (lambda c: c.update(timestamp={"colum": "t"}), "contract.timestamp.colum", "Extra inputs"),
+    ],
+)
+def test_bad_contract_fields_are_refused_naming_them(mutate, where, text):
+    c = json.loads(json.dumps(CONTRACT))
+    mutate(c)
+    with pytest.raises(TelemetryError) as e:
+        Contract.parse(c)
+    assert e.value.where == where and text in str(e.value), str(e.value)
+
+
+def test_an_alias_with_a_factor_and_a_column_parse():
+    """What the lab rig's contract hit: `column:` was an extra input, and an alias with a factor
+    was "unknown unit 'qsc' (... add it to the contract's unit_aliases)" although it was there."""
+    contract = Contract.parse(yaml.safe_load(RIG_YAML))
+    assert [s.source for s in contract.signals] == ["U_pump", "level_raw", "T_w"]
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"  {line}" in readme for line in RIG_YAML.splitlines())  # the README's example
+    assert conversion("qsc", "m", "h2", contract.unit_aliases) == (0.125, 0.0)

@@ -2,17 +2,21 @@
 its quality; or convert one of the real benchmark datasets into the telemetry format.
 
     twin-ingest source=FILE contract=NAME|FILE.yaml [out_dir=runs/ingest] [layout=auto]
-                [timestamp=timestamp] [timezone=] [start=] [end=]
+                [timestamp=] [timezone=] [start=] [end=]
     twin-ingest convert=cascaded_tanks|silverbox [source=data/real/<name>/<file>]
                 [out_dir=data/telemetry/<name>]
 
 The telemetry file (.parquet or .csv) is long (timestamp, signal, value[, unit, quality]) or wide
-(timestamp + a column per signal, "name [unit]" headers allowed). Naive timestamps need a
-timezone (e.g. UTC, Europe/Berlin); numbers are seconds after 1970-01-01Z.
+(timestamp + a column per signal, "name [unit]" headers allowed). The contract says which column
+feeds each signal (column:), the unit a column is in when its header says none (source_unit:),
+and the timestamp column with its unit, epoch and timezone (timestamp:). timestamp= and timezone=
+given here win over the contract's timestamp section; without either: column "timestamp", numbers
+are seconds after 1970-01-01Z, naive datetimes are refused.
 
-Ingest writes out_dir/telemetry.parquet (aligned, with a mask column per signal), quality.json and
-quality.png. Convert writes one long Parquet file per record and, beside each, its quality report
-(<record>.quality.json). Prints summary.json's path last.
+Ingest writes out_dir/telemetry.parquet (aligned, wide: "<signal> [<unit>]" and a boolean
+"<signal>.valid" per signal, True = a valid sample), quality.json and quality.png. Convert writes
+one long Parquet file per record and, beside each, its quality report (<record>.quality.json).
+Prints summary.json's path last.
 """
 
 from __future__ import annotations
@@ -39,8 +43,12 @@ SETTINGS = {
     "convert": Setting(None, "a real benchmark dataset to convert: cascaded_tanks or silverbox"),
     "out_dir": Setting(None, "where outputs go (runs/ingest; convert: data/telemetry/<name>)"),
     "layout": Setting("auto", "the file's layout: long, wide or auto"),
-    "timestamp": Setting("timestamp", "the timestamp column's name"),
-    "timezone": Setting(None, "the timezone of naive timestamps (e.g. UTC, Europe/Berlin)"),
+    "timestamp": Setting(
+        None, "the timestamp column's name (wins over the contract's; default: timestamp)"
+    ),
+    "timezone": Setting(
+        None, "the timezone of naive timestamps (e.g. UTC, Europe/Berlin; wins over the contract's)"
+    ),
     "start": Setting(None, "the grid's first time (ISO 8601 with offset; default: the data's)"),
     "end": Setting(None, "the grid's last time (ISO 8601 with offset; default: the data's)"),
 }
@@ -94,7 +102,11 @@ def run(cfg: dict) -> Path:
         raise ValueError("give source=FILE and contract=NAME (or convert=DATASET)")
     contract = Contract.load(contract_path(cfg["contract"]))
     frame = read_telemetry(
-        cfg["source"], layout=cfg["layout"], timestamp=cfg["timestamp"], timezone=cfg["timezone"]
+        cfg["source"],
+        layout=cfg["layout"],
+        timestamp=cfg["timestamp"] or None,
+        timezone=cfg["timezone"] or None,
+        contract=contract,
     )
     tel = ingest(frame, contract, start=cfg["start"], end=cfg["end"])
     out = Path(cfg["out_dir"] or "runs/ingest")
@@ -105,6 +117,7 @@ def run(cfg: dict) -> Path:
             f"{info['interpolated']} interpolated, {info['masked']} masked; "
             f"{info.get('out_of_range', 0)} out of range, "
             f"{len(info['stuck_runs'])} stuck runs, {len(info['gaps'])} gaps"
+            + (f" ({info['role']})" if info["role"] == "extra" else "")
         )
     for w in tel.report["warnings"]:
         print(f"warning: {w}")

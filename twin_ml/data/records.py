@@ -1,8 +1,10 @@
 """Measured records as a model's arrays: telemetry (aligned under its contract) -> inputs u [T, nu]
 and outputs y [T, ny] with their mask in a system's variable order, the state table multiple
-shooting starts from, and the train/test records of a run (a real dataset or telemetry files),
-checked against the contract and the system. Torch-free (numpy, plus the scipy solver for the
-state table).
+shooting starts from, and the train/test records of a run (a real dataset or telemetry files,
+read through the contract: its columns, units and timestamp section), checked against the contract
+and the system. Only the contract's inputs and outputs reach the arrays: its extra signals are
+ingested and reported, never used as outputs. A mask here is True where a sample is valid.
+Torch-free (numpy, plus the scipy solver for the state table).
 
 Used by training on telemetry (`twin_ml.train.telemetry`) and by monitoring (twin-monitor).
 """
@@ -20,11 +22,13 @@ from twin_ml.data.telemetry import Contract, Telemetry
 
 
 def record_outputs(system, contract: Contract, tel: Telemetry) -> tuple[np.ndarray, np.ndarray]:
-    """y [T, ny], mask [T, ny] in the system's output order (outputs the contract lacks: masked)."""
+    """y [T, ny], mask [T, ny] (True = valid) in the system's output order. Only the contract's
+    outputs count: an output it lacks, or has only as an extra signal, is all masked."""
     y = np.zeros((len(tel.t), len(system.output_names)))
     mask = np.zeros_like(y, dtype=bool)
+    outputs = contract.names("output")
     for j, name in enumerate(system.output_names):
-        if name in contract.names():
+        if name in outputs:
             v, ok = tel.signal(name)
             y[:, j], mask[:, j] = np.where(ok, v, 0.0), ok
     return y, mask
@@ -161,7 +165,7 @@ def load_records(
     wanted = list(records)
     frames: dict[str, Any]
     if files:
-        frames = {r: read_telemetry(f) for r, f in files.items() if r in wanted}
+        frames = {r: read_telemetry(f, contract=contract) for r, f in files.items() if r in wanted}
         source = {r: sha256_file(f) for r, f in files.items() if r in wanted}
     elif dataset:
         if dataset not in real.SOURCES:

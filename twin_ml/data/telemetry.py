@@ -6,16 +6,21 @@ The project's telemetry format is Parquet (CSV also reads), in one of two layout
     long:  timestamp | signal | value | unit | quality     (unit and quality optional)
     wide:  timestamp | <signal> | <signal> ...             (a header may carry its unit: "pump [V]")
 
-Timestamps are timezone-aware and UTC inside. Naive timestamps need `timezone=`; numbers are seconds
-after `epoch` (default 1970-01-01T00:00:00Z). `quality`, when present, is good / uncertain / bad
-(bad samples are masked).
+Timestamps are timezone-aware and UTC inside. Naive timestamps need a timezone; numbers are counted
+in a unit (seconds unless told) after an epoch (default 1970-01-01T00:00:00Z). `quality`, when
+present, is good / uncertain / bad (bad samples are masked).
 
 A `Contract` (per system, YAML under configs/contract/) declares the expected signals with their
-role (input or output), unit, physical range, interpolation and known clock offset, and the nominal
-sampling period. `ingest` then:
+role (input, output, or extra: kept but not used by the model), unit, physical range,
+interpolation and known clock offset, the nominal sampling period, and how to read a foreign file:
+which source column feeds each signal (`column`), the unit that column is in when its header says
+none (`source_unit`, any pint expression: "mm", "0.125 m", "degF"), spellings of its own
+(`unit_aliases`), and the timestamp column with its unit, epoch and timezone (`timestamp`).
+`ingest` then:
 
 1. checks the frame's structure (pandera) and every signal's unit: known spellings are converted
-   to the contract's unit (pint), unknown or incompatible units are refused, naming the signal;
+   to the contract's unit (pint, with exact rational factors and offsets), unknown or
+   incompatible units are refused, naming the signal;
 2. shifts each sensor's timestamps by its clock offset, sorts, and removes duplicated timestamps
    (the last sample wins; conflicting values are counted);
 3. masks values outside the physical range, flags stuck runs (a value repeated for
@@ -24,12 +29,21 @@ sampling period. `ingest` then:
    (zoh holds the last value, linear interpolates between the samples around a grid point; at a
    record's end or a gap's edge, the nearest sample within `tolerance_s`), but never across a gap
    longer than `max_gap_s`: such grid points are masked. A grid point with a sample within
-   `tolerance_s` counts as sampled, the others as interpolated;
+   `tolerance_s` counts as sampled, the others as interpolated. A sample within the timestamps'
+   resolution of a grid point (a thousandth of the period plus the float resolution of the
+   timestamps, e.g. float32 seconds) is on that point: its value is taken as it is, and the last
+   sample of a record ends the grid even when float32 rounding put it a hair early;
 5. estimates each signal's time skew against the first input (the lag of the largest
    cross-correlation of first differences).
 
 Nothing is dropped silently: the report lists per signal what was masked, interpolated, refused
-or ignored, and the mask travels with the values (masked points are excluded from losses).
+or ignored, and the validity travels with the values (invalid points are excluded from losses).
+
+The ingested file (`save`: telemetry.parquet) is wide: `timestamp` (UTC), a column
+"<signal> [<unit>]" per contract signal in contract order, then a boolean "<signal>.valid" per
+signal: True where the sample is valid, False where it is masked (its value is NaN there). This is
+the opposite of numpy.ma's mask convention, hence the name. Files written before this name carry
+"<signal>.mask" with the same meaning (True = valid); `read_telemetry` reads both, as validity.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -62,18 +77,108 @@ class TelemetryError(ValueError):
 
     def __init__(self, where: str, message: str):
         self.where = where
+        self.message = message
         super().__init__(f"{where}: {message}")
 
 
 # ---- the data contract ---------------------------------------------------------------------------
 
+TIME_UNITS = ("s", "ms", "us", "ns", "min", "h")
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "min": 60.0, "h": 3600.0}
+
+
+def _check_timezone(name: str, where: str) -> None:
+    try:
+        pd.Timestamp("2000-01-01").tz_localize(name)
+    except Exception:  # pytz/zoneinfo raise several types for an unknown name
+        raise TelemetryError(
+            where, f"{name!r} is not a timezone (an IANA name, e.g. UTC or Europe/Berlin)"
+        ) from None
+
+
+def _epoch(value: str | pd.Timestamp, timezone: str | None, where: str) -> pd.Timestamp:
+    """The epoch as a UTC instant; a naive one is read in `timezone`."""
+    try:
+        ts = pd.Timestamp(value) if isinstance(value, pd.Timestamp) else None
+        if ts is None:
+            ts = pd.to_datetime(str(value), format="ISO8601")
+    except (ValueError, TypeError):
+        ts = None
+    if ts is None or pd.isna(ts):
+        raise TelemetryError(
+            where, f"{str(value)!r} is not an ISO 8601 time, e.g. 1970-01-01T00:00:00Z"
+        )
+    if ts.tzinfo is None:
+        if timezone is None:
+            raise TelemetryError(
+                where,
+                f"{value} has no timezone; write it with an offset, e.g. 1970-01-01T00:00:00Z, "
+                "or give the timezone",
+            )
+        _check_timezone(timezone, "timezone")
+        ts = ts.tz_localize(timezone)
+    return ts.tz_convert("UTC")
+
+
+class TimestampContract(BaseModel):
+    """Where a file keeps its time, and how to read it (the contract's `timestamp:` section).
+
+    column: the timestamp column (default "timestamp").
+    unit: what a numeric timestamp counts after `epoch`: s, ms, us, ns, min or h; or datetime for
+        ISO 8601 text or a datetime column. Default: numbers are seconds, anything else datetimes.
+    epoch: the instant numbers count from, ISO 8601 (default 1970-01-01T00:00:00Z); a naive
+        epoch is read in `timezone`.
+    timezone: the zone of naive datetimes (an IANA name: UTC, Europe/Berlin); datetimes written
+        with an offset need none.
+
+    Settings given to `read_telemetry` (twin-ingest's timestamp= and timezone=) win over these.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str = Field(default="timestamp", min_length=1)
+    unit: Literal["s", "ms", "us", "ns", "min", "h", "datetime"] | None = None
+    epoch: str = "1970-01-01T00:00:00Z"
+    timezone: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.timezone is not None:
+            _check_timezone(self.timezone, "timezone")
+        _epoch(self.epoch, self.timezone, "epoch")
+        return self
+
 
 class SignalContract(BaseModel):
+    """One signal of a contract.
+
+    name: the signal's name for the model and in the ingested file.
+    role: input (the model takes it), output (the model predicts it) or extra: a signal the file
+        carries that the model neither takes nor predicts (a spare sensor, a set-point, an ambient
+        temperature kept for diagnosis). Extra signals are checked, converted, aligned, reported
+        and written like the others; records and training use only inputs and outputs. Named
+        "extra" rather than "measured" because outputs are measured too: what sets these apart
+        is that the model does not use them.
+    unit: the unit the model uses (pint spelling); the ingested column is in it.
+    column: where the signal comes from: a wide file's column (its "[unit]" may be left out) or a
+        long file's signal name. Default: the signal's own name.
+    source_unit: the unit that column is in when the file does not say (no "[unit]" in its
+        header, an empty unit in a long file): any pint expression, "mm", "0.125 m" (one count
+        is 0.125 m), "degF", or a name from the contract's unit_aliases. A unit the file states
+        wins. Default: the values are already in `unit`.
+    range: the physical range, in `unit` (after conversion); values outside are masked.
+    interpolation: zoh (hold the last sample) or linear, onto the grid.
+    clock_offset_s: added to this sensor's timestamps.
+    required: refuse a file without this signal (else its grid points are all invalid).
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
-    role: Literal["input", "output"]
+    role: Literal["input", "output", "extra"]
     unit: str = Field(min_length=1)  # the unit the model uses (pint spelling)
+    column: str | None = Field(default=None, min_length=1)  # default: name
+    source_unit: str | None = Field(default=None, min_length=1)  # default: unit
     range: tuple[float, float] | None = None  # physical range, in `unit`; outside is masked
     interpolation: Literal["zoh", "linear"] = "linear"
     clock_offset_s: float = 0.0  # added to this sensor's timestamps
@@ -85,12 +190,38 @@ class SignalContract(BaseModel):
             raise ValueError(f"range must be (low, high) with low < high, got {self.range}")
         if not math.isfinite(self.clock_offset_s):
             raise ValueError("clock_offset_s must be finite")
-        _unit(self.unit, f"signals.{self.name}.unit")
         return self
+
+    @property
+    def source(self) -> str:
+        """The name the signal has in the file: `column` without a "[unit]", else `name`."""
+        return _split_header(self.column)[0] if self.column else self.name
 
 
 class Contract(BaseModel):
-    """What a system's telemetry must look like."""
+    """What a system's telemetry must look like, and how to read a file that carries it.
+
+    system: the system's name. period_s: the nominal sampling period = the model's grid step.
+    signals: a SignalContract each (name, role, unit, column, source_unit, range, interpolation,
+        clock_offset_s, required).
+    tolerance_s: a sample this close to a grid point counts as sampled there (default period / 2).
+    max_gap_s: never interpolate or hold across a longer gap (default 3 periods).
+    stuck_samples, stuck_action: a value repeated this often is a stuck run: flag or mask it.
+    unit_aliases: the files' own unit spellings, each a pint expression: {"Volt": "V"}, or with a
+        factor, {"qsc": "0.125 m"} (a count of 0.125 m).
+    timestamp: the TimestampContract (column, unit, epoch, timezone).
+
+    A foreign CSV, read with no script (`twin-ingest source=rig.csv contract=rig.yaml`):
+
+        system: rig
+        period_s: 0.1
+        timestamp: {column: t_rel, unit: s, epoch: "2024-05-02T08:00:00+02:00"}
+        unit_aliases: {qsc: "0.125 m"}
+        signals:
+          - {name: pump, role: input, unit: V, column: U_pump, source_unit: mV}
+          - {name: h2, role: output, unit: m, column: level_raw, source_unit: qsc}
+          - {name: t_water, role: extra, unit: degC, column: T_w, source_unit: degF}
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -101,9 +232,8 @@ class Contract(BaseModel):
     max_gap_s: float | None = Field(default=None, gt=0)  # default: 3 periods
     stuck_samples: int = Field(default=20, ge=2)
     stuck_action: Literal["flag", "mask"] = "flag"
-    unit_aliases: dict[str, str] = Field(
-        default_factory=dict
-    )  # extra spellings, e.g. {"Volt": "V"}
+    unit_aliases: dict[str, str] = Field(default_factory=dict)  # {"qsc": "0.125 m"}
+    timestamp: TimestampContract = Field(default_factory=TimestampContract)
 
     @model_validator(mode="after")
     def _check(self):
@@ -111,6 +241,19 @@ class Contract(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"signal names must be unique, repeated: {dup}")
+        sources = [s.source for s in self.signals]
+        dup = sorted({n for n in sources if sources.count(n) > 1})
+        if dup:
+            raise ValueError(f"two signals read the same column {dup}; give each its own column")
+        for key in self.unit_aliases:
+            _quantity(key, f"unit_aliases.{key}", self.unit_aliases)
+        for i, s in enumerate(self.signals):
+            try:
+                _quantity(s.unit, f"signals.{i}.unit")
+                if s.source_unit is not None:
+                    _affine(s.source_unit, s.unit, f"signals.{i}.source_unit", self.unit_aliases)
+            except TelemetryError as e:
+                raise TelemetryError(e.where, f"signal {s.name!r}: {e.message}") from None
         return self
 
     @property
@@ -131,7 +274,12 @@ class Contract(BaseModel):
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
-            raise TelemetryError(f"{where}.{loc}" if loc else where, err["msg"]) from None
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, TelemetryError):  # a check that names its own field
+                loc, msg = (f"{loc}.{cause.where}" if loc else cause.where), cause.message
+            else:
+                msg = err["msg"]
+            raise TelemetryError(f"{where}.{loc}" if loc else where, msg) from None
 
     @classmethod
     def load(cls, path: str | Path) -> Contract:
@@ -145,39 +293,117 @@ class Contract(BaseModel):
 
 # ---- units ---------------------------------------------------------------------------------------
 
+UNITS_ALLOWED = (
+    "a unit pint knows, or a positive factor times one: 'V', 'mV', 'l/min', 'degF', "
+    "'0.125 m' (no factor on an offset unit such as degC)"
+)
+
 
 @lru_cache(maxsize=1)
 def _registry():
     import pint
 
-    return pint.UnitRegistry(autoconvert_offset_to_baseunit=True)
+    # rational numbers: "0.125 m" is exactly 1/8 m, and degF -> degC exactly (x - 32) * 5/9.
+    # (Python 3.11's Fraction has no __format__: never print a unit of this registry.)
+    return pint.UnitRegistry(non_int_type=Fraction, autoconvert_offset_to_baseunit=True)
 
 
-def _unit(spelling: str, where: str, aliases: dict[str, str] | None = None):
+@lru_cache(maxsize=512)
+def _parse_unit(text: str) -> tuple[Fraction, Any] | str:
+    """(factor, pint units) of a unit expression, or why it is not one."""
+    if not text.strip():
+        return "is empty"
     ureg = _registry()
-    text = (aliases or {}).get(spelling, spelling)
     try:
-        return ureg.Unit(text)
-    except Exception:  # pint raises several types for unparseable text
+        q = ureg.parse_expression(text)
+        factor = Fraction(q.magnitude)
+    except Exception:  # pint and Fraction raise several types for text that is no unit
+        return "is not a unit pint knows"
+    if factor <= 0:
+        return "has a factor that is not positive"
+    if factor != 1 and not getattr(q, "_is_multiplicative", True):
+        return "puts a factor on an offset unit (degC, degF), which is ambiguous"
+    return factor, q.units
+
+
+def _named(spelling: str, aliases: dict[str, str] | None) -> tuple[str, str]:
+    """(the expression a spelling stands for, how an error names it)."""
+    text = (aliases or {}).get(spelling, spelling)
+    said = repr(spelling) if text == spelling else f"{spelling!r} (= {text!r} in unit_aliases)"
+    return text, said
+
+
+def _quantity(spelling: str, where: str, aliases: dict[str, str] | None = None):
+    text, said = _named(spelling, aliases)
+    parsed = _parse_unit(text)
+    if isinstance(parsed, str):
         raise TelemetryError(
             where,
-            f"unknown unit {spelling!r} (give a unit pint knows, e.g. 'V', 'mV', "
-            "'degC', or add it to the contract's unit_aliases)",
-        ) from None
+            f"unknown unit {said}: it {parsed}; give {UNITS_ALLOWED}, or define it in the "
+            "contract's unit_aliases",
+        )
+    return parsed
+
+
+@lru_cache(maxsize=512)
+def _affine_text(source: str, target: str) -> tuple[Fraction, Fraction] | None:
+    (fs, us), (ft, ut) = _parse_unit(source), _parse_unit(target)
+    ureg = _registry()
+    try:
+        zero = Fraction(ureg.Quantity(Fraction(0), us).to(ut).magnitude) / ft
+        one = Fraction(ureg.Quantity(fs, us).to(ut).magnitude) / ft
+    except Exception:  # another dimension (pint's error text cannot be printed here)
+        return None
+    return one - zero, zero
+
+
+def _affine(
+    source: str, target: str, where: str, aliases: dict[str, str] | None = None
+) -> tuple[Fraction, Fraction]:
+    """Exact (scale, offset) with value_in_target = scale * value_in_source + offset."""
+    _quantity(source, where, aliases)
+    _quantity(target, where)
+    text, said = _named(source, aliases)
+    out = _affine_text(text, target)
+    if out is None:
+        raise TelemetryError(
+            where, f"unit {said} cannot be converted to the contract's {target!r} (its dimension)"
+        )
+    return out
 
 
 def conversion(source: str, target: str, where: str, aliases: dict[str, str] | None = None):
-    """(scale, offset) with value_in_target = scale * value_in_source + offset."""
-    ureg = _registry()
-    a, b = _unit(source, where, aliases), _unit(target, where, aliases)
-    try:
-        zero = ureg.Quantity(0.0, a).to(b).magnitude
-        one = ureg.Quantity(1.0, a).to(b).magnitude
-    except Exception:
-        raise TelemetryError(
-            where, f"unit {source!r} cannot be converted to the contract's {target!r}"
-        ) from None
-    return float(one - zero), float(zero)
+    """(scale, offset) with value_in_target = scale * value_in_source + offset. `source` may be
+    any pint expression ("mm", "0.125 m", "degF") or a key of `aliases`."""
+    scale, offset = _affine(source, target, where, aliases)
+    return float(scale), float(offset)
+
+
+def convert_units(
+    values, source: str, target: str, where: str = "unit", aliases: dict[str, str] | None = None
+) -> np.ndarray:
+    """`values` in unit `source` (a pint expression or a key of `aliases`), in unit `target`."""
+    scale, offset = _affine(source, target, where, aliases)
+    return _apply(values, scale, offset)
+
+
+def _apply(values, scale: Fraction, offset: Fraction) -> np.ndarray:
+    """scale * values + offset with scale = p / q, in the form whose constant is exact: values *
+    p / q + offset when the offset is a float (degC -> degF: + 32), else (values - zero) * p / q
+    with zero the source value that maps to 0 (degF -> degC: 32). Exact wherever the result is a
+    float (212 degF -> 100 degC, 8 counts of 0.125 m -> 1 m), else within a rounding or two."""
+    values = np.asarray(values, dtype=float)
+    if scale == 1 and offset == 0:
+        return values.copy()
+    p, q = scale.numerator, scale.denominator
+    exact = max(abs(p), q) <= 2**53  # p and q are floats exactly: one rounding each
+
+    def times(x):
+        return x * float(p) / float(q) if exact else x * float(scale)
+
+    if Fraction(float(offset)) == offset:
+        return times(values) + float(offset) if offset else times(values)
+    return times(values - float(-offset / scale))
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -230,19 +456,66 @@ def _first(flags) -> int:
     return int(np.flatnonzero(np.asarray(flags, dtype=bool))[0])
 
 
+def _float_resolution(raw: np.ndarray) -> float:
+    """The relative resolution of float timestamps: their dtype's eps, or float32's for float64
+    values that are float32 numbers (a float32 column written out as float64, or as the shortest
+    text of each float32), unless they are multiples of 1/1024 (exact in either: 0.5 s steps)."""
+    if raw.dtype != np.float64:
+        return float(np.finfo(raw.dtype).eps)
+    sample = raw[np.linspace(0, len(raw) - 1, min(len(raw), 1000)).astype(int)]
+    if np.all(sample * 1024 == np.round(sample * 1024)):
+        return float(np.finfo(np.float64).eps)
+    as32 = sample.astype(np.float32)
+    if np.all(as32.astype(np.float64) == sample) or all(
+        float(str(x)) == y for x, y in zip(as32, sample)
+    ):
+        return float(np.finfo(np.float32).eps)
+    return float(np.finfo(np.float64).eps)
+
+
 def _timestamps(
-    col: pd.Series, where: str, timezone: str | None, epoch: pd.Timestamp, at: _Rows
-) -> pd.Series:
+    col: pd.Series,
+    where: str,
+    timezone: str | None,
+    epoch: pd.Timestamp,
+    at: _Rows,
+    unit: str | None = None,
+) -> tuple[pd.Series, float]:
+    """(UTC timestamps, their resolution in seconds): 1 ns for datetimes and integers, the float
+    resolution at the timestamps' largest magnitude for float numbers (float32: eps32 * |t|)."""
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        seconds = col.to_numpy(dtype=float)
-        if not np.all(np.isfinite(seconds)):
-            i = _first(~np.isfinite(seconds))
+        if unit == "datetime":
+            raise TelemetryError(
+                where,
+                f"timestamps are numbers, but the contract's timestamp.unit is datetime; give "
+                f"the unit they count in ({', '.join(TIME_UNITS)})",
+            )
+        unit = unit or "s"
+        raw = col.to_numpy()
+        if pd.api.types.is_integer_dtype(col) and not col.isna().any():
+            return epoch + pd.to_timedelta(raw.astype(np.int64), unit=unit), 1e-9
+        numbers = col.to_numpy(dtype=float, na_value=np.nan)
+        if not np.all(np.isfinite(numbers)):
+            i = _first(~np.isfinite(numbers))
             raise TelemetryError(
                 where,
                 f"{at(i)}: timestamp {col.iloc[i]!r}; numeric timestamps "
-                "must be finite (seconds after the epoch)",
+                f"must be finite ({unit} after the epoch)",
             )
-        return epoch + pd.to_timedelta(seconds, unit="s")
+        eps = _float_resolution(raw if raw.dtype.kind == "f" else numbers)
+        resolution = eps * float(np.max(np.abs(numbers))) * _SECONDS[unit] + 1e-9
+        return epoch + pd.to_timedelta(numbers, unit=unit), resolution
+    if unit is not None and unit != "datetime":
+        i = _first(col.notna().to_numpy()) if col.notna().any() else 0
+        raise TelemetryError(
+            where,
+            f"{at(i)}: timestamp {str(col.iloc[i])!r} is not a number, but the contract's "
+            f"timestamp.unit is {unit!r}; numbers are read in a unit, dates need unit: datetime",
+        )
+    return _datetimes(col, where, timezone, at), 1e-9
+
+
+def _datetimes(col: pd.Series, where: str, timezone: str | None, at: _Rows) -> pd.Series:
     if isinstance(col.dtype, pd.DatetimeTZDtype):
         return col.dt.tz_convert("UTC")
     mixed = False
@@ -284,8 +557,9 @@ def _timestamps(
     if timezone is None:
         raise TelemetryError(
             where,
-            "timestamps have no timezone; give timezone= (e.g. 'UTC' or 'Europe/Berlin') "
-            "or write them with an offset (2024-01-01T00:00:00+01:00)",
+            "timestamps have no timezone; give timezone= (e.g. 'UTC' or 'Europe/Berlin'; or "
+            "the contract's timestamp.timezone) or write them with an offset "
+            "(2024-01-01T00:00:00+01:00)",
         )
     try:
         return parsed.dt.tz_localize(
@@ -429,29 +703,62 @@ def read_telemetry(
     source: str | Path | pd.DataFrame,
     *,
     layout: str = "auto",
-    timestamp: str = "timestamp",
+    timestamp: str | None = None,
     timezone: str | None = None,
-    epoch: str | pd.Timestamp = EPOCH,
+    epoch: str | pd.Timestamp | None = None,
     units: dict[str, str] | None = None,
+    contract: Contract | None = None,
+    timestamp_unit: str | None = None,
 ) -> pd.DataFrame:
     """Telemetry as one long frame: timestamp (UTC), signal, value (float), unit ('' = the
     contract's), quality. `source`: a .parquet or .csv file (CSV in UTF-8), or a DataFrame.
 
+    The timestamp column, its unit (s, ms, us, ns, min, h or datetime), epoch and timezone: the
+    arguments given here win, then the contract's `timestamp` section, then the defaults
+    ("timestamp"; numbers are seconds, text is ISO 8601; 1970-01-01T00:00:00Z; no timezone). A
+    file this module wrote (`save`: Parquet marked aligned) is read in its own format, whatever the
+    contract's section says, and marked aligned: `ingest` applies no clock offset to it again.
+    Another column than the section's, given here, is read in `timestamp_unit` (default: numbers
+    are seconds, text is datetimes), from the section's epoch and in its timezone unless given.
+
+    A wide column "<signal>.valid" (or the older "<signal>.mask", which meant the same) beside
+    "<signal>" is that signal's validity: its False rows read as bad quality.
+
+    The frame's `attrs` carry "timestamp_resolution_s" (how finely the timestamps resolve time:
+    float32 seconds at 500 s resolve ~3e-5 s; `ingest` places samples on the grid within it) and
+    "columns" (the file's columns, for errors that list them).
+
     A broken file is refused with its name and the line (CSV) or row (Parquet) at fault: a row
     with more or fewer fields than the header (a truncated file), text that is not UTF-8, naive
     timestamps among offset-aware ones, a header without rows, an unreadable Parquet file."""
+    own = False
     if isinstance(source, pd.DataFrame):
         df = source.copy()
         at = _Rows(None, len(df))
+        own = bool(source.attrs.get("aligned"))  # Telemetry.to_frame's
     else:
         path = Path(source)
         if not path.is_file():
             raise TelemetryError("source", f"no such file {str(path)!r}")
         df, at = _read_file(path)
+        if path.suffix.lower() == ".parquet":
+            try:
+                own = bool(read_metadata(path).get("aligned"))
+            except (ValueError, OSError):  # metadata that is not ours
+                own = False
     if len(df) == 0:
         raise TelemetryError("source", f"{at.label}: a header but no rows")
     if layout not in ("auto", "wide", "long"):
         raise TelemetryError("layout", f"{layout!r} is not one of auto, wide, long")
+    section = TimestampContract() if contract is None or own else contract.timestamp
+    # another column than the section's: its unit is not the section's (auto unless given)
+    unit = timestamp_unit or (section.unit if timestamp in (None, section.column) else None)
+    timestamp = timestamp or section.column
+    timezone = timezone or section.timezone
+    if unit is not None and unit not in (*TIME_UNITS, "datetime"):
+        raise TelemetryError(
+            "timestamp_unit", f"{unit!r} is not one of {', '.join(TIME_UNITS)}, datetime"
+        )
     df.columns = [str(c) for c in df.columns]
     if timestamp not in df.columns:
         raise TelemetryError(
@@ -459,13 +766,10 @@ def read_telemetry(
         )
     if layout == "auto":
         layout = "long" if {"signal", "value"} <= set(df.columns) else "wide"
-    epoch = pd.Timestamp(epoch)
-    if epoch.tzinfo is None:
-        raise TelemetryError(
-            "epoch", f"{epoch} has no timezone; give one, e.g. 1970-01-01T00:00:00Z"
-        )
-    ts = _timestamps(df[timestamp], "timestamp", timezone, epoch, at)
+    epoch = _epoch(section.epoch if epoch is None else epoch, timezone, "epoch")
+    ts, resolution = _timestamps(df[timestamp], "timestamp", timezone, epoch, at, unit)
     units = dict(units or {})
+    skipped: list[str] = []
     if layout == "long":
         missing = [c for c in ("signal", "value") if c not in df.columns]
         if missing:
@@ -483,33 +787,81 @@ def read_telemetry(
             }
         )
         if units:
-            for name, unit in units.items():
+            for name, u in units.items():
                 blank = (out["signal"] == name) & (out["unit"] == "")
-                out.loc[blank, "unit"] = unit
+                out.loc[blank, "unit"] = u
     else:
+        columns = [c for c in df.columns if c != timestamp]
+        valid = _validity(df, columns)
+        # under a contract, columns no signal reads are not parsed (a foreign file's notes, ids)
+        wanted = None
+        if contract is not None:
+            wanted = {s.source for s in contract.signals} | set(contract.names())
         frames = []
-        for column in df.columns:
-            if column == timestamp:
+        for column in columns:
+            if column in valid.values():
                 continue
-            name, unit = _split_header(column)
-            values = _numbers(df[column], column, at)
+            name, u = _split_header(column)
+            if wanted is not None and name not in wanted:
+                skipped.append(name)
+                continue
+            quality = "good"
+            if name in valid:
+                quality = np.where(df[valid[name]].to_numpy(dtype=bool), "good", "bad")
             frames.append(
                 pd.DataFrame(
                     {
                         "timestamp": ts,
                         "signal": name,
-                        "value": values,
-                        "unit": units.get(name, unit or ""),
-                        "quality": "good",
+                        "value": _numbers(df[column], column, at),
+                        "unit": units.get(name, u or ""),
+                        "quality": quality,
                     }
                 )
             )
-        if not frames:
+        if not frames and not skipped:
             raise TelemetryError(
                 "layout", "wide telemetry has no signal columns besides the timestamp"
             )
-        out = pd.concat(frames, ignore_index=True)
-    return _schema().validate(out.reset_index(drop=True), lazy=False)
+        out = pd.concat(frames, ignore_index=True) if frames else _empty()
+    out = _schema().validate(out.reset_index(drop=True), lazy=False)
+    out.attrs.update(
+        {
+            "timestamp_resolution_s": resolution,
+            "columns": list(df.columns),
+            "layout": layout,
+            "unread_columns": skipped,
+            "aligned": own,
+        }
+    )
+    return out
+
+
+def _empty() -> pd.DataFrame:
+    """A long frame without rows (a wide file none of whose columns a contract reads)."""
+    return pd.DataFrame(
+        {
+            "timestamp": pd.Series([], dtype="datetime64[ns, UTC]"),
+            **{c: pd.Series([], dtype=str) for c in ("signal", "unit", "quality")},
+            "value": pd.Series([], dtype=float),
+        }
+    )[list(LONG_COLUMNS)]
+
+
+VALIDITY = ("valid", "mask")  # "<signal>.valid"; "<signal>.mask" in files written before
+
+
+def _validity(df: pd.DataFrame, columns: list[str]) -> dict[str, str]:
+    """{signal: its validity column}: a boolean "<signal>.valid" (or the older "<signal>.mask",
+    True = valid as well) beside a column of that signal."""
+    signals = {_split_header(c)[0] for c in columns}
+    out = {}
+    for c in columns:
+        base, dot, suffix = c.rpartition(".")
+        if dot and suffix in VALIDITY and base in signals and pd.api.types.is_bool_dtype(df[c]):
+            if base not in out or suffix == "valid":
+                out[base] = c
+    return out
 
 
 def _numbers(col: pd.Series, where: str, at: _Rows) -> pd.Series:
@@ -557,38 +909,49 @@ def _schema():
 
 @dataclass
 class Telemetry:
-    """Signals on a uniform grid: values [T, n] in contract order, mask [T, n] (True = usable)."""
+    """Signals on a uniform grid: values [T, n] in contract order (all roles: inputs, outputs,
+    extras), mask [T, n] with True = a valid sample (numpy.ma's convention is the opposite; the
+    ingested file names this column "<signal>.valid")."""
 
     contract: Contract
     start: pd.Timestamp
     t: np.ndarray  # [T] seconds after start
-    values: np.ndarray  # [T, n]; NaN where masked
-    mask: np.ndarray  # [T, n] bool
+    values: np.ndarray  # [T, n]; NaN where not valid
+    mask: np.ndarray  # [T, n] bool, True = valid
     report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """[T, n] bool, True = a valid sample (the same array as `mask`)."""
+        return self.mask
 
     @property
     def names(self) -> list[str]:
         return self.contract.names()
 
     def signal(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values [T], valid [T]) of one signal."""
         if name not in self.names:
             raise TelemetryError("signal", f"unknown {name!r}; signals: {', '.join(self.names)}")
         j = self.names.index(name)
         return self.values[:, j], self.mask[:, j]
 
     def role(self, role: str) -> tuple[np.ndarray, np.ndarray]:
-        """(values [T, k], mask [T, k]) of the inputs or the outputs, in contract order."""
+        """(values [T, k], valid [T, k]) of the inputs, outputs or extras, in contract order."""
         idx = [self.names.index(n) for n in self.contract.names(role)]
         return self.values[:, idx], self.mask[:, idx]
 
     def to_frame(self) -> pd.DataFrame:
-        """Wide: timestamp, one column per signal ("name [unit]"), and "<name>.mask"."""
+        """Wide: timestamp, one column per signal ("name [unit]"), then "<name>.valid" per signal
+        (True = a valid sample; its value is NaN where False)."""
         cols: dict[str, Any] = {"timestamp": self.start + pd.to_timedelta(self.t, unit="s")}
         for j, s in enumerate(self.contract.signals):
             cols[f"{s.name} [{s.unit}]"] = self.values[:, j]
         for j, s in enumerate(self.contract.signals):
-            cols[f"{s.name}.mask"] = self.mask[:, j]
-        return pd.DataFrame(cols)
+            cols[f"{s.name}.valid"] = self.mask[:, j]
+        frame = pd.DataFrame(cols)
+        frame.attrs["aligned"] = True  # read back, its clock offsets are not applied again
+        return frame
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -610,7 +973,17 @@ def ingest(
     max_lag_steps: int = 10,
 ) -> Telemetry:
     """Check `frame` (from `read_telemetry`) against `contract` and align it onto the grid
-    start + k * period (default: from the first to the last sample of any contract signal)."""
+    start + k * period (default: from the first to the last sample of any contract signal).
+
+    Each signal is read from its source (`column`, default its name). A signal whose source the
+    frame lacks is read from a source of its own name when there is one and no other signal reads
+    that column (a file ingested before, read back: it names its signals), with a warning. Clock
+    offsets are not applied to a file `save` wrote (they were, when it was ingested)."""
+    resolution = float(frame.attrs.get("timestamp_resolution_s", 1e-9))
+    columns = list(frame.attrs.get("columns", []))
+    layout = frame.attrs.get("layout")
+    unread = list(frame.attrs.get("unread_columns", []))
+    aligned = bool(frame.attrs.get("aligned", False))  # a file `save` wrote: offsets applied
     frame = _schema().validate(frame)
     report: dict[str, Any] = {
         "system": contract.system,
@@ -618,39 +991,69 @@ def ingest(
         "signals": {},
         "warnings": [],
     }
-    known = set(contract.names())
-    ignored = sorted(set(frame["signal"].unique()) - known)
+    present = set(frame["signal"].unique())
+    sources = {s.source for s in contract.signals}
+    read_from: dict[str, str] = {}
+    by_name = []
+    for s in contract.signals:
+        if s.source in present:
+            read_from[s.name] = s.source
+        elif s.name in present and s.name not in sources:
+            read_from[s.name] = s.name
+            by_name.append(f"{s.name} (not {s.source!r})")
+    if by_name:
+        report["warnings"].append(
+            "read by their own names, their contract columns being absent: " + ", ".join(by_name)
+        )
+    ignored = sorted((present - set(read_from.values())) | set(unread))
     if ignored:
         report["ignored_signals"] = ignored
         report["warnings"].append(f"signals not in the contract were ignored: {', '.join(ignored)}")
-    present = set(frame["signal"].unique())
-    missing = [s.name for s in contract.signals if s.required and s.name not in present]
+    missing = [s for s in contract.signals if s.required and s.name not in read_from]
     if missing:
+        where = ", ".join(
+            f"{s.name} from {'column' if layout != 'long' else 'signal'} {s.source!r}"
+            for s in missing
+        )
+        found = columns if columns and layout != "long" else sorted(present)
+        what = "columns" if columns and layout != "long" else "signals"
         raise TelemetryError(
             "signals",
-            f"missing {missing}; the {contract.system} contract expects "
-            f"{', '.join(contract.names())} (found: {', '.join(sorted(present)) or 'none'})",
+            f"missing {[s.name for s in missing]} ({where}); the {contract.system} contract "
+            f"expects {', '.join(contract.names())}; the file's {what}: "
+            f"{', '.join(found) or 'none'}",
         )
+    snap = 1e-3 * contract.period_s + resolution  # a sample this close to a grid point is on it
+    if resolution > 0.1 * contract.period_s:
+        report["warnings"].append(
+            f"timestamps resolve only {resolution:.3g} s (float precision at their magnitude), "
+            f"more than a tenth of the period {contract.period_s:g} s: store them as float64, "
+            "integers or datetimes"
+        )
+    report["timestamp_resolution_s"] = resolution
 
     cleaned: dict[str, pd.DataFrame] = {}
     for s in contract.signals:
-        rows = frame[frame["signal"] == s.name]
-        info: dict[str, Any] = {"unit": s.unit, "samples": int(len(rows))}
+        rows = frame[frame["signal"] == read_from.get(s.name)]
+        info: dict[str, Any] = {"unit": s.unit, "role": s.role, "samples": int(len(rows))}
+        if read_from.get(s.name, s.name) != s.name:
+            info["source"] = read_from[s.name]
         values = rows["value"].to_numpy(dtype=float).copy()
-        units = rows["unit"].replace("", s.unit).to_numpy()
+        units = rows["unit"].replace("", s.source_unit or s.unit).to_numpy()
         converted = {}
         for u in pd.unique(units):
             if u == s.unit:
                 continue
-            scale, offset = conversion(u, s.unit, f"{s.name}.unit", contract.unit_aliases)
+            scale, offset = _affine(u, s.unit, f"{s.name}.unit", contract.unit_aliases)
             sel = units == u
-            values[sel] = scale * values[sel] + offset
+            values[sel] = _apply(values[sel], scale, offset)
             converted[u] = int(sel.sum())
         if converted:
             info["converted_from"] = converted
-        ts = rows["timestamp"] + pd.Timedelta(seconds=s.clock_offset_s)
-        if s.clock_offset_s:
-            info["clock_offset_s"] = s.clock_offset_s
+        offset_s = 0.0 if aligned else s.clock_offset_s
+        ts = rows["timestamp"] + pd.Timedelta(seconds=offset_s)
+        if offset_s:
+            info["clock_offset_s"] = offset_s
         df = pd.DataFrame(
             {
                 "timestamp": ts.reset_index(drop=True),
@@ -712,7 +1115,9 @@ def ingest(
     t0, t1 = t0.tz_convert("UTC"), t1.tz_convert("UTC")
     if t1 <= t0:
         raise TelemetryError("end", f"{_iso(t1)} is not after start {_iso(t0)}")
-    n = int(math.floor((t1 - t0).total_seconds() / contract.period_s + 1e-9)) + 1
+    # the last grid point within `snap` of the end: float32 timestamps may put the last sample
+    # a hair before its grid point, and it must still have one
+    n = int(math.floor(((t1 - t0).total_seconds() + snap) / contract.period_s)) + 1
     grid = np.arange(n) * contract.period_s
     values = np.full((n, len(contract.signals)), np.nan)
     for j, s in enumerate(contract.signals):
@@ -720,7 +1125,9 @@ def ingest(
         info = report["signals"][s.name]
         ts = (d["timestamp"] - t0).dt.total_seconds().to_numpy()
         v = d["value"].to_numpy()
-        filled, how = _align(grid, ts, v, s.interpolation, contract.tolerance, contract.max_gap)
+        filled, how = _align(
+            grid, ts, v, s.interpolation, contract.tolerance, contract.max_gap, snap
+        )
         values[:, j] = filled
         info["grid_points"] = n
         info["sampled"] = int((how == 1).sum())
@@ -738,17 +1145,29 @@ def ingest(
         info["interpolation"] = s.interpolation
     mask = ~np.isnan(values)
     _skews(report, contract, values, mask, max_lag_steps)
-    report["grid"] = {"start": _iso(t0), "steps": n, "period_s": contract.period_s}
+    report["grid"] = {
+        "start": _iso(t0),
+        "steps": n,
+        "period_s": contract.period_s,
+        "on_grid_within_s": snap,
+    }
     return Telemetry(contract, t0, grid, values, mask, report)
 
 
 def _align(
-    grid: np.ndarray, ts: np.ndarray, v: np.ndarray, interpolation: str, tol: float, max_gap: float
+    grid: np.ndarray,
+    ts: np.ndarray,
+    v: np.ndarray,
+    interpolation: str,
+    tol: float,
+    max_gap: float,
+    snap: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Values on `grid` and how each was obtained: 1 sampled (a sample lies within tol of the grid
-    point), 2 interpolated, 0 masked. zoh: the last sample at or before the grid point (+tol, for
-    jitter), at most max_gap old. linear: between the samples around the grid point when they are
-    at most max_gap apart, else the nearest sample within tol."""
+    point), 2 interpolated, 0 masked. A sample within `snap` of a grid point (the timestamps'
+    resolution) is on it: its value is taken as it is. Otherwise zoh: the last sample at or before
+    the grid point (+tol, for jitter), at most max_gap old; linear: between the samples around
+    the grid point when they are at most max_gap apart, else the nearest sample within tol."""
     out = np.full(len(grid), np.nan)
     how = np.zeros(len(grid), dtype=np.int8)
     if len(ts) == 0:
@@ -756,7 +1175,7 @@ def _align(
     nearest = np.clip(np.searchsorted(ts, grid), 0, len(ts) - 1)
     before = np.clip(nearest - 1, 0, len(ts) - 1)
     nearest = np.where(np.abs(ts[before] - grid) < np.abs(ts[nearest] - grid), before, nearest)
-    close = np.abs(ts[nearest] - grid) <= tol
+    close = np.abs(ts[nearest] - grid) <= max(tol, snap)
     if interpolation == "zoh":
         prev = np.searchsorted(ts, grid + tol, side="right") - 1
         ok = prev >= 0
@@ -774,6 +1193,9 @@ def _align(
         )  # no bracketing pair (an end of the record, a gap's edge): the nearest sample
         out[edge] = v[nearest[edge]]
         ok |= edge
+    on = np.abs(ts[nearest] - grid) <= snap
+    out[on] = v[nearest[on]]
+    ok |= on
     how[ok] = np.where(close[ok], 1, 2)
     return out, how
 
@@ -847,7 +1269,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def save(tel: Telemetry, out_dir: str | Path) -> dict[str, Path]:
-    """out_dir/telemetry.parquet (aligned, wide, with masks), quality.json and quality.png."""
+    """out_dir/telemetry.parquet (aligned, wide: "<signal> [<unit>]" and "<signal>.valid", True =
+    a valid sample), quality.json and quality.png."""
     from twin_ml._io import atomic_write_json
 
     out = Path(out_dir)
@@ -856,7 +1279,12 @@ def save(tel: Telemetry, out_dir: str | Path) -> dict[str, Path]:
         "telemetry": write_telemetry(
             tel.to_frame(),
             out / "telemetry.parquet",
-            {"contract": tel.contract.model_dump(), "aligned": True},
+            {
+                "contract": tel.contract.model_dump(),
+                "aligned": True,
+                "valid": "<signal>.valid is True where the sample is valid, False where it is "
+                "masked (its value is NaN)",
+            },
         ),
         "report": out / "quality.json",
         "plot": out / "quality.png",
