@@ -158,3 +158,26 @@ def _fields_answer(card: ModelCard) -> dict[str, Any]:
             ),
         )
     }
+
+
+class TelemetryObservations(BaseModel):
+    """POST /calibrate's `telemetry`: twin-ingest's output inline, in place of times, outputs and
+    inputs (twin_ml.calibrate.problem.observations_from_telemetry converts it, as twin-calibrate
+    does the file)."""
+
+    model_config = STRICT
+    times: list[float] = Field(
+        description="the grid's times (seconds from its start: the file's timestamps minus the "
+        "first), uniform with the model's dt"
+    )
+    signals: dict[str, list[float | None]] = Field(
+        description="per signal (by name) its values on the grid, in the system's units; null "
+        "where the sample is invalid (its validity column false). The system's inputs are "
+        "required (invalid samples hold the last valid value), its outputs are the "
+        "observations (invalid: missing), any other signal is ignored with a warning"
+    )
+    outputs: list[str] | None = Field(
+        None,
+        description="the measured outputs that enter the fit (default: every output among the "
+        "signals with a valid sample); the others are ignored",
+    )

@@ -38,7 +38,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import bentoml
 from bentoml._internal.server.http import traffic as _traffic  # BentoML's internals (pinned)
@@ -51,7 +51,7 @@ from starlette.routing import Route
 
 from serving.batching import Batcher
 from serving.runtime import Runtime
-from serving.schemas import build_models
+from serving.schemas import TelemetryObservations, build_models
 from twin_ml import registry
 from twin_ml.calibrate import (
     CalibrationResult,
@@ -60,6 +60,8 @@ from twin_ml.calibrate import (
     SurrogateBackend,
     calibrate,
 )
+from twin_ml.calibrate.fit import MCMC_DEFAULTS, NOISE_MODELS
+from twin_ml.calibrate.problem import observations_from_telemetry
 from twin_ml.contract import ModelCard, RequestError, RequestTooLarge
 from twin_ml.contract import Scenario as ParsedScenario
 
@@ -217,12 +219,26 @@ manifest_app = Starlette(routes=[Route("/", _model_route, methods=["GET"])])
 
 
 class MCMC(BaseModel):
-    """Posterior sampling with emcee on the surrogate."""
+    """Posterior sampling with emcee on the surrogate (opt-in: no `mcmc`, no MCMC). The defaults
+    are twin-calibrate's (twin_ml.calibrate.fit.MCMC_DEFAULTS)."""
 
-    model_config = ConfigDict(extra="forbid")
-    steps: int = Field(600, ge=20, le=5000)
-    burn: int = Field(200, ge=0, le=4980)
-    walkers: int = Field(32, ge=4, le=128)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    steps: int = Field(
+        MCMC_DEFAULTS["steps"], ge=20, le=5000, description="steps per walker, at most"
+    )
+    burn: int = Field(MCMC_DEFAULTS["burn"], ge=0, le=4980)
+    walkers: int = Field(MCMC_DEFAULTS["walkers"], ge=4, le=128)
+    noise_model: Literal[NOISE_MODELS] = Field(  # type: ignore[valid-type]
+        MCMC_DEFAULTS["noise_model"],
+        description="the likelihood: ar1 (AR(1) correlated residuals per output) or white "
+        "(independent points)",
+    )
+    max_seconds: float | None = Field(
+        MCMC_DEFAULTS["max_seconds"],
+        gt=0,
+        description="wall-time budget of the sampling in seconds (null: none; the server's "
+        "timeout still ends the request)",
+    )
 
     @model_validator(mode="after")
     def _enough_kept(self) -> MCMC:
@@ -359,9 +375,10 @@ class TwinService:
     @bentoml.api(route="/calibrate")
     async def calibrate(
         self,
-        times: list[float],
-        outputs: dict[str, list[float | None]],
         fit: list[str],
+        times: list[float] | None = None,
+        outputs: dict[str, list[float | None]] | None = None,
+        telemetry: TelemetryObservations | None = None,
         # BentoML reads this signature as the request schema; the {} defaults are never mutated
         inputs: dict[str, list[float]] = {},  # noqa: B006
         parameters: dict[str, float] = {},  # noqa: B006
@@ -378,11 +395,10 @@ class TwinService:
     ) -> dict:
         """Fit parameters (and "state:<name>" initial states) to observations with the surrogate in
         the loop: multi-start weighted least squares, optional MCMC posterior, and the solver's
-        check of the estimate (see twin_ml/calibrate). Bounds default to the training domain;
+        check of the estimate (see twin_ml/calibrate). Observations: times, outputs and inputs,
+        or `telemetry` (twin-ingest's output inline). Bounds default to the training domain;
         missing noise is estimated. One calibration runs at a time; others wait their turn."""
         request = {
-            "times": times,
-            "outputs": outputs,
             "inputs": inputs,
             "fit": fit,
             "parameters": parameters,
@@ -391,6 +407,7 @@ class TwinService:
             "priors": priors,
             "noise": noise,
         }
+        request.update({k: v for k, v in (("times", times), ("outputs", outputs)) if v is not None})
         if self.no_solver:  # BentoML's own 5xx bodies hide the message: this one must say it
             why = "calibration needs the model's physics solver, which this server cannot build: "
             body = json.dumps({"error": why + self.no_solver}).encode()
@@ -398,8 +415,30 @@ class TwinService:
                 ctx.response.status_code = 503
             return Response(body, status_code=503, media_type="application/json")
         try:
+            notes: list[str] = []
+            if telemetry is not None:
+                if times is not None or outputs is not None or inputs:
+                    raise RequestError(
+                        "telemetry",
+                        "give either times, outputs and inputs, or telemetry, not both",
+                    )
+                _check_magnitudes({"telemetry": telemetry.model_dump()})
+                observed, notes = observations_from_telemetry(
+                    CARD.system,
+                    telemetry.times,
+                    telemetry.signals,
+                    outputs=telemetry.outputs,
+                    where="telemetry",
+                )
+                request.update(observed)
+            elif times is None:
+                raise RequestError(
+                    "times",
+                    "required: the observation timestamps (with outputs and inputs), or "
+                    "telemetry (twin-ingest's output inline)",
+                )
             _check_magnitudes(request)
-            problem = Problem.build(request, CARD)
+            problem = Problem.build(request, CARD, notes)
         except RequestError as e:
             raise InvalidArgument(str(e)) from None
         options = {
@@ -407,7 +446,8 @@ class TwinService:
             "refine_nfev": refine,
             "corrections": corrections,
             "correction_tol": correction_tol,
-            "mcmc": mcmc.model_dump() if mcmc is not None else None,
+            # no progress bar on a server
+            "mcmc": {**mcmc.model_dump(), "progress": False} if mcmc is not None else None,
         }
         stop = _Stop()
         job = self._calibrations.submit(self._calibrate, problem, options, stop)

@@ -1,12 +1,15 @@
 """Calibration (twin_ml/calibrate, twin-calibrate): bad input, the solver backend against known
 truth, the surrogate loop with MCMC and solver verification, an unverified result when the
 solver disagrees with the surrogate or with the stated noise, the noise estimate under a
-surrogate whose intervals are too wide, MCMC diagnostics that come back as warnings, and the
-typed result whose as_dict() is the documented JSON."""
+surrogate whose intervals are too wide, MCMC diagnostics that come back as warnings, the
+typed result whose as_dict() is the documented JSON; twin-ingest's output as observations with
+the solver alone (no model), request errors before any solve, and MCMC opt-in with the same
+defaults in the CLI and over HTTP."""
 
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import pytest
 from conftest import rollout_tol
 
 from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, SurrogateBackend, calibrate
+from twin_ml.calibrate.problem import SolverTarget, observations_from_telemetry, read_ingested
 from twin_ml.calibrate.synthetic import synthetic_request
 
 BIN = Path(sys.executable).parent
@@ -362,6 +366,7 @@ def test_twin_calibrate_cli_writes_json_and_plot(exported, tmp_path):
             "model=pend:v1",
             f"observations={obs}",
             f"out_dir={out}",
+            "mcmc=true",
             "steps=120",
             "burn=40",
             "walkers=8",
@@ -746,3 +751,242 @@ def test_twin_calibrate_refuses_a_bad_correction_tol(bad):
     with pytest.raises(ValueError, match=rf"correction_tol must be a number >= 0 .*'{bad}'"):
         parse(["model=m:v1", "observations=o.json", f"correction_tol={bad}"])
     assert parse(["model=m:v1", "observations=o.json", "correction_tol=0"])["correction_tol"] == 0.0
+
+
+# ---- observations from twin-ingest, the solver alone, checks before any solve, MCMC settings ----
+PENDULUM_TRUTH = {"length": 1.3, "damping": 0.25}
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    """twin-ingest's output for a pendulum record: the solver's theta at known length and damping
+    with noise of std 0.01 rad and a 7-sample run out of the contract's range (a gap longer than
+    max_gap: invalid grid points), the torque that drove it, and omega as an output signal the
+    system does not have (a sensor the model does not know). Made with the real path: a wide CSV,
+    read_telemetry, ingest under a contract, save. -> (directory, truth, sigma, invalid steps)."""
+    import pandas as pd
+
+    from twin_ml.data.telemetry import Contract, ingest, read_telemetry, save
+    from twin_ml.physics import SolverSettings, make_system, solve_looped
+
+    root = tmp_path_factory.mktemp("ingested")
+    system = make_system("pendulum")
+    t = np.arange(161) * 0.05
+    u = 0.6 * np.sin(1.3 * t) + 0.3 * np.sin(3.1 * t)
+    p = np.array([PENDULUM_TRUTH["length"], PENDULUM_TRUTH["damping"], 1.0])
+    tight = SolverSettings(rtol=1e-9, atol=1e-11)
+    res = solve_looped(system, t, u[None, :, None], p[None], np.array([[0.4, 0.0]]), tight)
+    sigma = 0.01
+    theta = res.y[0, :, 0] + sigma * np.random.default_rng(0).standard_normal(len(t))
+    theta[60:67] = 99.0
+    frame = pd.DataFrame(
+        {
+            "timestamp": 1.7e9 + t,
+            "torque [N*m]": u,
+            "theta [rad]": theta,
+            "omega [rad/s]": res.x[0, :, 1],
+        }
+    )
+    frame.to_csv(root / "raw.csv", index=False)
+    (root / "contract.yaml").write_text(
+        "system: pendulum\nperiod_s: 0.05\nsignals:\n"
+        "  - {name: torque, role: input, unit: 'N*m'}\n"
+        "  - {name: theta, role: output, unit: rad, range: [-3.0, 3.0]}\n"
+        "  - {name: omega, role: output, unit: rad/s}\n"
+    )
+    tel = ingest(read_telemetry(root / "raw.csv"), Contract.load(root / "contract.yaml"))
+    save(tel, root / "ingest")
+    return root / "ingest", dict(PENDULUM_TRUTH), sigma, list(range(60, 67))
+
+
+SOLVER_ARGS = [
+    "backend=solver",
+    "system=pendulum",
+    "fit=length,damping",
+    "parameters=mass:1.0",
+    "initial_state=theta:0.4,omega:0",
+]
+
+
+def test_twin_calibrate_fits_ingested_telemetry_with_the_solver_alone(ingested, tmp_path):
+    """No model anywhere: twin-calibrate backend=solver system=pendulum on twin-ingest's output
+    directory recovers the true values within 4 of its own standard errors, estimates the noise,
+    and notes the signal it ignored."""
+    directory, truth, sigma, _ = ingested
+    out = tmp_path / "cal"
+    r = subprocess.run(
+        [
+            str(BIN / "twin-calibrate"),
+            *SOLVER_ARGS,
+            f"observations={directory}",
+            f"out_dir={out}",
+            "starts=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "BENTOML_HOME": str(tmp_path / "no-store")},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str(out / "calibration.json")
+    result = json.loads((out / "calibration.json").read_text())
+    assert result["backend"] == "solver" and result["model"] is None
+    assert result["system"] == "pendulum" and "posterior" not in result
+    for name, value in truth.items():
+        assert abs(result["estimate"][name] - value) <= 4 * result["std_error"][name], name
+    # the estimated noise: a sample std's relative std is 1 / sqrt(2 (N - n_fit)), N = 154
+    assert result["noise_estimated"] == ["theta"]
+    assert result["noise"]["theta"] == pytest.approx(sigma, rel=3 / math.sqrt(2 * 152))
+    note = "signals that are neither inputs nor outputs of pendulum were ignored: omega (output)"
+    assert any(note in w for w in result["warnings"])
+    assert f"warning: observations: {note}" in r.stderr
+    assert (out / "calibration.png").is_file()
+
+
+def test_ingested_file_and_inline_telemetry_give_the_same_observations(ingested):
+    """One conversion for twin-calibrate (the file) and POST /calibrate's `telemetry` (the same
+    samples inline, null where invalid): the same request, invalid samples missing."""
+    from twin_ml.physics import make_system
+
+    directory, _, _, invalid = ingested
+    card = _target("pendulum").system
+    data = read_ingested(directory / "telemetry.parquet")
+    from_file, notes = observations_from_telemetry(
+        card, data.times, data.signals, units=data.units, roles=data.roles
+    )
+    assert [i for i, v in enumerate(from_file["outputs"]["theta"]) if v is None] == invalid
+    assert list(from_file["outputs"]) == ["theta"] and list(from_file["inputs"]) == ["torque"]
+    body = {
+        "times": data.times.tolist(),
+        "signals": {
+            k: [None if np.isnan(x) else float(x) for x in v] for k, v in data.signals.items()
+        },
+    }
+    inline, inline_notes = observations_from_telemetry(
+        make_system("pendulum"), body["times"], body["signals"]
+    )
+    assert inline == from_file
+    assert inline_notes == [n.replace(" (output)", "") for n in notes]
+    # a selection that names an output the telemetry lacks, and one the system lacks
+    with pytest.raises(CalibrationError) as e:
+        observations_from_telemetry(card, body["times"], body["signals"], outputs=["omega"])
+    assert e.value.field == "telemetry.outputs" and "unknown outputs ['omega']" in str(e.value)
+    del body["signals"]["torque"]
+    with pytest.raises(CalibrationError) as e:
+        observations_from_telemetry(card, body["times"], body["signals"])
+    assert e.value.field == "telemetry.signals" and "no signal for the input(s) ['torque']" in str(
+        e.value
+    )
+
+
+def _target(name):
+    from twin_ml.physics import make_system
+
+    return SolverTarget.of(make_system(name))
+
+
+def _tiny_request():
+    """A pendulum request on the solver alone: 5 points, theta observed at 2 of them."""
+    return {
+        "times": [0.0, 0.05, 0.1, 0.15, 0.2],
+        "outputs": {"theta": [0.4, None, 0.39, None, None]},
+        "inputs": {"torque": [0.0] * 5},
+        "fit": ["length", "damping"],
+        "parameters": {"mass": 1.0},
+        "initial_state": {"theta": 0.4, "omega": 0.0},
+    }
+
+
+@pytest.mark.parametrize(
+    "args, field, text",
+    [
+        ([], "noise.theta", "cannot be estimated from 2 observed points for 2 fitted values"),
+        (["priors=length:3:0.1"], "priors.length.normal", "outside the bounds [0.5, 2]"),
+        (["bounds=length:0.01:1"], "bounds.length", "outside the physical limits"),
+        (["fit=length,state:gamma"], "fit", "unknown names ['state:gamma']"),
+        (["outputs=omega"], "outputs", "['omega'] are not among the observations' outputs"),
+    ],
+)
+def test_request_errors_come_before_any_solve(tmp_path, monkeypatch, capsys, args, field, text):
+    """Every check on the request alone runs in one step before the first solve: the command
+    exits 2 naming the field, and the solver was never called (a noise that cannot be estimated
+    was found after a first fit before: 752 s of looped solving lost)."""
+    from training.calibrate import main
+
+    calls = []
+    monkeypatch.setattr(SolverBackend, "predict", lambda *a, **k: calls.append(a))
+    obs = tmp_path / "obs.json"
+    obs.write_text(json.dumps(_tiny_request()))
+    with pytest.raises(SystemExit) as e:
+        main([*SOLVER_ARGS, f"observations={obs}", f"out_dir={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {field}: " in err and text in err, err
+    assert calls == [] and not (tmp_path / "calibration.json").exists()
+
+
+def test_an_output_never_observed_needs_no_noise():
+    """Fitting with one output of two measured (cstr: T, not C_A) and no noise given: the
+    unmeasured output weighs nothing, so nothing is estimated for it (this raised
+    "noise.C_A: cannot be estimated" after the first fit); the measured one's noise is."""
+    from twin_ml.calibrate.fit import estimate_noise
+    from twin_ml.physics import make_system
+
+    system = make_system("cstr")
+    n = 6
+    request = {
+        "times": [0.1 * i for i in range(n)],
+        "outputs": {"T": [350.0 + i for i in range(n)]},
+        "inputs": {name: [v.bounds[0]] * n for name, v in zip(system.input_names, system.inputs)},
+        "fit": [system.parameter_names[0]],
+        "parameters": {v.name: v.nominal for v in system.parameters[1:]},
+    }
+    problem = Problem.build(request, _target("cstr"))
+    assert problem.outputs == ["C_A", "T"] and np.isnan(problem.noise[1])
+    assert np.isfinite(problem.noise[0])  # never observed: a placeholder no point is weighed by
+    sigma = estimate_noise(problem, np.full((n, 2), 352.0), problem.noise)
+    assert np.isfinite(sigma).all()
+
+
+def test_cli_settings_model_system_and_mcmc_opt_in_with_the_shared_defaults():
+    from pydantic import ValidationError
+
+    from serving.service import MCMC
+    from training.calibrate import _inline, mcmc_options, parse
+    from twin_ml.calibrate.fit import MCMC_DEFAULTS
+
+    cfg = parse(["backend=solver", "system=pendulum", "observations=o.json"])
+    assert cfg["mcmc"] is False and mcmc_options(cfg) is None  # MCMC is opt-in
+    on = mcmc_options(parse(["model=m:v1", "observations=o.json", "mcmc=true"]))
+    # the same defaults as POST /calibrate's mcmc (whose progress bar is off)
+    assert on == {**MCMC_DEFAULTS, "progress": True}
+    assert MCMC().model_dump() == MCMC_DEFAULTS
+    on = mcmc_options(
+        parse(["model=m:v1", "observations=o.json", "mcmc=true", "likelihood=white"])
+        | {"mcmc_seconds": 5.0}
+    )
+    assert on["noise_model"] == "white" and on["max_seconds"] == 5.0 and on["progress"]
+    assert parse(["model=m", "observations=o.json", "mcmc_seconds=2.5"])["mcmc_seconds"] == 2.5
+    for argv, says in [
+        (["observations=o.json"], "model=... is required with backend=surrogate"),
+        (["backend=solver", "observations=o.json"], "backend=solver needs system=<name>"),
+        (["model=m", "system=pendulum", "observations=o.json"], "system=... is for backend=solver"),
+        (
+            ["backend=solver", "model=m", "system=s", "observations=o"],
+            "give model=... or system=...",
+        ),
+        (["model=m", "observations=o.json", "likelihood=red"], "likelihood must be one of"),
+        (["model=m", "observations=o.json", "mcmc_seconds=0"], "mcmc_seconds must be a number"),
+        (["backend=solver", "model=m", "observations=o.json", "mcmc=true"], "backend=surrogate"),
+        (["model=m", "observations=o.json", "bounds=k1:1"], "bounds: 'k1:1' is not name:low:high"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse(argv)
+    assert _inline("bounds", "state:h1:-1:2.5,k1:1e-3:2e-3") == {
+        "state:h1": [-1.0, 2.5],
+        "k1": [1e-3, 2e-3],
+    }
+    assert _inline("priors", "k3:0.05:0.003") == {"k3": {"normal": [0.05, 0.003]}}
+    assert _inline("fit", "k1, state:h1") == ["k1", "state:h1"]
+    for bad, says in [({"noise_model": "red"}, "noise_model"), ({"max_seconds": 0}, "max_seconds")]:
+        with pytest.raises(ValidationError, match=says):
+            MCMC(**bad)

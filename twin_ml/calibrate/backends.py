@@ -18,7 +18,8 @@ import numpy as np
 
 from twin_ml.calibrate.problem import Problem
 from twin_ml.contract import ModelCard
-from twin_ml.physics import SolverSettings, solve_looped, solve_stacked
+from twin_ml.contract.requests import SolverTarget
+from twin_ml.physics import PhysicsSystem, SolverSettings, solve_looped, solve_stacked
 
 
 class SurrogateBackend:
@@ -51,19 +52,25 @@ class SurrogateBackend:
 
 class SolverBackend:
     """The system's reference solver: `looped` (one solve_ivp per candidate, as a plain calibration
-    loop does) or `stacked` (all candidates of a call in one vectorized solve)."""
+    loop does) or `stacked` (all candidates of a call in one vectorized solve). The system: a
+    model's card (its system rebuilt), a `SolverTarget` or the `PhysicsSystem` itself."""
 
     name = "solver"
 
     def __init__(
         self,
-        card: ModelCard | dict[str, Any],
+        card: ModelCard | SolverTarget | PhysicsSystem | dict[str, Any],
         mode: str = "looped",
         settings: SolverSettings | None = None,
     ):
         if mode not in ("looped", "stacked"):
             raise ValueError(f"solver mode must be 'looped' or 'stacked', got {mode!r}")
-        self.system = ModelCard.of(card).system.build()
+        if isinstance(card, PhysicsSystem):
+            self.system = card
+        elif isinstance(card, SolverTarget):
+            self.system = card.system.build()
+        else:
+            self.system = ModelCard.of(card).system.build()
         self.mode, self.settings = mode, settings or SolverSettings()
         self.batched = mode == "stacked"
         self.calls = self.scenarios = 0

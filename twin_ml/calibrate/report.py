@@ -19,10 +19,10 @@ def plot(
     truth: dict[str, float] | None = None,
 ) -> Path:
     """PNG at `path`: per observed output the calibrated prediction at the estimate
-    (`result.mean`) with its 90% band, +-1.645 x sqrt(std^2 + noise^2), the solver at the estimate
-    (`result.y_solver`, with the surrogate backend) and the observations; with MCMC, below them
-    each fitted value's posterior (`result.samples`) with the estimate, the 90% credible interval
-    and the `truth` when given."""
+    (`result.mean`: the surrogate's, or the solver's with the solver backend) with its 90% band,
+    +-1.645 x sqrt(std^2 + noise^2), the solver at the estimate (`result.y_solver`, with the
+    surrogate backend) and the observations; with MCMC, below them each fitted value's posterior
+    (`result.samples`) with the estimate, the 90% credible interval and the `truth` when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +45,7 @@ def plot(
         ax.fill_between(
             t, mean[:, j] - half, mean[:, j] + half, color="C0", alpha=0.25, label="90% band"
         )
-        ax.plot(t, mean[:, j], color="C0", label="surrogate at estimate")
+        ax.plot(t, mean[:, j], color="C0", label=f"{result.backend} at estimate")
         if y_solver is not None:
             ax.plot(t, y_solver[:, j], "--", color="C3", lw=1, label="solver at estimate")
         ax.plot(t, problem.y[:, j], ".", color="k", ms=3, label="observations")

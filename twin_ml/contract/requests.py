@@ -26,6 +26,14 @@ A calibration::
 
 Values outside a variable's physical `limits` (declared by the system: a negative mass, a pump
 voltage below 0) are refused; values outside the training box are answered and flagged.
+
+A calibration is checked against an exported model's card, or, for the physics solver alone (no
+model), against a `SolverTarget`: the system's card, the request's own time grid (sorted and
+unique, any spacing), and the ranges the system declares as the default bounds and initial
+states (no training domain: nothing extrapolates). Every check that needs the request alone
+runs here, before any model or solver call: names, grid, values, bounds, priors inside the
+bounds, and whether every noise std that must be estimated can be (outputs never observed need
+none: no point of theirs enters the fit).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from twin_ml.contract.card import ModelCard, Variable
+from twin_ml.contract.card import DomainBox, ModelCard, SystemCard, Variable
 from twin_ml.contract.errors import RequestError, RequestTooLarge
 
 SCENARIO_FIELDS = (
@@ -314,6 +322,57 @@ def parse_scenarios(
 
 
 # ---- calibrations ------------------------------------------------------------------------------
+# the noise std given to an output that is never observed: it weighs no point (none of its points
+# enters the fit or the likelihood), so it needs no value from the request and none is estimated
+UNOBSERVED_NOISE = 1.0
+
+
+@dataclass(frozen=True)
+class SolverTarget:
+    """What a calibration with the physics solver alone (no exported model) is checked against:
+    the system's card. Its grid is the request's own; bounds and unspecified initial states
+    default to the ranges the system declares (`domain`)."""
+
+    system: SystemCard
+
+    @classmethod
+    def of(cls, system: Any) -> SolverTarget:
+        """From a `SystemCard`, its JSON (`PhysicsSystem.describe()`) or a `PhysicsSystem`."""
+        if isinstance(system, SystemCard):
+            return cls(system)
+        desc = system if isinstance(system, dict) else system.describe()
+        return cls(SystemCard.model_validate(desc))
+
+    @property
+    def domain(self) -> DomainBox:
+        """The declared ranges of the parameters and initial states (a range of zero width is no
+        range: such a value needs its bounds in the request)."""
+
+        def ranges(variables: list[Variable]) -> dict[str, tuple[float, float]]:
+            return {
+                v.name: (float(v.bounds[0]), float(v.bounds[1]))
+                for v in variables
+                if v.bounds is not None and v.bounds[0] < v.bounds[1]
+            }
+
+        return DomainBox(
+            parameters=ranges(self.system.parameters), states=ranges(self.system.states)
+        )
+
+
+def _sorted_times(t: np.ndarray, where: str, *, min_points: int) -> None:
+    """Timestamps at least `min_points`, sorted and unique (any spacing: the solver's grid)."""
+    if len(t) < min_points:
+        raise RequestError(where, f"needs at least {min_points} timestamps, got {len(t)}")
+    d = np.diff(t)
+    if np.any(d == 0):
+        i = int(np.flatnonzero(d == 0)[0])
+        raise RequestError(where, f"duplicated timestamp {t[i]:g} at positions {i} and {i + 1}")
+    if np.any(d < 0):
+        i = int(np.flatnonzero(d < 0)[0])
+        raise RequestError(where, f"not sorted: {t[i]:g} then {t[i + 1]:g} at position {i + 1}")
+
+
 @dataclass
 class CalibrationRequest:
     """A checked calibration request (see the module doc), as arrays in the model's order."""
@@ -326,7 +385,7 @@ class CalibrationRequest:
     base_x0: np.ndarray  # [nx]
     lower: np.ndarray  # [n_fit]
     upper: np.ndarray  # [n_fit]
-    noise: np.ndarray  # [ny], NaN = estimate
+    noise: np.ndarray  # [ny], NaN = estimate; outputs never observed: UNOBSERVED_NOISE
     priors: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (mean, std)
     warnings: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -337,9 +396,13 @@ class CalibrationRequest:
 C = TypeVar("C", bound=CalibrationRequest)
 
 
-def parse_calibration(card: ModelCard, request: Any, cls: type[C] = CalibrationRequest) -> C:
+def parse_calibration(
+    card: ModelCard | SolverTarget, request: Any, cls: type[C] = CalibrationRequest
+) -> C:
     """A calibration request -> a `CalibrationRequest` (or the subclass `cls`), checked against
-    the card's names, time grid, training domain and physical limits."""
+    the card's names, time grid, training domain and physical limits (a `SolverTarget`: the
+    system's names, declared ranges and limits; any sorted grid). Every check on the request
+    alone is here, so a bad request fails before the first model or solver call."""
     if not isinstance(request, dict):
         raise RequestError("request", "must be an object with times, outputs, inputs and fit")
     unknown = sorted(set(request) - set(CALIBRATION_FIELDS))
@@ -348,6 +411,8 @@ def parse_calibration(card: ModelCard, request: Any, cls: type[C] = CalibrationR
             "request", f"unknown fields {unknown}; allowed: {sorted(CALIBRATION_FIELDS)}"
         )
     system, box = card.system, card.domain
+    trained = isinstance(card, ModelCard)  # else the solver alone: no training domain
+    ranges = "the training range" if trained else "the range the system declares"
     params, states = system.parameter_names, system.state_names
     inputs, outputs = system.input_names, system.output_names
     warnings: list[str] = []
@@ -355,8 +420,11 @@ def parse_calibration(card: ModelCard, request: Any, cls: type[C] = CalibrationR
     if "times" not in request:
         raise RequestError("times", "required: the observation timestamps")
     t = numbers(request["times"], "times")
-    card.time.check_times(t, "times", min_points=3)
-    card.time.check_horizon(len(t) - 1, "times")
+    if trained:
+        card.time.check_times(t, "times", min_points=3)
+        card.time.check_horizon(len(t) - 1, "times")
+    else:
+        _sorted_times(t, "times", min_points=3)
 
     obs = request.get("outputs")
     if not isinstance(obs, dict) or not obs:
@@ -429,14 +497,15 @@ def parse_calibration(card: ModelCard, request: Any, cls: type[C] = CalibrationR
             if len(b) != 2 or not b[0] < b[1]:
                 raise RequestError(f"bounds.{name}", "must be [low, high] with low < high")
             physical(declared(name), float(b[1]), f"bounds.{name}", float(b[0]))
-            if not (np.isnan(lo) or (lo <= b[0] and b[1] <= hi)):
+            if trained and not (np.isnan(lo) or (lo <= b[0] and b[1] <= hi)):
                 warnings.append(
                     f"bounds.{name} = [{b[0]:g}, {b[1]:g}] reach outside the training domain "
                     f"[{lo:g}, {hi:g}]: the surrogate extrapolates there"
                 )
             lo, hi = float(b[0]), float(b[1])
         if np.isnan(lo):
-            raise RequestError(f"bounds.{name}", "required: the model has no training range for it")
+            why = "the model has no training range" if trained else "the system declares no range"
+            raise RequestError(f"bounds.{name}", f"required: {why} for it")
         lower.append(lo)
         upper.append(hi)
 
@@ -459,6 +528,13 @@ def parse_calibration(card: ModelCard, request: Any, cls: type[C] = CalibrationR
         mu, sd = pair
         if not sd > 0:
             raise RequestError(f"priors.{name}.normal", "std must be > 0")
+        lo, hi = lower[fit.index(name)], upper[fit.index(name)]
+        if not lo <= mu <= hi:
+            raise RequestError(
+                f"priors.{name}.normal",
+                f"mean {mu:g} is outside the bounds [{lo:g}, {hi:g}] of {name}: the prior must "
+                f"lie inside them (move its mean, or widen bounds.{name})",
+            )
         priors[name] = (float(mu), float(sd))
 
     def fixed(value: Any, where: str, var: Variable, rng: tuple[float, float] | None) -> float:
@@ -466,7 +542,7 @@ def parse_calibration(card: ModelCard, request: Any, cls: type[C] = CalibrationR
         v = number(value, where)
         physical(var, v, where)
         lo, hi = rng or (-math.inf, math.inf)
-        if not lo <= v <= hi:
+        if trained and not lo <= v <= hi:
             warnings.append(
                 f"{where} = {v:g} is outside the training domain [{lo:g}, {hi:g}]: "
                 "the surrogate extrapolates there"
@@ -506,9 +582,7 @@ def parse_calibration(card: ModelCard, request: Any, cls: type[C] = CalibrationR
         else:
             mid = box.state_middle(n)
             base_x0.append(mid)
-            warnings.append(
-                f"initial state {n} not given: the middle of the training range ({mid:g})"
-            )
+            warnings.append(f"initial state {n} not given: the middle of {ranges} ({mid:g})")
 
     noise_in = request.get("noise") or {}
     if not isinstance(noise_in, dict) or set(noise_in) - set(outputs):
@@ -522,6 +596,19 @@ def parse_calibration(card: ModelCard, request: Any, cls: type[C] = CalibrationR
             if not s > 0:
                 raise RequestError(f"noise.{n}", f"must be > 0, got {s}")
             noise[j] = s
+    observed = ~np.all(np.isnan(y), axis=0)
+    noise[~observed & np.isnan(noise)] = UNOBSERVED_NOISE  # weighs nothing: none is estimated
+    # an unknown noise std is estimated from the residuals at the estimate: that needs more
+    # observed points than fitted values (checked here, not after a first fit)
+    n_observed = int(np.sum(~np.isnan(y)))
+    unknown = [outputs[j] for j in np.flatnonzero(np.isnan(noise))]
+    if unknown and n_observed <= len(fit):
+        raise RequestError(
+            f"noise.{unknown[0]}",
+            f"cannot be estimated from {n_observed} observed points for {len(fit)} fitted "
+            f"values: give the noise std of {', '.join(unknown)} (noise.<output> > 0), or "
+            "observe more points",
+        )
     return cls(
         times=t, y=y, u=u, fit=list(fit), base_p=np.array(base_p), base_x0=np.array(base_x0),
         lower=np.array(lower), upper=np.array(upper), noise=noise, priors=priors,
