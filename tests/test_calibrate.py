@@ -867,6 +867,11 @@ def test_ingested_file_and_inline_telemetry_give_the_same_observations(ingested)
     )
     assert inline == from_file
     assert inline_notes == [n.replace(" (output)", "") for n in notes]
+    # a signal the contract calls extra is no output, though the system has one of its name:
+    # theta was the record's only output
+    with pytest.raises(CalibrationError) as e:
+        observations_from_telemetry(card, body["times"], body["signals"], roles={"theta": "extra"})
+    assert "no valid sample of any output of pendulum" in str(e.value)
     # a selection that names an output the telemetry lacks, and one the system lacks
     with pytest.raises(CalibrationError) as e:
         observations_from_telemetry(card, body["times"], body["signals"], outputs=["omega"])

@@ -105,7 +105,7 @@ def load_stream(spec: str, contract, system, key: str = "source") -> dict[str, n
     if path.suffix.lower() in (".parquet", ".csv"):
         if not path.is_file():
             raise ValueError(f"source: no such telemetry file {spec!r}")
-        frame = read_telemetry(path)
+        frame = read_telemetry(path, contract=contract)  # its columns, units, timestamp
     else:
         name, sep, record = spec.partition(":")
         if not sep or name not in real.SOURCES:

@@ -151,7 +151,8 @@ def observations_from_telemetry(
     `system`: the system's card (a `SystemCard` or a `PhysicsSystem`: its input and output
     names and units). `signals`: name -> values on `times`, NaN or None where a sample is
     invalid. Signals are matched to the system's inputs and outputs by name; any other signal
-    (an extra sensor, a role the system does not know) is ignored with a note. Outputs: the
+    (an extra sensor, a role the system does not know), and any signal whose `roles` entry is
+    "extra" whatever its name, is ignored with a note. Outputs: the
     measured outputs named in `outputs` (default: every output among the signals with a valid
     sample); invalid samples are missing observations (null). Inputs: every system input is
     required; its invalid samples hold the last valid value (the model needs every point), with
@@ -170,6 +171,8 @@ def observations_from_telemetry(
         raise RequestError(f"{where}.signals", "must be an object: signal name -> values")
     values: dict[str, np.ndarray] = {}
     for name, v in signals.items():
+        if roles and roles.get(name) == "extra":
+            continue  # the contract says it is no input or output, whatever its name
         if name in declared_in or name in declared_out:
             at = f"{where}.signals.{name}"
             values[name] = numbers(v, at, len(t), allow_null=True, per=" (one per time point)")
