@@ -141,14 +141,12 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ingested(project):
     root, truth = project
-    for name in truth:
-        _run(
-            root,
-            "twin-ingest",
-            f"source={name}.csv",
-            "contract=contract/my_osc.yaml",
-            f"out_dir=ingested/{name}",
-        )
+    # the contract as a path, and by name from the user's config directory
+    for name, contract in (
+        ("est", ["contract=contract/my_osc.yaml"]),
+        ("test", ["config_dir=.", "contract=my_osc"]),
+    ):
+        _run(root, "twin-ingest", f"source={name}.csv", *contract, f"out_dir=ingested/{name}")
     return root, truth
 
 

@@ -574,6 +574,20 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
     bad = dict(request, times=list(reversed(request["times"])))
     status, body = _post_path(url, "/calibrate", bad)
     assert status == 400 and "times: not sorted" in json.dumps(body)
+    # the same observations as twin-ingest's output inline (`telemetry`, a spare sensor among the
+    # signals): the same request, so the same estimate, and a warning for the spare
+    cheap = {"starts": 1, "corrections": 0}
+    rest = {k: v for k, v in request.items() if k not in ("times", "outputs", "inputs")}
+    signals = {**request["outputs"], **request["inputs"], "spare": [1.0] * len(request["times"])}
+    status, plain = _post_path(url, "/calibrate", {**request, **cheap})
+    assert status == 200, plain
+    tel = {"times": request["times"], "signals": signals}
+    status, inline = _post_path(url, "/calibrate", {**rest, **cheap, "telemetry": tel})
+    assert status == 200, inline
+    assert inline["estimate"] == plain["estimate"]
+    assert any("spare" in w for w in inline["warnings"])
+    status, body = _post_path(url, "/calibrate", {**request, **cheap, "telemetry": tel})
+    assert status == 400 and "telemetry" in json.dumps(body)  # both forms at once
     assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200
 
 

@@ -1,8 +1,8 @@
 """twin-ingest: check telemetry against a data contract, align it onto the model's grid, report
 its quality; or convert one of the real benchmark datasets into the telemetry format.
 
-    twin-ingest source=FILE contract=NAME|FILE.yaml [out_dir=runs/ingest] [layout=auto]
-                [timestamp=] [timezone=] [start=] [end=]
+    twin-ingest source=FILE contract=NAME|FILE.yaml [config_dir=DIR] [out_dir=runs/ingest]
+                [layout=auto] [timestamp=] [timezone=] [start=] [end=]
     twin-ingest convert=cascaded_tanks|silverbox [source=data/real/<name>/<file>]
                 [out_dir=data/telemetry/<name>]
 
@@ -39,7 +39,8 @@ SETTINGS = {
     "source": Setting(
         None, "the telemetry file (.parquet/.csv); with convert: the benchmark's source file"
     ),
-    "contract": Setting(None, "a contract under configs/contract/ by name, or a YAML file"),
+    "contract": Setting(None, "a contract: a name (config_dir's, then configs/) or a YAML"),
+    "config_dir": Setting(None, "your config directory: its contract/<name>.yaml comes first"),
     "convert": Setting(None, "a real benchmark dataset to convert: cascaded_tanks or silverbox"),
     "out_dir": Setting(None, "where outputs go (runs/ingest; convert: data/telemetry/<name>)"),
     "layout": Setting("auto", "the file's layout: long, wide or auto"),
@@ -55,13 +56,20 @@ SETTINGS = {
 DEFAULTS = defaults(SETTINGS)
 
 
-def contract_path(name: str) -> Path:
+def contract_path(name: str, config_dir: str | None = None) -> Path:
     """The contract file `name` means, by the rule every command follows (`config_file`): a .yaml
-    file or an existing path as given (relative to the current directory), else a name under the
-    project's configs/contract/ (twin-ingest has no --config-dir: give your own contract's path)."""
+    file or an existing path as given (relative to the current directory), else a name under
+    `config_dir`/contract/ (the Hydra commands' --config-dir), then the project's
+    configs/contract/."""
     from training._common import config_file
 
-    return config_file("contract", name, setting="contract", dirs=[Path(CONFIG_DIR)])
+    dirs = [Path(CONFIG_DIR)]
+    if config_dir:
+        user = Path(config_dir).expanduser()
+        if not user.is_dir():
+            raise ValueError(f"config_dir={config_dir!r}: no such directory")
+        dirs.insert(0, user)
+    return config_file("contract", name, setting="contract", dirs=dirs)
 
 
 def run(cfg: dict) -> Path:
@@ -100,7 +108,7 @@ def run(cfg: dict) -> Path:
         )
     if not cfg["source"] or not cfg["contract"]:
         raise ValueError("give source=FILE and contract=NAME (or convert=DATASET)")
-    contract = Contract.load(contract_path(cfg["contract"]))
+    contract = Contract.load(contract_path(cfg["contract"], cfg["config_dir"]))
     frame = read_telemetry(
         cfg["source"],
         layout=cfg["layout"],
