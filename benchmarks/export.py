@@ -1,7 +1,7 @@
 """Export benchmark: onnxruntime vs torch eager, and the exported surrogate vs the physics solver.
 
-For each experiment (default: the pendulum neural ODE and the Robertson emulator, the stiff
-system), in one run on the same machine:
+For each experiment (default: the pendulum neural ODE, the Robertson emulator (the stiff system)
+and the pendulum and tanks hybrid flow maps), in one run on the same machine:
   1. onnxruntime vs torch eager, the same intra-op threads, M=5, a 100-step rollout (emulators:
      their training grid), batch 1 and batch --batch; and onnxruntime with one intra-op thread
      at batch 1;
@@ -29,7 +29,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OUT = ROOT / "benchmarks" / "results" / "export.json"
-EXPERIMENTS = {"pendulum_node": "pendulum", "robertson_emulator": "robertson"}
+EXPERIMENTS = {
+    "pendulum_node": "pendulum",
+    "robertson_emulator": "robertson",
+    # flow maps: one network evaluation per step (the node above: four)
+    "pendulum_flowmap": "pendulum",
+    "cascaded_tanks_flowmap": "cascaded_tanks",
+}
 
 
 def sh(*args) -> None:

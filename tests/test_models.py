@@ -127,7 +127,8 @@ def test_incomplete_physics_differs_and_learnable_parameters_start_at_nominal():
         build_model("hybrid", sys_, stats, learn_parameters=["dampng"])
     with pytest.raises(
         KeyError,
-        match="unknown model kind 'gp'; kinds: \\['emulator', 'hybrid', 'latent', 'node', 'rom'\\]",
+        match="unknown model kind 'gp'; kinds: \\['emulator', 'flowmap', 'flowmap_hybrid', "
+        "'hybrid', 'latent', 'node', 'rom'\\]",
     ):
         build_model("gp", sys_, stats)
 

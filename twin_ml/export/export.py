@@ -19,12 +19,20 @@ import torch
 
 from twin_ml._io import sha256_bytes
 from twin_ml._version import code_version
-from twin_ml.contract import DomainBox, ModelCard, Normalization, Provenance, SystemCard, TimeGrid
+from twin_ml.contract import (
+    ConformalShift,
+    DomainBox,
+    ModelCard,
+    Normalization,
+    Provenance,
+    SystemCard,
+    TimeGrid,
+)
 from twin_ml.data.design import ScenarioDesign
 from twin_ml.data.generate import scenario_inputs
 from twin_ml.export.onnx_export import ExportError, build_onnx, set_metadata
 from twin_ml.models import load_trained
-from twin_ml.models.surrogates import Emulator, LatentODE, Surrogate
+from twin_ml.models.surrogates import Emulator, FlowMap, LatentODE, Surrogate
 
 PARITY_TOL = 1e-5  # max |onnxruntime - torch| in normalized output units (y / y_std)
 
@@ -103,9 +111,11 @@ def integrator_error(
     model: Surrogate, s: dict[str, np.ndarray], n: int = 8
 ) -> dict[str, Any] | None:
     """The exported fixed-step rollout against a tight adaptive solve (dopri5, float64) of the
-    same learned vector field, in normalized output units; None for emulators."""
-    if isinstance(model, Emulator) or model.solver == "exact":
-        return None  # one pass; or the affine rom's exact step (matrix exponential): no integrator
+    same learned vector field, in normalized output units; None for emulators and flow maps."""
+    if isinstance(model, Emulator | FlowMap) or model.solver == "exact":
+        # one pass; a discrete map (its physics step is part of what the correction was trained
+        # on); or the affine rom's exact step (matrix exponential): no integrator to measure
+        return None
     sub = {k: (v[:n] if k != "t" else v) for k, v in s.items()}
     fixed = _members_torch(copy.deepcopy(model), sub, torch.float64)
     tight = copy.deepcopy(model)
@@ -197,9 +207,11 @@ def export_run(
             max_steps=max_steps,
             fixed_steps=is_emulator,
         ),
-        domain=DomainBox.from_design(meta["design"]["box"], meta["design"].get("regime")),
+        domain=DomainBox.of_design(meta["design"]),
         normalization=Normalization.model_validate(meta["config"]["stats"]),
         conformal_scale=meta["conformal_scale"],
+        # beta 0 for runs trained before the conformal shift
+        conformal_shift=ConformalShift.model_validate(meta.get("conformal_shift") or {}),
         metrics=meta.get("metrics", {}),
         parity=parity,
         integrator_error=integrator_error(model, s),

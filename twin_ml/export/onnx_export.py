@@ -9,8 +9,9 @@ Neural ODE and hybrid models: one grid interval of the rollout (n fixed RK4 / mi
 substeps, the same stages as torchdiffeq's, the input interpolated inside the interval exactly as
 in `VectorFieldODE.forward`; the hybrid's physics right-hand side included) is exported from torch
 as a graph, and becomes the body of an ONNX `Loop` whose trip count is T, read from `u`'s shape at
-run time. Emulators are one forward pass on their fixed grid. The mean / calibrated std of the
-ensemble are graph nodes after the members.
+run time. Flow maps: the same loop, whose body is their one network evaluation per interval (plus
+the flowmap_hybrid's physics step). Emulators are one forward pass on their fixed grid. The mean /
+calibrated std of the ensemble are graph nodes after the members.
 
 `metadata_props` carry the manifest (JSON under the key "twin_ml.manifest", plus a few flat keys),
 so onnxruntime alone can tell what the file is.
@@ -32,6 +33,7 @@ from twin_ml.models.ensemble import ACTIVATIONS
 from twin_ml.models.surrogates import (
     FIXED_STEP,
     Emulator,
+    FlowMap,
     LatentODE,
     Surrogate,
     VectorFieldODE,
@@ -56,6 +58,10 @@ class IntervalStep(nn.Module):
     normalization goes into the first layer's weights, the output scale into the last layer's,
     and the first layer is split by input (x, u, p) so that the u and p terms are computed once
     per interval instead of once per stage, with no concatenation or broadcast shape logic.
+
+    A flow map (`FlowMap.interval_step`) evaluates the network once, at the interval's middle
+    input, with the step h folded into the output scale too; its hybrid adds the physics
+    right-hand side stepped by the fixed-step solver.
     """
 
     def __init__(self, model: VectorFieldODE, dt: float):
@@ -66,14 +72,23 @@ class IntervalStep(nn.Module):
                 f"Train with model.net.solver in {FIXED_STEP}, or export with solver='rk4'"
             )
         self.model, self.dt, self.n_sub = model, float(dt), model.substeps
+        self.flow_map = isinstance(model, FlowMap)
         self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
         self.all_held = bool(np.all(model.zoh))
+        out_scale = model.dx_std.detach()
         _fold_net(
             self,
             model.net,
             [(model.x_mean, model.x_std), (model.u_mean, model.u_std), (model.p_mean, model.p_std)],
-            model.dx_std.detach(),
+            out_scale * self.dt if self.flow_map else out_scale,
         )
+
+    def _net(self, x, pre):
+        """The folded network at states x [M,B,nx], its first layer's other terms `pre`."""
+        z = self.act(torch.matmul(x, self.w_x) + pre)
+        for w, b in zip(self.hidden_w, self.hidden_b):
+            z = self.act(torch.baddbmm(b, z, w))
+        return torch.baddbmm(self.b_last, z, self.w_last)
 
     def forward(self, x, u0, u1, p):
         m = self.model
@@ -92,15 +107,28 @@ class IntervalStep(nn.Module):
         cdu = torch.matmul(du, self.w_u) if du is not None else None
         pm = m.physical_parameters(p) if m.physics else None
 
-        def f(xx, s):
-            pre = c0 if (cdu is None or s == 0) else c0 + cdu * s
-            z = self.act(torch.matmul(xx, self.w_x) + pre)
-            for w, b in zip(self.hidden_w, self.hidden_b):
-                z = self.act(torch.baddbmm(b, z, w))
-            dx = torch.baddbmm(self.b_last, z, self.w_last)
+        def u_at(s):
+            return u0 if (du is None or s == 0) else u0 + s * du
+
+        def pre_at(s):
+            return c0 if (cdu is None or s == 0) else c0 + cdu * s
+
+        if self.flow_map:  # x (or the physics step) + h g(x, u_mid, p): h is in w_last, b_last
+            base = x
             if m.physics:
-                u_t = u0 if (du is None or s == 0) else u0 + s * du
-                dx = dx + m.physics_system.rhs(None, xx, u_t, pm)
+                base = fixed_steps(
+                    lambda xx, s: m.physics_system.rhs(None, xx, u_at(s), pm),
+                    x,
+                    self.dt,
+                    n,
+                    m.solver,
+                )
+            return base + self._net(x, pre_at(0.5)), y
+
+        def f(xx, s):
+            dx = self._net(xx, pre_at(s))
+            if m.physics:
+                dx = dx + m.physics_system.rhs(None, xx, u_at(s), pm)
             return dx
 
         return fixed_steps(f, x, self.dt, n, m.solver), y

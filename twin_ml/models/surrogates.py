@@ -1,4 +1,5 @@
-"""Surrogate models: neural ODE, hybrid (physics + learned residual), one-shot emulator.
+"""Surrogate models: neural ODE, hybrid (physics + learned residual), discrete-time flow maps
+(one network evaluation per grid interval), one-shot emulator, reduced-order models.
 
 Every model is a deep ensemble of M members (`StackedMLP`) and carries what it needs to be used
 alone: normalization statistics, the system's declaration, a homoscedastic log-variance per
@@ -224,6 +225,16 @@ class VectorFieldODE(Surrogate):
     ) -> torch.Tensor:
         """dx/dt for x [M, B, nx], u_t [B, nu], p [B, np] (pm: `physical_parameters(p)`, when the
         caller has it already)."""
+        dx = self.learned_rate(x, u_t, p)
+        if self.physics:
+            dx = dx + self.physics_system.rhs(
+                None, x, u_t, self.physical_parameters(p) if pm is None else pm
+            )
+        return dx
+
+    def learned_rate(self, x: torch.Tensor, u_t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """g_theta(x, u_t, p) [M, B, nx], a rate: the network on normalized (x [M, B, nx],
+        u_t [B, nu], p [B, np]), its output scaled by the data's typical rate of change."""
         m, b = x.shape[0], x.shape[1]
         z = torch.cat(
             [
@@ -233,17 +244,25 @@ class VectorFieldODE(Surrogate):
             ],
             dim=-1,
         )
-        dx = self.net(z) * self.dx_std
-        if self.physics:
-            dx = dx + self.physics_system.rhs(
-                None, x, u_t, self.physical_parameters(p) if pm is None else pm
-            )
-        return dx
+        return self.net(z) * self.dx_std
 
     @property
     def substeps(self) -> int:
         """Fixed-step solvers: integration steps per grid interval (1 / step_fraction)."""
         return int(round(1.0 / self.step_fraction))
+
+    def interval_step(self, x, u0, du, p, pm, h: float) -> torch.Tensor:
+        """x [M, B, nx] at a grid interval's end from x at its start, with a fixed-step solver:
+        the input at the interval's fraction s is u0 + s du [B, nu] (du = 0 for held inputs),
+        pm is `step_context(p)`, h the interval's length. `forward` calls it for every interval;
+        the ONNX export's loop body computes the same."""
+        return fixed_steps(
+            lambda xx, s: self.vector_field(xx, u0 + s * du, p, pm),
+            x,
+            h,
+            self.substeps,
+            self.solver,
+        )
 
     def forward(self, x0, u, p, t):
         """Integrate grid interval by grid interval.
@@ -251,17 +270,17 @@ class VectorFieldODE(Surrogate):
         On [t_k, t_k+1] the input is u_k + s (u_k+1 - u_k), s in [0, 1] (linear inputs), or u_k
         (held inputs, up to and including the interval's end): the same semantics as the reference
         solver, which restarts at every jump of a held input, and as the exported ONNX graph.
-        Fixed-step solvers take their n = 1 / step_fraction steps per interval directly
-        (`fixed_steps`: torchdiffeq's formulas, without its per-call overhead, which dominates
-        on long records); adaptive ones call torchdiffeq's odeint per interval. x0 [B, nx] starts
-        every member at the same state; x0 [M, B, nx] gives each member its own.
+        Fixed-step solvers take one `interval_step` per interval (its n = 1 / step_fraction
+        steps by `fixed_steps`: torchdiffeq's formulas, without its per-call overhead, which
+        dominates on long records; a flow map: its one map evaluation); adaptive ones call
+        torchdiffeq's odeint per interval. x0 [B, nx] starts every member at the same state;
+        x0 [M, B, nx] gives each member its own.
         """
         from torchdiffeq import odeint
 
         t_np = t.detach().cpu().double().numpy()
         zoh = torch.as_tensor(self.zoh, device=u.device)
         fixed = self.solver in FIXED_STEP
-        n_sub = self.substeps
         x = x0 if x0.dim() == 3 else x0.unsqueeze(0).expand(self.members, -1, -1)
         pm = self.step_context(p)
         xs = [x]
@@ -270,13 +289,7 @@ class VectorFieldODE(Surrogate):
             du = torch.where(zoh, torch.zeros_like(u0), u[:, k + 1] - u0)
             t0, h = float(t_np[k]), float(t_np[k + 1] - t_np[k])
             if fixed:
-                x = fixed_steps(
-                    lambda xx, s, u0=u0, du=du: self.vector_field(xx, u0 + s * du, p, pm),
-                    x,
-                    h,
-                    n_sub,
-                    self.solver,
-                )
+                x = self.interval_step(x, u0, du, p, pm, h)
             else:
 
                 def f(tt, xx, u0=u0, du=du, t0=t0, h=h):
@@ -311,6 +324,62 @@ def fixed_steps(f, x, h: float, n: int, solver: str):
         else:
             raise ValueError(f"fixed_steps: solver must be one of {FIXED_STEP}, got {solver!r}")
     return x
+
+
+class FlowMap(VectorFieldODE):
+    """A discrete-time flow map: one network evaluation per grid interval of length h.
+
+    kind "flowmap":        x_k+1 = x_k + h g_theta(x_k, u_mid, p)
+    kind "flowmap_hybrid": x_k+1 = Phi_phys(x_k) + h g_theta(x_k, u_mid, p)
+
+    u_mid is the input at the interval's middle (u_k + (u_k+1 - u_k) / 2 for linear inputs, u_k
+    for held ones) and g_theta the neural ODE's network on normalized (x, u, p), scaled by the
+    data's typical rate of change. Phi_phys steps the physics right-hand side (with the learnable
+    parameter factors, as the hybrid's) over the interval with the fixed-step `solver` in
+    1 / step_fraction steps: physics is cheap, the network is what costs, and an RK4 neural ODE
+    evaluates it four times per interval. The correction starts at zero in the hybrid, so an
+    untrained flowmap_hybrid is the physics stepped by RK4.
+
+    A flow map is tied to its grid step: trained on windows of the dataset's dt, it steps that
+    dt (a rollout on another grid asks the map for a step it never learned). Adaptive solvers
+    do not apply: there is no vector field to integrate.
+    """
+
+    def __init__(self, system: dict[str, Any], stats: dict[str, list], **kwargs: Any):
+        solver = kwargs.get("solver", "rk4")
+        if solver not in FIXED_STEP:
+            raise ValueError(
+                f"model.net.solver={solver!r}: a flow map steps its physics with a fixed-step "
+                f"method, one of {FIXED_STEP} (adaptive solvers integrate a vector field, and "
+                "a flow map has none); use kind node or hybrid for an adaptive solver"
+            )
+        super().__init__(system, stats, **kwargs)
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "flowmap_hybrid" if self.physics else "flowmap"
+
+    def interval_step(self, x, u0, du, p, pm, h: float) -> torch.Tensor:
+        """One map evaluation (see the class doc), same arguments as the ODE's."""
+        step = h * self.learned_rate(x, u0 + 0.5 * du, p)
+        if not self.physics:
+            return x + step
+        phys = fixed_steps(
+            lambda xx, s: self.physics_system.rhs(None, xx, u0 + s * du, pm),
+            x,
+            h,
+            self.substeps,
+            self.solver,
+        )
+        return phys + step
+
+    def forward(self, x0, u, p, t):
+        if self.solver not in FIXED_STEP:  # set after construction (the constructor refuses it)
+            raise ValueError(
+                f"model.net.solver={self.solver!r}: a flow map steps with a fixed-step method, "
+                f"one of {FIXED_STEP}"
+            )
+        return super().forward(x0, u, p, t)
 
 
 class Emulator(Surrogate):
@@ -810,6 +879,8 @@ def field_stats(
 MODEL_KINDS = {
     "node": VectorFieldODE,
     "hybrid": VectorFieldODE,
+    "flowmap": FlowMap,
+    "flowmap_hybrid": FlowMap,
     "emulator": Emulator,
     "latent": LatentODE,
     "rom": LatentODE,
@@ -819,14 +890,14 @@ MODEL_KINDS = {
 def build_model(
     kind: str, system: PhysicsSystem | dict, stats: dict[str, list], **kwargs
 ) -> Surrogate:
-    """A surrogate of `kind` (node | hybrid | emulator) for `system` with normalization `stats`."""
+    """A surrogate of `kind` (one of `MODEL_KINDS`) for `system` with normalization `stats`."""
     if kind not in MODEL_KINDS:
         raise KeyError(f"unknown model kind {kind!r}; kinds: {sorted(MODEL_KINDS)}")
     if isinstance(system, PhysicsSystem):
         system = system.reference()
-    if kind == "hybrid":
+    if kind in ("hybrid", "flowmap_hybrid"):
         kwargs["physics"] = True
-    elif kind == "node":
+    elif kind in ("node", "flowmap"):
         kwargs["physics"] = False
     elif kind in ("latent", "rom"):
         kwargs["galerkin"] = kind == "rom"
