@@ -5,8 +5,15 @@ with quantiles.
 Torch-free and BentoML-free: the service wraps a `Runtime`; tests drive it directly. An answer
 holds, per output name, the ensemble mean, the calibrated std and the requested Gaussian
 quantiles at every time point, an in-domain flag with reasons (which parameter, initial state or
-input left the training box, and by how much), the model's name and version, and warnings. Bad
-input raises `RequestError` naming the field and what is allowed.
+input left the training box, and by how much), the scenario's distance to the box
+(`domain_distance`: the largest of those amounts, in box widths; 0 inside), the model's name and
+version, and warnings. Bad input raises `RequestError` naming the field and what is allowed.
+
+Outside the box the std the graph computes (in-domain conformal scale included) is widened by the
+card's conformal shift, std * (1 + beta * d) per output (twin_ml.uq.shift; beta 0 for cards
+without one), and the quantiles follow from the widened std. Inside (d = 0) the graph's std is
+answered as it is. A reduced model's decoded fields keep the members' spread (beta is fitted on
+the outputs only).
 """
 
 from __future__ import annotations
@@ -111,6 +118,8 @@ class Runtime:
         return answers  # type: ignore[return-value]
 
     def _answer(self, s: Scenario, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
+        if s.distance > 0:  # outside the training box: the conformal shift's widening
+            std = std * self.card.conformal_shift.factor(s.distance, len(self.outputs))[None, :]
         warnings = []
         if s.defaulted_states:
             warnings.append(
@@ -133,6 +142,8 @@ class Runtime:
             "outputs": outputs,
             "in_domain": not s.reasons,
             "domain_reasons": s.reasons,
+            # JSON has no infinity (a value beyond float range): None, as in the series
+            "domain_distance": s.distance if math.isfinite(s.distance) else None,
             "model": {"name": self.card.name, "version": self.card.version},
             "warnings": warnings,
         }

@@ -118,6 +118,18 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         outputs=(outputs, ...),
         in_domain=(bool, ...),
         domain_reasons=(list[str], ...),
+        domain_distance=(
+            float | None,
+            Field(
+                0.0,
+                ge=0,
+                description="how far the scenario lies outside the training box: the largest "
+                "amount by which a parameter, initial state or input leaves its training range, "
+                "in range widths (0 inside; null beyond float range). Outside, the std (and the "
+                "quantiles) widen by 1 + beta * domain_distance per output, beta fitted on "
+                "scenarios outside the box (the model card's conformal_shift)",
+            ),
+        ),
         model=(ModelRef, ...),
         warnings=(list[str], ...),
         **_fields_answer(card),

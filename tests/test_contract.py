@@ -10,7 +10,14 @@ import sys
 import numpy as np
 import pytest
 
-from twin_ml.contract import CardError, DomainBox, ModelCard, RequestError, parse_scenario
+from twin_ml.contract import (
+    CardError,
+    ConformalShift,
+    DomainBox,
+    ModelCard,
+    RequestError,
+    parse_scenario,
+)
 from twin_ml.physics import make_system
 
 BOX_V1 = {
@@ -120,6 +127,59 @@ def test_the_domain_box_says_what_left_it_and_by_how_much(card):
         "input torque = 3 is above the training range [-2, 2] by 1 (25% of its width)",
     ]
     assert DomainBox.from_design(BOX_V1) == card.domain
+    assert DomainBox.of_design({"box": BOX_V1, "regime": None, "sampler": "lhs"}) == card.domain
+
+
+def test_the_distance_to_the_box_is_the_largest_fraction_its_reasons_report(card):
+    system, box = card.system, card.domain
+    p_in, x_in = np.array([1.0, 0.2, 1.0]), np.zeros(2)
+    assert box.distance(system, p_in, x_in, np.zeros((5, 1))) == 0.0
+    faces = (np.array([2.0, 0.05, 0.5]), np.array([2.5, -2.0]), np.full((5, 1), -2.0))
+    assert box.distance(system, *faces) == 0.0 and box.reasons(system, *faces) == []
+    # length 0.3 above [0.5, 2]: 0.3 / 1.5 of its width; omega 0.5 below [-2, 2]: 0.5 / 4
+    p_out, x_out = np.array([2.3, 0.2, 1.0]), np.array([0.0, -2.5])
+    assert box.distance(system, p_out, x_in, np.zeros((5, 1))) == (2.3 - 2.0) / 1.5
+    assert box.distance(system, p_in, x_out, np.zeros((5, 1))) == 0.125
+    u = np.zeros((5, 1))
+    u[2, 0] = 3.0  # one step of the input 1 above [-2, 2]: 1 / 4 of its width, the largest
+    assert box.distance(system, p_out, x_out, u) == 0.25
+    assert box.check(system, p_out, x_out, u) == (box.reasons(system, p_out, x_out, u), 0.25)
+    # N scenarios at once (what training computes on the design's box): the same numbers
+    rng = np.random.default_rng(0)
+    n = 64
+    p = rng.uniform([0.2, 0.0, 0.3], [2.4, 0.6, 2.3], (n, 3))
+    x0 = rng.uniform(-2.8, 2.8, (n, 2))
+    u = rng.uniform(-2.2, 2.2, (n, 7, 1))
+    d = box.distances(system, p, x0, u)
+    assert d.tolist() == [box.distance(system, p[i], x0[i], u[i]) for i in range(n)]
+    assert [x > 0 for x in d] == [bool(box.reasons(system, p[i], x0[i], u[i])) for i in range(n)]
+    assert 0 < (d > 0).sum() < n
+    assert box.distances(system, p.astype(np.float32), x0, u).dtype == np.float64
+
+
+def test_a_parsed_scenario_carries_its_distance(card):
+    assert parse_scenario(card, scenario()).distance == 0.0
+    out = parse_scenario(card, scenario(parameters={"length": 2.3, "damping": 0.2, "mass": 1.0}))
+    assert out.distance == (2.3 - 2.0) / 1.5 and not out.in_domain
+
+
+def test_a_card_without_a_conformal_shift_reads_as_beta_zero(card):
+    """Cards written before the conformal shift (v1, and v2 without the field) load with beta 0:
+    the std is never widened. A card with one widens by 1 + beta d and round-trips."""
+    ny = len(card.system.outputs)
+    assert card.conformal_shift == ConformalShift() and card.conformal_shift.beta == []
+    assert card.conformal_shift.factor(0.3, ny).tolist() == [1.0] * ny
+    v2 = json.loads(card.dumps())
+    del v2["conformal_shift"]
+    assert ModelCard.from_json(v2).conformal_shift == ConformalShift()
+    shifted = ModelCard.from_json({**v2, "conformal_shift": {"beta": [0.5] * ny, "n_fit": 7}})
+    assert shifted.conformal_shift.factor(0.2, ny).tolist() == [1.1] * ny
+    assert shifted.conformal_shift.factor(np.zeros(3), ny).tolist() == [[1.0] * ny] * 3
+    assert ModelCard.from_json(shifted.dumps()) == shifted
+    for bad, text in (([0.5] * (ny + 1), "outputs"), ([-0.1] * ny, "finite and >= 0")):
+        with pytest.raises(CardError, match="conformal_shift") as e:
+            ModelCard.from_json({**v2, "conformal_shift": {"beta": bad}})
+        assert text in str(e.value)
 
 
 def scenario(n=10, **over):

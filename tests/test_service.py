@@ -176,6 +176,67 @@ def test_simulate_answers_like_the_runtime(server):
     assert np.allclose(a["outputs"]["h2"]["std"], ref["outputs"]["h2"]["std"], atol=1e-6)
 
 
+def test_outside_the_box_the_std_widens_by_the_conformal_shift(server):
+    """Outside the training box each output's std is the graph's times 1 + beta d (beta: the
+    card's conformal_shift, fitted by twin-train on the extrapolation split; d: domain_distance,
+    here k1 0.2 box widths above its range), and the quantiles follow it; inside, d = 0 and the
+    graph's std as it is. With a beta forced > 0 (the one fitted on 3 extrapolation scenarios may
+    be 0), in-domain answers are identical to beta 0's and the std outside scales exactly."""
+    from statistics import NormalDist
+
+    from conftest import rollout_tol
+
+    from serving.runtime import Runtime
+    from twin_ml._ort import session
+    from twin_ml.contract import ConformalShift
+
+    url, manifest, run_dir, _ = server
+    names, ny = manifest.system.output_names, len(manifest.system.outputs)
+    shift = manifest.conformal_shift
+    fitted = json.loads((run_dir / "metrics.json").read_text())["detail"]["conformal_shift"]
+    assert shift.beta == fitted["beta"] and len(shift.beta) == ny
+    assert shift.n_fit == fitted["n_fit"] >= 1
+    inside, outside = scenario(manifest), scenario(manifest)
+    lo, hi = manifest.domain.parameters["k1"]
+    outside["parameters"]["k1"] = hi + 0.2 * (hi - lo)
+    status, body = post(url, {"scenarios": [inside, outside]})
+    assert status == 200 and body[0]["in_domain"] and not body[1]["in_domain"]
+    assert body[0]["domain_distance"] == 0.0
+    assert body[1]["domain_distance"] == pytest.approx(0.2, rel=1e-9)
+    onnx = (run_dir / "export" / "model.onnx").read_bytes()
+    sess = session(onnx)
+    z90 = NormalDist().inv_cdf(0.9)
+    for a, sc in zip(body, (inside, outside)):
+        feeds = {
+            "x0": np.array([[sc["initial_state"][n] for n in manifest.system.state_names]]),
+            "u": np.array(sc["inputs"]["pump"])[None, :, None],
+            "p": np.array([[sc["parameters"][n] for n in manifest.system.parameter_names]]),
+        }
+        mean, std = sess.run(["mean", "std"], {k: v.astype(np.float32) for k, v in feeds.items()})
+        factor = 1.0 + np.asarray(shift.beta) * a["domain_distance"]
+        tol = rollout_tol(10, np.abs(mean).max())  # another batch than the server's, maybe
+        for j, name in enumerate(names):
+            out = a["outputs"][name]
+            served = np.array(out["std"])
+            assert np.allclose(served, std[0, :, j] * factor[j], rtol=0, atol=tol * factor[j])
+            q90 = np.array(out["mean"]) + z90 * served
+            assert np.allclose(out["quantiles"]["0.9"], q90, rtol=1e-12, atol=0)
+    # the same session, the card's beta 0 and forced: the in-domain answer bit for bit the same
+    rt = Runtime(onnx, manifest)
+    rt.card = manifest.model_copy(update={"conformal_shift": ConformalShift()})
+    before = rt.simulate([inside, outside])
+    beta = np.linspace(0.7, 1.3, ny)
+    rt.card = manifest.model_copy(update={"conformal_shift": ConformalShift(beta=beta.tolist())})
+    after = rt.simulate([inside, outside])
+    assert after[0] == before[0]
+    d = after[1]["domain_distance"]
+    for j, name in enumerate(names):
+        std0, std1 = (np.array(x[1]["outputs"][name]["std"]) for x in (before, after))
+        assert np.array_equal(std1, std0 * (1.0 + beta[j] * d)) and np.all(std1 > std0)
+        q1 = np.array(after[1]["outputs"][name]["quantiles"]["0.9"])
+        assert np.allclose(q1, np.array(after[1]["outputs"][name]["mean"]) + z90 * std1, rtol=1e-12)
+
+
 def test_model_endpoint_serves_the_manifest(server):
     url, manifest, _, _ = server
     with urllib.request.urlopen(f"{url}/model/", timeout=10) as r:

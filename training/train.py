@@ -170,7 +170,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             )
             + ")"
         )
-    ev = evaluate_trained(model, system, dm, speed_scenarios=cfg.speed_scenarios)
+    ev = evaluate_trained(model, system, dm, speed_scenarios=cfg.speed_scenarios, seed=cfg.seed)
     metrics = ev.metrics
     metrics["train"] = {
         "epochs": trainer.current_epoch,
@@ -190,6 +190,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         _config_text(cfg),
         dataset_sha256=dm.dataset.sha256,
         design=dm.dataset.card.design,  # the training domain, for export and serving
+        conformal_shift=ev.shift.card().model_dump(mode="json"),  # the widening outside it
         metrics={
             k: v
             for k, v in sorted(json_safe(flat)[0].items())
@@ -323,6 +324,7 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         telemetry=telemetry.model_metadata(
             data, loaded, list(tcfg.test), ev.ranges, int(tcfg.init_samples)
         ),
+        conformal_shift=ev.shift.card().model_dump(mode="json"),  # beta 0: no extrapolation
         metrics=json_safe({k: v for k, v in flat.items() if k.startswith("test/")})[0],
     )
     write_json(out_dir / "metrics.json", {**flat, "detail": metrics})

@@ -23,6 +23,11 @@ from twin_ml.physics import PhysicsSystem, SolverSettings, solve_looped, solve_s
 
 
 class SurrogateBackend:
+    """The exported surrogate in onnxruntime. Its std is the graph's (the in-domain conformal
+    scale), not widened by the card's conformal_shift as /simulate widens it outside the training
+    box: candidates stay in the box by default (d = 0, where the two agree), a widening would
+    reward a fit for leaving it, and the solver verifies the estimate."""
+
     name = "surrogate"
     batched = True  # K candidates cost about one call: the optimizer may send extra ones
 

@@ -6,6 +6,7 @@ it (`ModelCard.from_json` also reads the previous format). Torch-free.
 
 from twin_ml.contract.card import FORMAT as FORMAT
 from twin_ml.contract.card import CardError as CardError
+from twin_ml.contract.card import ConformalShift as ConformalShift
 from twin_ml.contract.card import DomainBox as DomainBox
 from twin_ml.contract.card import GridCard as GridCard
 from twin_ml.contract.card import ModelCard as ModelCard
@@ -25,8 +26,8 @@ from twin_ml.contract.requests import parse_scenario as parse_scenario
 from twin_ml.contract.requests import parse_scenarios as parse_scenarios
 
 __all__ = [
-    "FORMAT", "CalibrationRequest", "CardError", "DatasetCard", "DomainBox", "GridCard",
-    "ModelCard", "Normalization", "Provenance", "RequestError", "RequestTooLarge", "Scenario",
-    "SystemCard", "TimeGrid", "Variable", "decodes_fields", "parse_calibration", "parse_scenario",
-    "parse_scenarios",
+    "FORMAT", "CalibrationRequest", "CardError", "ConformalShift", "DatasetCard", "DomainBox",
+    "GridCard", "ModelCard", "Normalization", "Provenance", "RequestError", "RequestTooLarge",
+    "Scenario", "SystemCard", "TimeGrid", "Variable", "decodes_fields", "parse_calibration",
+    "parse_scenario", "parse_scenarios",
 ]  # fmt: skip

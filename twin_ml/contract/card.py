@@ -17,6 +17,10 @@ Format ``twin-ml/onnx/v2`` (JSON, one object)::
                    inputs {name: {offset: [low, high], amplitude: [low, high]}}, regime
     normalization  x/u/p/y means and stds, dx_std
     conformal_scale, metrics, parity, integrator_error
+    conformal_shift  the widening of the served std outside the training box (optional; absent
+                   in older cards, read as beta 0): beta per output, the distance's definition,
+                   the level, n_fit (the extrapolation scenarios beta was fitted on), notes.
+                   Served std = std * (1 + beta * d), d = `DomainBox.distance` of the scenario
     provenance     dataset_sha256, config_sha256, weights_sha256, code_version, created_at
     (in the store only) onnx_sha256, files: sha256 of every stored file
 
@@ -29,11 +33,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from twin_ml.contract.errors import RequestError
 
@@ -214,10 +220,74 @@ class InputRange(BaseModel):
     amplitude: Range | None = None
 
 
+# what `DomainBox.distance` measures, as metrics.json and the card's conformal_shift name it
+DISTANCE = (
+    "max over the training box's parameters, initial states and inputs (their values over the "
+    "scenario) of how far the value lies outside the box, in box widths (0 inside)"
+)
+
+
+@dataclass(frozen=True)
+class Excess:
+    """Where N scenarios lie against the box's V ranges: per scenario and variable the lowest and
+    the highest value it takes (a parameter or an initial state: its one value; an input: its min
+    and max over the scenario's time grid). `DomainBox.excesses` makes it; the in-domain reasons
+    and the distance both read it."""
+
+    labels: list[str]  # [V] "parameter length", "initial state theta", "input torque"
+    lo: np.ndarray  # [V] the ranges
+    hi: np.ndarray  # [V]
+    low: np.ndarray  # [N, V]
+    high: np.ndarray  # [N, V]
+
+    @cached_property
+    def widths(self) -> np.ndarray:
+        # [V]; a variable the design fixed (low == high): any departure from it counts as far
+        return np.maximum(self.hi - self.lo, 1e-12)
+
+    def fractions(self) -> np.ndarray:
+        """[N, V] how far each scenario lies outside each range, in range widths (0 inside)."""
+        out = np.maximum(self.lo - self.low, self.high - self.hi)
+        return np.maximum(out, 0.0) / self.widths
+
+    def distances(self) -> np.ndarray:
+        """[N] the largest of `fractions` over the variables (0 inside every range)."""
+        return self.fractions().max(axis=1, initial=0.0)
+
+    def messages(self, i: int = 0) -> list[str]:
+        """Why scenario `i` is outside the ranges (per variable below, above, or both); empty
+        when inside."""
+        out = []
+        rows = zip(
+            self.labels, self.lo.tolist(), self.hi.tolist(), self.low[i].tolist(),
+            self.high[i].tolist(), self.widths.tolist(),
+        )  # fmt: skip
+        for label, lo, hi, lo_v, hi_v, width in rows:
+            if lo_v < lo:
+                out.append(
+                    f"{label} = {lo_v:g} is below the training range [{lo:g}, {hi:g}] by "
+                    f"{lo - lo_v:g} ({100 * (lo - lo_v) / width:.0f}% of its width)"
+                )
+            if hi_v > hi:
+                out.append(
+                    f"{label} = {hi_v:g} is above the training range [{lo:g}, {hi:g}] by "
+                    f"{hi_v - hi:g} ({100 * (hi_v - hi) / width:.0f}% of its width)"
+                )
+        return out
+
+
+def widening(beta: Any, distance: Any) -> np.ndarray:
+    """The factor 1 + beta * d the std is multiplied by at distance d from the training box:
+    beta [ny] (>= 0), distance a number or [N] -> [ny] or [N, ny]. Exactly 1 at d = 0."""
+    d = np.asarray(distance, dtype=np.float64)
+    return 1.0 + np.multiply.outer(d, np.asarray(beta, dtype=np.float64))
+
+
 class DomainBox(BaseModel):
     """The training domain: the box the design sampled (its regime's, or the full bounds).
 
-    Owns the in-domain check (`reasons`) and every lookup of a variable's range."""
+    Owns the in-domain check (`reasons`), the distance to the box (`distance`, `distances`), both
+    from one comparison (`excesses`), and every lookup of a variable's range."""
 
     model_config = _OPEN
     parameters: dict[str, Range] = Field(default_factory=dict)
@@ -244,6 +314,13 @@ class DomainBox(BaseModel):
                 raise CardError(f"domain box: unknown key {key!r}")
         return cls(**out, regime=regime)
 
+    @classmethod
+    def of_design(cls, design: Mapping[str, Any]) -> DomainBox:
+        """The box of a design's recorded settings (a dataset card's `design`, a run's
+        model.json `design`): its sampled "box" and its "regime". Export writes this box into the
+        card, so training (the conformal shift's fit) and serving measure the same distance."""
+        return cls.from_design(design.get("box", {}), design.get("regime"))
+
     def fitted(self, name: str) -> Range | None:
         """The range of a calibration's fitted name: a parameter, or "state:<name>"."""
         if name.startswith("state:"):
@@ -259,33 +336,98 @@ class DomainBox(BaseModel):
         lo, hi = self.states.get(name, (0.0, 0.0))
         return (lo + hi) / 2
 
+    def excesses(self, card: Any, p: Any, x0: Any, u: Any) -> Excess:
+        """Where scenarios p [N, np], x0 [N, nx], u [N, T, nu] lie against the ranges of the box
+        (in float64), variables in the order parameters, initial states, inputs. `card`: a
+        `SystemCard` or a `PhysicsSystem` (the declared names). A variable the box does not hold
+        is left out."""
+        p, x0, u = (np.asarray(a, dtype=np.float64) for a in (p, x0, u))
+        groups = (
+            ("parameter", card.parameter_names[: p.shape[-1]], self.parameters.get),
+            ("initial state", card.state_names[: x0.shape[-1]], self.states.get),
+            ("input", card.input_names[: u.shape[-1]], self.input_range),
+        )
+        labels: list[str] = []
+        ranges: list[Range] = []
+        cols: list[int] = []  # the columns of [p, x0, u] the box holds a range for
+        k = 0
+        for kind, names, get in groups:
+            for n in names:
+                if (rng := get(n)) is not None:
+                    labels.append(f"{kind} {n}")
+                    ranges.append(rng)
+                    cols.append(k)
+                k += 1
+        n_p, n_x, n_u = (len(g[1]) for g in groups)
+        u = u[:, :, :n_u]
+        lows = np.concatenate([p[:, :n_p], x0[:, :n_x], u.min(axis=1, initial=np.inf)], axis=1)
+        highs = np.concatenate([p[:, :n_p], x0[:, :n_x], u.max(axis=1, initial=-np.inf)], axis=1)
+        if len(cols) < k:
+            lows, highs = lows[:, cols], highs[:, cols]
+        rng_arr = np.array(ranges, dtype=np.float64).reshape(-1, 2)
+        return Excess(labels, rng_arr[:, 0], rng_arr[:, 1], lows, highs)
+
+    def check(
+        self, card: Any, p: np.ndarray, x0: np.ndarray, u: np.ndarray
+    ) -> tuple[list[str], float]:
+        """(`reasons`, `distance`) of one scenario, from one comparison."""
+        ex = self.excesses(card, np.asarray(p)[None], np.asarray(x0)[None], np.asarray(u)[None])
+        return ex.messages(), float(ex.distances()[0])
+
     def reasons(self, card: SystemCard, p: np.ndarray, x0: np.ndarray, u: np.ndarray) -> list[str]:
         """Why a scenario (p [np], x0 [nx], u [T, nu]) is outside the box; empty when inside."""
-        out: list[str] = []
+        return self.check(card, p, x0, u)[0]
 
-        def check(rng: Range | None, label: str, lo_v: float, hi_v: float) -> None:
-            if rng is None:
-                return
-            lo, hi = rng
-            width = max(hi - lo, 1e-12)
-            if lo_v < lo:
-                out.append(
-                    f"{label} = {lo_v:g} is below the training range [{lo:g}, {hi:g}] by "
-                    f"{lo - lo_v:g} ({100 * (lo - lo_v) / width:.0f}% of its width)"
-                )
-            if hi_v > hi:
-                out.append(
-                    f"{label} = {hi_v:g} is above the training range [{lo:g}, {hi:g}] by "
-                    f"{hi_v - hi:g} ({100 * (hi_v - hi) / width:.0f}% of its width)"
-                )
+    def distance(self, card: SystemCard, p: np.ndarray, x0: np.ndarray, u: np.ndarray) -> float:
+        """How far a scenario (p [np], x0 [nx], u [T, nu]) lies outside the box: the largest
+        amount by which a parameter, an initial state or an input's value over the scenario
+        leaves its training range, as a fraction of that range's width; 0 inside. The amounts
+        `reasons` reports (its "% of its width", unrounded). A variable the design fixed
+        (zero width) counts its departure against a width of 1e-12: huge, as the model never saw
+        it vary."""
+        return self.check(card, p, x0, u)[1]
 
-        for n, v in zip(card.parameter_names, p):
-            check(self.parameters.get(n), f"parameter {n}", float(v), float(v))
-        for n, v in zip(card.state_names, x0):
-            check(self.states.get(n), f"initial state {n}", float(v), float(v))
-        for j, n in enumerate(card.input_names):
-            check(self.input_range(n), f"input {n}", float(u[:, j].min()), float(u[:, j].max()))
-        return out
+    def distances(self, card: Any, p: Any, x0: Any, u: Any) -> np.ndarray:
+        """`distance` of N scenarios at once: p [N, np], x0 [N, nx], u [N, T, nu] -> [N]."""
+        return self.excesses(card, p, x0, u).distances()
+
+
+class ConformalShift(BaseModel):
+    """How the served std widens outside the training box, per output j:
+
+        std_served = std * (1 + beta_j * d),   d = `DomainBox.distance` of the scenario
+
+    (std already holds the in-domain conformal scale; d = 0 inside the box, so in-domain answers
+    are unchanged). beta is fitted at training time on the dataset's extrapolation split
+    (`twin_ml.uq.shift`): the smallest beta >= 0 whose `level` intervals cover those points at the
+    split-conformal finite-sample level. Empty `beta`: 0 for every output (cards written before
+    this field, telemetry-trained models, datasets without an extrapolation split)."""
+
+    model_config = _OPEN
+    beta: list[float] = Field(default_factory=list)  # [ny], >= 0; empty: 0
+    distance: str = DISTANCE
+    level: float = 0.9  # the interval level beta was fitted for
+    n_fit: int = 0  # the extrapolation scenarios beta was fitted on
+    notes: list[str] = Field(default_factory=list)
+
+    @field_validator("beta")
+    @classmethod
+    def _finite_and_nonnegative(cls, beta: list[float]) -> list[float]:
+        if not all(math.isfinite(b) and b >= 0 for b in beta):
+            raise ValueError(f"every beta must be finite and >= 0, got {beta}")
+        return beta
+
+    def betas(self, n_outputs: int) -> np.ndarray:
+        """beta [n_outputs] (zeros when none was fitted)."""
+        if not self.beta:
+            return np.zeros(n_outputs)
+        if len(self.beta) != n_outputs:
+            raise CardError(f"conformal_shift: {len(self.beta)} betas for {n_outputs} outputs")
+        return np.asarray(self.beta, dtype=np.float64)
+
+    def factor(self, distance: Any, n_outputs: int) -> np.ndarray:
+        """`widening` at `distance` (a number or [N]) -> [n_outputs] or [N, n_outputs]."""
+        return widening(self.betas(n_outputs), distance)
 
 
 class Normalization(BaseModel):
@@ -329,12 +471,21 @@ class ModelCard(BaseModel):
     domain: DomainBox
     normalization: Normalization
     conformal_scale: list[float]
+    # optional (cards before it read as beta 0): the widening outside the training box
+    conformal_shift: ConformalShift = Field(default_factory=ConformalShift)
     metrics: dict[str, Any] = Field(default_factory=dict)
     parity: dict[str, Any] | None = None
     integrator_error: dict[str, Any] | None = None
     provenance: Provenance = Field(default_factory=Provenance)
     onnx_sha256: str | None = None  # in the store's copy (the file cannot hold its own hash)
     files: dict[str, str] | None = None  # in the store's copy: sha256 of every stored file
+
+    @model_validator(mode="after")
+    def _one_beta_per_output(self) -> ModelCard:
+        n, ny = len(self.conformal_shift.beta), len(self.system.outputs)
+        if n and n != ny:
+            raise ValueError(f"conformal_shift.beta has {n} values for {ny} outputs")
+        return self
 
     @property
     def ref(self) -> str:

@@ -60,7 +60,7 @@ class DatasetCard(BaseModel):
     @property
     def domain(self) -> DomainBox:
         """The training domain the design sampled."""
-        return DomainBox.from_design(self.design.get("box", {}), self.design.get("regime"))
+        return DomainBox.of_design(self.design)
 
     @classmethod
     def read(cls, path: str | Path) -> DatasetCard:

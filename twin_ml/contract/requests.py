@@ -155,6 +155,7 @@ class Scenario:
     reasons: list[str]  # why it is outside the training domain; empty: inside
     defaulted_states: list[str]
     field_steps: list[int] = field(default_factory=list)  # grid indices of the fields asked for
+    distance: float = 0.0  # how far outside the training box (DomainBox.distance); 0: inside
 
     @property
     def in_domain(self) -> bool:
@@ -239,13 +240,13 @@ def parse_scenario(
             f"{where}.quantiles", f"levels must differ (as the answer names them, {{q:g}}): {qs}"
         )
     field_steps = _field_steps(card, sc.get("fields"), f"{where}.fields", t)
-    reasons = card.domain.reasons(system, p, x0, u)
+    reasons, distance = card.domain.check(system, p, x0, u)
     if reasons and strict:
         raise RequestError(
             where, "outside the training domain (strict mode): " + "; ".join(reasons)
         )
     defaulted = [n for n in system.state_names if n not in given_x]
-    return Scenario(t, x0, u, p, qs, reasons, defaulted, field_steps)
+    return Scenario(t, x0, u, p, qs, reasons, defaulted, field_steps, distance)
 
 
 def decodes_fields(card: ModelCard) -> bool:

@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from twin_ml.contract.card import ConformalShift, DomainBox
 from twin_ml.evaluate.metrics import accuracy, error_vs_horizon, regime_masks
 from twin_ml.physics.solver import SolverSettings, solve_looped, solve_stacked
-from twin_ml.uq import conformal_scale, interval_report
+from twin_ml.uq import ShiftFit, conformal_scale, cross_fit_shift, interval_report
 
 
 def predict_numpy(
@@ -39,20 +40,72 @@ def fit_conformal_scale(
     return scale
 
 
+def fit_conformal_shift(
+    model,
+    system,
+    box: DomainBox,
+    extrapolation: dict[str, np.ndarray],
+    t: np.ndarray,
+    *,
+    level: float = 0.9,
+    seed: int = 0,
+    prediction: tuple[np.ndarray, np.ndarray] | None = None,
+) -> ShiftFit:
+    """The conformal shift (twin_ml.uq.shift) of the calibrated `model` on the extrapolation
+    split, cross-fitted in two halves split by `seed`: beta per output for std * (1 + beta d), d
+    the distance of each scenario to the training `box` (`DomainBox.distances`, the function
+    serving uses on the card's box). `prediction`: the split's (mean, std), when already made.
+    With no extrapolation scenario beta is 0 and the fit's note says so."""
+    n = len(extrapolation["p"])
+    if n == 0:
+        return ShiftFit.none(len(system.output_names), level=level)
+    mean, std = prediction or predict_numpy(model, extrapolation, t)
+    d = box.distances(system, extrapolation["p"], extrapolation["x0"], extrapolation["u"])
+    return cross_fit_shift(extrapolation["y"], mean, std, d, level=level, seed=seed)
+
+
 def evaluate_splits(
-    model, system, splits: dict[str, dict[str, np.ndarray]], t: np.ndarray
+    model,
+    system,
+    splits: dict[str, dict[str, np.ndarray]],
+    t: np.ndarray,
+    *,
+    box: DomainBox | None = None,
+    shift: ShiftFit | ConformalShift | None = None,
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[dict, dict]:
-    """Metrics per split (and per regime), and the predictions for the report."""
+    """Metrics per split (and per regime), and the predictions for the report.
+
+    Outside the training `box` the std widens as served, by 1 + beta d (d: `DomainBox.distances`;
+    val and test lie inside, d = 0, and are unchanged). `shift`: a `ShiftFit` fitted on
+    splits["extrapolation"] scores that split cross-fitted (each scenario by the beta of the half
+    it did not help fit: out-of-sample coverage, width, NLL, CRPS) and every other split by the
+    deployed beta; a `ConformalShift` (a saved run's) scores every split by its beta; None or no
+    `box`: no widening. `predictions`: (mean, std) per split already made (reused). Each split's
+    distances are summarized as distance_median and distance_max."""
     y_scale = model.y_std.numpy().astype(np.float64)
     names = system.output_names
+    deployed = shift.card() if isinstance(shift, ShiftFit) else shift
     metrics: dict[str, Any] = {}
     preds = {}
     for split, d in splits.items():
         if len(d["p"]) == 0:
             continue
-        mean, std = predict_numpy(model, d, t)
+        mean, std = (predictions or {}).get(split) or predict_numpy(model, d, t)
+        dist = None if box is None else box.distances(system, d["p"], d["x0"], d["u"])
+        if dist is not None and isinstance(shift, ShiftFit) and split == "extrapolation":
+            if shift.factor.shape[0] != len(dist):
+                raise ValueError(
+                    f"shift: fitted on {shift.factor.shape[0]} extrapolation scenarios, the split "
+                    f"has {len(dist)}"
+                )
+            std = std * shift.factor[:, None, :]  # cross-fitted
+        elif dist is not None and deployed is not None and np.any(dist > 0):
+            std = std * deployed.factor(dist, len(names))[:, None, :]
         preds[split] = (mean, std)
         m = {**accuracy(d["y"], mean, y_scale, names), **interval_report(d["y"], mean, std)}
+        if dist is not None:
+            m.update(distance_median=float(np.median(dist)), distance_max=float(dist.max()))
         m["error_vs_horizon"] = error_vs_horizon(d["y"], mean, y_scale)
         regimes = {}
         for rname, mask in regime_masks(system, d["p"], d["x0"], d["u"]).items():

@@ -165,6 +165,19 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
             f"looped {speed['solver_looped_s']:.3f} s ({speed['speedup_vs_looped']:.1f}x), stacked "
             f"{speed['solver_stacked_s']:.3f} s ({speed['speedup_vs_stacked']:.1f}x).</p>"
         )
+    shift = metrics.get("conformal_shift")
+    if shift and shift.get("n_fit"):
+        scored = (
+            "cross-fitted: each scenario is scored by the beta of the half it did not help fit"
+            if "cross_fit" in shift
+            else "scored by the deployed beta"
+        )
+        beta = ", ".join(f"{b:.3g}" for b in shift["beta"])
+        body.append(
+            f"<p>Outside the training box the std widens by 1 + beta d (d: the distance to the "
+            f"box in box widths; beta per output [{beta}], fitted on {shift['n_fit']} "
+            f"extrapolation scenarios). The extrapolation intervals are {scored}.</p>"
+        )
     for title, img in imgs:
         body.append(f"<h2>{html.escape(title)}</h2><img src='{img}'>")
     page = (

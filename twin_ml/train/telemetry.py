@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from twin_ml.data.records import Records, record_inputs, record_outputs, state_table
+from twin_ml.uq import ShiftFit
 
 
 @dataclass
@@ -155,6 +156,7 @@ class Evaluation:
     plots: dict[str, str]  # record -> free_run_<record>.png
     scale: np.ndarray  # the conformal scale per output, set in the model
     ranges: np.ndarray  # [nx, 2] the state ranges an initial state is searched in
+    shift: ShiftFit  # no conformal shift (beta 0): records have no extrapolation split
 
 
 def conformal_scale_from_free_runs(
@@ -301,7 +303,12 @@ def evaluate(
         metrics["notes"] = notes
     metrics["learned_parameters"] = learned_parameters(model, p)
     metrics["conformal_scale"] = scale.tolist()
-    return Evaluation(metrics, flat, plots, scale, ranges)
+    shift = ShiftFit.none(
+        len(outs), "telemetry records have no extrapolation split: beta = 0 (intervals are not "
+        "widened outside the training domain)"
+    )  # fmt: skip
+    metrics["conformal_shift"] = shift.summary()
+    return Evaluation(metrics, flat, plots, scale, ranges, shift)
 
 
 def learned_parameters(model, p: np.ndarray) -> dict[str, dict[str, Any]]:

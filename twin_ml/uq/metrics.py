@@ -17,7 +17,8 @@ from scipy.stats import norm
 LEVELS = (0.5, 0.9, 0.95)
 
 
-def _z(level: float) -> float:
+def central_z(level: float) -> float:
+    """z of the central `level` interval, mean +- z * std (0.9: 1.645)."""
     if not 0 < level < 1:
         raise ValueError(f"interval level must be in (0, 1), got {level}")
     return float(norm.ppf(0.5 + level / 2))
@@ -45,7 +46,7 @@ def _points(y, mean, std, mask):
 def coverage(y, mean, std, level: float, mask=None) -> float | None:
     """Fraction of the measured y inside the central `level` interval (None: no measured
     point)."""
-    z = _z(level)
+    z = central_z(level)
     pts = _points(y, mean, std, mask)
     if pts is None:
         return None
@@ -75,20 +76,29 @@ def crps_gaussian(y, mean, std, mask=None) -> float | None:
     return float(np.mean(s * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / np.sqrt(np.pi))))
 
 
+def conformal_quantile(scores: np.ndarray, level: float) -> float:
+    """The split-conformal quantile of n scores [n]: their ceil((n+1) level) / n quantile (the
+    'higher' of two neighbours, so at least that share of the scores lies at or below it; all of
+    them when n is too small). Bounding a new exchangeable score by it holds with probability
+    >= level."""
+    n = len(scores)
+    q = min(1.0, np.ceil((n + 1) * level) / n)
+    return float(np.quantile(scores, q, method="higher"))
+
+
 def conformal_scale(y, mean, std, level: float = 0.9) -> np.ndarray:
     """Split-conformal scale per output [ny]: multiplying std by it makes the `level` interval cover
     the calibration data with the finite-sample guarantee ceil((n+1) level) / n. Each output on its
     measured points (finite y); an output with none keeps the scale 1."""
     r = np.abs(np.asarray(y, dtype=float) - mean) / np.maximum(std, 1e-300)  # [N, T, ny]
     r = r.reshape(-1, r.shape[-1])
-    z = _z(level)
+    z = central_z(level)
     finite_y = np.isfinite(np.asarray(y, dtype=float)).reshape(-1, r.shape[-1])
     scale = np.ones(r.shape[-1])
     for j in range(r.shape[-1]):
         rj = r[finite_y[:, j], j]
         if len(rj):
-            q = min(1.0, np.ceil((len(rj) + 1) * level) / len(rj))
-            scale[j] = np.quantile(rj, q, method="higher") / z
+            scale[j] = conformal_quantile(rj, level) / z
     return scale
 
 
@@ -103,7 +113,9 @@ def interval_report(y, mean, std, levels=LEVELS, mask=None) -> dict[str, float |
     out: dict[str, float | None] = {
         f"coverage_{int(round(100 * lv))}": coverage(y, mean, std, lv) for lv in levels
     }
-    out.update({f"width_{int(round(100 * lv))}": float(np.mean(2 * _z(lv) * std)) for lv in levels})
+    out.update(
+        {f"width_{int(round(100 * lv))}": float(np.mean(2 * central_z(lv) * std)) for lv in levels}
+    )
     out["nll"] = nll_gaussian(y, mean, std)
     out["crps"] = crps_gaussian(y, mean, std)
     return out
