@@ -229,9 +229,9 @@ def test_bad_input_is_one_line_from_the_command(pendulum_data, tmp_path):
         "experiment=pendulm_node",
     )
     assert r.returncode == 2 and r.stderr.startswith(
-        "error: experiment='pendulm_node' is unknown; "
-        "known experiment configs: cascaded_tanks_hybrid"
+        "error: experiment='pendulm_node' is unknown; known experiment configs: "
     ), r.stderr[-2000:]
+    assert "pendulum_node" in r.stderr.splitlines()[0], r.stderr[-2000:]
     r = run(
         f"data_dir={pendulum_data}", f"out_dir={tmp_path / 'x'}", "logger=none", "data.horizon=500"
     )
