@@ -86,8 +86,11 @@ def stamp(experiment: str, data: Path, extra: list[str]) -> str:
     return h.hexdigest()
 
 
-def train(experiment: str, data: Path, out: Path, extra: list[str], force: bool) -> float | None:
-    """Train unless a run with the same stamp exists; the wall time, or None when reused."""
+def train(
+    experiment: str, data: Path, out: Path, extra: list[str], force: bool, threads: int | None
+) -> float | None:
+    """Train unless a run with the same stamp exists; the wall time, or None when reused.
+    `threads` (torch's intra-op threads) is not part of the stamp."""
     key = stamp(experiment, data, extra)
     mark = out / "bench_stamp.txt"
     if not force and (out / "metrics.json").exists() and mark.exists():
@@ -101,6 +104,7 @@ def train(experiment: str, data: Path, out: Path, extra: list[str], force: bool)
         "logger=none",
         "resume=false",
         *extra,
+        *([f"threads={threads}"] if threads else []),
     )
     mark.write_text(key + "\n")
     return secs
@@ -243,6 +247,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-cost", action="store_true", help="skip the M=5 vs M=1 comparison")
     ap.add_argument("--force", action="store_true", help="retrain runs whose stamp matches")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (1 when other work shares the cores: oversubscribed torch "
+        "threads spin and slow a run ~10x)",
+    )
     ap.add_argument("--quick", action="store_true", help="64 scenarios, 5 epochs (a smoke run)")
     args = ap.parse_args(argv)
     n = 64 if args.quick else args.n
@@ -264,12 +275,12 @@ def main(argv=None) -> int:
         data = generate(system, n)
         run = runs / experiment
         print(f"{experiment}: training on {data.name}", file=sys.stderr, flush=True)
-        wall = train(experiment, data, run, extra, args.force)
+        wall = train(experiment, data, run, extra, args.force, args.threads)
         r = row(experiment, run, data, wall)
         if experiment in probe:
             half = generate(system, n // 2)
             hrun = runs / f"{experiment}-half"
-            train(experiment, half, hrun, extra, args.force)
+            train(experiment, half, hrun, extra, args.force, args.threads)
             h = json.loads((hrun / "metrics.json").read_text())
             hm = h.get("test/rel_l2_median")
             full = r["test/rel_l2_median"]
