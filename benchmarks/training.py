@@ -40,11 +40,15 @@ GOALS = {"median": 0.01, "p95": 0.05, "cov_lo": 0.88, "cov_hi": 0.92, "extrap_co
 EXTRAPOLATION_FRACTION = 0.25  # 64 extrapolation scenarios at n=256 (the default 0.1 gives 26)
 
 
+class RunFailed(Exception):
+    pass
+
+
 def sh(*args: object) -> float:
     t0 = time.perf_counter()
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
+        raise RunFailed(f"{' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
     return time.perf_counter() - t0
 
 
@@ -213,6 +217,9 @@ def table(rows: list[dict]) -> str:
         "|" + "---|" * 17,
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['experiment']} | failed: {r['error'].splitlines()[-1]} |")
+            continue
         missed = [k for k, v in r["meets"].items() if v is False]
         probe = r.get("data_probe", {}).get("ratio")
         lines.append(
@@ -275,7 +282,12 @@ def main(argv=None) -> int:
         data = generate(system, n)
         run = runs / experiment
         print(f"{experiment}: training on {data.name}", file=sys.stderr, flush=True)
-        wall = train(experiment, data, run, extra, args.force, args.threads)
+        try:
+            wall = train(experiment, data, run, extra, args.force, args.threads)
+        except RunFailed as e:  # a failed experiment is a result too: recorded, and the rest run
+            print(e, file=sys.stderr, flush=True)
+            rows[experiment] = {"experiment": experiment, "error": str(e)[-1500:]}
+            continue
         r = row(experiment, run, data, wall)
         if experiment in probe:
             half = generate(system, n // 2)
