@@ -22,9 +22,9 @@ def sh(*args, env=None) -> float:
     return time.perf_counter() - t0
 
 
-def generate(system: str, n: int, out_dir: Path, env=None) -> float:
+def generate(system: str, n: int, out_dir: Path, env=None, extra: tuple[str, ...] = ()) -> float:
     """twin-generate n scenarios of `system` (seed 0, in this process's worker) into out_dir (it
-    resumes a dataset that is there); the wall time in seconds."""
+    resumes a dataset that is there), with `extra` overrides; the wall time in seconds."""
     return sh(
         BIN / "twin-generate",
         f"system={system}",
@@ -33,6 +33,7 @@ def generate(system: str, n: int, out_dir: Path, env=None) -> float:
         f"out_dir={out_dir}",
         "workers=0",
         "progress=false",
+        *extra,
         env=env,
     )
 

@@ -172,6 +172,7 @@ FILE_SECONDS = {
     "test_runtime.py": 15,
     "test_field_data.py": 15,
     "test_generate.py": 15,
+    "test_active.py": 30,
     "test_reduced.py": 10,
     "test_field_systems.py": 10,
 }

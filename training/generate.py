@@ -5,6 +5,12 @@
     twin-generate system=heat_plate snapshot_stride=20       # the plate's fields every 20th step
     twin-generate --config-dir ~/my_twin experiment=my_setup  # your own system/, experiment/ ...
 
+With n_new, one round of active learning instead: n_new more train scenarios in the dataset in
+out_dir (its own system, design, solver and shard size), picked by the ensemble of a twin-train
+run, or drawn by the design's sampler (acquisition=random); see twin_ml.active:
+
+    twin-generate out_dir=data/tanks extend_from=runs/tanks n_new=16 acquisition=disagreement seed=1
+
 Config groups (system, design, solver, paths, experiment) are looked up in every config directory
 of the search path: --config-dir DIR or hydra.searchpath=[file://DIR], then the project's configs/.
 Prints the path of summary.json last.
@@ -26,9 +32,65 @@ from twin_ml._io import atomic_write_bytes
 log = logging.getLogger("twin-generate")
 
 
+# what a round of extension takes from the dataset, not from the command line
+_DATASET_OWN = ("system", "design", "solver", "experiment", "n_scenarios", "shard_size")
+_DATASET_OWN += ("snapshot_stride", "plot")
+_EXTENSION = ("extend_from", "acquisition", "pool_size", "min_distance")
+
+
+def check_overrides(overrides: list[str], extending: bool) -> None:
+    """Extending (n_new set) takes the dataset's own system, design and solver: an override of
+    those would be ignored, so it is refused; the extension settings without n_new likewise."""
+    keys = [o.lstrip("+~").partition("=")[0] for o in overrides]
+    roots = {k.split(".")[0].split("@")[0] for k in keys}
+    if extending:
+        bad = sorted(roots & set(_DATASET_OWN))
+        if bad:
+            raise ValueError(
+                f"n_new extends the dataset in out_dir with its own system, design, solver and "
+                f"shard size; drop {', '.join(f'{b}=...' for b in bad)}"
+            )
+    else:
+        bad = sorted(roots & set(_EXTENSION))
+        if bad:
+            raise ValueError(
+                f"{', '.join(f'{b}=...' for b in bad)} extend a dataset: give n_new=<K> too "
+                "(the scenarios to add to out_dir's train split)"
+            )
+
+
+def extend(cfg: DictConfig) -> dict:
+    """One round of added train scenarios in the dataset cfg.out_dir; returns the summary."""
+    from twin_ml.active import extend_dataset
+
+    log.info(
+        f"Extending {cfg.out_dir} by {cfg.n_new} scenarios (acquisition={cfg.acquisition}"
+        + (f", model {cfg.extend_from}" if cfg.extend_from else "")
+        + ")"
+    )
+    res = extend_dataset(
+        cfg.out_dir,
+        n_new=cfg.n_new,
+        acquisition=cfg.acquisition,
+        extend_from=cfg.extend_from,
+        seed=cfg.seed,
+        pool_size=cfg.pool_size,
+        min_distance=cfg.min_distance,
+        workers=cfg.workers,
+        max_new_shards=cfg.max_new_shards,
+        overwrite=cfg.overwrite,
+        progress=cfg.progress,
+    )
+    return res.summary()
+
+
 def generate(cfg: DictConfig) -> dict:
-    """Build the system, design and solver from `cfg`, generate the dataset, return the summary."""
+    """Build the system, design and solver from `cfg`, generate the dataset, return the summary
+    (with n_new: extend the dataset in out_dir instead)."""
     from twin_ml.data import generate_dataset
+
+    if cfg.get("n_new") is not None:
+        return extend(cfg)
 
     log.info(f"Instantiating system <{cfg.system.name}>")
     system = hydra.utils.instantiate(cfg.system, _convert_="all")
@@ -63,7 +125,10 @@ def generate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def _main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     try:
+        check_overrides(list(HydraConfig.get().overrides.task), cfg.get("n_new") is not None)
         summary = generate(cfg)
         path = write_summary(Path(cfg.out_dir), summary)
     # bad input: one line, nothing written; OSError (e.g. a full disk): the shards written so far
@@ -71,7 +136,19 @@ def _main(cfg: DictConfig) -> None:
     except (ValueError, KeyError, InstantiationException, OSError) as e:
         fail(e)
     c = summary["counts"] or {}
-    if summary["complete"]:
+    if "round" in summary:
+        r = summary["round"]
+        if summary["already_done"]:
+            log.info(f"round {r['round']} of this request is in the dataset already: nothing to do")
+        elif summary["complete"]:
+            log.info(
+                f"round {r['round']}: {r['n_new']} scenarios ({r['acquisition']}) as indices "
+                f"{r['index'][0]}..{r['index'][1] - 1}; dataset {summary['dataset_sha256'][:16]}: "
+                f"{c.get('train')} train / {c.get('total')} scenarios"
+            )
+        else:
+            log.info("stopped before the round's last shard; run the same command to resume")
+    elif summary["complete"]:
         log.info(
             f"dataset {summary['dataset_sha256'][:16]}: {c.get('ok')} ok / {c.get('total')} "
             f"scenarios ({c.get('failed')} failed) {summary['shape']}"

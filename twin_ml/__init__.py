@@ -4,6 +4,7 @@ What a user imports, from one place::
 
     from twin_ml import PhysicsSystem, State, Input, Output, Parameter, Regime, register_system
     from twin_ml import ScenarioDesign, generate_dataset, Dataset, load_trained, export_run
+    from twin_ml import extend_dataset
 
 The names load on first use (module `__getattr__`), so `import twin_ml` stays light: it never
 imports torch (the serving side depends on that). The physics, data and calibration names are
@@ -43,6 +44,8 @@ _LAZY: dict[str, str] = {
     "generate_dataset": "twin_ml.data",
     "Dataset": "twin_ml.data",
     "DatasetError": "twin_ml.data",
+    # active learning: a dataset extended where a trained ensemble is least sure
+    "extend_dataset": "twin_ml.active",
     # surrogate models and their export (torch, imported on first access)
     "build_model": "twin_ml.models",
     "load_trained": "twin_ml.models",

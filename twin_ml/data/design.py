@@ -39,6 +39,19 @@ class DesignBox:
     limit_low: np.ndarray  # [d] physically possible range, for extrapolation
     limit_high: np.ndarray  # [d]
 
+    def points(self, scen: Scenarios) -> np.ndarray:
+        """The design points z [N, d] of scenarios (rows in the order of `names`)."""
+        sig = np.stack([scen.offset, scen.amplitude], axis=-1).reshape(len(scen), -1)
+        return np.concatenate([scen.p, scen.x0, sig], axis=1)
+
+    def coordinates(self, scen: Scenarios) -> np.ndarray:
+        """Where scenarios lie in the box, [N, d'] in [0, 1] per dimension (0: low, 1: high),
+        over the d' dimensions the box does not fix (zero width): the space in which distances
+        between scenarios are comparable across units."""
+        w = self.high - self.low
+        free = w > 0
+        return (self.points(scen)[:, free] - self.low[free]) / w[free]
+
 
 @dataclass(frozen=True)
 class Scenarios:
@@ -203,7 +216,7 @@ class ScenarioDesign:
         box = self.box(system)
         self.signal_specs(system)  # validate the signal options before anything runs
         d = len(box.names)
-        unit = self._unit_sample(d, n_scenarios, seed)
+        unit = self._unit_sample(d, n_scenarios, [seed, 0])
         z_in = box.low + unit * (box.high - box.low)
         split_in = self._split_labels(n_scenarios, seed)
         n_ex = self.n_extrapolation(n_scenarios)
@@ -212,25 +225,36 @@ class ScenarioDesign:
         split = np.concatenate(
             [split_in, np.full(n_ex, SPLITS.index("extrapolation"), dtype=np.int8)]
         )
-        n_p, nx, nu = len(system.parameters), len(system.states), len(system.inputs)
-        p, x0, sig = z[:, :n_p], z[:, n_p : n_p + nx], z[:, n_p + nx :].reshape(len(z), nu, 2)
-        in_lo, in_hi = (
-            box.low[n_p + nx :: 2],
-            box.high[n_p + nx :: 2],
-        )  # offset rows = the input ranges
-        clip = np.broadcast_to(np.stack([in_lo, in_hi], axis=-1), (len(z), nu, 2)).copy()
+        scen = _scenarios(system, box, z, split)
         if n_ex:
             # extrapolation signals may leave the training range, up to the margin and the limits
+            n_p, nx = len(system.parameters), len(system.states)
+            in_lo, in_hi = box.low[n_p + nx :: 2], box.high[n_p + nx :: 2]
             w = in_hi - in_lo
             ex_lo = np.maximum(in_lo - self.extrapolation_margin * w, box.limit_low[n_p + nx :: 2])
             ex_hi = np.minimum(in_hi + self.extrapolation_margin * w, box.limit_high[n_p + nx :: 2])
-            clip[n_scenarios:] = np.stack([ex_lo, ex_hi], axis=-1)
-        return Scenarios(
-            p=p, x0=x0, offset=sig[..., 0], amplitude=sig[..., 1], clip=clip, split=split
-        )
+            scen.clip[n_scenarios:] = np.stack([ex_lo, ex_hi], axis=-1)
+        return scen
 
-    def _unit_sample(self, d: int, n: int, seed: int) -> np.ndarray:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
+    def candidates(self, system: PhysicsSystem, n: int, *, key: list[int]) -> Scenarios:
+        """n more in-box scenarios, drawn with the design's own sampler from
+        `SeedSequence(key)`: the box, input ranges and signal clipping of the design's train
+        scenarios, all labelled train. A candidate pool for active learning (the caller scores
+        and picks), or, taken whole, what a fresh design of n would add.
+
+        >>> from twin_ml.physics import make_system
+        >>> len(ScenarioDesign().candidates(make_system("pendulum"), 8, key=[0, 5, 1]))
+        8
+        """
+        if isinstance(n, bool) or not (isinstance(n, (int, np.integer)) and n > 0):
+            raise ValueError(f"the number of candidates must be an integer > 0, got {n!r}")
+        box = self.box(system)
+        unit = self._unit_sample(len(box.names), int(n), key)
+        z = box.low + unit * (box.high - box.low)
+        return _scenarios(system, box, z, np.full(int(n), SPLITS.index("train"), dtype=np.int8))
+
+    def _unit_sample(self, d: int, n: int, key: list[int]) -> np.ndarray:
+        rng = np.random.default_rng(np.random.SeedSequence(key))
         if d == 0:
             return np.zeros((n, 0))
         if self.sampler == "lhs":
@@ -290,6 +314,18 @@ class ScenarioDesign:
             "extrapolation_fraction": self.extrapolation_fraction,
             "extrapolation_margin": self.extrapolation_margin,
         }
+
+
+def _scenarios(
+    system: PhysicsSystem, box: DesignBox, z: np.ndarray, split: np.ndarray
+) -> Scenarios:
+    """Scenarios from design points z [N, d] (the box's rows), their input signals clipped to the
+    box's input ranges."""
+    n_p, nx, nu = len(system.parameters), len(system.states), len(system.inputs)
+    p, x0, sig = z[:, :n_p], z[:, n_p : n_p + nx], z[:, n_p + nx :].reshape(len(z), nu, 2)
+    in_lo, in_hi = box.low[n_p + nx :: 2], box.high[n_p + nx :: 2]  # offset rows: input ranges
+    clip = np.broadcast_to(np.stack([in_lo, in_hi], axis=-1), (len(z), nu, 2)).copy()
+    return Scenarios(p=p, x0=x0, offset=sig[..., 0], amplitude=sig[..., 1], clip=clip, split=split)
 
 
 def _pair(v: Any, where: str) -> tuple[float, float]:

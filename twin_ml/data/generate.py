@@ -49,6 +49,10 @@ resident per process, 109 MB on disk.
 Every shard depends only on the settings and its scenario indices (per-scenario seeds), so a run
 that was interrupted and run again writes only the missing shards and ends with exactly the same
 bytes, hence the same `dataset_sha256`, as an uninterrupted run.
+
+A complete dataset can grow by rounds of train scenarios (`twin_ml.data.extend`, active
+learning): their shards follow the existing ones, and the manifest lists them, the train split's
+new indices and each round under `rounds`.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ from twin_ml.physics.system import PhysicsSystem
 FORMAT = DATASET_FORMAT
 MANIFEST, PROGRESS, SHARDS = "manifest.json", ".generating.json", "shards"
 SHARD_KEYS = ("t", "index", "split", "p", "x0", "u", "x", "y", "status", "reason", "signal")
-_OWN = {MANIFEST, PROGRESS, SHARDS, "summary.json", "config.yaml", "overview.png"}
+EXTENDING = ".extending.json"  # while a round of added scenarios is under way (twin_ml.data.extend)
+_OWN = {MANIFEST, PROGRESS, EXTENDING, SHARDS, "summary.json", "config.yaml", "overview.png"}
 FIELD_CHUNK = 8  # scenarios of a field system solved (and subsampled) at a time
 
 
@@ -151,8 +156,73 @@ def generate_dataset(
     stride = _snapshot_stride(system, snapshot_stride, t.size - 1)
     specs = design.signal_specs(system)
     solver = solver.resolved(system)
+    settings, settings_sha = dataset_settings(
+        system,
+        design,
+        solver,
+        n_scenarios=n_scenarios,
+        seed=seed,
+        shard_size=shard_size,
+        stride=stride,
+    )
+    out = _prepare_dir(Path(out_dir), settings, settings_sha, overwrite)
+
+    if (out / MANIFEST).exists():  # complete with the same settings: nothing to do
+        manifest = read_json(out / MANIFEST)
+        return GenerationResult(
+            out,
+            manifest,
+            0,
+            len(manifest.get("shards", [])),
+            True,
+            time.perf_counter() - t0,
+            manifest.get("failures", []),
+        )
+
+    run = solve_shards(
+        out,
+        system,
+        t,
+        specs,
+        scen,
+        solver,
+        seed=int(seed),
+        shard_size=shard_size,
+        stride=stride,
+        workers=workers,
+        progress=progress,
+        max_new_shards=max_new_shards,
+    )
+    if not run.complete:
+        partial = {**settings, "settings_sha256": settings_sha, "shards_missing": run.missing}
+        return GenerationResult(
+            out, partial, run.written, run.reused, False, time.perf_counter() - t0
+        )
+    manifest, failures = _finalize(
+        out, system, solver, settings, settings_sha, scen, t, run.names, run.bounds, stride
+    )
+    return GenerationResult(
+        out, manifest, run.written, run.reused, True, time.perf_counter() - t0, failures
+    )
+
+
+def dataset_settings(
+    system: PhysicsSystem,
+    design: ScenarioDesign,
+    solver: SolverSettings,
+    *,
+    n_scenarios: int,
+    seed: int,
+    shard_size: int,
+    stride: int | None,
+) -> tuple[dict[str, Any], str]:
+    """(settings, their sha256): everything a dataset's bytes depend on (a change to any of it is
+    a different dataset). `solver` resolved for the system; `stride` a field system's snapshot
+    stride (None: an ordinary system)."""
+    t = design.time_grid(system)
+    specs = design.signal_specs(system)
     box = design.box(system)
-    settings = {  # everything the bytes depend on; a change to any of it is a different dataset
+    settings = {
         "format": FORMAT,
         "system": system.describe(),
         "design": design.to_dict(),
@@ -166,47 +236,79 @@ def generate_dataset(
     }
     if stride is not None:  # a field system (an ordinary system's settings are as they were)
         settings["snapshot_stride"] = stride
-    settings_sha = sha256_bytes(canonical_json(settings).encode())
-    out = _prepare_dir(Path(out_dir), settings, settings_sha, overwrite)
-    n_total = len(scen)
-    bounds = [(s, min(s + shard_size, n_total)) for s in range(0, n_total, shard_size)]
-    names = [f"{SHARDS}/{k:05d}.npz" for k in range(len(bounds))]
+    return settings, sha256_bytes(canonical_json(settings).encode())
 
-    if (out / MANIFEST).exists():  # complete with the same settings: nothing to do
-        manifest = _read_json(out / MANIFEST)
-        return GenerationResult(
-            out,
-            manifest,
-            0,
-            len(bounds),
-            True,
-            time.perf_counter() - t0,
-            manifest.get("failures", []),
-        )
 
+@dataclass
+class ShardRun:
+    """What `solve_shards` did: the shards' files (relative to the dataset) and [start, stop)
+    scenario indices, how many it wrote and found already there, and how many are missing."""
+
+    names: list[str]
+    bounds: list[tuple[int, int]]
+    written: int
+    reused: int
+    missing: int
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0
+
+
+def solve_shards(
+    out: Path,
+    system: PhysicsSystem,
+    t: np.ndarray,
+    specs: list[SignalSpec],
+    scen: Scenarios,
+    solver: SolverSettings,
+    *,
+    seed: int,
+    shard_size: int,
+    stride: int | None = None,
+    start: int = 0,
+    first_shard: int = 0,
+    signal_keys: list[list[int]] | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    max_new_shards: int | None = None,
+) -> ShardRun:
+    """Solve `scen` (global indices start, start + 1, ...) into shards `first_shard`, ... of
+    `shard_size` scenarios under out/shards/, keeping a shard already there when it holds exactly
+    these scenarios (a resumed run). Input signals from `scenario_inputs` (per-scenario
+    generators: `seed` and the global index, or `signal_keys`). `max_new_shards`: stop after
+    writing this many."""
+    n = len(scen)
+    bounds = [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
+    names = [f"{SHARDS}/{first_shard + k:05d}.npz" for k in range(len(bounds))]
     x_shape = _x_shape(system, t.size, stride)
     todo = [
-        k for k, (a, b) in enumerate(bounds) if not _shard_ok(out / names[k], a, b, t.size, x_shape)
+        k
+        for k, (a, b) in enumerate(bounds)
+        if not _shard_ok(out / names[k], scen.rows(a, b), start + a, t.size, x_shape)
     ]
     reused = len(bounds) - len(todo)
     if max_new_shards is not None:
         todo = todo[: max(0, int(max_new_shards))]
     jobs = [
-        (system, t, specs, scen.rows(a, b), a, int(seed), solver, str(out / names[k]), stride)
+        (
+            system,
+            t,
+            specs,
+            scen.rows(a, b),
+            start + a,
+            seed,
+            solver,
+            str(out / names[k]),
+            stride,
+            None if signal_keys is None else signal_keys[a:b],
+        )
         for k, (a, b) in ((k, bounds[k]) for k in todo)
     ]
     _run_jobs(jobs, workers, progress, total=len(bounds), done=reused, desc=f"{system.name} shards")
-
-    missing = [k for k, (a, b) in enumerate(bounds) if not (out / names[k]).exists()]
-    if missing:
-        partial = {**settings, "settings_sha256": settings_sha, "shards_missing": len(missing)}
-        return GenerationResult(out, partial, len(todo), reused, False, time.perf_counter() - t0)
-    manifest, failures = _finalize(
-        out, system, solver, settings, settings_sha, scen, t, names, bounds, stride
-    )
-    return GenerationResult(
-        out, manifest, len(todo), reused, True, time.perf_counter() - t0, failures
-    )
+    missing = sum(not (out / name).exists() for name in names)
+    glob_bounds = [(start + a, start + b) for a, b in bounds]
+    return ShardRun(names, glob_bounds, len(todo), reused, missing)
 
 
 def _check_int(name: str, v: Any, lo: int, hint: str = "") -> None:
@@ -261,7 +363,7 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
     )
     if marker is not None:
         try:
-            found = _read_json(marker)
+            found = read_json(marker)
         except ValueError as e:
             raise ValueError(
                 f"{e}; pass overwrite=true to regenerate, or choose another out_dir"
@@ -300,18 +402,21 @@ def _prepare_dir(out: Path, settings: dict, settings_sha: str, overwrite: bool) 
     return out
 
 
-def _shard_ok(path: Path, start: int, stop: int, n_t: int, x_shape: tuple[int, int]) -> bool:
-    """A shard from an earlier run is kept when it opens and holds exactly its scenarios, with
-    x of the expected shape (time points, width)."""
+def _shard_ok(path: Path, scen: Scenarios, start: int, n_t: int, x_shape: tuple[int, int]) -> bool:
+    """A shard from an earlier run is kept when it opens and holds exactly its scenarios (their
+    indices, parameters and initial states), with x of the expected shape (time points, width)."""
     if not path.exists():
         return False
+    n = len(scen)
     try:
         with np.load(path, allow_pickle=False) as z:
             return (
                 set(z.files) == set(SHARD_KEYS)
-                and np.array_equal(z["index"], np.arange(start, stop))
+                and np.array_equal(z["index"], np.arange(start, start + n))
+                and np.array_equal(z["p"], scen.p)
+                and np.array_equal(z["x0"], scen.x0)
                 and z["t"].shape == (n_t,)
-                and z["x"].shape == (stop - start, *x_shape)
+                and z["x"].shape == (n, *x_shape)
             )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return False
@@ -352,15 +457,26 @@ def _run_jobs(
 
 
 def scenario_inputs(
-    t: np.ndarray, specs: list[SignalSpec], scen: Scenarios, seed: int, start: int = 0
+    t: np.ndarray,
+    specs: list[SignalSpec],
+    scen: Scenarios,
+    seed: int,
+    start: int = 0,
+    *,
+    keys: list[list[int]] | None = None,
 ) -> np.ndarray:
-    """The input signals u [n, T, nu] of scenarios start .. start + n (their global indices)."""
+    """The input signals u [n, T, nu] of scenarios start .. start + n (their global indices).
+    `keys`: each scenario's own SeedSequence entropy instead (an added scenario's signal is
+    fixed before it has an index: `twin_ml.data.extend`)."""
     n, nu = len(scen), len(specs)
+    if keys is not None and len(keys) != n:
+        raise ValueError(f"keys: one per scenario ({n}), got {len(keys)}")
     u = np.zeros((n, t.size, nu))
     for i in range(n):
         # one generator per scenario, keyed by its global index: shards are independent of each
         # other
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 3, start + i]))
+        key = [seed, 3, start + i] if keys is None else [int(k) for k in keys[i]]
+        rng = np.random.default_rng(np.random.SeedSequence(key))
         for j, spec in enumerate(specs):
             u[i, :, j] = generate(
                 spec, t, scen.offset[i, j], scen.amplitude[i, j], rng, clip=tuple(scen.clip[i, j])
@@ -378,9 +494,10 @@ def _make_shard(
     solver: SolverSettings,
     path: str,
     stride: int | None = None,
+    signal_keys: list[list[int]] | None = None,
 ) -> None:
     n = len(scen)
-    u = scenario_inputs(t, specs, scen, seed, start)
+    u = scenario_inputs(t, specs, scen, seed, start, keys=signal_keys)
     if stride is None:
         res = solve_looped(system, t, u, scen.p, scen.x0, solver)
     else:
@@ -424,7 +541,11 @@ def _solve_fields(
     return SolveResult(x=x, y=y, status=status, reasons=reasons, nfev=nfev)
 
 
-def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bounds, stride):
+def shard_records(
+    out: Path, names: list[str], bounds: list[tuple[int, int]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The manifest's entries of written shards (file, start, stop, sha256) and their failed
+    scenarios (index, status, kind, reason)."""
     shards, failures = [], []
     for name, (a, b) in zip(names, bounds):
         with np.load(out / name, allow_pickle=False) as z:
@@ -439,6 +560,11 @@ def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bound
                     }
                 )
         shards.append({"file": name, "start": a, "stop": b, "sha256": sha256_file(out / name)})
+    return shards, failures
+
+
+def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bounds, stride):
+    shards, failures = shard_records(out, names, bounds)
     splits = {s: np.flatnonzero(scen.split == k).tolist() for k, s in enumerate(SPLITS)}
     counts = {s: len(v) for s, v in splits.items()}
     counts.update(total=len(scen), ok=len(scen) - len(failures), failed=len(failures))
@@ -497,7 +623,8 @@ def dataset_sha256(settings_sha256: str, shard_sha256s: list[str]) -> str:
     )
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict; ValueError naming the file when it cannot be read."""
     import json
 
     try:
