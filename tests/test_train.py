@@ -308,3 +308,36 @@ def test_optuna_sweep_returns_the_optimized_metric(pendulum_data, tmp_path):
     values = [json.loads(p.read_text())["val/rel_l2_median"] for p in trials]
     (result,) = list((tmp_path / "multirun").glob("*/optimization_results.yaml"))
     assert yaml.safe_load(result.read_text())["best_value"] == pytest.approx(min(values), rel=1e-6)
+
+
+def test_a_diverged_training_names_its_cause(tmp_path):
+    """A stiff CSTR near ignition (the reaction's rate ~1e3/min at the hot end) blows up the
+    hybrid's explicit RK4 physics step at the data step: the run ends with one line that says
+    training diverged and what to change, instead of a crash on writing NaN metrics."""
+    from twin_ml.data import ScenarioDesign, generate_dataset
+    from twin_ml.physics import make_system
+
+    data = tmp_path / "cstr"
+    generate_dataset(
+        make_system("cstr"),
+        ScenarioDesign(regime="ignition", t_end=2.0, dt=0.05),
+        n_scenarios=12,
+        seed=0,
+        out_dir=data,
+        progress=False,
+    )
+    r = run(
+        "system=cstr",
+        "model=hybrid",
+        f"data_dir={data}",
+        f"out_dir={tmp_path / 'run'}",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "ensemble.size=2",
+        "threads=1",
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: val/loss is nan"), last
+    assert "model=flowmap" in last and "model.net.step_fraction" in last, last
+    assert not (tmp_path / "run" / "metrics.json").exists()

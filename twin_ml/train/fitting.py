@@ -20,10 +20,40 @@ def resume_from(out_dir: str | Path, resume: bool) -> str | None:
 
 
 def fit(trainer, module, datamodule, ckpt_path: str | None = None) -> float:
-    """`trainer.fit` (from `ckpt_path` when given); returns its wall-clock seconds."""
+    """`trainer.fit` (from `ckpt_path` when given); returns its wall-clock seconds. Training that
+    diverged (no finite validation loss at any epoch) raises ValueError saying what to change,
+    instead of evaluating a model of NaNs."""
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    check_finite(trainer)
     return time.perf_counter() - t0
+
+
+def check_finite(trainer) -> None:
+    """Raise when the run never reached a finite val/loss (Lightning's early stopping ends such a
+    run after its first non-finite validation)."""
+    cb = trainer.checkpoint_callback
+    best = getattr(cb, "best_model_score", None) if cb else None
+    last = trainer.callback_metrics.get("val/loss")
+    finite = best is not None and bool(torch.isfinite(torch.as_tensor(best)))
+    if finite or (best is None and (last is None or bool(torch.isfinite(last)))):
+        return
+    model = getattr(getattr(module_of(trainer), "model", None), "config", {}) or {}
+    hint = (
+        "the vector field's fixed step blows up on a stiff system (model.net.solver "
+        f"{model.get('solver')!r}, model.net.step_fraction {model.get('step_fraction')}): "
+        "train a flow map (model=flowmap) or an emulator, or lower model.net.step_fraction"
+        if model.get("solver") in ("rk4", "euler", "midpoint")
+        else "lower model.optim.lr"
+    )
+    raise ValueError(
+        f"training diverged: val/loss is {float(last) if last is not None else 'nan'} after "
+        f"epoch {trainer.current_epoch} and no epoch reached a finite one; likely {hint}"
+    )
+
+
+def module_of(trainer):
+    return getattr(trainer, "lightning_module", None)
 
 
 def load_best(trainer, module) -> str:
