@@ -149,6 +149,44 @@ def extrapolation_scores(run: Path, data: Path) -> dict:
     return out
 
 
+def sensitivity(data: Path, n: int = 12, eps: float = 1e-6) -> dict | None:
+    """How the physics itself amplifies a small error, measured with the solver (no surrogate):
+    for n test scenarios, the initial state moved by eps x each state's spread (a seeded random
+    direction) and both solved at tight tolerance; the amplification is the largest output
+    difference over the horizon (in output spreads) over the initial one (in state spreads).
+    Around 1 or below: errors die out (a surrogate can track it); >> 100 along 10 s: chaotic or
+    near a separatrix, where a rollout's relative error cannot stay at 1% however good the model."""
+    from twin_ml.data.dataset import Dataset
+    from twin_ml.physics import make_system
+    from twin_ml.physics.solver import SolverSettings, solve_looped
+
+    ds = Dataset.open(data)
+    d = ds.load()
+    card = json.loads((data / "manifest.json").read_text())["system"]
+    system = make_system(card["name"], **(card.get("options") or {}))
+    test = np.flatnonzero((d["split"] == 2) & (d["status"] == 0))[:n]
+    if not len(test):
+        return None
+    rng = np.random.default_rng(0)
+    x_spread = np.nanstd(d["x0"], axis=0) + 1e-12
+    y_spread = np.nanstd(d["y"], axis=(0, 1)) + 1e-12
+    direction = rng.standard_normal((len(test), d["x0"].shape[1]))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    dx0 = eps * direction * x_spread
+    tight = SolverSettings(rtol=1e-10, atol=1e-12, max_rhs_evals=2_000_000)
+    t, u, p, x0 = d["t"], d["u"][test], d["p"][test], d["x0"][test]
+    a = solve_looped(system, t, u, p, x0, tight)
+    b = solve_looped(system, t, u, p, x0 + dx0, tight)
+    ok = (a.status == 0) & (b.status == 0)
+    dy = np.linalg.norm((a.y - b.y) / y_spread, axis=2).max(axis=1)  # [n]
+    amp = dy[ok] / np.linalg.norm(dx0 / x_spread, axis=1)[ok]
+    return {
+        "n": int(ok.sum()),
+        "amplification_median": float(np.median(amp)),
+        "amplification_max": float(np.max(amp)),
+    }
+
+
 def error_growth(m: dict) -> float | None:
     e = [v for v in m.get("error_vs_horizon") or [] if v is not None]
     if len(e) < 8:
@@ -182,6 +220,7 @@ def row(experiment: str, run: Path, data: Path, wall: float | None) -> dict:
         },
         **extrapolation_scores(run, data),
         "test/error_growth": error_growth(test),
+        "physics/sensitivity": sensitivity(data),
         "extrapolation/error_growth": error_growth(ex),
         "speedup_vs_looped": detail.get("speed", {}).get("speedup_vs_looped"),
         "speedup_vs_stacked": detail.get("speed", {}).get("speedup_vs_stacked"),
@@ -213,8 +252,9 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| experiment | epochs | fit s | test rel L2 median | p95 | cov90 | NLL | CRPS | "
         "extrap rel L2 median | extrap cov90 (unwidened) | extrap NLL | flagged | "
-        "error growth (test) | data probe (half/full) | x looped | x stacked | goals missed |",
-        "|" + "---|" * 17,
+        "error growth (test) | physics amplification (median / max) | data probe (half/full) | "
+        "x looped | x stacked | goals missed |",
+        "|" + "---|" * 18,
     ]
     for r in rows:
         if "error" in r:
@@ -222,6 +262,10 @@ def table(rows: list[dict]) -> str:
             continue
         missed = [k for k, v in r["meets"].items() if v is False]
         probe = r.get("data_probe", {}).get("ratio")
+        sens = r.get("physics/sensitivity") or {}
+        amp = (
+            f"{sens['amplification_median']:.3g} / {sens['amplification_max']:.3g}" if sens else "-"
+        )
         lines.append(
             f"| {r['experiment']} | {r['epochs']} | {fmt(r['fit_s'], '.0f')} | "
             f"{fmt(r['test/rel_l2_median'])} | {fmt(r['test/rel_l2_p95'])} | "
@@ -231,7 +275,7 @@ def table(rows: list[dict]) -> str:
             f"({fmt(r.get('extrapolation/coverage_90_unwidened'), '.3f')}) | "
             f"{fmt(r.get('extrapolation/nll'), '.2f')} | "
             f"{fmt(r.get('extrapolation/flagged'), '.2f')} | "
-            f"{fmt(r['test/error_growth'], '.1f')} | "
+            f"{fmt(r['test/error_growth'], '.1f')} | {amp} | "
             f"{fmt(probe, '.2f')} | {fmt(r['speedup_vs_looped'], '.1f')} | "
             f"{fmt(r['speedup_vs_stacked'], '.2f')} | {', '.join(missed) or 'none'} |"
         )
