@@ -144,6 +144,19 @@ class SystemCard(BaseModel):
         return system_from_description(self.description())
 
 
+def check_sorted_times(t: np.ndarray, field: str, *, min_points: int) -> None:
+    """Timestamps: at least `min_points`, sorted and unique (any spacing)."""
+    if len(t) < min_points:
+        raise RequestError(field, f"needs at least {min_points} timestamps, got {len(t)}")
+    d = np.diff(t)
+    if np.any(d == 0):
+        i = int(np.flatnonzero(d == 0)[0])
+        raise RequestError(field, f"duplicated timestamp {t[i]:g} at positions {i} and {i + 1}")
+    if np.any(d < 0):
+        i = int(np.flatnonzero(d < 0)[0])
+        raise RequestError(field, f"not sorted: {t[i]:g} then {t[i + 1]:g} at position {i + 1}")
+
+
 class TimeGrid(BaseModel):
     """The model's uniform time grid: step `dt`, the training horizon, the longest it answers."""
 
@@ -178,15 +191,8 @@ class TimeGrid(BaseModel):
 
     def check_times(self, t: np.ndarray, field: str, *, min_points: int = 2) -> None:
         """Timestamps: at least `min_points`, sorted, unique, uniform with step dt."""
-        if len(t) < min_points:
-            raise RequestError(field, f"needs at least {min_points} timestamps, got {len(t)}")
+        check_sorted_times(t, field, min_points=min_points)
         d = np.diff(t)
-        if np.any(d == 0):
-            i = int(np.flatnonzero(d == 0)[0])
-            raise RequestError(field, f"duplicated timestamp {t[i]:g} at positions {i} and {i + 1}")
-        if np.any(d < 0):
-            i = int(np.flatnonzero(d < 0)[0])
-            raise RequestError(field, f"not sorted: {t[i]:g} then {t[i + 1]:g} at position {i + 1}")
         if not np.allclose(d, self.dt, rtol=1e-6, atol=1e-9 * max(1.0, abs(self.dt))):
             raise RequestError(
                 field, f"must be uniform with the model's step dt = {self.dt:g} (resample first)"

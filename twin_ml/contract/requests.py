@@ -44,7 +44,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from twin_ml.contract.card import DomainBox, ModelCard, SystemCard, Variable
+from twin_ml.contract.card import (
+    DomainBox,
+    ModelCard,
+    SystemCard,
+    Variable,
+    check_sorted_times,
+)
 from twin_ml.contract.errors import RequestError, RequestTooLarge
 
 SCENARIO_FIELDS = (
@@ -361,19 +367,6 @@ class SolverTarget:
         )
 
 
-def _sorted_times(t: np.ndarray, where: str, *, min_points: int) -> None:
-    """Timestamps at least `min_points`, sorted and unique (any spacing: the solver's grid)."""
-    if len(t) < min_points:
-        raise RequestError(where, f"needs at least {min_points} timestamps, got {len(t)}")
-    d = np.diff(t)
-    if np.any(d == 0):
-        i = int(np.flatnonzero(d == 0)[0])
-        raise RequestError(where, f"duplicated timestamp {t[i]:g} at positions {i} and {i + 1}")
-    if np.any(d < 0):
-        i = int(np.flatnonzero(d < 0)[0])
-        raise RequestError(where, f"not sorted: {t[i]:g} then {t[i + 1]:g} at position {i + 1}")
-
-
 @dataclass
 class CalibrationRequest:
     """A checked calibration request (see the module doc), as arrays in the model's order."""
@@ -425,7 +418,7 @@ def parse_calibration(
         card.time.check_times(t, "times", min_points=3)
         card.time.check_horizon(len(t) - 1, "times")
     else:
-        _sorted_times(t, "times", min_points=3)
+        check_sorted_times(t, "times", min_points=3)
 
     obs = request.get("outputs")
     if not isinstance(obs, dict) or not obs:
