@@ -32,8 +32,10 @@ OUT = ROOT / "benchmarks" / "results" / "export.json"
 EXPERIMENTS = {
     "pendulum_node": "pendulum",
     "robertson_emulator": "robertson",
-    # flow maps: one network evaluation per step (the node above: four)
+    # flow maps: one network evaluation per step, beside the RK4 hybrids they compare with (four)
+    "pendulum_hybrid": "pendulum",
     "pendulum_flowmap": "pendulum",
+    "cascaded_tanks_hybrid": "cascaded_tanks",
     "cascaded_tanks_flowmap": "cascaded_tanks",
 }
 
