@@ -33,7 +33,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _runs import BIN  # noqa: E402
+from _runs import generate as generate_into  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "training.json"
 CONFIGS = ROOT / "configs"
 GOALS = {"median": 0.01, "p95": 0.05, "cov_lo": 0.88, "cov_hi": 0.92, "extrap_cov": 0.80}
@@ -68,15 +72,8 @@ def experiments() -> list[tuple[str, str]]:
 
 def generate(system: str, n: int) -> Path:
     data = ROOT / "data" / f"{system}-n{n}-s0-x{EXTRAPOLATION_FRACTION:g}"
-    sh(
-        BIN / "twin-generate",
-        f"system={system}",
-        f"n_scenarios={n}",
-        "seed=0",
-        f"out_dir={data}",
-        f"design.extrapolation_fraction={EXTRAPOLATION_FRACTION}",
-        "workers=0",
-        "progress=false",
+    generate_into(
+        system, n, data, extra=(f"design.extrapolation_fraction={EXTRAPOLATION_FRACTION}",)
     )
     return data
 
