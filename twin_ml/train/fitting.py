@@ -38,7 +38,7 @@ def check_finite(trainer) -> None:
     finite = best is not None and bool(torch.isfinite(torch.as_tensor(best)))
     if finite or (best is None and (last is None or bool(torch.isfinite(last)))):
         return
-    model = getattr(getattr(module_of(trainer), "model", None), "config", {}) or {}
+    model = getattr(getattr(trainer.lightning_module, "model", None), "config", {}) or {}
     hint = (
         "the vector field's fixed step blows up on a stiff system (model.net.solver "
         f"{model.get('solver')!r}, model.net.step_fraction {model.get('step_fraction')}): "
@@ -50,10 +50,6 @@ def check_finite(trainer) -> None:
         f"training diverged: val/loss is {float(last) if last is not None else 'nan'} after "
         f"epoch {trainer.current_epoch} and no epoch reached a finite one; likely {hint}"
     )
-
-
-def module_of(trainer):
-    return getattr(trainer, "lightning_module", None)
 
 
 def load_best(trainer, module) -> str:
