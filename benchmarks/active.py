@@ -228,7 +228,9 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=32)
     ap.add_argument("--test", type=int, default=96)
     ap.add_argument("--pool", type=int, default=256, help="candidates scored per round")
-    ap.add_argument("--acquisition", default="disagreement", choices=("disagreement", "interval"))
+    ap.add_argument(
+        "--acquisition", default="disagreement", choices=("disagreement", "relative", "interval")
+    )
     ap.add_argument("--epochs", type=int, default=None, help="default: the experiment's")
     ap.add_argument("--work", default=str(ROOT / "data" / "bench-active"))
     ap.add_argument("--out", default=str(OUT))

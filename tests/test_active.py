@@ -175,7 +175,7 @@ class Oracle(torch.nn.Module):
         return self.inner.logvar
 
 
-@pytest.mark.parametrize("acquisition", ["disagreement", "interval"])
+@pytest.mark.parametrize("acquisition", ["disagreement", "relative", "interval"])
 def test_acquisition_picks_land_where_the_ensemble_disagrees(base, acquisition):
     base_dir, _ = base
     ext = DatasetExtension(base_dir)
@@ -195,6 +195,39 @@ def test_acquisition_picks_land_where_the_ensemble_disagrees(base, acquisition):
     assert scores[long].min() > scores[~long].max()
     picked, _ = select_diverse(scores, pool.coordinates, 12, 0.05)
     assert np.all(long[picked]) and len(set(picked.tolist())) == 12
+
+
+class EvenOracle(Oracle):
+    """Members offset by 0, 1, ..., M-1 everywhere: the same absolute spread in every scenario."""
+
+    def forward(self, x0, u, p, t):
+        _, y = self.inner(x0, u, p, t)
+        y = y.mean(dim=0, keepdim=True).expand_as(y)
+        return None, y + torch.arange(self.members, dtype=y.dtype)[:, None, None, None]
+
+
+def test_relative_acquisition_is_the_spread_over_the_predicted_size(base):
+    """With the same spread everywhere, `disagreement` cannot tell scenarios apart, while
+    `relative` is the offsets' std (analytic: sqrt((M^2 - 1) / 12)) times sqrt(T ny) over the
+    norm of each predicted trajectory: it ranks the smallest trajectories first."""
+    base_dir, _ = base
+    ext = DatasetExtension(base_dir)
+    d = Dataset.open(base_dir).load("train")
+    inner = build_model(
+        "emulator", ext.system, _stats(d, ext.t), n_times=len(ext.t), members=4, hidden=8
+    )
+    model = EvenOracle(inner.eval())
+    pool = ext.pool(40, 7)
+    x0, u, p = pool.scenarios.x0, ext.inputs(pool.scenarios, pool.keys), pool.scenarios.p
+    flat = score_candidates(model, ext.t, x0, u, p, "disagreement")
+    rel = score_candidates(model, ext.t, x0, u, p, "relative", batch_size=16)
+    f32 = np.finfo(np.float32).eps
+    assert np.ptp(flat) <= 64 * f32 * flat.max()
+    args = (torch.tensor(a, dtype=torch.float32) for a in (x0, u, p))
+    mean = model.predict(*args, torch.tensor(ext.t, dtype=torch.float32))["mean"].double()
+    size = np.linalg.norm(mean.numpy().reshape(len(p), -1), axis=1)
+    want = np.sqrt((4**2 - 1) / 12) * np.sqrt(mean.shape[1] * mean.shape[2]) / size
+    np.testing.assert_allclose(rel, want, rtol=64 * f32)
 
 
 def _stats(d, t):

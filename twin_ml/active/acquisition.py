@@ -6,8 +6,10 @@ One round (`extend_dataset`, what `twin-generate n_new=K extend_from=RUN` runs):
    (`DatasetExtension.pool`: parameters, initial states and input signals exactly as the design
    makes them);
 2. each candidate predicted by the run's ensemble (batched, no solver) and scored
-   (`score_candidates`): `disagreement`, the members' spread, or `interval`, the width of the
-   calibrated 90% interval (the spread plus the learned noise, times the conformal scale);
+   (`score_candidates`): `disagreement`, the members' spread, `relative`, that spread over the
+   size of the predicted trajectory (the ensemble's own estimate of the scenario's relative L2
+   error, the accuracy metric the benchmarks score), or `interval`, the width of the calibrated
+   90% interval (the spread plus the learned noise, times the conformal scale);
 3. the K best kept apart in the box (`select_diverse`), then solved and committed as a new round
    of the dataset's train split (`twin_ml.data.extend`).
 
@@ -56,6 +58,11 @@ def score_candidates(
     training std (`model.y_std`):
 
     - disagreement: the ensemble members' std (epistemic only; needs >= 2 members);
+    - relative: ||members' std|| / ||ensemble mean|| over steps and outputs, in the outputs' own
+      units (not a mean of std units): the relative L2 error the ensemble expects there. It
+      favours scenarios whose trajectory is small where disagreement does not (a nearly empty
+      tank, a pendulum at rest: a small absolute error is a large relative one); needs >= 2
+      members;
     - interval: the calibrated 90% interval's width, 2 z std with the model's std (members'
       spread and learned noise, times the conformal scale).
 
@@ -63,13 +70,14 @@ def score_candidates(
     """
     import torch
 
-    if acquisition not in ("disagreement", "interval"):
+    if acquisition not in ("disagreement", "relative", "interval"):
         raise ValueError(
-            f"acquisition must be disagreement or interval to score candidates, got {acquisition!r}"
+            "acquisition must be disagreement, relative or interval to score candidates, got "
+            f"{acquisition!r}"
         )
-    if acquisition == "disagreement" and model.members < 2:
+    if acquisition in ("disagreement", "relative") and model.members < 2:
         raise ValueError(
-            "acquisition=disagreement needs an ensemble of >= 2 members; the run has "
+            f"acquisition={acquisition} needs an ensemble of >= 2 members; the run has "
             f"{model.members}: use acquisition=interval"
         )
     z = central_z(0.9)
@@ -80,6 +88,12 @@ def score_candidates(
         sl = slice(s, s + batch_size)
         args = (torch.tensor(np.asarray(a[sl]), dtype=torch.float32) for a in (x0, u, p))
         pred = model.predict(*args, tt)  # no_grad; mean/std [B, T, ny], members [M, B, T, ny]
+        if acquisition == "relative":
+            spread = pred["members"].double().std(dim=0, unbiased=False)
+            size = torch.linalg.vector_norm(pred["mean"].double(), dim=(1, 2))
+            rel = torch.linalg.vector_norm(spread, dim=(1, 2)) / size.clamp_min(1e-12)
+            out.append(rel.numpy())
+            continue
         if acquisition == "disagreement":
             spread = pred["members"].std(dim=0, unbiased=False)
         else:
@@ -173,7 +187,7 @@ def extend_dataset(
 ) -> ExtensionResult:
     """Add one round of `n_new` solver runs to the train split of the dataset in `out_dir`.
 
-    acquisition: `disagreement` or `interval` (the run `extend_from` scores `pool_size`
+    acquisition: `disagreement`, `relative` or `interval` (the run `extend_from` scores `pool_size`
     candidates, default 32 per pick and at least 256; picks keep `min_distance` RMS box widths
     apart), or `random` (the design's sampler draws n_new; no model, no pool).
     seed: the round's pool and signals. Running the same request again resumes a killed round or,

@@ -52,7 +52,7 @@ from twin_ml.data.generate import (
 )
 from twin_ml.physics import SolverSettings, system_from_description
 
-ACQUISITIONS = ("disagreement", "interval", "random")
+ACQUISITIONS = ("disagreement", "relative", "interval", "random")
 PLAN_FORMAT = "twin-ml/extension-plan/v1"
 _POOL, _SIGNAL = 5, 6  # SeedSequence streams of a round (generation uses 0-3)
 
