@@ -5,11 +5,12 @@ units and training ranges, and carries an example request that the model answers
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from twin_ml.contract import ModelCard, Variable, decodes_fields
+from twin_ml.contract.requests import MAX_QUANTILES
 
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -35,9 +36,50 @@ def example_scenario(card: ModelCard, n_steps: int = 10) -> dict[str, Any]:
     }
 
 
-def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
-    """(Scenario, Answer) pydantic models of the served model."""
-    box, sysd = card.domain, card.system
+def _limits(v: Variable) -> dict[str, float]:
+    """The physical limits of a variable as JSON Schema bounds (the finite ones)."""
+    lo, hi = v.physical
+    return {
+        **({"minimum": float(lo)} if math.isfinite(lo) else {}),
+        **({"maximum": float(hi)} if math.isfinite(hi) else {}),
+    }
+
+
+def _one_or_many(value: Any) -> Any:
+    """One scenario (an object) is a list of one."""
+    return [value] if isinstance(value, dict) else value
+
+
+class _OneOrList:
+    """The JSON Schema of `scenarios`: a list of scenarios, or one scenario. `oneOf`, not
+    `anyOf`: BentoML's schema export keeps only the first member of an `anyOf`, and its client
+    then walks a single scenario as if it were a list."""
+
+    def __init__(self, max_scenarios: int):
+        self.max_scenarios = max_scenarios
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        many = handler(core_schema)
+        one = many["items"]
+        return {
+            "oneOf": [{**many, "minItems": 1, "maxItems": self.max_scenarios}, one],
+            "description": f"one scenario, or a list of 1 to {self.max_scenarios}",
+        }
+
+
+def build_models(
+    card: ModelCard, *, max_scenarios: int = 256, max_steps: int | None = None
+) -> tuple[Any, type[BaseModel], type[BaseModel]]:
+    """(Scenarios, Scenario, Answer): the type of POST /simulate's `scenarios` (one scenario or
+    a list of 1 to `max_scenarios`, validated as a list), and the pydantic models of one scenario
+    and one answer of the served model. The constraints the request checks enforce
+    (twin_ml/contract/requests.py, with their own messages) are declared in the JSON Schema:
+    physical limits, the horizon (`max_steps`: the server's, at most the model's), dt, list
+    lengths, quantile levels. What JSON Schema cannot say (an input's length equals the grid's,
+    `times` uniform with dt) is said in the descriptions."""
+    box, sysd, grid = card.domain, card.system, card.time
+    steps = min(max_steps or grid.max_steps, grid.max_steps)
+    lo_steps = steps if grid.fixed_steps else 1
 
     def desc(rng: tuple[float, float] | None, v: Variable) -> str:
         text = f"[{v.unit}]" + (f", training range [{rng[0]:g}, {rng[1]:g}]" if rng else "")
@@ -50,7 +92,12 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         "Parameters",
         __config__=STRICT,
         **{
-            p.name: (float, Field(description=desc(box.parameters.get(p.name), p)))
+            p.name: (
+                float,
+                Field(
+                    description=desc(box.parameters.get(p.name), p), json_schema_extra=_limits(p)
+                ),
+            )
             for p in sysd.parameters
         },
     )
@@ -58,7 +105,16 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         "InitialState",
         __config__=STRICT,
         **{
-            s.name: (float | None, Field(None, description=desc(box.states.get(s.name), s)))
+            s.name: (
+                float | None,
+                Field(
+                    None,
+                    description=desc(box.states.get(s.name), s) + "; null: as if missing",
+                    json_schema_extra={
+                        "anyOf": [{"type": "number", **_limits(s)}, {"type": "null"}]
+                    },
+                ),
+            )
             for s in sysd.states
         },
     )
@@ -68,7 +124,16 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         **{
             i.name: (
                 list[float],
-                Field(description=desc(box.input_range(i.name), i) + "; one value per time point"),
+                Field(
+                    description=desc(box.input_range(i.name), i)
+                    + "; one value per time point of the scenario's grid (as many as the grid "
+                    "has points: t_end / dt + 1, or the length of `times`)",
+                    json_schema_extra={
+                        "minItems": lo_steps + 1,
+                        "maxItems": steps + 1,
+                        "items": {"type": "number", **_limits(i)},
+                    },
+                ),
             )
             for i in sysd.inputs
         },
@@ -78,7 +143,14 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         __config__=ConfigDict(
             extra="forbid",
             allow_inf_nan=False,
-            json_schema_extra={"example": example_scenario(card)},
+            json_schema_extra={
+                "example": example_scenario(card),
+                # the time grid: t_end, or times (which wins when both are given)
+                "anyOf": [
+                    {"required": ["t_end"], "properties": {"t_end": {"type": "number"}}},
+                    {"required": ["times"], "properties": {"times": {"type": "array"}}},
+                ],
+            },
         ),
         parameters=(params, Field(description="every parameter, by name")),
         initial_state=(
@@ -87,18 +159,71 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         ),
         t_end=(
             float | None,
-            Field(None, description=f"horizon [{sysd.time_unit}], a multiple of dt"),
+            Field(
+                None,
+                description=f"horizon [{sysd.time_unit}], a multiple of dt, at most "
+                f"{steps} steps"
+                + (" (this emulator: its training horizon only)" if grid.fixed_steps else ""),
+                json_schema_extra={
+                    "anyOf": [
+                        {
+                            "type": "number",
+                            "multipleOf": grid.dt,
+                            "minimum": lo_steps * grid.dt,
+                            "maximum": steps * grid.dt,
+                        },
+                        {"type": "null"},
+                    ]
+                },
+            ),
         ),
         dt=(
             float | None,
-            Field(None, description=f"must equal the model's dt = {card.time.dt}"),
+            Field(
+                None,
+                description=f"must equal the model's dt = {grid.dt}",
+                json_schema_extra={
+                    "anyOf": [{"type": "number", "enum": [grid.dt]}, {"type": "null"}]
+                },
+            ),
         ),
         times=(
             list[float] | None,
-            Field(None, description="explicit uniform grid with the model's dt"),
+            Field(
+                None,
+                description=f"explicit grid: sorted, uniform with the model's dt = {grid.dt}",
+                json_schema_extra={
+                    "anyOf": [
+                        {
+                            "type": "array",
+                            "items": {"type": "number"},
+                            "minItems": lo_steps + 1,
+                            "maxItems": steps + 1,
+                        },
+                        {"type": "null"},
+                    ]
+                },
+            ),
         ),
         inputs=(inputs, Field(description="every input, sampled on the time grid")),
-        quantiles=(list[float], Field(default_factory=list, description="levels in (0, 1)")),
+        quantiles=(
+            list[float],
+            Field(
+                default_factory=list,
+                description="levels in (0, 1), distinct",
+                json_schema_extra={
+                    "maxItems": MAX_QUANTILES,
+                    "uniqueItems": True,
+                    "items": {  # OpenAPI 3.0 (JSON Schema draft 4): exclusive bounds as flags
+                        "type": "number",
+                        "minimum": 0,
+                        "maximum": 1,
+                        "exclusiveMinimum": True,
+                        "exclusiveMaximum": True,
+                    },
+                },
+            ),
+        ),
         **_fields_request(card),
     )
 
@@ -134,7 +259,8 @@ def build_models(card: ModelCard) -> tuple[type[BaseModel], type[BaseModel]]:
         warnings=(list[str], ...),
         **_fields_answer(card),
     )
-    return scenario, answer
+    scenarios = Annotated[list[scenario], BeforeValidator(_one_or_many), _OneOrList(max_scenarios)]
+    return scenarios, scenario, answer
 
 
 def _fields_request(card: ModelCard) -> dict[str, Any]:

@@ -38,20 +38,20 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import bentoml
 from bentoml._internal.server.http import traffic as _traffic  # BentoML's internals (pinned)
-from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serving import errors
 from serving.batching import Batcher
 from serving.runtime import Runtime
-from serving.schemas import TelemetryObservations, build_models
+from serving.schemas import TelemetryObservations, build_models, example_scenario
 from twin_ml import registry
 from twin_ml.calibrate import (
     CalibrationResult,
@@ -85,14 +85,19 @@ def _env_flag(name: str, default: bool) -> bool:
 
 class Guard:
     """ASGI middleware in front of the APIs: optional bearer-token auth (constant-time compare,
-    never logged), a request-body size limit (413), and no pickle bodies (415). Health, readiness
-    and metrics stay open."""
+    never logged), a request-body size limit (413), JSON bodies only (415: pickle, multipart and
+    every other media type; a body without a Content-Type is read as JSON), every error answer in
+    one shape (serving/errors.py: BentoML's own 400s rewritten), and /docs.json made exact
+    (`docs`: a callable giving the document). Health, readiness and metrics stay open."""
 
-    def __init__(self, app, token: str | None = None, max_body: int = 8 << 20):
+    def __init__(self, app, token: str | None = None, max_body: int = 8 << 20, docs=None):
         self.app, self.token, self.max_body = app, (token or "").encode(), max_body
+        self.docs, self._docs_body = docs, None
 
-    async def _reply(self, send, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
+    async def _reply(self, send, status: int, message: str, field: str | None = None) -> None:
+        await self._send_json(send, status, json.dumps(errors.body(message, field)).encode())
+
+    async def _send_json(self, send, status: int, body: bytes) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -122,9 +127,19 @@ class Guard:
                 return await self._reply(
                     send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)"
                 )
-        if b"pickle" in headers.get(b"content-type", b""):
+        if path == "/docs.json" and self.docs is not None and scope.get("method") == "GET":
+            if self._docs_body is None:
+                self._docs_body = json.dumps(self.docs()).encode()
+            return await self._send_json(send, 200, self._docs_body)
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if b"pickle" in media:
             return await self._reply(
-                send, 415, "pickle bodies are not accepted; send application/json"
+                send, 415, "pickle bodies are not accepted; send application/json", "content-type"
+            )
+        if media not in (b"", b"application/json") and scope.get("method") not in ("GET", "HEAD"):
+            shown = media.decode("latin-1")[:80]
+            return await self._reply(
+                send, 415, f"{shown} bodies are not accepted; send application/json", "content-type"
             )
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -148,9 +163,28 @@ class Guard:
                     return {"type": "http.disconnect"}
             return message
 
+        held: dict[str, Any] = {}  # an error answer's start, held until its body is rewritten
+
         async def guarded_send(message):
-            if not refused:  # after a 413, whatever the app still says is dropped
-                await send(message)
+            if refused:  # after a 413, whatever the app still says is dropped
+                return
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                kind = dict(message.get("headers", [])).get(b"content-type", b"")
+                if kind.startswith(b"application/json"):
+                    held.update(start=message, body=b"")
+                    return
+            if message["type"] == "http.response.body" and "start" in held:
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                start, body = held.pop("start"), held.pop("body")
+                body = errors.normalized(start["status"], body) or body
+                headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+                await send(
+                    {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+                )
+                return await send({"type": "http.response.body", "body": body})
+            await send(message)
 
         await self.app(scope, limited, guarded_send)
 
@@ -185,7 +219,7 @@ class _TimeoutMiddleware(_traffic.TimeoutMiddleware):
         except TimeoutError:
             if fut.cancel():
                 message = f"Not able to process the request in {self.timeout} seconds"
-                await JSONResponse({"error": message}, status_code=504)(scope, receive, send)
+                await JSONResponse(errors.body(message), status_code=504)(scope, receive, send)
         else:
             await fut
         finally:
@@ -205,10 +239,14 @@ def _load() -> tuple[bytes, ModelCard | None]:
 
 
 ONNX_BYTES, CARD = _load()
+MAX_SCENARIOS = _env_int("TWIN_ML_MAX_SCENARIOS", 256)
+MAX_STEPS = _env_int("TWIN_ML_MAX_STEPS", 0) or None
 if CARD is not None:
-    Scenario, Answer = build_models(CARD)
+    Scenarios, Scenario, Answer = build_models(
+        CARD, max_scenarios=MAX_SCENARIOS, max_steps=MAX_STEPS
+    )
 else:  # imported without a model (tools, tests): untyped placeholders
-    Scenario, Answer = dict[str, Any], dict[str, Any]
+    Scenarios, Scenario, Answer = list[dict[str, Any]], dict[str, Any], dict[str, Any]
 
 
 async def _model_route(request: Request) -> JSONResponse:
@@ -216,6 +254,29 @@ async def _model_route(request: Request) -> JSONResponse:
 
 
 manifest_app = Starlette(routes=[Route("/", _model_route, methods=["GET"])])
+
+
+FIT_SCHEMA: dict[str, Any] = {  # what Problem.build checks of `fit`, declared
+    "minItems": 1,
+    "uniqueItems": True,
+    "items": {
+        "type": "string",
+        **(
+            {"enum": CARD.system.parameter_names + [f"state:{s}" for s in CARD.system.state_names]}
+            if CARD is not None
+            else {}
+        ),
+    },
+    "description": "the names to fit: parameters, or initial states as state:<name>",
+}
+
+
+def _refused(ctx: bentoml.Context | None, status: int, message: str, field: str | None = None):
+    """An error answer of an API with a context: BentoML sets the answer's status from the
+    context's, so both are set."""
+    if ctx is not None:
+        ctx.response.status_code = status
+    return errors.response(status, message, field)
 
 
 class MCMC(BaseModel):
@@ -313,8 +374,8 @@ class TwinService:
             CARD,
             threads=_env_int("TWIN_ML_THREADS", 1),
             strict=_env_flag("TWIN_ML_STRICT", False),
-            max_scenarios=_env_int("TWIN_ML_MAX_SCENARIOS", 256),
-            max_steps=_env_int("TWIN_ML_MAX_STEPS", 0) or None,
+            max_scenarios=MAX_SCENARIOS,
+            max_steps=MAX_STEPS,
             max_field_values=_env_int("TWIN_ML_MAX_FIELD_VALUES", 1 << 20),
         )
         self.metrics = _metrics()
@@ -351,21 +412,18 @@ class TwinService:
         return out
 
     @bentoml.api(route="/simulate")
-    async def simulate(self, scenarios: list[Scenario] | Scenario) -> list[Answer]:  # type: ignore[valid-type]
+    async def simulate(self, scenarios: Scenarios) -> list[Answer]:  # type: ignore[valid-type]
         """Trajectories with calibrated uncertainty: per output and step the ensemble mean, std and
-        the requested quantiles, plus an in-domain flag with reasons (see serving/runtime.py)."""
+        the requested quantiles, plus an in-domain flag with reasons (see serving/runtime.py).
+        `scenarios`: one scenario, or a list of them."""
         items = scenarios if isinstance(scenarios, list) else [scenarios]
         plain = [s.model_dump(exclude_none=True) if hasattr(s, "model_dump") else s for s in items]
         try:
             parsed = self.runtime.parse_request(plain)
         except RequestTooLarge as e:
-            return Response(
-                json.dumps({"error": str(e)}).encode(),
-                status_code=413,
-                media_type="application/json",
-            )
+            return errors.response(413, str(e), e.field)
         except RequestError as e:
-            raise InvalidArgument(str(e)) from None
+            return errors.response(400, str(e), e.field)
         done = await self.batcher.submit(parsed)
         self.metrics["requests"].labels(in_domain=str(all(ok for _, ok in done)).lower()).inc()
         return Response(
@@ -375,7 +433,7 @@ class TwinService:
     @bentoml.api(route="/calibrate")
     async def calibrate(
         self,
-        fit: list[str],
+        fit: Annotated[list[str], Field(json_schema_extra=FIT_SCHEMA)],
         times: list[float] | None = None,
         outputs: dict[str, list[float | None]] | None = None,
         telemetry: TelemetryObservations | None = None,
@@ -410,10 +468,7 @@ class TwinService:
         request.update({k: v for k, v in (("times", times), ("outputs", outputs)) if v is not None})
         if self.no_solver:  # BentoML's own 5xx bodies hide the message: this one must say it
             why = "calibration needs the model's physics solver, which this server cannot build: "
-            body = json.dumps({"error": why + self.no_solver}).encode()
-            if ctx is not None:
-                ctx.response.status_code = 503
-            return Response(body, status_code=503, media_type="application/json")
+            return _refused(ctx, 503, why + self.no_solver)
         try:
             notes: list[str] = []
             if telemetry is not None:
@@ -440,7 +495,7 @@ class TwinService:
             _check_magnitudes(request)
             problem = Problem.build(request, CARD, notes)
         except RequestError as e:
-            raise InvalidArgument(str(e)) from None
+            return _refused(ctx, 400, str(e), e.field)
         options = {
             "n_starts": starts,
             "refine_nfev": refine,
@@ -465,7 +520,7 @@ class TwinService:
                     return Response(status_code=499)
             result = waiter.result()
         except RequestError as e:  # found during the fit (e.g. noise that cannot be estimated)
-            raise InvalidArgument(str(e)) from None
+            return _refused(ctx, 400, str(e), e.field)
         except BaseException:
             # the request timed out (BentoML's timeout cancels this handler), or waiting failed: the
             # fit stops at its next model call instead of holding the one calibration thread (a fit
@@ -583,6 +638,19 @@ class _Stoppable:
         return getattr(self.backend, name)
 
 
+def _docs() -> dict[str, Any]:
+    """/docs.json: BentoML's document of the service, made exact (serving/errors.py)."""
+    examples: dict[str, Any] = {"/simulate": None, "/calibrate": None}
+    if CARD is not None:
+        examples["/simulate"] = {"scenarios": [example_scenario(CARD)]}
+    return errors.openapi(
+        TwinService.openapi_spec.asdict(), token=bool(os.environ.get(TOKEN_ENV)), examples=examples
+    )
+
+
 TwinService.add_asgi_middleware(
-    Guard, token=os.environ.get(TOKEN_ENV), max_body=int(os.environ.get(MAX_BODY_ENV, str(8 << 20)))
+    Guard,
+    token=os.environ.get(TOKEN_ENV),
+    max_body=int(os.environ.get(MAX_BODY_ENV, str(8 << 20))),
+    docs=_docs,
 )

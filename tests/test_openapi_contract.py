@@ -1,0 +1,128 @@
+"""The OpenAPI document at /docs.json is the contract: schemathesis against a live twin-serve of a
+small exported model finds nothing, and what it cannot see is checked by hand: the one error
+shape, 415 for other media types, the request body's example, BentoML's client with one
+scenario."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_service import _start, _stop
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def served(pendulum_hybrid_run, tmp_path_factory):
+    """(url, env): the session's tiny pendulum hybrid, exported to a store of its own and
+    served."""
+    run_dir, _ = pendulum_hybrid_run
+    root = tmp_path_factory.mktemp("openapi")
+    run = root / "run"
+    shutil.copytree(run_dir, run)  # twin-export writes run/export: the shared run stays as it is
+    env = {**os.environ, "BENTOML_HOME": str(root / "store"), "BENTOML_DO_NOT_TRACK": "True"}
+    r = subprocess.run(
+        [str(BIN / "twin-export"), f"run_dir={run}", "name=pend", "version=v1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc, url = _start(env, root / "server.log", "pend:latest", "access_log=false")
+    yield url, env
+    _stop(proc)
+
+
+def _post(url, path, raw, content_type="application/json"):
+    req = urllib.request.Request(f"{url}{path}", data=raw, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_schemathesis_finds_nothing(served, tmp_path):
+    """Every check but positive_data_acceptance, 100 examples per operation, seeded. That check
+    is left out: JSON Schema cannot say that an input has as many values as the grid has points,
+    that `times` are uniform, or how /calibrate's observations line up, so a schema-valid request
+    may still get a 400 that names the rule it broke."""
+    url, env = served
+    r = subprocess.run(
+        [
+            str(BIN / "schemathesis"),
+            "run",
+            f"{url}/docs.json",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-examples",
+            "100",
+            "--seed",
+            "1",
+            "--generation-deterministic",
+            "--request-timeout",
+            "60",
+            "--workers",
+            "1",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,  # its report folder, if any, lands here
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert "failures" not in r.stdout.splitlines()[-1], r.stdout[-3000:]
+
+
+def test_errors_have_one_shape_and_other_media_types_get_415(served):
+    url, _ = served
+    spec = json.loads(urllib.request.urlopen(f"{url}/docs.json", timeout=10).read())
+    example = spec["paths"]["/simulate"]["post"]["requestBody"]["content"]["application/json"][
+        "example"
+    ]
+    status, body = _post(url, "/simulate", json.dumps(example).encode())
+    assert status == 200 and len(body) == 1  # the body's example is a request it answers
+    bad = {"scenarios": [{**example["scenarios"][0], "t_end": 0.2}]}  # inputs: 11, grid: 3
+    status, body = _post(url, "/simulate", json.dumps(bad).encode())
+    assert status == 400 and set(body) == {"error", "detail"}
+    assert body["error"].startswith("scenarios[0].inputs.torque: has 11 values")
+    assert body["detail"][0]["loc"] == ["scenarios", 0, "inputs", "torque"]
+    for raw in (b'{"scenarios": {"parameters": {"length": "x"}}}', b"not json", b'{"fit": 3}'):
+        status, body = _post(url, "/simulate", raw)
+        assert status == 400 and set(body) == {"error", "detail"}, body
+        assert isinstance(body["detail"], list) and body["detail"][0]["msg"], body
+    status, body = _post(url, "/simulate", b'{"scenarios": {"parameters": {"length": "x"}}}')
+    assert "Scenario" not in json.dumps(body)  # no second error from a union of the two forms
+    assert body["error"].startswith("scenarios[0].parameters.length: ")
+    status, body = _post(url, "/calibrate", b'{"fit": []}')
+    assert status == 400 and set(body) == {"error", "detail"} and body["detail"][0]["loc"]
+    for path in ("/simulate", "/calibrate"):
+        for media in ("multipart/form-data", "text/plain", "application/x-www-form-urlencoded"):
+            status, body = _post(url, path, json.dumps(example).encode(), media)
+            assert status == 415 and set(body) == {"error", "detail"}, (path, media, body)
+
+
+def test_bentoml_client_sends_one_scenario_or_a_list(served):
+    import bentoml
+
+    url, _ = served
+    spec = json.loads(urllib.request.urlopen(f"{url}/docs.json", timeout=10).read())
+    one = spec["components"]["schemas"]["Scenario"]["example"]
+    with bentoml.SyncHTTPClient(url) as client:
+        alone = client.simulate(scenarios=one)
+        listed = client.simulate(scenarios=[one, one])
+    assert len(alone) == 1 and len(listed) == 2 and alone[0]["times"] == listed[1]["times"]
+    # one scenario alone or two in one batch: float32 kernels may differ in their last bits
+    for name, series in alone[0]["outputs"].items():
+        assert np.allclose(series["mean"], listed[1]["outputs"][name]["mean"], rtol=1e-5, atol=1e-6)
