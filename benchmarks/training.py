@@ -329,8 +329,8 @@ def fmt(v, spec=".4f") -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| experiment | epochs | fit s | test rel L2 median | p95 | cov90 [90% CI] | calibration sd | "
-        "cov90, val + half test calibrate | NLL | CRPS | "
+        "| experiment | epochs | fit s | test rel L2 median | p95 | cov90 [90% CI] | "
+        "calibration sd | cov90, val + half test calibrate | NLL | CRPS | "
         "extrap rel L2 median | extrap cov90 (unwidened) | extrap NLL | flagged | "
         "error growth (test) | physics amplification (median / max) | data probe (half/full) | "
         "x looped | x stacked | goals missed |",
