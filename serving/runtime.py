@@ -19,6 +19,7 @@ the outputs only).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -34,7 +35,20 @@ from twin_ml.contract import (
     parse_scenarios,
 )
 
-__all__ = ["PAD_RATIO", "RequestError", "Runtime", "plan"]
+__all__ = ["PAD_RATIO", "RequestError", "Rollout", "Runtime", "plan"]
+
+
+@dataclass
+class Rollout:
+    """One scenario's arrays on its grid: mean and std [T, ny] (float64; std calibrated, widened
+    outside the training box), the members' trajectories [M, T, ny] (float32, as the graph gives
+    them: no calibration), and the decoded fields asked for (a reduced model's)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    members: np.ndarray | None = None
+    field_mean: np.ndarray | None = None
+    field_std: np.ndarray | None = None
 
 
 class Runtime:
@@ -91,7 +105,13 @@ class Runtime:
 
     def run(self, parsed: list[Scenario]) -> list[dict[str, Any]]:
         """Answers for parsed scenarios, in order, in as few onnxruntime calls as `plan` allows."""
-        answers: list[dict[str, Any] | None] = [None] * len(parsed)
+        return [self.answer(s, r) for s, r in zip(parsed, self.rollouts(parsed))]
+
+    def rollouts(self, parsed: list[Scenario], members: bool = False) -> list[Rollout]:
+        """Each parsed scenario's arrays on its own grid, in order, in as few onnxruntime calls as
+        `plan` allows: mean, std (widened outside the box), the members' trajectories when
+        `members`, and the decoded fields asked for. `answer` turns one into /simulate's JSON."""
+        out: list[Rollout | None] = [None] * len(parsed)
         for idx in plan([len(s.t) for s in parsed]):
             n = len(parsed[idx[0]].t)  # the group's longest grid; shorter ones are padded
             feeds = {
@@ -99,27 +119,29 @@ class Runtime:
                 "u": np.stack([_pad(parsed[i].u, n) for i in idx]).astype(np.float32),
                 "p": np.stack([parsed[i].p for i in idx]).astype(np.float32),
             }
+            names = ["mean", "std"] + (["members"] if members else [])
             steps = sorted({k for i in idx for k in parsed[i].field_steps})
             if steps:  # the group's fields at the union of its steps; each takes its own
                 feeds["field_steps"] = np.array(steps, dtype=np.int64)
-                mean, std, f_mean, f_std = self.session.run(
-                    ["mean", "std", "field_mean", "field_std"], feeds
-                )
-            else:
-                mean, std = self.session.run(["mean", "std"], feeds)
+                names += ["field_mean", "field_std"]
+            got = dict(zip(names, self.session.run(names, feeds)))
             for k, i in enumerate(idx):
-                m = len(parsed[i].t)  # the mask: a scenario's own steps only
-                answers[i] = self._answer(
-                    parsed[i], mean[k, :m].astype(np.float64), std[k, :m].astype(np.float64)
-                )
-                if parsed[i].field_steps:
-                    at = [steps.index(j) for j in parsed[i].field_steps]
-                    answers[i]["fields"] = self._fields(parsed[i], f_mean[k, at], f_std[k, at])
-        return answers  # type: ignore[return-value]
+                s, m = parsed[i], len(parsed[i].t)  # the mask: a scenario's own steps only
+                std = got["std"][k, :m].astype(np.float64)
+                if s.distance > 0:  # outside the training box: the conformal shift's widening
+                    std = std * self.card.conformal_shift.factor(s.distance, len(self.outputs))
+                r = Rollout(got["mean"][k, :m].astype(np.float64), std)
+                if members:
+                    r.members = got["members"][:, k, :m]
+                if s.field_steps:
+                    at = [steps.index(j) for j in s.field_steps]
+                    r.field_mean, r.field_std = got["field_mean"][k, at], got["field_std"][k, at]
+                out[i] = r
+        return out  # type: ignore[return-value]
 
-    def _answer(self, s: Scenario, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
-        if s.distance > 0:  # outside the training box: the conformal shift's widening
-            std = std * self.card.conformal_shift.factor(s.distance, len(self.outputs))[None, :]
+    def answer(self, s: Scenario, r: Rollout) -> dict[str, Any]:
+        """/simulate's answer to one scenario from its rollout."""
+        mean, std = r.mean, r.std
         warnings = []
         if s.defaulted_states:
             warnings.append(
@@ -137,7 +159,7 @@ class Runtime:
                 for lv in s.quantiles
             }
             outputs[name] = {"mean": _list(mean[:, j]), "std": _list(std[:, j]), "quantiles": q}
-        return {
+        answer = {
             "times": s.t.tolist(),
             "outputs": outputs,
             "in_domain": not s.reasons,
@@ -147,6 +169,9 @@ class Runtime:
             "model": {"name": self.card.name, "version": self.card.version},
             "warnings": warnings,
         }
+        if s.field_steps:
+            answer["fields"] = self._fields(s, r.field_mean, r.field_std)
+        return answer
 
     def _fields(self, s: Scenario, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
         """{"times", "shape", "extent", "length_unit", name: {"mean", "std"}}: each field as
