@@ -38,9 +38,11 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import bentoml
+import numpy as np
 from bentoml._internal.server.http import traffic as _traffic  # BentoML's internals (pinned)
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.applications import Starlette
@@ -48,9 +50,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving import errors
+from serving import errors, v2
 from serving.batching import Batcher
-from serving.runtime import Runtime
+from serving.runtime import Rollout, Runtime
 from serving.schemas import TelemetryObservations, build_models, example_scenario
 from twin_ml import registry
 from twin_ml.calibrate import (
@@ -71,7 +73,11 @@ TOKEN_ENV = (
     "TWIN_ML_TOKEN"  # when set: bearer token for every path but health, readiness and metrics
 )
 MAX_BODY_ENV = "TWIN_ML_MAX_BODY_BYTES"
-OPEN = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # never behind the token
+# never behind the token: health, readiness (BentoML's and the v2 protocol's) and metrics
+OPEN = frozenset(
+    {"/healthz", "/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
+)
+V2_MEDIA = (b"application/octet-stream",)  # the v2 binary tensor extension's bodies
 DISCONNECT_POLL_S = 0.5  # how often a waiting /calibrate checks that its client is still connected
 
 
@@ -86,7 +92,8 @@ def _env_flag(name: str, default: bool) -> bool:
 class Guard:
     """ASGI middleware in front of the APIs: optional bearer-token auth (constant-time compare,
     never logged), a request-body size limit (413), JSON bodies only (415: pickle, multipart and
-    every other media type; a body without a Content-Type is read as JSON), every error answer in
+    every other media type; a body without a Content-Type is read as JSON; /v2 also takes
+    application/octet-stream, the binary tensor extension's bodies), every error answer in
     one shape (serving/errors.py: BentoML's own 400s rewritten), and /docs.json made exact
     (`docs`: a callable giving the document). Health, readiness and metrics stay open."""
 
@@ -114,10 +121,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if (
-            path == "/model"
-        ):  # the manifest app is mounted at /model/: answer GET /model too, without a redirect
-            scope = {**scope, "path": "/model/", "raw_path": b"/model/"}
+        if path in ("/model", "/v2"):  # apps mounted at /model/ and /v2/: no redirect
+            scope = {**scope, "path": path + "/", "raw_path": path.encode() + b"/"}
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         if (
             self.token and path not in OPEN
@@ -136,10 +141,15 @@ class Guard:
             return await self._reply(
                 send, 415, "pickle bodies are not accepted; send application/json", "content-type"
             )
-        if media not in (b"", b"application/json") and scope.get("method") not in ("GET", "HEAD"):
+        allowed = (b"", b"application/json", *(V2_MEDIA if path.startswith("/v2/") else ()))
+        if media not in allowed and scope.get("method") not in ("GET", "HEAD"):
             shown = media.decode("latin-1")[:80]
+            also = " (or application/octet-stream)" if path.startswith("/v2/") else ""
             return await self._reply(
-                send, 415, f"{shown} bodies are not accepted; send application/json", "content-type"
+                send,
+                415,
+                f"{shown} bodies are not accepted; send application/json{also}",
+                "content-type",
             )
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -254,6 +264,8 @@ async def _model_route(request: Request) -> JSONResponse:
 
 
 manifest_app = Starlette(routes=[Route("/", _model_route, methods=["GET"])])
+# the Open Inference Protocol (serving/v2.py) on the running service's runtime and batcher
+v2_app = v2.app(CARD, bentoml.get_current_service)
 
 
 FIT_SCHEMA: dict[str, Any] = {  # what Problem.build checks of `fit`, declared
@@ -352,6 +364,7 @@ def _metrics() -> dict[str, Any]:
 
 
 @bentoml.asgi_app(manifest_app, path="/model")
+@bentoml.asgi_app(v2_app, path="/v2")
 @bentoml.service(
     name="twin_ml",
     workers=_env_int("TWIN_ML_WORKERS", 1),
@@ -397,19 +410,30 @@ class TwinService:
             observe=self.metrics["batch"].observe,
         )
 
-    def _run(self, parsed: list[ParsedScenario]) -> list[tuple[bytes, bool]]:
-        """The batcher's worker thread: per scenario its answer as JSON and its in-domain flag."""
-        out = []
-        for a in self.runtime.run(parsed):
-            self.metrics["scenarios"].labels(in_domain=str(a["in_domain"]).lower()).inc()
-            for name, series in a["outputs"].items():
-                std = [v for v in series["std"] if v is not None]
-                if std:
-                    self.metrics["std"].labels(output=name).observe(sum(std) / len(std))
+    def _run(self, items: list[ParsedScenario | _Arrays]) -> list[tuple[bytes, bool] | Rollout]:
+        """The batcher's worker thread: per /simulate scenario its answer as JSON and its
+        in-domain flag; per v2 scenario (`_Arrays`) its rollout, members included."""
+        parsed = [s.scenario if isinstance(s, _Arrays) else s for s in items]
+        members = any(isinstance(s, _Arrays) for s in items)
+        out: list[tuple[bytes, bool] | Rollout] = []
+        for item, s, r in zip(items, parsed, self.runtime.rollouts(parsed, members=members)):
+            self.metrics["scenarios"].labels(in_domain=str(s.in_domain).lower()).inc()
+            for j, name in enumerate(self.runtime.outputs):
+                std = r.std[:, j][np.isfinite(r.std[:, j])]
+                if std.size:
+                    self.metrics["std"].labels(output=name).observe(float(std.mean()))
+            if isinstance(item, _Arrays):
+                out.append(r)
+                continue
+            a = self.runtime.answer(s, r)
             out.append(
                 (json.dumps(a, allow_nan=False, separators=(",", ":")).encode(), a["in_domain"])
             )
         return out
+
+    async def rollouts(self, parsed: list[ParsedScenario]) -> list[Rollout]:
+        """Checked scenarios' arrays (mean, std, members) through the batcher: the v2 routes."""
+        return await self.batcher.submit([_Arrays(s) for s in parsed])
 
     @bentoml.api(route="/simulate")
     async def simulate(self, scenarios: Scenarios) -> list[Answer]:  # type: ignore[valid-type]
@@ -605,6 +629,13 @@ def _nulled_warning(where: list[str]) -> str:
         f"the fit produced non-finite values (NaN or inf), sent as null: {shown}; are the "
         "bounds, inputs or observations far outside the model's training range?"
     )
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """A batcher item asking for a scenario's arrays (the v2 protocol) instead of its JSON."""
+
+    scenario: ParsedScenario
 
 
 class _Cancelled(Exception):
