@@ -530,7 +530,14 @@ def test_token_auth_body_limit_and_no_pickle(server, tmp_path):
             urllib.request.urlopen(f"{url}/readyz", timeout=10).status == 200
         )  # health stays open
         assert urllib.request.urlopen(f"{url}/metrics", timeout=10).status == 200
+        # the v2 protocol's health too; its model routes are behind the token
+        assert urllib.request.urlopen(f"{url}/v2/health/ready", timeout=10).status == 200
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}/v2/models/tanks", timeout=10)
+        assert e.value.code == 401
         auth = {"Authorization": "Bearer s3cret-token"}
+        v2 = urllib.request.Request(f"{url}/v2/models/tanks", headers=auth)
+        assert json.loads(urllib.request.urlopen(v2, timeout=10).read())["name"] == "tanks"
         big = {"scenarios": [scenario(manifest, 20)] * 40}
         assert post(url, big, auth)[0] == 413
         raw = json.dumps(
