@@ -220,3 +220,34 @@ def test_raw_http_error_shape_and_media(served, card):  # noqa: F811
     meta = json.loads(urllib.request.urlopen(f"{url}/v2/models/pend", timeout=10).read())
     assert meta["platform"] == "onnxruntime_onnx"
     assert json.loads(urllib.request.urlopen(f"{url}/v2", timeout=10).read())["version"] == "2"
+
+
+def test_v2_and_simulate_share_the_batcher(client, card, served):  # noqa: F811
+    """Concurrent v2 and /simulate requests may share a model call (members fetched for the v2
+    ones): every answer is its request's alone, within float32 rounding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = served
+    arrays, scenarios = _batch(card)
+    names = card.system.output_names
+    alone = client.infer("pend", _inputs(arrays)).as_numpy("mean")
+
+    def v2(_):
+        c = tc.InferenceServerClient(url.removeprefix("http://"), network_timeout=60)
+        try:
+            return c.infer("pend", _inputs(arrays)).as_numpy("mean")
+        finally:
+            c.close()
+
+    def simulate(_):
+        status, answers = _post(url, "/simulate", json.dumps({"scenarios": scenarios}).encode())
+        assert status == 200
+        return np.array([[a["outputs"][n]["mean"] for n in names] for a in answers]).transpose(
+            0, 2, 1
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: (v2 if i % 2 else simulate)(i), range(16)))
+    tol = rollout_tol(T - 1, np.abs(alone).max()) + 2 * EPS32 * np.abs(alone).max()
+    for g in got:
+        assert g.shape == alone.shape and np.allclose(g, alone, rtol=0, atol=tol)
