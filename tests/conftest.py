@@ -166,6 +166,7 @@ FILE_SECONDS = {
     "test_monitor.py": 60,
     "test_field_service.py": 60,
     "test_calibrate.py": 40,
+    "test_v2_protocol.py": 35,
     "test_regression.py": 40,
     "test_physics_oracles.py": 35,
     "test_telemetry.py": 25,
