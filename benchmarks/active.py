@@ -185,7 +185,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xlabel("solver runs in the train split")
         ax.set_ylabel("test median relative L2")
         ratio = "not reached" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        ax.set_title(f"{r['experiment']}: runs ratio to LHS final {ratio}", fontsize=10)
+        name = f"{r['experiment']} ({r['acquisition']})"
+        ax.set_title(f"{name}: runs ratio to LHS final {ratio}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -201,7 +202,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         for a, b in zip(r["active"], r["lhs"]):
             lines.append(
-                f"| {r['experiment']} | {a['n_train']} | {a['rel_l2_median']:.4f} | "
+                f"| {r['experiment']} ({r['acquisition']}) | {a['n_train']} | "
+                f"{a['rel_l2_median']:.4f} | "
                 f"{b['rel_l2_median']:.4f} | {a['rel_l2_p95']:.4f} | {b['rel_l2_p95']:.4f} |"
             )
     lines += [
@@ -213,7 +215,8 @@ def table(results: list[dict]) -> str:
         need = r["runs_to_lhs_final"]
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(
-            f"| {r['experiment']} | {r['lhs_final_rel_l2_median']:.4f} ({r['lhs'][-1]['n_train']}) "
+            f"| {r['experiment']} ({r['acquisition']}) | "
+            f"{r['lhs_final_rel_l2_median']:.4f} ({r['lhs'][-1]['n_train']}) "
             f"| {need['lhs']} | {need['active'] if need['active'] is not None else 'not reached'} "
             f"| {ratio} | {'met' if r['goal_met'] else 'missed'} |"
         )
