@@ -128,21 +128,26 @@ def train(
     return secs
 
 
-def extrapolation_scores(run: Path, data: Path) -> dict:
+def load_run(run: Path, data: Path):
+    """(model, meta, data module): a run's trained ensemble and its dataset, read once per row."""
+    from twin_ml.data.torch_data import ScenarioDataModule
+    from twin_ml.models.surrogates import load_trained
+
+    model, meta = load_trained(run / "model")
+    return model, meta, ScenarioDataModule(str(data), model.system, seed=0)
+
+
+def extrapolation_scores(model, meta: dict, dm) -> dict:
     """The extrapolation split scored with this code, whichever code trained the run: the share
     the served model flags out of domain (the model card's domain box, as twin-export builds it,
     checked as /simulate checks a request), and the 90% coverage, NLL and CRPS without and with
     the conformal shift (std x (1 + beta d), cross-fitted: each scenario scored by the beta of
     the half it did not help fit, as twin-train scores it)."""
     from twin_ml.contract import DomainBox, SystemCard
-    from twin_ml.data.torch_data import ScenarioDataModule
     from twin_ml.evaluate.evaluate import evaluate_splits, fit_conformal_shift, predict_numpy
-    from twin_ml.models.surrogates import load_trained
 
-    model, meta = load_trained(run / "model")
     box = DomainBox.of_design(meta["design"])
     card = SystemCard.model_validate(model.system.describe())
-    dm = ScenarioDataModule(str(data), model.system, seed=0)
     ex = dm.numpy("extrapolation")
     if not len(ex["p"]):
         return {}
@@ -163,7 +168,7 @@ def extrapolation_scores(run: Path, data: Path) -> dict:
     return out
 
 
-def test_scores(run: Path, data: Path, level: float = 0.9, draws: int = 1000) -> dict:
+def test_scores(model, dm, level: float = 0.9, draws: int = 1000) -> dict:
     """How precisely the 90% coverage on the test split is measured, and how much of its distance
     from 0.9 the calibration's own sample explains (seeded):
 
@@ -177,13 +182,9 @@ def test_scores(run: Path, data: Path, level: float = 0.9, draws: int = 1000) ->
     - `coverage_90_cal_val_test`: the coverage with a larger calibration set, cross-fitted: the
       scale fitted on val + one half of test scores the other half, and the reverse (the shipped
       model calibrates on val alone; this is what a larger validation split would give)."""
-    from twin_ml.data.torch_data import ScenarioDataModule
     from twin_ml.evaluate.evaluate import predict_numpy
-    from twin_ml.models.surrogates import load_trained
     from twin_ml.uq.metrics import central_z, conformal_scale, measured
 
-    model, _ = load_trained(run / "model")
-    dm = ScenarioDataModule(str(data), model.system, seed=0)
     scale = model.conformal_scale.double().numpy()
     z = central_z(level)
     te, va = dm.numpy("test"), dm.numpy("val")
@@ -277,6 +278,7 @@ def error_growth(m: dict) -> float | None:
 
 def row(experiment: str, run: Path, data: Path, wall: float | None) -> dict:
     m = json.loads((run / "metrics.json").read_text())
+    model, meta, dm = load_run(run, data)
     detail = m.get("detail", {})
     test, ex = detail.get("test", {}), detail.get("extrapolation", {})
     r = {
@@ -296,8 +298,8 @@ def row(experiment: str, run: Path, data: Path, wall: float | None) -> dict:
                 "extrapolation/rel_l2_p95",
             )
         },
-        **test_scores(run, data),
-        **extrapolation_scores(run, data),
+        **test_scores(model, dm),
+        **extrapolation_scores(model, meta, dm),
         "test/error_growth": error_growth(test),
         "physics/sensitivity": sensitivity(data),
         "extrapolation/error_growth": error_growth(ex),
