@@ -129,6 +129,18 @@ def _split(raw: bytes, header_length: str | None) -> tuple[Any, bytes]:
         raise RequestError("body", f"is not JSON: {e}") from None
 
 
+def _named(t: Any, i: int, kind: str, names: tuple[str, ...]) -> str:
+    """The `name` of the i-th entry of the request's `inputs` or `outputs` (kind: input or
+    output), one of `names`."""
+    name = t.get("name") if isinstance(t, dict) else None
+    if name not in names:
+        raise RequestError(
+            f"{kind}s[{i}].name",
+            f"{name!r} is not an {kind} of this model; its {kind}s: {', '.join(names)}",
+        )
+    return name
+
+
 def _shape(t: dict[str, Any], where: str) -> tuple[int, ...]:
     shape = t.get("shape")
     if not (
@@ -198,12 +210,7 @@ def decode(
     shapes = {t["name"]: t["shape"] for t in tensors(card)["inputs"]}
     got: dict[str, np.ndarray] = {}
     for i, t in enumerate(given):
-        name = t.get("name") if isinstance(t, dict) else None
-        if name not in shapes:
-            raise RequestError(
-                f"inputs[{i}].name",
-                f"{name!r} is not an input of this model; its inputs: {', '.join(INPUTS)}",
-            )
+        name = _named(t, i, "input", INPUTS)
         where = f"inputs.{name}"
         if name in got:
             raise RequestError(where, "given twice")
@@ -264,12 +271,7 @@ def _outputs(req: dict[str, Any]) -> list[tuple[str, bool]]:
         raise RequestError("outputs", f"must be a list of outputs ({', '.join(OUTPUTS)})")
     out = []
     for i, o in enumerate(asked):
-        name = o.get("name") if isinstance(o, dict) else None
-        if name not in OUTPUTS:
-            raise RequestError(
-                f"outputs[{i}].name",
-                f"{name!r} is not an output of this model; its outputs: {', '.join(OUTPUTS)}",
-            )
+        name = _named(o, i, "output", OUTPUTS)
         binary = (o.get("parameters") or {}).get("binary_data", default)
         out.append((name, binary is True))
     return out
