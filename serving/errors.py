@@ -43,13 +43,30 @@ def body(message: str, field: str | None = None, kind: str = "value_error") -> d
     return {"error": message, "detail": [{"loc": loc(field), "msg": msg, "type": kind}]}
 
 
-def response(status: int, message: str, field: str | None = None) -> Response:
+def encoded(status: int, message: str, field: str | None = None) -> bytes:
+    """An error answer's body as JSON bytes."""
     kind = {413: "too_large", 503: "unavailable"}.get(status, "value_error")
+    return json.dumps(body(message, field, kind)).encode()
+
+
+def response(status: int, message: str, field: str | None = None) -> Response:
     return Response(
-        json.dumps(body(message, field, kind)).encode(),
-        status_code=status,
-        media_type="application/json",
+        encoded(status, message, field), status_code=status, media_type="application/json"
     )
+
+
+def from_validation(exc: Any) -> bytes:
+    """A pydantic ValidationError of a request body as the 400 body: what BentoML answers for it
+    (`"N validation error for Input"` and pydantic's errors, without inputs or context), in the
+    one shape, as `normalized` gives it."""
+    raw = json.dumps(
+        {
+            "error": f"{exc.error_count()} validation error for {exc.title}",
+            "detail": exc.errors(include_context=False, include_input=False),
+        },
+        default=str,
+    ).encode()
+    return normalized(400, raw) or raw
 
 
 def normalized(status: int, raw: bytes) -> bytes | None:

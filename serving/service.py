@@ -16,8 +16,9 @@ batcher (serving/batching.py): one worker thread runs onnxruntime on everything 
 of different horizons padded and masked (serving/runtime.py `plan`). Settings come from the
 environment (twin-serve sets them): TWIN_ML_MODEL, TWIN_ML_THREADS, TWIN_ML_STRICT,
 TWIN_ML_BATCHING, TWIN_ML_MAX_BATCH, TWIN_ML_MAX_SCENARIOS, TWIN_ML_MAX_STEPS,
-TWIN_ML_MAX_CONCURRENCY, TWIN_ML_TIMEOUT, TWIN_ML_WORKERS, TWIN_ML_ACCESS_LOG, TWIN_ML_TOKEN,
-TWIN_ML_MAX_BODY_BYTES, TWIN_ML_MAX_FIELD_VALUES (a reduced model's decoded fields per request).
+TWIN_ML_MAX_CONCURRENCY, TWIN_ML_TIMEOUT, TWIN_ML_WORKERS, TWIN_ML_ACCESS_LOG, TWIN_ML_METRICS,
+TWIN_ML_TRACING, TWIN_ML_HOT_PATH, TWIN_ML_TOKEN, TWIN_ML_MAX_BODY_BYTES, TWIN_ML_MAX_FIELD_VALUES
+(a reduced model's decoded fields per request).
 
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
@@ -43,8 +44,9 @@ from typing import Annotated, Any, Literal
 
 import bentoml
 import numpy as np
+import orjson
 from bentoml._internal.server.http import traffic as _traffic  # BentoML's internals (pinned)
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -95,11 +97,16 @@ class Guard:
     every other media type; a body without a Content-Type is read as JSON; /v2 also takes
     application/octet-stream, the binary tensor extension's bodies), every error answer in
     one shape (serving/errors.py: BentoML's own 400s rewritten), and /docs.json made exact
-    (`docs`: a callable giving the document). Health, readiness and metrics stay open."""
+    (`docs`: a callable giving the document). Health, readiness and metrics stay open.
 
-    def __init__(self, app, token: str | None = None, max_body: int = 8 << 20, docs=None):
+    `hot`: an ASGI app that answers POST /simulate itself (the lean route, `_hot_simulate`),
+    after every check above; None: BentoML's API machinery answers it. BentoML's own middlewares
+    (request timeout, concurrency limit, metrics, access log, tracing) sit outside this one, so
+    they hold for the lean route as for every other."""
+
+    def __init__(self, app, token: str | None = None, max_body: int = 8 << 20, docs=None, hot=None):
         self.app, self.token, self.max_body = app, (token or "").encode(), max_body
-        self.docs, self._docs_body = docs, None
+        self.docs, self._docs_body, self.hot = docs, None, hot
 
     async def _reply(self, send, status: int, message: str, field: str | None = None) -> None:
         await self._send_json(send, status, json.dumps(errors.body(message, field)).encode())
@@ -196,6 +203,8 @@ class Guard:
                 return await send({"type": "http.response.body", "body": body})
             await send(message)
 
+        if self.hot is not None and path == "/simulate" and scope.get("method") == "POST":
+            return await self.hot(scope, limited, guarded_send)
         await self.app(scope, limited, guarded_send)
 
 
@@ -370,6 +379,12 @@ def _metrics() -> dict[str, Any]:
     workers=_env_int("TWIN_ML_WORKERS", 1),
     http={"host": "127.0.0.1"},
     logging={"access": {"enabled": _env_flag("TWIN_ML_ACCESS_LOG", True)}},
+    # BentoML's request metrics (counts and durations by endpoint and status); off, BentoML
+    # serves no /metrics route at all, so twin-ml's own metrics go with them
+    metrics={"enabled": _env_flag("TWIN_ML_METRICS", True)},
+    # tracing off (the default): OpenTelemetry's ASGI middleware passes every URL by (no span per
+    # request); on: BentoML's default, a span per request, for an exporter set in BentoML's config
+    **({} if _env_flag("TWIN_ML_TRACING", False) else {"tracing": {"excluded_urls": ["/"]}}),
     traffic={
         "timeout": _env_int("TWIN_ML_TIMEOUT", 120),
         "max_concurrency": _env_int("TWIN_ML_MAX_CONCURRENCY", 64),
@@ -425,10 +440,8 @@ class TwinService:
             if isinstance(item, _Arrays):
                 out.append(r)
                 continue
-            a = self.runtime.answer(s, r)
-            out.append(
-                (json.dumps(a, allow_nan=False, separators=(",", ":")).encode(), a["in_domain"])
-            )
+            a = self.runtime.answer(s, r)  # non-finite numbers are None already (runtime._list)
+            out.append((orjson.dumps(a), a["in_domain"]))
         return out
 
     async def rollouts(self, parsed: list[ParsedScenario]) -> list[Rollout]:
@@ -440,19 +453,32 @@ class TwinService:
         """Trajectories with calibrated uncertainty: per output and step the ensemble mean, std and
         the requested quantiles, plus an in-domain flag with reasons (see serving/runtime.py).
         `scenarios`: one scenario, or a list of them."""
+        status, body = await self._simulate(scenarios)
+        return Response(body, status_code=status, media_type="application/json")
+
+    async def simulate_json(self, raw: bytes) -> tuple[int, bytes]:
+        """POST /simulate's status and body from its raw JSON body: the lean route (`Guard`'s
+        `hot`). The body is validated by the very model BentoML validates /simulate's with
+        (`model_validate_json` of the API's input model, an empty body read as {}), and a
+        schema error is answered in the shape `Guard` gives BentoML's."""
+        try:
+            data = SIMULATE_INPUT.model_validate_json(raw or b"{}")
+        except ValidationError as exc:
+            return 400, errors.from_validation(exc)
+        return await self._simulate(data.scenarios)
+
+    async def _simulate(self, scenarios: Any) -> tuple[int, bytes]:
         items = scenarios if isinstance(scenarios, list) else [scenarios]
         plain = [s.model_dump(exclude_none=True) if hasattr(s, "model_dump") else s for s in items]
         try:
             parsed = self.runtime.parse_request(plain)
         except RequestTooLarge as e:
-            return errors.response(413, str(e), e.field)
+            return 413, errors.encoded(413, str(e), e.field)
         except RequestError as e:
-            return errors.response(400, str(e), e.field)
+            return 400, errors.encoded(400, str(e), e.field)
         done = await self.batcher.submit(parsed)
         self.metrics["requests"].labels(in_domain=str(all(ok for _, ok in done)).lower()).inc()
-        return Response(
-            b"[" + b",".join(body for body, _ in done) + b"]", media_type="application/json"
-        )
+        return 200, b"[" + b",".join(body for body, _ in done) + b"]"
 
     @bentoml.api(route="/calibrate")
     async def calibrate(
@@ -679,9 +705,48 @@ def _docs() -> dict[str, Any]:
     )
 
 
+# the input model BentoML validates /simulate's body with (the lean route uses the same one)
+SIMULATE_INPUT = TwinService.apis["simulate"].input_spec
+
+
+async def _hot_simulate(scope, receive, send) -> None:
+    """The lean route of POST /simulate (twin-serve hot_path=true, the default): the body read,
+    validated and answered by `TwinService.simulate_json`, without BentoML's per-request API
+    machinery (its context, signature binding, dependency injection and response headers: about
+    half of a small model's served latency, benchmarks/serving.py). The answer is the same bytes."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":  # the client went away, or the body was refused
+            return
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    try:
+        status, body = await bentoml.get_current_service().simulate_json(b"".join(chunks))
+    except Exception:  # as BentoML answers an API's unexpected error: logged, a 500, no details
+        log.exception("POST /simulate failed")
+        status = 500
+        body = json.dumps(
+            errors.body("An unexpected error has occurred, please check the server log.")
+        ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 TwinService.add_asgi_middleware(
     Guard,
     token=os.environ.get(TOKEN_ENV),
     max_body=int(os.environ.get(MAX_BODY_ENV, str(8 << 20))),
     docs=_docs,
+    hot=_hot_simulate if _env_flag("TWIN_ML_HOT_PATH", True) else None,
 )

@@ -397,6 +397,43 @@ def test_custom_metrics_count_requests_by_domain_status_and_record_std(server):
     assert "bentoml_service_request_total" in text  # BentoML's own metrics, as they come
 
 
+def test_the_lean_route_answers_exactly_as_bentomls_api(server, tmp_path):
+    """POST /simulate by the lean route (the default, hot_path=true) and through BentoML's API
+    machinery (hot_path=false, here with BentoML's request metrics off and tracing on): the same
+    status and the same body for answers, single scenarios, schema errors, check errors, limits
+    and malformed JSON (the same model on the same machine, batch by batch: the same numbers).
+    metrics=false has no /metrics at all: BentoML serves the route only with its metrics on."""
+    url, manifest, _, env = server
+    proc, other = _start(
+        env, tmp_path / "log", "tanks:production", "hot_path=false", "metrics=false", "tracing=true"
+    )
+    bad_parameter = scenario(manifest)
+    bad_parameter["parameters"]["k1"] = "fast"
+    bodies = [
+        json.dumps({"scenarios": [scenario(manifest), scenario(manifest, 5)]}).encode(),
+        json.dumps({"scenarios": scenario(manifest, 3)}).encode(),  # one scenario, not a list
+        json.dumps({"scenarios": [bad_parameter]}).encode(),  # pydantic's 400
+        json.dumps({"scenarios": []}).encode(),
+        json.dumps(_mutated(manifest, lambda s: s["inputs"].update(pump=[1.0] * 4))).encode(),
+        json.dumps({"scenarios": [scenario(manifest, 2)] * 257}).encode(),
+        json.dumps(_mutated(manifest, lambda s: s.update(t_end=4.0 * 1000))).encode(),
+        b'{"scenarios": [',
+        b"",
+        b"[1, 2]",
+    ]
+    try:
+        for raw in bodies:
+            lean, bento = post(url, None, raw=raw), post(other, None, raw=raw)
+            assert lean == bento, (raw[:80], lean, bento)
+        assert post(url, None, raw=bodies[0])[0] == 200 and post(url, None, raw=b"")[0] == 400
+        with pytest.raises(urllib.error.HTTPError) as gone:  # BentoML drops the route with them
+            urllib.request.urlopen(f"{other}/metrics", timeout=10)
+        assert gone.value.code == 404
+        assert "bentoml_service_request_total" in _metrics(url)[1]
+    finally:
+        _stop(proc)
+
+
 def test_strict_mode_limits_and_overload_get_429_then_recover(server, tmp_path):
     """twin-serve strict=true max_concurrency=2 max_scenarios=4 max_steps=15: out-of-domain is
     refused, the limits name their field, and a burst of 24 concurrent requests gets only 200 or

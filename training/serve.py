@@ -4,6 +4,7 @@
                [strict=false] [batching=true] [max_batch=256] [max_scenarios=256] [max_steps=...]
                [max_field_values=1048576]
                [max_concurrency=64] [timeout=120] [workers=1] [access_log=true]
+               [metrics=true] [tracing=false] [hot_path=true]
 
 Settings are key=value like the other commands (not a Hydra app: `model` names a config group
 there). Verifies the model in the store first (a tampered or missing model is one `error:` line
@@ -50,6 +51,15 @@ SETTINGS = {
     ),
     "workers": Setting("1", "server processes (each loads the model and batches on its own)"),
     "access_log": Setting("true", "one log line per request (BentoML's access log)"),
+    "metrics": Setting(
+        "true", "/metrics: BentoML's request metrics and twin-ml's (false: no /metrics at all)"
+    ),
+    "tracing": Setting(
+        "false", "an OpenTelemetry span per request (for an exporter set in BentoML's config)"
+    ),
+    "hot_path": Setting(
+        "true", "POST /simulate by the lean route (false: through BentoML's API machinery)"
+    ),
 }
 DEFAULTS = defaults(SETTINGS)
 POSITIVE = (
@@ -61,7 +71,7 @@ POSITIVE = (
     "timeout",
     "workers",
 )
-FLAGS = ("strict", "batching", "access_log")
+FLAGS = ("strict", "batching", "access_log", "metrics", "tracing", "hot_path")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
