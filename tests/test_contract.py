@@ -154,6 +154,11 @@ def test_the_distance_to_the_box_is_the_largest_fraction_its_reasons_report(card
     assert d.tolist() == [box.distance(system, p[i], x0[i], u[i]) for i in range(n)]
     assert [x > 0 for x in d] == [bool(box.reasons(system, p[i], x0[i], u[i])) for i in range(n)]
     assert 0 < (d > 0).sum() < n
+    # one scenario's check (a plain-Python pass when it is inside) = the full comparison
+    for i in range(n):
+        ex = box.excesses(system, p[i : i + 1], x0[i : i + 1], u[i : i + 1])
+        assert box.check(system, p[i], x0[i], u[i]) == (ex.messages(), float(ex.distances()[0]))
+    assert box.check(system, *faces) == ([], 0.0)
     assert box.distances(system, p.astype(np.float32), x0, u).dtype == np.float64
 
 

@@ -376,9 +376,35 @@ class DomainBox(BaseModel):
     def check(
         self, card: Any, p: np.ndarray, x0: np.ndarray, u: np.ndarray
     ) -> tuple[list[str], float]:
-        """(`reasons`, `distance`) of one scenario, from one comparison."""
-        ex = self.excesses(card, np.asarray(p)[None], np.asarray(x0)[None], np.asarray(u)[None])
+        """(`reasons`, `distance`) of one scenario, from one comparison. A scenario inside every
+        range (the common case of a served request) is told in plain Python, without building
+        the arrays of `excesses` (~5x cheaper); any other gets the full comparison."""
+        u = np.asarray(u)
+        if self._inside(card, np.asarray(p).tolist(), np.asarray(x0).tolist(), u):
+            return [], 0.0
+        ex = self.excesses(card, np.asarray(p)[None], np.asarray(x0)[None], u[None])
         return ex.messages(), float(ex.distances()[0])
+
+    def _inside(self, card: Any, p: list, x0: list, u: np.ndarray) -> bool:
+        """Whether every value the box holds a range for lies within it (as `excesses` reads
+        them: a parameter's or initial state's value, an input's min and max over the grid).
+        NaN compares False both ways: `excesses` decides then."""
+        for names, values, get in (
+            (card.parameter_names, p, self.parameters.get),
+            (card.state_names, x0, self.states.get),
+        ):
+            for name, v in zip(names, values):
+                rng = get(name)
+                if rng is not None and not rng[0] <= v <= rng[1]:
+                    return False
+        if u.ndim != 2 or not len(u):
+            return not any(self.input_range(n) for n in card.input_names[: u.shape[-1]])
+        lows, highs = u.min(axis=0).tolist(), u.max(axis=0).tolist()
+        for name, lo_v, hi_v in zip(card.input_names, lows, highs):
+            rng = self.input_range(name)
+            if rng is not None and not (rng[0] <= lo_v and hi_v <= rng[1]):
+                return False
+        return True
 
     def reasons(self, card: SystemCard, p: np.ndarray, x0: np.ndarray, u: np.ndarray) -> list[str]:
         """Why a scenario (p [np], x0 [nx], u [T, nu]) is outside the box; empty when inside."""
