@@ -1,28 +1,36 @@
-"""Serving benchmark: the real server (twin-serve: BentoML + onnxruntime) against the HTTP floor,
-with the load client in its own process, everything in one run.
+"""Serving benchmark: the real server (twin-serve: BentoML + onnxruntime) against the HTTP floor
+and a hello-world BentoML service, with the load client in its own process, everything in one run.
 
-    python benchmarks/serving.py [--kinds node,emulator | --model NAME:REF --bentoml-home DIR]
-                                 [--requests 2000] [--quick]
+    python benchmarks/serving.py [--kinds node,flowmap,emulator | --model NAME:REF
+                                  --bentoml-home DIR] [--requests 2000] [--quick] [--no-settings]
 
-Without --model it trains and exports two pendulum models on 100-step scenarios, M=5 members,
+Without --model it trains and exports three pendulum models on 100-step scenarios, M=5 members,
 the default networks, 2 epochs (latency does not depend on accuracy), into a store under
 runs/bench-serving/: the neural ODE (an RK4 rollout: an ONNX Loop of 100 steps, 4 network
-evaluations each) and the one-shot emulator (one network pass for the whole trajectory). Every
-request carries one in-domain scenario of 100 steps, drawn from 64 pre-built bodies.
+evaluations each), the plain flow map (the same Loop, one network evaluation per step) and the
+one-shot emulator (one network pass for the whole trajectory). Every request carries one
+in-domain scenario of 100 steps, drawn from 64 pre-built bodies.
 
-The server runs with workers=2 (one per core) and its access log off (--workers, --access-log).
+The server runs with workers=2 (one per core) and its access log off (--workers, --access-log),
+every other setting twin-serve's default (hot_path=true, metrics=true, tracing=false).
 
 Phases (each a fresh client process; the server keeps running between phases of one config):
+  hello     BentoML's own floor: benchmarks/hello_service.py (one float in, the same out, the same
+            workers, access log off) at concurrency 1 and 32, once per run;
   floor     a minimal asyncio HTTP/1.1 server returning a fixed body of the size of a real answer,
             at concurrency 1: the cost of HTTP + this client alone;
   c1        the served model at concurrency 1, with adaptive batching off and on;
   c32       10,000 requests at concurrency 32 with batching on: throughput, p50/p99, errors;
   overload  4x the configured max concurrency: the status codes seen (only 200 and 429 allowed),
-            then the time until /readyz answers and a valid request succeeds again.
+            then the time until /readyz answers and a valid request succeeds again;
+  settings  (--settings, on the --settings-kinds models, the emulator by default) c=1 with one
+            setting flipped from the default at a time: hot_path=false, metrics=false,
+            tracing=true, access_log=true; the p50 change is that setting's cost.
 
 The client is a raw asyncio HTTP/1.1 keep-alive client (one connection per concurrent worker), so
-that the client's own cost stays small next to the server's on a 2-core machine; the floor uses
-the same client. Writes benchmarks/results/serving.json and prints a table.
+that the client's own cost stays small next to the server's on a 2-core machine; the floor and the
+hello-world service use the same client. Writes benchmarks/results/serving.json (per model its
+phases, a summary and which of the serving issue's goals it meets) and prints the tables.
 """
 
 from __future__ import annotations
