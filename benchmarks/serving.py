@@ -453,6 +453,8 @@ def bench_model(model: str, env: dict, args) -> dict:
         phases["c1"] = run_client(port, "/simulate", wrapped_file, n, 1)
         print(f"[{model}] served c=32, batching on ({big} requests)...", flush=True)
         phases["c32"] = run_client(port, "/simulate", wrapped_file, big, 32)
+        if args.profile:
+            out["profile"] = profile_worker(proc, port, wrapped_file, tag, big)
         over = 4 * max_conc
         print(
             f"[{model}] overload: concurrency {over} "
@@ -497,6 +499,80 @@ def bench_model(model: str, env: dict, args) -> dict:
     }
     out["goals"] = goals(card.kind, out["summary"])
     return out
+
+
+def profile_worker(proc: subprocess.Popen, port: int, bodies: Path, tag: str, n: int) -> dict:
+    """A py-spy flame of one server worker under the c=32 load (n requests): an SVG flame graph
+    and a summary of where its threads spend their samples (the event loop's main thread, the
+    model thread), in benchmarks/results/. py-spy (a dev dependency) must be allowed to attach
+    to the worker (ptrace)."""
+    import psutil
+
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+    ]
+    if not workers:
+        return {"error": "no worker process found"}
+    raw = WORK / f"profile-{tag}.txt"
+    svg = OUT.parent / f"serving-flame-{tag}.svg"
+    spy = BIN / "py-spy"
+    seconds = 10
+    recorders = []
+    for fmt, path in (("raw", raw), ("flamegraph", svg)):
+        recorders.append(
+            subprocess.Popen(
+                [str(spy), "record", "-p", str(workers[0].pid), "-d", str(seconds), "-r", "200"]
+                + ["--threads", "--format", fmt, "-o", str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    print(f"  profiling worker {workers[0].pid} for {seconds} s under c=32...", flush=True)
+    load = run_client(port, "/simulate", bodies, n, 32, warmup=0)
+    errs = [r.communicate()[1] for r in recorders]
+    if not raw.exists():
+        return {"error": "py-spy recorded nothing: " + " ".join(errs)[-500:]}
+    return {"flame_svg": str(svg.relative_to(ROOT)), "load": load, **summarize_profile(raw)}
+
+
+# where a request's time goes, by frame (substring of py-spy's "function (file)" label)
+PROFILE_PARTS = {
+    "model (onnxruntime Session.run)": "Session.run (",
+    "request checks (parse_scenario)": "parse_scenario (",
+    "pydantic validation": "model_validate_json (",
+    "answer building (Runtime.answer)": "Runtime.answer (",
+    "BentoML request metrics middleware": "RunnerTrafficMetricsMiddleware.__call__ (",
+    "uvicorn HTTP protocol": "HttpToolsProtocol.",
+    "event loop select (idle)": "select (selectors.py)",
+}
+
+
+def summarize_profile(raw: Path) -> dict:
+    """From py-spy's raw (collapsed) stacks: each thread's share of the samples, and the share of
+    the samples whose stack passes through each part of PROFILE_PARTS."""
+    threads: dict[str, int] = {}
+    parts = dict.fromkeys(PROFILE_PARTS, 0)
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        name = frames[0].split(":")[-1].strip().rstrip(")").strip() or frames[0]
+        threads[name] = threads.get(name, 0) + n
+        for part, needle in PROFILE_PARTS.items():
+            if needle in stack:
+                parts[part] += n
+    return {
+        "samples": total,
+        "threads": {k: v / total for k, v in threads.items()} if total else {},
+        "parts": {k: v / total for k, v in parts.items()} if total else {},
+    }
 
 
 # twin-serve settings flipped one at a time from the default (hot_path=true, metrics=true,
@@ -631,6 +707,12 @@ def main_bench(args) -> int:
         if s["setting_cost_p50_ms"]:
             costs = ", ".join(f"{k}: {v:+.2f} ms" for k, v in s["setting_cost_p50_ms"].items())
             print(f"  c=1 p50 change per setting (from the default server): {costs}")
+        prof = r.get("profile") or {}
+        if "parts" in prof:
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["parts"].items())
+            print(f"  profile of one worker at c=32 ({prof['flame_svg']}): {shares}")
+        elif prof:
+            print(f"  profile: {prof.get('error')}")
         print(
             f"  overload: {s['overload_statuses']}, ready again after "
             f"{s['overload_recovery_s']:.2f} s"
@@ -679,6 +761,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--settings-kinds", default="emulator", help="model kinds the settings are measured on"
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="a py-spy flame of one worker under the c=32 load (benchmarks/results/)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="few requests (a smoke run)")
