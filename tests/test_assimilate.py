@@ -1,0 +1,115 @@
+"""The ensemble Kalman analysis against the Kalman filter: with a linear observation operator and
+the ensemble's own sample moments as the prior, the ETKF's analysis mean and sample covariance are
+the Kalman filter's exactly (float64 rounding); the stochastic EnKF's are in expectation (Monte
+Carlo tolerances from the ensemble size)."""
+
+import numpy as np
+import pytest
+
+from twin_ml.assimilate import enkf, etkf
+
+EPS = np.finfo(np.float64).eps
+
+
+def _kalman(mean, P, H, y, r):
+    S = H @ P @ H.T + np.diag(r**2)
+    K = P @ H.T @ np.linalg.inv(S)
+    d = y - H @ mean
+    return mean + K @ d, (np.eye(len(mean)) - K @ H) @ P, float(d @ np.linalg.solve(S, d))
+
+
+def _moments(X):
+    return X.mean(axis=0), np.cov(X, rowvar=False)
+
+
+@pytest.mark.parametrize("inflation", [1.0, 1.3])
+def test_etkf_is_the_kalman_filter_for_a_linear_observation(inflation):
+    rng = np.random.default_rng(0)
+    n, m, N = 4, 3, 12
+    X = rng.normal(size=(N, n)) @ rng.normal(size=(n, n)) + rng.normal(size=n)
+    H = rng.normal(size=(m, n))
+    y, r = rng.normal(size=m), np.array([0.3, 0.5, 0.8])
+    mean, P = _moments(X)
+    want_mean, want_P, want_nis = _kalman(mean, inflation * P, H, y, r)
+    Xa, inn = etkf(X, X @ H.T, y, r, inflation=inflation)
+    got_mean, got_P = _moments(Xa)
+    scale = np.abs(X).max() ** 2 * N * n  # the sums behind the moments
+    assert np.allclose(got_mean, want_mean, rtol=0, atol=1e3 * EPS * scale)
+    assert np.allclose(got_P, want_P, rtol=0, atol=1e3 * EPS * scale)
+    assert inn.nis == pytest.approx(want_nis, rel=1e6 * EPS) and inn.measured == m
+
+
+def test_an_unmeasured_output_takes_no_part():
+    rng = np.random.default_rng(1)
+    n, N = 3, 8
+    X = rng.normal(size=(N, n))
+    H = rng.normal(size=(2, n))
+    y, r = np.array([0.4, np.nan]), np.array([0.2, 0.2])
+    Xa, inn = etkf(X, X @ H.T, y, r)
+    want_mean, want_P, _ = _kalman(*_moments(X), H[:1], y[:1], r[:1])
+    got_mean, got_P = _moments(Xa)
+    assert np.allclose(got_mean, want_mean, atol=1e-12) and np.allclose(got_P, want_P, atol=1e-12)
+    assert inn.measured == 1 and np.isnan(inn.d[1]) and np.isnan(inn.std[1])
+    nothing, inn = etkf(X, X @ H.T, np.full(2, np.nan), r)
+    assert np.allclose(nothing, X, rtol=0, atol=4 * EPS * np.abs(X).max())  # x = mean + anomaly
+    assert inn.measured == 0 and inn.nis == 0.0
+
+
+def test_a_linear_filter_run_follows_the_kalman_filter_and_its_nis_is_chi_square():
+    """x_k+1 = F x_k + w (w as inflation-free additive noise on every member: the forecast
+    ensemble's sample covariance is then not exactly F P F' + Q, so the run is compared with
+    the Kalman filter in distribution: the NIS has mean m over the run)."""
+    rng = np.random.default_rng(2)
+    F = np.array([[1.0, 0.1], [-0.2, 0.95]])
+    H = np.array([[1.0, 0.0]])
+    q, r = 0.05, np.array([0.1])
+    truth = np.array([1.0, 0.0])
+    X = rng.normal(size=(200, 2)) * 0.5
+    nis = []
+    for _ in range(400):
+        truth = F @ truth + rng.normal(size=2) * q
+        X = X @ F.T + rng.normal(size=X.shape) * q
+        y = H @ truth + rng.normal(size=1) * r
+        X, inn = etkf(X, X @ H.T, y, r)
+        nis.append(inn.nis)
+    # the NIS of a consistent filter: chi-square(1), mean 1, sd of a mean of 400 ~ sqrt(2 / 400)
+    # (consecutive steps are near independent); 5 sd, plus the 200-member sampling of the prior
+    assert abs(np.mean(nis) - 1.0) < 5 * np.sqrt(2 / 400) + 0.1
+    assert abs(X.mean(axis=0)[0] - truth[0]) < 5 * np.sqrt(np.cov(X, rowvar=False)[0, 0])
+
+
+def test_stochastic_enkf_matches_the_kalman_filter_in_expectation():
+    rng = np.random.default_rng(3)
+    n, m, N = 3, 2, 40_000
+    L = rng.normal(size=(n, n))
+    X = rng.normal(size=(N, n)) @ L + np.array([1.0, -1.0, 0.5])
+    H = rng.normal(size=(m, n))
+    y, r = np.array([0.3, -0.2]), np.array([0.4, 0.6])
+    mean, P = _moments(X)
+    want_mean, want_P, _ = _kalman(mean, P, H, y, r)
+    Xa, _ = enkf(X, X @ H.T, y, r, rng)
+    got_mean, got_P = _moments(Xa)
+    sd = np.sqrt(np.diag(want_P))
+    # the mean's Monte Carlo error: sd / sqrt(N) (the perturbations' too); 6 of it
+    assert np.all(np.abs(got_mean - want_mean) < 6 * sd / np.sqrt(N) * 2)
+    # a sample covariance's relative error ~ sqrt(2 / N) per element: 6 of it, on the scale
+    # of the diagonal
+    tol = 6 * np.sqrt(2 / N) * np.sqrt(np.outer(np.diag(want_P), np.diag(want_P)))
+    assert np.all(np.abs(got_P - want_P) < tol)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((np.zeros((1, 2)), np.zeros((1, 1)), np.zeros(1), np.ones(1)), "at least 2 members"),
+        ((np.zeros((3, 2)), np.zeros((2, 1)), np.zeros(1), np.ones(1)), "must share N"),
+        ((np.zeros((3, 2)), np.zeros((3, 1)), np.zeros(2), np.ones(2)), "y and r must be"),
+        ((np.zeros((3, 2)), np.zeros((3, 1)), np.zeros(1), np.zeros(1)), "finite and > 0"),
+        ((np.full((3, 2), np.nan), np.zeros((3, 1)), np.zeros(1), np.ones(1)), "non-finite"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(args, message):
+    with pytest.raises(ValueError, match=message):
+        etkf(*args)
+    with pytest.raises(ValueError, match="inflation"):
+        etkf(np.zeros((3, 2)), np.zeros((3, 1)), np.zeros(1), np.ones(1), inflation=0.5)
