@@ -157,11 +157,19 @@ def _draft4(node: Any) -> Any:
     return node
 
 
-def openapi(doc: dict[str, Any], *, token: bool, examples: dict[str, Any]) -> dict[str, Any]:
+def openapi(
+    doc: dict[str, Any],
+    *,
+    token: bool,
+    examples: dict[str, Any],
+    bodies: dict[str, dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:
     """BentoML's /docs.json, made exact: the error answers as they are written (one shape), every
-    status the service answers, an example request body per API (`examples`: route -> body), and
-    exclusive bounds as OpenAPI 3.0 spells them. BentoML's 404 is dropped (its APIs have no path
-    parameters)."""
+    status the service answers, the request body required, an example request body per API
+    (`examples`: route -> body), the rules of a request body as a whole (`bodies`: route ->
+    keywords such as an anyOf of required fields, which BentoML's document of a signature cannot
+    hold), and exclusive bounds as OpenAPI 3.0 spells them. BentoML's 404 is dropped (its APIs
+    have no path parameters)."""
     doc = _draft4(copy.deepcopy(doc))
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):
@@ -189,9 +197,13 @@ def openapi(doc: dict[str, Any], *, token: bool, examples: dict[str, Any]) -> di
                             }
                         },
                     }
+                if "requestBody" in op:  # every API reads a JSON body: none is a 400
+                    op["requestBody"]["required"] = True
                 media = op.get("requestBody", {}).get("content", {}).get("application/json")
                 if media is not None and examples[route] is not None:
                     media["example"] = examples[route]
+                if media is not None and (bodies or {}).get(route):
+                    media["schema"].update(copy.deepcopy(bodies[route]))
             elif "500" in responses:
                 responses["500"]["content"] = {
                     "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}

@@ -210,7 +210,8 @@ def build_models(
             list[float],
             Field(
                 default_factory=list,
-                description="levels in (0, 1), distinct",
+                description="levels in (0, 1), distinct as the answer names them (its keys "
+                "are f'{q:g}': 6 significant digits, so 0.9999999 and 0.99999999 are both '1')",
                 json_schema_extra={
                     "maxItems": MAX_QUANTILES,
                     "uniqueItems": True,
@@ -319,3 +320,222 @@ class TelemetryObservations(BaseModel):
         description="the measured outputs that enter the fit (default: every output among the "
         "signals with a valid sample); the others are ignored",
     )
+
+
+# ---- POST /calibrate ---------------------------------------------------------------------------
+F32_MAX = 3.4028234663852886e38  # the largest float32: the surrogate computes in float32
+
+
+def _number(v: Variable | None = None, **extra: Any) -> dict[str, Any]:
+    """A number /calibrate accepts: within float32 (every number of the request is checked,
+    serving.service._check_magnitudes) and within `v`'s physical limits."""
+    lo, hi = v.physical if v is not None else (-math.inf, math.inf)
+    return {"type": "number", "minimum": max(lo, -F32_MAX), "maximum": min(hi, F32_MAX), **extra}
+
+
+# a list with at least one value that is not null (OpenAPI 3.0 has no `contains`: "not every
+# value null")
+SOME = {"not": {"items": {"type": "null"}}}
+
+
+def _nullable(item: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [item, {"type": "null"}]}
+
+
+def _in_member(extra: dict[str, Any]):
+    """json_schema_extra for an optional field (`X | None`): `extra` goes into the member that
+    is not null (BentoML's document keeps only that member of a body field's anyOf)."""
+
+    def apply(schema: dict[str, Any]) -> None:
+        members = [m for m in schema.get("anyOf", []) if m.get("type") != "null"]
+        (members[0] if members else schema).update(extra)
+
+    return apply
+
+
+def calibration_schemas(card: ModelCard) -> dict[str, Any]:
+    """What POST /calibrate's checks enforce (twin_ml/contract/requests.py `parse_calibration`,
+    `observations_from_telemetry`, the float32 check), declared for the served model: per field
+    of the handler's signature its `json_schema_extra`, `telemetry` the model of that field, and
+    `body` the rules of the body as a whole (the two forms of observations), which the document
+    adds (BentoML's own keeps no body-level anyOf). What JSON Schema cannot say is in the
+    descriptions and answered with a 400: every series as long as `times`, `times` uniform with
+    dt, not both forms at once, the telemetry's selected outputs among its signals, the
+    parameters not fitted given, bounds and priors only for fitted names, low < high, a prior's
+    std > 0 and its mean inside the bounds, and a noise std to estimate only with more observed
+    points than fitted values."""
+    sysd, grid, box = card.system, card.time, card.domain
+    dt = grid.dt
+    points = {
+        "minItems": grid.max_steps + 1 if grid.fixed_steps else 3,
+        "maxItems": grid.max_steps + 1,
+    }
+    fitted = {p.name: p for p in sysd.parameters} | {f"state:{s.name}": s for s in sysd.states}
+    inputs = [v.name for v in sysd.inputs]
+    unbounded = [n for n in fitted if box.fitted(n) is None]
+
+    def series(item: dict[str, Any], what: str) -> dict[str, Any]:
+        return {
+            "type": "array",
+            "items": item,
+            **points,
+            "description": f"{what}: one value per timestamp (as many as `times` has)",
+        }
+
+    def by_name(props: dict[str, Any], what: str) -> dict[str, Any]:
+        return {
+            "properties": props,
+            "additionalProperties": False,
+            "description": what,
+        }
+
+    times = {
+        "items": _number(),
+        **points,
+        "description": f"the observation timestamps: sorted, uniform with the model's dt = {dt}, "
+        f"{points['minItems']} to {points['maxItems']}; every series of `outputs` and `inputs` "
+        "has one value per timestamp. Give times, outputs and inputs, or `telemetry`, not both",
+    }
+    observed = {
+        o.name: series(_nullable(_number()), f"[{o.unit}], null where missing")
+        for o in sysd.outputs
+    }
+    outputs = {
+        **by_name(
+            {o: {**v, **SOME} for o, v in observed.items()},
+            "the measured outputs by name, each on `times` with at least one value that is not "
+            "null",
+        ),
+        "minProperties": 1,
+    }
+    signal_in = {
+        i.name: {
+            **series(_nullable(_number(i)), f"input [{i.unit}], null where invalid"),
+            **SOME,
+        }
+        for i in sysd.inputs
+    }
+    telemetry = create_model(
+        "TelemetryObservations",
+        __base__=TelemetryObservations,
+        __doc__=TelemetryObservations.__doc__,
+        times=(
+            list[float],
+            Field(
+                description=TelemetryObservations.model_fields["times"].description
+                + f" = {dt}; every signal has one value per time",
+                json_schema_extra={"items": _number(), **points},
+            ),
+        ),
+        signals=(
+            dict[str, list[float | None]],
+            Field(
+                description=TelemetryObservations.model_fields["signals"].description
+                + "; each input needs one valid sample, and the outputs that enter the fit one "
+                "each (the selected ones, else at least one output)",
+                json_schema_extra={
+                    "properties": {**signal_in, **observed},
+                    "required": inputs,
+                    "minProperties": 1,
+                    # an output with a valid sample (the selected ones: each, a rule across fields)
+                    "anyOf": [
+                        {"required": [o.name], "properties": {o.name: SOME}} for o in sysd.outputs
+                    ],
+                    "additionalProperties": {
+                        "type": "array",
+                        "items": _nullable(_number()),
+                    },
+                },
+            ),
+        ),
+        outputs=(
+            list[str] | None,
+            Field(
+                None,
+                description=TelemetryObservations.model_fields["outputs"].description
+                + " (each one among the signals)",
+                json_schema_extra=_in_member(
+                    {
+                        "items": {"type": "string", "enum": [o.name for o in sysd.outputs]},
+                        "minItems": 1,
+                    }
+                ),
+            ),
+        ),
+    )
+    pair = {"type": "array", "minItems": 2, "maxItems": 2}
+    return {
+        "times": _in_member(times),
+        "outputs": _in_member(outputs),
+        "telemetry": telemetry,
+        "inputs": by_name(
+            {i.name: series(_number(i), f"[{i.unit}]") for i in sysd.inputs},
+            "every input that drove the system, by name, on `times` (with `telemetry`: none)",
+        ),
+        "parameters": by_name(
+            {p.name: _number(p, description=f"[{p.unit}]") for p in sysd.parameters},
+            "the value of every parameter not fitted (those fitted: ignored)",
+        ),
+        "initial_state": by_name(
+            {s.name: _number(s, description=f"[{s.unit}]") for s in sysd.states},
+            "the initial states not fitted (missing: the middle of the training range)",
+        ),
+        "bounds": by_name(
+            {
+                n: {
+                    **pair,
+                    "items": _number(v),
+                    **({"default": list(box.fitted(n))} if box.fitted(n) is not None else {}),
+                }
+                for n, v in fitted.items()
+            },
+            "[low, high] with low < high, for fitted names only (default: the training range"
+            + (f"; required for {', '.join(unbounded)}, which has none" if unbounded else "")
+            + ")",
+        ),
+        "priors": by_name(
+            {
+                n: {
+                    "type": "object",
+                    "properties": {"normal": {**pair, "items": _number()}},
+                    "required": ["normal"],
+                    "additionalProperties": False,
+                }
+                for n in fitted
+            },
+            'for fitted names only: {"normal": [mean, std]}, std > 0, the mean inside the '
+            "name's bounds",
+        ),
+        "noise": by_name(
+            {
+                o.name: {"type": "number", "exclusiveMinimum": 0, "maximum": F32_MAX}
+                for o in sysd.outputs
+            },
+            "the noise std per output; missing: estimated, which needs more observed points "
+            "than fitted values",
+        ),
+        # the two forms of observations, one at a time: times, outputs and every input without
+        # telemetry, or telemetry without times, outputs or an input
+        "body": {
+            "anyOf": [
+                {
+                    "required": ["times", "outputs", *(["inputs"] if inputs else [])],
+                    **({"properties": {"inputs": {"required": inputs}}} if inputs else {}),
+                    "not": {"required": ["telemetry"]},
+                },
+                {
+                    "required": ["telemetry"],
+                    "not": {
+                        "anyOf": [
+                            {"required": ["times"]},
+                            {"required": ["outputs"]},
+                            {
+                                "required": ["inputs"],
+                                "properties": {"inputs": {"minProperties": 1}},
+                            },
+                        ]
+                    },
+                },
+            ]
+        },
+    }

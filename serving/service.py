@@ -55,7 +55,13 @@ from starlette.routing import Route
 from serving import errors, v2
 from serving.batching import Batcher
 from serving.runtime import Rollout, Runtime
-from serving.schemas import TelemetryObservations, build_models, example_scenario
+from serving.schemas import (
+    F32_MAX,
+    TelemetryObservations,
+    build_models,
+    calibration_schemas,
+    example_scenario,
+)
 from twin_ml import registry
 from twin_ml.calibrate import (
     CalibrationResult,
@@ -290,6 +296,10 @@ FIT_SCHEMA: dict[str, Any] = {  # what Problem.build checks of `fit`, declared
     },
     "description": "the names to fit: parameters, or initial states as state:<name>",
 }
+# what Problem.build checks of the other fields, declared (serving/schemas.py), and the model of
+# `telemetry` with this model's names
+CALIBRATION: dict[str, Any] = calibration_schemas(CARD) if CARD is not None else {}
+Telemetry = CALIBRATION.get("telemetry", TelemetryObservations)
 
 
 def _refused(ctx: bentoml.Context | None, status: int, message: str, field: str | None = None):
@@ -308,7 +318,12 @@ class MCMC(BaseModel):
     steps: int = Field(
         MCMC_DEFAULTS["steps"], ge=20, le=5000, description="steps per walker, at most"
     )
-    burn: int = Field(MCMC_DEFAULTS["burn"], ge=0, le=4980)
+    burn: int = Field(
+        MCMC_DEFAULTS["burn"],
+        ge=0,
+        le=4980,
+        description="steps discarded first; they leave at least 20 (steps - burn >= 20)",
+    )
     walkers: int = Field(MCMC_DEFAULTS["walkers"], ge=4, le=128)
     noise_model: Literal[NOISE_MODELS] = Field(  # type: ignore[valid-type]
         MCMC_DEFAULTS["noise_model"],
@@ -484,16 +499,34 @@ class TwinService:
     async def calibrate(
         self,
         fit: Annotated[list[str], Field(json_schema_extra=FIT_SCHEMA)],
-        times: list[float] | None = None,
-        outputs: dict[str, list[float | None]] | None = None,
-        telemetry: TelemetryObservations | None = None,
+        times: Annotated[
+            list[float] | None, Field(json_schema_extra=CALIBRATION.get("times"))
+        ] = None,
+        outputs: Annotated[
+            dict[str, list[float | None]] | None,
+            Field(json_schema_extra=CALIBRATION.get("outputs")),
+        ] = None,
+        telemetry: Telemetry | None = None,
         # BentoML reads this signature as the request schema; the {} defaults are never mutated
-        inputs: dict[str, list[float]] = {},  # noqa: B006
-        parameters: dict[str, float] = {},  # noqa: B006
-        initial_state: dict[str, float] = {},  # noqa: B006
-        bounds: dict[str, list[float]] = {},  # noqa: B006
-        priors: dict[str, dict[str, list[float]]] = {},  # noqa: B006
-        noise: dict[str, float] = {},  # noqa: B006
+        inputs: Annotated[
+            dict[str, list[float]], Field(json_schema_extra=CALIBRATION.get("inputs"))
+        ] = {},  # noqa: B006
+        parameters: Annotated[
+            dict[str, float], Field(json_schema_extra=CALIBRATION.get("parameters"))
+        ] = {},  # noqa: B006
+        initial_state: Annotated[
+            dict[str, float], Field(json_schema_extra=CALIBRATION.get("initial_state"))
+        ] = {},  # noqa: B006
+        bounds: Annotated[
+            dict[str, list[float]], Field(json_schema_extra=CALIBRATION.get("bounds"))
+        ] = {},  # noqa: B006
+        priors: Annotated[
+            dict[str, dict[str, list[float]]], Field(json_schema_extra=CALIBRATION.get("priors"))
+        ] = {},  # noqa: B006
+        noise: Annotated[
+            dict[str, float],
+            Field(json_schema_extra=CALIBRATION.get("noise")),
+        ] = {},  # noqa: B006
         mcmc: MCMC | None = None,
         starts: int = Field(4, ge=1, le=32),
         corrections: int = Field(2, ge=0, le=10),
@@ -615,9 +648,6 @@ class TwinService:
             self.metrics["calibrations"].labels(outcome=outcome).inc()
 
 
-F32_MAX = 3.4028234663852886e38  # the largest float32: the surrogate computes in float32
-
-
 def _check_magnitudes(obj: Any, path: str = "") -> None:
     """Refuse a number the model cannot represent (float32): observations of 1e300 made the
     fit's squared residuals overflow inside scipy, a 500 instead of an answer."""
@@ -701,7 +731,10 @@ def _docs() -> dict[str, Any]:
     if CARD is not None:
         examples["/simulate"] = {"scenarios": [example_scenario(CARD)]}
     return errors.openapi(
-        TwinService.openapi_spec.asdict(), token=bool(os.environ.get(TOKEN_ENV)), examples=examples
+        TwinService.openapi_spec.asdict(),
+        token=bool(os.environ.get(TOKEN_ENV)),
+        examples=examples,
+        bodies={"/calibrate": CALIBRATION.get("body")},
     )
 
 

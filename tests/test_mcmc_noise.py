@@ -391,3 +391,17 @@ def test_calibrate_takes_the_mcmc_defaults_and_refuses_unknown_settings(card):
         calibrate(problem, oracle, oracle, mcmc={"noise_model": "pink"}, **kw)
     with pytest.raises(ValueError, match="max_seconds must be a number > 0"):
         calibrate(problem, oracle, oracle, mcmc={"max_seconds": 0}, **kw)
+
+
+def test_walkers_clipped_onto_the_box_faces_start_around_the_estimate_instead(card):
+    """A Laplace covariance far wider than the box along one direction (data that do not pin the
+    fitted values down) put every walker on the box's faces, where they were not linearly
+    independent: emcee refused that start with a ValueError (a 500 from POST /calibrate). They
+    start in the small ball around the estimate instead, and the chain runs."""
+    problem = _record(card, 2)
+    z_hat = problem.to_unit(np.array([TRUTH[k] for k in problem.fit]))
+    wide = np.full((2, 2), 1e12)  # rank one: both fitted values along one line, far past the box
+    run = posterior(
+        ClosedForm(), problem, problem.noise, z_hat, walkers=8, steps=40, burn=20, cov_z=wide
+    )
+    assert run.samples.shape == (20 * 8, 2) and np.all(np.isfinite(run.samples))

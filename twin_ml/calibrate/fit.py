@@ -836,6 +836,7 @@ def posterior(
     correlations; its `warnings` name every diagnostic outside its accepted range
     (`mcmc_warnings`)."""
     import emcee
+    from emcee.ensemble import walkers_independent
     from tqdm import tqdm
 
     n = problem.n_fit
@@ -886,6 +887,11 @@ def posterior(
     else:
         p0 = z_hat[None] + 1e-3 * rng.standard_normal((walkers, n))
     p0 = np.clip(p0, 1e-6, 1 - 1e-6)
+    if not walkers_independent(p0):
+        # a covariance far wider than the box in a direction the data do not pin down clips the
+        # walkers onto the box's faces, where they are no longer linearly independent (emcee
+        # refuses such a start): start them in the small ball around the estimate instead
+        p0 = np.clip(z_hat[None] + 1e-3 * rng.standard_normal((walkers, n)), 1e-6, 1 - 1e-6)
     sampler = emcee.EnsembleSampler(walkers, n, log_prob, vectorize=True)
     sampler.random_state = np.random.RandomState(seed).get_state()
 
