@@ -12,7 +12,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from twin_ml.contract import ModelCard, Variable, decodes_fields
 from twin_ml.contract.requests import MAX_QUANTILES
 
-STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+# strict: a number is a JSON number (pydantic's lax mode also took true/false and "1.5" for one,
+# which the schema's `type: number` refuses), an integer a JSON integer
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 def _mid(rng: tuple[float, float] | None, default: float = 0.0) -> float:
@@ -143,6 +145,7 @@ def build_models(
         __config__=ConfigDict(
             extra="forbid",
             allow_inf_nan=False,
+            strict=True,
             json_schema_extra={
                 "example": example_scenario(card),
                 # the time grid: t_end, or times (which wins when both are given)

@@ -46,7 +46,7 @@ import bentoml
 import numpy as np
 import orjson
 from bentoml._internal.server.http import traffic as _traffic  # BentoML's internals (pinned)
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -302,6 +302,12 @@ CALIBRATION: dict[str, Any] = calibration_schemas(CARD) if CARD is not None else
 Telemetry = CALIBRATION.get("telemetry", TelemetryObservations)
 
 
+# a JSON number, and a JSON integer: pydantic's lax mode also takes true/false and "1.5" for them,
+# which the schema's `type: number` / `type: integer` refuses
+Num = Annotated[float, Strict()]
+Int = Annotated[int, Strict()]
+
+
 def _refused(ctx: bentoml.Context | None, status: int, message: str, field: str | None = None):
     """An error answer of an API with a context: BentoML sets the answer's status from the
     context's, so both are set."""
@@ -314,7 +320,7 @@ class MCMC(BaseModel):
     """Posterior sampling with emcee on the surrogate (opt-in: no `mcmc`, no MCMC). The defaults
     are twin-calibrate's (twin_ml.calibrate.fit.MCMC_DEFAULTS)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
     steps: int = Field(
         MCMC_DEFAULTS["steps"], ge=20, le=5000, description="steps per walker, at most"
     )
@@ -500,38 +506,39 @@ class TwinService:
         self,
         fit: Annotated[list[str], Field(json_schema_extra=FIT_SCHEMA)],
         times: Annotated[
-            list[float] | None, Field(json_schema_extra=CALIBRATION.get("times"))
+            list[Num] | None, Field(json_schema_extra=CALIBRATION.get("times"))
         ] = None,
         outputs: Annotated[
-            dict[str, list[float | None]] | None,
+            dict[str, list[Num | None]] | None,
             Field(json_schema_extra=CALIBRATION.get("outputs")),
         ] = None,
         telemetry: Telemetry | None = None,
         # BentoML reads this signature as the request schema; the {} defaults are never mutated
         inputs: Annotated[
-            dict[str, list[float]], Field(json_schema_extra=CALIBRATION.get("inputs"))
+            dict[str, list[Num]], Field(json_schema_extra=CALIBRATION.get("inputs"))
         ] = {},  # noqa: B006
         parameters: Annotated[
-            dict[str, float], Field(json_schema_extra=CALIBRATION.get("parameters"))
+            dict[str, Num], Field(json_schema_extra=CALIBRATION.get("parameters"))
         ] = {},  # noqa: B006
         initial_state: Annotated[
-            dict[str, float], Field(json_schema_extra=CALIBRATION.get("initial_state"))
+            dict[str, Num], Field(json_schema_extra=CALIBRATION.get("initial_state"))
         ] = {},  # noqa: B006
         bounds: Annotated[
-            dict[str, list[float]], Field(json_schema_extra=CALIBRATION.get("bounds"))
+            dict[str, list[Num]], Field(json_schema_extra=CALIBRATION.get("bounds"))
         ] = {},  # noqa: B006
         priors: Annotated[
-            dict[str, dict[str, list[float]]], Field(json_schema_extra=CALIBRATION.get("priors"))
+            dict[str, dict[str, list[Num]]],
+            Field(json_schema_extra=CALIBRATION.get("priors")),
         ] = {},  # noqa: B006
         noise: Annotated[
-            dict[str, float],
+            dict[str, Num],
             Field(json_schema_extra=CALIBRATION.get("noise")),
         ] = {},  # noqa: B006
         mcmc: MCMC | None = None,
-        starts: int = Field(4, ge=1, le=32),
-        corrections: int = Field(2, ge=0, le=10),
-        correction_tol: float = Field(0.1, ge=0, le=1e3),
-        refine: int = Field(0, ge=0, le=200),
+        starts: Annotated[Int, Field(ge=1, le=32)] = 4,
+        corrections: Annotated[Int, Field(ge=0, le=10)] = 2,
+        correction_tol: Annotated[Num, Field(ge=0, le=1e3)] = 0.1,
+        refine: Annotated[Int, Field(ge=0, le=200)] = 0,
         ctx: bentoml.Context = None,
     ) -> dict:
         """Fit parameters (and "state:<name>" initial states) to observations with the surrogate in

@@ -296,6 +296,10 @@ def _mutated(manifest, mutate, n=10):
         (lambda m: _mutated(m, lambda s: s["parameters"].pop("k1")), "k1"),
         (lambda m: _mutated(m, lambda s: s["inputs"].update(valve=[0.0] * 11)), "valve"),
         (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=[1, 2])), "k1"),
+        (lambda m: _mutated(m, lambda s: s["parameters"].update(k1=True)), "k1"),  # not a number
+        (lambda m: _mutated(m, lambda s: s["parameters"].update(k1="0.5")), "k1"),
+        (lambda m: _mutated(m, lambda s: s["initial_state"].update(h1=False)), "h1"),
+        (lambda m: _mutated(m, lambda s: s["inputs"]["pump"].__setitem__(0, "3")), "pump"),
         (lambda m: _mutated(m, lambda s: s.update(t_end=4.0 * 1000)), "scenarios[0].t_end"),
         (lambda m: _mutated(m, lambda s: s.update(t_end=1e300)), "scenarios[0].t_end"),
         (lambda m: {"scenarios": [scenario(m, 2)] * 257}, "257 scenarios exceed the limit of 256"),
@@ -679,6 +683,13 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
     bad = dict(request, times=list(reversed(request["times"])))
     status, body = _post_path(url, "/calibrate", bad)
     assert status == 400 and "times: not sorted" in json.dumps(body)
+    for change, field in (  # JSON booleans and strings are not numbers
+        ({"parameters": {**request["parameters"], "k4": True}}, "parameters.k4"),
+        ({"starts": "2"}, "starts"),
+        ({"mcmc": {"steps": 40.0}}, "mcmc.steps"),
+    ):
+        status, body = _post_path(url, "/calibrate", {**request, **change})
+        assert status == 400 and body["error"].startswith(field), (change, body)
     # the same observations as twin-ingest's output inline (`telemetry`, a spare sensor among the
     # signals): the same request, so the same estimate, and a warning for the spare
     cheap = {"starts": 1, "corrections": 0}
