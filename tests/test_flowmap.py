@@ -304,6 +304,89 @@ def test_onnx_reproduces_the_flow_map(kind, name):
             assert np.allclose(mean, ref["mean"].numpy(), rtol=0, atol=tol * y_std.min())
 
 
+def _loop_body(mp):
+    import onnx
+
+    loop = next(n for n in mp.graph.node if n.op_type == "Loop")
+    return onnx.helper.get_attribute_value(loop.attribute[0])
+
+
+def test_the_loop_body_steps_the_state_alone():
+    """What does not depend on the state (the first layer's input and parameter terms, the
+    input's interpolation, the loop's index bookkeeping) is computed before the loop; what is left
+    in the body is counted from the graph: the network's layers per evaluation, the solver's
+    combination of the stages, a Gather per term taken from before the loop, one for the outputs
+    (plain state selections), and the loop condition's Identity."""
+    from collections import Counter
+
+    from onnx import numpy_helper
+
+    from twin_ml.export.onnx_export import build_onnx
+
+    sys_, t, u, p, x0, stats = _scenarios("pendulum", n=2, steps=4)
+    dt = float(t[1] - t[0])
+    for kind in ("flowmap", "node"):  # the node: RK4 in one step per interval
+        model = build_model(kind, sys_, stats, members=3, solver="rk4").eval()
+        mp = build_onnx(model, dt)
+        body, n_layers = _loop_body(mp), len(model.net.weights)
+        ops = Counter(n.op_type for n in body.node if n.op_type != "Constant")
+        if kind == "flowmap":  # one evaluation, x + its increment: no Mul at all
+            want = {"MatMul": n_layers, "Tanh": n_layers - 1, "Add": n_layers + 1, "Gather": 2}
+        else:
+            # 4 evaluations; c0 + s cdu at s = 1/3, 2/3 (Mul, Add) and 1 (Add); the 3/8 rule on
+            # increments: k1 / 3, x + k1 / 3, x + (k2 - k1 / 3), x + (k1 - k2 + k3) and
+            # x + (k1 + 3 (k2 + k3) + k4) / 8
+            want = {
+                "MatMul": 4 * n_layers,
+                "Tanh": 4 * (n_layers - 1),
+                "Add": 4 * n_layers + 3 + 8,
+                "Mul": 2 + 3,
+                "Sub": 2,
+                "Gather": 3,  # c0, cdu and the outputs
+            }
+        assert ops == Counter({**want, "Identity": 1}), (kind, ops)
+        # nothing in the body reads the inputs or the parameters themselves
+        assert not [n.op_type for n in body.node if {"u", "p"} & set(n.input)], kind
+        # and no multiplication by one is left (torch's baddbmm exports one per layer)
+        consts = {i.name: numpy_helper.to_array(i) for i in mp.graph.initializer}
+        for n in body.node:
+            if n.op_type == "Constant":
+                consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        for n in body.node:
+            if n.op_type == "Mul":
+                for name in n.input:
+                    assert not (name in consts and np.all(consts[name] == 1)), (kind, n.input)
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("kind", ["hybrid", "flowmap_hybrid"])
+def test_onnx_reproduces_a_hybrid_with_learned_parameter_factors(kind):
+    from twin_ml._ort import session
+    from twin_ml.export.onnx_export import build_onnx
+
+    sys_, t, u, p, x0, stats = _scenarios("pendulum", n=3, steps=12)
+    model = build_model(kind, sys_, stats, members=3, seed=1, learn_parameters=["length"]).eval()
+    _randomize(model.net, scale=0.1)
+    with torch.no_grad():
+        model.log_factors.copy_(torch.tensor([[0.1], [-0.2], [0.05]]))
+    sess = session(build_onnx(model, float(t[1] - t[0])).SerializeToString())
+    evals = 4 if kind == "hybrid" else 5
+    for n_t in (1, 2, len(t)):
+        for b in (1, 3):
+            feeds = {
+                "x0": x0[:b].astype(np.float32),
+                "u": u[:b, :n_t].astype(np.float32),
+                "p": p[:b].astype(np.float32),
+            }
+            members = sess.run(["members"], feeds)[0]
+            tt = torch.tensor(t[:n_t], dtype=torch.float32)
+            ref = model.predict(*(torch.tensor(feeds[k]) for k in ("x0", "u", "p")), tt)
+            y_std = model.y_std.numpy()
+            scale = np.abs(ref["members"].numpy() / y_std).max()
+            tol = rollout_tol(n_t, max(scale, 1.0), evals_per_step=evals)
+            assert np.abs(members - ref["members"].numpy()).max() / y_std.min() < tol, (n_t, b)
+
+
 # ---- 5. save and load --------------------------------------------------------------------------
 
 

@@ -97,6 +97,28 @@ def test_fixed_steps_equal_torchdiffeq(solver, fraction):
         torch.testing.assert_close(fast[:, :, k + 1], x, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.numeric
+@pytest.mark.parametrize("solver, n", [("rk4", 1), ("rk4", 3), ("midpoint", 2), ("euler", 4)])
+def test_fixed_steps_on_increments_equal_the_rates(solver, n):
+    """The export's form (the vector field returns h / n times the rate, folded into the network)
+    is the same step: float64, a nonlinear field that depends on the interval's fraction."""
+    from twin_ml.models.surrogates import fixed_steps
+
+    x = torch.tensor([[0.3, -1.2], [2.0, 0.5]], dtype=torch.float64)
+    h = 0.37
+
+    def rate(xx, s):
+        return torch.stack([xx[:, 1] * (1 + s), -torch.sin(xx[:, 0]) - 0.3 * xx[:, 1] + s], -1)
+
+    ref = fixed_steps(rate, x, h, n, solver)
+    inc = fixed_steps(lambda xx, s: (h / n) * rate(xx, s), x, h, n, solver, increments=True)
+    # a few roundings apart per stage (where h multiplies), on values of order 1
+    tol = 16 * 4 * n * torch.finfo(torch.float64).eps
+    torch.testing.assert_close(inc, ref, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        fixed_steps(rate, x, h, n, "dopri5")
+
+
 def test_adaptive_dopri5_matches_the_solver():
     sys_, t, u, p, x0, ref = _scenarios("pendulum", n=3)
     stats = compute_stats(ref.x, u, p, ref.y, t)

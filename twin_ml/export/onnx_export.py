@@ -10,8 +10,12 @@ substeps, the same stages as torchdiffeq's, the input interpolated inside the in
 in `VectorFieldODE.forward`; the hybrid's physics right-hand side included) is exported from torch
 as a graph, and becomes the body of an ONNX `Loop` whose trip count is T, read from `u`'s shape at
 run time. Flow maps: the same loop, whose body is their one network evaluation per interval (plus
-the flowmap_hybrid's physics step). Emulators are one forward pass on their fixed grid. The mean /
-calibrated std of the ensemble are graph nodes after the members.
+the flowmap_hybrid's physics step). What does not depend on the state is computed for every
+interval at once before the loop (`_StepPrelude`: the first layer's input and parameter terms,
+the interpolated inputs of the physics, its learned parameters), and the body gathers its
+interval's: the body steps the state alone (`IntervalStep`), which at batch 1 is what a step
+costs (onnxruntime's dispatch, per node). Emulators are one forward pass on their fixed grid. The
+mean / calibrated std of the ensemble are graph nodes after the members.
 
 `metadata_props` carry the manifest (JSON under the key "twin_ml.manifest", plus a few flat keys),
 so onnxruntime alone can tell what the file is.
@@ -50,18 +54,58 @@ class ExportError(RuntimeError):
     """The model cannot be exported, or the export failed its parity check."""
 
 
+def _stage_times(solver: str, n: int) -> list[float]:
+    """The interval fractions s at which `fixed_steps` evaluates its vector field (n steps of
+    `solver`), each once, in the order of first use."""
+    times: list[float] = []
+
+    def f(x, s):
+        if s not in times:
+            times.append(s)
+        return x
+
+    fixed_steps(f, torch.zeros(()), 1.0, n, solver)
+    return times
+
+
+def _state_selection(model: VectorFieldODE) -> list[int] | None:
+    """The state indices the outputs select, when the observation is the default one (outputs
+    that share a state's name select that state); None for any other observation."""
+    from twin_ml.physics.system import PhysicsSystem
+
+    if type(model).observe is not Surrogate.observe:
+        return None
+    if type(model.system).observe is not PhysicsSystem.observe:
+        return None
+    names = [s.name for s in model.system.states]
+    if not all(o.name in names for o in model.system.outputs):
+        return None
+    return [names.index(o.name) for o in model.system.outputs]
+
+
 class IntervalStep(nn.Module):
-    """One grid interval of a VectorFieldODE rollout: (x [M,B,nx], u0, u1 [B,nu], p [B,np]) ->
-    (x at the interval's end, y = h(x, u0, p) [M,B,ny] at its start).
+    """One grid interval of a VectorFieldODE rollout, the state's part: (x [M,B,nx], u0 [B,nu],
+    p [B,np], *terms) -> (x at the interval's end, y = h(x, u0, p) [M,B,ny] at its start).
 
     The network is folded for inference, the same function in fewer graph nodes: the input
     normalization goes into the first layer's weights, the output scale into the last layer's,
-    and the first layer is split by input (x, u, p) so that the u and p terms are computed once
-    per interval instead of once per stage, with no concatenation or broadcast shape logic.
+    and the first layer is split by input (x, u, p). Its (u, p) terms do not depend on the state:
+    `_StepPrelude` computes them for every interval at once, before the loop, and the body takes
+    this interval's (`terms`, named in `term_names`; `term_per_interval` tells which are indexed
+    by interval). With at most two distinct stage times (a flow map: the interval's middle; Euler,
+    midpoint) they are the first layer's (u, p) terms at each; with more (RK4), its terms at the
+    interval's start c0 and their change over the interval cdu, and the body forms c0 + s cdu
+    once per distinct stage time s (a [T, M, B, H] tensor per stage time would cost memory
+    that grows with the substeps). The hybrid's physics gets its inputs at each stage time, and
+    its learned parameters, from the prelude too. A neural ODE's network returns the substep's
+    increment, h / n folded into its last layer (`fixed_steps(increments=True)`).
 
     A flow map (`FlowMap.interval_step`) evaluates the network once, at the interval's middle
     input, with the step h folded into the output scale too; its hybrid adds the physics
     right-hand side stepped by the fixed-step solver.
+
+    Outputs that are plain state selections (the default observation) are one Gather; any other
+    observation is the system's own function of (x, u0, p).
     """
 
     def __init__(self, model: VectorFieldODE, dt: float):
@@ -75,43 +119,84 @@ class IntervalStep(nn.Module):
         self.flow_map = isinstance(model, FlowMap)
         self.register_buffer("held", torch.as_tensor(model.zoh, dtype=torch.bool))
         self.all_held = bool(np.all(model.zoh))
+        # the inputs do not change inside an interval: every stage time sees the start's
+        self.constant_u = model.nu == 0 or self.all_held
+        self.increments = not (self.flow_map or model.physics)
         out_scale = model.dx_std.detach()
+        if self.flow_map:
+            out_scale = out_scale * self.dt
+        elif self.increments:
+            out_scale = out_scale * (self.dt / self.n_sub)
         _fold_net(
             self,
             model.net,
             [(model.x_mean, model.x_std), (model.u_mean, model.u_std), (model.p_mean, model.p_std)],
-            out_scale * self.dt if self.flow_map else out_scale,
+            out_scale,
         )
+        sel = _state_selection(model)
+        self.selection = sel is not None
+        if self.selection:
+            self.register_buffer("obs_index", torch.tensor(sel, dtype=torch.long))
+        times = _stage_times(model.solver, self.n_sub)
+        net_times = [0.5] if self.flow_map else times
+        if self.constant_u:
+            net_times = [0.0]
+        self.split = len(net_times) > 2  # c0 and cdu, formed in the body
+        # (name, indexed by interval, batch axis in the body)
+        terms: list[tuple[str, bool, int]] = []
+        if model.physics:
+            terms.append(("pm", False, 1))
+        self.pre_names: dict[float, str] = {}
+        if model.nu == 0:
+            if model.n_p:  # b_0 + p @ w_p: the same for every interval
+                terms.append(("pre", False, 1))
+                self.pre_names[0.0] = "pre"
+        elif self.split:
+            terms += [("c0", True, 1), ("cdu", True, 1)]
+        else:
+            for i, s in enumerate(net_times):
+                self.pre_names[s] = f"pre{i}"
+                terms.append((f"pre{i}", True, 1))
+        # the physics' inputs at its stage times (at s = 0: u0, gathered from u in the body)
+        self.u_names: dict[float, str] = {}
+        if model.physics and not self.constant_u:
+            for s in times:
+                if s != 0:
+                    self.u_names[s] = f"u{len(self.u_names) + 1}"
+                    terms.append((self.u_names[s], True, 0))
+        self.terms = terms
+        self.term_names = [name for name, _, _ in terms]
+        self.term_per_interval = [per for _, per, _ in terms]
 
     def _net(self, x, pre):
         """The folded network at states x [M,B,nx], its first layer's other terms `pre`."""
         z = self.act(torch.matmul(x, self.w_x) + pre)
         for w, b in zip(self.hidden_w, self.hidden_b):
-            z = self.act(torch.baddbmm(b, z, w))
-        return torch.baddbmm(self.b_last, z, self.w_last)
+            z = self.act(torch.matmul(z, w) + b)
+        return torch.matmul(z, self.w_last) + self.b_last
 
-    def forward(self, x, u0, u1, p):
-        m = self.model
-        y = m.observe(x.unsqueeze(2), u0.unsqueeze(1), p).squeeze(2)
-        n = self.n_sub
-        du = (
-            None
-            if (m.nu == 0 or self.all_held)
-            else torch.where(self.held, torch.zeros_like(u0), u1 - u0)
-        )
-        c0 = self.b_0
-        if m.n_p:
-            c0 = c0 + torch.matmul(p, self.w_p)  # [B,np] @ [M,np,H] -> [M,B,H]
-        if m.nu:
-            c0 = c0 + torch.matmul(u0, self.w_u)
-        cdu = torch.matmul(du, self.w_u) if du is not None else None
-        pm = m.physical_parameters(p) if m.physics else None
+    def observe(self, x, u0, p):
+        if self.selection:
+            return x.index_select(2, self.obs_index)
+        return self.model.observe(x.unsqueeze(2), u0.unsqueeze(1), p).squeeze(2)
 
-        def u_at(s):
-            return u0 if (du is None or s == 0) else u0 + s * du
+    def forward(self, x, u0, p, *terms):
+        m, t = self.model, dict(zip(self.term_names, terms))
+        y = self.observe(x, u0, p)
+        pm = t.get("pm")
+        formed: dict[float, torch.Tensor] = {}
 
         def pre_at(s):
-            return c0 if (cdu is None or s == 0) else c0 + cdu * s
+            if self.split:  # c0 + s cdu, once per distinct s
+                if s not in formed:
+                    c0, cdu = t["c0"], t["cdu"]
+                    formed[s] = c0 if s == 0 else (c0 + cdu if s == 1 else c0 + cdu * s)
+                return formed[s]
+            name = self.pre_names.get(0.0 if self.constant_u else s)
+            return self.b_0 if name is None else t[name]
+
+        def u_at(s):
+            return t[self.u_names[s]] if s in self.u_names else u0
 
         if self.flow_map:  # x (or the physics step) + h g(x, u_mid, p): h is in w_last, b_last
             base = x
@@ -120,7 +205,7 @@ class IntervalStep(nn.Module):
                     lambda xx, s: m.physics_system.rhs(None, xx, u_at(s), pm),
                     x,
                     self.dt,
-                    n,
+                    self.n_sub,
                     m.solver,
                 )
             return base + self._net(x, pre_at(0.5)), y
@@ -131,7 +216,57 @@ class IntervalStep(nn.Module):
                 dx = dx + m.physics_system.rhs(None, xx, u_at(s), pm)
             return dx
 
-        return fixed_steps(f, x, self.dt, n, m.solver), y
+        return fixed_steps(f, x, self.dt, self.n_sub, m.solver, increments=self.increments), y
+
+
+class _StepPrelude(nn.Module):
+    """What `IntervalStep` needs that does not depend on the state, for every interval at once,
+    before the loop: (u [B, T, nu], p [B, np]) -> the step's `terms`, in their order: the
+    hybrid's physical parameters pm [M, B, np]; the network's first-layer (u, p) terms, bias
+    included, [T, M, B, H] each (at each stage time, or c0 and cdu; with no inputs one [M, B, H]
+    for all intervals); the physics' inputs at its stage times [T, B, nu]. The input on interval
+    k at fraction s is u_k + s du_k, du_k = u_k+1 - u_k (0 for held inputs and on the last
+    interval), as in `VectorFieldODE.forward`."""
+
+    def __init__(self, step: IntervalStep):
+        super().__init__()
+        self.s = step
+        m = step.model
+        if m.physics:  # `physical_parameters` as one product: p [B, np] * factors [M, 1, np]
+            with torch.no_grad():
+                factors = torch.ones(m.members, m.n_p)
+                factors[:, m.learn_idx] = torch.exp(m.log_factors.detach())
+            self.register_buffer("factors", factors.unsqueeze(1))
+
+    def forward(self, u, p):
+        st, m = self.s, self.s.model
+        out: dict[str, torch.Tensor] = {}
+        if m.physics:
+            out["pm"] = p * self.factors  # [M, B, np]
+        cp = st.b_0 + torch.matmul(p, st.w_p) if m.n_p else st.b_0  # [M, B, H]
+        if m.nu == 0:
+            if m.n_p:
+                out["pre"] = cp
+            return tuple(out[name] for name in st.term_names)
+        ut = u.transpose(0, 1)  # [T, B, nu]
+        du = torch.cat([ut[1:] - ut[:-1], torch.zeros_like(ut[:1])], dim=0)
+        du = torch.where(st.held, torch.zeros_like(du), du)
+
+        def u_at(s):
+            return ut if (s == 0 or st.constant_u) else ut + s * du
+
+        def first_layer(v):  # [T, B, nu] -> [T, M, B, H]
+            return torch.matmul(v.unsqueeze(1), st.w_u)
+
+        if st.split:
+            out["c0"] = cp + first_layer(ut)
+            out["cdu"] = first_layer(du)
+        else:
+            for s, name in st.pre_names.items():
+                out[name] = cp + first_layer(u_at(s))
+        for s, name in st.u_names.items():
+            out[name] = u_at(s)
+        return tuple(out[name] for name in st.term_names)
 
 
 def _fold_net(module: nn.Module, net, norms: list, out_scale: torch.Tensor) -> None:
@@ -345,6 +480,31 @@ def _prefixed(graph: onnx.GraphProto, prefix: str, keep: set[str]) -> None:
         init.name = ren(init.name)
 
 
+def _live(nodes: list, outputs: list[str]) -> list:
+    """`nodes` (in order) less those whose outputs nothing in `outputs` depends on."""
+    need, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i)
+    return keep[::-1]
+
+
+def _hoist(nodes: list, per_iteration: set[str], outputs: list) -> tuple[list, list]:
+    """`nodes` of a loop body (in order) split into those that read nothing the iteration
+    changes (`per_iteration`: the body's inputs, and what is computed from them), which can run
+    once before the loop, and the rest; a body output stays in the body."""
+    changing, out_names = set(per_iteration), {v.name for v in outputs}
+    before, inside = [], []
+    for node in nodes:
+        if out_names.intersection(node.output) or changing.intersection(node.input):
+            inside.append(node)
+            changing.update(node.output)
+        else:
+            before.append(node)
+    return before, inside
+
+
 def _vi(name: str, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
@@ -416,6 +576,7 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     # an affine rom's exact rollout: all but the state's part before the loop (`_ExactPrelude`),
     # the outputs after it, from the latent scan; the body is the state's few nodes (`_ExactStep`)
     exact = affine and model.solver == "exact"
+    pre: list[onnx.GraphProto] = []  # graphs computed once, before the loop
     ops_names = ["ops/A", "ops/B", "ops/c"] if affine and not exact else []
     if exact:
         prelude = _ExactPrelude(model, dt).eval()
@@ -442,9 +603,66 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
             helper.make_node("Gather", [f"pre/{name}", "iter"], [f"step/{k}"], axis=0)
             for name, k in zip(pre_names[1:], ("f", "hk"))
         ]
-        body_outs = [_vi("body/y_out", [m, "batch", len(model.system.derived)])]
+        body_outs = [_vi("step/y", [m, "batch", len(model.system.derived)])]
+    elif not latent:
+        # the (u, p) terms of every interval before the loop (`_StepPrelude`); the body gathers
+        # its interval's and steps the state (`IntervalStep`)
+        step = IntervalStep(model, dt).eval()
+        prelude = _StepPrelude(step).eval()
+        with torch.no_grad():
+            terms_ex = prelude(torch.zeros(b, 3, nu), p_ex)
+        # a term that is the same for every interval: the outer graph's, used in the body as is
+        term_in = [
+            name if per else f"pre/{name}"
+            for name, per in zip(step.term_names, step.term_per_interval)
+        ]
+        sg = _torch_to_onnx(
+            step,
+            (
+                x0_ex,
+                torch.zeros(b, nu),
+                p_ex,
+                *(a[0] if per else a for a, per in zip(terms_ex, step.term_per_interval)),
+            ),
+            ["x", "u0", "p", *term_in],
+            ["x_next", "y"],
+            {
+                "x": {1: "batch"},
+                "u0": {0: "batch"},
+                "p": {0: "batch"},
+                "x_next": {1: "batch"},
+                "y": {1: "batch"},
+                **{name: {axis: "batch"} for name, (_, _, axis) in zip(term_in, step.terms)},
+            },
+        ).graph
+        _prefixed(sg, "step/", keep={"p", *(n for n in term_in if n.startswith("pre/"))})
+        if step.terms:
+            pre.append(
+                _torch_to_onnx(
+                    prelude,
+                    (torch.zeros(b, 3, nu), p_ex),
+                    ["u", "p"],
+                    step.term_names,
+                    {
+                        "u": {0: "batch", 1: "time"},
+                        "p": {0: "batch"},
+                        **{
+                            name: {0: "time", axis + 1: "batch"} if per else {axis: "batch"}
+                            for name, per, axis in step.terms
+                        },
+                    },
+                ).graph
+            )
+            _prefixed(pre[-1], "pre/", keep={"u", "p"})
+        body_nodes = [
+            helper.make_node("Gather", [f"pre/{name}", "iter"], [f"step/{name}"], axis=0)
+            for name, per in zip(step.term_names, step.term_per_interval)
+            if per
+        ]
+        body_nodes.append(helper.make_node("Gather", ["u", "iter"], ["step/u0"], axis=1))
+        body_outs = [_vi("step/y", [m, "batch", ny])]
     else:
-        step = (LatentIntervalStep(model, dt) if latent else IntervalStep(model, dt)).eval()
+        step = LatentIntervalStep(model, dt).eval()
         ops_ex = tuple(t.detach() for t in _Operators(model, dt)(p_ex)) if ops_names else ()
         sg = _torch_to_onnx(
             step,
@@ -469,29 +687,28 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
             helper.make_node("Gather", ["u", "iter"], ["step/u0"], axis=1),
             helper.make_node("Gather", ["u", "body/next_c"], ["step/u1"], axis=1),
         ]
-        body_outs = [_vi("body/y_out", [m, "batch", ny])]
-    body_nodes += [
-        helper.make_node("Identity", ["step/x_in"], ["step/x"]),
-        *sg.node,
-        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-        helper.make_node("Identity", ["step/x_next"], ["body/x_out"]),
-        helper.make_node("Identity", ["step/y"], ["body/y_out"]),
-    ]
+        body_outs = [_vi("step/y", [m, "batch", ny])]
+    # the state and the outputs leave the body as the step's own values, no copies
+    body_nodes += [*sg.node, helper.make_node("Identity", ["cond_in"], ["cond_out"])]
     body_outs = [
         helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-        _vi("body/x_out", [m, "batch", nz]),
+        _vi("step/x_next", [m, "batch", nz]),
         *body_outs,
     ]
     if latent:  # the latent state at each interval's start: the fields are decoded from it
         body_nodes.append(helper.make_node("Identity", ["step/x"], ["body/z_out"]))
         body_outs.append(_vi("body/z_out", [m, "batch", nz]))
+    body_nodes = _live(body_nodes, [v.name for v in body_outs])
+    hoisted = []  # what the step computes from the parameters alone: once, before the loop
+    if not latent:
+        hoisted, body_nodes = _hoist(body_nodes, {"iter", "cond_in", "step/x"}, body_outs)
     body = helper.make_graph(
         body_nodes,
         "interval",
         [
             helper.make_tensor_value_info("iter", TensorProto.INT64, []),
             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            _vi("step/x_in", [m, "batch", nz]),
+            _vi("step/x", [m, "batch", nz]),
         ],
         body_outs,
     )
@@ -505,8 +722,9 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         helper.make_node(
             "Gather", ["shape_u", "one_i64"], ["n_times"], axis=0
         ),  # scalar: the trip count
-        helper.make_node("Sub", ["n_times", "one_i64"], ["last_index"]),
     ]
+    if latent and not exact:  # the body's index of the interval's end
+        nodes.append(helper.make_node("Sub", ["n_times", "one_i64"], ["last_index"]))
     start = "x0"
     if latent:  # the encoder: the system's lift of the initial conditions, then the projection
         eg = _torch_to_onnx(
@@ -520,7 +738,6 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         nodes += list(eg.node)
         inits += list(eg.initializer)
         start = "enc/z0"
-    pre = []
     if exact:  # Phi, the forcing and the closure's input terms of every interval
         pre.append(
             _torch_to_onnx(
@@ -551,6 +768,7 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     for g in pre:
         nodes += list(g.node)
         inits += list(g.initializer)
+    nodes += hoisted
     nodes += [
         helper.make_node("Unsqueeze", [start, "zero_axis"], ["x0_1"]),
         helper.make_node("Expand", ["x0_1", "member_shape"], ["x_init"]),

@@ -304,25 +304,38 @@ class VectorFieldODE(Surrogate):
         return x, self.observe(x, u, p)
 
 
-def fixed_steps(f, x, h: float, n: int, solver: str):
+def fixed_steps(f, x, h: float, n: int, solver: str, *, increments: bool = False):
     """One grid interval of length h in n equal steps of a fixed-step solver; f(x, s) is the vector
     field at the interval's fraction s. The formulas are torchdiffeq's ("rk4" is its 3/8 rule); the
-    ONNX export builds its loop body from this function too."""
+    ONNX export builds its loop body from this function too. `increments`: f returns the step's
+    increment h / n * dx/dt instead (the export folds h / n into the network's last layer): the
+    same formulas, without their multiplications by h."""
+    if solver not in FIXED_STEP:
+        raise ValueError(f"fixed_steps: solver must be one of {FIXED_STEP}, got {solver!r}")
     h = h / n
     for j in range(n):
         s0 = j / n
         k1 = f(x, s0)
-        if solver == "euler":
+        if increments:
+            if solver == "euler":
+                x = x + k1
+            elif solver == "midpoint":
+                x = x + f(x + k1 * 0.5, s0 + 0.5 / n)
+            else:  # rk4
+                k1_3 = k1 * (1.0 / 3.0)
+                k2 = f(x + k1_3, s0 + 1.0 / (3 * n))
+                k3 = f(x + (k2 - k1_3), s0 + 2.0 / (3 * n))
+                k4 = f(x + (k1 - k2 + k3), s0 + 1.0 / n)
+                x = x + (k1 + 3.0 * (k2 + k3) + k4) * 0.125
+        elif solver == "euler":
             x = x + h * k1
         elif solver == "midpoint":
             x = x + h * f(x + k1 * (0.5 * h), s0 + 0.5 / n)
-        elif solver == "rk4":
+        else:  # rk4
             k2 = f(x + h * k1 * (1.0 / 3.0), s0 + 1.0 / (3 * n))
             k3 = f(x + h * (k2 - k1 * (1.0 / 3.0)), s0 + 2.0 / (3 * n))
             k4 = f(x + h * (k1 - k2 + k3), s0 + 1.0 / n)
             x = x + (k1 + 3.0 * (k2 + k3) + k4) * h * 0.125
-        else:
-            raise ValueError(f"fixed_steps: solver must be one of {FIXED_STEP}, got {solver!r}")
     return x
 
 
