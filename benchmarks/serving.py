@@ -660,10 +660,11 @@ def main_bench(args) -> int:
         "hello": bench_hello(env, args),
         "models": [bench_model(m, env, args) for m in models],
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     from twin_ml._io import atomic_write_json
 
-    atomic_write_json(OUT, results)
+    atomic_write_json(out, results)
     print(
         f"\none scenario per request, {STEPS}-step rollout, {results['machine']}; "
         f"twin-serve workers={args.workers} "
@@ -717,7 +718,7 @@ def main_bench(args) -> int:
             f"  overload: {s['overload_statuses']}, ready again after "
             f"{s['overload_recovery_s']:.2f} s"
         )
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -767,6 +768,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="a py-spy flame of one worker under the c=32 load (benchmarks/results/)",
     )
+    ap.add_argument("--out", default=str(OUT), help="where the results go (JSON)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="few requests (a smoke run)")
     args = ap.parse_args(argv)
