@@ -108,7 +108,7 @@ def test_onnx_reproduces_torch_at_other_horizons_and_batches(runs, exp):
                 np.float32
             )  # any input signal will do
             t = torch.arange(n_t, dtype=torch.float32) * float(d["t"][1] - d["t"][0])
-            members, mean, std = sess.run(None, {"x0": x0, "u": u, "p": p})
+            members, mean, std = sess.run(["members", "mean", "std"], {"x0": x0, "u": u, "p": p})
             ref = model.predict(torch.tensor(x0), torch.tensor(u), torch.tensor(p), t)
             y_std = model.y_std.numpy()
             assert members.shape == (model.members, b, n_t, model.ny)
@@ -167,7 +167,7 @@ s = ort.InferenceSession({str(path)!r}, providers=["CPUExecutionProvider"])
 m = json.loads(s.get_modelmeta().custom_metadata_map["twin_ml.manifest"])
 x0 = np.zeros((2, 2), np.float32); x0[:, 0] = 0.3
 u = np.zeros((2, 50, 1), np.float32); p = np.tile(np.array([[1.0, 0.2, 1.0]], np.float32), (2, 1))
-members, mean, std = s.run(None, {{"x0": x0, "u": u, "p": p}})
+members, mean, std = s.run(["members", "mean", "std"], {{"x0": x0, "u": u, "p": p}})
 assert "twin_ml" not in sys.modules and "torch" not in sys.modules
 print(json.dumps({{"name": m["name"], "shape": list(mean.shape),"""
         f""" "std_pos": bool((std > 0).all())}}))

@@ -292,7 +292,7 @@ def test_onnx_reproduces_the_flow_map(kind, name):
                 "u": u[:b, :n_t].astype(np.float32),
                 "p": p[:b].astype(np.float32),
             }
-            members, mean, std = sess.run(None, feeds)
+            members, mean, std = sess.run(["members", "mean", "std"], feeds)
             tt = torch.tensor(t[:n_t], dtype=torch.float32)
             ref = model.predict(*(torch.tensor(feeds[k]) for k in ("x0", "u", "p")), tt)
             y_std = model.y_std.numpy()

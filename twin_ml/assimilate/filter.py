@@ -75,6 +75,48 @@ class SolverForecast:
         return out.x[:, -1]
 
 
+class OnnxForecast:
+    """The exported ensemble as the forecast (torch-free): filter member i is stepped by the
+    ensemble's network i mod M, from its own state (the file's `x_members` input, its `x_end`
+    output), one grid interval of the model's dt per call. Within the interval the graph is
+    given one input value: held inputs their value at the interval's start, linear ones the
+    interval's midpoint value (exact for a flow map, which evaluates its network at the middle;
+    second order for the RK4 kinds). Every network steps every member's state in one call (M x N
+    member-intervals): the file's batch, one onnxruntime call per step."""
+
+    def __init__(self, onnx: str | bytes, card, threads: int = 1):
+        from twin_ml._ort import session
+        from twin_ml.contract import ModelCard
+
+        self.card = ModelCard.of(card)
+        if "x_end" not in (self.card.interface or {}).get("outputs", {}):
+            raise ValueError(
+                f"model {self.card.name}:{self.card.version} ({self.card.kind}) does not take "
+                "its members' states (x_members / x_end): filtering needs a state-space kind "
+                "(node, hybrid, flowmap, flowmap_hybrid) exported by this version"
+            )
+        self.session = session(onnx, threads=threads)
+        self.members, self.dt = self.card.members, self.card.time.dt
+        self.held = np.array([v.interpolation == "zoh" for v in self.card.system.build().inputs])
+
+    def __call__(self, X, P, t0: float, t1: float, u0, u1) -> np.ndarray:
+        if not np.isclose(t1 - t0, self.dt, rtol=1e-6):
+            raise ValueError(
+                f"the model steps dt = {self.dt:g}; an interval of {t1 - t0:g} cannot be "
+                "forecast (resample the telemetry onto the model's grid first)"
+            )
+        n, m = len(X), self.members
+        u = np.where(self.held, u0, (np.asarray(u0) + np.asarray(u1)) / 2)
+        feeds = {
+            "x0": np.asarray(X, dtype=np.float32),
+            "u": np.broadcast_to(u, (n, 1, len(u))).astype(np.float32),
+            "p": np.asarray(P, dtype=np.float32),
+            "x_members": np.broadcast_to(np.asarray(X), (m, *np.shape(X))).astype(np.float32),
+        }
+        (x_end,) = self.session.run(["x_end"], feeds)  # [M, N, nx]
+        return x_end[np.arange(n) % m, np.arange(n)].astype(np.float64)
+
+
 @dataclass
 class FilterResult:
     """Per time step k (the first: the prior): `predicted_mean`/`predicted_std` [T, ny] the

@@ -131,6 +131,13 @@ def integrator_error(
     }
 
 
+def _filtered(model: Surrogate) -> bool:
+    """Whether the file takes the members' own states and gives their end states (`x_members`,
+    `x_end`: an ensemble filter's forecast): the state-space kinds, not the reduced or one-shot
+    ones."""
+    return not isinstance(model, (Emulator, LatentODE))
+
+
 def _field_outputs(model: Surrogate) -> dict[str, list]:
     """A reduced-order model's field outputs: the decoded fields at the steps of the optional
     input `field_steps` [K] (default: none), ensemble mean and spread."""
@@ -190,11 +197,13 @@ def export_run(
                 "x0": ["batch", model.nx],
                 "u": ["batch", "time", model.nu],
                 "p": ["batch", model.n_p],
+                **({"x_members": [model.members, "batch", model.nx]} if _filtered(model) else {}),
             },
             "outputs": {
                 "members": [model.members, "batch", "time", model.ny],
                 "mean": ["batch", "time", model.ny],
                 "std": ["batch", "time", model.ny],
+                **({"x_end": [model.members, "batch", model.nx]} if _filtered(model) else {}),
                 **_field_outputs(model),
             },
             "dtype": "float32",

@@ -5,6 +5,11 @@ Graph interface (float32; B is dynamic, T is the requested horizon, up to `max_s
     x0 [B, nx]   u [B, T, nu]   p [B, np]
       ->  members [M, B, T, ny]   mean [B, T, ny]   std [B, T, ny]   (std: calibrated)
 
+State-space kinds (node, hybrid, flowmap, flowmap_hybrid) also take the optional `x_members`
+[M, B, nx] (each member's own start state, in place of x0 for all: an ensemble filter's analysis
+states; default none) and give `x_end` [M, B, nx] (each member's state after the T intervals: the
+filter's forecast; the Loop's final state, no node per step).
+
 Neural ODE and hybrid models: one grid interval of the rollout (n fixed RK4 / midpoint / Euler
 substeps, the same stages as torchdiffeq's, the input interpolated inside the interval exactly as
 in `VectorFieldODE.forward`; the hybrid's physics right-hand side included) is exported from torch
@@ -771,7 +776,13 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
     nodes += hoisted
     nodes += [
         helper.make_node("Unsqueeze", [start, "zero_axis"], ["x0_1"]),
-        helper.make_node("Expand", ["x0_1", "member_shape"], ["x_init"]),
+        helper.make_node(
+            "Expand", ["x0_1", "member_shape"], ["x_expanded" if not latent else "x_init"]
+        ),
+    ]
+    if not latent:  # the members' own start states, when given (filtering: `x_members`)
+        nodes += _member_states(inits, ins, outs, m, nz)
+    nodes += [
         helper.make_node(
             "Loop",
             ["n_times", "", "x_init"],
@@ -809,6 +820,38 @@ def build_onnx(model: Surrogate, dt: float) -> onnx.ModelProto:
         nodes + ens_nodes, f"twin_ml_{model.kind}", ins, outs, initializer=inits
     )
     return _model(graph)
+
+
+def _member_states(inits: list, ins: list, outs: list, m: int, nz: int) -> list:
+    """The optional input `x_members` [M, B, nx] (every member's own start state; default: none,
+    shape [M, 0, nx], and the rollout starts every member at x0) and the output `x_end`
+    [M, B, nx] (each member's state after the T intervals): what an ensemble filter's forecast
+    needs (twin_ml.assimilate: a member's analysis state in, its forecast state out). x_end is the
+    Loop's final state: no node per step."""
+    inits.append(_const("x_members", np.zeros((m, 0, nz), dtype=np.float32)))
+    inits.append(_const("zero_i64", np.array(0, dtype=np.int64)))
+    ins.append(_vi("x_members", [m, "batch", nz]))
+    outs.append(_vi("x_end", [m, "batch", nz]))
+    branch = {
+        name: helper.make_graph(
+            [helper.make_node("Identity", [src], [f"x_init/{name}"])],
+            f"x_init_{name}",
+            [],
+            [_vi(f"x_init/{name}", [m, "batch", nz])],
+        )
+        for name, src in (("given", "x_members"), ("expanded", "x_expanded"))
+    }
+    return [
+        helper.make_node("Size", ["x_members"], ["x_members/size"]),
+        helper.make_node("Greater", ["x_members/size", "zero_i64"], ["x_members/given"]),
+        helper.make_node(
+            "If",
+            ["x_members/given"],
+            ["x_init"],
+            then_branch=branch["given"],
+            else_branch=branch["expanded"],
+        ),
+    ]
 
 
 def _field_nodes(model: LatentODE) -> tuple[list, list]:
