@@ -97,6 +97,21 @@ def _env_flag(name: str, default: bool) -> bool:
     return (os.environ.get(name) or ("1" if default else "0")).lower() in ("1", "true", "yes", "on")
 
 
+async def _send_json(send, status: int, body: bytes) -> None:
+    """A whole JSON answer on an ASGI `send`."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class Guard:
     """ASGI middleware in front of the APIs: optional bearer-token auth (constant-time compare,
     never logged), a request-body size limit (413), JSON bodies only (415: pickle, multipart and
@@ -115,20 +130,7 @@ class Guard:
         self.docs, self._docs_body, self.hot = docs, None, hot
 
     async def _reply(self, send, status: int, message: str, field: str | None = None) -> None:
-        await self._send_json(send, status, json.dumps(errors.body(message, field)).encode())
-
-    async def _send_json(self, send, status: int, body: bytes) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, status, json.dumps(errors.body(message, field)).encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -148,7 +150,7 @@ class Guard:
         if path == "/docs.json" and self.docs is not None and scope.get("method") == "GET":
             if self._docs_body is None:
                 self._docs_body = json.dumps(self.docs()).encode()
-            return await self._send_json(send, 200, self._docs_body)
+            return await _send_json(send, 200, self._docs_body)
         media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if b"pickle" in media:
             return await self._reply(
@@ -767,20 +769,8 @@ async def _hot_simulate(scope, receive, send) -> None:
     except Exception:  # as BentoML answers an API's unexpected error: logged, a 500, no details
         log.exception("POST /simulate failed")
         status = 500
-        body = json.dumps(
-            errors.body("An unexpected error has occurred, please check the server log.")
-        ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+        body = errors.encoded(500, "An unexpected error has occurred, please check the server log.")
+    await _send_json(send, status, body)
 
 
 TwinService.add_asgi_middleware(
