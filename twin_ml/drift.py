@@ -190,13 +190,21 @@ def cusum(
     out = np.zeros(len(x))
     first = None
     for i, v in enumerate(x):
-        if np.isfinite(v):
-            s_hi = max(0.0, s_hi + v - slack)
-            s_lo = max(0.0, s_lo - v - slack) if two_sided else 0.0
+        s_hi, s_lo = cusum_step(s_hi, s_lo, v, slack, two_sided)
         out[i] = max(s_hi, s_lo)
         if out[i] > threshold and first is None:
             first = i
     return out, first
+
+
+def cusum_step(
+    s_hi: float, s_lo: float, v: float, slack: float, two_sided: bool = True
+) -> tuple[float, float]:
+    """One step of `cusum`: the upper and lower sums after the standardized value v (NaN: kept),
+    for a monitor that sees its series one value at a time (a live twin's innovations)."""
+    if not np.isfinite(v):
+        return s_hi, s_lo
+    return max(0.0, s_hi + v - slack), (max(0.0, s_lo - v - slack) if two_sided else 0.0)
 
 
 def detect(

@@ -1,34 +1,47 @@
-"""Filtering a record: an ensemble of the twin's states (and, jointly, some of its parameters)
+"""Filtering telemetry: an ensemble of the twin's states (and, jointly, some of its parameters)
 stepped by a forecast model and corrected by each measurement with `analysis.etkf` / `enkf`.
 
+`EnsembleFilter` is the running filter, one measurement at a time (what a live twin keeps between
+messages; `state()` / `EnsembleFilter.restore` carry it through JSON); `run_filter` filters a
+whole record; `score_record` measures it as the live twin is judged: the k-step-ahead predictions
+made after each assimilated sample against the measurements, beside the open loop.
+
 The forecast is any callable `forecast(X [N, nx], P [N, np], t0, t1, u0 [nu], u1 [nu]) -> X at
-t1`; `SolverForecast` steps the physics system itself with its reference solver (a twin whose
-physics is trusted, and the reference the exported ensemble's forecast is compared with). The
-predicted measurements are the system's own observation function of the forecast states.
+t1`, with an attribute `dt`: the one interval it steps (`None`: any interval). `SolverForecast`
+steps the physics system itself with its reference solver (a twin whose physics is trusted, and
+the reference the exported ensemble's forecast is compared with); `OnnxForecast` the exported
+ensemble. A longer interval (a gap in the telemetry) is forecast as consecutive steps, the inputs
+linear across it (held ones held), the members' spread growing with every step. The predicted
+measurements are the system's own observation function of the forecast states.
 
 Joint state-parameter estimation: the parameters named in `FilterSettings.parameters` are part of
 the filtered vector, in log space (they stay positive), and follow a random walk of std `walk`
 per step (a relative change: 0.01 lets a parameter move ~1% per step), which is what lets the
-filter follow a parameter that drifts.
+filter follow a parameter that drifts. `process`: an additive model error on the states per step
+(std per state, in the states' units), for a forecast whose members do not spread as much as the
+model is wrong (a physics-only forecast has no spread of its own).
 
-Per step the result holds the one-step prediction (the forecast's predicted measurements, mean
+Per step the filter gives the one-step prediction (the forecast's predicted measurements, mean
 and std with the measurement noise: what the twin expected to see), the filtered outputs (after
-the measurement), the parameters' mean and std, and the normalized innovation squared (NIS):
-chi-square with as many degrees of freedom as outputs were measured while the model explains the
-data.
+the measurement), the states' and parameters' mean and std, and the innovation with its
+normalized square (NIS): chi-square with as many degrees of freedom as outputs were measured
+while the model explains the data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from twin_ml.assimilate.analysis import enkf, etkf
+from twin_ml.assimilate.analysis import Innovation, enkf, etkf
 from twin_ml.physics.solver import SolverSettings, solve_stacked
 
 METHODS = ("etkf", "enkf")
+Z90 = 1.6448536269514722  # the standard normal's 95% quantile: a central 90% band is +- Z90 std
 
 
 @dataclass(frozen=True)
@@ -38,9 +51,10 @@ class FilterSettings:
     inflation: float = 1.0  # multiplicative prior inflation (>= 1)
     parameters: tuple[str, ...] = ()  # estimated jointly with the state, in log space
     walk: float = 0.01  # the estimated parameters' random-walk std per step, relative
+    process: tuple[float, ...] = ()  # additive state noise std per step, per state (empty: none)
     seed: int = 0
 
-    def check(self, parameter_names: list[str]) -> FilterSettings:
+    def check(self, parameter_names: list[str], n_states: int | None = None) -> FilterSettings:
         if self.method not in METHODS:
             raise ValueError(f"filter.method must be one of {METHODS}, got {self.method!r}")
         if self.members < 2:
@@ -49,6 +63,15 @@ class FilterSettings:
             raise ValueError(f"filter.inflation must be >= 1, got {self.inflation}")
         if not self.walk >= 0:
             raise ValueError(f"filter.walk must be >= 0, got {self.walk}")
+        if self.process:
+            if n_states is not None and len(self.process) != n_states:
+                raise ValueError(
+                    f"filter.process needs one std per state ({n_states}), got {len(self.process)}"
+                )
+            if not all(np.isfinite(v) and v >= 0 for v in self.process):
+                raise ValueError(
+                    f"filter.process: stds must be finite and >= 0, got {self.process}"
+                )
         unknown = sorted(set(self.parameters) - set(parameter_names))
         if unknown:
             raise ValueError(
@@ -62,6 +85,8 @@ class SolverForecast:
     """The physics system stepped over one interval for every member at once (its reference
     solver on the stacked states), inputs linear across the interval (held where the system
     holds them)."""
+
+    dt = None  # any interval in one step
 
     def __init__(self, system, settings: SolverSettings = SolverSettings()):
         self.system, self.settings = system, settings
@@ -82,9 +107,15 @@ class OnnxForecast:
     given one input value: held inputs their value at the interval's start, linear ones the
     interval's midpoint value (exact for a flow map, which evaluates its network at the middle;
     second order for the RK4 kinds). Every network steps every member's state in one call (M x N
-    member-intervals): the file's batch, one onnxruntime call per step."""
+    member-intervals): the file's batch, one onnxruntime call per step.
 
-    def __init__(self, onnx: str | bytes, card, threads: int = 1):
+    `widen`: the networks' disagreement is the ensemble's estimate of its own error, and the
+    model card's conformal scale c says how much wider the calibrated band is than the raw
+    ensemble's. Where c > 1 each member's step is moved away from the networks' mean step from
+    its state by (c - 1) times its own deviation, so the members spread as much as the calibrated
+    error (c: the median over outputs; c <= 1 or one network: nothing to widen)."""
+
+    def __init__(self, onnx: str | bytes, card, threads: int = 1, widen: bool = True):
         from twin_ml._ort import session
         from twin_ml.contract import ModelCard
 
@@ -98,6 +129,8 @@ class OnnxForecast:
         self.session = session(onnx, threads=threads)
         self.members, self.dt = self.card.members, self.card.time.dt
         self.held = np.array([v.interpolation == "zoh" for v in self.card.system.build().inputs])
+        scale = float(np.median(self.card.conformal_scale)) if self.card.conformal_scale else 1.0
+        self.widening = max(scale, 1.0) - 1.0 if widen and self.members > 1 else 0.0
 
     def __call__(self, X, P, t0: float, t1: float, u0, u1) -> np.ndarray:
         if not np.isclose(t1 - t0, self.dt, rtol=1e-6):
@@ -114,7 +147,244 @@ class OnnxForecast:
             "x_members": np.broadcast_to(np.asarray(X), (m, *np.shape(X))).astype(np.float32),
         }
         (x_end,) = self.session.run(["x_end"], feeds)  # [M, N, nx]
-        return x_end[np.arange(n) % m, np.arange(n)].astype(np.float64)
+        x_end = x_end.astype(np.float64)
+        own = x_end[np.arange(n) % m, np.arange(n)]
+        if self.widening:
+            own = own + self.widening * (own - x_end.mean(axis=0))
+        return own
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One assimilated sample at time `t`: the one-step prediction of the measurements
+    (`predicted_*`, std with the measurement noise), the outputs, states and estimated parameters
+    after the measurement (mean and std over the members), and the analysis's innovation."""
+
+    t: float
+    predicted_mean: np.ndarray
+    predicted_std: np.ndarray
+    filtered_mean: np.ndarray
+    filtered_std: np.ndarray
+    state_mean: np.ndarray
+    state_std: np.ndarray
+    parameter_mean: np.ndarray
+    parameter_std: np.ndarray
+    innovation: Innovation
+
+
+class EnsembleFilter:
+    """The running filter: members X [N, nx], the estimated parameters' logs TH [N, q], the
+    parameters' values `p` [np] (the estimated ones overwritten per member), the time `t` and the
+    inputs `u` [nu] of the last analysis."""
+
+    def __init__(
+        self,
+        system,
+        forecast: Callable[..., np.ndarray],
+        noise,
+        settings: FilterSettings,
+        *,
+        X: np.ndarray,
+        TH: np.ndarray,
+        p: np.ndarray,
+        t: float,
+        u: np.ndarray,
+        rng: np.random.Generator,
+    ):
+        self.system, self.forecast = system, forecast
+        self.settings = settings.check(system.parameter_names, len(system.state_names))
+        self.noise = np.asarray(noise, dtype=np.float64)
+        if self.noise.shape != (len(system.output_names),) or not np.all(self.noise > 0):
+            raise ValueError(
+                f"noise: one std > 0 per output ({', '.join(system.output_names)}), got "
+                f"{np.asarray(noise).tolist()}"
+            )
+        self.est = [system.parameter_names.index(n) for n in self.settings.parameters]
+        self.X, self.TH = np.asarray(X, dtype=np.float64), np.asarray(TH, dtype=np.float64)
+        self.p = np.asarray(p, dtype=np.float64)
+        self.t, self.u = float(t), np.asarray(u, dtype=np.float64)
+        self.rng = rng
+
+    @classmethod
+    def start(
+        cls,
+        system,
+        forecast: Callable[..., np.ndarray],
+        noise,
+        x0: tuple[Any, Any],
+        p: tuple[Any, Any],
+        t0: float,
+        u0,
+        settings: FilterSettings = FilterSettings(),
+    ) -> EnsembleFilter:
+        """Members drawn from the prior: initial state mean and std `x0` ([nx], [nx]),
+        parameters `p` ([np] values, [np] relative stds of the estimated ones; the others stay
+        at their values)."""
+        settings = settings.check(system.parameter_names, len(system.state_names))
+        rng = np.random.default_rng(settings.seed)
+        n, nx = settings.members, len(system.state_names)
+        est = [system.parameter_names.index(name) for name in settings.parameters]
+        values = np.asarray(p[0], dtype=np.float64)
+        X = np.asarray(x0[0], dtype=np.float64) + rng.standard_normal((n, nx)) * np.asarray(x0[1])
+        TH = (
+            np.log(np.broadcast_to(values[est], (n, len(est))))
+            + rng.standard_normal((n, len(est))) * np.asarray(p[1], dtype=np.float64)[est]
+        )
+        return cls(system, forecast, noise, settings, X=X, TH=TH, p=values, t=t0, u=u0, rng=rng)
+
+    # ---- the members -----------------------------------------------------------------------
+    def parameters(self, TH: np.ndarray | None = None) -> np.ndarray:
+        """[N, np]: every member's parameters."""
+        TH = self.TH if TH is None else TH
+        P = np.repeat(self.p[None], len(TH), axis=0)
+        P[:, self.est] = np.exp(TH)
+        return P
+
+    def steps_to(self, t1: float) -> int:
+        """Forecast steps from the last analysis to `t1` (> the filter's time)."""
+        dt = getattr(self.forecast, "dt", None)
+        span = t1 - self.t
+        if dt is None:
+            return 1
+        n = int(round(span / dt))
+        if n < 1 or not np.isclose(n * dt, span, rtol=1e-6, atol=1e-9 * max(1.0, abs(dt))):
+            raise ValueError(
+                f"the model steps dt = {dt:g}: {span:g} after the last sample is not a whole "
+                "number of steps (resample the telemetry onto the model's grid first)"
+            )
+        return n
+
+    def _advance(self, X, TH, t1: float, u1, *, walk: bool, rng) -> np.ndarray:
+        """X stepped from (self.t, self.u) to (t1, u1), in whole forecast steps; `walk`: the
+        estimated parameters' random walk per step (TH is updated in place)."""
+        n = self.steps_to(t1)
+        u0, u1 = self.u, np.asarray(u1, dtype=np.float64)
+        times = np.linspace(self.t, t1, n + 1)
+        process = np.asarray(self.settings.process, dtype=np.float64)
+        for i in range(n):
+            a, b = i / n, (i + 1) / n
+            X = self.forecast(
+                X,
+                self.parameters(TH),
+                times[i],
+                times[i + 1],
+                u0 + a * (u1 - u0),
+                u0 + b * (u1 - u0),
+            )
+            if process.size:
+                X = X + rng.standard_normal(X.shape) * process
+            if walk:
+                TH += rng.standard_normal(TH.shape) * self.settings.walk
+        return X
+
+    def observe_members(self, X, u, TH=None) -> np.ndarray:
+        P = self.parameters(TH)
+        n = len(X)
+        return np.asarray(self.system.observe(X, np.repeat(u[None], n, 0), P), dtype=np.float64)
+
+    # ---- one sample --------------------------------------------------------------------------
+    def step(self, t: float, u, y) -> Estimate:
+        """Forecast to `t` (unless it is the filter's own time: the first sample) and assimilate
+        the measurements `y` [ny] (NaN: not measured) taken with inputs `u` [nu]."""
+        u = np.asarray(u, dtype=np.float64)
+        if t > self.t:
+            self.X = self._advance(self.X, self.TH, t, u, walk=True, rng=self.rng)
+        elif t < self.t:
+            raise ValueError(f"t = {t:g} is before the filter's time {self.t:g}")
+        self.t, self.u = float(t), u
+        s = self.settings
+        HX = self.observe_members(self.X, u)
+        pm = HX.mean(axis=0)
+        ps = np.sqrt(HX.var(axis=0, ddof=1) * s.inflation + self.noise**2)
+        Z = np.concatenate([self.X, self.TH], axis=1)
+        y = np.asarray(y, dtype=np.float64)
+        if s.method == "etkf":
+            Z, inn = etkf(Z, HX, y, self.noise, s.inflation)
+        else:
+            Z, inn = enkf(Z, HX, y, self.noise, self.rng, s.inflation)
+        nx = self.X.shape[1]
+        self.X, self.TH = Z[:, :nx], Z[:, nx:]
+        HX = self.observe_members(self.X, u)
+        par = np.exp(self.TH)
+        return Estimate(
+            float(t),
+            pm,
+            ps,
+            HX.mean(axis=0),
+            HX.std(axis=0, ddof=1),
+            self.X.mean(axis=0),
+            self.X.std(axis=0, ddof=1),
+            par.mean(axis=0),
+            par.std(axis=0, ddof=1),
+            inn,
+        )
+
+    # ---- ahead of the data --------------------------------------------------------------------
+    def forecast_ahead(self, times, u) -> dict[str, np.ndarray]:
+        """The members run on from the last analysis over `times` [K] (after it, on the model's
+        grid) with inputs `u` [K, nu], no measurement and the parameters held: per time the
+        outputs' member values [K, N, ny] (`outputs`), their mean and std, the std with the
+        measurement noise (`std_measured`, the band a new measurement falls in), and the states'
+        mean and std [K, nx]. The filter itself is left as it was."""
+        times = np.asarray(times, dtype=np.float64)
+        u = np.asarray(u, dtype=np.float64)
+        rng = np.random.default_rng([self.settings.seed, len(times), int(self.t * 1e6) % 2**32])
+        X, TH, t0, u0 = self.X.copy(), self.TH.copy(), self.t, self.u
+        members, states = [], []
+        try:
+            for tk, uk in zip(times, u):
+                X = self._advance(X, TH, tk, uk, walk=False, rng=rng)
+                self.t, self.u = float(tk), uk  # the next interval starts here
+                members.append(self.observe_members(X, uk, TH))
+                states.append(X)
+        finally:
+            self.t, self.u = t0, u0
+        H = np.stack(members) if members else np.zeros((0, len(X), len(self.noise)))
+        S = np.stack(states) if states else np.zeros((0, *X.shape))
+        std = H.std(axis=1, ddof=1) * np.sqrt(self.settings.inflation)
+        return {
+            "outputs": H,
+            "mean": H.mean(axis=1),
+            "std": std,
+            "std_measured": np.sqrt(std**2 + self.noise**2),
+            "state_mean": S.mean(axis=1),
+            "state_std": S.std(axis=1, ddof=1),
+        }
+
+    # ---- persistence ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything the filter needs to go on, as JSON values (floats kept exactly: Python's
+        JSON writes the shortest repr, which reads back bit for bit)."""
+        return {
+            "t": self.t,
+            "u": self.u.tolist(),
+            "X": self.X.tolist(),
+            "TH": self.TH.tolist(),
+            "p": self.p.tolist(),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    @classmethod
+    def restore(
+        cls, system, forecast, noise, settings: FilterSettings, state: dict[str, Any]
+    ) -> EnsembleFilter:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        nx = len(system.state_names)
+        X = np.asarray(state["X"], dtype=np.float64).reshape(-1, nx)
+        TH = np.asarray(state["TH"], dtype=np.float64).reshape(len(X), -1)
+        return cls(
+            system,
+            forecast,
+            noise,
+            settings,
+            X=X,
+            TH=TH,
+            p=np.asarray(state["p"]),
+            t=state["t"],
+            u=np.asarray(state["u"]),
+            rng=rng,
+        )
 
 
 @dataclass
@@ -151,50 +421,164 @@ def run_filter(
     measured), their noise stds `noise` [ny]; the prior: initial state mean and std `x0`
     ([nx], [nx]) and parameters `p` ([np] values, [np] relative stds of the estimated ones;
     the others stay at their values)."""
-    settings = settings.check(system.parameter_names)
     times, u, y = (np.asarray(a, dtype=np.float64) for a in (times, u, y))
-    noise = np.asarray(noise, dtype=np.float64)
-    rng = np.random.default_rng(settings.seed)
-    n, nx = settings.members, len(system.state_names)
-    est = [system.parameter_names.index(name) for name in settings.parameters]
-    X = x0[0] + rng.standard_normal((n, nx)) * x0[1]
-    P = np.broadcast_to(np.asarray(p[0], dtype=np.float64), (n, len(system.parameter_names)))
-    P = P.copy()
-    TH = np.log(P[:, est]) + rng.standard_normal((n, len(est))) * np.asarray(p[1])[est]
-    T, ny = y.shape
-    out = {k: np.full((T, ny), np.nan) for k in ("pm", "ps", "fm", "fs")}
-    par_m, par_s = np.full((T, len(est)), np.nan), np.full((T, len(est)), np.nan)
-    nis, measured = np.zeros(T), np.zeros(T, dtype=int)
-    for k in range(T):
-        if k:
-            P[:, est] = np.exp(TH)
-            X = forecast(X, P, times[k - 1], times[k], u[k - 1], u[k])
-            TH = TH + rng.standard_normal(TH.shape) * settings.walk
-        P[:, est] = np.exp(TH)
-        HX = np.asarray(system.observe(X, u[k][None].repeat(n, 0), P), dtype=np.float64)
-        out["pm"][k] = HX.mean(axis=0)
-        out["ps"][k] = np.sqrt(HX.var(axis=0, ddof=1) * settings.inflation + noise**2)
-        Z = np.concatenate([X, TH], axis=1)
-        if settings.method == "etkf":
-            Z, inn = etkf(Z, HX, y[k], noise, settings.inflation)
-        else:
-            Z, inn = enkf(Z, HX, y[k], noise, rng, settings.inflation)
-        X, TH = Z[:, :nx], Z[:, nx:]
-        P[:, est] = np.exp(TH)
-        HX = np.asarray(system.observe(X, u[k][None].repeat(n, 0), P), dtype=np.float64)
-        out["fm"][k], out["fs"][k] = HX.mean(axis=0), HX.std(axis=0, ddof=1)
-        par = np.exp(TH)
-        par_m[k], par_s[k] = par.mean(axis=0), par.std(axis=0, ddof=1)
-        nis[k], measured[k] = inn.nis, inn.measured
+    f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
+    return _result(system, settings, [f.step(tk, uk, yk) for tk, uk, yk in zip(times, u, y)])
+
+
+def _result(system, settings: FilterSettings, steps: list[Estimate]) -> FilterResult:
     return FilterResult(
         system.output_names,
         list(settings.parameters),
-        out["pm"],
-        out["ps"],
-        out["fm"],
-        out["fs"],
-        par_m,
-        par_s,
-        nis,
-        measured,
+        *(np.stack([getattr(e, k) for e in steps]) for k in _SERIES),
+        np.array([e.innovation.nis for e in steps]),
+        np.array([e.innovation.measured for e in steps], dtype=int),
+    )
+
+
+_SERIES = (
+    "predicted_mean",
+    "predicted_std",
+    "filtered_mean",
+    "filtered_std",
+    "parameter_mean",
+    "parameter_std",
+)
+
+
+@dataclass
+class RecordScore:
+    """The filter run over a record, scored as a live twin is: after each assimilated sample from
+    `init` - 1 on (`every`-th), the members run on without data; the prediction h steps ahead is
+    compared with the measurement there. h = 1 is the filter's own one-step prediction (with the
+    parameters' random walk); longer horizons hold the parameters. The open loop: the same filter
+    given only the first `init` samples (what fixes the initial state in a free-run benchmark),
+    then none, scored on every later sample. Per horizon: RMSE over the measured outputs (pooled,
+    and per output), the 90% band's coverage (mean +- 1.645 std with the measurement noise), the
+    number of scored points, and the RMSE over the open loop's on the same outputs."""
+
+    horizons: list[int]
+    rmse: dict[int, float]
+    rmse_per_output: dict[int, list[float]]
+    coverage_90: dict[int, float]
+    points: dict[int, int]
+    open_loop_rmse: float
+    open_loop_rmse_per_output: list[float]
+    open_loop_coverage_90: float
+    result: FilterResult
+
+    def ratio(self, h: int) -> float:
+        return self.rmse[h] / self.open_loop_rmse
+
+    def table(self) -> list[dict[str, float | int]]:
+        return [
+            {
+                "horizon": h,
+                "rmse": self.rmse[h],
+                "open_loop_rmse": self.open_loop_rmse,
+                "ratio": self.ratio(h),
+                "coverage_90": self.coverage_90[h],
+                "points": self.points[h],
+            }
+            for h in self.horizons
+        ]
+
+
+def _pooled(err: list[np.ndarray], inside: list[np.ndarray], ny: int):
+    E = np.concatenate(err) if err else np.zeros((0, ny))
+    C = np.concatenate(inside) if inside else np.zeros((0, ny), dtype=bool)
+    ok = np.isfinite(E)
+    rmse = float(np.sqrt(np.mean(E[ok] ** 2))) if ok.any() else float("nan")
+    per = [
+        float(np.sqrt(np.mean(E[ok[:, j], j] ** 2))) if ok[:, j].any() else float("nan")
+        for j in range(ny)
+    ]
+    cov = float(np.mean(C[ok])) if ok.any() else float("nan")
+    return rmse, per, cov, int(ok.sum())
+
+
+def score_record(
+    system,
+    forecast: Callable[..., np.ndarray],
+    times: np.ndarray,
+    u: np.ndarray,
+    y: np.ndarray,
+    noise: np.ndarray,
+    x0: tuple[np.ndarray, np.ndarray],
+    p: tuple[np.ndarray, np.ndarray],
+    settings: FilterSettings = FilterSettings(),
+    *,
+    horizons: tuple[int, ...] = (1, 10, 50),
+    init: int = 1,
+    every: int = 1,
+    progress: bool = False,
+) -> RecordScore:
+    """`run_filter`'s arguments; see `RecordScore`. The members ahead of the data are stepped
+    together with the filter's own, in one forecast call per sample (a batch of N x the open
+    origins: for an exported ensemble keep N a multiple of its size M, so every member keeps its
+    network)."""
+    if not horizons or min(horizons) < 1:
+        raise ValueError(f"horizons must be >= 1, got {list(horizons)}")
+    if init < 1 or every < 1:
+        raise ValueError(f"init and every must be >= 1, got {init}, {every}")
+    times, u, y = (np.asarray(a, dtype=np.float64) for a in (times, u, y))
+    T, ny = y.shape
+    if init >= T:
+        raise ValueError(f"init = {init} leaves no sample of the {T} to score")
+    f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
+    ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
+    longest, n = max(horizons), settings.members
+    ahead = sorted(h for h in horizons if h > 1)
+    rng = np.random.default_rng([settings.seed, 1])
+    clones: list[tuple[int, np.ndarray, np.ndarray]] = []  # (origin, X, TH)
+    err = {h: [] for h in horizons}
+    inside = {h: [] for h in horizons}
+    err_ol, inside_ol = [], []
+    steps = []
+    for k in tqdm(range(T), desc="filter", disable=not progress, leave=False):
+        if clones and k:
+            X = f._advance(
+                np.concatenate([c[1] for c in clones]),
+                np.concatenate([c[2] for c in clones]),
+                times[k],
+                u[k],
+                walk=False,
+                rng=rng,
+            )
+            clones = [(o, X[i * n : (i + 1) * n], c) for i, (o, _, c) in enumerate(clones)]
+            for origin, Xc, THc in clones:
+                h = k - origin
+                if h in ahead:
+                    H = f.observe_members(Xc, u[k], THc)
+                    std = np.sqrt(H.var(axis=0, ddof=1) * settings.inflation + f.noise**2)
+                    e = y[k] - H.mean(axis=0)
+                    err[h].append(e[None])
+                    inside[h].append((np.abs(e) <= Z90 * std)[None])
+            clones = [c for c in clones if k - c[0] < longest]
+        est = f.step(times[k], u[k], y[k])
+        steps.append(est)
+        e_ol = ol.step(times[k], u[k], y[k] if k < init else np.full(ny, np.nan))
+        if k >= init:
+            if 1 in err:
+                e = y[k] - est.predicted_mean
+                err[1].append(e[None])
+                inside[1].append((np.abs(e) <= Z90 * est.predicted_std)[None])
+            e = y[k] - e_ol.predicted_mean
+            err_ol.append(e[None])
+            inside_ol.append((np.abs(e) <= Z90 * e_ol.predicted_std)[None])
+        if ahead and k >= init - 1 and (k - init + 1) % every == 0 and k < T - 1:
+            clones.append((k, f.X.copy(), f.TH.copy()))
+    result = _result(system, settings, steps)
+    ol_rmse, ol_per, ol_cov, _ = _pooled(err_ol, inside_ol, ny)
+    scored = {h: _pooled(err[h], inside[h], ny) for h in horizons}
+    return RecordScore(
+        sorted(horizons),
+        {h: s[0] for h, s in scored.items()},
+        {h: s[1] for h, s in scored.items()},
+        {h: s[2] for h, s in scored.items()},
+        {h: s[3] for h, s in scored.items()},
+        ol_rmse,
+        ol_per,
+        ol_cov,
+        result,
     )

@@ -1,0 +1,495 @@
+"""A live twin: one asset's running estimate (an `EnsembleFilter` on a served model), fed one
+batch of telemetry at a time, checked, watched for drift, and kept as JSON between batches (the
+store persists `Twin.state()`; `Twin.restore` goes on from it bit for bit).
+
+Requests (JSON objects; every error a `RequestError` naming the field, `Conflict` for a time the
+twin has already passed):
+
+- create: `inputs` {input: value} at `t0` (default 0, seconds), `noise` {output: std > 0} (the
+  measurement noise), optional `initial_state` {state: value} and `initial_std` {state: std}
+  (default: the training box's middle and a quarter of its width), `parameters` {name: value}
+  (default: the training box's middle), `estimate` {parameter: relative std} (estimated jointly,
+  in log space), `filter` {method, members, inflation, walk, process {state: std per step},
+  seed}, `alarms` {window, alpha, slack, threshold}.
+- observe: `times` [T] (seconds, after the twin's time, on the model's grid from `t0`),
+  `outputs` {output: [T] numbers or null (not measured)}, `inputs` {input: [T]}: the inputs that
+  drove the asset at those times (required: the forecast needs them). A gap between samples is
+  forecast across, in whole model steps, the inputs linear across it, the band growing; a gap
+  longer than the model's longest rollout is refused (the estimate would be a free run far past
+  what the model was checked on: create a new twin).
+- forecast: `times` [K] or `steps`, `inputs` {input: [K]} ahead of the twin's time, `quantiles`.
+
+Alarms (`Watch`): the innovations of a consistent filter are white with known covariance, so they
+need no clean reference: per window of `window` samples
+- the summed NIS against its chi-square distribution (degrees of freedom: outputs measured): a
+  two-sided test at level `alpha` (too large: the model no longer explains the data; too small:
+  the band is far wider than the errors);
+- the drift CUSUM (`twin_ml.drift.cusum_step`, the one twin-monitor runs) on every output's
+  standardized window level (mean z * sqrt(n), N(0, 1)) and spread (log RMS z, standardized by
+  its large-sample std 1/sqrt(2n)), slack and threshold in those units.
+An alarm is reported once, when raised; the twin's `alarm` stays on until it is deleted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from twin_ml.assimilate.filter import METHODS, EnsembleFilter, Estimate, FilterSettings
+from twin_ml.contract import ModelCard, RequestError
+from twin_ml.contract.requests import by_name, number, numbers, physical
+from twin_ml.drift import cusum_step
+
+CREATE_FIELDS = (
+    "t0", "inputs", "noise", "initial_state", "initial_std", "parameters", "estimate",
+    "filter", "alarms",
+)  # fmt: skip
+OBSERVE_FIELDS = ("times", "outputs", "inputs")
+FORECAST_FIELDS = ("times", "steps", "inputs", "quantiles")
+MAX_MEMBERS = 512
+
+
+class Conflict(RequestError):
+    """A time the twin has already assimilated (duplicated or out of order): HTTP 409."""
+
+
+def _unknown(body: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    extra = sorted(set(body) - set(allowed))
+    if extra:
+        raise RequestError(where or extra[0], f"unknown fields {extra}; allowed: {list(allowed)}")
+
+
+def _object(body: Any, where: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError(where or "body", "must be a JSON object")
+    return body
+
+
+@dataclass(frozen=True)
+class AlarmSettings:
+    window: int = 20  # samples per test window
+    alpha: float = 1e-3  # the NIS test's level (each side)
+    slack: float = 1.0  # CUSUM allowance (standardized units)
+    threshold: float = 8.0  # CUSUM alarm level
+
+    def check(self) -> AlarmSettings:
+        if not 2 <= self.window <= 100_000:
+            raise RequestError("alarms.window", f"must be in [2, 100000], got {self.window}")
+        if not 0 < self.alpha < 0.5:
+            raise RequestError("alarms.alpha", f"must be in (0, 0.5), got {self.alpha}")
+        for name in ("slack", "threshold"):
+            if not getattr(self, name) >= 0:
+                raise RequestError(f"alarms.{name}", f"must be >= 0, got {getattr(self, name)}")
+        return self
+
+
+class Watch:
+    """The alarms of a twin (see the module doc), fed one analysis at a time."""
+
+    def __init__(self, outputs: list[str], settings: AlarmSettings, state: dict | None = None):
+        self.outputs, self.settings = outputs, settings
+        ny = len(outputs)
+        s = state or {}
+        self.z = [list(v) for v in s.get("z", [[] for _ in range(ny)])]  # this window's z
+        self.nis, self.dof = float(s.get("nis", 0.0)), int(s.get("dof", 0))
+        self.samples = int(s.get("samples", 0))
+        self.level = [list(v) for v in s.get("level", [[0.0, 0.0] for _ in range(ny)])]
+        self.spread = [list(v) for v in s.get("spread", [[0.0, 0.0] for _ in range(ny)])]
+        self.raised = list(s.get("raised", []))  # every alarm so far
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "z": self.z,
+            "nis": self.nis,
+            "dof": self.dof,
+            "samples": self.samples,
+            "level": self.level,
+            "spread": self.spread,
+            "raised": self.raised,
+        }
+
+    def feed(self, est: Estimate) -> list[dict[str, Any]]:
+        """The alarms this analysis raised (at the end of a window; none in between)."""
+        from scipy.stats import chi2
+
+        inn, s = est.innovation, self.settings
+        for j in range(len(self.outputs)):
+            if np.isfinite(inn.d[j]):
+                self.z[j].append(float(inn.d[j] / inn.std[j]))
+        self.nis += inn.nis
+        self.dof += inn.measured
+        self.samples += 1
+        if self.samples < s.window:
+            return []
+        new = []
+        if self.dof:
+            high, low = chi2.sf(self.nis, self.dof), chi2.cdf(self.nis, self.dof)
+            mean = self.nis / self.dof
+            if high < s.alpha:
+                what = "too large: the model no longer explains the measurements"
+                new.append(self._alarm(est.t, "nis_high", None, mean, high, what))
+            elif low < s.alpha:
+                what = (
+                    "too small: the band is much wider than the errors (noise or spread overstated)"
+                )
+                new.append(self._alarm(est.t, "nis_low", None, mean, low, what))
+        for j, name in enumerate(self.outputs):
+            z = np.asarray(self.z[j])
+            if len(z) < 2:
+                continue
+            level = float(z.mean() * math.sqrt(len(z)))
+            spread = float(0.5 * math.log(max(np.mean(z**2), 1e-24)) * math.sqrt(2 * len(z)))
+            self.level[j] = list(cusum_step(*self.level[j], level, s.slack, True))
+            self.spread[j] = list(cusum_step(*self.spread[j], spread, s.slack, False))
+            if max(self.level[j]) > s.threshold:
+                what = "its innovations' mean has shifted (a bias, a drifting parameter)"
+                new.append(self._alarm(est.t, "cusum_level", name, max(self.level[j]), None, what))
+                self.level[j] = [0.0, 0.0]
+            if self.spread[j][0] > s.threshold:
+                what = "its innovations have grown beyond their predicted std"
+                new.append(self._alarm(est.t, "cusum_spread", name, self.spread[j][0], None, what))
+                self.spread[j] = [0.0, 0.0]
+        self.z = [[] for _ in self.outputs]
+        self.nis, self.dof, self.samples = 0.0, 0, 0
+        self.raised.extend(new)
+        return new
+
+    def _alarm(self, t, kind, output, value, p, what) -> dict[str, Any]:
+        on = f"output {output}" if output else "the innovations"
+        out = {
+            "t": t,
+            "kind": kind,
+            "output": output,
+            "statistic": value,
+            "message": f"{on}: {what}",
+        }
+        if p is not None:
+            out["p_value"] = float(p)
+        return out
+
+
+@dataclass(frozen=True)
+class TwinSpec:
+    """A created twin's checked settings (kept with it, JSON)."""
+
+    t0: float
+    u0: list[float]
+    noise: list[float]
+    x0: list[float]
+    x0_std: list[float]
+    p: list[float]
+    p_std: list[float]  # relative, of the estimated ones (0 elsewhere)
+    filter: dict[str, Any]
+    alarms: dict[str, Any]
+
+    def settings(self) -> FilterSettings:
+        f = dict(self.filter)
+        return FilterSettings(
+            **{**f, "parameters": tuple(f["parameters"]), "process": tuple(f["process"])}
+        )
+
+
+def _half_width(rng) -> float:
+    return (rng[1] - rng[0]) / 2 if rng else 0.0
+
+
+def parse_create(card: ModelCard, body: Any) -> TwinSpec:
+    body = _object(body, "")
+    _unknown(body, CREATE_FIELDS, "")
+    system, box = card.system, card.domain
+    t0 = number(body.get("t0", 0.0), "t0")
+    given_u = by_name(body.get("inputs"), system.input_names, "inputs", required=True)
+    u0 = []
+    for var in system.inputs:
+        u0.append(number(given_u[var.name], f"inputs.{var.name}"))
+        physical(var, u0[-1], f"inputs.{var.name}")
+    given_r = by_name(body.get("noise"), system.output_names, "noise", required=True)
+    noise = [number(given_r[n], f"noise.{n}") for n in system.output_names]
+    for n, r in zip(system.output_names, noise):
+        if not r > 0:
+            raise RequestError(f"noise.{n}", f"must be > 0 (the measurement noise std), got {r}")
+    given_x = by_name(
+        body.get("initial_state"), system.state_names, "initial_state", required=False
+    )
+    given_xs = by_name(body.get("initial_std"), system.state_names, "initial_std", required=False)
+    x0, x0_std = [], []
+    for var in system.states:
+        rng = box.states.get(var.name)
+        x0.append(
+            number(given_x[var.name], f"initial_state.{var.name}")
+            if var.name in given_x
+            else box.state_middle(var.name)
+        )
+        physical(var, x0[-1], f"initial_state.{var.name}")
+        sd = (
+            number(given_xs[var.name], f"initial_std.{var.name}")
+            if var.name in given_xs
+            else _half_width(rng) / 2
+        )
+        if not sd >= 0:
+            raise RequestError(f"initial_std.{var.name}", f"must be >= 0, got {sd}")
+        x0_std.append(sd)
+    given_p = by_name(body.get("parameters"), system.parameter_names, "parameters", required=False)
+    p = []
+    for var in system.parameters:
+        rng = box.parameters.get(var.name)
+        if var.name in given_p:
+            p.append(number(given_p[var.name], f"parameters.{var.name}"))
+        elif rng:
+            p.append((rng[0] + rng[1]) / 2)
+        else:
+            raise RequestError(
+                f"parameters.{var.name}", "is required: the training box does not range it"
+            )
+        physical(var, p[-1], f"parameters.{var.name}")
+    given_e = by_name(body.get("estimate"), system.parameter_names, "estimate", required=False)
+    p_std = [0.0] * len(p)
+    for i, name in enumerate(system.parameter_names):
+        if name in given_e:
+            p_std[i] = number(given_e[name], f"estimate.{name}")
+            if not 0 <= p_std[i] <= 2:
+                raise RequestError(
+                    f"estimate.{name}", f"a relative prior std in [0, 2], got {p_std[i]}"
+                )
+            if not p[i] > 0:
+                raise RequestError(
+                    f"parameters.{name}",
+                    f"an estimated parameter must be > 0 (log space), got {p[i]}",
+                )
+    f = _object(body.get("filter") or {}, "filter")
+    _unknown(f, ("method", "members", "inflation", "walk", "process", "seed"), "filter")
+    given_q = by_name(f.get("process"), system.state_names, "filter.process", required=False)
+    process = [number(given_q.get(n, 0.0), f"filter.process.{n}") for n in system.state_names]
+    method = f.get("method", "etkf")
+    if method not in METHODS:
+        raise RequestError("filter.method", f"must be one of {list(METHODS)}, got {method!r}")
+    members = f.get("members", 32)
+    if isinstance(members, bool) or not isinstance(members, int) or not 2 <= members <= MAX_MEMBERS:
+        raise RequestError("filter.members", f"must be an integer in [2, {MAX_MEMBERS}]")
+    seed = f.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RequestError("filter.seed", "must be an integer >= 0")
+    settings = {
+        "method": method,
+        "members": members,
+        "inflation": number(f.get("inflation", 1.0), "filter.inflation"),
+        "walk": number(f.get("walk", 0.01), "filter.walk"),
+        "process": process if any(process) else [],
+        "parameters": [n for n in system.parameter_names if n in given_e],
+        "seed": seed,
+    }
+    if not settings["inflation"] >= 1:
+        raise RequestError("filter.inflation", f"must be >= 1, got {settings['inflation']}")
+    if not 0 <= settings["walk"] <= 1:
+        raise RequestError("filter.walk", f"must be in [0, 1], got {settings['walk']}")
+    if any(v < 0 for v in process):
+        raise RequestError("filter.process", "stds must be >= 0")
+    a = _object(body.get("alarms") or {}, "alarms")
+    _unknown(a, ("window", "alpha", "slack", "threshold"), "alarms")
+    window = a.get("window", AlarmSettings.window)
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise RequestError("alarms.window", "must be an integer")
+    alarms = AlarmSettings(
+        window=window,
+        **{k: number(a[k], f"alarms.{k}") for k in ("alpha", "slack", "threshold") if k in a},
+    ).check()
+    return TwinSpec(t0, u0, noise, x0, x0_std, p, p_std, settings, asdict(alarms))
+
+
+@dataclass(frozen=True)
+class Observation:
+    times: np.ndarray  # [T]
+    u: np.ndarray  # [T, nu]
+    y: np.ndarray  # [T, ny], NaN: not measured
+
+
+def _times(card: ModelCard, t: np.ndarray, t_last: float, t0: float, where: str) -> None:
+    """Times after the twin's, increasing, on the model's grid, no gap past its longest rollout."""
+    dt = card.time.dt
+    if len(t) < 1:
+        raise RequestError(where, "must hold at least one timestamp")
+    if len(t) > card.time.max_steps + 1:
+        raise RequestError(where, f"at most {card.time.max_steps + 1} per request")
+    for i in range(len(t)):
+        before = t_last if i == 0 else t[i - 1]
+        if t[i] <= before:
+            raise Conflict(
+                f"{where}[{i}]",
+                f"{t[i]:g} is not after {'the twin' if i == 0 else 'the previous sample'}'s "
+                f"time {before:g}: duplicated or out-of-order samples are refused (a sample is "
+                "assimilated once, in time order)",
+            )
+        k = (t[i] - t0) / dt
+        if not math.isclose(k, round(k), rel_tol=0, abs_tol=1e-6 * max(1.0, abs(k))):
+            raise RequestError(
+                f"{where}[{i}]",
+                f"{t[i]:g} is not on the model's grid (t0 + k * dt, dt = {dt:g}): resample first",
+            )
+    gaps = np.diff(np.concatenate([[t_last], t])) / dt
+    worst = int(np.argmax(gaps))
+    if gaps[worst] > card.time.max_steps + 1e-6:
+        raise RequestError(
+            f"{where}[{worst}]",
+            f"a gap of {gaps[worst]:.0f} steps after the previous sample exceeds the model's "
+            f"longest rollout ({card.time.max_steps} steps): start a new twin",
+        )
+
+
+def _inputs(card: ModelCard, given: Any, n: int, where: str) -> np.ndarray:
+    """[n, nu]: every input's series, within its physical limits."""
+    given = by_name(given, card.system.input_names, where, required=True)
+    u = np.zeros((n, len(card.system.inputs)))
+    for j, var in enumerate(card.system.inputs):
+        at = f"{where}.{var.name}"
+        u[:, j] = numbers(given[var.name], at, n, per=" (one per time)")
+        physical(var, float(u[:, j].max()), at, float(u[:, j].min()))
+    return u
+
+
+def parse_observe(card: ModelCard, body: Any, t_last: float, t0: float) -> Observation:
+    body = _object(body, "")
+    _unknown(body, OBSERVE_FIELDS, "")
+    system = card.system
+    t = numbers(body.get("times"), "times")
+    _times(card, t, t_last, t0, "times")
+    given_y = by_name(body.get("outputs"), system.output_names, "outputs", required=False)
+    if not given_y:
+        raise RequestError("outputs", f"must name at least one of {system.output_names}")
+    y = np.full((len(t), len(system.outputs)), np.nan)
+    for j, name in enumerate(system.output_names):
+        if name in given_y:
+            y[:, j] = numbers(
+                given_y[name], f"outputs.{name}", len(t), allow_null=True, per=" (one per time)"
+            )
+    return Observation(t, _inputs(card, body.get("inputs"), len(t), "inputs"), y)
+
+
+class Twin:
+    """One live twin on a model (`card`) with a forecast (`OnnxForecast` on its file, or any
+    forecast `EnsembleFilter` takes)."""
+
+    def __init__(self, card: ModelCard, spec: TwinSpec, filt: EnsembleFilter, watch: Watch):
+        self.card, self.spec, self.filter, self.watch = card, spec, filt, watch
+
+    @classmethod
+    def create(cls, card: ModelCard, forecast, body: Any) -> Twin:
+        spec = parse_create(card, body)
+        system = card.system.build()
+        filt = EnsembleFilter.start(
+            system,
+            forecast,
+            spec.noise,
+            (np.array(spec.x0), np.array(spec.x0_std)),
+            (np.array(spec.p), np.array(spec.p_std)),
+            spec.t0,
+            np.array(spec.u0),
+            spec.settings(),
+        )
+        return cls(card, spec, filt, Watch(card.system.output_names, AlarmSettings(**spec.alarms)))
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "spec": asdict(self.spec),
+            "filter": self.filter.state(),
+            "watch": self.watch.state(),
+        }
+
+    @classmethod
+    def restore(cls, card: ModelCard, forecast, state: dict[str, Any]) -> Twin:
+        spec = TwinSpec(**state["spec"])
+        filt = EnsembleFilter.restore(
+            card.system.build(), forecast, spec.noise, spec.settings(), state["filter"]
+        )
+        watch = Watch(card.system.output_names, AlarmSettings(**spec.alarms), state["watch"])
+        return cls(card, spec, filt, watch)
+
+    @property
+    def t(self) -> float:
+        return self.filter.t
+
+    def observe(self, body: Any) -> dict[str, Any]:
+        """Assimilate a batch (see the module doc): per sample the one-step prediction and the
+        filtered outputs, then the estimate after the last one, and the alarms raised."""
+        obs = parse_observe(self.card, body, self.t, self.spec.t0)
+        return self.assimilate(obs)
+
+    def assimilate(self, obs: Observation) -> dict[str, Any]:
+        names = self.card.system.output_names
+        samples, alarms = [], []
+        for tk, uk, yk in zip(obs.times, obs.u, obs.y):
+            est = self.filter.step(float(tk), uk, yk)
+            alarms += self.watch.feed(est)
+            samples.append(
+                {
+                    "t": est.t,
+                    "predicted": _by_name(names, est.predicted_mean, est.predicted_std),
+                    "filtered": _by_name(names, est.filtered_mean, est.filtered_std),
+                    "nis": est.innovation.nis,
+                    "measured": est.innovation.measured,
+                }
+            )
+        return {"samples": samples, "alarms": alarms, **self.estimate()}
+
+    def estimate(self) -> dict[str, Any]:
+        f, sys = self.filter, self.card.system
+        X = f.X
+        H = f.observe_members(X, f.u)
+        P = np.exp(f.TH)
+        return {
+            "t": f.t,
+            "states": _by_name(sys.state_names, X.mean(0), X.std(0, ddof=1)),
+            "outputs": _by_name(sys.output_names, H.mean(0), H.std(0, ddof=1)),
+            "parameters": _by_name(list(f.settings.parameters), P.mean(0), P.std(0, ddof=1)),
+            "alarm": bool(self.watch.raised),
+            "alarms_raised": len(self.watch.raised),
+        }
+
+    def forecast(self, body: Any) -> dict[str, Any]:
+        body = _object(body, "")
+        _unknown(body, FORECAST_FIELDS, "")
+        dt, t_now = self.card.time.dt, self.t
+        if ("times" in body) == ("steps" in body):
+            raise RequestError("forecast", "give exactly one of times or steps")
+        if "steps" in body:
+            n = body["steps"]
+            if (
+                isinstance(n, bool)
+                or not isinstance(n, int)
+                or not 1 <= n <= self.card.time.max_steps
+            ):
+                raise RequestError(
+                    "forecast.steps", f"must be an integer in [1, {self.card.time.max_steps}]"
+                )
+            times = t_now + dt * np.arange(1, n + 1)
+        else:
+            times = numbers(body["times"], "forecast.times")
+            _times(self.card, times, t_now, self.spec.t0, "forecast.times")
+        u = _inputs(self.card, body.get("inputs"), len(times), "forecast.inputs")
+        qs = body.get("quantiles") or []
+        if not isinstance(qs, list) or len(qs) > 32:
+            raise RequestError(
+                "forecast.quantiles", "must be a list of at most 32 levels in (0, 1)"
+            )
+        qs = [number(q, f"forecast.quantiles[{i}]") for i, q in enumerate(qs)]
+        for i, q in enumerate(qs):
+            if not 0 < q < 1:
+                raise RequestError(f"forecast.quantiles[{i}]", f"must be in (0, 1), got {q}")
+        out = self.filter.forecast_ahead(times, u)
+        from scipy.stats import norm
+
+        answer = {"times": times.tolist(), "outputs": {}}
+        for j, name in enumerate(self.card.system.output_names):
+            mean, std = out["mean"][:, j], out["std_measured"][:, j]
+            answer["outputs"][name] = {
+                "mean": mean.tolist(),
+                "std": std.tolist(),
+                "quantiles": {f"{q:g}": (mean + norm.ppf(q) * std).tolist() for q in qs},
+            }
+        return answer
+
+
+def _by_name(names: list[str], mean: np.ndarray, std: np.ndarray) -> dict[str, dict[str, float]]:
+    return {n: {"mean": float(m), "std": float(s)} for n, m, s in zip(names, mean, std)}
