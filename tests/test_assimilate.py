@@ -276,3 +276,239 @@ def test_filtering_a_record_with_the_exported_model_beats_its_open_loop(exported
     err_open = np.sqrt(np.mean((np.array(open_loop)[1:] - truth[1:, 0]) ** 2))
     err_1 = np.sqrt(np.mean((res.predicted_mean[1:, 0] - truth[1:, 0]) ** 2))
     assert err_1 < 0.5 * err_open, (err_1, err_open)
+
+
+# ---- one sample at a time: the live twin's filter ----------------------------------------------
+class _Linear:
+    """x_k+1 = F x_k + B u (a system the filter can take: names and an observation function),
+    with its forecast: exact, any whole number of `dt` steps by stepping."""
+
+    parameter_names, state_names, output_names = ["a"], ["x1", "x2"], ["y"]
+    F = np.array([[1.0, 0.1], [-0.2, 0.95]])
+    B = np.array([0.0, 0.1])
+    dt = 1.0
+
+    def observe(self, X, U, P):
+        return X[:, :1]
+
+    def __call__(self, X, P, t0, t1, u0, u1):
+        assert np.isclose(t1 - t0, self.dt)
+        return X @ self.F.T + np.outer(np.full(len(X), (u0[0] + u1[0]) / 2), self.B)
+
+
+def _linear_record(steps=400, seed=4, q=0.03, r=0.1, bias_from=None, bias=0.0):
+    rng = np.random.default_rng(seed)
+    lin = _Linear()
+    t = np.arange(steps + 1) * lin.dt
+    u = np.sin(0.05 * t)[:, None]
+    x = np.zeros((steps + 1, 2))
+    x[0] = [1.0, 0.0]
+    for k in range(steps):
+        x[k + 1] = lin(x[k][None], None, t[k], t[k + 1], u[k], u[k + 1])[0] + rng.normal(size=2) * q
+    y = x[:, :1] + rng.normal(size=(steps + 1, 1)) * r
+    if bias_from is not None:
+        y[bias_from:] += bias
+    return lin, t, u, x, y
+
+
+def _linear_filter(lin, t, u, **kw):
+    from twin_ml.assimilate.filter import EnsembleFilter, FilterSettings
+
+    settings = FilterSettings(**{"members": 40, "process": (0.03, 0.03), **kw})
+    prior = (np.array([0.8, 0.0]), np.array([0.3, 0.3]))
+    return EnsembleFilter.start(
+        lin, lin, [0.1], prior, (np.ones(1), np.zeros(1)), t[0], u[0], settings
+    )
+
+
+@pytest.mark.parametrize("method", ["etkf", "enkf"])
+def test_the_filter_goes_on_from_its_json_state_bit_for_bit(method):
+    """A live twin is stored between messages: the filter written to JSON after 60 samples and
+    read back (a new process would do the same) goes on exactly as the one never stopped, random
+    draws (process noise, the EnKF's perturbations) included."""
+    import json
+
+    from twin_ml.assimilate.filter import EnsembleFilter
+
+    lin, t, u, _, y = _linear_record(steps=120)
+    a = _linear_filter(lin, t, u, method=method)
+    for k in range(61):
+        a.step(t[k], u[k], y[k])
+    b = EnsembleFilter.restore(lin, lin, [0.1], a.settings, json.loads(json.dumps(a.state())))
+    for k in range(61, 121):
+        ea, eb = a.step(t[k], u[k], y[k]), b.step(t[k], u[k], y[k])
+        assert np.array_equal(ea.filtered_mean, eb.filtered_mean) and ea.innovation == eb.innovation
+    assert np.array_equal(a.X, b.X)
+
+
+def test_a_gap_is_forecast_in_whole_steps_and_its_band_grows():
+    """Three samples missing: the members are stepped four times, the inputs linear across the
+    gap (the oracle: the same steps by hand), and the one-step prediction after the gap is less
+    certain than after a single step. A time between grid points is refused."""
+    lin, t, u, _, y = _linear_record(steps=20)
+    f = _linear_filter(lin, t, u, process=())
+    for k in range(10):
+        f.step(t[k], u[k], y[k])
+    X, u0 = f.X.copy(), u[9]
+    one = f.forecast_ahead(t[10:11], u[10:11])
+    u13 = u[13]
+    for i in range(4):  # the oracle: four steps, inputs linear from u(t9) to u(t13)
+        a, b = i / 4, (i + 1) / 4
+        X = lin(X, None, 0.0, 1.0, u0 + a * (u13 - u0), u0 + b * (u13 - u0))
+    est = f.step(t[13], u13, y[13])
+    assert np.allclose(est.predicted_mean, X[:, :1].mean(axis=0), rtol=0, atol=1e-13)
+    assert est.predicted_std[0] > one["std_measured"][0, 0]
+    with pytest.raises(ValueError, match="not a whole number of steps"):
+        f.step(t[14] + 0.5, u[14], y[14])
+
+
+def test_k_step_scores_follow_the_linear_oracle():
+    """With an exact linear forecast and no model noise the ensemble mean moves as the system
+    does: the h-step prediction from the analysis mean m_k is H F^h m_k (inputs as the record
+    gives them). `score_record`'s RMSE per horizon against that oracle, and its one-step scores
+    against `run_filter`'s own prediction."""
+    from twin_ml.assimilate.filter import FilterSettings, run_filter, score_record
+
+    lin, t, u, _, y = _linear_record(steps=150)
+    settings = FilterSettings(members=40)
+    prior = (np.array([0.8, 0.0]), np.array([0.3, 0.3]))
+    p = (np.ones(1), np.zeros(1))
+    sc = score_record(lin, lin, t, u, y, [0.1], prior, p, settings, horizons=(1, 5), init=10)
+    f = _linear_filter(lin, t, u, process=())
+    means = [f.step(tk, uk, yk).state_mean for tk, uk, yk in zip(t, u, y)]
+    err = []
+    for k in range(9, 150 - 5 + 1):
+        m = means[k]
+        for j in range(5):
+            m = lin(m[None], None, t[k + j], t[k + j + 1], u[k + j], u[k + j + 1])[0]
+        err.append(y[k + 5, 0] - m[0])
+    assert sc.points[5] == len(err)
+    assert sc.rmse[5] == pytest.approx(np.sqrt(np.mean(np.square(err))), rel=1e-10)
+    res = run_filter(lin, lin, t, u, y, [0.1], prior, p, settings)
+    e1 = y[10:, 0] - res.predicted_mean[10:, 0]
+    assert sc.rmse[1] == pytest.approx(np.sqrt(np.mean(e1**2)), rel=1e-12)
+    assert sc.open_loop_rmse > sc.rmse[5] > sc.rmse[1]
+
+
+def test_the_watch_is_quiet_on_a_consistent_filter_and_alarms_on_a_bias():
+    """The innovations of a filter whose model is right are white with the predicted std: 600
+    samples raise no alarm (the NIS test's level 1e-3 per window and side, the CUSUM at 8). A
+    sensor bias of 3 noise stds from sample 300 on is caught by the level CUSUM within two
+    windows; the NIS test sees it too."""
+    from twin_ml.assimilate.twin import AlarmSettings, Watch
+
+    def alarms(y):
+        lin, t, u, _, _ = _linear_record(steps=600)
+        f = _linear_filter(lin, t, u)
+        watch = Watch(["y"], AlarmSettings())
+        out = []
+        for k in range(len(t)):
+            out += watch.feed(f.step(t[k], u[k], y[k]))
+        return out
+
+    _, _, _, _, clean = _linear_record(steps=600)
+    assert alarms(clean) == []
+    _, _, _, _, biased = _linear_record(steps=600, bias_from=300, bias=0.3)
+    raised = alarms(biased)
+    level = [a for a in raised if a["kind"] == "cusum_level"]
+    assert level and 300 <= level[0]["t"] <= 300 + 2 * AlarmSettings.window, raised
+    assert any(a["kind"] == "nis_high" for a in raised) and all(a["t"] >= 300 for a in raised)
+
+
+# ---- a live twin's requests, on the exported ensemble ------------------------------------------
+def _twin(exported, **body):
+    from twin_ml.assimilate.filter import OnnxForecast
+    from twin_ml.assimilate.twin import Twin
+
+    blob, card = exported
+    base = {"inputs": {"torque": 0.0}, "noise": {"theta": 0.02}, "filter": {"members": 12}}
+    return Twin.create(card, OnnxForecast(blob, card), {**base, **body}), card
+
+
+def _batch(card, k0, n, theta=0.1, torque=0.0):
+    dt = card.time.dt
+    return {
+        "times": [round((k0 + i) * dt, 12) for i in range(n)],
+        "outputs": {"theta": [theta] * n},
+        "inputs": {"torque": [torque] * n},
+    }
+
+
+def test_a_twin_refuses_what_it_cannot_assimilate_by_field(exported_pendulum):
+    from twin_ml.assimilate.twin import Conflict, Twin
+    from twin_ml.contract import RequestError
+
+    twin, card = _twin(exported_pendulum)
+    twin.observe(_batch(card, 1, 3))
+    bad = [
+        (_batch(card, 3, 2), Conflict, r"times\[0\]: .* not after the twin's time"),
+        ({**_batch(card, 4, 2), "times": [0.4, 0.4]}, Conflict, r"times\[1\]"),
+        (
+            {**_batch(card, 4, 1), "times": [4.5 * card.time.dt]},
+            RequestError,
+            "not on the model's grid",
+        ),
+        (_batch(card, 4 + card.time.max_steps, 1), RequestError, r"times\[0\]: a gap of"),
+        (
+            {**_batch(card, 4, 1), "outputs": {"omega": [1.0]}},
+            RequestError,
+            r"outputs: unknown names \['omega'\]",
+        ),
+        (
+            {**_batch(card, 4, 1), "outputs": {"theta": ["x"]}},
+            RequestError,
+            r"outputs.theta\[0\]: must be a number",
+        ),
+        ({**_batch(card, 4, 1), "inputs": {}}, RequestError, r"inputs: missing \['torque'\]"),
+        ({**_batch(card, 4, 1), "extra": 1}, RequestError, r"unknown fields \['extra'\]"),
+    ]
+    for body, error, message in bad:
+        with pytest.raises(error, match=message):
+            twin.observe(body)
+    assert twin.t == pytest.approx(3 * card.time.dt)  # nothing half-assimilated
+    for body, message in [
+        ({"inputs": {"torque": 0.0}}, r"noise: missing \['theta'\]"),
+        ({"inputs": {"torque": 0.0}, "noise": {"theta": 0.0}}, r"noise.theta: must be > 0"),
+        ({"inputs": {}, "noise": {"theta": 0.1}}, r"inputs: missing \['torque'\]"),
+        ({**_batch(card, 1, 1), "noise": {"theta": 0.1}}, r"unknown fields"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            Twin.create(card, None, body)
+    for spec, message in [
+        ({"filter": {"members": 1}}, "filter.members"),
+        ({"filter": {"method": "ukf"}}, "filter.method"),
+        ({"estimate": {"nope": 0.1}}, r"estimate: unknown names \['nope'\]"),
+        ({"alarms": {"window": 1}}, "alarms.window"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            _twin(exported_pendulum, **spec)
+
+
+def test_a_twin_goes_on_from_its_state_and_forecasts_with_bands(exported_pendulum):
+    """Null is an output not measured (the sample is forecast, not corrected); the twin read back
+    from its JSON state answers the next batch exactly as the one kept in memory; its forecast's
+    band (with the measurement noise) widens with the horizon, the asked quantiles around the
+    mean."""
+    import json
+
+    from twin_ml.assimilate.twin import Twin
+
+    twin, card = _twin(exported_pendulum, estimate={"damping": 0.2})
+    gap = twin.observe({**_batch(card, 1, 2), "outputs": {"theta": [None, 0.1]}})
+    first = gap["samples"][0]
+    assert first["measured"] == 0 and first["filtered"]["theta"]["mean"] == pytest.approx(
+        first["predicted"]["theta"]["mean"], rel=1e-12
+    )
+    copy = Twin.restore(card, twin.filter.forecast, json.loads(json.dumps(twin.state())))
+    a, b = twin.observe(_batch(card, 3, 5, 0.12)), copy.observe(_batch(card, 3, 5, 0.12))
+    assert json.dumps(a) == json.dumps(b)
+    assert set(a["parameters"]) == {"damping"} and a["parameters"]["damping"]["std"] > 0
+    ahead = twin.forecast({"steps": 6, "inputs": {"torque": [0.0] * 6}, "quantiles": [0.05, 0.95]})
+    theta = ahead["outputs"]["theta"]
+    assert len(ahead["times"]) == 6 and ahead["times"][0] == pytest.approx(8 * card.time.dt)
+    assert theta["std"][-1] > theta["std"][0] > 0
+    assert all(
+        lo < m < hi
+        for lo, m, hi in zip(theta["quantiles"]["0.05"], theta["mean"], theta["quantiles"]["0.95"])
+    )
+    assert twin.t == pytest.approx(7 * card.time.dt)  # a forecast leaves the twin as it was
