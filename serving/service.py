@@ -18,7 +18,15 @@ environment (twin-serve sets them): TWIN_ML_MODEL, TWIN_ML_THREADS, TWIN_ML_STRI
 TWIN_ML_BATCHING, TWIN_ML_MAX_BATCH, TWIN_ML_MAX_SCENARIOS, TWIN_ML_MAX_STEPS,
 TWIN_ML_MAX_CONCURRENCY, TWIN_ML_TIMEOUT, TWIN_ML_WORKERS, TWIN_ML_ACCESS_LOG, TWIN_ML_METRICS,
 TWIN_ML_TRACING, TWIN_ML_HOT_PATH, TWIN_ML_TOKEN, TWIN_ML_MAX_BODY_BYTES, TWIN_ML_MAX_FIELD_VALUES
-(a reduced model's decoded fields per request).
+(a reduced model's decoded fields per request), TWIN_ML_TWINS_STORE (the live twins' store: a
+SQLAlchemy URL or a SQLite file; default <BENTOML_HOME>/twin-ml/twins.sqlite) and
+TWIN_ML_MAX_TWINS (twins in that store).
+
+Live twin sessions (/twins, serving/twins.py) are a Starlette app mounted on the service like the
+v2 protocol's: inside BentoML's middlewares (timeout, concurrency limit, metrics, access log) and
+the `Guard`, so those hold for them as for /simulate. BentoML's request metrics label a request
+by its path: /twins/<id>/... is counted as /twins/{id}/... (`_MetricsMiddleware`), one series
+per route instead of one per twin.
 
 Custom Prometheus metrics at /metrics, beside BentoML's own: twin_ml_requests_total and
 twin_ml_scenarios_total by in-domain status, twin_ml_predicted_std (histogram of each answered
@@ -40,19 +48,21 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import bentoml
 import numpy as np
 import orjson
-from bentoml._internal.server.http import traffic as _traffic  # BentoML's internals (pinned)
+from bentoml._internal.server.http import instruments as _instruments  # BentoML's internals
+from bentoml._internal.server.http import traffic as _traffic  # (pinned)
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving import errors, v2
+from serving import errors, twins, v2
 from serving.batching import Batcher
 from serving.runtime import Rollout, Runtime
 from serving.schemas import (
@@ -136,7 +146,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path in ("/model", "/v2"):  # apps mounted at /model/ and /v2/: no redirect
+        if path in ("/model", "/v2", "/twins"):  # apps mounted at /model/ ...: no redirect
             scope = {**scope, "path": path + "/", "raw_path": path.encode() + b"/"}
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         if (
@@ -256,6 +266,46 @@ class _TimeoutMiddleware(_traffic.TimeoutMiddleware):
 _traffic.TimeoutMiddleware = _TimeoutMiddleware
 
 
+class _RealPath:
+    """Gives the app behind `_MetricsMiddleware` the request's own path back."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if "twin_ml.path" in scope:
+            scope = {**scope, "path": scope["twin_ml.path"]}
+        await self.app(scope, receive, send)
+
+
+class _MetricsMiddleware(_instruments.RunnerTrafficMetricsMiddleware):
+    """BentoML's request metrics, labelled by route for the twins: BentoML labels a request by its
+    path, so every twin id would add its own series to /metrics (and keep them after the twin is
+    deleted). The metrics see /twins/{id}/...; everything behind them, the access log included,
+    the real path. BentoML builds its middleware stack from `instruments.RunnerTrafficMetrics
+    Middleware` in each worker, after this module is imported: replacing that name is enough."""
+
+    def __init__(self, app, *args, **kwargs):
+        super().__init__(_RealPath(app), *args, **kwargs)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            label = twins.metrics_path(scope.get("path", ""))
+            if label is not None:
+                scope = {**scope, "path": label, "twin_ml.path": scope["path"]}
+        await super().__call__(scope, receive, send)
+
+
+_instruments.RunnerTrafficMetricsMiddleware = _MetricsMiddleware
+
+
+def _default_twins_store() -> str:
+    """<BENTOML_HOME>/twin-ml/twins.sqlite: beside the model store the server reads."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return str(Path(BentoMLContainer.bentoml_home.get()) / "twin-ml" / "twins.sqlite")
+
+
 def _load() -> tuple[bytes, ModelCard | None]:
     ref = os.environ.get(MODEL_ENV)
     if not ref:
@@ -283,6 +333,8 @@ async def _model_route(request: Request) -> JSONResponse:
 manifest_app = Starlette(routes=[Route("/", _model_route, methods=["GET"])])
 # the Open Inference Protocol (serving/v2.py) on the running service's runtime and batcher
 v2_app = v2.app(CARD, bentoml.get_current_service)
+# live twin sessions on the running service's model (serving/twins.py)
+twins_app = twins.app(lambda: bentoml.get_current_service().twins)
 
 
 FIT_SCHEMA: dict[str, Any] = {  # what Problem.build checks of `fit`, declared
@@ -395,6 +447,7 @@ def _metrics() -> dict[str, Any]:
     return _METRICS
 
 
+@bentoml.asgi_app(twins_app, path="/twins")
 @bentoml.asgi_app(manifest_app, path="/model")
 @bentoml.asgi_app(v2_app, path="/v2")
 @bentoml.service(
@@ -440,6 +493,13 @@ class TwinService:
             log.warning(f"/calibrate is unavailable: {self.no_solver}")
         self._calibrations = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="twin-ml-calibrate"
+        )
+        self.twins = twins.Sessions(
+            ONNX_BYTES,
+            CARD,
+            os.environ.get("TWIN_ML_TWINS_STORE") or _default_twins_store(),
+            max_twins=_env_int("TWIN_ML_MAX_TWINS", 1000),
+            threads=_env_int("TWIN_ML_THREADS", 1),
         )
         self.batcher = Batcher(
             self._run,

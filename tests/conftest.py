@@ -165,6 +165,7 @@ FILE_SECONDS = {
     "test_flowmap.py": 120,
     "test_openapi_contract.py": 80,
     "test_assimilate.py": 40,
+    "test_twins.py": 45,
     "test_models.py": 30,
     "test_mcmc_noise.py": 20,
     "test_own_system.py": 105,

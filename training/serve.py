@@ -5,6 +5,7 @@
                [max_field_values=1048576]
                [max_concurrency=64] [timeout=120] [workers=1] [access_log=true]
                [metrics=true] [tracing=false] [hot_path=true]
+               [twins_store=<BENTOML_HOME>/twin-ml/twins.sqlite] [max_twins=1000]
 
 Settings are key=value like the other commands (not a Hydra app: `model` names a config group
 there). Verifies the model in the store first (a tampered or missing model is one `error:` line
@@ -14,6 +15,10 @@ Each server keeps its Prometheus files in a directory of its own, per host and p
 (<BENTOML_HOME>/twin-ml/metrics/<host>-<port>): BentoML's default directory is shared by every
 server of a BENTOML_HOME and emptied by each one that starts, so a second server (another model,
 another port) would wipe the first one's /metrics.
+
+The live twins' store (`twins_store`: a SQLAlchemy URL, or a SQLite file's path; by default a
+SQLite file beside the model store) is opened before the server starts: a URL it cannot reach,
+or a folder it cannot write, is one `error:` line and exit code 2, not a 503 at the first twin.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ SETTINGS = {
     "hot_path": Setting(
         "true", "POST /simulate by the lean route (false: through BentoML's API machinery)"
     ),
+    "twins_store": Setting(
+        "",
+        "the live twins' store: a SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...) or a "
+        "SQLite file (empty: <BENTOML_HOME>/twin-ml/twins.sqlite)",
+    ),
+    "max_twins": Setting("1000", "twins the store may hold; POST /twins beyond it: 409"),
 }
 DEFAULTS = defaults(SETTINGS)
 POSITIVE = (
@@ -70,6 +81,7 @@ POSITIVE = (
     "max_concurrency",
     "timeout",
     "workers",
+    "max_twins",
 )
 FLAGS = ("strict", "batching", "access_log", "metrics", "tracing", "hot_path")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -124,12 +136,25 @@ def main(argv: list[str] | None = None) -> None:
     from bentoml_cli.cli import cli
 
     home = Path(BentoMLContainer.bentoml_home.get())
+    try:
+        os.environ["TWIN_ML_TWINS_STORE"] = _open_store(cfg["twins_store"], home)
+    except Exception as e:  # SQLAlchemy's errors (a bad URL, a server not there) and the OS's
+        fail(ValueError(f"twins_store={cfg['twins_store']!r}: {str(e).splitlines()[0]}"))
     slot = re.sub(r"[^A-Za-z0-9.-]", "_", f"{cfg['host']}-{cfg['port']}")
     BentoMLContainer.prometheus_multiproc_dir.set(str(home / "twin-ml" / "metrics" / slot))
     cli.main(
         args=["serve", "serving.service:TwinService", "--host", cfg["host"], "--port", cfg["port"]],
         prog_name="bentoml",
     )
+
+
+def _open_store(given: str, home: Path) -> str:
+    """The twins' store URL (a path: a SQLite file), opened once here (its table made)."""
+    from twin_ml.stream.store import TwinStore, sqlite_url
+
+    url = given if "://" in given else sqlite_url(given or home / "twin-ml" / "twins.sqlite")
+    TwinStore(url).close()
+    return url
 
 
 if __name__ == "__main__":
