@@ -233,27 +233,49 @@ class ConsumerProcess:
     """`python tests/brokers.py consume ...` in a subprocess: read its JSON lines, kill it."""
 
     def __init__(self, url: str, subject: str, name: str, *, ack: int, **options: object):
-        args = [sys.executable, __file__, "consume", url, subject, name, "--ack", str(ack)]
+        self.args = [sys.executable, __file__, "consume", url, subject, name, "--ack", str(ack)]
         for key, value in options.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
-        )
+            self.args += [f"--{key.replace('_', '-')}", str(value)]
+        self.proc = self._spawn()
         self.lines: list[dict] = []
+        self._buffer = b""
+
+    def _spawn(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+
+    def restart(self) -> None:
+        """Kill it (if running) and start the same consumer again: same name, same settings."""
+        self.kill()
+        self.proc = self._spawn()
+        self.lines = []
+        self._buffer = b""
 
     def read_until_holding(self) -> list[dict]:
         """Its deliveries, up to the line that says it holds an unacked one."""
+        fd = self.proc.stdout.fileno()
         sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
         deadline = time.monotonic() + STARTUP_S
         while True:
-            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                self.kill()
-                raise RuntimeError(f"the consumer said nothing for {STARTUP_S} s: {self.stderr()}")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the consumer exited: {self.stderr()}")
+            # os.read, not readline: a file object's buffer would hide read lines from select
+            while b"\n" not in self._buffer:
+                if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                    self.kill()
+                    raise RuntimeError(
+                        f"the consumer said nothing for {STARTUP_S} s: {self.stderr()}"
+                    )
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"the consumer exited: {self.stderr()}")
+                self._buffer += chunk
+            line, self._buffer = self._buffer.split(b"\n", 1)
             row = json.loads(line)
             if row.get("holding"):
                 return self.lines

@@ -394,6 +394,39 @@ def test_mqtt_sessions_do_not_survive_a_broker_restart(mqtt_broker):
     assert got == [101]
 
 
+def test_a_killed_mqtt_consumer_loses_the_message_it_held(mqtt_broker):
+    """The contrast with JetStream: QoS 1 is acknowledged by the client library on receipt, so a
+    consumer killed (SIGKILL) while it holds message 3, unhandled, does not get it again when it
+    comes back under its client id; the next message it gets is the one published after."""
+    topic = "plant/held"
+
+    async def publish(seqs):
+        async with await connect(mqtt_broker.url) as pub:
+            for k in seqs:
+                await pub.publish(topic, encode(msg(k, 4.0 * k, h2=float(k))))
+
+    async def subscribed():
+        async with await connect(mqtt_broker.url, name="held-twin") as b:
+            await b.subscribe(topic)
+
+    asyncio.run(subscribed())  # the session and its subscription exist before anything is sent
+    child = ConsumerProcess(mqtt_broker.url, topic, "held-twin", ack=3)
+    try:
+        asyncio.run(publish(range(4)))
+        rows = child.read_until_holding()
+    finally:
+        child.kill()
+    assert [(r["seq"], r["acked"]) for r in rows] == [(0, True), (1, True), (2, True), (3, False)]
+
+    async def restart():
+        async with await connect(mqtt_broker.url, name="held-twin") as b:
+            sub = await b.subscribe(topic)
+            await publish([4])
+            return (await sub.next(timeout=WAIT)).message().seq
+
+    assert asyncio.run(restart()) == 4
+
+
 def test_mqtt_refuses_a_client_without_a_user_name_on_this_broker(mqtt_broker):
     url = mqtt_broker.url.replace("twin@", "")
     with pytest.raises(BrokerError, match="not authorized; give a user name in the URL"):
