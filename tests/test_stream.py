@@ -6,6 +6,7 @@ record (twin-replay). No timing is asserted: pacing is checked on a virtual cloc
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,13 @@ from brokers import ConsumerProcess, free_port, running, start_mqtt
 
 from twin_ml.data import real
 from twin_ml.data.telemetry import Contract, TelemetryError, convert_units, ingest
-from twin_ml.stream.brokers import BrokerError, connect
+from twin_ml.stream.brokers import (
+    BrokerError,
+    check_mqtt_topic,
+    check_nats_subject,
+    connect,
+    redact,
+)
 from twin_ml.stream.messages import (
     MessageError,
     TelemetryMessage,
@@ -328,6 +335,38 @@ def test_an_unreachable_broker_is_one_error_naming_the_url(scheme):
 def test_a_url_that_is_no_broker_s_says_what_is_allowed(url, says):
     with pytest.raises(ValueError, match=f"url: .*{says}.*nats://HOST.*mqtt://"):
         asyncio.run(connect(url))
+
+
+@pytest.mark.parametrize(
+    ("check", "subject", "wildcards", "ok"),
+    [
+        (check_nats_subject, "plant.tanks.telemetry", False, True),
+        (check_nats_subject, "plant.*.telemetry", True, True),
+        (check_nats_subject, "plant.>", True, True),
+        (check_nats_subject, "plant.>.x", True, False),
+        (check_nats_subject, "plant.t*", True, False),
+        (check_nats_subject, "plant tanks", False, False),
+        (check_mqtt_topic, "plant/tanks/telemetry", False, True),
+        (check_mqtt_topic, "plant/+/telemetry", True, True),
+        (check_mqtt_topic, "plant/#", True, True),
+        (check_mqtt_topic, "plant/#/x", True, False),
+        (check_mqtt_topic, "plant/+/x", False, False),
+        (check_mqtt_topic, "$SYS/x", True, False),
+    ],
+)
+def test_subjects_and_topics_are_checked_before_they_reach_a_broker(check, subject, wildcards, ok):
+    if ok:
+        assert check(subject, wildcards=wildcards) == subject
+    else:
+        with pytest.raises(ValueError, match=f"subject: '{re.escape(subject)}' is not an? "):
+            check(subject, wildcards=wildcards)
+
+
+def test_a_password_never_reaches_a_message():
+    assert redact("mqtt://twin:s3cret@host:1883") == "mqtt://twin@host:1883"
+    with pytest.raises(ValueError) as err:
+        asyncio.run(connect("amqp://twin:s3cret@host"))
+    assert "s3cret" not in str(err.value)
 
 
 # ---- MQTT (amqtt) -------------------------------------------------------------------------------

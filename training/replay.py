@@ -110,6 +110,7 @@ def run(cfg: dict[str, Any]) -> Path:
                 "subject": cfg["subject"],
                 "stream": cfg["stream"] if scheme == "nats" else None,
                 **dataclasses.asdict(result),
+                "publisher": result.publisher if scheme == "nats" else None,
             },
         )
     print(

@@ -26,14 +26,22 @@ What each broker guarantees (tested in tests/test_stream.py against real servers
   that fixed client id and clean_session=False (a persistent session), else with a random id and
   a clean session. QoS 1 is acknowledged by the client library when a message arrives, before
   the caller sees it: `Delivery.ack()` is a no-op, and a consumer that dies after receipt loses
-  what it had not handled (at most once, from the caller's side). What amqtt's broker keeps for
-  a persistent session while the subscriber is offline: the QoS 1/2 messages published meanwhile,
-  delivered on reconnect, only if the client authenticated as a named user on a broker that does
-  not allow anonymous clients (`AnonymousAuthPlugin` with allow_anonymous: false, and a user name
-  in the URL). With amqtt's default configuration (allow_anonymous: true) every session counts as
-  anonymous: those messages are dropped and the session itself is discarded about a second after
-  the disconnect. Sessions live in the broker's memory: a broker restart loses them unless its
-  SessionDBPlugin is configured.
+  what it had not handled (at most once, from the caller's side; tested: a consumer killed while
+  it holds a message does not get it again). What amqtt's broker keeps for a persistent session
+  while the subscriber is offline: the QoS 1/2 messages published meanwhile, delivered in order on
+  reconnect, only if the client authenticated as a named user on a broker that does not allow
+  anonymous clients (`AnonymousAuthPlugin` with allow_anonymous: false, and a user name in the
+  URL). With amqtt's default configuration (allow_anonymous: true) every session counts as
+  anonymous: those messages are dropped (tested), and by amqtt's code the session itself is
+  discarded within a second of the disconnect. Sessions live in the broker's memory: a broker
+  restart loses them and what they held (tested). (amqtt's SessionDBPlugin, tried once with
+  0.12.1 and a file database, restored the session but not the messages it held at the first
+  restart, and after a second restart delivered again a message it had delivered before: not
+  relied on here.) By
+  amqtt's code, not tested: a QoS 1 message the broker had sent to a connection that dies before
+  its PUBACK is dropped, not kept for the session, so a message published between a subscriber's
+  crash and the broker noticing it (at once for a closed socket, after 1.5 keep-alives for a
+  silent peer) can be lost. For telemetry that must not be lost, use JetStream.
 """
 
 from __future__ import annotations
@@ -596,7 +604,7 @@ def check_mqtt_topic(topic: str, *, wildcards: bool) -> str:
             if wild and (not wildcards or level not in ("+", "#") or (level == "#" and not last)):
                 ok = False
     if not ok:
-        raise ValueError(f"topic: {topic!r} is not an MQTT topic; give {allowed}")
+        raise ValueError(f"subject: {topic!r} is not an MQTT topic; give {allowed}")
     return topic
 
 
