@@ -51,6 +51,34 @@ def in_domain_scenarios(
     return {"t": t, "x0": scen.x0, "u": u, "p": scen.p}
 
 
+def training_design(system, meta: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The design a run was trained on (model.json's `design`), or for a run trained on
+    telemetry, the box its records spanned: the parameters at the values training started from,
+    the states over the range of the state table, every input over its measured range (sampled
+    as a design samples it: offset within the range, amplitude up to half of it)."""
+    if "design" in meta:
+        return meta["design"]
+    tel = meta.get("telemetry") or {}
+    if not {"parameters", "state_ranges", "input_range"} <= set(tel):
+        raise ExportError(
+            f"{run_dir}/model/model.json has no training design (made by an older twin-train); "
+            "train the run again"
+        )
+    design = ScenarioDesign(
+        parameters={
+            n: float(tel["parameters"].get(n, v))
+            for n, v in zip(system.parameter_names, system.nominal_parameters)
+        },
+        states=dict(zip(system.state_names, map(tuple, tel["state_ranges"]))),
+        inputs=dict(zip(system.input_names, map(tuple, tel["input_range"]))),
+    )
+    box = design.box(system)
+    return {
+        **design.to_dict(),
+        "box": {n: [float(lo), float(hi)] for n, lo, hi in zip(box.names, box.low, box.high)},
+    }
+
+
 def _members_torch(model: Surrogate, s: dict[str, np.ndarray], dtype=torch.float32) -> np.ndarray:
     m = model.to(dtype)
     args = [torch.tensor(s[k], dtype=dtype) for k in ("x0", "u", "p")]
@@ -163,11 +191,7 @@ def export_run(
     Raises ExportError when the parity check fails (nothing is returned, nothing written)."""
     run_dir = Path(run_dir)
     model, meta = load_trained(run_dir / "model")
-    if "design" not in meta:
-        raise ExportError(
-            f"{run_dir}/model/model.json has no training design (made by an older twin-train); "
-            "train the run again"
-        )
+    meta = {**meta, "design": training_design(model.system, meta, run_dir)}
     time = meta["time"]
     dt, n_train = float(time["dt"]), int(time["n"])
     is_emulator = isinstance(model, Emulator)

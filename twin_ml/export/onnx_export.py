@@ -248,7 +248,7 @@ class _StepPrelude(nn.Module):
         out: dict[str, torch.Tensor] = {}
         if m.physics:
             out["pm"] = p * self.factors  # [M, B, np]
-        cp = st.b_0 + torch.matmul(p, st.w_p) if m.n_p else st.b_0  # [M, B, H]
+        cp = st.b_0 + torch.matmul(p - st.p_shift, st.w_p) if m.n_p else st.b_0  # [M, B, H]
         if m.nu == 0:
             if m.n_p:
                 out["pre"] = cp
@@ -264,11 +264,11 @@ class _StepPrelude(nn.Module):
             return torch.matmul(v.unsqueeze(1), st.w_u)
 
         if st.split:
-            out["c0"] = cp + first_layer(ut)
+            out["c0"] = cp + first_layer(ut - st.u_shift)
             out["cdu"] = first_layer(du)
         else:
             for s, name in st.pre_names.items():
-                out[name] = cp + first_layer(u_at(s))
+                out[name] = cp + first_layer(u_at(s) - st.u_shift)
         for s, name in st.u_names.items():
             out[name] = u_at(s)
         return tuple(out[name] for name in st.term_names)
@@ -278,16 +278,23 @@ def _fold_net(module: nn.Module, net, norms: list, out_scale: torch.Tensor) -> N
     """Register on `module` the StackedMLP `net` folded for inference: its input is (x, u, p), each
     normalized as (v - mean) / std (`norms`), and its output scaled by `out_scale`. The
     normalization goes into the first layer, split by input (w_x, w_u, w_p and the bias b_0), so
-    that the u and p terms can be computed apart; the scale goes into the last layer (w_last,
-    b_last); the layers between are `hidden_w`, `hidden_b`; `act` is the activation."""
+    that the u and p terms can be computed apart; the state's mean is folded into b_0 (x @ w_x +
+    b_0 in the loop), the inputs' and parameters' are subtracted before their product, outside
+    the loop ((p - p_shift) @ w_p, (u - u_shift) @ w_u): folded, a large mean over a small std
+    (a parameter held fixed in training has std 1 around its value, e.g. a Duffing stiffness of
+    5.7e5) would leave b_0 and p @ w_p as two large float32 numbers that cancel, their rounding
+    far above the network's output. The scale goes into the last layer (w_last, b_last); the
+    layers between are `hidden_w`, `hidden_b`; `act` is the activation."""
     with torch.no_grad():
         w0, b0 = net.weights[0].detach().double(), net.biases[0].detach().double()
         folded_b0, start = b0.clone(), 0
         for name, (mean, std) in zip(("w_x", "w_u", "w_p"), norms):
             w = w0[:, start : start + len(mean)] / std.double()[None, :, None]  # [M, d, H]
             start += len(mean)
-            if w.shape[1]:  # (v - mean) / std @ W = v @ w - mean @ w
+            if name == "w_x" and w.shape[1]:  # (x - mean) / std @ W = x @ w - mean @ w
                 folded_b0 = folded_b0 - torch.matmul(mean.double()[None, None, :], w)
+            elif name != "w_x":  # (v - mean) @ w, outside the loop
+                module.register_buffer(name[2] + "_shift", mean.detach().float())
             module.register_buffer(name, w.float())
         module.register_buffer("b_0", folded_b0.float())
         module.hidden_w = nn.ParameterList(
@@ -335,9 +342,9 @@ class _ExactPrelude(nn.Module):
         if not self.closure:
             return phi_t, forcing.unsqueeze(1)  # [T, 1, B, r]
         forcing = forcing.unsqueeze(1) + self.b_last.unsqueeze(0)  # [T, M, B, r]
-        pre = self.b_0 + torch.matmul(p, self.w_p)  # [M, B, H]
+        pre = self.b_0 + torch.matmul(p - self.p_shift, self.w_p)  # [M, B, H]
         if self.model.nu:
-            pre = pre + torch.matmul(ut.unsqueeze(1), self.w_u)  # [T, M, B, H]
+            pre = pre + torch.matmul((ut - self.u_shift).unsqueeze(1), self.w_u)  # [T, M, B, H]
         else:
             pre = pre.unsqueeze(0).expand(ut.shape[0], -1, -1, -1)
         return phi_t, forcing, pre
