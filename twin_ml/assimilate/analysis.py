@@ -82,14 +82,22 @@ def etkf(
     innovation = _innovation(Yp, d, r[keep], keep, m)
     if not keep.any():  # nothing measured: the (inflated) forecast is the analysis
         return xm + A, innovation
-    C = Yp / r[keep] ** 2  # Yp R^-1
-    # the analysis covariance in ensemble space, [(N-1) I + Yp R^-1 Yp']^-1, by eigenvalues: it
-    # is symmetric positive definite, and its symmetric square root comes from the same ones
-    evals, evecs = np.linalg.eigh((n_members - 1) * np.eye(n_members) + C @ Yp.T)
-    Pa = (evecs / evals) @ evecs.T
-    w = Pa @ (C @ d)  # the mean's weights
-    W = (evecs * np.sqrt((n_members - 1) / evals)) @ evecs.T  # sqrt((N-1) Pa), symmetric
-    return xm + (W + w[:, None]).T @ A, innovation
+    # the analysis covariance in ensemble space, Pa = [(N-1) I + S S']^-1 with S = Yp R^-1/2
+    # [N, k] (k outputs measured, usually far fewer than members): from the thin SVD
+    # S = U diag(s) V', (N-1) I + S S' has the eigenvalues (N-1) + s^2 on U's columns and N-1 on
+    # their complement, so Pa = I / (N-1) + U diag(1 / ((N-1) + s^2) - 1 / (N-1)) U', and its
+    # symmetric square root sqrt((N-1) Pa) = I + U diag(sqrt((N-1) / ((N-1) + s^2)) - 1) U'
+    # (Hunt et al.'s eigendecomposition of the N x N matrix, in O(N k^2) instead of O(N^3))
+    nm1 = n_members - 1.0
+    S = Yp / r[keep]
+    U, sv, _ = np.linalg.svd(S, full_matrices=False)
+    lam = nm1 + sv**2
+    Sd = S @ (d / r[keep])  # Yp R^-1 d
+    w = Sd / nm1 + U @ ((1.0 / lam - 1.0 / nm1) * (U.T @ Sd))  # the mean's weights, Pa Yp R^-1 d
+    # analysis = xm + (W + w)' A with W = I + U diag(g) U' (symmetric): A + U diag(g) U'A + w'A
+    UA = U.T @ A
+    g = np.sqrt(nm1 / lam) - 1.0
+    return xm + A + U @ (g[:, None] * UA) + w @ A, innovation
 
 
 def enkf(

@@ -133,7 +133,7 @@ class OnnxForecast:
         self.widening = max(scale, 1.0) - 1.0 if widen and self.members > 1 else 0.0
 
     def __call__(self, X, P, t0: float, t1: float, u0, u1) -> np.ndarray:
-        if not np.isclose(t1 - t0, self.dt, rtol=1e-6):
+        if abs(t1 - t0 - self.dt) > 1e-6 * self.dt:
             raise ValueError(
                 f"the model steps dt = {self.dt:g}; an interval of {t1 - t0:g} cannot be "
                 "forecast (resample the telemetry onto the model's grid first)"
@@ -152,6 +152,14 @@ class OnnxForecast:
         if self.widening:
             own = own + self.widening * (own - x_end.mean(axis=0))
         return own
+
+
+def _moments(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample std (ddof 1) over the members (axis 0) of A [N, k]."""
+    n = len(A)
+    mean = A.sum(axis=0) / n
+    D = A - mean
+    return mean, np.sqrt(np.einsum("ij,ij->j", D, D) / (n - 1))
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,7 @@ class EnsembleFilter:
         self.p = np.asarray(p, dtype=np.float64)
         self.t, self.u = float(t), np.asarray(u, dtype=np.float64)
         self.rng = rng
+        self._process = np.asarray(self.settings.process, dtype=np.float64)
 
     @classmethod
     def start(
@@ -234,8 +243,10 @@ class EnsembleFilter:
 
     # ---- the members -----------------------------------------------------------------------
     def parameters(self, TH: np.ndarray | None = None) -> np.ndarray:
-        """[N, np]: every member's parameters."""
+        """[N, np]: every member's parameters (read-only where none is estimated)."""
         TH = self.TH if TH is None else TH
+        if not self.est:
+            return np.broadcast_to(self.p, (len(TH), len(self.p)))
         P = np.repeat(self.p[None], len(TH), axis=0)
         P[:, self.est] = np.exp(TH)
         return P
@@ -247,7 +258,7 @@ class EnsembleFilter:
         if dt is None:
             return 1
         n = int(round(span / dt))
-        if n < 1 or not np.isclose(n * dt, span, rtol=1e-6, atol=1e-9 * max(1.0, abs(dt))):
+        if n < 1 or abs(n * dt - span) > 1e-6 * abs(span) + 1e-9 * max(1.0, abs(dt)):
             raise ValueError(
                 f"the model steps dt = {dt:g}: {span:g} after the last sample is not a whole "
                 "number of steps (resample the telemetry onto the model's grid first)"
@@ -259,18 +270,20 @@ class EnsembleFilter:
         estimated parameters' random walk per step (TH is updated in place)."""
         n = self.steps_to(t1)
         u0, u1 = self.u, np.asarray(u1, dtype=np.float64)
-        times = np.linspace(self.t, t1, n + 1)
-        process = np.asarray(self.settings.process, dtype=np.float64)
+        process = self._process
         for i in range(n):
-            a, b = i / n, (i + 1) / n
-            X = self.forecast(
-                X,
-                self.parameters(TH),
-                times[i],
-                times[i + 1],
-                u0 + a * (u1 - u0),
-                u0 + b * (u1 - u0),
-            )
+            if n == 1:
+                X = self.forecast(X, self.parameters(TH), self.t, t1, u0, u1)
+            else:
+                a, b = i / n, (i + 1) / n
+                X = self.forecast(
+                    X,
+                    self.parameters(TH),
+                    self.t + a * (t1 - self.t),
+                    self.t + b * (t1 - self.t),
+                    u0 + a * (u1 - u0),
+                    u0 + b * (u1 - u0),
+                )
             if process.size:
                 X = X + rng.standard_normal(X.shape) * process
             if walk:
@@ -279,8 +292,8 @@ class EnsembleFilter:
 
     def observe_members(self, X, u, TH=None) -> np.ndarray:
         P = self.parameters(TH)
-        n = len(X)
-        return np.asarray(self.system.observe(X, np.repeat(u[None], n, 0), P), dtype=np.float64)
+        U = np.broadcast_to(u, (len(X), len(u)))
+        return np.asarray(self.system.observe(X, U, P), dtype=np.float64)
 
     # ---- one sample --------------------------------------------------------------------------
     def step(self, t: float, u, y) -> Estimate:
@@ -294,8 +307,8 @@ class EnsembleFilter:
         self.t, self.u = float(t), u
         s = self.settings
         HX = self.observe_members(self.X, u)
-        pm = HX.mean(axis=0)
-        ps = np.sqrt(HX.var(axis=0, ddof=1) * s.inflation + self.noise**2)
+        pm, ps = _moments(HX)
+        ps = np.sqrt(ps**2 * s.inflation + self.noise**2)
         Z = np.concatenate([self.X, self.TH], axis=1)
         y = np.asarray(y, dtype=np.float64)
         if s.method == "etkf":
@@ -305,17 +318,13 @@ class EnsembleFilter:
         nx = self.X.shape[1]
         self.X, self.TH = Z[:, :nx], Z[:, nx:]
         HX = self.observe_members(self.X, u)
-        par = np.exp(self.TH)
         return Estimate(
             float(t),
             pm,
             ps,
-            HX.mean(axis=0),
-            HX.std(axis=0, ddof=1),
-            self.X.mean(axis=0),
-            self.X.std(axis=0, ddof=1),
-            par.mean(axis=0),
-            par.std(axis=0, ddof=1),
+            *_moments(HX),
+            *_moments(self.X),
+            *_moments(np.exp(self.TH)),
             inn,
         )
 

@@ -10,7 +10,7 @@ twin has already passed):
   (default: the training box's middle and a quarter of its width), `parameters` {name: value}
   (default: the training box's middle), `estimate` {parameter: relative std} (estimated jointly,
   in log space), `filter` {method, members, inflation, walk, process {state: std per step},
-  seed}, `alarms` {window, alpha, slack, threshold}.
+  seed}, `alarms` {window, nis_low, nis_high, reference, slack, threshold}.
 - observe: `times` [T] (seconds, after the twin's time, on the model's grid from `t0`),
   `outputs` {output: [T] numbers or null (not measured)}, `inputs` {input: [T]}: the inputs that
   drove the asset at those times (required: the forecast needs them). A gap between samples is
@@ -19,14 +19,15 @@ twin has already passed):
   what the model was checked on: create a new twin).
 - forecast: `times` [K] or `steps`, `inputs` {input: [K]} ahead of the twin's time, `quantiles`.
 
-Alarms (`Watch`): the innovations of a consistent filter are white with known covariance, so they
-need no clean reference: per window of `window` samples
-- the summed NIS against its chi-square distribution (degrees of freedom: outputs measured): a
-  two-sided test at level `alpha` (too large: the model no longer explains the data; too small:
-  the band is far wider than the errors);
+Alarms (`Watch`), per window of `window` samples:
+- the window's mean NIS per measured output against `nis_low` / `nis_high`: a consistent filter's
+  is 1 (its innovations have the std it predicts); far above, the model no longer explains the
+  measurements (or the filter diverged); far below, the band is much wider than the errors;
 - the drift CUSUM (`twin_ml.drift.cusum_step`, the one twin-monitor runs) on every output's
-  standardized window level (mean z * sqrt(n), N(0, 1)) and spread (log RMS z, standardized by
-  its large-sample std 1/sqrt(2n)), slack and threshold in those units.
+  window level (mean z, z = innovation / its predicted std) and spread (log RMS z), standardized
+  by the twin's first `reference` windows (as twin-monitor standardizes by a clean reference:
+  on real data the innovations are correlated and their windows' statistics vary more than white
+  noise's), or by the theory's N(0, 1) with `reference` 0; slack and threshold in those units.
 An alarm is reported once, when raised; the twin's `alarm` stays on until it is deleted.
 """
 
@@ -71,15 +72,22 @@ def _object(body: Any, where: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class AlarmSettings:
     window: int = 20  # samples per test window
-    alpha: float = 1e-3  # the NIS test's level (each side)
+    nis_low: float = 0.2  # the window's mean NIS per measured output below this: an alarm
+    nis_high: float = 5.0  # ... above this: an alarm
+    reference: int = 10  # windows that standardize the CUSUMs (0: the theory's N(0, 1))
     slack: float = 1.0  # CUSUM allowance (standardized units)
     threshold: float = 8.0  # CUSUM alarm level
 
     def check(self) -> AlarmSettings:
         if not 2 <= self.window <= 100_000:
             raise RequestError("alarms.window", f"must be in [2, 100000], got {self.window}")
-        if not 0 < self.alpha < 0.5:
-            raise RequestError("alarms.alpha", f"must be in (0, 0.5), got {self.alpha}")
+        if not 0 <= self.nis_low < 1 < self.nis_high:
+            raise RequestError(
+                "alarms.nis_low", f"need 0 <= nis_low < 1 < nis_high, got {self.nis_low}, "
+                f"{self.nis_high}"
+            )  # fmt: skip
+        if not 0 <= self.reference <= 10_000:
+            raise RequestError("alarms.reference", f"must be in [0, 10000], got {self.reference}")
         for name in ("slack", "threshold"):
             if not getattr(self, name) >= 0:
                 raise RequestError(f"alarms.{name}", f"must be >= 0, got {getattr(self, name)}")
@@ -96,6 +104,9 @@ class Watch:
         self.z = [list(v) for v in s.get("z", [[] for _ in range(ny)])]  # this window's z
         self.nis, self.dof = float(s.get("nis", 0.0)), int(s.get("dof", 0))
         self.samples = int(s.get("samples", 0))
+        # the reference windows' (level, spread) per output, until `reference` are in
+        self.ref = [list(map(list, v)) for v in s.get("ref", [[] for _ in range(ny)])]
+        self.scale = s.get("scale")  # per output [level mean, level sd, spread mean, spread sd]
         self.level = [list(v) for v in s.get("level", [[0.0, 0.0] for _ in range(ny)])]
         self.spread = [list(v) for v in s.get("spread", [[0.0, 0.0] for _ in range(ny)])]
         self.raised = list(s.get("raised", []))  # every alarm so far
@@ -106,15 +117,34 @@ class Watch:
             "nis": self.nis,
             "dof": self.dof,
             "samples": self.samples,
+            "ref": self.ref,
+            "scale": self.scale,
             "level": self.level,
             "spread": self.spread,
             "raised": self.raised,
         }
 
+    def _scales(self, n: int) -> list[list[float]] | None:
+        """Per output the location and scale of a window's level and spread: the theory's for
+        white N(0, 1) innovations (`reference` 0), else the reference windows' own."""
+        if not self.settings.reference:
+            return [[0.0, 1 / math.sqrt(n), 0.0, 1 / math.sqrt(2 * n)] for _ in self.outputs]
+        if self.scale is None and min(len(r) for r in self.ref) >= self.settings.reference:
+            self.scale = []
+            for r in self.ref:
+                a = np.asarray(r)
+                self.scale.append(
+                    [
+                        a[:, 0].mean(),
+                        max(a[:, 0].std(), 1e-6),
+                        a[:, 1].mean(),
+                        max(a[:, 1].std(), 1e-6),
+                    ]
+                )
+        return self.scale
+
     def feed(self, est: Estimate) -> list[dict[str, Any]]:
         """The alarms this analysis raised (at the end of a window; none in between)."""
-        from scipy.stats import chi2
-
         inn, s = est.innovation, self.settings
         for j in range(len(self.outputs)):
             if np.isfinite(inn.d[j]):
@@ -126,49 +156,53 @@ class Watch:
             return []
         new = []
         if self.dof:
-            high, low = chi2.sf(self.nis, self.dof), chi2.cdf(self.nis, self.dof)
             mean = self.nis / self.dof
-            if high < s.alpha:
-                what = "too large: the model no longer explains the measurements"
-                new.append(self._alarm(est.t, "nis_high", None, mean, high, what))
-            elif low < s.alpha:
+            if mean > s.nis_high:
                 what = (
-                    "too small: the band is much wider than the errors (noise or spread overstated)"
+                    f"too large: their mean NIS {mean:.3g} over a window is above {s.nis_high:g} "
+                    "(the model no longer explains the measurements)"
                 )
-                new.append(self._alarm(est.t, "nis_low", None, mean, low, what))
+                new.append(self._alarm(est.t, "nis_high", None, mean, what))
+            elif mean < s.nis_low:
+                what = (
+                    f"too small: their mean NIS {mean:.3g} over a window is below {s.nis_low:g} "
+                    "(the band is much wider than the errors: noise or spread overstated)"
+                )
+                new.append(self._alarm(est.t, "nis_low", None, mean, what))
         for j, name in enumerate(self.outputs):
             z = np.asarray(self.z[j])
             if len(z) < 2:
                 continue
-            level = float(z.mean() * math.sqrt(len(z)))
-            spread = float(0.5 * math.log(max(np.mean(z**2), 1e-24)) * math.sqrt(2 * len(z)))
-            self.level[j] = list(cusum_step(*self.level[j], level, s.slack, True))
-            self.spread[j] = list(cusum_step(*self.spread[j], spread, s.slack, False))
+            level, spread = float(z.mean()), float(0.5 * math.log(max(np.mean(z**2), 1e-24)))
+            scales = self._scales(len(z))
+            if scales is None:  # still gathering the reference
+                self.ref[j].append([level, spread])
+                continue
+            lm, ls, sm, ss = scales[j]
+            self.level[j] = list(cusum_step(*self.level[j], (level - lm) / ls, s.slack, True))
+            self.spread[j] = list(cusum_step(*self.spread[j], (spread - sm) / ss, s.slack, False))
             if max(self.level[j]) > s.threshold:
                 what = "its innovations' mean has shifted (a bias, a drifting parameter)"
-                new.append(self._alarm(est.t, "cusum_level", name, max(self.level[j]), None, what))
+                new.append(self._alarm(est.t, "cusum_level", name, max(self.level[j]), what))
                 self.level[j] = [0.0, 0.0]
             if self.spread[j][0] > s.threshold:
-                what = "its innovations have grown beyond their predicted std"
-                new.append(self._alarm(est.t, "cusum_spread", name, self.spread[j][0], None, what))
+                what = "its innovations have grown beyond their usual size"
+                new.append(self._alarm(est.t, "cusum_spread", name, self.spread[j][0], what))
                 self.spread[j] = [0.0, 0.0]
         self.z = [[] for _ in self.outputs]
         self.nis, self.dof, self.samples = 0.0, 0, 0
         self.raised.extend(new)
         return new
 
-    def _alarm(self, t, kind, output, value, p, what) -> dict[str, Any]:
+    def _alarm(self, t, kind, output, value, what) -> dict[str, Any]:
         on = f"output {output}" if output else "the innovations"
-        out = {
+        return {
             "t": t,
             "kind": kind,
             "output": output,
             "statistic": value,
             "message": f"{on}: {what}",
         }
-        if p is not None:
-            out["p_value"] = float(p)
-        return out
 
 
 @dataclass(frozen=True)
@@ -288,14 +322,15 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
     if any(v < 0 for v in process):
         raise RequestError("filter.process", "stds must be >= 0")
     a = _object(body.get("alarms") or {}, "alarms")
-    _unknown(a, ("window", "alpha", "slack", "threshold"), "alarms")
-    window = a.get("window", AlarmSettings.window)
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise RequestError("alarms.window", "must be an integer")
-    alarms = AlarmSettings(
-        window=window,
-        **{k: number(a[k], f"alarms.{k}") for k in ("alpha", "slack", "threshold") if k in a},
-    ).check()
+    _unknown(a, tuple(AlarmSettings.__dataclass_fields__), "alarms")
+    ints = {}
+    for k in ("window", "reference"):
+        if k in a:
+            if isinstance(a[k], bool) or not isinstance(a[k], int):
+                raise RequestError(f"alarms.{k}", "must be an integer")
+            ints[k] = a[k]
+    floats = {k: number(a[k], f"alarms.{k}") for k in a if k not in ints}
+    alarms = AlarmSettings(**ints, **floats).check()
     return TwinSpec(t0, u0, noise, x0, x0_std, p, p_std, settings, asdict(alarms))
 
 
@@ -463,7 +498,8 @@ class Twin:
                 raise RequestError(
                     "forecast.steps", f"must be an integer in [1, {self.card.time.max_steps}]"
                 )
-            times = t_now + dt * np.arange(1, n + 1)
+            k_now = round((t_now - self.spec.t0) / dt)  # on the grid: t0 + k dt, k whole
+            times = self.spec.t0 + dt * np.arange(k_now + 1, k_now + n + 1)
         else:
             times = numbers(body["times"], "forecast.times")
             _times(self.card, times, t_now, self.spec.t0, "forecast.times")
