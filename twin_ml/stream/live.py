@@ -1,0 +1,357 @@
+"""A live twin on a broker: telemetry messages in, assimilated estimates and alarms out, the
+twin's state persisted in the twin store and the aligned telemetry archived (torch-free).
+
+    live = LiveTwin(store, card, onnx, contract, "tanks-1", create={"noise": {"h2": 0.02}})
+    result = asyncio.run(consume(broker_url, "plant.tanks.telemetry", live, name="tanks-1",
+                                 estimates="plant.tanks.estimates"))
+
+Per batch of deliveries (up to `batch`, gathered as they arrive), in this order:
+1. decode: a message that breaks the format is refused (counted, logged, acked: a poison
+   message must not block the stream);
+2. skip what the twin has already assimilated: a JetStream stream sequence at or below the
+   store's `last_seq` (a redelivery after a crash), or a sample time at or before the twin's
+   (a publisher's repeat; on MQTT, which has no sequence, the only test);
+3. map through the data contract (`messages.to_samples`: names, units, ranges, clock offsets)
+   and align onto the model's grid: a time within `snap` x dt of a grid point t0 + k dt is that
+   point; others are refused; an input not valid in a sample holds its last value;
+4. assimilate each sample (`Twin.assimilate`); a gap longer than the model's longest rollout
+   starts the twin again from its creation settings at that sample (reported as a reset);
+5. archive the batch's aligned samples (a Parquet part per batch, named by its first and last
+   stream sequence, written to a temporary file and renamed: a redelivered batch rewrites the
+   same part);
+6. save the twin with the batch's last stream sequence, in one transaction (`TwinStore.save`);
+7. publish one estimate per sample (and the alarms raised) to the estimates subject;
+8. ack the batch's deliveries.
+
+Delivery (JetStream): a message is acked only after step 6, so a consumer killed anywhere
+loses nothing (unacked messages come again) and assimilates nothing twice (what step 6 saved is
+skipped by its sequence). Estimates are published before the ack: a consumer killed between 7
+and 8 publishes those estimates again (at least once; each carries its stream sequence to tell).
+MQTT: see `twin_ml.stream.brokers` (QoS 1 is acked on receipt by the client library, so a consumer
+killed mid-batch loses that batch's messages).
+
+The twin is created on the first message when the store has none under its id: `create` is a
+`Twin` create request (noise, filter, estimate, ...) whose `inputs` and `t0` come from that
+message; time counts in seconds from its timestamp (`epoch`, kept with the twin's state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twin_ml.assimilate.twin import Observation, Twin
+from twin_ml.contract import ModelCard
+from twin_ml.stream.store import TwinNotFound, TwinStore
+
+log = logging.getLogger(__name__)
+
+
+def model_contract(card: ModelCard):
+    """A data contract in the model's own names and units (publishers that speak them)."""
+    from twin_ml.data.telemetry import Contract
+
+    system = card.system
+    signals = [
+        {"name": v.name, "role": "input", "unit": v.unit, "interpolation": v.interpolation}
+        for v in system.inputs
+    ] + [{"name": v.name, "role": "output", "unit": v.unit} for v in system.outputs]
+    return Contract.parse(
+        {"system": system.name, "period_s": card.time.dt, "signals": signals}, "contract"
+    )
+
+
+@dataclass
+class Outcome:
+    """What one batch did: estimates to publish (one per assimilated sample), alarms raised,
+    and the counts."""
+
+    estimates: list[dict[str, Any]] = field(default_factory=list)
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+    assimilated: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    resets: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+class LiveTwin:
+    """One twin in the store, fed batches of (message, stream sequence) by `handle`."""
+
+    def __init__(
+        self,
+        store: TwinStore,
+        card: ModelCard,
+        forecast,
+        contract,
+        twin_id: str,
+        *,
+        create: dict[str, Any] | None = None,
+        snap: float = 0.25,
+        archive: str | Path | None = None,
+    ):
+        if not 0 < snap <= 0.5:
+            raise ValueError(f"snap must be in (0, 0.5] (a fraction of dt), got {snap}")
+        self.store, self.card, self.forecast = store, card, forecast
+        self.contract, self.twin_id = contract, twin_id
+        self.create = dict(create or {})
+        for key in ("inputs", "t0"):
+            if key in self.create:
+                raise ValueError(f"create.{key}: set from the first message; leave it out")
+        self.snap = snap
+        self.archive = Path(archive) / twin_id if archive else None
+        self.inputs = card.system.input_names
+        self.outputs = card.system.output_names
+        self.model = card.ref
+
+    # ---- the twin in the store ---------------------------------------------------------------
+    def _load(self):
+        try:
+            rec = self.store.get(self.twin_id)
+        except TwinNotFound:
+            return None, None, None
+        if rec.model != self.model:
+            raise ValueError(
+                f"twin {self.twin_id!r} was created on model {rec.model}; this stream runs "
+                f"{self.model}: use another twin id, or the twin's model"
+            )
+        return Twin.restore(self.card, self.forecast, rec.state), rec, rec.state["stream"]
+
+    def _new(self, u0: np.ndarray, t0: float) -> Twin:
+        body = {**self.create, "t0": t0, "inputs": dict(zip(self.inputs, u0.tolist()))}
+        return Twin.create(self.card, self.forecast, body)
+
+    # ---- one batch ---------------------------------------------------------------------------
+    def handle(self, items: list[tuple[Any, int | None]]) -> Outcome:
+        """Assimilate a batch of (TelemetryMessage, stream sequence or None), persist it."""
+        from twin_ml.stream.messages import iso, to_samples
+
+        out = Outcome()
+        twin, rec, stream = self._load()
+        last_seq = rec.last_seq if rec is not None else None
+        self._prune(last_seq)
+        fresh = [(m, s) for m, s in items if s is None or last_seq is None or s > last_seq]
+        out.duplicates += len(items) - len(fresh)
+        if not fresh:
+            return out
+        sequences = [s for _, s in fresh if s is not None]
+        if stream is None:  # a new twin: its clock starts at the first message
+            stream = {"epoch": iso(min(m.timestamp for m, _ in fresh))}
+        samples = to_samples([m for m, _ in fresh], self.contract, start=stream["epoch"])
+        dt = self.card.time.dt
+        k = np.round(samples.t / dt)  # rows -> grid points; the last row wins a point
+        off = np.abs(samples.t - k * dt) > self.snap * dt
+        for i in np.flatnonzero(off):
+            out.reasons.append(
+                f"{iso(samples.timestamps[i])}: {samples.t[i]:.6g} s after the epoch is not "
+                f"within {self.snap:g} dt of the model's grid (dt = {dt:g} s)"
+            )
+        out.refused += int(off.sum())
+        rows = {int(k[i]): i for i in np.flatnonzero(~off)}
+        u_all = np.stack([samples.values[n] for n in self.inputs], axis=1)
+        y_all = np.stack([samples.values[n] for n in self.outputs], axis=1)
+        pending: list[tuple[float, np.ndarray, np.ndarray, int]] = []
+        u_last = None if twin is None else np.asarray(twin.filter.u)
+        start = None  # the time of a twin made in this batch: its first sample is assimilated
+        for kk in sorted(rows):
+            i, t = rows[kk], kk * dt
+            u = u_all[i] if u_last is None else np.where(np.isfinite(u_all[i]), u_all[i], u_last)
+            if twin is None or round((t - (pending[-1][0] if pending else twin.t)) / dt) > (
+                self.card.time.max_steps
+            ):
+                if not np.isfinite(u).all():
+                    out.refused += 1
+                    out.reasons.append(
+                        f"{iso(samples.timestamps[i])}: a twin starts from a sample whose "
+                        "inputs are all valid"
+                    )
+                    continue
+                if twin is not None:  # a gap past the longest rollout: start again here
+                    self._assimilate(twin, pending, samples, out)
+                    pending = []
+                    out.resets += 1
+                    out.alarms.append(
+                        {
+                            "t": t,
+                            "kind": "reset",
+                            "output": None,
+                            "message": "a gap longer than the model's longest rollout: the "
+                            "twin starts again from its creation settings",
+                        }
+                    )
+                twin, start = self._new(u, t), t
+            elif t <= (pending[-1][0] if pending else twin.t) and t != start:
+                out.duplicates += 1  # a time the twin has passed: a publisher's repeat
+                continue
+            u_last = u
+            pending.append((t, u, y_all[i], i))
+            start = None if t != start else start
+        if twin is None:
+            return out
+        self._assimilate(twin, pending, samples, out)
+        self._archive(samples, sequences)
+        state = {**twin.state(), "stream": stream}
+        batch_seq = max(sequences) if sequences else None
+        if rec is None:
+            self.store.create(self.twin_id, self.model, state, last_seq=batch_seq)
+        else:
+            self.store.save(self.twin_id, state, rec.version, last_seq=batch_seq)
+        return out
+
+    def _assimilate(self, twin: Twin, pending, samples, out: Outcome) -> None:
+        from twin_ml.stream.messages import iso
+
+        if not pending:
+            return
+        times, us, ys, idx = (np.asarray(v) for v in zip(*pending))
+        answer = twin.assimilate(Observation(times, us, ys))
+        for s, i in zip(answer["samples"], idx):
+            s["twin"] = self.twin_id
+            s["timestamp"] = iso(samples.timestamps[i])
+            s["seq"] = int(samples.seq[i]) if samples.seq[i] >= 0 else None
+            out.estimates.append(s)
+        out.estimates[-1].update({k: answer[k] for k in ("states", "parameters", "alarm")})
+        out.alarms += answer["alarms"]
+        out.assimilated += len(times)
+
+    def _prune(self, last_seq: int | None) -> None:
+        """Remove archive parts of batches the twin never saved (a consumer killed between
+        archiving and saving): their messages come again, in batches of other bounds."""
+        if self.archive is None or not self.archive.is_dir():
+            return
+        for part in self.archive.glob("part-*-*.parquet"):
+            first = part.name.split("-")[1]
+            if first.isdigit() and (last_seq is None or int(first) > last_seq):
+                part.unlink(missing_ok=True)
+
+    def _archive(self, samples, sequences: list[int]) -> None:
+        if self.archive is None or not len(samples):
+            return
+        import pandas as pd
+
+        from twin_ml._io import atomic_write_bytes
+
+        frame = pd.DataFrame(
+            {
+                "timestamp": samples.timestamps,
+                "t": samples.t,
+                "seq": samples.seq,
+                **{name: samples.values[name] for name in samples.values},
+            }
+        )
+        if sequences:  # a redelivered batch rewrites its part
+            name = f"part-{min(sequences):012d}-{max(sequences):012d}.parquet"
+        else:
+            name = f"part-t{samples.t[0]:.9g}.parquet"
+        self.archive.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        atomic_write_bytes(self.archive / name, buf.getvalue())
+
+
+# ---- the consumer loop ---------------------------------------------------------------------------
+@dataclass
+class StreamResult:
+    """A consumer run's counts: messages delivered (redeliveries included), assimilated samples,
+    duplicates skipped, refused (broken or off the grid), resets, alarms, estimates published,
+    batches, and its wall time."""
+
+    delivered: int = 0
+    assimilated: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    resets: int = 0
+    alarms: int = 0
+    published: int = 0
+    batches: int = 0
+    wall_s: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+
+
+async def consume(
+    url: str,
+    subject: str,
+    live: LiveTwin,
+    *,
+    name: str,
+    estimates: str | None = None,
+    alarms: str | None = None,
+    batch: int = 64,
+    max_messages: int | None = None,
+    idle_s: float | None = None,
+    stream: str = "TELEMETRY",
+    ack_wait: float = 30.0,
+    timeout: float = 5.0,
+    progress: bool = False,
+) -> StreamResult:
+    """Subscribe to `subject` on the broker at `url` (durable, under `name`) and feed `live`
+    batch by batch (see the module doc) until `max_messages` were delivered or none came for
+    `idle_s` seconds (None: run until cancelled). Estimates go to `estimates`, alarms to
+    `alarms` (NATS subjects or MQTT topics; on NATS the same JetStream stream stores them)."""
+    from tqdm import tqdm
+
+    from twin_ml.stream.brokers import connect
+    from twin_ml.stream.messages import MessageError
+
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    result = StreamResult()
+    t0 = time.perf_counter()
+    broker = await connect(
+        url, name=name, stream=stream, ack_wait=ack_wait, batch=batch, timeout=timeout
+    )
+    bar = tqdm(total=max_messages, disable=not progress, unit="msg", desc=f"twin {live.twin_id}")
+    try:
+        sub = await broker.subscribe(subject)
+        while max_messages is None or result.delivered < max_messages:
+            try:
+                first = await sub.next(idle_s)
+            except TimeoutError:
+                break
+            got = [first]
+            want = batch if max_messages is None else min(batch, max_messages - result.delivered)
+            while len(got) < want:  # what has arrived already, without waiting
+                try:
+                    got.append(await sub.next(0.001))
+                except TimeoutError:
+                    break
+            result.delivered += len(got)
+            items = []
+            for d in got:
+                try:
+                    items.append((d.message(), d.sequence))
+                except MessageError as e:
+                    result.refused += 1
+                    result.reasons.append(f"sequence {d.sequence}: {e}")
+                    log.warning("refused a message on %s: %s", d.subject, e)
+            out = await asyncio.to_thread(live.handle, items) if items else Outcome()
+            result.batches += 1
+            result.assimilated += out.assimilated
+            result.duplicates += out.duplicates
+            result.refused += out.refused
+            result.resets += out.resets
+            result.alarms += len(out.alarms)
+            result.reasons += out.reasons
+            if estimates:
+                for e in out.estimates:
+                    await broker.publish(estimates, json.dumps(e).encode())
+                result.published += len(out.estimates)
+            if alarms:
+                for a in out.alarms:
+                    await broker.publish(alarms, json.dumps({"twin": live.twin_id, **a}).encode())
+            await asyncio.gather(*(d.ack() for d in got))
+            bar.update(len(got))
+        await sub.close()
+    finally:
+        bar.close()
+        await broker.close()
+        result.wall_s = time.perf_counter() - t0
+    return result
