@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_here
 
 from twin_ml.evaluate.telemetry import free_run, initial_state, record_metrics
 from twin_ml.models import build_model, compute_stats
@@ -217,10 +218,26 @@ def test_windowed_run_carries_hidden_states_and_follows_the_solver(record):
     assert before.max() < 0.02 and after.mean() > 0.1
 
 
-def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
+@pytest.fixture
+def in_process_training():
+    """twin-train in this process (`train_here`) sets one torch thread and flushes denormals, as
+    the command does; both are put back afterwards for the tests that follow on this worker."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path, in_process_training):
     """telemetry.calibration_tail=0.25: the estimation record's last quarter trains nothing (a copy
     whose tail reads 1 V lower gives bit-identical weights), while the conformal scale, fitted on
-    it, grows with the tail's error. A fraction outside [0, 0.5] is refused by name."""
+    it, grows with the tail's error. A fraction outside [0, 0.5] is refused by name.
+
+    twin-train's own config and run, in this process (`train_here`: the command's one-line error
+    and exit status 2 for a refused setting are tested by subprocess in test_train.py); the runs
+    are seeded and single-threaded, as the command's are, so the weights can be compared bit for
+    bit. The test record is only evaluated (nothing here reads its metrics), so its first 64
+    samples stand for it: the initial state from its first 25 and a free run of 64 steps."""
     import pandas as pd
 
     from twin_ml.data import real
@@ -235,33 +252,32 @@ def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
     lowered = est.copy()
     tail = (lowered["signal"] == "h2") & (lowered["timestamp"] >= cut)
     lowered.loc[tail, "value"] -= 1.0
-    write_telemetry(frames["test"], tmp_path / "test.parquet")
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "store")}
+    test = frames["test"]
+    test = test[test["timestamp"] < test["timestamp"].min() + pd.Timedelta(seconds=64 * 4.0)]
+    write_telemetry(test, tmp_path / "test.parquet")
+
+    def files(name):
+        return (
+            "telemetry.dataset=null",
+            f"telemetry.files={{estimation: '{tmp_path / f'{name}.parquet'}', "
+            f"test: '{tmp_path / 'test.parquet'}'}}",
+        )
+
     runs = {}
     for name, frame in (("clean", est), ("lowered", lowered)):
         write_telemetry(frame, tmp_path / f"{name}.parquet")
         out = tmp_path / name
-        r = subprocess.run(
-            [
-                str(BIN / "twin-train"),
-                "experiment=cascaded_tanks_real",
-                f"out_dir={out}",
-                "logger=none",
-                "telemetry.dataset=null",
-                f"telemetry.files={{estimation: '{tmp_path / f'{name}.parquet'}', "
-                f"test: '{tmp_path / 'test.parquet'}'}}",
-                "telemetry.calibration_tail=0.25",
-                "ensemble.size=2",
-                "trainer.max_epochs=1",
-                "telemetry.iterations_per_epoch=4",
-                "telemetry.window=16",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
+        train_here(
+            "experiment=cascaded_tanks_real",
+            f"out_dir={out}",
+            "logger=none",
+            *files(name),
+            "telemetry.calibration_tail=0.25",
+            "ensemble.size=2",
+            "trainer.max_epochs=1",
+            "telemetry.iterations_per_epoch=4",
+            "telemetry.window=16",
         )
-        assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = torch.load(out / "model" / "model.pt", map_location="cpu", weights_only=True)
     assert tail.sum() == 256
     clean, lowered = (runs[k].pop("conformal_scale") for k in ("clean", "lowered"))
@@ -271,48 +287,30 @@ def test_calibration_tail_is_held_out_of_training_and_sets_the_scale(tmp_path):
     assert float(lowered.min()) > float(
         clean.max()
     )  # the tail's 1 V errors widen the bands fitted on it
-    r = subprocess.run(
-        [
-            str(BIN / "twin-train"),
+    with pytest.raises(
+        ValueError, match=r"telemetry.calibration_tail must be a fraction in \[0, 0.5\], got 0.7"
+    ):
+        train_here(
             "experiment=cascaded_tanks_real",
             f"out_dir={tmp_path / 'bad'}",
             "logger=none",
             "telemetry.calibration_tail=0.7",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert (
-        r.returncode == 2
-        and "telemetry.calibration_tail must be a fraction in [0, 0.5], got 0.7" in r.stderr
-    )
+        )
     # a tail the contract masks (readings over the sensor's 10 V range) leaves nothing to
     # calibrate on
     unreadable = est.copy()
     unreadable.loc[tail, "value"] = 12.0
     write_telemetry(unreadable, tmp_path / "unreadable.parquet")
-    r = subprocess.run(
-        [
-            str(BIN / "twin-train"),
+    with pytest.raises(
+        ValueError, match=r"holds out 205 samples with \[0\] measured points per output"
+    ):
+        train_here(
             "experiment=cascaded_tanks_real",
             f"out_dir={tmp_path / 'bad2'}",
             "logger=none",
-            "telemetry.dataset=null",
-            f"telemetry.files={{estimation: '{tmp_path / 'unreadable.parquet'}', "
-            f"test: '{tmp_path / 'test.parquet'}'}}",
+            *files("unreadable"),
             "telemetry.calibration_tail=0.2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert (
-        r.returncode == 2
-        and "holds out 205 samples with [0] measured points per output" in r.stderr
-    ), r.stderr
+        )
 
 
 # ---- a user's project beside the clone: an oscillator whose velocity has no sensor -------------
