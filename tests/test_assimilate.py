@@ -515,3 +515,55 @@ def test_a_twin_goes_on_from_its_state_and_forecasts_with_bands(exported_pendulu
         for lo, m, hi in zip(theta["quantiles"]["0.05"], theta["mean"], theta["quantiles"]["0.95"])
     )
     assert twin.t == pytest.approx(7 * card.time.dt)  # a forecast leaves the twin as it was
+
+
+def test_a_twin_reports_its_k_step_predictions_as_the_record_score_does(exported_pendulum):
+    """A twin asked for `ahead` [3] reports with each sample what it predicted 3 steps before;
+    over a record those are score_record's 3-step predictions (the same filter, the same members
+    run on): equal RMSE and coverage, also when the record comes in two batches through a JSON
+    round trip of the twin."""
+    import json
+
+    from twin_ml.assimilate.filter import Z90, FilterSettings, OnnxForecast, score_record
+    from twin_ml.assimilate.twin import Observation, Twin
+
+    blob, card = exported_pendulum
+    system, dt = card.system.build(), card.time.dt
+    t = np.arange(41) * dt
+    u = (0.2 * np.sin(0.7 * t))[:, None]
+    y = (0.3 * np.cos(2.0 * t) + 0.02 * np.random.default_rng(3).normal(size=41))[:, None]
+    body = {"inputs": {"torque": float(u[0, 0])}, "noise": {"theta": 0.02}, "ahead": [3]}
+    body |= {
+        "initial_state": {"theta": 0.3, "omega": 0.0},
+        "initial_std": {"theta": 0.1, "omega": 0.1},
+    }
+    body |= {"parameters": {"length": 1.0, "damping": 0.2, "mass": 1.0}, "filter": {"members": 12}}
+    forecast = OnnxForecast(blob, card)
+    twin = Twin.create(card, forecast, body)
+    a = twin.assimilate(Observation(t[:20], u[:20], y[:20]))
+    twin = Twin.restore(card, forecast, json.loads(json.dumps(twin.state())))
+    b = twin.assimilate(Observation(t[20:], u[20:], y[20:]))
+    got = [
+        (s["t"], s["ahead"]["3"]["theta"]) for s in a["samples"] + b["samples"] if s.get("ahead")
+    ]
+    assert [round(g[0] / dt) for g in got] == list(range(3, 41))
+    e = np.array([y[round(tk / dt), 0] - g["mean"] for tk, g in got])
+    z = np.abs(e) / np.array([g["std"] for _, g in got])
+    s = FilterSettings(members=12)
+    prior = (np.array([0.3, 0.0]), np.array([0.1, 0.1]))
+    sc = score_record(
+        system,
+        forecast,
+        t,
+        u,
+        y,
+        [0.02],
+        prior,
+        (np.array([1.0, 0.2, 1.0]), np.zeros(3)),
+        s,
+        horizons=(3,),
+        init=1,
+    )
+    assert sc.points[3] == len(e)
+    assert sc.rmse[3] == pytest.approx(np.sqrt(np.mean(e**2)), rel=1e-12)
+    assert sc.coverage_90[3] == pytest.approx(np.mean(z <= Z90), abs=1e-12)

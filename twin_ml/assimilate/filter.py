@@ -455,6 +455,67 @@ _SERIES = (
 )
 
 
+class Ahead:
+    """The members run on without data from past analyses, to say what the twin predicted h
+    grid steps before each new sample (h > 1; the one-step prediction is the filter's own):
+    after each analysis `spawn` copies the members (an origin); before the next, `advance` steps
+    every open origin to the new sample's time and input with the filter's forecast (one call for
+    all of them, the estimated parameters held, the process noise drawn from a generator seeded
+    by the call's number: restorable without keeping its state) and returns, per horizon whose
+    origin is exactly h steps back, the outputs' mean and std (with the measurement noise).
+    `every`: spawn at every `every`-th analysis only. `state()` / `Ahead.restore` go through
+    JSON."""
+
+    def __init__(self, horizons, every: int = 1, state: dict | None = None):
+        self.horizons = sorted(int(h) for h in horizons if int(h) > 1)
+        if any(int(h) < 1 for h in horizons):
+            raise ValueError(f"horizons must be >= 1, got {list(horizons)}")
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        s = state or {}
+        self.calls, self.spawned = int(s.get("calls", 0)), int(s.get("spawned", 0))
+        # (origin time, X, TH) per open origin
+        self.origins = [(o[0], np.asarray(o[1]), np.asarray(o[2])) for o in s.get("origins", [])]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "spawned": self.spawned,
+            "origins": [[t, X.tolist(), TH.tolist()] for t, X, TH in self.origins],
+        }
+
+    def advance(self, f: EnsembleFilter, t: float, u) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        if not self.origins or t <= f.t:
+            return {}
+        n, dt = len(f.X), getattr(f.forecast, "dt", None) or 1.0
+        rng = np.random.default_rng([f.settings.seed, 1, self.calls])
+        self.calls += 1
+        X = f._advance(
+            np.concatenate([o[1] for o in self.origins]),
+            np.concatenate([o[2] for o in self.origins]),
+            t,
+            u,
+            walk=False,
+            rng=rng,
+        )
+        self.origins = [(o, X[i * n : (i + 1) * n], c) for i, (o, _, c) in enumerate(self.origins)]
+        out = {}
+        for origin, Xc, THc in self.origins:
+            h = round((t - origin) / dt)
+            if h in self.horizons:
+                mean, std = _moments(f.observe_members(Xc, np.asarray(u, dtype=float), THc))
+                out[h] = (mean, np.sqrt(std**2 * f.settings.inflation + f.noise**2))
+        longest = self.horizons[-1] if self.horizons else 0
+        self.origins = [o for o in self.origins if round((t - o[0]) / dt) < longest]
+        return out
+
+    def spawn(self, f: EnsembleFilter) -> None:
+        if self.horizons and self.spawned % self.every == 0:
+            self.origins.append((f.t, f.X.copy(), f.TH.copy()))
+        self.spawned += 1
+
+
 @dataclass
 class RecordScore:
     """The filter run over a record, scored as a live twin is: after each assimilated sample from
@@ -536,34 +597,16 @@ def score_record(
         raise ValueError(f"init = {init} leaves no sample of the {T} to score")
     f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
     ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
-    longest, n = max(horizons), settings.members
-    ahead = sorted(h for h in horizons if h > 1)
-    rng = np.random.default_rng([settings.seed, 1])
-    clones: list[tuple[int, np.ndarray, np.ndarray]] = []  # (origin, X, TH)
+    tracker = Ahead(horizons, every)
     err = {h: [] for h in horizons}
     inside = {h: [] for h in horizons}
     err_ol, inside_ol = [], []
     steps = []
     for k in tqdm(range(T), desc="filter", disable=not progress, leave=False):
-        if clones and k:
-            X = f._advance(
-                np.concatenate([c[1] for c in clones]),
-                np.concatenate([c[2] for c in clones]),
-                times[k],
-                u[k],
-                walk=False,
-                rng=rng,
-            )
-            clones = [(o, X[i * n : (i + 1) * n], c) for i, (o, _, c) in enumerate(clones)]
-            for origin, Xc, THc in clones:
-                h = k - origin
-                if h in ahead:
-                    H = f.observe_members(Xc, u[k], THc)
-                    std = np.sqrt(H.var(axis=0, ddof=1) * settings.inflation + f.noise**2)
-                    e = y[k] - H.mean(axis=0)
-                    err[h].append(e[None])
-                    inside[h].append((np.abs(e) <= Z90 * std)[None])
-            clones = [c for c in clones if k - c[0] < longest]
+        for h, (mean, std) in tracker.advance(f, times[k], u[k]).items():
+            e = y[k] - mean
+            err[h].append(e[None])
+            inside[h].append((np.abs(e) <= Z90 * std)[None])
         est = f.step(times[k], u[k], y[k])
         steps.append(est)
         e_ol = ol.step(times[k], u[k], y[k] if k < init else np.full(ny, np.nan))
@@ -575,8 +618,8 @@ def score_record(
             e = y[k] - e_ol.predicted_mean
             err_ol.append(e[None])
             inside_ol.append((np.abs(e) <= Z90 * e_ol.predicted_std)[None])
-        if ahead and k >= init - 1 and (k - init + 1) % every == 0 and k < T - 1:
-            clones.append((k, f.X.copy(), f.TH.copy()))
+        if k >= init - 1 and k < T - 1:
+            tracker.spawn(f)
     result = _result(system, settings, steps)
     ol_rmse, ol_per, ol_cov, _ = _pooled(err_ol, inside_ol, ny)
     scored = {h: _pooled(err[h], inside[h], ny) for h in horizons}

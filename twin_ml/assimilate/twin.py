@@ -10,7 +10,9 @@ twin has already passed):
   (default: the training box's middle and a quarter of its width), `parameters` {name: value}
   (default: the training box's middle), `estimate` {parameter: relative std} (estimated jointly,
   in log space), `filter` {method, members, inflation, walk, process {state: std per step},
-  seed}, `alarms` {window, nis_low, nis_high, reference, slack, threshold}.
+  seed}, `alarms` {window, nis_low, nis_high, reference, slack, threshold}, `ahead` [h, ...]
+  (up to 4 horizons in steps: each sample then also reports what the twin predicted h steps
+  before it, from the analysis then and the inputs that came since, `filter.Ahead`).
 - observe: `times` [T] (seconds, after the twin's time, on the model's grid from `t0`),
   `outputs` {output: [T] numbers or null (not measured)}, `inputs` {input: [T]}: the inputs that
   drove the asset at those times (required: the forecast needs them). A gap between samples is
@@ -34,20 +36,21 @@ An alarm is reported once, when raised; the twin's `alarm` stays on until it is 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from twin_ml.assimilate.filter import METHODS, EnsembleFilter, Estimate, FilterSettings
+from twin_ml.assimilate.filter import METHODS, Ahead, EnsembleFilter, Estimate, FilterSettings
 from twin_ml.contract import ModelCard, RequestError
 from twin_ml.contract.requests import by_name, number, numbers, physical
 from twin_ml.drift import cusum_step
 
 CREATE_FIELDS = (
     "t0", "inputs", "noise", "initial_state", "initial_std", "parameters", "estimate",
-    "filter", "alarms",
+    "filter", "alarms", "ahead",
 )  # fmt: skip
+MAX_AHEAD = 4  # horizons a twin may track
 OBSERVE_FIELDS = ("times", "outputs", "inputs")
 FORECAST_FIELDS = ("times", "steps", "inputs", "quantiles")
 MAX_MEMBERS = 512
@@ -218,6 +221,7 @@ class TwinSpec:
     p_std: list[float]  # relative, of the estimated ones (0 elsewhere)
     filter: dict[str, Any]
     alarms: dict[str, Any]
+    ahead: list[int] = field(default_factory=list)  # steps: the predictions each sample reports
 
     def settings(self) -> FilterSettings:
         f = dict(self.filter)
@@ -331,7 +335,17 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
             ints[k] = a[k]
     floats = {k: number(a[k], f"alarms.{k}") for k in a if k not in ints}
     alarms = AlarmSettings(**ints, **floats).check()
-    return TwinSpec(t0, u0, noise, x0, x0_std, p, p_std, settings, asdict(alarms))
+    ahead = body.get("ahead") or []
+    if not isinstance(ahead, list) or len(ahead) > MAX_AHEAD:
+        raise RequestError("ahead", f"must be a list of at most {MAX_AHEAD} horizons (steps)")
+    for i, h in enumerate(ahead):
+        if isinstance(h, bool) or not isinstance(h, int) or not 2 <= h <= card.time.max_steps:
+            raise RequestError(
+                f"ahead[{i}]", f"must be an integer in [2, {card.time.max_steps}] (steps)"
+            )
+    return TwinSpec(
+        t0, u0, noise, x0, x0_std, p, p_std, settings, asdict(alarms), sorted(set(ahead))
+    )
 
 
 @dataclass(frozen=True)
@@ -406,8 +420,16 @@ class Twin:
     """One live twin on a model (`card`) with a forecast (`OnnxForecast` on its file, or any
     forecast `EnsembleFilter` takes)."""
 
-    def __init__(self, card: ModelCard, spec: TwinSpec, filt: EnsembleFilter, watch: Watch):
+    def __init__(
+        self,
+        card: ModelCard,
+        spec: TwinSpec,
+        filt: EnsembleFilter,
+        watch: Watch,
+        ahead: dict | None = None,
+    ):
         self.card, self.spec, self.filter, self.watch = card, spec, filt, watch
+        self.ahead = Ahead(spec.ahead, state=ahead) if spec.ahead else None
 
     @classmethod
     def create(cls, card: ModelCard, forecast, body: Any) -> Twin:
@@ -430,6 +452,7 @@ class Twin:
             "spec": asdict(self.spec),
             "filter": self.filter.state(),
             "watch": self.watch.state(),
+            **({"ahead": self.ahead.state()} if self.ahead else {}),
         }
 
     @classmethod
@@ -439,7 +462,7 @@ class Twin:
             card.system.build(), forecast, spec.noise, spec.settings(), state["filter"]
         )
         watch = Watch(card.system.output_names, AlarmSettings(**spec.alarms), state["watch"])
-        return cls(card, spec, filt, watch)
+        return cls(card, spec, filt, watch, state.get("ahead"))
 
     @property
     def t(self) -> float:
@@ -455,17 +478,21 @@ class Twin:
         names = self.card.system.output_names
         samples, alarms = [], []
         for tk, uk, yk in zip(obs.times, obs.u, obs.y):
+            before = self.ahead.advance(self.filter, float(tk), uk) if self.ahead else {}
             est = self.filter.step(float(tk), uk, yk)
+            if self.ahead:
+                self.ahead.spawn(self.filter)
             alarms += self.watch.feed(est)
-            samples.append(
-                {
-                    "t": est.t,
-                    "predicted": _by_name(names, est.predicted_mean, est.predicted_std),
-                    "filtered": _by_name(names, est.filtered_mean, est.filtered_std),
-                    "nis": est.innovation.nis,
-                    "measured": est.innovation.measured,
-                }
-            )
+            sample = {
+                "t": est.t,
+                "predicted": _by_name(names, est.predicted_mean, est.predicted_std),
+                "filtered": _by_name(names, est.filtered_mean, est.filtered_std),
+                "nis": est.innovation.nis,
+                "measured": est.innovation.measured,
+            }
+            if self.ahead:  # what the twin predicted h steps before (std with the noise)
+                sample["ahead"] = {str(h): _by_name(names, *before[h]) for h in sorted(before)}
+            samples.append(sample)
         return {"samples": samples, "alarms": alarms, **self.estimate()}
 
     def estimate(self) -> dict[str, Any]:
