@@ -25,8 +25,12 @@ Per batch of deliveries (up to `batch`, gathered as they arrive), in this order:
 
 Delivery (JetStream): a message is acked only after step 6, so a consumer killed anywhere
 loses nothing (unacked messages come again) and assimilates nothing twice (what step 6 saved is
-skipped by its sequence). Estimates are published before the ack: a consumer killed between 7
-and 8 publishes those estimates again (at least once; each carries its stream sequence to tell).
+skipped by its sequence). A consumer that starts while its durable consumer holds deliveries
+a dead one left unacked waits for those to come again (JetStream redelivers them after
+`ack_wait`, and hands out newer messages before that) and handles them first: handled after
+newer ones, they would lie below the store's `last_seq` and be skipped. Estimates are
+published before the ack: a consumer killed between 7 and 8 publishes those estimates again
+(at least once; each carries its stream sequence to tell).
 MQTT: see `twin_ml.stream.brokers` (QoS 1 is acked on receipt by the client library, so a consumer
 killed mid-batch loses that batch's messages).
 
@@ -42,6 +46,7 @@ import io
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,16 +316,21 @@ async def consume(
     bar = tqdm(total=max_messages, disable=not progress, unit="msg", desc=f"twin {live.twin_id}")
     try:
         sub = await broker.subscribe(subject)
+        ahead = await _redelivered_first(broker, sub, ack_wait + timeout)
+
+        async def pull(wait: float | None):
+            return ahead.popleft() if ahead else await sub.next(wait)
+
         while max_messages is None or result.delivered < max_messages:
             try:
-                first = await sub.next(idle_s)
+                first = await pull(idle_s)
             except TimeoutError:
                 break
             got = [first]
             want = batch if max_messages is None else min(batch, max_messages - result.delivered)
             while len(got) < want:  # what has arrived already, without waiting
                 try:
-                    got.append(await sub.next(0.001))
+                    got.append(await pull(0.001))
                 except TimeoutError:
                     break
             result.delivered += len(got)
@@ -355,3 +365,35 @@ async def consume(
         await broker.close()
         result.wall_s = time.perf_counter() - t0
     return result
+
+
+async def _redelivered_first(broker, sub, wait_s: float) -> deque:
+    """JetStream: the deliveries a consumer of this name left unacked when it died, to be
+    handled before anything newer. The server redelivers them only once ack_wait has passed
+    and meanwhile hands newer messages to a fetch; handled first, those would move the store's
+    last_seq past the older ones, which would then be skipped as assimilated (lost). So when the
+    durable consumer holds unacked deliveries at the start, wait (at most `wait_s`) until they
+    came again, keep the newer messages that came meanwhile aside, and give both back in that
+    order (the redeliveries in stream order)."""
+    pending = getattr(broker, "pending", None)  # JetStream only; MQTT has no redelivery
+    if pending is None:
+        return deque()
+    _, left = await pending()
+    if not left:
+        return deque()
+    log.info("waiting for %d deliveries a previous consumer left unacked", left)
+    again, newer = [], []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while len(again) < left and deadline > loop.time():
+        try:
+            d = await sub.next(deadline - loop.time())
+        except TimeoutError:
+            break
+        (again if d.delivered > 1 else newer).append(d)
+    if len(again) < left:
+        log.warning(
+            "%d of %d unacked deliveries did not come again within %.3g s; going on",
+            left - len(again), left, wait_s,
+        )  # fmt: skip
+    return deque(sorted(again, key=lambda d: d.sequence) + newer)
