@@ -19,18 +19,19 @@ Per batch of deliveries (up to `batch`, gathered as they arrive), in this order:
 5. archive the batch's aligned samples (a Parquet part per batch, named by its first and last
    stream sequence, written to a temporary file and renamed: a redelivered batch rewrites the
    same part);
-6. save the twin with the batch's last stream sequence, in one transaction (`TwinStore.save`);
-7. publish one estimate per sample (and the alarms raised) to the estimates subject;
+6. publish one estimate per sample (and the alarms raised) to the estimates subject;
+7. save the twin with the batch's last stream sequence, in one transaction (`TwinStore.save`);
 8. ack the batch's deliveries.
 
-Delivery (JetStream): a message is acked only after step 6, so a consumer killed anywhere
-loses nothing (unacked messages come again) and assimilates nothing twice (what step 6 saved is
+Delivery (JetStream): a message is acked only after step 7, so a consumer killed anywhere
+loses nothing (unacked messages come again) and assimilates nothing twice (what step 7 saved is
 skipped by its sequence). A consumer that starts while its durable consumer holds deliveries
 a dead one left unacked waits for those to come again (JetStream redelivers them after
 `ack_wait`, and hands out newer messages before that) and handles them first: handled after
 newer ones, they would lie below the store's `last_seq` and be skipped. Estimates are
-published before the ack: a consumer killed between 7 and 8 publishes those estimates again
-(at least once; each carries its stream sequence to tell).
+published before the save: a consumer killed between 6 and 7 handles the batch again and
+publishes its estimates again (at least once, the same values: the same state and random
+stream; each carries its stream sequence to tell); one killed after 7 had published them.
 MQTT: see `twin_ml.stream.brokers` (QoS 1 is acked on receipt by the client library, so a consumer
 killed mid-batch loses that batch's messages).
 
@@ -86,6 +87,7 @@ class Outcome:
     refused: int = 0
     resets: int = 0
     reasons: list[str] = field(default_factory=list)
+    unsaved: tuple | None = field(default=None, repr=False)  # for `LiveTwin.save`
 
 
 class LiveTwin:
@@ -135,8 +137,9 @@ class LiveTwin:
         return Twin.create(self.card, self.forecast, body)
 
     # ---- one batch ---------------------------------------------------------------------------
-    def handle(self, items: list[tuple[Any, int | None]]) -> Outcome:
-        """Assimilate a batch of (TelemetryMessage, stream sequence or None), persist it."""
+    def handle(self, items: list[tuple[Any, int | None]], *, save: bool = True) -> Outcome:
+        """Assimilate a batch of (TelemetryMessage, stream sequence or None), persist it
+        (`save` False: later, by `save(outcome)`, once its estimates are out)."""
         from twin_ml.stream.messages import iso, to_samples
 
         out = Outcome()
@@ -204,12 +207,22 @@ class LiveTwin:
         self._assimilate(twin, pending, samples, out)
         self._archive(samples, sequences)
         state = {**twin.state(), "stream": stream}
-        batch_seq = max(sequences) if sequences else None
+        out.unsaved = (rec, state, max(sequences) if sequences else None)
+        if save:
+            self.save(out)
+        return out
+
+    def save(self, out: Outcome) -> None:
+        """Persist the twin as a batch's `handle(..., save=False)` left it (nothing to do when
+        the batch assimilated nothing)."""
+        if out.unsaved is None:
+            return
+        rec, state, batch_seq = out.unsaved
         if rec is None:
             self.store.create(self.twin_id, self.model, state, last_seq=batch_seq)
         else:
             self.store.save(self.twin_id, state, rec.version, last_seq=batch_seq)
-        return out
+        out.unsaved = None
 
     def _assimilate(self, twin: Twin, pending, samples, out: Outcome) -> None:
         from twin_ml.stream.messages import iso
@@ -342,7 +355,7 @@ async def consume(
                     result.refused += 1
                     result.reasons.append(f"sequence {d.sequence}: {e}")
                     log.warning("refused a message on %s: %s", d.subject, e)
-            out = await asyncio.to_thread(live.handle, items) if items else Outcome()
+            out = await asyncio.to_thread(live.handle, items, save=False) if items else Outcome()
             result.batches += 1
             result.assimilated += out.assimilated
             result.duplicates += out.duplicates
@@ -357,6 +370,8 @@ async def consume(
             if alarms:
                 for a in out.alarms:
                     await broker.publish(alarms, json.dumps({"twin": live.twin_id, **a}).encode())
+            if out.unsaved is not None:  # after the estimates: a death before it repeats them
+                await asyncio.to_thread(live.save, out)
             await asyncio.gather(*(d.ack() for d in got))
             bar.update(len(got))
         await sub.close()
