@@ -75,7 +75,7 @@ SILVERBOX = {
     "parameters": [419.67, 0.044274, 5.6865e5, 1.49990e5],
     "x0": ([None, 0.0], [0.001, 1.0]),
     "noise": 2e-4,  # V
-    "process": [0.0005, 0.002, 0.008, 0.032],  # grid, relative to each state's scale below
+    "process": [0.008, 0.032, 0.128, 0.5],  # grid, relative to each state's scale below
     "scale": [0.05, 20.0],  # typical |y| [V] and |dy/dt| [V/s] on the multisine
     "init": 50,
     "signals": ("u", "y"),
@@ -199,12 +199,12 @@ def silverbox(run: Path, samples: int) -> list[dict]:
     test = (t[:samples], u[:samples], y[:samples])
     system = make_system("duffing")
     out = [
-        tune_and_score("physics", SILVERBOX, system, SolverForecast(system), tune, test, every=5)
+        tune_and_score("physics", SILVERBOX, system, SolverForecast(system), tune, test, every=10)
     ]
     blob, card = exported(trained(SILVERBOX["experiment"], run))
     forecast = OnnxForecast(blob, card)
     out.append(
-        tune_and_score("hybrid", SILVERBOX, card.system.build(), forecast, tune, test, every=5)
+        tune_and_score("hybrid", SILVERBOX, card.system.build(), forecast, tune, test, every=10)
     )
     return out
 

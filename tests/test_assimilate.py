@@ -292,7 +292,7 @@ class _Linear:
         return X[:, :1]
 
     def __call__(self, X, P, t0, t1, u0, u1):
-        assert np.isclose(t1 - t0, self.dt)
+        assert self.dt is None or np.isclose(t1 - t0, self.dt)
         return X @ self.F.T + np.outer(np.full(len(X), (u0[0] + u1[0]) / 2), self.B)
 
 
@@ -388,6 +388,14 @@ def test_k_step_scores_follow_the_linear_oracle():
     e1 = y[10:, 0] - res.predicted_mean[10:, 0]
     assert sc.rmse[1] == pytest.approx(np.sqrt(np.mean(e1**2)), rel=1e-12)
     assert sc.open_loop_rmse > sc.rmse[5] > sc.rmse[1]
+    # a forecast of any interval (as the physics solver's) on a record 2 s apart: horizons count
+    # the record's samples
+    anystep = _Linear()
+    anystep.dt = None
+    sc2 = score_record(
+        anystep, anystep, 2 * t, u, y, [0.1], prior, p, settings, horizons=(1, 5), init=10
+    )
+    assert sc2.points == sc.points and sc2.rmse[5] == pytest.approx(sc.rmse[5], rel=1e-12)
 
 
 def test_the_watch_is_quiet_on_a_consistent_filter_and_alarms_on_a_bias():

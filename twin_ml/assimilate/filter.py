@@ -463,16 +463,19 @@ class Ahead:
     all of them, the estimated parameters held, the process noise drawn from a generator seeded
     by the call's number: restorable without keeping its state) and returns, per horizon whose
     origin is exactly h steps back, the outputs' mean and std (with the measurement noise).
-    `every`: spawn at every `every`-th analysis only. `state()` / `Ahead.restore` go through
-    JSON."""
+    `every`: spawn at every `every`-th analysis only. `dt`: the grid step horizons count in
+    (default: the forecast's own step; a forecast of any interval, the physics solver, needs it).
+    `state()` / `Ahead(..., state=...)` go through JSON."""
 
-    def __init__(self, horizons, every: int = 1, state: dict | None = None):
+    def __init__(
+        self, horizons, every: int = 1, state: dict | None = None, dt: float | None = None
+    ):
         self.horizons = sorted(int(h) for h in horizons if int(h) > 1)
         if any(int(h) < 1 for h in horizons):
             raise ValueError(f"horizons must be >= 1, got {list(horizons)}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.every = every
+        self.every, self.dt = every, dt
         s = state or {}
         self.calls, self.spawned = int(s.get("calls", 0)), int(s.get("spawned", 0))
         # (origin time, X, TH) per open origin
@@ -488,7 +491,9 @@ class Ahead:
     def advance(self, f: EnsembleFilter, t: float, u) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         if not self.origins or t <= f.t:
             return {}
-        n, dt = len(f.X), getattr(f.forecast, "dt", None) or 1.0
+        n, dt = len(f.X), self.dt or getattr(f.forecast, "dt", None)
+        if not dt:
+            raise ValueError("Ahead needs dt: the forecast steps any interval")
         rng = np.random.default_rng([f.settings.seed, 1, self.calls])
         self.calls += 1
         X = f._advance(
@@ -597,7 +602,7 @@ def score_record(
         raise ValueError(f"init = {init} leaves no sample of the {T} to score")
     f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
     ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
-    tracker = Ahead(horizons, every)
+    tracker = Ahead(horizons, every, dt=float(np.median(np.diff(times))))
     err = {h: [] for h in horizons}
     inside = {h: [] for h in horizons}
     err_ol, inside_ol = [], []
