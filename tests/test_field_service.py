@@ -1,7 +1,8 @@
 """A reduced-order model of a field system, end to end through the commands: twin-generate ->
-twin-train (rom) -> twin-export -> twin-serve on 127.0.0.1 (a real BentoML server), then /simulate
-with the `fields` option: the decoded fields, their probes consistent with the served probes, the
-size limit (413) and bad field times (400). A 6 x 6 plate and a short horizon keep it fast."""
+twin-train (rom) -> twin-export -> twin-serve on 127.0.0.1 (a real BentoML server; the first two
+run in this process, see `served`), then /simulate with the `fields` option: the decoded fields,
+their probes consistent with the served probes, the size limit (413) and bad field times (400). A
+6 x 6 plate and a short horizon keep it fast."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import rollout_tol
+from conftest import rollout_tol, train_here
 from test_service import _start, _stop
 
 from twin_ml.contract import ModelCard
@@ -25,47 +26,59 @@ SHAPE = [6, 6]
 LIMIT = 3 * 2 * 36  # three fields of 36 cells (mean and std) per request
 
 
+def _generate_here(*overrides):
+    """twin-generate's config and run in this process, as `train_here` does for twin-train (the
+    command's one-line errors and exit status are tested by subprocess in test_field_data.py and
+    test_cli.py)."""
+    from hydra import compose, initialize_config_dir
+
+    from training._common import CONFIG_DIR
+    from training.generate import generate
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return generate(compose(config_name="generate", overrides=list(overrides)))
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """twin-generate and twin-train (their configs and runs, in this process: a subprocess each
+    only added their imports, ~10 s), then twin-export and twin-serve as commands (their own
+    processes: the model store is BENTOML_HOME's, read when bentoml is imported)."""
     root = tmp_path_factory.mktemp("fields")
     data, run, home = root / "data", root / "run", root / "store"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    steps = [
-        [
-            "twin-generate",
-            "system=heat_plate",
-            f"+system.shape=[{SHAPE[0]},{SHAPE[1]}]",
-            "design.t_end=30.0",
-            "n_scenarios=24",
-            f"out_dir={data}",
-            "progress=false",
-            "snapshot_stride=5",
-        ],
-        [
-            "twin-train",
-            "experiment=heat_plate_rom",
-            f"+system.shape=[{SHAPE[0]},{SHAPE[1]}]",
-            f"data_dir={data}",
-            f"out_dir={run}",
-            "model.net.rank=4",
-            "ensemble.size=3",
-            "trainer.max_epochs=1",
-            "data.batch_size=8",
-            "model.net.hidden=16",
-            "speed_scenarios=2",
-            "logger=none",
-        ],
-        ["twin-export", f"run_dir={run}", "name=plate", "version=v1", "parity_scenarios=8"],
-    ]
-    for cmd in steps:
-        r = subprocess.run(
-            [os.path.join(BIN, cmd[0]), *cmd[1:]],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-        assert r.returncode == 0, f"{cmd[0]}: {r.stderr[-3000:]}"
+    shape = f"+system.shape=[{SHAPE[0]},{SHAPE[1]}]"
+    _generate_here(
+        "system=heat_plate",
+        shape,
+        "design.t_end=30.0",
+        "n_scenarios=24",
+        f"out_dir={data}",
+        "progress=false",
+        "snapshot_stride=5",
+    )
+    train_here(
+        "experiment=heat_plate_rom",
+        shape,
+        f"data_dir={data}",
+        f"out_dir={run}",
+        "model.net.rank=4",
+        "ensemble.size=3",
+        "trainer.max_epochs=1",
+        "data.batch_size=8",
+        "model.net.hidden=16",
+        "speed_scenarios=2",
+        "logger=none",
+    )
+    export = ["twin-export", f"run_dir={run}", "name=plate", "version=v1", "parity_scenarios=8"]
+    r = subprocess.run(
+        [os.path.join(BIN, export[0]), *export[1:]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 0, f"twin-export: {r.stderr[-3000:]}"
     proc, url = _start(env, root / "server.log", "plate:v1", f"max_field_values={LIMIT}")
     card = ModelCard.from_json((run / "export" / "manifest.json").read_text())
     yield url, card
