@@ -1,0 +1,482 @@
+"""The live twin on real brokers (twin_ml/stream/live.py, twin-stream): a synthetic pendulum record
+streamed through nats-server (JetStream) and amqtt, assimilated by the session's tiny exported
+hybrid, gives the very twin an in-process `Twin` fed the same samples once gives, and its
+estimates; a twin-stream killed with SIGKILL mid-stream and restarted loses nothing and
+assimilates nothing twice, nor does a consumer restarted before ack_wait has passed; a consumer
+that dies before it published a batch's estimates publishes them after its restart; bad traffic
+is counted and passed over. No timing is asserted: every wait is a hang guard.
+
+The stream's twin and the in-process one are the same computation (the same ONNX bytes stepping
+the same member batches from states restored bit for bit from JSON, the same random stream), so
+their states are compared exactly, as JSON."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from brokers import STARTUP_S
+
+from twin_ml.contract import ModelCard
+from twin_ml.stream.brokers import connect
+from twin_ml.stream.messages import TelemetryMessage, encode
+from twin_ml.stream.replay import replay_to
+
+pytest_plugins = ("brokers",)  # the nats_server and mqtt_broker fixtures
+
+BIN = Path(sys.executable).parent
+WAIT = 60.0  # seconds a test waits for a process or a message before it fails (a hang guard)
+STEPS = 120  # samples in the record
+NOISE = 0.02  # theta's measurement noise (rad)
+START = pd.Timestamp("2024-05-02T08:00:00Z")
+CREATE = {
+    "noise": {"theta": NOISE},
+    "initial_state": {"theta": 0.3, "omega": 0.0},
+    "initial_std": {"theta": 0.1, "omega": 0.1},
+    "estimate": {"damping": 0.2},
+    "filter": {"members": 12, "seed": 3, "inflation": 1.02},
+}
+
+EXPORT = """
+import sys
+from pathlib import Path
+from twin_ml import registry
+from twin_ml._io import atomic_write_bytes, atomic_write_json
+from twin_ml.export.export import export_run
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+blob, card = export_run(run, name="pend", version="v1", parity_scenarios=4, parity_steps=10)
+registry.save("pend", "v1", blob, card)
+atomic_write_bytes(out / "model.onnx", blob)
+atomic_write_json(out / "manifest.json", card.to_json(store=True))
+"""
+
+
+@pytest.fixture(scope="module")
+def model(pendulum_hybrid_run, tmp_path_factory):
+    """The session's tiny pendulum hybrid exported once for the module and saved as pend:v1 in
+    a model store of its own (BENTOML_HOME in `env`, for twin-stream): (env, bytes, card)."""
+    root = tmp_path_factory.mktemp("live-model")
+    env = {**os.environ, "BENTOML_HOME": str(root / "store"), "BENTOML_DO_NOT_TRACK": "True"}
+    run, _ = pendulum_hybrid_run
+    r = subprocess.run(
+        [sys.executable, "-c", EXPORT, str(run), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = ModelCard.from_json((root / "manifest.json").read_text())
+    return env, (root / "model.onnx").read_bytes(), card
+
+
+@pytest.fixture(scope="module")
+def forecast(model):
+    from twin_ml.assimilate.filter import OnnxForecast
+
+    _, blob, card = model
+    return OnnxForecast(blob, card)
+
+
+@pytest.fixture(scope="module")
+def record(model):
+    """(t [T] on the model's grid, torque [T, 1], measured theta [T, 1], the messages): the
+    pendulum solver's truth (true parameters, a slow sine torque) at the model's dt, theta
+    measured with seeded noise; one message per sample in the model's own names, seq 0.."""
+    from twin_ml.physics.solver import solve_stacked
+
+    _, _, card = model
+    system = card.system.build()
+    dt = card.time.dt
+    t = np.arange(STEPS) * dt
+    u = (0.2 * np.sin(0.7 * t))[:, None]
+    x = solve_stacked(system, t, u[None], np.array([[1.0, 0.2, 1.0]]), np.array([[0.4, 0.0]])).x
+    y = x[0][:, [0]] + np.random.default_rng(11).normal(size=(STEPS, 1)) * NOISE
+    return t, u, y, [message(k, dt, u[k, 0], y[k, 0]) for k in range(STEPS)]
+
+
+def message(k: int, dt: float, torque: float, theta: float) -> TelemetryMessage:
+    """Sample k as a message: its time START + k dt (whole nanoseconds), in the model's names."""
+    at = START + pd.Timedelta(int(round(k * dt * 1e9)), "ns")
+    return TelemetryMessage(at, {"torque": float(torque), "theta": float(theta)}, seq=k)
+
+
+@pytest.fixture(scope="module")
+def reference(model, forecast, record):
+    """The in-process twin of CREATE fed samples [a, b) with `Twin.assimilate`, one batch:
+    (its state, its per-sample answers), as JSON."""
+    from twin_ml.assimilate.twin import Observation, Twin
+
+    _, _, card = model
+    t, u, y, _ = record
+
+    def fed(b: int = STEPS, a: int = 0):
+        twin = Twin.create(card, forecast, {**CREATE, "t0": t[a], "inputs": {"torque": u[a, 0]}})
+        answer = twin.assimilate(Observation(t[a:b], u[a:b], y[a:b]))
+        return as_json(twin.state()), as_json(answer["samples"])
+
+    return fed
+
+
+def as_json(obj):
+    return json.loads(json.dumps(obj))
+
+
+def live_twin(model, forecast, path: Path, twin_id: str, **kwargs):
+    """A LiveTwin of CREATE on a SQLite store (and archive) under `path`: (live, store)."""
+    from twin_ml.stream.live import LiveTwin, model_contract
+    from twin_ml.stream.store import TwinStore, sqlite_url
+
+    _, _, card = model
+    store = TwinStore(sqlite_url(path / "twins.sqlite"))
+    archive = path / "archive"
+    live = LiveTwin(
+        store, card, forecast, model_contract(card), twin_id, create=CREATE, archive=archive
+    )
+    return live, store
+
+
+def stored(store, twin_id: str):
+    """The twin's state in the store, without the stream's own bookkeeping (its epoch)."""
+    state = dict(store.get(twin_id).state)
+    assert state.pop("stream")["epoch"] == "2024-05-02T08:00:00Z"
+    return state
+
+
+def archived(folder: Path) -> pd.DataFrame:
+    """Every archive part of a twin, rows in time order."""
+    parts = sorted(folder.glob("part-*.parquet"))
+    assert parts, f"no archive parts in {folder}"
+    return pd.concat([pd.read_parquet(p) for p in parts]).sort_values("t", kind="stable")
+
+
+def check_archive(folder: Path, record) -> None:
+    """The archive holds each sample of the record exactly once, with its values."""
+    t, u, y, _ = record
+    frame = archived(folder)
+    assert frame["seq"].tolist() == list(range(STEPS))  # none missing, none twice
+    assert np.array_equal(frame["torque"].to_numpy(), u[:, 0])
+    assert np.array_equal(frame["theta"].to_numpy(), y[:, 0])
+
+
+async def read_subject(url: str, subject: str, name: str, stream: str, n: int) -> list[dict]:
+    """The first n messages on a NATS subject (a durable consumer of its own), as JSON."""
+    async with await connect(url, name=name, stream=stream) as b:
+        sub = await b.subscribe(subject)
+        got = []
+        for _ in range(n):
+            d = await sub.next(timeout=WAIT)
+            got.append(json.loads(d.payload))
+            await d.ack()
+        assert await b.pending() == (0, 0)  # and no more than n
+    return got
+
+
+# ---- NATS JetStream, in process -----------------------------------------------------------------
+
+
+def test_a_stream_through_jetstream_gives_the_in_process_twin(
+    nats_server, model, forecast, record, reference, tmp_path
+):
+    """The record published, then drained by `consume` (batches of 16): every sample assimilated
+    once; the twin in the store is the in-process twin fed every sample, state for state; one
+    estimate per sample went out with the in-process one-step prediction and filtered outputs;
+    the archive holds every sample once."""
+    from twin_ml.stream.live import consume
+
+    url, subject, stream = nats_server.url, "plant.pend.telemetry", "LIVE"
+    live, store = live_twin(model, forecast, tmp_path, "pend-nats")
+    *_, messages = record
+
+    async def main():
+        sent = await replay_to(url, subject, messages, speed=0, stream=stream, progress=False)
+        result = await consume(
+            url, subject, live, name="pend-nats", estimates="plant.pend.estimates",
+            batch=16, max_messages=STEPS, idle_s=WAIT, stream=stream,
+        )  # fmt: skip
+        est = await read_subject(url, "plant.pend.estimates", "est-reader", stream, STEPS)
+        return sent, result, est
+
+    sent, result, estimates = asyncio.run(main())
+    assert (result.delivered, result.assimilated, result.published) == (STEPS, STEPS, STEPS)
+    assert (result.duplicates, result.refused, result.resets) == (0, 0, 0)
+    state, samples = reference()
+    assert stored(store, "pend-nats") == state
+    assert store.get("pend-nats").last_seq == sent.last_sequence
+    assert [e["seq"] for e in estimates] == list(range(STEPS))
+    for e, want in zip(estimates, samples):
+        assert e["twin"] == "pend-nats"
+        assert e["timestamp"] == messages[e["seq"]].to_dict()["timestamp"]
+        assert {k: e[k] for k in want} == want
+    check_archive(tmp_path / "archive" / "pend-nats", record)
+
+
+def test_a_consumer_restarted_before_ack_wait_has_passed_loses_nothing(
+    nats_server, model, forecast, record, reference, tmp_path
+):
+    """A consumer fetches 16 deliveries, assimilates and saves the first 8 (the store's last_seq
+    moves past them) and dies without acking any. More messages come, and a new consumer under
+    the same name starts before ack_wait has passed: JetStream would hand it those newer
+    messages before it redelivers the 16. Every sample is still assimilated once: the 8 saved
+    ones come again and are skipped, the 8 fetched but never handled are assimilated, in order."""
+    from twin_ml.stream.live import consume
+
+    url, subject, stream, name = nats_server.url, "plant.early.telemetry", "EARLY", "pend-early"
+    live, store = live_twin(model, forecast, tmp_path, name)
+    *_, messages = record
+
+    async def main():
+        await replay_to(url, subject, messages[:40], speed=0, stream=stream, progress=False)
+        async with await connect(url, name=name, stream=stream, ack_wait=3, batch=16) as b:
+            sub = await b.subscribe(subject)
+            got = [await sub.next(timeout=WAIT) for _ in range(16)]
+            assert live.handle([(d.message(), d.sequence) for d in got[:8]]).assimilated == 8
+        # closed without an ack: the 16 stay pending until ack_wait has passed
+        await replay_to(url, subject, messages[40:], speed=0, stream=stream, progress=False)
+        result = await consume(
+            url, subject, live, name=name, batch=8, max_messages=STEPS, idle_s=WAIT,
+            stream=stream, ack_wait=3,
+        )  # fmt: skip
+        async with await connect(url, name=name, stream=stream) as b:
+            return result, await b.pending()
+
+    result, pending = asyncio.run(main())
+    assert (result.assimilated, result.duplicates) == (STEPS - 8, 8)
+    assert pending == (0, 0)
+    assert stored(store, name) == reference()[0]
+    check_archive(tmp_path / "archive" / name, record)
+
+
+class Died(Exception):
+    """A consumer's death, at a point a test picks."""
+
+
+def test_a_consumer_that_dies_before_publishing_a_batch_s_estimates_publishes_them_again(
+    nats_server, model, forecast, record, reference, tmp_path, monkeypatch
+):
+    """A consumer dies at the first estimate it publishes (the broker's publish to the
+    estimates subject raises): the batch it had assimilated is not acked. Restarted, it gets
+    that batch again: every sample's estimate goes out (at least once, each the in-process
+    one), and the twin is the in-process twin fed every sample once."""
+    from twin_ml.stream.brokers import JetStreamBroker
+    from twin_ml.stream.live import consume
+
+    url, subject, stream, name = nats_server.url, "plant.die.telemetry", "DIE", "pend-die"
+    estimates = "plant.die.estimates"
+    live, store = live_twin(model, forecast, tmp_path, name)
+    *_, messages = record
+    publish = JetStreamBroker.publish
+
+    async def dying(self, to, payload, **kwargs):
+        if to == estimates:
+            raise Died(to)
+        return await publish(self, to, payload, **kwargs)
+
+    async def run():
+        return await consume(
+            url, subject, live, name=name, estimates=estimates, batch=16,
+            max_messages=STEPS, idle_s=WAIT, stream=stream, ack_wait=1,
+        )  # fmt: skip
+
+    asyncio.run(replay_to(url, subject, messages, speed=0, stream=stream, progress=False))
+    monkeypatch.setattr(JetStreamBroker, "publish", dying)
+    with pytest.raises(Died):
+        asyncio.run(run())
+    monkeypatch.setattr(JetStreamBroker, "publish", publish)
+    result = asyncio.run(run())
+    got = asyncio.run(read_subject(url, estimates, "die-reader", stream, result.published))
+    assert sorted({e["seq"] for e in got}) == list(range(STEPS))
+    state, samples = reference()
+    for e in got:
+        want = samples[e["seq"]]
+        assert {k: e[k] for k in want} == want
+    assert stored(store, name) == state
+
+
+# ---- twin-stream killed and restarted ------------------------------------------------------------
+
+
+WARM = """
+import sys
+import bentoml, nats, pyarrow.parquet  # what twin-stream loads, loaded before the go
+import twin_ml.assimilate.filter, twin_ml.stream.live, twin_ml.stream.store
+from training.stream import main
+sys.stdin.readline()
+main(sys.argv[1:])
+"""
+
+
+def twin_stream(env, url: str, subject: str, twin: str, root: Path, *extra: str, warm=False):
+    """twin-stream of pend:v1 in a process of its own (store, archive and summary under root),
+    batches of 8, ack_wait 1 s; its output in root/stream-N.log. warm: the command's own `main`
+    in a process that has loaded its modules and runs it when a line comes on its stdin (`go`):
+    a restart that does not wait for its imports."""
+    n = len(list(root.glob("stream-*.log")))
+    log = root / f"stream-{n}.log"
+    args = ["model=pend:v1", f"url={url}", f"subject={subject}", f"twin={twin}"]
+    args += [f"create={json.dumps(CREATE)}", "stream=KILL", "batch=8", "ack_wait=1"]
+    args += ["progress=false", f"twins_store={root / 'twins.sqlite'}"]
+    args += [f"archive={root / 'archive'}", f"out_dir={root / 'out'}", *extra]
+    command = [sys.executable, "-c", WARM] if warm else [str(BIN / "twin-stream")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command + args,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if warm else subprocess.DEVNULL,
+        )
+    proc.log = log
+    return proc
+
+
+def go(proc) -> None:
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+
+
+def wait_until(check, proc, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not check():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"twin-stream: {what} did not happen:\n{proc.log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def test_twin_stream_killed_mid_stream_and_restarted_loses_nothing(
+    nats_server, model, record, reference, tmp_path
+):
+    """twin-stream drains a backlog of the record's first 90 samples and is killed with SIGKILL
+    as soon as the store's last_seq has moved (a batch saved; the next ones fetched, some
+    perhaps assimilated, saved or archived, none of that acked); the last 30 samples are
+    published after the kill. Restarted under the same twin id until idle, it assimilates
+    exactly the samples the killed one had not saved: the twin in the store is the in-process
+    twin fed every sample once (none lost, none twice), and the archive holds every sample
+    once."""
+    from twin_ml.stream.store import TwinNotFound, TwinStore, sqlite_url
+
+    env, _, _ = model
+    url, subject, twin = nats_server.url, "plant.kill.telemetry", "pend-kill"
+    *_, messages = record
+    store = TwinStore(sqlite_url(tmp_path / "twins.sqlite"))  # the table exists before either
+
+    def publish(part):
+        return asyncio.run(replay_to(url, subject, part, speed=0, stream="KILL", progress=False))
+
+    def last_seq():
+        try:
+            return store.get(twin).last_seq
+        except TwinNotFound:
+            return None
+
+    backlog = publish(messages[:90])
+    proc = twin_stream(env, url, subject, twin, tmp_path)
+    again = twin_stream(env, url, subject, twin, tmp_path, "idle=3", warm=True)
+    try:
+        wait_until(lambda: last_seq() is not None, proc, "a batch saved")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=WAIT) == -signal.SIGKILL
+        killed_at = last_seq()
+        after = publish(messages[90:])
+        go(again)
+        assert again.wait(timeout=STARTUP_S + WAIT) == 0, again.log.read_text()[-3000:]
+    finally:
+        for p in (proc, again):
+            p.kill()
+            p.wait()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert last_seq() == after.last_sequence
+    # the restart assimilated what the killed one had not saved, and skipped what it had
+    saved = killed_at - backlog.first_sequence + 1  # one subject on the stream: no gaps
+    assert 0 < saved < STEPS
+    assert summary["assimilated"] == STEPS - saved
+    assert summary["assimilated"] + summary["duplicates"] == summary["delivered"]
+    assert (summary["refused"], summary["resets"]) == (0, 0)
+    assert stored(store, twin) == reference()[0]
+    check_archive(tmp_path / "archive" / twin, record)
+    store.close()
+
+
+# ---- bad traffic ---------------------------------------------------------------------------------
+
+
+def test_bad_messages_are_counted_and_the_stream_goes_on(
+    nats_server, model, forecast, record, reference, tmp_path
+):
+    """After 10 good samples: a payload that is no message, a repeat of sample 5's time (another
+    value), a time half a step off the grid; then 10 good samples. The broken payload and the
+    off-grid time are refused, the repeat is a duplicate, all of them acked; the good samples are
+    assimilated as the in-process twin does them."""
+    from twin_ml.stream.live import consume
+
+    url, subject, stream, name = nats_server.url, "plant.bad.telemetry", "BAD", "pend-bad"
+    live, store = live_twin(model, forecast, tmp_path, name)
+    t, u, y, messages = record
+    dt = t[1] - t[0]
+    repeat = message(5, dt, u[5, 0], y[5, 0] + 1.0)
+    off = TelemetryMessage(START + pd.Timedelta(seconds=10.5 * dt), {"torque": 0.0, "theta": 0.1})
+
+    async def main():
+        async with await connect(url, stream=stream) as pub:
+            for m in messages[:10]:
+                await pub.publish(subject, encode(m))
+            # the first 10 in batches of their own: a repeat within one batch replaces the value
+            first = await consume(
+                url, subject, live, name=name, max_messages=10, idle_s=WAIT, stream=stream
+            )
+            await pub.publish(subject, b'{"timestamp": "2024-05-02T08:00:01Z", "values": ')
+            await pub.publish(subject, encode(repeat))
+            await pub.publish(subject, encode(off))
+            for m in messages[10:20]:
+                await pub.publish(subject, encode(m))
+        then = await consume(
+            url, subject, live, name=name, max_messages=13, idle_s=WAIT, stream=stream
+        )
+        async with await connect(url, name=name, stream=stream) as b:
+            return first, then, await b.pending()
+
+    first, then, pending = asyncio.run(main())
+    assert (first.assimilated, first.refused, first.duplicates) == (10, 0, 0)
+    assert (then.delivered, then.assimilated) == (13, 10)
+    assert (then.refused, then.duplicates) == (2, 1)
+    assert then.reasons[0].startswith("sequence ") and ": payload: " in then.reasons[0]
+    assert "not within 0.25 dt of the model's grid" in then.reasons[1]
+    assert pending == (0, 0)  # the bad ones acked too: nothing comes again
+    assert stored(store, name) == reference(20)[0]
+
+
+# ---- MQTT (amqtt) --------------------------------------------------------------------------------
+
+
+def test_a_stream_through_mqtt_gives_the_in_process_twin(
+    mqtt_broker, model, forecast, record, reference, tmp_path
+):
+    """The record published to amqtt while the twin's persistent session (a named user on a
+    broker that refuses anonymous clients) is offline, then consumed: the same twin as in
+    process, each sample archived once (MQTT has no stream sequence: dedup by time)."""
+    from twin_ml.stream.live import consume
+
+    url, topic, name = mqtt_broker.url, "plant/pend/telemetry", "pend-mqtt"
+    live, store = live_twin(model, forecast, tmp_path, name)
+    *_, messages = record
+
+    async def main():
+        async with await connect(url, name=name) as b:  # the session and its subscription
+            await b.subscribe(topic)
+        await replay_to(url, topic, messages, speed=0, progress=False)
+        return await consume(url, topic, live, name=name, batch=16, max_messages=STEPS, idle_s=WAIT)
+
+    result = asyncio.run(main())
+    assert (result.delivered, result.assimilated, result.duplicates) == (STEPS, STEPS, 0)
+    assert store.get(name).last_seq is None
+    assert stored(store, name) == reference()[0]
+    check_archive(tmp_path / "archive" / name, record)
