@@ -114,6 +114,9 @@ class LiveTwin:
             if key in self.create:
                 raise ValueError(f"create.{key}: set from the first message; leave it out")
         self.snap = snap
+        # (twin, its record, stream) as this consumer last saved them: the next batch goes on
+        # from memory; a save that finds another writer's version drops it (read again)
+        self._kept: tuple | None = None
         self.archive = Path(archive) / twin_id if archive else None
         self.inputs = card.system.input_names
         self.outputs = card.system.output_names
@@ -121,6 +124,8 @@ class LiveTwin:
 
     # ---- the twin in the store ---------------------------------------------------------------
     def _load(self):
+        if self._kept is not None:  # this consumer saved it last: the store's row is this
+            return self._kept
         try:
             rec = self.store.get(self.twin_id)
         except TwinNotFound:
@@ -140,6 +145,13 @@ class LiveTwin:
     def handle(self, items: list[tuple[Any, int | None]], *, save: bool = True) -> Outcome:
         """Assimilate a batch of (TelemetryMessage, stream sequence or None), persist it
         (`save` False: later, by `save(outcome)`, once its estimates are out)."""
+        try:
+            return self._handle(items, save)
+        except BaseException:
+            self._kept = None  # a batch that failed half-way: its twin is not the store's
+            raise
+
+    def _handle(self, items: list[tuple[Any, int | None]], save: bool) -> Outcome:
         from twin_ml.stream.messages import iso, to_samples
 
         out = Outcome()
@@ -207,7 +219,7 @@ class LiveTwin:
         self._assimilate(twin, pending, samples, out)
         self._archive(samples, sequences)
         state = {**twin.state(), "stream": stream}
-        out.unsaved = (rec, state, max(sequences) if sequences else None)
+        out.unsaved = (rec, state, max(sequences) if sequences else None, twin, stream)
         if save:
             self.save(out)
         return out
@@ -217,11 +229,13 @@ class LiveTwin:
         the batch assimilated nothing)."""
         if out.unsaved is None:
             return
-        rec, state, batch_seq = out.unsaved
+        rec, state, batch_seq, twin, stream = out.unsaved
+        self._kept = None
         if rec is None:
-            self.store.create(self.twin_id, self.model, state, last_seq=batch_seq)
+            rec = self.store.create(self.twin_id, self.model, state, last_seq=batch_seq)
         else:
-            self.store.save(self.twin_id, state, rec.version, last_seq=batch_seq)
+            rec = self.store.save(self.twin_id, state, rec.version, last_seq=batch_seq)
+        self._kept = (twin, rec, stream)
         out.unsaved = None
 
     def _assimilate(self, twin: Twin, pending, samples, out: Outcome) -> None:
@@ -253,13 +267,14 @@ class LiveTwin:
     def _archive(self, samples, sequences: list[int]) -> None:
         if self.archive is None or not len(samples):
             return
-        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
         from twin_ml._io import atomic_write_bytes
 
-        frame = pd.DataFrame(
+        table = pa.table(
             {
-                "timestamp": samples.timestamps,
+                "timestamp": pa.array(samples.timestamps.asi8, pa.timestamp("ns", tz="UTC")),
                 "t": samples.t,
                 "seq": samples.seq,
                 **{name: samples.values[name] for name in samples.values},
@@ -271,7 +286,7 @@ class LiveTwin:
             name = f"part-t{samples.t[0]:.9g}.parquet"
         self.archive.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
+        pq.write_table(table, buf)
         atomic_write_bytes(self.archive / name, buf.getvalue())
 
 
@@ -308,12 +323,14 @@ async def consume(
     stream: str = "TELEMETRY",
     ack_wait: float = 30.0,
     timeout: float = 5.0,
+    linger_s: float = 0.002,
     progress: bool = False,
 ) -> StreamResult:
     """Subscribe to `subject` on the broker at `url` (durable, under `name`) and feed `live`
     batch by batch (see the module doc) until `max_messages` were delivered or none came for
-    `idle_s` seconds (None: run until cancelled). Estimates go to `estimates`, alarms to
-    `alarms` (NATS subjects or MQTT topics; on NATS the same JetStream stream stores them)."""
+    `idle_s` seconds (None: run until cancelled). A batch is what arrived within `linger_s` of
+    its first message, up to `batch`. Estimates go to `estimates`, alarms to `alarms` (NATS
+    subjects or MQTT topics; on NATS the same JetStream stream stores them)."""
     from tqdm import tqdm
 
     from twin_ml.stream.brokers import connect
@@ -334,6 +351,8 @@ async def consume(
         async def pull(wait: float | None):
             return ahead.popleft() if ahead else await sub.next(wait)
 
+        loop = asyncio.get_running_loop()
+
         while max_messages is None or result.delivered < max_messages:
             try:
                 first = await pull(idle_s)
@@ -341,9 +360,10 @@ async def consume(
                 break
             got = [first]
             want = batch if max_messages is None else min(batch, max_messages - result.delivered)
-            while len(got) < want:  # what has arrived already, without waiting
+            until = loop.time() + linger_s  # what arrives meanwhile joins the batch
+            while len(got) < want and loop.time() < until:
                 try:
-                    got.append(await pull(0.001))
+                    got.append(await pull(max(until - loop.time(), 1e-4)))
                 except TimeoutError:
                     break
             result.delivered += len(got)
@@ -363,7 +383,7 @@ async def consume(
             result.resets += out.resets
             result.alarms += len(out.alarms)
             result.reasons += out.reasons
-            if estimates:
+            if estimates:  # one at a time: in the samples' order on the subject
                 for e in out.estimates:
                     await broker.publish(estimates, json.dumps(e).encode())
                 result.published += len(out.estimates)
