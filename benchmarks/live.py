@@ -428,6 +428,63 @@ def throughput(url, blob, card, create, data, ref, ref_state, run: int) -> dict:
     }
 
 
+def ten_step(url, blob, card, create, data) -> dict:
+    """The 10-step predictions through the broker: a twin created with ahead=[10] reports with
+    each sample what it predicted 10 steps (40 s) before; scored against the measurements and
+    compared with the same twin fed the record in process (RMSE, coverage, max |difference|)."""
+    from twin_ml.assimilate.filter import Z90, OnnxForecast
+    from twin_ml.assimilate.twin import Observation, Twin
+    from twin_ml.stream.live import consume
+
+    t, u, y, init = data
+    n = len(t)
+    body = {**create, "ahead": [10]}
+    twin = Twin.create(
+        card,
+        OnnxForecast(blob, card),
+        {**body, "t0": float(t[0]), "inputs": {"pump": float(u[0, 0])}},
+    )
+    want = {
+        round(s["t"] / 4.0): s["ahead"]["10"]["h2"]
+        for s in twin.assimilate(Observation(t, u, y))["samples"]
+        if s.get("ahead")
+    }
+    root = WORK / "ahead"
+    shutil.rmtree(root, ignore_errors=True)
+    live, store = live_twin(blob, card, body, root, "tanks-ahead")
+    result = asyncio.run(
+        consume(
+            url, SUBJECT, live, name="tanks-ahead", estimates="plant.tanks.estimates.ahead",
+            batch=BATCH, max_messages=n, idle_s=WAIT, stream=STREAM,
+        )
+    )  # fmt: skip
+    store.close()
+    got = {}
+    for e in asyncio.run(read_all(url, "plant.tanks.estimates.ahead", "read-ahead")):
+        if e.get("ahead") and e["seq"] not in got:
+            got[e["seq"]] = e["ahead"]["10"]["h2"]
+
+    def scores(pred: dict) -> dict:
+        ks = [k for k in sorted(pred) if k >= init + 9]
+        e = np.array([y[k, 0] - pred[k]["mean"] for k in ks])
+        sd = np.array([pred[k]["std"] for k in ks])
+        return {
+            "rmse_10step": float(np.sqrt(np.mean(e**2))),
+            "coverage_90": float(np.mean(np.abs(e) <= Z90 * sd)),
+            "points": len(ks),
+        }
+
+    common = sorted(set(got) & set(want))
+    return {
+        "stream": scores(got),
+        "in_process": scores(want),
+        "max_abs_diff_mean": max(abs(got[k]["mean"] - want[k]["mean"]) for k in common),
+        "max_abs_diff_std": max(abs(got[k]["std"] - want[k]["std"]) for k in common),
+        "missing": len(set(want) - set(got)),
+        "messages_per_s": result.delivered / result.wall_s,
+    }
+
+
 def parts(url, blob, card, create, batch: int, m: int) -> dict:
     """The wall time of each part of the loop per message, `consume` (batch `batch`) draining
     the backlog's first m messages with a timed LiveTwin."""
@@ -737,6 +794,13 @@ def table(res: dict) -> str:
         row("one-step RMSE / open loop: in process", q["in_process"]["rmse_1step_ratio"]),
         row("90% coverage: stream", q["stream"]["coverage_90"]),
         row("90% coverage: in process", q["in_process"]["coverage_90"]),
+        row("10-step RMSE V: stream", q["ten_step"]["stream"]["rmse_10step"]),
+        row("10-step RMSE V: in process", q["ten_step"]["in_process"]["rmse_10step"]),
+        row("10-step 90% coverage: stream", q["ten_step"]["stream"]["coverage_90"]),
+        row("10-step 90% coverage: in process", q["ten_step"]["in_process"]["coverage_90"]),
+        row(
+            "max |10-step mean, stream - in process|", q["ten_step"]["max_abs_diff_mean"], "<= 1e-6"
+        ),
         row(
             "max |predicted mean, stream - in process|", q["max_abs_diff_predicted_mean"], "<= 1e-6"
         ),
@@ -830,6 +894,11 @@ def main() -> None:
             url, ref, create, n, env, ref_state, y, score_ref, fargs["init"]
         )  # fmt: skip
         prof = {} if args.quick or args.no_profile else profile(url, ref, create, n, env)
+        ahead = ten_step(url, blob, card, create, data)
+        log(
+            f"10-step through the stream: RMSE {ahead['stream']['rmse_10step']:.4g} V, coverage "
+            f"{ahead['stream']['coverage_90']:.3f}, max |diff| {ahead['max_abs_diff_mean']:.2g}"
+        )
 
     first = tp_runs[0]
     lat_counts = counts(lat_estimates, n)
@@ -845,6 +914,7 @@ def main() -> None:
         "max_abs_diff_predicted_mean": max(diffs),
         "max_abs_diff_predicted_std": max(r["max_abs_diff_predicted_std"] for r in tp_runs),
         "latency_run": lat_scores,
+        "ten_step": ahead,
     }
     clean = [*tp_runs, lat_counts]
     twice = [r.get("assimilated_twice") for r in tp_runs]
