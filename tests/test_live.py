@@ -480,3 +480,28 @@ def test_a_stream_through_mqtt_gives_the_in_process_twin(
     assert store.get(name).last_seq is None
     assert stored(store, name) == reference()[0]
     check_archive(tmp_path / "archive" / name, record)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give model=..., url=..., subject=..., twin=..."),
+        (["model=m:v", "url=http://h", "subject=s", "twin=t"], "url: 'http://h' has scheme 'http'"),
+        (
+            ["model=m:v", "url=nats://127.0.0.1:1", "subject=s", "twin=bad id"],
+            "twin: 'bad id' is not",
+        ),
+        (
+            ["model=m:v", "url=nats://127.0.0.1:1", "subject=s", "twin=t", "batch=0"],
+            "batch must be >= 1",
+        ),
+        (["model=m:v", "url=nats://127.0.0.1:1", "subject=s", "twin=t", "create={x"], "create: "),
+    ],
+)
+def test_twin_stream_refuses_bad_settings_by_name(argv, message, capsys):
+    from training.stream import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

@@ -128,6 +128,12 @@ def run(cfg: dict[str, Any]) -> Path:
     from twin_ml.stream.live import LiveTwin, consume
     from twin_ml.stream.store import TwinStore, check_id, sqlite_url
 
+    missing = [k for k in ("model", "url", "subject", "twin") if not cfg[k]]
+    if missing:
+        raise ValueError(
+            f"give {', '.join(f'{k}=...' for k in missing)} (model=NAME:VERSION "
+            "url=nats://HOST:PORT subject=SUBJECT twin=ID)"
+        )
     parse_url(cfg["url"])
     check_id(cfg["twin"], "twin")
     batch = _number(cfg, "batch", int, 1)
