@@ -218,6 +218,8 @@ KEY_VALUE = {
     "twin-calibrate": "training.calibrate",
     "twin-ingest": "training.ingest",
     "twin-monitor": "training.monitor",
+    "twin-stream": "training.stream",
+    "twin-replay": "training.replay",
 }
 
 
