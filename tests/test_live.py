@@ -505,3 +505,20 @@ def test_twin_stream_refuses_bad_settings_by_name(argv, message, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_batch_handled_and_not_saved_is_handled_again_by_the_same_consumer(
+    model, forecast, record, reference, tmp_path
+):
+    """The twin a consumer keeps between batches is handed to one batch at a time: a batch
+    handled but never saved (its estimates could not go out) comes again to the same LiveTwin
+    and is assimilated again from the saved twin, not skipped as already seen."""
+    t, u, y, messages = record
+    live, store = live_twin(model, forecast, tmp_path, "pend-kept")
+    items = [(m, k + 1) for k, m in enumerate(messages)]
+    live.handle(items[:20])  # saved
+    lost = live.handle(items[20:40], save=False)  # handled, never saved
+    again = live.handle(items[20:40])
+    assert (lost.assimilated, again.assimilated, again.duplicates) == (20, 20, 0)
+    assert stored(store, "pend-kept") == reference(40)[0]
+    store.close()

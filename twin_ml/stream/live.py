@@ -125,7 +125,8 @@ class LiveTwin:
     # ---- the twin in the store ---------------------------------------------------------------
     def _load(self):
         if self._kept is not None:  # this consumer saved it last: the store's row is this
-            return self._kept
+            kept, self._kept = self._kept, None  # handed to one batch; its save puts it back
+            return kept
         try:
             rec = self.store.get(self.twin_id)
         except TwinNotFound:
