@@ -316,6 +316,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _without_series(obj):
+    """The results without the per-sample series (they are in the plot)."""
+    if isinstance(obj, dict):
+        return {k: _without_series(v) for k, v in obj.items() if k != "series"}
+    if isinstance(obj, list):
+        return [_without_series(v) for v in obj]
+    return obj
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -336,8 +345,8 @@ def main(argv=None) -> int:
         results["silverbox"] = silverbox(Path(args.silverbox_run), args.silverbox_samples)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, json.dumps(results, indent=1).encode())
     plot(results, out.with_suffix(".png"))
+    atomic_write_bytes(out, json.dumps(_without_series(results), indent=1).encode())
     print(table(results))
     print(out)
     return 0
