@@ -103,7 +103,7 @@ def trained(experiment: str, run: Path) -> Path:
     return run
 
 
-def _prior(spec, y0: float, nx: int):
+def _prior(spec, y0: float):
     mean = np.array([y0 if v is None else v for v in spec["x0"][0]], dtype=float)
     return mean, np.array(spec["x0"][1], dtype=float)
 
@@ -112,24 +112,27 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
     """The process noise whose one-step band covers closest to 0.9 on `tune`; `test` scored."""
     p = np.array(spec["parameters"])
     scale = np.array(spec.get("scale", [1.0] * len(system.state_names)))
-    tried = []
-    for q in spec["process"]:
-        t, u, y = tune
-        settings = FilterSettings(members=MEMBERS, process=tuple(q * scale), seed=0)
-        t0 = time.perf_counter()
-        sc = score_record(
+
+    def score(record, q: float, **kw):
+        t, u, y = record
+        return score_record(
             system,
             forecast,
             t,
             u,
             y,
             np.array([spec["noise"]]),
-            _prior(spec, y[0, 0], len(system.state_names)),
+            _prior(spec, y[0, 0]),
             (p, np.zeros(len(p))),
-            settings,
-            horizons=(1,),
+            FilterSettings(members=MEMBERS, process=tuple(q * scale), seed=0),
             init=spec["init"],
+            **kw,
         )
+
+    tried = []
+    for q in spec["process"]:
+        t0 = time.perf_counter()
+        sc = score(tune, q, horizons=(1,))
         tried.append(
             {
                 "process": q,
@@ -141,23 +144,8 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
         print(f"  {name} tune process={q:g}: ratio {sc.ratio(1):.3f} cov {sc.coverage_90[1]:.3f}")
     best = min(tried, key=lambda r: abs(r["coverage_90"] - 0.9))
     t, u, y = test
-    settings = FilterSettings(members=MEMBERS, process=tuple(best["process"] * scale), seed=0)
     t0 = time.perf_counter()
-    sc = score_record(
-        system,
-        forecast,
-        t,
-        u,
-        y,
-        np.array([spec["noise"]]),
-        _prior(spec, y[0, 0], len(system.state_names)),
-        (p, np.zeros(len(p))),
-        settings,
-        horizons=HORIZONS,
-        init=spec["init"],
-        every=every,
-        progress=True,
-    )
+    sc = score(test, best["process"], horizons=HORIZONS, every=every, progress=True)
     seconds = time.perf_counter() - t0
     return {
         "forecast": name,

@@ -71,6 +71,44 @@ def pendulum_data(tmp_path_factory):
     return out
 
 
+_STORE_EXPORT = """
+import sys
+from pathlib import Path
+from twin_ml import registry
+from twin_ml._io import atomic_write_bytes, atomic_write_json
+from twin_ml.export.export import export_run
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+blob, card = export_run(run, name="pend", version="v1", parity_scenarios=4, parity_steps=10)
+registry.save("pend", "v1", blob, card)
+atomic_write_bytes(out / "model.onnx", blob)
+atomic_write_json(out / "manifest.json", card.to_json(store=True))
+"""
+
+
+def stored_pendulum(run: Path, root: Path, **env: str):
+    """The run exported as pend:v1 into a model store of its own under `root` (a process of its
+    own: the store's place is fixed when bentoml is imported): (env with BENTOML_HOME and the
+    extra `env`, the ONNX bytes, the card)."""
+    from twin_ml.contract import ModelCard
+
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(root / "store"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        **env,
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", _STORE_EXPORT, str(run), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = ModelCard.from_json((root / "manifest.json").read_text())
+    return env, (root / "model.onnx").read_bytes(), card
+
+
 def train_here(*overrides):
     """twin-train's config and run in this process (the checks and the run are the command's own;
     what only the command adds, the one-line error and exit status, is tested by subprocess

@@ -12,7 +12,6 @@ their states are compared exactly, as JSON."""
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from brokers import STARTUP_S
+from conftest import stored_pendulum
 
-from twin_ml.contract import ModelCard
 from twin_ml.stream.brokers import connect
 from twin_ml.stream.messages import TelemetryMessage, encode
 from twin_ml.stream.replay import replay_to
@@ -44,37 +43,13 @@ CREATE = {
     "filter": {"members": 12, "seed": 3, "inflation": 1.02},
 }
 
-EXPORT = """
-import sys
-from pathlib import Path
-from twin_ml import registry
-from twin_ml._io import atomic_write_bytes, atomic_write_json
-from twin_ml.export.export import export_run
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
-blob, card = export_run(run, name="pend", version="v1", parity_scenarios=4, parity_steps=10)
-registry.save("pend", "v1", blob, card)
-atomic_write_bytes(out / "model.onnx", blob)
-atomic_write_json(out / "manifest.json", card.to_json(store=True))
-"""
-
 
 @pytest.fixture(scope="module")
 def model(pendulum_hybrid_run, tmp_path_factory):
     """The session's tiny pendulum hybrid exported once for the module and saved as pend:v1 in
     a model store of its own (BENTOML_HOME in `env`, for twin-stream): (env, bytes, card)."""
-    root = tmp_path_factory.mktemp("live-model")
-    env = {**os.environ, "BENTOML_HOME": str(root / "store"), "BENTOML_DO_NOT_TRACK": "True"}
     run, _ = pendulum_hybrid_run
-    r = subprocess.run(
-        [sys.executable, "-c", EXPORT, str(run), str(root)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    card = ModelCard.from_json((root / "manifest.json").read_text())
-    return env, (root / "model.onnx").read_bytes(), card
+    return stored_pendulum(run, tmp_path_factory.mktemp("live-model"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from brokers import free_port
+from conftest import stored_pendulum
 
 from serving.twins import encode
-from twin_ml.contract import ModelCard
 from twin_ml.stream.store import (
     StaleVersion,
     StoreFull,
@@ -108,48 +108,13 @@ def test_the_table_is_portable_to_postgresql():
 
 
 # ---- a model and a server ------------------------------------------------------------------------
-EXPORT = """
-import sys
-from pathlib import Path
-from twin_ml import registry
-from twin_ml._io import atomic_write_bytes, atomic_write_json
-from twin_ml.export.export import export_run
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
-blob, card = export_run(run, name="pend", version="v1", parity_scenarios=4, parity_steps=10)
-registry.save("pend", "v1", blob, card)
-atomic_write_bytes(out / "model.onnx", blob)
-atomic_write_json(out / "manifest.json", card.to_json(store=True))
-"""
-
-
 @pytest.fixture(scope="module")
 def model(pendulum_hybrid_run, tmp_path_factory):
     """The session's tiny pendulum hybrid exported (as tests/test_assimilate.py does) and stored
     in a store of this module's: (env, onnx bytes, card)."""
     root = tmp_path_factory.mktemp("twins")
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(root / "store"),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "TWIN_ML_MAX_BODY_BYTES": str(MAX_BODY),
-    }
     run, _ = pendulum_hybrid_run
-    r = subprocess.run(
-        [sys.executable, "-c", EXPORT, str(run), str(root)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    card = ModelCard.from_json((root / "manifest.json").read_text())
-    return env, (root / "model.onnx").read_bytes(), card, root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return (*stored_pendulum(run, root, TWIN_ML_MAX_BODY_BYTES=str(MAX_BODY)), root)
 
 
 class Server:
@@ -161,7 +126,7 @@ class Server:
         self.proc, self.url, self.starts = None, None, 0
 
     def start(self) -> None:
-        port = _free_port()
+        port = free_port()
         self.starts += 1
         self.log = self.root / f"server-{self.starts}.log"
         with open(self.log, "w") as log:

@@ -43,7 +43,7 @@ import numpy as np
 
 from twin_ml.assimilate.filter import METHODS, Ahead, EnsembleFilter, Estimate, FilterSettings
 from twin_ml.contract import ModelCard, RequestError
-from twin_ml.contract.requests import by_name, number, numbers, physical
+from twin_ml.contract.requests import by_name, number, numbers, physical, quantile_levels
 from twin_ml.drift import cusum_step
 
 CREATE_FIELDS = (
@@ -531,15 +531,7 @@ class Twin:
             times = numbers(body["times"], "forecast.times")
             _times(self.card, times, t_now, self.spec.t0, "forecast.times")
         u = _inputs(self.card, body.get("inputs"), len(times), "forecast.inputs")
-        qs = body.get("quantiles") or []
-        if not isinstance(qs, list) or len(qs) > 32:
-            raise RequestError(
-                "forecast.quantiles", "must be a list of at most 32 levels in (0, 1)"
-            )
-        qs = [number(q, f"forecast.quantiles[{i}]") for i, q in enumerate(qs)]
-        for i, q in enumerate(qs):
-            if not 0 < q < 1:
-                raise RequestError(f"forecast.quantiles[{i}]", f"must be in (0, 1), got {q}")
+        qs = quantile_levels(body.get("quantiles"), "forecast.quantiles")
         out = self.filter.forecast_ahead(times, u)
         from scipy.stats import norm
 

@@ -148,6 +148,21 @@ def physical(var: Variable, value: float, where: str, lo_v: float | None = None)
         )
 
 
+def quantile_levels(given: Any, where: str) -> list[float]:
+    """Requested quantile levels: at most MAX_QUANTILES numbers in (0, 1) that differ as the
+    answer names them ({q:g}); none given: []."""
+    qs = given or []
+    if not isinstance(qs, list) or len(qs) > MAX_QUANTILES:
+        raise RequestError(where, f"must be a list of at most {MAX_QUANTILES} levels in (0, 1)")
+    qs = [number(q, f"{where}[{i}]") for i, q in enumerate(qs)]
+    for i, q in enumerate(qs):
+        if not 0 < q < 1:
+            raise RequestError(f"{where}[{i}]", f"must be in (0, 1), got {q}")
+    if len({f"{q:g}" for q in qs}) != len(qs):
+        raise RequestError(where, f"levels must differ (as the answer names them, {{q:g}}): {qs}")
+    return qs
+
+
 # ---- scenarios ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Scenario:
@@ -232,19 +247,7 @@ def parse_scenario(
         u[:, j] = numbers(given_u[var.name], at, len(t), per=" (one per time point)")
         physical(var, float(u[:, j].max()), at, float(u[:, j].min()))
 
-    qs = sc.get("quantiles") or []
-    if not isinstance(qs, list) or len(qs) > MAX_QUANTILES:
-        raise RequestError(
-            f"{where}.quantiles", f"must be a list of at most {MAX_QUANTILES} levels in (0, 1)"
-        )
-    qs = [number(q, f"{where}.quantiles[{i}]") for i, q in enumerate(qs)]
-    for i, q in enumerate(qs):
-        if not 0 < q < 1:
-            raise RequestError(f"{where}.quantiles[{i}]", f"must be in (0, 1), got {q}")
-    if len({f"{q:g}" for q in qs}) != len(qs):
-        raise RequestError(
-            f"{where}.quantiles", f"levels must differ (as the answer names them, {{q:g}}): {qs}"
-        )
+    qs = quantile_levels(sc.get("quantiles"), f"{where}.quantiles")
     field_steps = _field_steps(card, sc.get("fields"), f"{where}.fields", t)
     reasons, distance = card.domain.check(system, p, x0, u)
     if reasons and strict:

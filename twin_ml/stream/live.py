@@ -127,15 +127,19 @@ class LiveTwin:
         if self._kept is not None:  # this consumer saved it last: the store's row is this
             kept, self._kept = self._kept, None  # handed to one batch; its save puts it back
             return kept
+        # read from the store (a start, or a batch that was not saved): drop archive parts of
+        # batches it never saved first
         try:
             rec = self.store.get(self.twin_id)
         except TwinNotFound:
+            self._prune(None)
             return None, None, None
         if rec.model != self.model:
             raise ValueError(
                 f"twin {self.twin_id!r} was created on model {rec.model}; this stream runs "
                 f"{self.model}: use another twin id, or the twin's model"
             )
+        self._prune(rec.last_seq)
         return Twin.restore(self.card, self.forecast, rec.state), rec, rec.state["stream"]
 
     def _new(self, u0: np.ndarray, t0: float) -> Twin:
@@ -158,7 +162,6 @@ class LiveTwin:
         out = Outcome()
         twin, rec, stream = self._load()
         last_seq = rec.last_seq if rec is not None else None
-        self._prune(last_seq)
         fresh = [(m, s) for m, s in items if s is None or last_seq is None or s > last_seq]
         out.duplicates += len(items) - len(fresh)
         if not fresh:
