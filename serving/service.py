@@ -3,6 +3,7 @@
     TWIN_ML_MODEL=pendulum_node:production \
         bentoml serve serving.service:TwinService --host 127.0.0.1
     twin-serve model=pendulum_node:production [port=3000]
+    twin-models bento pendulum_node:production && bentoml serve pendulum_node:latest
 
 The model comes from the store (BENTOML_HOME) as NAME:VERSION, NAME:latest or NAME:<stage>; its
 bytes are read once at import and hash-verified, and every onnxruntime session (the runtime's,
@@ -10,6 +11,12 @@ each calibration's) opens those bytes, never the file: a model file replaced or 
 the server runs changes nothing it answers (a restart refuses it). The request and answer
 schemas are built from its manifest at import, so /docs.json documents this model's own names,
 units and ranges, with an example request it answers. Never imports torch or lightning.
+
+A Bento (bentofile.yaml) carries its model: built with BentoML's argument `model=NAME:VERSION`
+(`bentoml build --arg model=...`, or `twin-models bento NAME:REF`), the service declares that
+model (`bentoml.models.BentoModel`), so the build packs it, and BentoML hands the argument back
+when it serves the Bento: `bentoml serve <bento>` needs no TWIN_ML_MODEL, and reads and verifies
+the model the Bento carries (a container: the Bento's own model store) as above.
 
 Requests are validated on the event loop (a bad one gets its own 400), then join the adaptive
 batcher (serving/batching.py): one worker thread runs onnxruntime on everything queued, scenarios
@@ -87,6 +94,7 @@ from twin_ml.contract import Scenario as ParsedScenario
 
 log = logging.getLogger("twin_ml.service")
 MODEL_ENV = "TWIN_ML_MODEL"
+BENTO_ARG = "model"  # the Bento build argument naming the model it carries (`_bento_model`)
 TOKEN_ENV = (
     "TWIN_ML_TOKEN"  # when set: bearer token for every path but health, readiness and metrics
 )
@@ -306,8 +314,35 @@ def _default_twins_store() -> str:
     return str(Path(BentoMLContainer.bentoml_home.get()) / "twin-ml" / "twins.sqlite")
 
 
+def _bento_model() -> str | None:
+    """The model a Bento carries: BentoML's build argument `model` (`bentoml build --arg
+    model=NAME:VERSION`, or `twin-models bento`), kept in the Bento and set again by BentoML when
+    it serves the Bento. One stored version, never NAME:latest or NAME:<stage>: those move, and
+    the Bento's own model store (a container's) holds the one version it was built with."""
+    ref = vars(bentoml.use_arguments()).get(BENTO_ARG)
+    if ref is None:
+        return None
+    name, _, version = str(ref).partition(":")
+    if not name or not version or version == "latest" or version in registry.STAGES:
+        raise RuntimeError(
+            f"--arg {BENTO_ARG}={ref!r}: a Bento carries one stored version, NAME:VERSION "
+            f"(not NAME:latest or NAME:<stage>; `twin-models bento {name or 'NAME'}:<stage>` "
+            "resolves a stage and builds)"
+        )
+    env = os.environ.get(MODEL_ENV)
+    if env and env != ref:
+        raise RuntimeError(
+            f"{MODEL_ENV}={env!r} names another model than this Bento's {BENTO_ARG}={ref!r}: "
+            f"a Bento serves the model it carries; unset {MODEL_ENV}"
+        )
+    return str(ref)
+
+
+BENTO_MODEL = _bento_model()
+
+
 def _load() -> tuple[bytes, ModelCard | None]:
-    ref = os.environ.get(MODEL_ENV)
+    ref = BENTO_MODEL or os.environ.get(MODEL_ENV)
     if not ref:
         return b"", None
     # the very bytes whose sha256 was checked: reopening the file later would use whatever is
@@ -467,11 +502,17 @@ def _metrics() -> dict[str, Any]:
     },
 )
 class TwinService:
+    if BENTO_MODEL is not None:
+        # declared, so `bentoml build` packs the model into the Bento (and a container's
+        # `bentoml serve` finds it in the Bento's own store); loaded and verified by `_load`
+        bento_model = bentoml.models.BentoModel(BENTO_MODEL)
+
     def __init__(self) -> None:
         if CARD is None:
             raise RuntimeError(
                 f"set {MODEL_ENV} to the model to serve "
-                "(NAME:VERSION, NAME:latest or NAME:production)"
+                "(NAME:VERSION, NAME:latest or NAME:production), or build a Bento with "
+                f"--arg {BENTO_ARG}=NAME:VERSION"
             )
         self.runtime = Runtime(
             ONNX_BYTES,
