@@ -3,6 +3,8 @@
     twin-generate system=pendulum n_scenarios=256 seed=0 out_dir=data/pendulum
     twin-generate system.name=my_pkg.my_module:MySystem      # a system by import path
     twin-generate system=heat_plate snapshot_stride=20       # the plate's fields every 20th step
+    twin-generate system=heat_plate executor=ray             # shards as Ray tasks (same dataset)
+    twin-generate system=heat_plate executor=ray ray_address=auto  # on a running Ray cluster
     twin-generate --config-dir ~/my_twin experiment=my_setup  # your own system/, experiment/ ...
 
 With n_new, one round of active learning instead: n_new more train scenarios in the dataset in
@@ -80,15 +82,28 @@ def extend(cfg: DictConfig) -> dict:
         max_new_shards=cfg.max_new_shards,
         overwrite=cfg.overwrite,
         progress=cfg.progress,
+        **executor_args(cfg),
     )
     return res.summary()
+
+
+def executor_args(cfg: DictConfig) -> dict:
+    """executor and ray_address for extend_dataset, given only when not the defaults (so that a
+    twin_ml.active without them still extends locally)."""
+    executor, address = cfg.get("executor", "local"), cfg.get("ray_address")
+    if executor == "local" and address is None:
+        return {}
+    return {"executor": executor, "ray_address": address}
 
 
 def generate(cfg: DictConfig) -> dict:
     """Build the system, design and solver from `cfg`, generate the dataset, return the summary
     (with n_new: extend the dataset in out_dir instead)."""
     from twin_ml.data import generate_dataset
+    from twin_ml.data.generate import check_executor
 
+    # before anything is built: a bad executor, or an address where nothing answers, fails at once
+    check_executor(cfg.executor, cfg.ray_address, cfg.workers, reach=True)
     if cfg.get("n_new") is not None:
         return extend(cfg)
 
@@ -110,6 +125,8 @@ def generate(cfg: DictConfig) -> dict:
         max_new_shards=cfg.max_new_shards,
         progress=cfg.progress,
         snapshot_stride=cfg.get("snapshot_stride"),
+        executor=cfg.executor,
+        ray_address=cfg.ray_address,
     )
     summary = res.summary()
     if res.complete:
@@ -127,13 +144,16 @@ def generate(cfg: DictConfig) -> dict:
 def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from twin_ml.data.generate import ShardError
+
     try:
         check_overrides(list(HydraConfig.get().overrides.task), cfg.get("n_new") is not None)
         summary = generate(cfg)
         path = write_summary(Path(cfg.out_dir), summary)
     # bad input: one line, nothing written; OSError (e.g. a full disk): the shards written so far
     # stay, and a rerun resumes from them
-    except (ValueError, KeyError, InstantiationException, OSError) as e:
+    # ShardError: a shard's Ray task failed (its shard and error; the shards written stay)
+    except (ValueError, KeyError, InstantiationException, OSError, ShardError) as e:
         fail(e)
     c = summary["counts"] or {}
     if "round" in summary:

@@ -10,7 +10,8 @@ of picked scenarios as new shards of the same format::
                 the key of each one's input signal), written before anything is solved
     2. solve    shards/NNNNN.npz after the existing ones, the same shard size, each written to a
                 temp file and renamed; a killed round resumes from the plan (the model is not
-                needed again) and keeps the shards already written
+                needed again) and keeps the shards already written; solved as generation
+                solves (in this process, a process pool, or Ray tasks: `executor`)
     3. commit   manifest.json rewritten at once (temp file, rename): the new shards and their
                 sha256, the train split's new indices, counts, failures, dataset_sha256 over
                 every shard, and the round appended to `rounds`; then the plan is removed
@@ -43,6 +44,7 @@ from twin_ml.data.generate import (
     MANIFEST,
     PROGRESS,
     SHARDS,
+    check_executor,
     dataset_settings,
     dataset_sha256,
     read_json,
@@ -338,10 +340,15 @@ class DatasetExtension:
         progress: bool = True,
         max_new_shards: int | None = None,
         t0: float | None = None,
+        executor: str = "local",
+        ray_address: str | None = None,
     ) -> ExtensionResult:
         """Solve the plan's scenarios into their shards (keeping those a killed run wrote), then
-        commit the round to the manifest (unless `max_new_shards` stopped it first)."""
+        commit the round to the manifest (unless `max_new_shards` stopped it first).
+        `workers`, `executor`, `ray_address`: who solves them, as in `generate_dataset` (the
+        shards' bytes are the same whichever does)."""
         t0 = time.perf_counter() if t0 is None else t0
+        check_executor(executor, ray_address, workers, reach=True)
         sc = plan["scenarios"]
         scen = Scenarios(
             *(
@@ -367,6 +374,8 @@ class DatasetExtension:
             workers=workers,
             progress=progress,
             max_new_shards=max_new_shards,
+            executor=executor,
+            ray_address=ray_address,
         )
         if not shards.complete:
             return ExtensionResult(

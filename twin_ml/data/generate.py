@@ -50,6 +50,16 @@ Every shard depends only on the settings and its scenario indices (per-scenario 
 that was interrupted and run again writes only the missing shards and ends with exactly the same
 bytes, hence the same `dataset_sha256`, as an uninterrupted run.
 
+Shards are solved in this process (`workers=1`), by a local process pool (`workers=N`, 0 = one per
+core), or as Ray tasks (`executor="ray"`): one task per shard, on a Ray runtime started for the run
+(`ray_address=None`; stopped after it) or on a running cluster (`ray_address="auto"` on one of its
+nodes, "host:port" of its head, or "ray://host:port" through Ray Client). Either way a shard is the
+same function of the settings, written by the worker itself (temp file, rename) into
+out_dir/shards, so the bytes, the `dataset_sha256` and resumption are the executor's business not
+at all. On a cluster every node must see out_dir at the same path (shared storage: NFS, a cluster
+file system) and import the same twin-ml version (and the system's own module); a task checks both
+before it solves, and a shard whose task fails stops the run with the shard's name and its error.
+
 A complete dataset can grow by rounds of train scenarios (`twin_ml.data.extend`, active
 learning): their shards follow the existing ones, and the manifest lists them, the train split's
 new indices and each round under `rounds`.
@@ -60,6 +70,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 import zipfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -92,6 +103,11 @@ SHARD_KEYS = ("t", "index", "split", "p", "x0", "u", "x", "y", "status", "reason
 EXTENDING = ".extending.json"  # while a round of added scenarios is under way (twin_ml.data.extend)
 _OWN = {MANIFEST, PROGRESS, EXTENDING, SHARDS, "summary.json", "config.yaml", "overview.png"}
 FIELD_CHUNK = 8  # scenarios of a field system solved (and subsampled) at a time
+EXECUTORS = ("local", "ray")  # who solves the shards: this machine's processes, or Ray tasks
+
+
+class ShardError(RuntimeError):
+    """A shard's task failed on Ray: names the shard (its file) and carries the task's error."""
 
 
 @dataclass
@@ -135,10 +151,18 @@ def generate_dataset(
     max_new_shards: int | None = None,
     progress: bool = True,
     snapshot_stride: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> GenerationResult:
     """Generate (or resume, or find complete) the dataset in `out_dir`.
 
     workers: processes solving shards in parallel (0 = one per core; 1 = in this process).
+    executor: "local" (this machine, `workers` processes) or "ray" (one Ray task per shard on
+    every CPU of the Ray cluster; `workers` stays 1 or 0). The dataset is the same byte for byte.
+    ray_address: with executor="ray", the cluster: None starts a Ray runtime on this machine for
+    the run (every core) and stops it after; "auto" a running one of this machine's (`ray start
+    --head`, or RAY_ADDRESS); "host:port" a head's GCS address; "ray://host:port" Ray Client.
+    A runtime already initialized in this process (`ray.init(...)`) is used and left running.
     snapshot_stride: a field system's fields are kept at every K-th grid time (None: the system's
     `snapshot_stride`); K must divide the horizon's grid intervals. Ordinary systems keep their
     states at every step (None or 1).
@@ -151,6 +175,7 @@ def generate_dataset(
     _check_int("workers", workers, 0, " (0 = one per core)")
     if max_new_shards is not None:
         _check_int("max_new_shards", max_new_shards, 0, " (or null for all)")
+    check_executor(executor, ray_address, workers, reach=True)  # before anything is written
     scen = design.sample(system, n_scenarios, seed)  # validates n_scenarios and the design
     t = design.time_grid(system)
     stride = _snapshot_stride(system, snapshot_stride, t.size - 1)
@@ -192,6 +217,8 @@ def generate_dataset(
         workers=workers,
         progress=progress,
         max_new_shards=max_new_shards,
+        executor=executor,
+        ray_address=ray_address,
     )
     if not run.complete:
         partial = {**settings, "settings_sha256": settings_sha, "shards_missing": run.missing}
@@ -272,12 +299,15 @@ def solve_shards(
     workers: int = 1,
     progress: bool = True,
     max_new_shards: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> ShardRun:
     """Solve `scen` (global indices start, start + 1, ...) into shards `first_shard`, ... of
     `shard_size` scenarios under out/shards/, keeping a shard already there when it holds exactly
     these scenarios (a resumed run). Input signals from `scenario_inputs` (per-scenario
     generators: `seed` and the global index, or `signal_keys`). `max_new_shards`: stop after
-    writing this many."""
+    writing this many. `executor`, `ray_address`, `workers`: as `generate_dataset`'s."""
+    check_executor(executor, ray_address, workers)
     n = len(scen)
     bounds = [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
     names = [f"{SHARDS}/{first_shard + k:05d}.npz" for k in range(len(bounds))]
@@ -290,22 +320,27 @@ def solve_shards(
     reused = len(bounds) - len(todo)
     if max_new_shards is not None:
         todo = todo[: max(0, int(max_new_shards))]
+    common = (system, t, specs, seed, solver, stride)  # what every shard's job shares
     jobs = [
         (
-            system,
-            t,
-            specs,
             scen.rows(a, b),
             start + a,
-            seed,
-            solver,
             str(out / names[k]),
-            stride,
             None if signal_keys is None else signal_keys[a:b],
         )
         for k, (a, b) in ((k, bounds[k]) for k in todo)
     ]
-    _run_jobs(jobs, workers, progress, total=len(bounds), done=reused, desc=f"{system.name} shards")
+    _run_jobs(
+        common,
+        jobs,
+        workers,
+        progress,
+        total=len(bounds),
+        done=reused,
+        desc=f"{system.name} shards",
+        executor=executor,
+        ray_address=ray_address,
+    )
     missing = sum(not (out / name).exists() for name in names)
     glob_bounds = [(start + a, start + b) for a, b in bounds]
     return ShardRun(names, glob_bounds, len(todo), reused, missing)
@@ -422,8 +457,25 @@ def _shard_ok(path: Path, scen: Scenarios, start: int, n_t: int, x_shape: tuple[
         return False
 
 
+def _job_args(common: tuple, job: tuple) -> tuple:
+    """`_make_shard`'s arguments from the shared part (system, t, specs, seed, solver, stride)
+    and a shard's own (scenarios, start, path, signal keys)."""
+    system, t, specs, seed, solver, stride = common
+    scen, start, path, keys = job
+    return system, t, specs, scen, start, seed, solver, path, stride, keys
+
+
 def _run_jobs(
-    jobs: list, workers: int, progress: bool, *, total: int, done: int, desc: str
+    common: tuple,
+    jobs: list[tuple],
+    workers: int,
+    progress: bool,
+    *,
+    total: int,
+    done: int,
+    desc: str,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -432,16 +484,20 @@ def _run_jobs(
     )
     n_proc = (os.cpu_count() or 1) if workers == 0 else workers
     try:
+        if executor == "ray":
+            if jobs:  # all shards there already: no runtime to start
+                _run_ray(common, jobs, ray_address, bar)
+            return
         if n_proc <= 1 or len(jobs) <= 1:
             for job in jobs:
-                _make_shard(*job)
+                _make_shard(*_job_args(common, job))
                 bar.update(1)
             return
         ctx = multiprocessing.get_context(
             "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         )
         with ProcessPoolExecutor(max_workers=min(n_proc, len(jobs)), mp_context=ctx) as pool:
-            pending = {pool.submit(_make_shard, *job) for job in jobs}
+            pending = {pool.submit(_make_shard, *_job_args(common, job)) for job in jobs}
             try:
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -454,6 +510,167 @@ def _run_jobs(
                 raise
     finally:
         bar.close()
+
+
+def check_executor(
+    executor: Any, ray_address: Any, workers: Any = 1, *, reach: bool = False
+) -> None:
+    """ValueError naming the field unless `executor`, `ray_address` and `workers` go together.
+    `reach`: also that something answers at a "host:port" address (a refused or unknown address
+    fails here at once; Ray's own connect would wait two minutes and exit the process)."""
+    if executor not in EXECUTORS:
+        raise ValueError(
+            f"executor must be one of {', '.join(EXECUTORS)} (local: processes of this machine, "
+            f"`workers` of them; ray: one Ray task per shard), got {executor!r}"
+        )
+    if executor == "local":
+        if ray_address is not None:
+            raise ValueError(
+                f"ray_address={ray_address!r} applies to executor=ray only: pass executor=ray "
+                "too, or leave ray_address null"
+            )
+        return
+    if isinstance(workers, bool) or workers not in (0, 1):
+        raise ValueError(
+            f"workers={workers!r} sizes executor=local's process pool; with executor=ray every "
+            "CPU of the Ray cluster solves shards (one task each): leave workers at 1 (size a "
+            "runtime of this machine with `ray start --head --num-cpus N` and ray_address=auto)"
+        )
+    if ray_address is None:
+        return
+    target = _ray_target(ray_address)
+    if reach and target is not None:
+        host, port = target
+        try:
+            socket.create_connection((host, port), timeout=5.0).close()
+        except OSError as e:
+            raise ValueError(
+                f"ray_address={ray_address!r}: nothing answers at {host}:{port} "
+                f"({e.strerror or e}); start the cluster's head there (`ray start --head`), or "
+                "give its address as `ray start` printed it (or auto on one of its nodes)"
+            ) from None
+
+
+def _ray_target(address: Any) -> tuple[str, int] | None:
+    """(host, port) of a Ray address to check, None for "auto"; ValueError for a malformed one."""
+    if address == "auto":
+        return None
+    usage = (
+        "ray_address must be auto (a cluster running on this machine, or RAY_ADDRESS), "
+        "host:port (the head's GCS address, as `ray start --head` prints it; port 6379 by "
+        "default) or ray://host:port (Ray Client; port 10001 by default)"
+    )
+    if not isinstance(address, str):
+        raise ValueError(f"{usage}; got {address!r}")
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in rest:
+        raise ValueError(f"{usage}; got {address!r}")
+    if address.startswith("ray://"):
+        import importlib.util
+
+        if importlib.util.find_spec("grpc") is None:
+            raise ValueError(
+                f"ray_address={address!r} connects through Ray Client, which needs "
+                "`pip install 'ray[client]'` (the same Ray version); or run twin-generate on "
+                "a node of the cluster with ray_address=auto"
+            )
+    return host, int(port)
+
+
+def _connect_ray(address: str | None):
+    """(ray, whether this call initialized it). A runtime this process already initialized is
+    used as it is; None starts a fresh runtime on this machine ("local": never someone else's)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a run sends nothing anywhere
+    try:
+        if address is None:
+            ray.init(address="local", include_dashboard=False)
+        else:
+            _ray_target(address)
+            ray.init(address=address)
+    except (ConnectionError, RuntimeError, ValueError, SystemExit) as e:
+        # SystemExit: Ray exits the process when a GCS never answers
+        ray.shutdown()
+        where = "a Ray runtime on this machine" if address is None else f"ray_address={address!r}"
+        raise ValueError(f"{where}: cannot connect ({type(e).__name__}: {e})") from None
+    return ray, True
+
+
+def _ray_shard(common: tuple, job: tuple, version: str) -> None:
+    """A Ray task: one shard, written by the worker itself. Checks first that this node runs the
+    driver's twin-ml version and sees the dataset's shards folder (shared storage)."""
+    from twin_ml._version import __version__
+
+    node = socket.gethostname()
+    if __version__ != version:
+        raise RuntimeError(
+            f"twin-ml {__version__} on Ray node {node}, the driver runs {version}: install the "
+            "same version on every node"
+        )
+    folder = Path(job[2]).parent
+    if not folder.is_dir():
+        raise RuntimeError(
+            f"{folder} is not there on Ray node {node}: out_dir must be on storage every node "
+            "mounts at the same path"
+        )
+    _make_shard(*_job_args(common, job))
+
+
+def _run_ray(common: tuple, jobs: list[tuple], address: str | None, bar) -> None:
+    """One Ray task per shard (1 CPU each); progress as they finish. A failed task stops the run
+    (the others are cancelled) with a ShardError naming its shard; a runtime this call
+    initialized is shut down at the end (a user's is left running)."""
+    from twin_ml._version import __version__
+
+    ray, own = _connect_ray(address)
+    try:
+        import ray.exceptions as rex
+
+        shared = ray.put(common)  # once in the object store, not once per task
+        task = ray.remote(num_cpus=1)(_ray_shard)
+        pending = {
+            task.options(name=f"twin-ml shard {Path(job[2]).name}").remote(
+                shared, job, __version__
+            ): job[2]
+            for job in jobs
+        }
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    path = pending.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except rex.RayError as e:
+                        raise _shard_error(path, e) from e
+                    bar.update(1)
+        except BaseException:
+            for ref in pending:  # queued ones never start; running ones are interrupted
+                ray.cancel(ref)
+            raise
+    finally:
+        if own:
+            ray.shutdown()
+
+
+def _shard_error(path: str, err: BaseException) -> ShardError:
+    """A failed Ray task as a ShardError: the shard, the error's type and its message (a task's
+    own exception, not Ray's wrapping with the remote traceback), and a hint when a worker
+    could not import something."""
+    cause = getattr(err, "cause", None) or err
+    msg = str(cause).strip().splitlines()
+    text = f"{type(cause).__name__}: {msg[-1] if msg else ''}".rstrip(": ")
+    hint = ""
+    if isinstance(cause, ImportError) or "ModuleNotFoundError" in str(err):
+        hint = "; every Ray node must import twin_ml (the same version) and the system's module"
+    return ShardError(
+        f"shard {Path(path).parent.name}/{Path(path).name} failed on Ray: {text}{hint}"
+    )
 
 
 def scenario_inputs(

@@ -1,0 +1,186 @@
+"""Data generation on Ray (executor=ray): a real local Ray runtime gives the local workers' dataset
+byte for byte, resumes from the shards on disk, surfaces a failed task with its shard, and refuses
+bad settings naming the field. One runtime for the module (Ray starts in seconds); the command's
+test lets twin-generate start and stop its own."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before ray is imported: nothing sent
+
+import numpy as np
+import pytest
+import ray
+
+from twin_ml.data import ScenarioDesign, generate_dataset
+from twin_ml.data.extend import DatasetExtension, Request
+from twin_ml.data.generate import ShardError, solve_shards
+from twin_ml.physics import SolverSettings, make_system
+
+BIN = Path(sys.executable).parent / "twin-generate"
+SMALL = ScenarioDesign(t_end=2.0, dt=0.1)
+KW = {"n_scenarios": 16, "seed": 3, "shard_size": 4, "progress": False}  # 5 shards
+
+
+def _gen(out, **kw):
+    return generate_dataset(make_system("pendulum"), SMALL, out_dir=out, **{**KW, **kw})
+
+
+def _shard_bytes(res):
+    return [(res.path / s["file"]).read_bytes() for s in res.manifest["shards"]]
+
+
+@pytest.fixture(scope="module")
+def user_ray():
+    """A Ray runtime the user started (2 CPUs, no dashboard): generation uses it and leaves it
+    running."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """The reference: the same dataset solved in this process (executor=local, workers=1)."""
+    res = _gen(tmp_path_factory.mktemp("local") / "ds")
+    assert res.complete and len(res.manifest["shards"]) == 5
+    return res
+
+
+def test_ray_tasks_write_the_local_dataset_byte_for_byte(user_ray, local, tmp_path):
+    res = _gen(tmp_path / "ray", executor="ray")
+    assert res.complete and res.shards_written == 5 and res.shards_reused == 0
+    assert res.manifest["dataset_sha256"] == local.manifest["dataset_sha256"]
+    assert _shard_bytes(res) == _shard_bytes(local)
+    assert user_ray.is_initialized()  # the user's runtime is left running
+    assert not list((tmp_path / "ray" / "shards").glob(".*.tmp"))
+
+
+def test_a_stopped_ray_run_resumes_from_the_shards_on_disk(user_ray, local, tmp_path):
+    out = tmp_path / "part"
+    part = _gen(out, executor="ray", max_new_shards=2)
+    assert not part.complete and part.shards_written == 2
+    assert len(list((out / "shards").glob("*.npz"))) == 2 and not (out / "manifest.json").exists()
+    resumed = _gen(out, executor="ray")
+    assert resumed.complete and resumed.shards_reused == 2 and resumed.shards_written == 3
+    assert resumed.manifest["dataset_sha256"] == local.manifest["dataset_sha256"]
+    # stopped by the local workers, finished on Ray: still the same dataset
+    mixed = _gen(tmp_path / "mixed", max_new_shards=1)
+    assert not mixed.complete
+    done = _gen(tmp_path / "mixed", executor="ray")
+    assert done.shards_reused == 1 and done.shards_written == 4
+    assert done.manifest["dataset_sha256"] == local.manifest["dataset_sha256"]
+
+
+def test_an_extension_round_on_ray_equals_the_local_round(user_ray, local, tmp_path):
+    sha = {}
+    for executor in ("local", "ray"):
+        path = tmp_path / executor
+        shutil.copytree(local.path, path)
+        ext = DatasetExtension(path)
+        request = Request("random", 6, seed=1, pool_size=6, min_distance=None, weights_sha256=None)
+        plan = ext.plan(request, ext.pool(6, 1), np.arange(6))
+        res = ext.run(plan, progress=False, executor=executor)
+        assert res.complete and res.shards_written == 2
+        sha[executor] = res.manifest["dataset_sha256"]
+    assert sha["ray"] == sha["local"] != local.manifest["dataset_sha256"]
+
+
+def test_a_failed_task_names_its_shard_and_does_not_hang(user_ray, tmp_path):
+    """The shards folder is missing (as on a node without out_dir's storage): every task fails,
+    the first failure stops the run with its shard named."""
+    system = make_system("pendulum")
+    scen = SMALL.sample(system, 8, 0)
+    failed = r"shard shards/0000[01]\.npz failed on Ray: RuntimeError: .*shards is not there on "
+    with pytest.raises(ShardError, match=failed + r"Ray node .*mounts at the same path"):
+        solve_shards(
+            tmp_path,
+            system,
+            SMALL.time_grid(system),
+            SMALL.signal_specs(system),
+            scen,
+            SolverSettings().resolved(system),
+            seed=0,
+            shard_size=4,
+            progress=False,
+            executor="ray",
+        )
+    assert user_ray.is_initialized()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RAY = "ray"
+
+
+@pytest.mark.parametrize(
+    "executor, address, workers, match",
+    [
+        ("foo", None, 1, r"executor must be one of local, ray .*got 'foo'"),
+        ("local", "auto", 1, r"ray_address='auto' applies to executor=ray only"),
+        (RAY, None, 2, r"workers=2 sizes executor=local's process pool"),
+        (RAY, "head", 1, r"ray_address must be auto, host:port .*got 'head'"),
+        (RAY, 6379, 1, r"ray_address must be auto.*got 6379"),
+        (RAY, "CLOSED", 1, r"ray_address='127\.0\.0\.1:\d+': nothing answers"),
+        (RAY, "ray://CLOSED", 1, r"ray_address='ray://127.*(Ray Client|nothing answers)"),
+    ],
+)
+def test_bad_executor_settings_are_refused_before_anything_is_written(
+    executor, address, workers, match, tmp_path
+):
+    if isinstance(address, str):
+        address = address.replace("CLOSED", f"127.0.0.1:{_closed_port()}")
+    with pytest.raises(ValueError, match=match):
+        _gen(tmp_path / "ds", executor=executor, ray_address=address, workers=workers)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_twin_generate_executor_ray_gives_the_local_commands_dataset(tmp_path):
+    """The acceptance command: twin-generate starts (and stops) a Ray runtime of its own."""
+    from hydra import compose, initialize_config_dir
+
+    from training._common import CONFIG_DIR
+    from training.generate import generate
+
+    args = ["system=pendulum", "n_scenarios=64", "seed=7", "progress=false"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run(
+        [str(BIN), *args, f"out_dir={tmp_path / 'ray'}", "executor=ray"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "ray" / "summary.json"
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    # the same command without executor=ray (its config and run, in this process)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[*args, f"out_dir={tmp_path / 'local'}"])
+    assert cfg.executor == "local" and cfg.ray_address is None
+    ref = generate(cfg)
+    assert summary["complete"] and summary["shards_written"] == 2 == len(
+        json.loads((tmp_path / "ray" / "manifest.json").read_text())["shards"]
+    )
+    assert summary["dataset_sha256"] == ref["dataset_sha256"]
+    bad = subprocess.run(
+        [str(BIN), *args, f"out_dir={tmp_path / 'bad'}", "executor=dask"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and not (tmp_path / "bad").exists()
+    assert bad.stderr.strip().splitlines() == [
+        "error: executor must be one of local, ray (local: processes of this machine, `workers` "
+        "of them; ray: one Ray task per shard), got 'dask'"
+    ]
