@@ -128,7 +128,7 @@ RAY = "ray"
         ("foo", None, 1, r"executor must be one of local, ray .*got 'foo'"),
         ("local", "auto", 1, r"ray_address='auto' applies to executor=ray only"),
         (RAY, None, 2, r"workers=2 sizes executor=local's process pool"),
-        (RAY, "head", 1, r"ray_address must be auto, host:port .*got 'head'"),
+        (RAY, "head", 1, r"ray_address must be auto .*host:port .*got 'head'"),
         (RAY, 6379, 1, r"ray_address must be auto.*got 6379"),
         (RAY, "CLOSED", 1, r"ray_address='127\.0\.0\.1:\d+': nothing answers"),
         (RAY, "ray://CLOSED", 1, r"ray_address='ray://127.*(Ray Client|nothing answers)"),
