@@ -45,6 +45,7 @@ from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from training._common import (
@@ -64,22 +65,116 @@ from twin_ml._io import atomic_write_bytes
 log = logging.getLogger("twin-train")
 
 
+def job_dir(default: str) -> str:
+    """`out_dir`'s default (`${job_dir:...}` in configs/train.yaml): `default` for one run; in a
+    sweep (-m), the job's own folder (hydra.sweep.dir/hydra.sweep.subdir), so jobs that differ in
+    a setting the default does not name (a learning rate) never share a run directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN and not OmegaConf.is_missing(hc.runtime, "output_dir"):
+            return str(hc.runtime.output_dir)
+    return default
+
+
+if not OmegaConf.has_resolver("job_dir"):
+    OmegaConf.register_new_resolver("job_dir", job_dir)
+
+
 def _config_text(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list, **kw: Any):
+    """Lightning's Trainer from cfg.trainer, checked for the processes it will train on."""
     from twin_ml.models.checkpoint import AtomicCheckpointIO
 
-    return hydra.utils.instantiate(
+    _check_accelerator(cfg)
+    trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers(cfg, out_dir),
         default_root_dir=str(out_dir),
         enable_progress_bar=sys.stderr.isatty(),  # a bar needs a terminal; else the progress lines
         plugins=[AtomicCheckpointIO()],
+        # the data module shares the training batches out itself (twin_ml.train.distributed)
+        use_distributed_sampler=False,
         **kw,
     )
+    _check_processes(cfg, trainer)
+    if not trainer.is_global_zero:  # the other processes say only what goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
+    return trainer
+
+
+def _check_accelerator(cfg: DictConfig) -> None:
+    """trainer=gpu on a machine without one: say so, and what runs instead."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU, and torch "
+                f"{torch.__version__} sees none on this machine; train on CPUs with "
+                "trainer=default (one process) or trainer=ddp (two processes)"
+            )
+
+
+def _check_processes(cfg: DictConfig, trainer) -> None:
+    """A run on several processes must be one twin-train can start and finish: Lightning's DDP
+    (every process runs twin-train; the first starts the others by running the command again),
+    or processes a cluster started (Slurm's tasks, torchrun). Lightning's spawned processes
+    (ddp_spawn, ddp_fork) train in children whose state (epochs, early stopping) the parent does
+    not get back, so the run's records would be wrong."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    launcher = trainer.strategy.launcher
+    kind = type(launcher).__name__
+    if kind == "_MultiProcessingLauncher":
+        raise ValueError(
+            "trainer.strategy spawns or forks its processes (ddp_spawn, ddp_fork), whose epochs "
+            "and early stopping the run does not get back; use trainer=ddp (every process runs "
+            "twin-train)"
+        )
+    reruns = (
+        kind == "_SubprocessScriptLauncher"
+        and launcher.num_processes > 1
+        and not launcher.cluster_environment.creates_processes_externally
+    )
+    if reruns and not HydraConfig.initialized():
+        raise ValueError(
+            f"trainer=ddp on {launcher.num_processes} processes starts the others by running the "
+            "twin-train command again: run it as the command, not as train() inside a Python "
+            "session"
+        )
+    if reruns and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ValueError(
+            f"trainer=ddp on {launcher.num_processes} processes in a sweep (-m): a sweep's job "
+            "cannot run the command again for its other processes; run trainer=ddp one run at "
+            "a time, or have Slurm start the processes (hydra/launcher=submitit_slurm "
+            "hydra.launcher.tasks_per_node=<trainer.devices>)"
+        )
+    if trainer.world_size > 1 and cfg.data.batch_size % trainer.world_size:
+        raise ValueError(
+            f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
+            f"training processes ({trainer.world_size}: trainer.devices x trainer.num_nodes): "
+            "each process takes an equal share of every batch"
+        )
+
+
+def _wait_for_processes(trainer) -> None:
+    """On the first process of a DDP run: wait for the processes it started, and fail when one
+    did not end cleanly (Lightning watches them only every few seconds, and not past the end)."""
+    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+        if proc.wait() != 0:
+            raise RuntimeError(
+                f"a training process (pid {proc.pid}) ended with exit status {proc.returncode}; "
+                "its error is above"
+            )
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -90,12 +185,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import lightning as L
     import torch
 
-    from twin_ml.data.torch_data import ScenarioDataModule
     from twin_ml.evaluate.evaluate import flat_metrics
     from twin_ml.evaluate.report import write_report
     from twin_ml.models import compute_stats, field_stats, save_model
     from twin_ml.models.callbacks import StopAfter
     from twin_ml.train.dataset import HEADLINE, evaluate_trained
+    from twin_ml.train.distributed import ShardedScenarioDataModule
     from twin_ml.train.fitting import fit, load_best, resume_from
 
     t_start = time.perf_counter()
@@ -104,8 +199,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = hydra.utils.instantiate(cfg.system, _convert_="all")
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    stop = StopAfter(int(cfg.stop_after_epochs)) if cfg.stop_after_epochs else None
+    if stop:
+        callbacks.append(stop)
+    trainer = _trainer(cfg, out_dir, callbacks)  # first: its checks need no data
     log.info(f"Instantiating datamodule <{cfg.data_dir}>")
-    dm = ScenarioDataModule(
+    dm = ShardedScenarioDataModule(
         str(cfg.data_dir),
         system,
         batch_size=cfg.data.batch_size,
@@ -138,22 +238,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         **extra,
     )
     module = hydra.utils.instantiate(cfg.model.optim, _convert_="all")(model=model, seed=cfg.seed)
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
-    stop = StopAfter(int(cfg.stop_after_epochs)) if cfg.stop_after_epochs else None
-    if stop:
-        callbacks.append(stop)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "config.yaml", _config_text(cfg).encode())
-    trainer = _trainer(cfg, out_dir, callbacks)
+    if trainer.is_global_zero:  # only the first process writes (on one process: it)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "config.yaml", _config_text(cfg).encode())
     ckpt_path = resume_from(out_dir, cfg.resume)
     log.info("Resuming from last.ckpt" if ckpt_path else "Starting training")
     fit_seconds = fit(trainer, module, dm, ckpt_path)
+    if not trainer.is_global_zero:  # DDP: the first process evaluates and writes the run
+        return {}, {}
     if stop and trainer.should_stop and trainer.current_epoch < trainer.max_epochs:
         if not any(type(c).__name__ == "EarlyStopping" and c.stopped_epoch for c in callbacks):
             log.info(
                 f"stopped after {trainer.current_epoch} epochs (stop_after_epochs); "
                 "resume=true continues"
             )
+            _wait_for_processes(trainer)
             return {"stopped_at_epoch": trainer.current_epoch}, {}
 
     best = load_best(trainer, module)
@@ -208,6 +307,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "headline": {k: flat[k] for k in HEADLINE if k in flat},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+    if trainer.world_size > 1:
+        summary["processes"] = trainer.world_size
+    _wait_for_processes(trainer)
     return flat, summary
 
 
@@ -289,9 +391,15 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     dm = data.datamodule(int(tcfg.iterations_per_epoch))
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    trainer = _trainer(cfg, out_dir, callbacks, **_max_time(tcfg.get("max_seconds")))
+    if trainer.world_size > 1:
+        raise ValueError(
+            f"telemetry training takes every record in every step: there is no batch to share "
+            f"out over {trainer.world_size} processes (trainer.devices x trainer.num_nodes); "
+            "use trainer=default"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.yaml", _config_text(cfg).encode())
-    trainer = _trainer(cfg, out_dir, callbacks, **_max_time(tcfg.get("max_seconds")))
     fit_seconds = fit(trainer, module, dm, resume_from(out_dir, cfg.resume))
     load_best(trainer, module)
 
@@ -339,6 +447,16 @@ def train_telemetry(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return flat, summary
 
 
+def _sweep_job_dir() -> Path | None:
+    """The job's own folder in a sweep (-m): hydra.sweep.dir/hydra.sweep.subdir; else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     from twin_ml.data.dataset import DatasetError
@@ -346,9 +464,12 @@ def _main(cfg: DictConfig) -> float | None:
     lightning_logs_once()
     try:
         metrics, summary = train(cfg)
-        if not summary:
+        if not summary:  # stopped early (stop_after_epochs), or not the first of DDP's processes
             return None
         path = write_summary(Path(cfg.out_dir), summary)
+        job = _sweep_job_dir()
+        if job is not None and job.resolve() != Path(cfg.out_dir).resolve():
+            write_summary(job, summary)  # a copy where the sweep's end looks (SweepSummaries)
     except (
         ValueError,
         KeyError,
@@ -358,8 +479,40 @@ def _main(cfg: DictConfig) -> float | None:
     ) as e:  # OSError: e.g. disk full
         fail(e)
     log.info(f"headline: {summary['headline']}")
-    print(path)
+    if job is None:
+        print(path)
+    else:  # the sweep prints every job's, in job order, when it ends
+        log.info(f"summary: {path}")
     return metrics.get(cfg.optimized_metric)
+
+
+class SweepSummaries(Callback):
+    """At the end of a sweep (-m), print each job's summary.json path, one a line in job order
+    (the sweep's last output, as one run prints its summary's path last). Each job leaves its
+    summary.json in its own folder of the sweep (hydra.sweep.dir/<job>: its out_dir by default,
+    else a copy there). A job that wrote none (it failed, or stop_after_epochs ended it) is
+    named on stderr."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs = (
+            sorted(
+                (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                key=lambda p: (
+                    not p.name.isdigit(),
+                    int(p.name) if p.name.isdigit() else 0,
+                    p.name,
+                ),
+            )
+            if sweep.is_dir()
+            else []
+        )
+        for job in jobs:
+            summary = job / "summary.json"
+            if summary.is_file():
+                print(summary, flush=True)
+            else:
+                print(f"warning: sweep job {job} wrote no summary.json", file=sys.stderr)
 
 
 def main() -> None:
