@@ -48,21 +48,57 @@ def _check(X: np.ndarray, HX: np.ndarray, y: np.ndarray, r: np.ndarray, inflatio
         raise ValueError(f"an ensemble needs at least 2 members, got {len(X)}")
     if y.shape != (HX.shape[1],) or r.shape != y.shape:
         raise ValueError(f"y and r must be [m] = [{HX.shape[1]}], got {y.shape} and {r.shape}")
-    if not (np.all(np.isfinite(r)) and np.all(r > 0)):
+    if not (np.isfinite(r).all() and (r > 0).all()):
         raise ValueError(f"observation noise stds must be finite and > 0, got {r.tolist()}")
     if not inflation >= 1:
         raise ValueError(f"inflation must be >= 1, got {inflation}")
-    if not (np.all(np.isfinite(X)) and np.all(np.isfinite(HX))):
+    if not (np.isfinite(X).all() and np.isfinite(HX).all()):
         raise ValueError("the ensemble holds non-finite values (a diverged forecast?)")
     return X, HX, y, r
 
 
-def _innovation(Yp: np.ndarray, d: np.ndarray, r: np.ndarray, keep: np.ndarray, m: int):
-    n = len(Yp)
-    S = Yp.T @ Yp / (n - 1) + np.diag(r**2)  # HPH' + R over the measured outputs
-    nis = float(d @ np.linalg.solve(S, d)) if len(d) else 0.0
+def _measured(HX: np.ndarray, y: np.ndarray, r: np.ndarray, inflation: float):
+    """(keep [m], the scaled predicted anomalies S = Yp R^-1/2 [N, k], the scaled innovation
+    d / r [k], d [k], r [k]) over the k measured outputs."""
+    keep = np.isfinite(y)
+    if not keep.all():
+        HX, y, r = HX[:, keep], y[keep], r[keep]
+    ym = HX.sum(axis=0) / len(HX)
+    d = y - ym
+    S = (HX - ym) * (np.sqrt(inflation) / r)
+    return keep, S, d / r, d, r
+
+
+def _gram(S: np.ndarray, ds: np.ndarray, nm1: float):
+    """From the k x k Gram matrix G = S'S: the weights c = (nm1 I + G)^-1 ds [k] and the
+    k x k Q with sqrt(nm1 Pa) = I + S Q S' (see `etkf`)."""
+    k = S.shape[1]
+    if k == 1:  # one measured output: scalars
+        g = float(S[:, 0] @ S[:, 0])
+        lam = nm1 + g
+        c = ds / lam
+        # (sqrt(nm1 / lam) - 1) / g, written so it stays exact as g -> 0 (limit -1 / (2 nm1))
+        q = -1.0 / (np.sqrt(lam) * (np.sqrt(lam) + np.sqrt(nm1)))
+        return c, np.array([[q]]), np.array([g])
+    G = S.T @ S
+    s2, V = np.linalg.eigh(G)
+    s2 = np.maximum(s2, 0.0)
+    lam = nm1 + s2
+    c = V @ ((V.T @ ds) / lam)
+    q = -1.0 / (np.sqrt(lam) * (np.sqrt(lam) + np.sqrt(nm1)))
+    return c, (V * q) @ V.T, np.diag(G)
+
+
+def _innovation(d, r, g_diag, c, ds, nm1: float, keep: np.ndarray) -> Innovation:
+    """The innovation d, its predicted std sqrt(diag(HPH' + R)) = r sqrt(1 + diag(G) / nm1),
+    and NIS = d' (HPH' + R)^-1 d = ds' (I + G / nm1)^-1 ds = nm1 ds'c."""
+    m = len(keep)
+    std = r * np.sqrt(1.0 + g_diag / nm1)
+    nis = float(nm1 * (ds @ c)) if len(d) else 0.0
+    if keep.all():
+        return Innovation(d, std, nis, m)
     full_d, full_std = np.full(m, np.nan), np.full(m, np.nan)
-    full_d[keep], full_std[keep] = d, np.sqrt(np.diag(S))
+    full_d[keep], full_std[keep] = d, std
     return Innovation(full_d, full_std, nis, int(keep.sum()))
 
 
@@ -72,32 +108,25 @@ def etkf(
     """The ETKF analysis of X [N, n] given HX [N, m], measurements y [m] (NaN: not measured) and
     their noise stds r [m] -> (the analysis ensemble [N, n], the step's `Innovation`)."""
     X, HX, y, r = _check(X, HX, y, r, inflation)
-    n_members, m = len(X), HX.shape[1]
-    keep = np.isfinite(y)
-    xm = X.mean(axis=0)
-    A = (X - xm) * np.sqrt(inflation)
-    ym = HX[:, keep].mean(axis=0)
-    Yp = (HX[:, keep] - ym) * np.sqrt(inflation)
-    d = y[keep] - ym
-    innovation = _innovation(Yp, d, r[keep], keep, m)
-    if not keep.any():  # nothing measured: the (inflated) forecast is the analysis
-        return xm + A, innovation
-    # the analysis covariance in ensemble space, Pa = [(N-1) I + S S']^-1 with S = Yp R^-1/2
-    # [N, k] (k outputs measured, usually far fewer than members): from the thin SVD
-    # S = U diag(s) V', (N-1) I + S S' has the eigenvalues (N-1) + s^2 on U's columns and N-1 on
-    # their complement, so Pa = I / (N-1) + U diag(1 / ((N-1) + s^2) - 1 / (N-1)) U', and its
-    # symmetric square root sqrt((N-1) Pa) = I + U diag(sqrt((N-1) / ((N-1) + s^2)) - 1) U'
-    # (Hunt et al.'s eigendecomposition of the N x N matrix, in O(N k^2) instead of O(N^3))
+    n_members = len(X)
     nm1 = n_members - 1.0
-    S = Yp / r[keep]
-    U, sv, _ = np.linalg.svd(S, full_matrices=False)
-    lam = nm1 + sv**2
-    Sd = S @ (d / r[keep])  # Yp R^-1 d
-    w = Sd / nm1 + U @ ((1.0 / lam - 1.0 / nm1) * (U.T @ Sd))  # the mean's weights, Pa Yp R^-1 d
-    # analysis = xm + (W + w)' A with W = I + U diag(g) U' (symmetric): A + U diag(g) U'A + w'A
-    UA = U.T @ A
-    g = np.sqrt(nm1 / lam) - 1.0
-    return xm + A + U @ (g[:, None] * UA) + w @ A, innovation
+    xm = X.sum(axis=0) / n_members
+    A = (X - xm) * np.sqrt(inflation)
+    keep, S, ds, d, rk = _measured(HX, y, r, inflation)
+    if not keep.any():  # nothing measured: the (inflated) forecast is the analysis
+        return xm + A, Innovation(np.full(len(y), np.nan), np.full(len(y), np.nan), 0.0, 0)
+    # the analysis covariance in ensemble space is Pa = [nm1 I + S S']^-1 (S = Yp R^-1/2 [N, k],
+    # k outputs measured, usually far fewer than the N members). With G = S'S = V diag(s2) V'
+    # (k x k), S S' has the eigenvalues s2 on the columns of U = S V diag(s2)^-1/2 and 0 on their
+    # complement, so (Woodbury) the mean's weights are Pa S ds = S c with c = (nm1 I + G)^-1 ds,
+    # and the symmetric square root sqrt(nm1 Pa) = I + U diag(sqrt(nm1 / lam) - 1) U' =
+    # I + S Q S' with Q = V diag(q) V', q = (sqrt(nm1 / lam) - 1) / s2, lam = nm1 + s2 (Hunt et
+    # al.'s N x N eigendecomposition in O(N k^2); for one output, scalars)
+    c, Q, g_diag = _gram(S, ds, nm1)
+    innovation = _innovation(d, rk, g_diag, c, ds, nm1, keep)
+    # analysis = xm + (W + w)' A with W = I + S Q S' (symmetric) and w = S c
+    SA = S.T @ A  # [k, n]
+    return xm + A + S @ (Q @ SA) + c @ SA, innovation
 
 
 def enkf(
@@ -111,19 +140,19 @@ def enkf(
     """The stochastic EnKF analysis (perturbed measurements drawn from `rng`), same arguments and
     result as `etkf`."""
     X, HX, y, r = _check(X, HX, y, r, inflation)
-    n_members, m = len(X), HX.shape[1]
-    keep = np.isfinite(y)
+    n_members = len(X)
+    nm1 = n_members - 1.0
     xm = X.mean(axis=0)
     A = (X - xm) * np.sqrt(inflation)
     Xf = xm + A
-    ym = HX[:, keep].mean(axis=0)
-    Yp = (HX[:, keep] - ym) * np.sqrt(inflation)
-    d = y[keep] - ym
-    innovation = _innovation(Yp, d, r[keep], keep, m)
+    keep, S, ds, d, rk = _measured(HX, y, r, inflation)
     if not keep.any():
-        return Xf, innovation
-    Pxy = A.T @ Yp / (n_members - 1)
-    S = Yp.T @ Yp / (n_members - 1) + np.diag(r[keep] ** 2)
-    K = np.linalg.solve(S, Pxy.T).T  # [n, m]
-    perturbed = y[keep] + rng.standard_normal((n_members, int(keep.sum()))) * r[keep]
-    return Xf + (perturbed - (ym + Yp)) @ K.T, innovation
+        return Xf, Innovation(np.full(len(y), np.nan), np.full(len(y), np.nan), 0.0, 0)
+    c, _, g_diag = _gram(S, ds, nm1)
+    innovation = _innovation(d, rk, g_diag, c, ds, nm1, keep)
+    Yp = S * rk  # the (inflated) predicted anomalies of the measured outputs
+    Pxy = A.T @ Yp / nm1
+    C = Yp.T @ Yp / nm1 + np.diag(rk**2)
+    K = np.linalg.solve(C, Pxy.T).T  # [n, k]
+    perturbed = y[keep] + rng.standard_normal((n_members, int(keep.sum()))) * rk
+    return Xf + (perturbed - (HX[:, keep].mean(axis=0) + Yp)) @ K.T, innovation

@@ -131,6 +131,7 @@ class OnnxForecast:
         self.held = np.array([v.interpolation == "zoh" for v in self.card.system.build().inputs])
         scale = float(np.median(self.card.conformal_scale)) if self.card.conformal_scale else 1.0
         self.widening = max(scale, 1.0) - 1.0 if widen and self.members > 1 else 0.0
+        self._own: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # N -> (network, member) index
 
     def __call__(self, X, P, t0: float, t1: float, u0, u1) -> np.ndarray:
         if abs(t1 - t0 - self.dt) > 1e-6 * self.dt:
@@ -140,18 +141,26 @@ class OnnxForecast:
             )
         n, m = len(X), self.members
         u = np.where(self.held, u0, (np.asarray(u0) + np.asarray(u1)) / 2)
+        x32 = np.asarray(X, dtype=np.float32)
         feeds = {
-            "x0": np.asarray(X, dtype=np.float32),
-            "u": np.broadcast_to(u, (n, 1, len(u))).astype(np.float32),
+            "x0": x32,
+            "u": np.broadcast_to(u.astype(np.float32), (n, 1, len(u))),
             "p": np.asarray(P, dtype=np.float32),
-            "x_members": np.broadcast_to(np.asarray(X), (m, *np.shape(X))).astype(np.float32),
+            "x_members": np.broadcast_to(x32, (m, *x32.shape)),
         }
         (x_end,) = self.session.run(["x_end"], feeds)  # [M, N, nx]
         x_end = x_end.astype(np.float64)
-        own = x_end[np.arange(n) % m, np.arange(n)]
+        idx = self._own.get(n)
+        if idx is None:
+            idx = self._own[n] = (np.arange(n) % m, np.arange(n))
+        own = x_end[idx]
         if self.widening:
-            own = own + self.widening * (own - x_end.mean(axis=0))
+            own = own + self.widening * (own - x_end.sum(axis=0) / m)
         return own
+
+
+_EMPTY = np.zeros(0)
+_EMPTY.setflags(write=False)
 
 
 def _moments(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,6 +222,7 @@ class EnsembleFilter:
         self.t, self.u = float(t), np.asarray(u, dtype=np.float64)
         self.rng = rng
         self._process = np.asarray(self.settings.process, dtype=np.float64)
+        self._fixed: np.ndarray | None = None  # parameters() when none is estimated
 
     @classmethod
     def start(
@@ -246,7 +256,9 @@ class EnsembleFilter:
         """[N, np]: every member's parameters (read-only where none is estimated)."""
         TH = self.TH if TH is None else TH
         if not self.est:
-            return np.broadcast_to(self.p, (len(TH), len(self.p)))
+            if self._fixed is None or len(self._fixed) != len(TH):
+                self._fixed = np.broadcast_to(self.p, (len(TH), len(self.p)))
+            return self._fixed
         P = np.repeat(self.p[None], len(TH), axis=0)
         P[:, self.est] = np.exp(TH)
         return P
@@ -318,15 +330,8 @@ class EnsembleFilter:
         nx = self.X.shape[1]
         self.X, self.TH = Z[:, :nx], Z[:, nx:]
         HX = self.observe_members(self.X, u)
-        return Estimate(
-            float(t),
-            pm,
-            ps,
-            *_moments(HX),
-            *_moments(self.X),
-            *_moments(np.exp(self.TH)),
-            inn,
-        )
+        pe = _moments(np.exp(self.TH)) if self.est else (_EMPTY, _EMPTY)
+        return Estimate(float(t), pm, ps, *_moments(HX), *_moments(self.X), *pe, inn)
 
     # ---- ahead of the data --------------------------------------------------------------------
     def forecast_ahead(self, times, u) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,9 +36,30 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from array_api_compat import array_namespace
-from array_api_compat import numpy as _NP
+from array_api_compat import numpy as _NP_COMPAT
 
 _NAMESPACES: dict[type, Any] = {}  # array type -> its array-api namespace (see PhysicsSystem.xp)
+
+
+def _clip(x, /, min=None, max=None, **kwargs):
+    """The array API's clip for numpy: numpy's own for a float array and number bounds (the
+    same result as array-api-compat's, which checks and casts its bounds first and costs ~5x as
+    much: solvers and filters call it every step), array-api-compat's for anything else."""
+    if (
+        not kwargs
+        and getattr(x, "dtype", None) is not None
+        and x.dtype.kind == "f"
+        and (min is None or type(min) in (float, int))
+        and (max is None or type(max) in (float, int))
+        and not (min is None and max is None)
+    ):
+        return np.clip(x, min, max)
+    return _NP_COMPAT.clip(x, min=min, max=max, **kwargs)
+
+
+# array-api-compat's numpy namespace with the faster clip (a copy: the library's stays as it is)
+_NP = types.SimpleNamespace(**{k: getattr(_NP_COMPAT, k) for k in dir(_NP_COMPAT)})
+_NP.clip = _clip
 
 Interpolation = Literal["zoh", "linear"]
 Stiffness = Literal["nonstiff", "moderate", "stiff"]
