@@ -236,7 +236,7 @@ class Died(Exception):
 def test_a_consumer_that_dies_before_publishing_a_batch_s_estimates_publishes_them_again(
     nats_server, model, forecast, record, reference, tmp_path, monkeypatch
 ):
-    """A consumer dies at the first estimate it publishes (the broker's publish to the
+    """A consumer dies at the first estimates it publishes (the broker's publish to the
     estimates subject raises): the batch it had assimilated is not acked. Restarted, it gets
     that batch again: every sample's estimate goes out (at least once, each the in-process
     one), and the twin is the in-process twin fed every sample once."""
@@ -247,12 +247,12 @@ def test_a_consumer_that_dies_before_publishing_a_batch_s_estimates_publishes_th
     estimates = "plant.die.estimates"
     live, store = live_twin(model, forecast, tmp_path, name)
     *_, messages = record
-    publish = JetStreamBroker.publish
+    publish = JetStreamBroker.publish_all
 
-    async def dying(self, to, payload, **kwargs):
+    async def dying(self, to, payloads, **kwargs):
         if to == estimates:
             raise Died(to)
-        return await publish(self, to, payload, **kwargs)
+        return await publish(self, to, payloads, **kwargs)
 
     async def run():
         return await consume(
@@ -261,10 +261,10 @@ def test_a_consumer_that_dies_before_publishing_a_batch_s_estimates_publishes_th
         )  # fmt: skip
 
     asyncio.run(replay_to(url, subject, messages, speed=0, stream=stream, progress=False))
-    monkeypatch.setattr(JetStreamBroker, "publish", dying)
+    monkeypatch.setattr(JetStreamBroker, "publish_all", dying)
     with pytest.raises(Died):
         asyncio.run(run())
-    monkeypatch.setattr(JetStreamBroker, "publish", publish)
+    monkeypatch.setattr(JetStreamBroker, "publish_all", publish)
     result = asyncio.run(run())
     got = asyncio.run(read_subject(url, estimates, "die-reader", stream, result.published))
     assert sorted({e["seq"] for e in got}) == list(range(STEPS))

@@ -93,7 +93,7 @@ class Delivery:
     on MQTT), `delivered` (how many times it has been delivered, this one included: > 1 is a
     redelivery; MQTT: 2 when the broker set the DUP flag). `await ack()` once it is handled."""
 
-    __slots__ = ("_ack", "_acked", "delivered", "payload", "sequence", "subject")
+    __slots__ = ("_ack", "_acked", "_send_ack", "delivered", "payload", "sequence", "subject")
 
     def __init__(
         self,
@@ -102,12 +102,14 @@ class Delivery:
         sequence: int | None,
         delivered: int,
         ack: Callable[[], Awaitable[None]] = _no_ack,
+        send_ack: Callable[[], Awaitable[None]] | None = None,
     ):
         self.payload = payload
         self.subject = subject
         self.sequence = sequence
         self.delivered = delivered
         self._ack = ack
+        self._send_ack = send_ack or ack  # the ack sent without waiting for its confirmation
         self._acked = False
 
     async def ack(self) -> None:
@@ -128,6 +130,20 @@ class Delivery:
             f"Delivery(subject={self.subject!r}, sequence={self.sequence}, "
             f"delivered={self.delivered}, {len(self.payload)} bytes)"
         )
+
+
+async def ack_all(deliveries: list[Delivery]) -> None:
+    """Acknowledge deliveries of one subscription in one round trip: every ack is sent, and the
+    last one's confirmation awaited. The server handles one connection's acks in their order, so
+    when the last is confirmed the earlier ones were handled; an ack lost anyway (a connection
+    dropped in between) means only that the message comes again, which a handler must tolerate
+    in any case (at least once)."""
+    todo = [d for d in deliveries if not d._acked]
+    for d in todo[:-1]:
+        await d._send_ack()
+        d._acked = True
+    if todo:
+        await todo[-1].ack()
 
 
 class Subscription(ABC):
@@ -169,6 +185,11 @@ class Broker(ABC):
     ) -> Published:
         """Publish and wait until the broker has it (JetStream: stored; MQTT: PUBACK).
         `msg_id`: JetStream's Nats-Msg-Id for deduplication (MQTT has none: ignored)."""
+
+    async def publish_all(self, subject: str, payloads: list[bytes]) -> list[Published]:
+        """Publish several messages in this order and wait until the broker has them all. Here:
+        one at a time; JetStream overrides it with pipelined publishes."""
+        return [await self.publish(subject, p) for p in payloads]
 
     @abstractmethod
     async def subscribe(self, subject: str) -> Subscription:
@@ -458,6 +479,32 @@ class JetStreamBroker(Broker):
                     ) from None
         raise AssertionError("unreachable")
 
+    async def publish_all(self, subject: str, payloads: list[bytes]) -> list[Published]:
+        """Publish several messages in this order, pipelined: all are sent on the connection
+        (in order: the stream stores them in the order sent), then every confirmation awaited.
+        One confirmation missing after `timeout` or an error raises BrokerError; the caller
+        publishes the lot again (no msg_id here: a repeat is stored twice, and the consumer of
+        these messages tells repeats by the sequence each carries)."""
+        import nats.errors
+
+        check_nats_subject(subject, wildcards=False)
+        await self.ensure_stream(subject)
+        futures = []
+        try:
+            for payload in payloads:
+                futures.append(
+                    await self._js.publish_async(subject, bytes(payload), stream=self.stream)
+                )
+            acks = await asyncio.wait_for(asyncio.gather(*futures), self.timeout)
+        except (TimeoutError, nats.errors.Error) as e:
+            for f in futures:
+                f.cancel()
+            raise BrokerError(
+                f"publish to {subject!r}: the stream {self.stream!r} did not confirm "
+                f"{len(payloads)} messages ({type(e).__name__}: {e})"
+            ) from None
+        return [Published(a.seq, bool(a.duplicate)) for a in acks]
+
     async def subscribe(self, subject: str) -> JetStreamSubscription:
         """The durable pull consumer `name` on the stream, filtered to `subject` (wildcards
         allowed), explicit ack: created, or resumed where its acks left it. A consumer of that
@@ -572,6 +619,7 @@ class JetStreamSubscription(Subscription):
             meta.sequence.stream,
             meta.num_delivered,
             lambda: self._ack(msg),
+            msg.ack,
         )
 
     async def close(self) -> None:

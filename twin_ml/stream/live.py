@@ -337,7 +337,7 @@ async def consume(
     subjects or MQTT topics; on NATS the same JetStream stream stores them)."""
     from tqdm import tqdm
 
-    from twin_ml.stream.brokers import connect
+    from twin_ml.stream.brokers import ack_all, connect
     from twin_ml.stream.messages import MessageError
 
     if batch < 1:
@@ -387,16 +387,16 @@ async def consume(
             result.resets += out.resets
             result.alarms += len(out.alarms)
             result.reasons += out.reasons
-            if estimates:  # one at a time: in the samples' order on the subject
-                for e in out.estimates:
-                    await broker.publish(estimates, json.dumps(e).encode())
+            if estimates and out.estimates:  # in the samples' order on the subject
+                await broker.publish_all(estimates, [json.dumps(e).encode() for e in out.estimates])
                 result.published += len(out.estimates)
-            if alarms:
-                for a in out.alarms:
-                    await broker.publish(alarms, json.dumps({"twin": live.twin_id, **a}).encode())
+            if alarms and out.alarms:
+                await broker.publish_all(
+                    alarms, [json.dumps({"twin": live.twin_id, **a}).encode() for a in out.alarms]
+                )
             if out.unsaved is not None:  # after the estimates: a death before it repeats them
                 await asyncio.to_thread(live.save, out)
-            await asyncio.gather(*(d.ack() for d in got))
+            await ack_all(got)
             bar.update(len(got))
         await sub.close()
     finally:
