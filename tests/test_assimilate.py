@@ -22,13 +22,14 @@ def _moments(X):
     return X.mean(axis=0), np.cov(X, rowvar=False)
 
 
+@pytest.mark.parametrize("m", [1, 3])  # one output: the analysis in scalars; several: k x k
 @pytest.mark.parametrize("inflation", [1.0, 1.3])
-def test_etkf_is_the_kalman_filter_for_a_linear_observation(inflation):
+def test_etkf_is_the_kalman_filter_for_a_linear_observation(inflation, m):
     rng = np.random.default_rng(0)
-    n, m, N = 4, 3, 12
+    n, N = 4, 12
     X = rng.normal(size=(N, n)) @ rng.normal(size=(n, n)) + rng.normal(size=n)
     H = rng.normal(size=(m, n))
-    y, r = rng.normal(size=m), np.array([0.3, 0.5, 0.8])
+    y, r = rng.normal(size=m), np.array([0.3, 0.5, 0.8])[:m]
     mean, P = _moments(X)
     want_mean, want_P, want_nis = _kalman(mean, inflation * P, H, y, r)
     Xa, inn = etkf(X, X @ H.T, y, r, inflation=inflation)
