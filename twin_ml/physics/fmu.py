@@ -322,15 +322,19 @@ class FMUSystem(PhysicsSystem):
         _lookup("inputs", opts["inputs"], [v.name for v in input_vars], "input")
         self.inputs = tuple(self._input(v, opts["inputs"].get(v.name, {})) for v in input_vars)
 
-        # parameters: the ones named, in the order given
+        # parameters: the ones named
         param_vars = {v.name: v for v in reals if v.causality == "parameter"}
         opts["parameters"] = {
             k: _entry(f"parameters.{k}", v, ("nominal", "limits"))
             for k, v in dict(parameters or {}).items()
         }
         _lookup("parameters", opts["parameters"], sorted(param_vars), "parameter")
+        # in the FMU's order, not the YAML's: a mapping's order does not survive the JSON of the
+        # records (sorted keys), and the parameter vector's order must
         self.parameters = tuple(
-            self._parameter(param_vars[k], e) for k, e in opts["parameters"].items()
+            self._parameter(v, opts["parameters"][k])
+            for k, v in param_vars.items()
+            if k in opts["parameters"]
         )
 
         # outputs: the Real outputs (ModelStructure order), or the ones named
