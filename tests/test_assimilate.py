@@ -3,10 +3,12 @@ the ensemble's own sample moments as the prior, the ETKF's analysis mean and sam
 the Kalman filter's exactly (float64 rounding); the stochastic EnKF's are in expectation (Monte
 Carlo tolerances from the ensemble size)."""
 
+import json
+
 import numpy as np
 import pytest
 
-from twin_ml.assimilate import enkf, etkf
+from twin_ml.assimilate import enkf, etkf, gaspari_cohn, letkf
 
 EPS = np.finfo(np.float64).eps
 
@@ -116,6 +118,82 @@ def test_bad_arguments_are_refused_by_name(args, message):
         etkf(np.zeros((3, 2)), np.zeros((3, 1)), np.zeros(1), np.ones(1), inflation=0.5)
 
 
+# ---- localization ------------------------------------------------------------------------------
+def test_letkf_with_zero_one_weights_is_each_component_s_kalman_filter_on_its_measurements():
+    """R-localization with weights 0 or 1: each state component's analysis mean and variance are
+    the Kalman filter's given only the measurements weighted 1 for it (weights of 1 everywhere:
+    the global filter; a component with none: its forecast)."""
+    rng = np.random.default_rng(4)
+    n, m, N = 5, 3, 9
+    X = rng.normal(size=(N, n)) @ rng.normal(size=(n, n))
+    H = rng.normal(size=(m, n))
+    y, r = rng.normal(size=m), np.array([0.4, 0.6, 0.5])
+    W = np.array([[1, 1, 1], [1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=float)
+    Xa, inn = letkf(X, X @ H.T, y, r, W, inflation=1.2)
+    mean, P = _moments(X)
+    got_mean, got_P = _moments(Xa)
+    scale = np.abs(X).max() ** 2 * N * n
+    for i, w in enumerate(W):
+        use = w > 0
+        want_mean, want_P = mean[i], 1.2 * P[i, i]
+        if use.any():
+            km, kP, _ = _kalman(mean, 1.2 * P, H[use], y[use], r[use])
+            want_mean, want_P = km[i], kP[i, i]
+        assert got_mean[i] == pytest.approx(want_mean, abs=1e3 * EPS * scale), i
+        assert got_P[i, i] == pytest.approx(want_P, abs=1e3 * EPS * scale), i
+    g_mean, _ = _moments(letkf(X, X @ H.T, y, r, np.ones((n, m)))[0])
+    assert np.allclose(g_mean, _moments(etkf(X, X @ H.T, y, r)[0])[0], atol=1e3 * EPS * scale)
+    _, _, want_nis = _kalman(mean, 1.2 * P, H, y, r)
+    assert inn.nis == pytest.approx(want_nis, rel=1e6 * EPS)  # the innovation is global
+    with pytest.raises(ValueError, match=r"weights must be \[n, m\]"):
+        letkf(X, X @ H.T, y, r, np.ones((n, m + 1)))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        letkf(X, X @ H.T, y, r, np.full((n, m), 1.5))
+
+
+def test_gaspari_cohn_is_one_at_zero_zero_from_twice_the_radius_and_continuous():
+    z = np.array([0.0, 1.0 - 1e-12, 1.0 + 1e-12, 2.0, 3.0])
+    w = gaspari_cohn(z * 2.5, 2.5)
+    assert w[0] == 1.0 and w[3] == 0.0 and w[4] == 0.0
+    assert w[1] == pytest.approx(5 / 24, abs=1e-9) and w[2] == pytest.approx(5 / 24, abs=1e-9)
+    assert np.all(np.diff(gaspari_cohn(np.linspace(0, 6, 200), 2.5)) <= 0)
+    with pytest.raises(ValueError, match="radius"):
+        gaspari_cohn(1.0, 0.0)
+
+
+def test_localization_beats_the_global_filter_on_a_large_state_with_a_small_ensemble():
+    """A 40-component ring (advection and diffusion, x' = F x + w), every 2nd component
+    measured, 10 members: the global ETKF's sample correlations between far components are
+    noise and it does worse than the local ETKF with a Gaspari-Cohn taper (radius 2). Both are
+    compared on the same record with the same draws; the filtered mean's RMS error over 250
+    steps after a spin-up (measured: 0.51 global, 0.38 local)."""
+    n, N = 40, 10
+    F = np.zeros((n, n))
+    for i in range(n):
+        F[i, i], F[i, (i - 1) % n], F[i, (i + 1) % n] = 0.6, 0.25, 0.15
+    obs = np.arange(0, n, 2)
+    H = np.eye(n)[obs]
+    r, q = np.full(len(obs), 0.5), 0.3
+    dist = np.abs(np.arange(n)[:, None] - obs[None, :])
+    W = gaspari_cohn(np.minimum(dist, n - dist), 2.0)
+
+    def run(W):
+        rng = np.random.default_rng(3)
+        truth, X = rng.normal(size=n), rng.normal(size=(N, n))
+        err = []
+        for k in range(300):
+            truth = F @ truth + rng.normal(size=n) * q
+            X = X @ F.T + rng.normal(size=X.shape) * q
+            y = H @ truth + rng.normal(size=len(obs)) * r
+            X = (etkf(X, X @ H.T, y, r, 1.1) if W is None else letkf(X, X @ H.T, y, r, W, 1.1))[0]
+            if k >= 50:
+                err.append(np.sqrt(np.mean((X.mean(axis=0) - truth) ** 2)))
+        return np.mean(err)
+
+    glob, local = run(None), run(W)
+    assert local < 0.85 * glob, (local, glob)
+
+
 # ---- filtering a record: the physics as the forecast -------------------------------------------
 def _tanks_record(seed=0, steps=300, drop_at=150, drop=0.8):
     """A cascaded-tanks record from the solver, dt = 4 s, a pump of random held levels, and the
@@ -194,6 +272,12 @@ def test_filter_settings_are_checked_by_name():
         FilterSettings(members=1).check(names)
     with pytest.raises(ValueError, match=r"filter.parameters: unknown names \['k9'\]"):
         FilterSettings(parameters=("k9",)).check(names)
+    with pytest.raises(ValueError, match="filter.localization: one weight per state"):
+        FilterSettings(localization=((1.0,),)).check(names, 2, 1)
+    with pytest.raises(ValueError, match="filter.localization: weights must lie"):
+        FilterSettings(localization=((1.0,), (-0.1,))).check(names, 2, 1)
+    with pytest.raises(ValueError, match="filter.localization is built for the ETKF"):
+        FilterSettings(method="enkf", localization=((1.0,), (1.0,))).check(names, 2, 1)
 
 
 # ---- the exported ensemble as the forecast ------------------------------------------------------
@@ -491,6 +575,9 @@ def test_a_twin_refuses_what_it_cannot_assimilate_by_field(exported_pendulum):
         ({"filter": {"method": "ukf"}}, "filter.method"),
         ({"estimate": {"nope": 0.1}}, r"estimate: unknown names \['nope'\]"),
         ({"alarms": {"window": 1}}, "alarms.window"),
+        ({"filter": {"localization": {"theta": {"theta": 2}}}}, "filter.localization.theta.theta"),
+        ({"filter": {"localization": {"nope": {}}}}, r"filter.localization: unknown names"),
+        ({"filter": {"method": "enkf", "localization": {}}}, "built for the ETKF"),
     ]:
         with pytest.raises(RequestError, match=message):
             _twin(exported_pendulum, **spec)
@@ -576,3 +663,30 @@ def test_a_twin_reports_its_k_step_predictions_as_the_record_score_does(exported
     assert sc.points[3] == len(e)
     assert sc.rmse[3] == pytest.approx(np.sqrt(np.mean(e**2)), rel=1e-12)
     assert sc.coverage_90[3] == pytest.approx(np.mean(z <= Z90), abs=1e-12)
+
+
+def test_a_twin_s_localization_weights_reach_its_analysis(exported_pendulum):
+    """A twin created with filter.localization: weights of 1 give the unlocalized twin (to float64
+    rounding); omega weighted 0 for theta's measurements is left as its forecast: its members
+    move exactly as a twin that measured nothing moves them (the same forecast and draws), while
+    theta is corrected. The weights are kept with the twin's state."""
+    from twin_ml.assimilate.twin import Twin
+
+    ones = {"filter": {"members": 12, "localization": {"theta": {"theta": 1}, "omega": {}}}}
+    zero = {"filter": {"members": 12, "localization": {"omega": {"theta": 0}}}}
+    plain, card = _twin(exported_pendulum)
+    same, _ = _twin(exported_pendulum, **ones)
+    local, _ = _twin(exported_pendulum, **zero)
+    blind, _ = _twin(exported_pendulum)
+    for twin in (plain, same, local):
+        twin.observe(_batch(card, 1, 1, theta=0.3))
+    nothing = _batch(card, 1, 1)
+    nothing["outputs"] = {"theta": [None]}
+    blind.observe(nothing)
+    X = {k: np.asarray(t.state()["filter"]["X"]) for k, t in
+         [("plain", plain), ("same", same), ("local", local), ("blind", blind)]}  # fmt: skip
+    assert np.allclose(X["same"], X["plain"], rtol=0, atol=1e3 * EPS * np.abs(X["plain"]).max())
+    assert np.array_equal(X["local"][:, 1], X["blind"][:, 1])  # omega: its forecast, untouched
+    assert not np.allclose(X["local"][:, 0], X["blind"][:, 0])  # theta: corrected
+    again = Twin.restore(card, local.filter.forecast, json.loads(json.dumps(local.state())))
+    assert again.filter.settings.localization == ((1.0,), (0.0,))

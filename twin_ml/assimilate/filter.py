@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from twin_ml.assimilate.analysis import Innovation, enkf, etkf
+from twin_ml.assimilate.analysis import Innovation, enkf, etkf, letkf
 from twin_ml.physics.solver import SolverSettings, solve_stacked
 
 METHODS = ("etkf", "enkf")
@@ -53,8 +53,14 @@ class FilterSettings:
     walk: float = 0.01  # the estimated parameters' random-walk std per step, relative
     process: tuple[float, ...] = ()  # additive state noise std per step, per state (empty: none)
     seed: int = 0
+    # per state, per output: the weight in [0, 1] a measurement of that output has in that
+    # state's analysis (the local ETKF, `analysis.letkf`; empty: every weight 1, the ETKF); the
+    # estimated parameters take every measurement whole
+    localization: tuple[tuple[float, ...], ...] = ()
 
-    def check(self, parameter_names: list[str], n_states: int | None = None) -> FilterSettings:
+    def check(
+        self, parameter_names: list[str], n_states: int | None = None, n_outputs: int | None = None
+    ) -> FilterSettings:
         if self.method not in METHODS:
             raise ValueError(f"filter.method must be one of {METHODS}, got {self.method!r}")
         if self.members < 2:
@@ -72,6 +78,17 @@ class FilterSettings:
                 raise ValueError(
                     f"filter.process: stds must be finite and >= 0, got {self.process}"
                 )
+        if self.localization:
+            if self.method != "etkf":
+                raise ValueError("filter.localization is built for the ETKF: set method etkf")
+            W = np.asarray(self.localization, dtype=np.float64)
+            want = (n_states, n_outputs)
+            if W.ndim != 2 or any(w is not None and w != g for w, g in zip(want, W.shape)):
+                raise ValueError(
+                    f"filter.localization: one weight per state and output {want}, got {W.shape}"
+                )
+            if not (np.isfinite(W).all() and (W >= 0).all() and (W <= 1).all()):
+                raise ValueError("filter.localization: weights must lie in [0, 1]")
         unknown = sorted(set(self.parameters) - set(parameter_names))
         if unknown:
             raise ValueError(
@@ -209,7 +226,9 @@ class EnsembleFilter:
         rng: np.random.Generator,
     ):
         self.system, self.forecast = system, forecast
-        self.settings = settings.check(system.parameter_names, len(system.state_names))
+        self.settings = settings.check(
+            system.parameter_names, len(system.state_names), len(system.output_names)
+        )
         self.noise = np.asarray(noise, dtype=np.float64)
         if self.noise.shape != (len(system.output_names),) or not np.all(self.noise > 0):
             raise ValueError(
@@ -223,6 +242,10 @@ class EnsembleFilter:
         self.rng = rng
         self._process = np.asarray(self.settings.process, dtype=np.float64)
         self._fixed: np.ndarray | None = None  # parameters() when none is estimated
+        self._weights = None  # the localization's weights [nx + q, ny] (parameters' rows 1)
+        if self.settings.localization:
+            loc = np.asarray(self.settings.localization, dtype=np.float64)
+            self._weights = np.vstack([loc, np.ones((len(self.est), loc.shape[1]))])
 
     @classmethod
     def start(
@@ -239,7 +262,9 @@ class EnsembleFilter:
         """Members drawn from the prior: initial state mean and std `x0` ([nx], [nx]),
         parameters `p` ([np] values, [np] relative stds of the estimated ones; the others stay
         at their values)."""
-        settings = settings.check(system.parameter_names, len(system.state_names))
+        settings = settings.check(
+            system.parameter_names, len(system.state_names), len(system.output_names)
+        )
         rng = np.random.default_rng(settings.seed)
         n, nx = settings.members, len(system.state_names)
         est = [system.parameter_names.index(name) for name in settings.parameters]
@@ -323,7 +348,9 @@ class EnsembleFilter:
         ps = np.sqrt(ps**2 * s.inflation + self.noise**2)
         Z = np.concatenate([self.X, self.TH], axis=1)
         y = np.asarray(y, dtype=np.float64)
-        if s.method == "etkf":
+        if self._weights is not None:
+            Z, inn = letkf(Z, HX, y, self.noise, self._weights, s.inflation)
+        elif s.method == "etkf":
             Z, inn = etkf(Z, HX, y, self.noise, s.inflation)
         else:
             Z, inn = enkf(Z, HX, y, self.noise, self.rng, s.inflation)

@@ -10,7 +10,9 @@ twin has already passed):
   (default: the training box's middle and a quarter of its width), `parameters` {name: value}
   (default: the training box's middle), `estimate` {parameter: relative std} (estimated jointly,
   in log space), `filter` {method, members, inflation, walk, process {state: std per step},
-  seed}, `alarms` {window, nis_low, nis_high, reference, slack, threshold}, `ahead` [h, ...]
+  seed, localization {state: {output: weight in [0, 1]}} (the local ETKF: a measurement's weight
+  in each state's analysis, missing pairs 1; `analysis.gaspari_cohn` turns distances into
+  weights)}, `alarms` {window, nis_low, nis_high, reference, slack, threshold}, `ahead` [h, ...]
   (up to 4 horizons in steps: each sample then also reports what the twin predicted h steps
   before it, from the analysis then and the inputs that came since, `filter.Ahead`).
 - observe: `times` [T] (seconds, after the twin's time, on the model's grid from `t0`),
@@ -225,9 +227,33 @@ class TwinSpec:
 
     def settings(self) -> FilterSettings:
         f = dict(self.filter)
+        loc = tuple(tuple(row) for row in f.get("localization", ()))
         return FilterSettings(
-            **{**f, "parameters": tuple(f["parameters"]), "process": tuple(f["process"])}
+            **{
+                **f,
+                "parameters": tuple(f["parameters"]),
+                "process": tuple(f["process"]),
+                "localization": loc,
+            }
         )
+
+
+def _localization(system, given: Any, method: str) -> list[list[float]]:
+    """filter.localization {state: {output: weight in [0, 1]}} -> weights [nx][ny] (a pair not
+    given: 1)."""
+    rows = by_name(given, system.state_names, "filter.localization", required=False)
+    if method != "etkf":
+        raise RequestError("filter.localization", "is built for the ETKF: set filter.method etkf")
+    out = []
+    for name in system.state_names:
+        where = f"filter.localization.{name}"
+        w = by_name(rows.get(name) or {}, system.output_names, where, required=False)
+        row = [number(w.get(o, 1.0), f"{where}.{o}") for o in system.output_names]
+        for o, v in zip(system.output_names, row):
+            if not 0 <= v <= 1:
+                raise RequestError(f"{where}.{o}", f"a weight in [0, 1], got {v}")
+        out.append(row)
+    return out
 
 
 def _half_width(rng) -> float:
@@ -298,7 +324,9 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
                     f"an estimated parameter must be > 0 (log space), got {p[i]}",
                 )
     f = _object(body.get("filter") or {}, "filter")
-    _unknown(f, ("method", "members", "inflation", "walk", "process", "seed"), "filter")
+    _unknown(
+        f, ("method", "members", "inflation", "walk", "process", "seed", "localization"), "filter"
+    )
     given_q = by_name(f.get("process"), system.state_names, "filter.process", required=False)
     process = [number(given_q.get(n, 0.0), f"filter.process.{n}") for n in system.state_names]
     method = f.get("method", "etkf")
@@ -319,6 +347,8 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
         "parameters": [n for n in system.parameter_names if n in given_e],
         "seed": seed,
     }
+    if f.get("localization") is not None:
+        settings["localization"] = _localization(system, f["localization"], method)
     if not settings["inflation"] >= 1:
         raise RequestError("filter.inflation", f"must be >= 1, got {settings['inflation']}")
     if not 0 <= settings["walk"] <= 1:
