@@ -99,8 +99,8 @@ PROFILE_PARTS = [
     ("  twin state to JSON values", "Twin.state", "twin_ml/assimilate/twin.py"),
     ("save the twin (LiveTwin.save)", "LiveTwin.save", "twin_ml/stream/live.py"),
     ("decode messages", "decode", "twin_ml/stream/messages.py"),
-    ("publish estimates", "JetStreamBroker.publish", "twin_ml/stream/brokers.py"),
-    ("ack", "JetStreamSubscription._ack", "twin_ml/stream/brokers.py"),
+    ("publish estimates", "JetStreamBroker.publish_all", "twin_ml/stream/brokers.py"),
+    ("ack", "ack_all", "twin_ml/stream/brokers.py"),
     ("fetch", "JetStreamSubscription.next", "twin_ml/stream/brokers.py"),
 ]
 
@@ -731,8 +731,8 @@ def profile(url, ref, create, n, env) -> dict:
         else float("nan")
         for label, name, suffix in PROFILE_PARTS
     }
-    top = ("LiveTwin.handle", "LiveTwin.save", "decode", "JetStreamBroker.publish")
-    top += ("JetStreamSubscription._ack", "JetStreamSubscription.next")
+    top = ("LiveTwin.handle", "LiveTwin.save", "decode", "JetStreamBroker.publish_all")
+    top += ("ack_all", "JetStreamSubscription.next")
     inside = sum(
         c
         for named, c in loop
