@@ -78,6 +78,7 @@ def test_declarations_come_from_the_model_description(fmu):
     assert s.options["sha256"] == s.fmu_sha256 and s.options["fmu"] == str(fmu)
 
 
+@pytest.mark.numeric
 def test_rhs_and_computed_output_are_the_equations(fmu, rng):
     s = oscillator(fmu)
     x = rng.uniform(-1, 1, (3, 4, 2))
@@ -111,6 +112,7 @@ def exact(t, u, p, x0):
     return np.array(out)
 
 
+@pytest.mark.numeric
 def test_trajectories_match_the_exact_solution(fmu, rng):
     s = oscillator(fmu, outputs=["position"])
     t = np.linspace(0.0, 4.0, 41)

@@ -1,4 +1,5 @@
-"""Physics systems, their registry, excitation signals and the scipy reference solver.
+"""Physics systems, their registry, excitation signals and the scipy reference solver; systems
+from FMUs (`FMUSystem`: FMPy loads the FMU when it is first evaluated).
 
 Pure numpy/scipy: importing this package never imports torch.
 """
@@ -12,6 +13,7 @@ from twin_ml.physics.field import Derived as Derived
 from twin_ml.physics.field import Field as Field
 from twin_ml.physics.field import FieldSystem as FieldSystem
 from twin_ml.physics.field import Probe as Probe
+from twin_ml.physics.fmu import FMUSystem as FMUSystem
 from twin_ml.physics.grid import Grid as Grid
 from twin_ml.physics.signals import SIGNAL_KINDS as SIGNAL_KINDS
 from twin_ml.physics.signals import SignalSpec as SignalSpec
@@ -31,6 +33,7 @@ __all__ = [
     "Derived",
     "Field",
     "FieldSystem",
+    "FMUSystem",
     "Grid",
     "Probe",
     "Input",
