@@ -19,7 +19,7 @@ import ray
 
 from twin_ml.data import ScenarioDesign, generate_dataset
 from twin_ml.data.extend import DatasetExtension, Request
-from twin_ml.data.generate import ShardError, solve_shards
+from twin_ml.data.generate import ShardError, _check_seen, solve_shards
 from twin_ml.physics import SolverSettings, make_system
 
 BIN = Path(sys.executable).parent / "twin-generate"
@@ -113,6 +113,17 @@ def test_a_failed_task_names_its_shard_and_does_not_hang(user_ray, tmp_path):
     assert user_ray.is_initialized()
 
 
+def test_a_shard_written_where_out_dir_is_not_shared_is_an_error(tmp_path):
+    """A node whose out_dir is a disk of its own: its task succeeds, the shard is not here."""
+    (tmp_path / "shards").mkdir()
+    here = tmp_path / "shards" / "00000.npz"
+    here.write_bytes(b"seen")
+    _check_seen({str(here): "node-a"}, patience=0)
+    unseen = r"shard shards/00003\.npz was written on Ray node node-b but is not in .* here"
+    with pytest.raises(ShardError, match=unseen + r" \(1 shards so\).*same path"):
+        _check_seen({str(here): "node-a", str(here.with_name("00003.npz")): "node-b"}, patience=0)
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,43 +155,56 @@ def test_bad_executor_settings_are_refused_before_anything_is_written(
     assert not (tmp_path / "ds").exists()
 
 
-def test_twin_generate_executor_ray_gives_the_local_commands_dataset(tmp_path):
-    """The acceptance command: twin-generate starts (and stops) a Ray runtime of its own."""
+def _compose(*overrides):
     from hydra import compose, initialize_config_dir
 
     from training._common import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="generate", overrides=list(overrides))
+
+
+def test_twin_generate_executor_ray_gives_the_local_commands_dataset(tmp_path):
+    """The acceptance command: twin-generate starts (and stops) a Ray runtime of its own; the
+    same command without executor=ray (its config and run, in this process meanwhile) is the
+    reference."""
     from training.generate import generate
 
     args = ["system=pendulum", "n_scenarios=64", "seed=7", "progress=false"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    r = subprocess.run(
+    proc = subprocess.Popen(
         [str(BIN), *args, f"out_dir={tmp_path / 'ray'}", "executor=ray"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        env=env,
-        timeout=600,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "ray" / "summary.json"
+    try:
+        cfg = _compose(*args, f"out_dir={tmp_path / 'local'}")
+        assert cfg.executor == "local" and cfg.ray_address is None
+        ref = generate(cfg)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert Path(out.strip().splitlines()[-1]) == tmp_path / "ray" / "summary.json"
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
-    # the same command without executor=ray (its config and run, in this process)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="generate", overrides=[*args, f"out_dir={tmp_path / 'local'}"])
-    assert cfg.executor == "local" and cfg.ray_address is None
-    ref = generate(cfg)
-    assert summary["complete"] and summary["shards_written"] == 2 == len(
-        json.loads((tmp_path / "ray" / "manifest.json").read_text())["shards"]
-    )
-    assert summary["dataset_sha256"] == ref["dataset_sha256"]
-    bad = subprocess.run(
-        [str(BIN), *args, f"out_dir={tmp_path / 'bad'}", "executor=dask"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and not (tmp_path / "bad").exists()
-    assert bad.stderr.strip().splitlines() == [
-        "error: executor must be one of local, ray (local: processes of this machine, `workers` "
-        "of them; ray: one Ray task per shard), got 'dask'"
-    ]
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert summary["complete"] and summary["shards_written"] == 2 == len(manifest["shards"])
+    assert summary["dataset_sha256"] == manifest["dataset_sha256"] == ref["dataset_sha256"]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["executor=dask"], r"executor must be one of local, ray .*got 'dask'"),
+        (["ray_address=auto"], r"ray_address='auto' applies to executor=ray only"),
+        (["executor=ray", "workers=0", "ray_address=ray:/head"], r"ray_address must be auto"),
+        (["executor=ray", "n_new=2", "acquisition=random", "workers=4"], r"workers=4 sizes"),
+    ],
+)
+def test_the_commands_executor_settings_are_checked_first(overrides, match, tmp_path):
+    from training.generate import generate
+
+    with pytest.raises(ValueError, match=match):
+        generate(_compose(*overrides, f"out_dir={tmp_path / 'ds'}"))
+    assert not (tmp_path / "ds").exists()

@@ -601,9 +601,10 @@ def _connect_ray(address: str | None):
     return ray, True
 
 
-def _ray_shard(common: tuple, job: tuple, version: str) -> None:
-    """A Ray task: one shard, written by the worker itself. Checks first that this node runs the
-    driver's twin-ml version and sees the dataset's shards folder (shared storage)."""
+def _ray_shard(common: tuple, job: tuple, version: str) -> str:
+    """A Ray task: one shard, written by the worker itself; returns the node's name. Checks first
+    that this node runs the driver's twin-ml version and sees the dataset's shards folder (shared
+    storage)."""
     from twin_ml._version import __version__
 
     node = socket.gethostname()
@@ -619,6 +620,7 @@ def _ray_shard(common: tuple, job: tuple, version: str) -> None:
             "mounts at the same path"
         )
     _make_shard(*_job_args(common, job))
+    return node
 
 
 def _run_ray(common: tuple, jobs: list[tuple], address: str | None, bar) -> None:
@@ -639,13 +641,14 @@ def _run_ray(common: tuple, jobs: list[tuple], address: str | None, bar) -> None
             ): job[2]
             for job in jobs
         }
+        written: dict[str, str] = {}  # shard file: the node that wrote it
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     path = pending.pop(ref)
                     try:
-                        ray.get(ref)
+                        written[path] = ray.get(ref)
                     except rex.RayError as e:
                         raise _shard_error(path, e) from e
                     bar.update(1)
@@ -656,6 +659,25 @@ def _run_ray(common: tuple, jobs: list[tuple], address: str | None, bar) -> None
     finally:
         if own:
             ray.shutdown()
+    _check_seen(written)
+
+
+def _check_seen(written: dict[str, str], patience: float = 10.0) -> None:
+    """Every shard a task wrote must be in out_dir here too (a node whose out_dir is a disk of
+    its own writes there and succeeds); a shared file system may show a file a few seconds late,
+    hence the patience."""
+    deadline = time.monotonic() + patience
+    unseen = [p for p in written if not Path(p).exists()]
+    while unseen and time.monotonic() < deadline:
+        time.sleep(0.5)
+        unseen = [p for p in unseen if not Path(p).exists()]
+    if unseen:
+        p = Path(unseen[0])
+        raise ShardError(
+            f"shard {p.parent.name}/{p.name} was written on Ray node {written[unseen[0]]} but is "
+            f"not in {p.parent.parent} here ({len(unseen)} shards so): out_dir must be on "
+            "storage every node mounts at the same path"
+        )
 
 
 def _shard_error(path: str, err: BaseException) -> ShardError:
@@ -663,8 +685,8 @@ def _shard_error(path: str, err: BaseException) -> ShardError:
     own exception, not Ray's wrapping with the remote traceback), and a hint when a worker
     could not import something."""
     cause = getattr(err, "cause", None) or err
-    msg = str(cause).strip().splitlines()
-    text = f"{type(cause).__name__}: {msg[-1] if msg else ''}".rstrip(": ")
+    msg = " ".join(line.strip() for line in str(cause).strip().splitlines())
+    text = f"{type(cause).__name__}: {msg}" if msg else type(cause).__name__
     hint = ""
     if isinstance(cause, ImportError) or "ModuleNotFoundError" in str(err):
         hint = "; every Ray node must import twin_ml (the same version) and the system's module"
