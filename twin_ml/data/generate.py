@@ -55,10 +55,12 @@ core), or as Ray tasks (`executor="ray"`): one task per shard, on a Ray runtime 
 (`ray_address=None`; stopped after it) or on a running cluster (`ray_address="auto"` on one of its
 nodes, "host:port" of its head, or "ray://host:port" through Ray Client). Either way a shard is the
 same function of the settings, written by the worker itself (temp file, rename) into
-out_dir/shards, so the bytes, the `dataset_sha256` and resumption are the executor's business not
-at all. On a cluster every node must see out_dir at the same path (shared storage: NFS, a cluster
-file system) and import the same twin-ml version (and the system's own module); a task checks both
-before it solves, and a shard whose task fails stops the run with the shard's name and its error.
+out_dir/shards, so the bytes, the `dataset_sha256` and resumption do not depend on the executor
+(a run stopped on one resumes on the other). On a cluster every node must see out_dir at the same
+path (shared storage: NFS, a cluster file system) and import the same twin-ml version (and the
+system's own module): a task checks the version and the shards folder before it solves, the
+driver that each shard a task wrote is in out_dir here too; a shard whose task fails stops the
+run (the other tasks are cancelled) with the shard's name and its error.
 
 A complete dataset can grow by rounds of train scenarios (`twin_ml.data.extend`, active
 learning): their shards follow the existing ones, and the manifest lists them, the train split's
