@@ -201,7 +201,7 @@ def _entry(field: str, value: Any, keys: tuple[str, ...]) -> dict[str, Any]:
         v = value.get(k)
         if v is None:
             continue
-        if k in ("limits",):
+        if k == "limits":
             out[k] = _pair(f"{field}.{k}", v)
         elif k == "nominal":
             try:
@@ -286,9 +286,6 @@ class FMUSystem(PhysicsSystem):
         self.solver, self.stiffness = solver, stiffness
         self._md, self._data, self._sha256 = md, data, digest
         reals = [v for v in md.modelVariables if v.type in ("Real", "Float64")]
-        by_vr = {}
-        for v in reals:
-            by_vr.setdefault(v.valueReference, v)
 
         # states: in the order of ModelStructure/Derivatives (the order of the state vector)
         state_vars = [d.variable.derivative for d in md.derivatives]
@@ -381,7 +378,6 @@ class FMUSystem(PhysicsSystem):
         state_vr = [v.valueReference for v in state_vars]
         self._vr = {
             "states": state_vr,
-            "derivatives": [d.variable.valueReference for d in md.derivatives],
             "inputs": [v.valueReference for v in input_vars],
             "parameters": [param_vars[p.name].valueReference for p in self.parameters],
             "outputs": [v.valueReference for v in output_vars],
