@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,10 @@ def _trainer(cfg: DictConfig, out_dir: Path, callbacks: list, **kw: Any):
         **kw,
     )
     _check_processes(cfg, trainer)
+    if trainer.world_size > 1:
+        # every process validates on the whole split (twin_ml.train.distributed): its val/ metrics
+        # are already every process's, so Lightning's advice to average them over processes is moot
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
     if not trainer.is_global_zero:  # the other processes say only what goes wrong
         logging.getLogger().setLevel(logging.WARNING)
     return trainer
@@ -132,6 +137,12 @@ def _check_processes(cfg: DictConfig, trainer) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    if trainer.world_size > 1 and cfg.get("data") and cfg.data.batch_size % trainer.world_size:
+        raise ValueError(
+            f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
+            f"training processes ({trainer.world_size}: trainer.devices x trainer.num_nodes): "
+            "each process takes an equal share of every batch"
+        )
     launcher = trainer.strategy.launcher
     kind = type(launcher).__name__
     if kind == "_MultiProcessingLauncher":
@@ -145,7 +156,7 @@ def _check_processes(cfg: DictConfig, trainer) -> None:
         and launcher.num_processes > 1
         and not launcher.cluster_environment.creates_processes_externally
     )
-    if reruns and not HydraConfig.initialized():
+    if reruns and not (HydraConfig.initialized() and _runs_as_command()):
         raise ValueError(
             f"trainer=ddp on {launcher.num_processes} processes starts the others by running the "
             "twin-train command again: run it as the command, not as train() inside a Python "
@@ -158,12 +169,17 @@ def _check_processes(cfg: DictConfig, trainer) -> None:
             "a time, or have Slurm start the processes (hydra/launcher=submitit_slurm "
             "hydra.launcher.tasks_per_node=<trainer.devices>)"
         )
-    if trainer.world_size > 1 and cfg.data.batch_size % trainer.world_size:
-        raise ValueError(
-            f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
-            f"training processes ({trainer.world_size}: trainer.devices x trainer.num_nodes): "
-            "each process takes an equal share of every batch"
-        )
+
+
+def _runs_as_command() -> bool:
+    """Whether this process is the twin-train command (its script, or python -m training.train):
+    what Lightning's DDP runs again for the other processes."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None and spec.name == "training.train":
+        return True
+    return Path(sys.argv[0]).name == "twin-train"
 
 
 def _wait_for_processes(trainer) -> None:
