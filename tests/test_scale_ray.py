@@ -78,6 +78,10 @@ def test_a_stopped_ray_run_resumes_from_the_shards_on_disk(user_ray, local, tmp_
 
 
 def test_an_extension_round_on_ray_equals_the_local_round(user_ray, local, tmp_path):
+    """A round of added scenarios solved on Ray is the local round, through DatasetExtension and
+    through extend_dataset (what `twin-generate n_new=... executor=ray` calls)."""
+    from twin_ml.active import extend_dataset
+
     sha = {}
     for executor in ("local", "ray"):
         path = tmp_path / executor
@@ -88,7 +92,13 @@ def test_an_extension_round_on_ray_equals_the_local_round(user_ray, local, tmp_p
         res = ext.run(plan, progress=False, executor=executor)
         assert res.complete and res.shards_written == 2
         sha[executor] = res.manifest["dataset_sha256"]
+        again = tmp_path / f"{executor}-extend"
+        shutil.copytree(local.path, again)
+        res = extend_dataset(again, n_new=3, acquisition="random", seed=2, progress=False,
+                             executor=executor)  # fmt: skip
+        sha[f"{executor}-extend"] = res.summary()["dataset_sha256"]
     assert sha["ray"] == sha["local"] != local.manifest["dataset_sha256"]
+    assert sha["ray-extend"] == sha["local-extend"] != local.manifest["dataset_sha256"]
 
 
 def test_a_failed_task_names_its_shard_and_does_not_hang(user_ray, tmp_path):

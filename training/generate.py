@@ -82,18 +82,10 @@ def extend(cfg: DictConfig) -> dict:
         max_new_shards=cfg.max_new_shards,
         overwrite=cfg.overwrite,
         progress=cfg.progress,
-        **executor_args(cfg),
+        executor=cfg.executor,
+        ray_address=cfg.ray_address,
     )
     return res.summary()
-
-
-def executor_args(cfg: DictConfig) -> dict:
-    """executor and ray_address for extend_dataset, given only when not the defaults (so that a
-    twin_ml.active without them still extends locally)."""
-    executor, address = cfg.get("executor", "local"), cfg.get("ray_address")
-    if executor == "local" and address is None:
-        return {}
-    return {"executor": executor, "ray_address": address}
 
 
 def generate(cfg: DictConfig) -> dict:

@@ -184,6 +184,8 @@ def extend_dataset(
     max_new_shards: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> ExtensionResult:
     """Add one round of `n_new` solver runs to the train split of the dataset in `out_dir`.
 
@@ -193,6 +195,7 @@ def extend_dataset(
     seed: the round's pool and signals. Running the same request again resumes a killed round or,
     once committed, does nothing; a stopped round of another request is refused unless
     `overwrite` (which discards it).
+    executor, ray_address: where the new shards are solved (`twin_ml.data.generate_dataset`).
     """
     t0 = time.perf_counter()
     if acquisition not in ACQUISITIONS:
@@ -250,4 +253,12 @@ def extend_dataset(
                 "trained_on_dataset_sha256": meta.get("dataset_sha256"),
             }
         plan = ext.plan(request, pool, picked, scores=scores, min_distance_used=used, model=info)
-    return ext.run(plan, workers=workers, progress=progress, max_new_shards=max_new_shards, t0=t0)
+    return ext.run(
+        plan,
+        workers=workers,
+        progress=progress,
+        max_new_shards=max_new_shards,
+        t0=t0,
+        executor=executor,
+        ray_address=ray_address,
+    )
