@@ -161,9 +161,9 @@ class OnnxForecast:
         x32 = np.asarray(X, dtype=np.float32)
         feeds = {
             "x0": x32,
-            "u": np.broadcast_to(u.astype(np.float32), (n, 1, len(u))),
+            "u": np.repeat(u.astype(np.float32)[None, None], n, axis=0),
             "p": np.asarray(P, dtype=np.float32),
-            "x_members": np.broadcast_to(x32, (m, *x32.shape)),
+            "x_members": np.repeat(x32[None], m, axis=0),
         }
         (x_end,) = self.session.run(["x_end"], feeds)  # [M, N, nx]
         x_end = x_end.astype(np.float64)
@@ -329,7 +329,7 @@ class EnsembleFilter:
 
     def observe_members(self, X, u, TH=None) -> np.ndarray:
         P = self.parameters(TH)
-        U = np.broadcast_to(u, (len(X), len(u)))
+        U = np.repeat(np.asarray(u)[None], len(X), axis=0)
         return np.asarray(self.system.observe(X, U, P), dtype=np.float64)
 
     # ---- one sample --------------------------------------------------------------------------
