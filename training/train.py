@@ -3,11 +3,24 @@
     twin-train experiment=pendulum_node data_dir=data/pendulum-n256-s0 out_dir=runs/pendulum
     twin-train -m hparams_search=pendulum_node_optuna
     twin-train experiment=cascaded_tanks_real out_dir=runs/tanks-real logger=none   # telemetry
+    twin-train -m hydra/launcher=joblib model.optim.lr=0.01,0.003   # a sweep, a process per job
+    twin-train trainer=ddp experiment=pendulum_node   # Lightning's DDP on two CPU processes
 
 The run directory holds config.yaml, checkpoints/ (best.ckpt, last.ckpt), model/ (model.pt +
 model.json: everything to rebuild the calibrated model), metrics.json, report.html with PNGs and
 summary.json, whose path is printed last. Returns `optimized_metric` for sweeps. Each epoch logs
 one progress line (callbacks.progress, twin_ml.models.callbacks.EpochProgress).
+
+Sweeps (-m, any Hydra launcher: joblib here, submitit_slurm on a cluster): each job's out_dir is
+its own folder of the sweep (hydra.sweep.dir/<job number>) unless out_dir is set, and the sweep
+ends by printing each job's summary.json path, one a line in job order (`SweepSummaries`). A job
+is the very run of the same settings alone: the same metrics, to the bit, on the same machine.
+
+Several processes (trainer=ddp; trainer=gpu trainer.devices=N trainer.strategy=ddp): every process
+runs twin-train, the first starts the others; each takes an equal share of every batch of
+data.batch_size scenarios and validates on the whole split (twin_ml.train.distributed), so the run
+is the one-process run up to the order of float sums. Only the first process writes the run
+directory, the model, the report and the summary; it waits for the others and fails if one did.
 
 On measured telemetry (`telemetry:` in the config, e.g. experiment=cascaded_tanks_real): records
 -> contract check and alignment -> a state table from the physics -> multiple shooting with
