@@ -16,7 +16,7 @@ its own folder of the sweep (hydra.sweep.dir/<job number>) unless out_dir is set
 ends by printing each job's summary.json path, one a line in job order (`SweepSummaries`). A job
 is the very run of the same settings alone: the same metrics, to the bit, on the same machine.
 
-Several processes (trainer=ddp; trainer=gpu trainer.devices=N trainer.strategy=ddp): every process
+Several processes (trainer=ddp, or trainer=gpu with trainer.devices=N): every process
 runs twin-train, the first starts the others; each takes an equal share of every batch of
 data.batch_size scenarios and validates on the whole split (twin_ml.train.distributed), so the run
 is the one-process run up to the order of float sums. Only the first process writes the run
