@@ -405,11 +405,28 @@ def shown(value: Any) -> str:
     return str(value)
 
 
+def job_dir(default: str) -> str:
+    """`out_dir`'s default (`${job_dir:...}` in configs/train.yaml): `default` for one run; in a
+    sweep (-m), the job's own folder (hydra.sweep.dir/hydra.sweep.subdir), so jobs that differ in
+    a setting the default does not name (a learning rate) never share a run directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN and not OmegaConf.is_missing(hc.runtime, "output_dir"):
+            return str(hc.runtime.output_dir)
+    return default
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("show"):
         OmegaConf.register_new_resolver("show", shown)
+    if not OmegaConf.has_resolver("job_dir"):  # configs/train.yaml's out_dir, composed anywhere
+        OmegaConf.register_new_resolver("job_dir", job_dir)
 
 
 _register_resolvers()

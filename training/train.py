@@ -79,24 +79,6 @@ from twin_ml._io import atomic_write_bytes
 log = logging.getLogger("twin-train")
 
 
-def job_dir(default: str) -> str:
-    """`out_dir`'s default (`${job_dir:...}` in configs/train.yaml): `default` for one run; in a
-    sweep (-m), the job's own folder (hydra.sweep.dir/hydra.sweep.subdir), so jobs that differ in
-    a setting the default does not name (a learning rate) never share a run directory."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN and not OmegaConf.is_missing(hc.runtime, "output_dir"):
-            return str(hc.runtime.output_dir)
-    return default
-
-
-if not OmegaConf.has_resolver("job_dir"):
-    OmegaConf.register_new_resolver("job_dir", job_dir)
-
-
 def _config_text(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
@@ -150,12 +132,10 @@ def _check_processes(cfg: DictConfig, trainer) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if trainer.world_size > 1 and cfg.get("data") and cfg.data.batch_size % trainer.world_size:
-        raise ValueError(
-            f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
-            f"training processes ({trainer.world_size}: trainer.devices x trainer.num_nodes): "
-            "each process takes an equal share of every batch"
-        )
+    if trainer.world_size > 1 and cfg.get("data"):
+        from twin_ml.train.distributed import check_batch
+
+        check_batch(cfg.data.batch_size, trainer.world_size)
     launcher = trainer.strategy.launcher
     kind = type(launcher).__name__
     if kind == "_MultiProcessingLauncher":
@@ -195,15 +175,37 @@ def _runs_as_command() -> bool:
     return Path(sys.argv[0]).name == "twin-train"
 
 
-def _wait_for_processes(trainer) -> None:
+def _wait_for_processes(trainer, timeout: float = 600.0) -> None:
     """On the first process of a DDP run: wait for the processes it started, and fail when one
-    did not end cleanly (Lightning watches them only every few seconds, and not past the end)."""
+    did not end cleanly (Lightning watches them only every few seconds, and not past the end).
+    A process still running `timeout` seconds after this one finished is killed (they all end
+    the same fit, a hang guard)."""
+    import subprocess
+
     for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
-        if proc.wait() != 0:
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
             raise RuntimeError(
-                f"a training process (pid {proc.pid}) ended with exit status {proc.returncode}; "
+                f"a training process (pid {proc.pid}) was still running {timeout:g} s after the "
+                "first had finished; it was killed"
+            ) from None
+        if code != 0:
+            raise RuntimeError(
+                f"a training process (pid {proc.pid}) ended with exit status {code}; "
                 "its error is above"
             )
+
+
+def _stop_processes(trainer) -> None:
+    """On the first process of a DDP run that failed: kill the processes it started (Lightning
+    kills them only on an interrupt)."""
+    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -272,7 +274,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         atomic_write_bytes(out_dir / "config.yaml", _config_text(cfg).encode())
     ckpt_path = resume_from(out_dir, cfg.resume)
     log.info("Resuming from last.ckpt" if ckpt_path else "Starting training")
-    fit_seconds = fit(trainer, module, dm, ckpt_path)
+    try:
+        fit_seconds = fit(trainer, module, dm, ckpt_path)
+    except BaseException:
+        _stop_processes(trainer)  # the others would wait in a collective until gloo's timeout
+        raise
     if not trainer.is_global_zero:  # DDP: the first process evaluates and writes the run
         return {}, {}
     if stop and trainer.should_stop and trainer.current_epoch < trainer.max_epochs:

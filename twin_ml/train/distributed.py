@@ -23,6 +23,16 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from twin_ml.data.torch_data import FIELDS, EpochSampler, ScenarioDataModule
 
 
+def check_batch(batch_size: int, world_size: int) -> None:
+    """A batch the processes can share equally."""
+    if batch_size < 1 or batch_size % world_size:
+        raise ValueError(
+            f"data.batch_size ({batch_size}) must be a multiple of the number of training "
+            f"processes ({world_size}: trainer.devices x trainer.num_nodes): each process "
+            "takes an equal share of every batch"
+        )
+
+
 class ShardedBatches(Sampler[list[int]]):
     """The batches of `batch_size` that one process draws from `sampler`, each split over
     `world_size` processes: this process (`rank`) takes positions rank, rank + W, ... of every
@@ -37,12 +47,7 @@ class ShardedBatches(Sampler[list[int]]):
     def __init__(self, sampler: Sampler[int], *, batch_size: int, rank: int, world_size: int):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size}) (world_size {world_size})")
-        if batch_size < 1 or batch_size % world_size:
-            raise ValueError(
-                f"data.batch_size ({batch_size}) must be a multiple of the number of training "
-                f"processes ({world_size}: trainer.devices x trainer.num_nodes): each process "
-                "takes an equal share of every batch"
-            )
+        check_batch(batch_size, world_size)
         self.sampler, self.batch_size, self.rank, self.world_size = (
             sampler,
             batch_size,
