@@ -166,7 +166,9 @@ class SurrogateModule(L.LightningModule):
         )
         offset = int(torch.randint(0, min(steps, n_t - steps), (1,), generator=g))
         loss = self._loss(batch, offset, steps)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
+        self.log(
+            "train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0], sync_dist=True
+        )  # DDP: the mean over the processes' shares
         self.log("train/window", float(steps), batch_size=batch[0].shape[0])
         return loss
 
