@@ -57,10 +57,14 @@ nodes, "host:port" of its head, or "ray://host:port" through Ray Client). Either
 same function of the settings, written by the worker itself (temp file, rename) into
 out_dir/shards, so the bytes, the `dataset_sha256` and resumption do not depend on the executor
 (a run stopped on one resumes on the other). On a cluster every node must see out_dir at the same
-path (shared storage: NFS, a cluster file system) and import the same twin-ml version (and the
-system's own module): a task checks the version and the shards folder before it solves, the
-driver that each shard a task wrote is in out_dir here too; a shard whose task fails stops the
-run (the other tasks are cancelled) with the shard's name and its error.
+path (shared storage: NFS, a cluster file system) and import the same twin-ml code (and the
+system's own module): a task checks that its node runs the driver's code version (the manifest's
+`code_version`: version and git commit) and sees the shards folder before it solves, the driver
+that each shard a task wrote is in out_dir here too; a shard whose task fails stops the run (the
+other tasks are cancelled) with the shard's name and its error. A cluster without a CPU is
+refused before a task is submitted (a task takes one CPU); while no task finishes for
+`RAY_STALL_S` seconds and the cluster has lost its CPUs, the run says so in a warning (it keeps
+waiting: a node may join, and a long shard is no error).
 
 A complete dataset can grow by rounds of train scenarios (`twin_ml.data.extend`, active
 learning): their shards follow the existing ones, and the manifest lists them, the train split's
@@ -69,6 +73,7 @@ new indices and each round under `rounds`.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -106,6 +111,10 @@ EXTENDING = ".extending.json"  # while a round of added scenarios is under way (
 _OWN = {MANIFEST, PROGRESS, EXTENDING, SHARDS, "summary.json", "config.yaml", "overview.png"}
 FIELD_CHUNK = 8  # scenarios of a field system solved (and subsampled) at a time
 EXECUTORS = ("local", "ray")  # who solves the shards: this machine's processes, or Ray tasks
+RAY_POLL_S = 10.0  # how long one wait for a finished Ray task lasts
+RAY_STALL_S = 300.0  # no task finished for this long: check (and warn) that the cluster has a CPU
+
+log = logging.getLogger(__name__)
 
 
 class ShardError(RuntimeError):
@@ -177,7 +186,9 @@ def generate_dataset(
     _check_int("workers", workers, 0, " (0 = one per core)")
     if max_new_shards is not None:
         _check_int("max_new_shards", max_new_shards, 0, " (or null for all)")
-    check_executor(executor, ray_address, workers, reach=True)  # before anything is written
+    # before anything is written: the settings, and that something answers at ray_address (the
+    # one connection of the check per run: the command leaves it to this call)
+    check_executor(executor, ray_address, workers, reach=True)
     scen = design.sample(system, n_scenarios, seed)  # validates n_scenarios and the design
     t = design.time_grid(system)
     stride = _snapshot_stride(system, snapshot_stride, t.size - 1)
@@ -605,15 +616,14 @@ def _connect_ray(address: str | None):
 
 def _ray_shard(common: tuple, job: tuple, version: str) -> str:
     """A Ray task: one shard, written by the worker itself; returns the node's name. Checks first
-    that this node runs the driver's twin-ml version and sees the dataset's shards folder (shared
-    storage)."""
-    from twin_ml._version import __version__
-
+    that this node runs the driver's code version (`code_version()`, as the manifest records it:
+    the version and the git commit) and sees the dataset's shards folder (shared storage)."""
     node = socket.gethostname()
-    if __version__ != version:
+    here = code_version()
+    if here != version:
         raise RuntimeError(
-            f"twin-ml {__version__} on Ray node {node}, the driver runs {version}: install the "
-            "same version on every node"
+            f"twin-ml code version {here} on Ray node {node}, the driver runs {version}: every "
+            "node must run the same twin-ml (the same release, or a checkout of the same commit)"
         )
     folder = Path(job[2]).parent
     if not folder.is_dir():
@@ -625,28 +635,58 @@ def _ray_shard(common: tuple, job: tuple, version: str) -> str:
     return node
 
 
+def _ray_where(address: str | None, own: bool) -> str:
+    """The Ray runtime a run uses, as the user set it (for messages)."""
+    if not own:
+        return "executor=ray (the Ray runtime initialized in this process)"
+    if address is None:
+        return "executor=ray (a Ray runtime started on this machine)"
+    return f"executor=ray ray_address={address!r}"
+
+
+def _ray_cpus(ray) -> float:
+    """The CPUs the Ray cluster has (0 when its nodes have none, or are gone)."""
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
 def _run_ray(common: tuple, jobs: list[tuple], address: str | None, bar) -> None:
-    """One Ray task per shard (1 CPU each); progress as they finish. A failed task stops the run
+    """One Ray task per shard (1 CPU each); progress as they finish. A cluster without a CPU is
+    refused before a task is submitted; while no task finishes for RAY_STALL_S seconds and the
+    cluster has no CPU, a warning says so (the run keeps waiting). A failed task stops the run
     (the others are cancelled) with a ShardError naming its shard; a runtime this call
     initialized is shut down at the end (a user's is left running)."""
-    from twin_ml._version import __version__
-
     ray, own = _connect_ray(address)
     try:
         import ray.exceptions as rex
 
+        where = _ray_where(address, own)
+        if _ray_cpus(ray) < 1:
+            raise ValueError(
+                f"{where}: the Ray cluster has no CPU (its resources: "
+                f"{_resources_text(ray.cluster_resources())}), and every shard is a task of one "
+                "CPU that would wait forever: start its nodes with CPUs (`ray start "
+                "--num-cpus N`), or use executor=local"
+            )
         shared = ray.put(common)  # once in the object store, not once per task
         task = ray.remote(num_cpus=1)(_ray_shard)
+        version = code_version()
         pending = {
             task.options(name=f"twin-ml shard {Path(job[2]).name}").remote(
-                shared, job, __version__
+                shared, job, version
             ): job[2]
             for job in jobs
         }
         written: dict[str, str] = {}  # shard file: the node that wrote it
         try:
+            last = warned = time.monotonic()  # the last finished task, the last warning
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=RAY_POLL_S)
+                now = time.monotonic()
+                if ready:
+                    last = now
+                elif now - last >= RAY_STALL_S and now - warned >= RAY_STALL_S:
+                    warned = now
+                    _warn_stalled(ray, where, now - last, len(pending))
                 for ref in ready:
                     path = pending.pop(ref)
                     try:
@@ -662,6 +702,32 @@ def _run_ray(common: tuple, jobs: list[tuple], address: str | None, bar) -> None
         if own:
             ray.shutdown()
     _check_seen(written)
+
+
+def _warn_stalled(ray, where: str, idle: float, n_pending: int) -> None:
+    """No task finished for `idle` seconds: a warning when the cluster has no CPU left to run
+    the pending ones (nodes gone); long shards on a cluster with CPUs are no news."""
+    try:
+        cpus, free = _ray_cpus(ray), float(ray.available_resources().get("CPU", 0))
+    except Exception as e:  # the cluster does not answer: say that instead
+        log.warning(
+            f"{where}: no shard finished for {idle:.0f} s and the Ray cluster does not answer "
+            f"({type(e).__name__}: {e}); {n_pending} shards pending"
+        )
+        return
+    if cpus < 1:
+        log.warning(
+            f"{where}: no shard finished for {idle:.0f} s and the Ray cluster has no CPU now "
+            f"(CPUs: {cpus:g} in all, {free:g} free): the {n_pending} pending shards wait until "
+            "a node with CPUs joins; stop the run to give up (a rerun resumes from the shards "
+            "written)"
+        )
+
+
+def _resources_text(resources: dict) -> str:
+    """A Ray resources dict in a few words: the named resources, not the per-node ones."""
+    shown = {k: v for k, v in resources.items() if not k.startswith("node:")}
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "none"
 
 
 def _check_seen(written: dict[str, str], patience: float = 10.0) -> None:
