@@ -15,8 +15,10 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from scipy.linalg import expm
 
 from twin_ml._io import canonical_json
 from twin_ml.physics import SolverSettings, solve_looped, solve_stacked, system_from_description
+from twin_ml.physics import fmu as fmu_module
 from twin_ml.physics.fmu import FMUError, FMUSystem, build_fmu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,10 +130,21 @@ def test_trajectories_match_the_exact_solution(fmu, rng):
     assert looped.n_failed == 0 and stacked.n_failed == 0
     for i in range(n):
         want = exact(t, u[i], p[i], x0[i])
-        # each accepted DOP853 step (12 evaluations) errs by at most atol + rtol |x|; along a
-        # damped (non-expanding) flow the steps' errors add up at most
-        for res, nfev in ((looped, looped.nfev[i]), (stacked, stacked.nfev[i])):
-            tol = nfev / 12 * (settings.atol + settings.rtol * np.abs(want).max())
+        # scipy accepts a step when its error estimate, scaled by atol + rtol |x| per component,
+        # has an RMS norm <= 1 over the solve's `dim` components: taking the estimate as the
+        # step's local error, its Euclidean norm is <= sqrt(dim) (atol + rtol max|x|). At most
+        # nfev / 12 steps (DOP853: 12 evaluations per step). The global error is the sum of the
+        # local errors, each carried to the end by the flow of x' = A x (the error of a linear
+        # system does not see the input). That flow does not expand the energy norm
+        # |(sqrt(k) position, sqrt(m) velocity)| (dE/dt = -c v^2 <= 0), but it can expand the
+        # Euclidean norm by up to max(sqrt(k/m), sqrt(m/k)) (the energy norm's condition
+        # number: an oscillation turns velocity into position). With m = 1 and k >= 1 that is
+        # sqrt(k), up to 2.8 here.
+        growth = max(np.sqrt(p[i, 0] / MASS), np.sqrt(MASS / p[i, 0]))
+        for res, dim in ((looped, 2), (stacked, 2 * n)):  # stacked: one norm over all scenarios
+            steps = res.nfev[i] / 12
+            local = np.sqrt(dim) * (settings.atol + settings.rtol * np.abs(want).max())
+            tol = steps * growth * local
             assert np.abs(res.x[i] - want).max() <= tol, (np.abs(res.x[i] - want).max(), tol)
         np.testing.assert_array_equal(looped.y[i, :, 0], looped.x[i, :, 0])
 
@@ -184,6 +198,10 @@ def _cosimulation_only(text: str) -> str:
     return text.replace(block, cs)
 
 
+SPRING_FORCE = 'name="spring_force" valueReference="8" causality="output" variability="continuous"'
+STEP_NOT_NEEDED = 'completedIntegratorStepNotNeeded="true"'
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -192,6 +210,12 @@ def _cosimulation_only(text: str) -> str:
         ("fmi3", r"is an FMI 3\.0 FMU; FMUSystem runs FMI 2\.0 model-exchange FMUs"),
         ("cosimulation", r"has no model-exchange interface \(co-simulation only\)"),
         ("not_a_zip", r"is not an FMU \(not a zip file\)"),
+        (
+            "discrete",
+            r'.*discrete\.fmu\' has Real variables of variability "discrete" '
+            r"\(spring_force\); they change at events only",
+        ),
+        ("step", r".*step\.fmu\' needs fmi2CompletedIntegratorStep after every integrator step"),
         ("missing", r"fmu: no file .*missing\.fmu"),
     ],
 )
@@ -210,6 +234,18 @@ def test_bad_fmus_are_refused_naming_the_cause(fmu, tmp_path, case, message):
         rewritten(fmu, bad, xml=_cosimulation_only)
     elif case == "not_a_zip":
         bad.write_text("not an FMU")
+    elif case == "discrete":
+        rewritten(
+            fmu,
+            bad,
+            xml=lambda t: t.replace(SPRING_FORCE, SPRING_FORCE.replace("continuous", "discrete")),
+        )
+    elif case == "step":
+        rewritten(
+            fmu,
+            bad,
+            xml=lambda t: t.replace(STEP_NOT_NEEDED, STEP_NOT_NEEDED.replace("true", "false")),
+        )
     else:
         bad = tmp_path / "missing.fmu"
     with pytest.raises(FMUError, match=message):
@@ -287,6 +323,189 @@ def test_torch_models_that_need_the_rhs_or_a_computed_output_are_refused(fmu, rn
     )
     xs, y = node(*args)
     torch.testing.assert_close(y, xs[..., :1], rtol=0, atol=0)
+
+
+# ---- evaluation: the extracted folder, the instances, events ----------------------------------
+
+
+def _unique_copy(fmu: Path, out: Path) -> Path:
+    """The same FMU with other bytes (a zip comment): its own sha256, so its own cache folder,
+    which no other test or process shares."""
+    out.write_bytes(fmu.read_bytes())
+    with zipfile.ZipFile(out, "a") as zf:
+        zf.comment = uuid.uuid4().hex.encode()
+    return out
+
+
+def test_an_fmu_is_extracted_once_into_a_folder_every_process_shares(fmu, tmp_path):
+    copy = _unique_copy(fmu, tmp_path / "copy.fmu")
+    s = oscillator(copy)
+    digest, root = s.fmu_sha256, fmu_module._cache_root()
+    folder = root / digest
+
+    def mine():  # the cache folder and any temporary or stale folder of this FMU
+        return sorted(p.name for p in root.iterdir() if digest[:16] in p.name)
+
+    try:
+        x, u, p = np.array([0.3, -0.2]), np.array([0.5]), np.array([4.0, 0.4])
+        want = s.rhs(0.0, x, u, p)
+        assert fmu_module._engine(s).dir == str(folder) and mine() == [digest]
+        assert root.stat().st_mode & 0o077 == 0  # private: the binaries in it are run
+        # another system, a system rebuilt from the records, an evaluator as a fresh process
+        # makes: the same folder, nothing new
+        again = FMUSystem(**s.options)
+        np.testing.assert_array_equal(again.rhs(0.0, x, u, p), want)
+        fresh = fmu_module._Engine(s._md, s._data, digest, "copy")
+        assert fresh.dir == str(folder) and mine() == [digest]
+        # worker processes end without cleanup (os._exit): they reuse the folder, leave nothing
+        code = (
+            "import os, sys, numpy as np; from twin_ml.physics.fmu import FMUSystem; "
+            f"s = FMUSystem(fmu={str(copy)!r}, parameters={{'stiffness': [2.0, 8.0]}}); "
+            "sys.stdout.write(repr(float(s.rhs(0.0, np.array([0.3, -0.2]), np.array([0.5]), "
+            "np.array([4.0]))[1]))); sys.stdout.flush(); os._exit(0)"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 0 and float(r.stdout) == want[1], r.stderr[-2000:]
+        assert mine() == [digest]
+        # a damaged copy (a cleaner of temporary files removed the binary) is extracted again
+        binary = folder / fmu_module._binary_name(s._md)
+        binary.unlink()
+        assert fmu_module._Engine(s._md, s._data, digest, "copy").dir == str(folder)
+        assert binary.is_file() and mine() == [digest]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def frees(monkeypatch):
+    """The FMU instances freed (FMPy's freeInstance, counted)."""
+    from fmpy.fmi2 import FMU2Model
+
+    freed = []
+    original = FMU2Model.freeInstance
+
+    def free(self):
+        freed.append(self)
+        return original(self)
+
+    monkeypatch.setattr(FMU2Model, "freeInstance", free)
+    return freed
+
+
+def test_a_failed_instance_is_freed_and_dropped(fmu, frees):
+    s = oscillator(fmu, outputs=["position"])
+    eng = fmu_module._Engine(s._md, s._data, s.fmu_sha256, "osc")  # its own pool
+    xs, us = np.array([[0.3, -0.2]]), np.array([[0.5]])
+    out = np.empty((1, 2))
+    eng.evaluate("derivatives", s._vr, 0.0, xs, us, np.array([[4.0, 0.4]]), out)
+    assert len(eng.instances) == 1
+    # a call that fails (fmi2Error: an unknown value reference): freed, not kept
+    bad = {**s._vr, "outputs": [99]}
+    with pytest.raises(FloatingPointError, match="the FMU failed: FMICallException"):
+        eng.evaluate("outputs", bad, None, xs, us, np.array([[4.0, 0.4]]), np.empty((1, 1)))
+    assert len(eng.instances) == 0 and len(frees) == 1
+    # an initialization that fails (mass <= 0): freed, not kept
+    with pytest.raises(FloatingPointError, match="the FMU failed"):
+        eng.evaluate("derivatives", {**s._vr, "parameters": [6]}, 0.0, xs, us, -xs[:, :1], out)
+    assert len(eng.instances) == 0 and len(frees) == 2
+    # a reset of the evicted instance that fails: freed, not kept
+    eng.pool_size = eng.cap = 1
+    eng.evaluate("derivatives", s._vr, 0.0, xs, us, np.array([[4.0, 0.4]]), out)
+    evicted = next(iter(eng.instances.values()))
+
+    def broken():
+        raise RuntimeError("reset failed")
+
+    evicted.reset = broken
+    with pytest.raises(FloatingPointError, match="reset failed"):
+        eng.evaluate("derivatives", s._vr, 0.0, xs, us, np.array([[5.0, 0.4]]), out)
+    assert len(eng.instances) == 0 and frees[-1] is evicted
+    eng.evaluate("derivatives", s._vr, 0.0, xs, us, np.array([[5.0, 0.4]]), out)  # a new one
+    np.testing.assert_allclose(out, equations(xs, us, np.array([[5.0, 0.4]])), rtol=4 * EPS)
+    eng.close()
+
+
+def test_the_pool_grows_to_the_batch_and_each_vector_is_initialized_once(fmu, rng, monkeypatch):
+    s = oscillator(fmu)
+    eng = fmu_module._Engine(s._md, s._data, s.fmu_sha256, "osc")
+    n = 2 * fmu_module.POOL_SIZE + 3  # more parameter vectors than the initial pool
+    xs, us = rng.uniform(-1, 1, (2 * n, 2)), rng.uniform(-1, 1, (2 * n, 1))
+    ps = np.tile(rng.uniform([2.0, 0.1], [8.0, 1.0], (n, 2)), (2, 1))  # each vector twice
+    for _ in range(2):
+        out = np.empty((2 * n, 2))
+        eng.evaluate("derivatives", s._vr, 0.0, xs, us, ps, out)
+        # the FMU's and numpy's equations: the same operations, a few ulps of the terms
+        scale = np.abs(us[:, 0]) + np.abs(ps[:, 0] * xs[:, 0]) + np.abs(ps[:, 1] * xs[:, 1])
+        assert np.all(np.abs(out - equations(xs, us, ps)) <= 4 * EPS * scale[:, None])
+    # n instances, made once: the second batch re-initialized none
+    assert eng.pool_size == n and len(eng.instances) == n and eng.serial == n
+    # beyond the cap: one initialization per vector per batch (resets), the answers unchanged
+    eng.close()
+    eng.cap = eng.pool_size = 4
+    from fmpy.fmi2 import FMU2Model
+
+    resets, original = [], FMU2Model.reset
+    monkeypatch.setattr(FMU2Model, "reset", lambda self: resets.append(1) or original(self))
+    out2 = np.empty((2 * n, 2))
+    eng.evaluate("derivatives", s._vr, 0.0, xs, us, ps, out2)
+    np.testing.assert_array_equal(out2, out)
+    assert len(resets) == n - 4 and len(eng.instances) == 4
+    eng.close()
+
+
+def test_a_time_event_is_refused_naming_the_fmu(tmp_path):
+    source = tmp_path / "timed"
+    shutil.copytree(SOURCE, source)
+    c = source / "sources" / "damped_oscillator.c"
+    text = c.read_text()
+    for a, b in (
+        ("info->nextEventTimeDefined = fmi2False;", "info->nextEventTimeDefined = fmi2True;"),
+        ("info->nextEventTime = 0.0;", "info->nextEventTime = 1.5;"),
+    ):
+        assert a in text
+        text = text.replace(a, b)
+    c.write_text(text)
+    timed = oscillator(build_fmu(source, tmp_path / "timed.fmu"))
+    try:
+        with pytest.raises(FMUError, match=r"timed\.fmu' schedules a time event \(at t=1\.5"):
+            timed.rhs(0.0, np.array([0.3, -0.2]), np.array([0.5]), np.array([4.0, 0.4]))
+        # in a solve: the scenario fails with that reason
+        t = np.linspace(0.0, 1.0, 3)
+        res = solve_looped(timed, t, np.zeros((1, 3, 1)), np.array([[4.0, 0.4]]), np.zeros((1, 2)))
+        assert res.n_failed == 1 and "does not handle time events" in res.reasons[0], res.reasons
+        assert not fmu_module._engine(timed).instances
+    finally:
+        shutil.rmtree(fmu_module._cache_root() / timed.fmu_sha256, ignore_errors=True)
+
+
+def test_build_errors_are_fmu_errors(tmp_path):
+    slow = tmp_path / "slow-cc"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(FMUError, match=r"did not finish within 0\.5 s"):
+        build_fmu(SOURCE, tmp_path / "a.fmu", cc=str(slow), timeout=0.5)
+    unrunnable = tmp_path / "not-executable"
+    unrunnable.write_text("")
+    with pytest.raises(FMUError, match="cannot run the C compiler .*not-executable"):
+        build_fmu(SOURCE, tmp_path / "b.fmu", cc=str(unrunnable))
+    (tmp_path / "file").write_text("")  # the output's folder cannot be made
+    with pytest.raises(FMUError, match=r"building .* into .*file/c\.fmu' failed"):
+        build_fmu(SOURCE, tmp_path / "file" / "c.fmu")
+
+
+def test_the_build_command_runs_without_warnings(tmp_path, capsys):
+    out = tmp_path / "cli.fmu"
+    r = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "twin_ml.physics.fmu_build", str(SOURCE), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == str(out) and not r.stderr, r.stderr
+    assert oscillator(out).name == "damped_oscillator"
+    from twin_ml.physics.fmu_build import main
+
+    assert main([]) == 2 and "usage: python -m twin_ml.physics.fmu_build" in capsys.readouterr().err
 
 
 # ---- the chain, once: configs/system/damped_oscillator_fmu.yaml ---------------------------------

@@ -1,5 +1,6 @@
 """Physics systems, their registry, excitation signals and the scipy reference solver; systems
-from FMUs (`FMUSystem`: FMPy loads the FMU when it is first evaluated).
+from FMUs (`FMUSystem`: FMPy loads the FMU when it is first evaluated; a source FMU is built with
+`python -m twin_ml.physics.fmu_build SOURCE_DIR OUT.fmu`).
 
 Pure numpy/scipy: importing this package never imports torch.
 """

@@ -27,13 +27,21 @@ What an FMU cannot do here: the hybrid models (a physics term inside a torch mod
 right-hand side written against an array namespace; an FMU's runs on numpy arrays only, and asking
 for one in torch says so. Outputs the FMU computes (not states) are evaluated by the FMU for the
 datasets; a neural ODE observes states only, so pick outputs that are states (`outputs:`) or train
-an emulator. FMUs with event indicators (state events), co-simulation-only FMUs, and FMI 1.0 and
-3.0 FMUs are refused with an error that says so.
+an emulator. FMUs whose results would be silently wrong here are refused with an error that says
+so: event indicators (state events), a time event scheduled at initialization (found when an
+instance is first initialized), Real variables of variability "discrete" (they change at events
+only), and `completedIntegratorStepNotNeeded` not "true" (fmi2CompletedIntegratorStep is never
+called); so are co-simulation-only FMUs and FMI 1.0 and 3.0 FMUs.
+
+Each process extracts an FMU once into a cache folder shared by all processes and runs,
+tempfile.gettempdir()/twin-ml-fmu-cache-<uid>/<sha256> (extracted under a temporary name and
+renamed into place, so concurrent processes are safe): one folder per distinct FMU, never one per
+run or worker; delete the folder to reclaim the space.
 
 Build the example FMU (C source in twin_ml/physics/fmus/damped_oscillator/) with the machine's C
 compiler against the FMI headers FMPy ships::
 
-    python -m twin_ml.physics.fmu build twin_ml/physics/fmus/damped_oscillator \\
+    python -m twin_ml.physics.fmu_build twin_ml/physics/fmus/damped_oscillator \\
         data/fmu/damped_oscillator.fmu
 """
 
@@ -44,8 +52,7 @@ import io
 import math
 import os
 import shutil
-import subprocess
-import sys
+import stat
 import tempfile
 import threading
 import zipfile
@@ -56,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from twin_ml._io import atomic_write_bytes, sha256_bytes
+from twin_ml._io import sha256_bytes
 from twin_ml.physics.system import (
     SOLVER_METHODS,
     Input,
@@ -69,7 +76,11 @@ from twin_ml.physics.system import (
 
 SUPPORTED_FMI = ("2.0",)
 STIFFNESS = ("nonstiff", "moderate", "stiff")
-POOL_SIZE = 32  # initialized FMU instances kept per FMU, one per parameter vector (LRU)
+# initialized FMU instances kept per FMU and process, one per parameter vector (LRU): at least
+# POOL_SIZE, grown to the distinct parameter vectors of the largest batch evaluated, at most
+# POOL_CAP (beyond it a batch still initializes each vector once, but a next batch re-initializes)
+POOL_SIZE = 32
+POOL_CAP = 1024
 
 
 class FMUError(ValueError):
@@ -81,8 +92,8 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise FMUError(
-            f"fmu: no file {str(path)!r}; build the example with `python -m twin_ml.physics.fmu "
-            "build <source dir> <out.fmu>`, or give the path of your own .fmu"
+            f"fmu: no file {str(path)!r}; build the example with `python -m "
+            "twin_ml.physics.fmu_build <source dir> <out.fmu>`, or give the path of your own .fmu"
         ) from None
     except OSError as e:
         raise FMUError(f"fmu: cannot read {str(path)!r} ({e.strerror or e})") from None
@@ -141,6 +152,25 @@ def _check_runnable(md, data: bytes, where: str) -> None:
             f"fmu: {where} declares {md.numberOfEventIndicators} event indicators; FMUSystem "
             "integrates continuous dynamics only and does not locate state events"
         )
+    # FMPy reads FMI 2.0's completedIntegratorStepNotNeeded (default false) as its negation
+    if md.modelExchange.needsCompletedIntegratorStep:
+        raise FMUError(
+            f"fmu: {where} needs fmi2CompletedIntegratorStep after every integrator step "
+            '(completedIntegratorStepNotNeeded is not "true"); FMUSystem integrates the '
+            "derivatives with scipy and never calls it, so the results could be wrong (export "
+            "the model without step-completion actions)"
+        )
+    discrete = [
+        v.name
+        for v in md.modelVariables
+        if v.type in ("Real", "Float64") and v.variability == "discrete"
+    ]
+    if discrete:
+        shown = ", ".join(discrete[:5]) + (f" (+{len(discrete) - 5})" if len(discrete) > 5 else "")
+        raise FMUError(
+            f'fmu: {where} has Real variables of variability "discrete" ({shown}); they change '
+            "at events only, which FMUSystem does not handle: their values would be wrong"
+        )
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = zf.namelist()
     binary = _binary_name(md)
@@ -151,7 +181,7 @@ def _check_runnable(md, data: bytes, where: str) -> None:
         raise FMUError(
             f"fmu: {where} has no binary for this platform ({binary} is missing; binaries for: "
             f"{', '.join(have) or 'none'}); compile its sources for {fmpy.platform} first "
-            "(`python -m twin_ml.physics.fmu build` for a source folder)"
+            "(`python -m twin_ml.physics.fmu_build` for a source folder)"
         )
 
 
@@ -239,6 +269,16 @@ class FMUSystem(PhysicsSystem):
     linear). outputs: the Real outputs to keep (default: all). regimes: named sub-boxes,
     `{name: {description, parameters, inputs, states}}`. default_horizon: `[t_end, dt]`
     (default: the FMU's DefaultExperiment). solver, stiffness: the scipy method and the hint.
+
+    Evaluation: each parameter vector runs in its own initialized FMU instance (a "fixed"
+    parameter can only be set before initialization), kept per process in a pool that grows to
+    the distinct parameter vectors of the largest batch evaluated (a stacked solve's scenarios,
+    calibration's MCMC walkers), at most POOL_CAP (1024) instances (a module constant: lower it
+    for an FMU whose instances take much memory). A batch evaluates its rows grouped by
+    parameter vector, so beyond the cap each vector is still initialized once per
+    right-hand-side call, but every call then resets and re-initializes instances: correct,
+    much slower. An FMU that can be instantiated only once per process keeps one instance:
+    batches with several parameter vectors re-initialize it on every call.
 
     >>> FMUSystem(fmu="data/fmu/damped_oscillator.fmu")  # doctest: +SKIP
     """
@@ -482,16 +522,15 @@ class FMUSystem(PhysicsSystem):
     # ---- the physics -------------------------------------------------------------------------
     def rhs(self, t, x, u, p):
         """dx/dt [..., nx] from the FMU (numpy arrays only; the batch is evaluated point by
-        point, each parameter vector in an FMU instance initialized with it)."""
+        point, grouped by parameter vector, each in an FMU instance initialized with it)."""
         self._numpy_only("right-hand side", x, u, p)
         x, u, p = (np.asarray(a, dtype=np.float64) for a in (x, u, p))
         shape = np.broadcast_shapes(x.shape[:-1], u.shape[:-1], p.shape[:-1])
         xs, us, ps = (_rows(a, shape) for a in (x, u, p))
         out = np.empty((xs.shape[0], len(self.states)))
-        engine = _engine(self)
-        tt = 0.0 if t is None else float(t)
-        for i in range(out.shape[0]):
-            engine.derivatives(self._vr, tt, xs[i], us[i], ps[i], out[i])
+        if len(out):
+            tt = 0.0 if t is None else float(t)
+            _engine(self).evaluate("derivatives", self._vr, tt, xs, us, ps, out)
         return out.reshape(*shape, len(self.states))
 
     def observe(self, x, u, p):
@@ -506,9 +545,8 @@ class FMUSystem(PhysicsSystem):
         shape = np.broadcast_shapes(x.shape[:-1], u.shape[:-1], p.shape[:-1])
         xs, us, ps = (_rows(a, shape) for a in (x, u, p))
         out = np.empty((xs.shape[0], len(self.outputs)))
-        engine = _engine(self)
-        for i in range(out.shape[0]):
-            engine.outputs(self._vr, xs[i], us[i], ps[i], out[i])
+        if len(out):
+            _engine(self).evaluate("outputs", self._vr, None, xs, us, ps, out)
         return out.reshape(*shape, len(self.outputs))
 
     def _numpy_only(self, what: str, *arrays) -> None:
@@ -550,101 +588,218 @@ def _engine(system: FMUSystem) -> _Engine:
     with _ENGINES_LOCK:
         eng = _ENGINES.get(key)
         if eng is None:
-            eng = _ENGINES[key] = _Engine(system._md, system._data)
+            where = repr(system.options["fmu"])
+            eng = _ENGINES[key] = _Engine(system._md, system._data, system.fmu_sha256, where)
         return eng
 
 
-class _Engine:
-    """An FMU extracted to a temporary folder, and its initialized instances, one per parameter
-    vector (least recently used first out). A parameter of variability "fixed" can only be set
-    before initialization, so a new parameter vector gets an instance reset and initialized with
-    it. Calls are serialized (one FMU instance is not thread-safe)."""
+def _cache_root() -> Path:
+    """The folder FMUs are extracted into: tempfile.gettempdir()/twin-ml-fmu-cache-<uid>, one
+    subfolder per FMU sha256, shared by this user's processes and runs. Private (0700): the
+    binaries in it are loaded and run, so a folder another user owns or can write to is
+    refused."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    root = Path(tempfile.gettempdir()) / f"twin-ml-fmu-cache-{'' if uid is None else uid}"
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        st = root.lstat()
+    except OSError as e:
+        raise FMUError(f"fmu: cannot create the extraction folder {str(root)!r} ({e})") from None
+    if uid is not None and (not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022):
+        raise FMUError(
+            f"fmu: the extraction folder {str(root)!r} is not this user's private folder (a "
+            "link, another user's, or writable by others); remove it, or set TMPDIR elsewhere"
+        )
+    return root
 
-    def __init__(self, md, data: bytes):
-        self.md = md
+
+def _intact(folder: Path, data: bytes, binary: str) -> bool:
+    """Whether `folder` holds the FMU's files: every member at its size, the binary byte for
+    byte (a temporary-files cleaner may have removed files since)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            f = folder / info.filename
+            try:
+                if f.stat().st_size != info.file_size:
+                    return False
+                if info.filename == binary and f.read_bytes() != zf.read(info):
+                    return False
+            except OSError:
+                return False
+    return True
+
+
+def _extracted(data: bytes, digest: str, binary: str) -> Path:
+    """The FMU extracted once per sha256 into the shared cache folder and reused by every
+    process and run (nothing accumulates: worker processes end without cleanup). Extracted to a
+    temporary name and renamed into place, so a reader never sees a partial folder; when two
+    processes race, the second rename fails and that process uses the first's folder. A folder
+    found damaged is moved aside, removed and extracted again."""
+    root = _cache_root()
+    final = root / digest
+    for _ in range(3):
+        if final.is_dir():
+            if _intact(final, data, binary):
+                return final
+            stale = Path(tempfile.mkdtemp(prefix=f".stale-{digest[:16]}-", dir=root))
+            try:
+                os.rename(final, stale / "fmu")  # atomic: a racing process finds it gone
+            except OSError:
+                pass  # another process moved it first
+            shutil.rmtree(stale, ignore_errors=True)
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                zf.extractall(tmp)  # zipfile drops absolute and ".." parts of member names
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():  # not a lost race: a real failure
+                    raise
+        except OSError as e:
+            raise FMUError(f"fmu: cannot extract the FMU into {str(final)!r} ({e})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
+    raise FMUError(f"fmu: the extracted copy in {str(final)!r} keeps changing; remove it")
+
+
+FATAL = 4  # fmi2Fatal: no further call to any instance is allowed
+
+
+def _free(fmu, error: BaseException | None = None) -> None:
+    """Free an instance (guarded: a failing free must not hide the error being raised). After
+    fmi2Fatal the standard forbids every call: the instance is dropped only."""
+    if getattr(error, "status", None) == FATAL:
+        return
+    try:
+        fmu.freeInstance()  # fmi2FreeInstance, then unload the library
+    except Exception:
+        try:
+            fmu.freeLibrary()
+        except Exception:
+            pass
+
+
+class _Engine:
+    """An FMU extracted (once per sha256, in a cache folder shared by processes and runs, see
+    `_extracted`), and its initialized instances, one per parameter vector, least recently used
+    first out. A parameter of variability "fixed" can only be set before initialization, so a new
+    parameter vector gets an instance reset and initialized with it. The pool grows to the
+    number of distinct parameter vectors of the largest batch seen (calibration's walkers, a
+    stacked solve's scenarios), up to POOL_CAP; a batch evaluates its rows grouped by parameter
+    vector, so each vector is initialized at most once per batch even beyond the cap. An
+    instance whose call failed is freed and dropped (FMI 2.0 allows only reset or free after
+    fmi2Error). Calls are serialized (one FMU instance is not thread-safe)."""
+
+    def __init__(self, md, data: bytes, digest: str, where: str):
+        self.md, self.where = md, where
         self.pid = os.getpid()
-        self.dir = tempfile.mkdtemp(prefix="twin-ml-fmu-")
-        atexit.register(self.close)
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            zf.extractall(self.dir)  # zipfile drops absolute and ".." parts of member names
+        self.dir = str(_extracted(data, digest, _binary_name(md)))
         once = md.modelExchange.canBeInstantiatedOnlyOncePerProcess
-        self.pool_size = 1 if once else POOL_SIZE
+        self.cap = 1 if once else POOL_CAP
+        self.pool_size = min(POOL_SIZE, self.cap)
         self.instances: OrderedDict[bytes, Any] = OrderedDict()
         self.lock = threading.Lock()
         self.serial = 0
+        atexit.register(self.close)
 
     def close(self) -> None:
+        """Free the instances (the extracted folder stays: it is shared)."""
         if os.getpid() != self.pid:
-            return  # a forked child's copy: the folder is its parent's
-        for fmu in self.instances.values():
-            try:
-                fmu.freeInstance()
-            except Exception:  # exiting: nothing left to tell
-                pass
-        self.instances.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
+            return  # a forked child's copy: the instances are its parent's
+        with self.lock:
+            while self.instances:
+                _free(self.instances.popitem()[1])
 
-    def _instance(self, vr: dict[str, list[int]], p: np.ndarray):
-        key = np.asarray(vr["parameters"], dtype=np.int64).tobytes() + p.tobytes()
+    def _instance(self, key: bytes, vr: dict[str, list[int]], p: np.ndarray):
         fmu = self.instances.get(key)
         if fmu is not None:
             self.instances.move_to_end(key)
             return fmu
         from fmpy.fmi2 import FMU2Model
 
-        if len(self.instances) >= self.pool_size:
-            _, fmu = self.instances.popitem(last=False)
-            fmu.reset()
-        else:
-            self.serial += 1
-            fmu = FMU2Model(
-                guid=self.md.guid,
-                unzipDirectory=self.dir,
-                modelIdentifier=self.md.modelExchange.modelIdentifier,
-                instanceName=f"twin_ml_{self.serial}",
-            )
-            fmu.instantiate()
+        fmu = None
         try:
+            if len(self.instances) >= self.pool_size:
+                _, fmu = self.instances.popitem(last=False)
+                fmu.reset()
+            else:
+                self.serial += 1
+                fmu = FMU2Model(
+                    guid=self.md.guid,
+                    unzipDirectory=self.dir,
+                    modelIdentifier=self.md.modelExchange.modelIdentifier,
+                    instanceName=f"twin_ml_{self.serial}",
+                )
+                fmu.instantiate()
             fmu.setupExperiment(startTime=0.0)
             if vr["parameters"]:
                 fmu.setReal(vr["parameters"], p.tolist())
             fmu.enterInitializationMode()
             fmu.exitInitializationMode()
             for _ in range(100):  # event iteration at initialization (none for a plain ODE)
-                needed, terminate = fmu.newDiscreteStates()[:2]
-                if not needed or terminate:
+                needed, terminate, _, _, timed, when = fmu.newDiscreteStates()
+                if terminate:
+                    raise RuntimeError("the FMU asked to terminate at initialization")
+                if not needed:
                     break
+            else:
+                raise RuntimeError("the event iteration at initialization did not converge")
+            if timed:
+                raise FMUError(
+                    f"fmu: {self.where} schedules a time event (at t={when:.6g}, "
+                    "nextEventTimeDefined at initialization); FMUSystem integrates continuous "
+                    "dynamics only and does not handle time events: the results after it "
+                    "would be wrong"
+                )
             fmu.enterContinuousTimeMode()
-        except Exception:
-            fmu.freeInstance()
+        except BaseException as e:
+            if fmu is not None:
+                _free(fmu, e)
             raise
         self.instances[key] = fmu
         return fmu
 
-    def derivatives(self, vr, t: float, x, u, p, out: np.ndarray) -> None:
+    def evaluate(self, what: str, vr, t: float | None, xs, us, ps, out: np.ndarray) -> None:
+        """Per row i: the derivatives (what="derivatives") or the outputs (what="outputs") at
+        state xs[i], input us[i], parameters ps[i], into out[i]; rows grouped by parameter
+        vector. An FMU's refusal (FMUError) ends the call; its failure is an ArithmeticError
+        (see `_call_failed`)."""
+        groups: dict[bytes, list[int]] = {}
+        for i, row in enumerate(ps):
+            groups.setdefault(row.tobytes(), []).append(i)
+        prefix = np.asarray(vr["parameters"], dtype=np.int64).tobytes()
+        refs = _vrs(vr["inputs"]) if us.shape[-1] else None
+        get = _vrs(vr["outputs"])
         with self.lock:
-            try:
-                fmu = self._instance(vr, p)
-                c = fmu.component
-                fmu.fmi2SetTime(c, t)
-                if len(u):
-                    fmu.fmi2SetReal(c, _vrs(vr["inputs"]), len(u), _ptr(u))
-                fmu.fmi2SetContinuousStates(c, _ptr(x), len(x))
-                fmu.fmi2GetDerivatives(c, _ptr(out), len(out))
-            except Exception as e:
-                raise _call_failed(e, t) from None
-
-    def outputs(self, vr, x, u, p, out: np.ndarray) -> None:
-        with self.lock:
-            try:
-                fmu = self._instance(vr, p)
-                c = fmu.component
-                if len(u):
-                    fmu.fmi2SetReal(c, _vrs(vr["inputs"]), len(u), _ptr(u))
-                fmu.fmi2SetContinuousStates(c, _ptr(x), len(x))
-                fmu.fmi2GetReal(c, _vrs(vr["outputs"]), len(out), _ptr(out))
-            except Exception as e:
-                raise _call_failed(e, None) from None
+            self.pool_size = min(self.cap, max(self.pool_size, len(groups)))
+            for rows in groups.values():
+                key = prefix + ps[rows[0]].tobytes()
+                fmu = None
+                try:
+                    fmu = self._instance(key, vr, ps[rows[0]])
+                    c = fmu.component
+                    if t is not None:
+                        fmu.fmi2SetTime(c, t)
+                    for i in rows:
+                        x, u, y = xs[i], us[i], out[i]
+                        if refs is not None:
+                            fmu.fmi2SetReal(c, refs, len(u), _ptr(u))
+                        fmu.fmi2SetContinuousStates(c, _ptr(x), len(x))
+                        if what == "derivatives":
+                            fmu.fmi2GetDerivatives(c, _ptr(y), len(y))
+                        else:
+                            fmu.fmi2GetReal(c, get, len(y), _ptr(y))
+                except FMUError:
+                    raise
+                except Exception as e:
+                    if fmu is not None and self.instances.get(key) is fmu:
+                        del self.instances[key]
+                        _free(fmu, e)
+                    raise _call_failed(e, t) from None
 
 
 _VRS: dict[tuple[int, ...], Any] = {}
@@ -674,74 +829,9 @@ def _call_failed(e: Exception, t: float | None) -> Exception:
     return FloatingPointError(f"the FMU failed{at}: {type(e).__name__}: {e}")
 
 
-# ---- building a source FMU ---------------------------------------------------------------------
-def build_fmu(source: str | os.PathLike, out: str | os.PathLike, *, cc: str | None = None) -> Path:
-    """Compile a source FMU folder (modelDescription.xml and sources/*.c, the files its
-    SourceFiles list) for this platform with the C compiler `cc` (default: $CC, else cc) against
-    the FMI headers FMPy ships, and write the .fmu (modelDescription.xml, sources/, binaries/)
-    to `out` atomically. Returns `out`."""
-    import fmpy
+# ---- building a source FMU: twin_ml.physics.fmu_build -----------------------------------------
+def build_fmu(source: str | os.PathLike, out: str | os.PathLike, **kwargs: Any) -> Path:
+    """`twin_ml.physics.fmu_build.build_fmu` (imported when called)."""
+    from twin_ml.physics.fmu_build import build_fmu as build
 
-    source, out = Path(source), Path(out)
-    xml = source / "modelDescription.xml"
-    if not xml.is_file():
-        raise FMUError(f"source: {str(source)!r} has no modelDescription.xml")
-    md = _model_description(_zip({"modelDescription.xml": xml.read_bytes()}), repr(str(source)))
-    if md.modelExchange is None:
-        raise FMUError(f"source: {str(source)!r} declares no model-exchange interface")
-    files = [
-        f for b in md.buildConfigurations for s in b.sourceFileSets for f in s.sourceFiles
-    ] or sorted(p.name for p in (source / "sources").glob("*.c"))
-    if not files:
-        raise FMUError(f"source: {str(source)!r} lists no source files and has no sources/*.c")
-    headers = Path(fmpy.__file__).parent / "c-code"
-    cc = cc or os.environ.get("CC") or "cc"
-    with tempfile.TemporaryDirectory(prefix="twin-ml-fmu-build-") as tmp:
-        lib = Path(tmp) / _binary_name(md)
-        lib.parent.mkdir(parents=True)
-        cmd = [cc, "-shared", "-fPIC", "-O2", "-I", str(headers), "-I", str(source / "sources")]
-        cmd += [str(source / "sources" / f) for f in files] + ["-o", str(lib), "-lm"]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except FileNotFoundError:
-            raise FMUError(f"cc: no C compiler {cc!r} found (set CC)") from None
-        if r.returncode != 0:
-            raise FMUError(f"compiling {str(source)!r} failed:\n{r.stderr.strip()[-3000:]}")
-        members = {"modelDescription.xml": xml.read_bytes(), _binary_name(md): lib.read_bytes()}
-    for p in sorted((source / "sources").rglob("*")):
-        if p.is_file():
-            members[f"sources/{p.relative_to(source / 'sources').as_posix()}"] = p.read_bytes()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, _zip(members))
-    return out
-
-
-def _zip(members: Mapping[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # reproducible bytes
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, data)
-    return buf.getvalue()
-
-
-USAGE = "usage: python -m twin_ml.physics.fmu build SOURCE_DIR OUT.fmu"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 3 or args[0] != "build":
-        print(USAGE, file=sys.stderr)
-        return 2
-    try:
-        print(build_fmu(args[1], args[2]))
-    except FMUError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return build(source, out, **kwargs)
