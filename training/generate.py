@@ -94,13 +94,10 @@ def generate(cfg: DictConfig) -> dict:
     from twin_ml.data import generate_dataset
     from twin_ml.data.generate import check_executor
 
-    # before anything is built: a bad executor setting fails at once. Whether something answers
-    # at ray_address: generate_dataset checks it before it writes anything; an extension round's
-    # library entry (extend_dataset) scores and writes its plan before it solves, so the
-    # command checks that first
-    extending = cfg.get("n_new") is not None
-    check_executor(cfg.executor, cfg.ray_address, cfg.workers, reach=extending)
-    if extending:
+    # before anything is built: a bad executor setting fails at once (whether something answers
+    # at ray_address: generate_dataset and extend_dataset check it before they write anything)
+    check_executor(cfg.executor, cfg.ray_address, cfg.workers)
+    if cfg.get("n_new") is not None:
         return extend(cfg)
 
     log.info(f"Instantiating system <{cfg.system.name}>")

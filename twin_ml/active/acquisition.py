@@ -197,7 +197,12 @@ def extend_dataset(
     `overwrite` (which discards it).
     executor, ray_address: where the new shards are solved (`twin_ml.data.generate_dataset`).
     """
+    from twin_ml.data.generate import check_executor
+
     t0 = time.perf_counter()
+    # before the candidates are scored and the plan written: a bad executor, or nothing
+    # answering at ray_address, fails at once
+    check_executor(executor, ray_address, workers, reach=True)
     if acquisition not in ACQUISITIONS:
         raise ValueError(f"acquisition must be one of {ACQUISITIONS}, got {acquisition!r}")
     if acquisition != "random" and extend_from is None:
