@@ -1,12 +1,20 @@
-"""Scenario designs, dataset generation and reading. Pure numpy/scipy: never imports torch."""
+"""Scenario designs, dataset generation and reading. Pure numpy/scipy: never imports torch.
 
-from twin_ml.data.dataset import Dataset as Dataset
-from twin_ml.data.dataset import DatasetError as DatasetError
-from twin_ml.data.design import SAMPLERS as SAMPLERS
-from twin_ml.data.design import SPLITS as SPLITS
-from twin_ml.data.design import ScenarioDesign as ScenarioDesign
-from twin_ml.data.generate import GenerationResult as GenerationResult
-from twin_ml.data.generate import generate_dataset as generate_dataset
+The names load on first use (module `__getattr__`), so a submodule alone (the telemetry reader,
+twin-ingest's) does not import the design's and the generator's scipy."""
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Dataset": "twin_ml.data.dataset",
+    "DatasetError": "twin_ml.data.dataset",
+    "SAMPLERS": "twin_ml.data.design",
+    "SPLITS": "twin_ml.data.design",
+    "ScenarioDesign": "twin_ml.data.design",
+    "GenerationResult": "twin_ml.data.generate",
+    "generate_dataset": "twin_ml.data.generate",
+}
 
 __all__ = [
     "SAMPLERS",
@@ -17,3 +25,12 @@ __all__ = [
     "ScenarioDesign",
     "generate_dataset",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'twin_ml.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
