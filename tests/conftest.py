@@ -190,39 +190,52 @@ def pendulum_hybrid_run(tmp_path_factory):
 
 # Each file runs whole on one worker (its module fixtures: trained models, live servers), so the run
 # ends when the last file does. xdist hands out the files with the most tests first; these seconds
-# (each file's tests on 2 cores beside the other worker; rough, only their order matters) hand out
-# the longest first, so that short files fill both workers' ends. A file not listed weighs 0 and
-# keeps xdist's place.
+# (each file's tests on 2 cores beside the other worker, measured; rough, only their order
+# matters) hand out the longest first, so that short files fill both workers' ends. A file not
+# listed weighs UNLISTED_SECONDS: a new file is as likely to be long as short, and a long one
+# handed out last would run alone at the end; list a new file here with its measured seconds.
 FILE_SECONDS = {
-    "test_train.py": 190,
-    "test_export.py": 175,
-    "test_faults.py": 155,
-    "test_cli.py": 135,
+    "test_cli.py": 125,
+    "test_service.py": 115,
+    "test_train.py": 105,
+    "test_faults.py": 95,
+    "test_export.py": 80,
+    "test_own_system.py": 75,
     "test_telemetry_training.py": 70,
-    "test_service.py": 160,
-    "test_flowmap.py": 120,
-    "test_openapi_contract.py": 80,
+    "test_openapi_contract.py": 65,
     "test_assimilate.py": 60,
-    "test_live.py": 50,
-    "test_stream.py": 30,
-    "test_twins.py": 45,
-    "test_models.py": 30,
-    "test_mcmc_noise.py": 45,
-    "test_own_system.py": 105,
-    "test_monitor.py": 60,
     "test_field_service.py": 60,
-    "test_calibrate.py": 40,
-    "test_v2_protocol.py": 35,
-    "test_regression.py": 40,
-    "test_physics_oracles.py": 35,
-    "test_telemetry.py": 25,
-    "test_runtime.py": 15,
-    "test_field_data.py": 15,
-    "test_generate.py": 15,
-    "test_active.py": 30,
-    "test_reduced.py": 10,
-    "test_field_systems.py": 10,
+    "test_calibrate.py": 55,
+    "test_live.py": 50,
+    "test_monitor.py": 45,
+    "test_twins.py": 45,
+    "test_physics_oracles.py": 40,
+    "test_regression.py": 30,
+    "test_stream.py": 30,
+    "test_v2_protocol.py": 25,
+    "test_active.py": 20,
+    "test_telemetry.py": 20,
+    "test_mcmc_noise.py": 17,
+    "test_own_data.py": 17,
+    "test_generate.py": 13,
+    "test_field_data.py": 10,
+    "test_models.py": 10,
+    "test_flowmap.py": 8,
+    "test_field_systems.py": 6,
+    "test_reduced.py": 6,
+    "test_runtime.py": 5,
+    "test_contract.py": 3,
+    "test_imports.py": 3,
+    "test_notebooks.py": 2,
+    "test_batching.py": 1,
+    "test_drift.py": 1,
+    "test_grid.py": 1,
+    "test_portable.py": 1,
+    "test_signals_design.py": 1,
+    "test_sparse_solver.py": 1,
+    "test_uq.py": 1,
 }
+UNLISTED_SECONDS = 60
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -233,7 +246,9 @@ def pytest_xdist_make_scheduler(config, log):
 
     class LongestFileFirst(LoadFileScheduling):
         def _assign_work_unit(self, node):
-            longest = max(self.workqueue, key=lambda f: FILE_SECONDS.get(Path(f).name, 0))
+            longest = max(
+                self.workqueue, key=lambda f: FILE_SECONDS.get(Path(f).name, UNLISTED_SECONDS)
+            )
             self.workqueue.move_to_end(longest, last=False)
             super()._assign_work_unit(node)
 

@@ -6,6 +6,7 @@ fail with EFBIG, as they would with ENOSPC, at a size the test chooses."""
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,9 +260,11 @@ def test_disk_full_while_training_then_resume(pendulum_data, tmp_path, limit, wh
             assert after[k] == pytest.approx(before[k], rel=1e-5, abs=1e-7), k
 
 
-def test_disk_full_while_exporting_then_retry(pendulum_data, store_env, tmp_path):
+def test_disk_full_while_exporting_then_retry(pendulum_hybrid_run, store_env, tmp_path):
+    """The session's tiny pendulum hybrid (conftest: experiment=pendulum_hybrid on the same 24
+    scenarios as pendulum_data), copied: twin-export writes into the run directory."""
     run = tmp_path / "run"
-    train_here(*TINY, f"data_dir={pendulum_data}", f"out_dir={run}")
+    shutil.copytree(pendulum_hybrid_run[0], run)
     env = {**store_env, "BENTOML_HOME": str(tmp_path / "store")}
     args = [f"run_dir={run}", "name=full", "version=v1", "parity_scenarios=4", "stage=production"]
     r = command("twin-export", *args, limit=8192, env=env)  # the ONNX file is far larger

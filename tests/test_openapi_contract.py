@@ -61,9 +61,9 @@ def test_schemathesis_finds_nothing(served, tmp_path):
     in tests/schemathesis_hooks.py make each positive request keep them with the smallest change
     that does (negative ones stay as generated), check that the repaired request is still valid
     under the schema, and hold /calibrate's cost settings low (one start, no corrections or
-    refinement, an MCMC of at most 40 steps) so each fit runs fast. The few requests only
-    invented data could repair are filtered out (see the hooks' module doc); none in this
-    seeded run."""
+    refinement, an MCMC of 20 steps, the fewest the schema allows) so each fit runs fast. The few
+    requests only invented data could repair are filtered out (see the hooks' module doc); none
+    in this seeded run."""
     url, env = served
     hooks = Path(__file__).with_name("schemathesis_hooks.py")
     r = subprocess.run(
