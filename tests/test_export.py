@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_PENDULUM_HYBRID, rollout_tol
+from conftest import TINY_PENDULUM_HYBRID, rollout_tol, train_here
 
 from twin_ml.data import Dataset, ScenarioDesign, generate_dataset
 from twin_ml.export.export import export_run, in_domain_scenarios, parity_check
@@ -65,19 +65,9 @@ def runs(tmp_path_factory, pendulum_hybrid_run):
                 progress=False,
             )
         run = root / exp
-        r = subprocess.run(
-            [
-                str(BIN / "twin-train"),
-                f"experiment={exp}",
-                f"data_dir={data}",
-                f"out_dir={run}",
-                *TINY,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
+        # twin-train's config and run in this process (`train_here`): a command of its own would
+        # add only its start-up (torch, lightning), which test_train.py tests
+        train_here(f"experiment={exp}", f"data_dir={data}", f"out_dir={run}", *TINY)
         out[exp] = (run, data)
     return out
 
