@@ -30,7 +30,8 @@ from scipy.linalg import expm
 from twin_ml._io import canonical_json
 from twin_ml.physics import SolverSettings, solve_looped, solve_stacked, system_from_description
 from twin_ml.physics import fmu as fmu_module
-from twin_ml.physics.fmu import FMUError, FMUSystem, build_fmu
+from twin_ml.physics.fmu import FMUError, FMUSystem
+from twin_ml.physics.fmu_build import build_fmu
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "twin_ml" / "physics" / "fmus" / "damped_oscillator"
@@ -368,7 +369,7 @@ def test_an_fmu_is_extracted_once_into_a_folder_every_process_shares(fmu, tmp_pa
         assert r.returncode == 0 and float(r.stdout) == want[1], r.stderr[-2000:]
         assert mine() == [digest]
         # a damaged copy (a cleaner of temporary files removed the binary) is extracted again
-        binary = folder / fmu_module._binary_name(s._md)
+        binary = folder / fmu_module.binary_name(s._md)
         binary.unlink()
         assert fmu_module._Engine(s._md, s._data, digest, "copy").dir == str(folder)
         assert binary.is_file() and mine() == [digest]

@@ -99,7 +99,7 @@ def _read(path: Path) -> bytes:
         raise FMUError(f"fmu: cannot read {str(path)!r} ({e.strerror or e})") from None
 
 
-def _model_description(data: bytes, where: str):
+def model_description(data: bytes, where: str):
     """The parsed model description of the FMU bytes `data` (FMPy's, validated)."""
     import xml.etree.ElementTree as ET
 
@@ -128,7 +128,7 @@ def _model_description(data: bytes, where: str):
         raise FMUError(f"fmu: {where}: invalid modelDescription.xml ({first})") from None
 
 
-def _binary_name(md) -> str:
+def binary_name(md) -> str:
     """The shared library FMPy loads for this platform, as a path inside the FMU."""
     import fmpy
 
@@ -173,7 +173,7 @@ def _check_runnable(md, data: bytes, where: str) -> None:
         )
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = zf.namelist()
-    binary = _binary_name(md)
+    binary = binary_name(md)
     if binary not in names:
         have = sorted(
             {n.split("/")[1] for n in names if n.startswith("binaries/") and "/" in n[9:]}
@@ -310,7 +310,7 @@ class FMUSystem(PhysicsSystem):
                 "restore the recorded file"
             )
         where = repr(str(path))
-        md = _model_description(data, where)
+        md = model_description(data, where)
         _check_runnable(md, data, where)
         from twin_ml.physics.catalog import list_systems
 
@@ -697,7 +697,7 @@ class _Engine:
     def __init__(self, md, data: bytes, digest: str, where: str):
         self.md, self.where = md, where
         self.pid = os.getpid()
-        self.dir = str(_extracted(data, digest, _binary_name(md)))
+        self.dir = str(_extracted(data, digest, binary_name(md)))
         once = md.modelExchange.canBeInstantiatedOnlyOncePerProcess
         self.cap = 1 if once else POOL_CAP
         self.pool_size = min(POOL_SIZE, self.cap)
@@ -827,11 +827,3 @@ def _call_failed(e: Exception, t: float | None) -> Exception:
     failed solve, with this reason) instead of ending the batch."""
     at = "" if t is None else f" at t={t:.6g}"
     return FloatingPointError(f"the FMU failed{at}: {type(e).__name__}: {e}")
-
-
-# ---- building a source FMU: twin_ml.physics.fmu_build -----------------------------------------
-def build_fmu(source: str | os.PathLike, out: str | os.PathLike, **kwargs: Any) -> Path:
-    """`twin_ml.physics.fmu_build.build_fmu` (imported when called)."""
-    from twin_ml.physics.fmu_build import build_fmu as build
-
-    return build(source, out, **kwargs)

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from twin_ml._io import atomic_write_bytes
-from twin_ml.physics.fmu import FMUError, _binary_name, _model_description
+from twin_ml.physics.fmu import FMUError, binary_name, model_description
 
 USAGE = "usage: python -m twin_ml.physics.fmu_build SOURCE_DIR OUT.fmu"
 TIMEOUT = 300.0  # seconds the compiler may take
@@ -55,7 +55,7 @@ def _build(source: Path, out: Path, cc: str, timeout: float) -> Path:
     xml = source / "modelDescription.xml"
     if not xml.is_file():
         raise FMUError(f"source: {str(source)!r} has no modelDescription.xml")
-    md = _model_description(_zip({"modelDescription.xml": xml.read_bytes()}), repr(str(source)))
+    md = model_description(_zip({"modelDescription.xml": xml.read_bytes()}), repr(str(source)))
     if md.modelExchange is None:
         raise FMUError(f"source: {str(source)!r} declares no model-exchange interface")
     files = [
@@ -65,7 +65,7 @@ def _build(source: Path, out: Path, cc: str, timeout: float) -> Path:
         raise FMUError(f"source: {str(source)!r} lists no source files and has no sources/*.c")
     headers = Path(fmpy.__file__).parent / "c-code"
     with tempfile.TemporaryDirectory(prefix="twin-ml-fmu-build-") as tmp:
-        lib = Path(tmp) / _binary_name(md)
+        lib = Path(tmp) / binary_name(md)
         lib.parent.mkdir(parents=True)
         cmd = [cc, "-shared", "-fPIC", "-O2", "-I", str(headers), "-I", str(source / "sources")]
         cmd += [str(source / "sources" / f) for f in files] + ["-o", str(lib), "-lm"]
@@ -82,7 +82,7 @@ def _build(source: Path, out: Path, cc: str, timeout: float) -> Path:
             raise FMUError(f"cc: cannot run the C compiler {cc!r} ({e.strerror or e})") from None
         if r.returncode != 0:
             raise FMUError(f"compiling {str(source)!r} failed:\n{r.stderr.strip()[-3000:]}")
-        members = {"modelDescription.xml": xml.read_bytes(), _binary_name(md): lib.read_bytes()}
+        members = {"modelDescription.xml": xml.read_bytes(), binary_name(md): lib.read_bytes()}
     for p in sorted((source / "sources").rglob("*")):
         if p.is_file():
             members[f"sources/{p.relative_to(source / 'sources').as_posix()}"] = p.read_bytes()
