@@ -127,8 +127,8 @@ def train_here(*overrides):
 
 # test_export, test_calibrate and test_runtime each trained this very run (the same command on the
 # same dataset, seed 0): now the first worker to ask trains it, and the others wait for it
-TINY_PENDULUM_HYBRID = [
-    "experiment=pendulum_hybrid",
+# the tiny training settings the test models share: 3 members, 2 epochs, 16 hidden units
+TINY = [
     "ensemble.size=3",
     "trainer.max_epochs=2",
     "data.batch_size=8",
@@ -136,6 +136,7 @@ TINY_PENDULUM_HYBRID = [
     "speed_scenarios=2",
     "logger=none",
 ]
+TINY_PENDULUM_HYBRID = ["experiment=pendulum_hybrid", *TINY]
 
 
 def session_dir(tmp_path_factory) -> Path:

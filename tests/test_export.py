@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_PENDULUM_HYBRID, rollout_tol, train_here
+from conftest import TINY, rollout_tol, train_here
 
 from twin_ml.data import Dataset, ScenarioDesign, generate_dataset
 from twin_ml.export.export import export_run, in_domain_scenarios, parity_check
@@ -26,14 +26,6 @@ from twin_ml.models import load_trained
 from twin_ml.physics import make_system
 
 BIN = Path(sys.executable).parent
-TINY = [
-    "ensemble.size=3",
-    "trainer.max_epochs=2",
-    "data.batch_size=8",
-    "model.net.hidden=16",
-    "speed_scenarios=2",
-    "logger=none",
-]
 # experiment -> (system, t_end, dt): linear input + physics in the graph, held input, one-shot
 CASES = {
     "pendulum_hybrid": ("pendulum", 2.0, 0.1),
@@ -48,7 +40,7 @@ def runs(tmp_path_factory, pendulum_hybrid_run):
     # pendulum_hybrid is the session's shared run (conftest: this same command on these same 24
     # scenarios), copied: twin-export writes into the run directory
     shared_run, shared_data = pendulum_hybrid_run
-    assert TINY == TINY_PENDULUM_HYBRID[1:] and CASES["pendulum_hybrid"] == ("pendulum", 2.0, 0.1)
+    assert CASES["pendulum_hybrid"] == ("pendulum", 2.0, 0.1)  # the shared run's data
     shutil.copytree(shared_run, root / "pendulum_hybrid")
     out = {"pendulum_hybrid": (root / "pendulum_hybrid", shared_data)}
     for exp, (system, t_end, dt) in CASES.items():

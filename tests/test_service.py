@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from conftest import train_here
+from conftest import TINY, train_here
 
 from twin_ml.contract import ModelCard
 from twin_ml.data import ScenarioDesign, generate_dataset
@@ -45,17 +45,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     # twin-train's config and run in this process (`train_here`): a command of its own would add
     # only its start-up (torch, lightning), which test_train.py tests
-    train_here(
-        "experiment=cascaded_tanks_hybrid",
-        f"data_dir={data}",
-        f"out_dir={run}",
-        "ensemble.size=3",
-        "trainer.max_epochs=2",
-        "data.batch_size=8",
-        "model.net.hidden=16",
-        "speed_scenarios=2",
-        "logger=none",
-    )
+    train_here("experiment=cascaded_tanks_hybrid", f"data_dir={data}", f"out_dir={run}", *TINY)
     r = subprocess.run(
         [
             str(BIN / "twin-export"),

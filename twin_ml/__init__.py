@@ -16,9 +16,7 @@ Calibration's entry point lives in its package: `from twin_ml.calibrate import c
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from twin_ml._lazy import lazy_names
 from twin_ml._version import __version__ as __version__
 from twin_ml._version import code_version as code_version
 
@@ -64,13 +62,7 @@ _LAZY: dict[str, str] = {
 __all__ = sorted([*_LAZY, "__version__", "code_version"])
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'twin_ml' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_names("twin_ml", _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -3,8 +3,7 @@
 The names load on first use (module `__getattr__`), so a submodule alone (the telemetry reader,
 twin-ingest's) does not import the design's and the generator's scipy."""
 
-import importlib
-from typing import Any
+from twin_ml._lazy import lazy_names
 
 _LAZY = {
     "Dataset": "twin_ml.data.dataset",
@@ -27,10 +26,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'twin_ml.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_names("twin_ml.data", _LAZY, globals())
