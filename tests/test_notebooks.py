@@ -1,8 +1,11 @@
 """Every notebook runs top to bottom: its code cells, in order, in one namespace, in an empty
-working directory, with matplotlib headless (Agg). The notebooks are split over two files (this one
-and test_notebooks_export.py) so that `--dist loadfile` can run them on both workers; a test here
-checks that every notebook is run by exactly one of them, and that each is a valid notebook with
-no stored outputs.
+working directory, with matplotlib headless (Agg). A notebook fails its test when a command it
+runs fails (its helper raises) or when one of the checks it carries fails: the serving notebook's
+in/out-of-domain flags, the calibration's solver verification and credible intervals around the
+truth, the drift notebook's alarm after (and only after) the injected fault. The notebooks are
+split over two files (this one and test_notebooks_export.py) so that `--dist loadfile` can run
+them on both workers; a test here checks that every notebook is run by exactly one of them, and
+that each is a valid notebook with no stored outputs.
 
 A code cell tagged `teardown` (the serving notebook's "stop the server") also runs when a cell
 before it fails, so a failing notebook leaves no server behind. What a notebook changes in this
