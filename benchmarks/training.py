@@ -5,8 +5,10 @@ splits, and the cost of M=5 vectorized members against M=1 at two dataset sizes,
     python benchmarks/training.py [--out f.json] [--only a,b] [--n 256] [--force] [--quick]
 
 Per experiment: twin-generate (the system's defaults, seed 0: the 0.7 n training scenarios of an
-`--n`-scenario design, 0.3 n validation scenarios for the conformal calibration, n test scenarios
-and 0.5 n outside the box for the extrapolation split; `generate`), twin-train as a subprocess,
+`--n`-scenario design, 0.3 n validation scenarios for early stopping, n test scenarios, 0.5 n
+outside the box for the extrapolation split and 0.8 n calibration scenarios, as the shipped
+design's `calibration_fraction: 0.8` draws them for an n-scenario dataset; `generate`), twin-train
+as a subprocess,
 then from the run's files: accuracy, coverage (with its scenario-bootstrap interval), NLL and CRPS
 on both splits (the extrapolation split scored by this
 code: unwidened, and with the conformal shift std x (1 + beta d), cross-fitted), the share of
@@ -24,6 +26,7 @@ retrains. Writes benchmarks/results/training.json (or --out) and prints the tabl
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import re
@@ -44,12 +47,21 @@ OUT = ROOT / "benchmarks" / "results" / "training.json"
 CONFIGS = ROOT / "configs"
 GOALS = {"median": 0.01, "p95": 0.05, "cov_lo": 0.88, "cov_hi": 0.92, "extrap_cov": 0.80}
 # Of 2n in-box scenarios: 0.7 n train (the default split's share of an n-scenario design), 0.3 n
-# val (the conformal calibration set), n test. At n=256 the default split (0.7/0.15/0.15 of 256)
-# gives 38 val and 38 test scenarios: too few to resolve a 0.88-0.92 coverage band (measured: the
-# coverage of 38 test scenarios drawn from the same 256 scatters by `test/coverage_90_sd38`).
+# val (early stopping), n test; 0.8 n calibration scenarios on top (CALIBRATION_FRACTION x 2n).
+# The default split's 38 test scenarios at n=256 are too few to resolve a 0.88-0.92 coverage band
+# (measured: the coverage of 38 test scenarios drawn from the 256 scatters by
+# `test/coverage_90_sd38`).
 SPLITS = {"train": 0.35, "val": 0.15, "test": 0.5}
 COST_EXPERIMENT = "pendulum_node"
 EXTRAPOLATION_FRACTION = 0.25  # of 2n: 128 extrapolation scenarios at n=256
+CALIBRATION_FRACTION = 0.4  # of 2n: the 0.8 n (205 at n=256) of the shipped design
+# the FMU an experiment's system needs, built from its C source when it is not there
+FMUS = {
+    "damped_oscillator_fmu": (
+        "twin_ml/physics/fmus/damped_oscillator",
+        "data/fmu/damped_oscillator.fmu",
+    )
+}
 
 
 class RunFailed(Exception):
@@ -83,15 +95,22 @@ def generate(system: str, n: int) -> Path:
     training scenarios, and validation and test splits large enough to measure a coverage
     (SPLITS): 2n in-box scenarios in all, plus EXTRAPOLATION_FRACTION x 2n outside the box."""
     data = ROOT / "data" / f"{system}-bench-n{n}-s0"
-    generate_into(
-        system,
-        2 * n,
-        data,
-        extra=(
-            f"design.extrapolation_fraction={EXTRAPOLATION_FRACTION}",
-            *(f"design.splits.{k}={v}" for k, v in SPLITS.items()),
-        ),
-    )
+    data.parent.mkdir(parents=True, exist_ok=True)
+    # one writer per dataset: two benchmark processes (--only halves) may share a system
+    with open(data.parent / f".{data.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if system in FMUS and not (ROOT / FMUS[system][1]).exists():
+            sh(sys.executable, "-m", "twin_ml.physics.fmu_build", *(ROOT / f for f in FMUS[system]))
+        generate_into(
+            system,
+            2 * n,
+            data,
+            extra=(
+                f"design.extrapolation_fraction={EXTRAPOLATION_FRACTION}",
+                f"design.calibration_fraction={CALIBRATION_FRACTION}",
+                *(f"design.splits.{k}={v}" for k, v in SPLITS.items()),
+            ),
+        )
     return data
 
 
@@ -177,17 +196,19 @@ def test_scores(model, dm, level: float = 0.9, draws: int = 1000) -> dict:
     - `coverage_90_sd38`: the std of the coverage of 38 test scenarios drawn from them (the
       default split's test size at n=256);
     - `coverage_90_sd_calibration`: the std of the test coverage when the conformal scale is
-      refitted on bootstrap resamples of the validation scenarios: the calibration set's sampling
-      error, what a test coverage away from 0.9 is expected to scatter by;
+      refitted on bootstrap resamples of the calibration scenarios (the calibration split, val
+      for a dataset without one): the calibration set's sampling error, what a test coverage
+      away from 0.9 is expected to scatter by;
     - `coverage_90_cal_val_test`: the coverage with a larger calibration set, cross-fitted: the
-      scale fitted on val + one half of test scores the other half, and the reverse (the shipped
-      model calibrates on val alone; this is what a larger validation split would give)."""
+      scale fitted on the calibration scenarios + one half of test scores the other half, and the
+      reverse."""
     from twin_ml.evaluate.evaluate import predict_numpy
     from twin_ml.uq.metrics import central_z, conformal_scale, measured
 
     scale = model.conformal_scale.double().numpy()
     z = central_z(level)
-    te, va = dm.numpy("test"), dm.numpy("val")
+    te = dm.numpy("test")
+    va = dm.numpy("calibration" if len(dm.splits["calibration"]["index"]) else "val")
     mean, std = predict_numpy(model, te, dm.t_grid)
     vmean, vstd = predict_numpy(model, va, dm.t_grid)
     raw, vraw = std / scale, vstd / scale  # the ensemble's std before the conformal scale
@@ -220,7 +241,7 @@ def test_scores(model, dm, level: float = 0.9, draws: int = 1000) -> dict:
         crossed[~fit_half] = hits(c)[~fit_half]
     return {
         "test/n_scenarios": n,
-        "val/n_scenarios": nv,
+        "calibration/n_scenarios": nv,
         "test/coverage_90_ci": [float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))],
         "test/coverage_90_sd38": float(np.std(at38)),
         "test/coverage_90_sd_calibration": float(np.std(cal)),
@@ -332,7 +353,7 @@ def fmt(v, spec=".4f") -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| experiment | epochs | fit s | test rel L2 median | p95 | cov90 [90% CI] | "
-        "calibration sd | cov90, val + half test calibrate | NLL | CRPS | "
+        "calibration sd | cov90, calibration + half test calibrate | NLL | CRPS | "
         "extrap rel L2 median | extrap cov90 (unwidened) | extrap NLL | flagged | "
         "error growth (test) | physics amplification (median / max) | data probe (half/full) | "
         "x looped | x stacked | goals missed |",

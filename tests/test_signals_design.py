@@ -128,9 +128,31 @@ def test_splits_follow_the_fractions_and_the_seed():
     assert np.bincount(a, minlength=3).tolist() == [140, 30, 30]
 
 
+def test_calibration_scenarios_come_on_top_and_leave_the_others_as_they_were():
+    sys_ = make_system("cascaded_tanks")
+    plain = ScenarioDesign().sample(sys_, 50, seed=3)
+    design = ScenarioDesign(calibration_fraction=0.8)
+    more = design.sample(sys_, 50, seed=3)
+    k = len(plain)
+    assert len(more) == k + 40  # ceil(0.8 x 50) more
+    for f in ("p", "x0", "offset", "amplitude", "clip", "split"):
+        np.testing.assert_array_equal(getattr(more, f)[:k], getattr(plain, f))
+    cal = more.rows(k, len(more))
+    assert (cal.split == SPLITS.index("calibration")).all()
+    box = design.box(sys_)
+    z = box.points(cal)
+    assert np.all((z >= box.low) & (z <= box.high))  # in the training box, as test is
+    train_clip = more.clip[np.flatnonzero(more.split == 0)[0]]  # the box's input ranges
+    np.testing.assert_array_equal(cal.clip, np.broadcast_to(train_clip, cal.clip.shape))
+    # a design without them records nothing new: its datasets keep their settings hash
+    assert "calibration_fraction" not in ScenarioDesign().to_dict()
+    assert design.to_dict()["calibration_fraction"] == 0.8
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        (dict(calibration_fraction=-0.5), r"design.calibration_fraction must be in \[0, 10\]"),
         (
             dict(parameters={"length": (2.0, 1.0)}),
             r"design.parameters.length: low \(2.0\) > high \(1.0\)",

@@ -219,6 +219,45 @@ def test_emulator_trains(pendulum_data, tmp_path):
     )
 
 
+def test_the_conformal_scale_comes_from_the_calibration_split(tmp_path, caplog):
+    """A dataset with calibration scenarios calibrates on them, not on val; the record says so
+    and how precisely; 12 scenarios are too few, and the log says that with what to change."""
+    import numpy as np
+
+    from twin_ml.data import ScenarioDesign, generate_dataset
+    from twin_ml.data.torch_data import ScenarioDataModule
+    from twin_ml.evaluate.evaluate import predict_numpy
+    from twin_ml.models import load_trained
+    from twin_ml.physics import make_system
+    from twin_ml.uq import conformal_scale
+
+    data, out = tmp_path / "data", tmp_path / "e"
+    design = ScenarioDesign(t_end=2.0, dt=0.1, calibration_fraction=0.5)
+    generate_dataset(make_system("pendulum"), design, n_scenarios=24, seed=0, out_dir=data)
+    no_curriculum = [a for a in TINY if "curriculum" not in a]
+    with caplog.at_level("WARNING", logger="twin_ml"):
+        train_here("experiment=pendulum_emulator", f"data_dir={data}", f"out_dir={out}",
+                   "logger=none", *no_curriculum)  # fmt: skip
+    cal = json.loads((out / "metrics.json").read_text())["detail"]["calibration"]
+    assert cal["split"] == "calibration" and cal["n_scenarios"] == 12
+    assert cal["coverage_90_sd"] > 0.01
+    assert "calibrated on 12 calibration scenarios" in caplog.text
+    assert "design.calibration_fraction=0.8" in caplog.text
+    # the oracle: the scale recomputed from the trained ensemble's raw std on each split
+    model, meta = load_trained(out / "model")
+    dm = ScenarioDataModule(str(data), model.system, seed=0)
+    model.conformal_scale.fill_(1.0)
+
+    def scale_on(split):
+        d = dm.numpy(split)
+        return conformal_scale(d["y"], *predict_numpy(model, d, dm.t_grid), 0.9)
+
+    # float32 predictions: the picked residual ratio agrees to a few float32 ulps
+    eps = float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(meta["conformal_scale"], scale_on("calibration"), rtol=64 * eps)
+    assert not np.allclose(meta["conformal_scale"], scale_on("val"), rtol=64 * eps)
+
+
 def test_bad_input_is_one_line_from_the_command(pendulum_data, tmp_path):
     """The command's own path: an unknown config group choice (checked before Hydra), and an error
     raised inside the run, each one line on stderr with exit status 2."""

@@ -174,3 +174,22 @@ def test_points_no_beta_can_cover_are_named_and_the_rest_covered():
     beta, notes = shift_beta(y, np.zeros_like(y), np.ones_like(y), d, 0.9)
     assert beta[0] == pytest.approx(4.0 / norm.ppf(0.95) - 1.0, rel=1e-12)
     assert "2 of 4 points are missed at distance 0" in notes[0]
+
+
+def test_calibration_sd_counts_scenarios_not_points():
+    """The coverage a split-conformal scale gives scatters with the calibration sample by about
+    sqrt(p (1 - p) / N) over N independent scores (the empirical CDF at a refitted quantile).
+    Scenarios whose T points move together count once each; T independent points per scenario
+    count T times (the std shrinks by sqrt(T))."""
+    from twin_ml.uq.metrics import calibration_sd
+
+    rng = np.random.default_rng(0)
+    n, t = 400, 20
+    together = np.repeat(rng.standard_normal((n, 1, 1)), t, axis=1)
+    apart = rng.standard_normal((n, t, 1))
+    zero, one = np.zeros_like(apart), np.ones_like(apart)
+    sd_together = calibration_sd(together, zero, one, 0.9)
+    sd_apart = calibration_sd(apart, zero, one, 0.9)
+    # 200 bootstrap draws estimate an sd to ~5% (1 / sqrt(2 x 199)): 4 of those either side
+    assert 0.8 < sd_together / np.sqrt(0.09 / n) < 1.25
+    assert sd_together / sd_apart > np.sqrt(t) / 2

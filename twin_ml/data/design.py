@@ -26,7 +26,8 @@ from twin_ml.physics.signals import SignalSpec, make_signal
 from twin_ml.physics.system import PhysicsSystem, check_bounds
 
 SAMPLERS = ("lhs", "sobol", "random")
-SPLITS = ("train", "val", "test", "extrapolation")
+# a scenario's split code is its index here (calibration came last: older datasets have none)
+SPLITS = ("train", "val", "test", "extrapolation", "calibration")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class ScenarioDesign:
     )
     extrapolation_fraction: float = 0.1
     extrapolation_margin: float = 0.25
+    calibration_fraction: float = 0.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -123,6 +125,11 @@ class ScenarioDesign:
             raise ValueError(
                 "design.extrapolation_fraction must be in [0, 10], "
                 f"got {self.extrapolation_fraction}"
+            )
+        if not 0 <= self.calibration_fraction <= 10:
+            raise ValueError(
+                "design.calibration_fraction must be in [0, 10] (calibration scenarios per "
+                f"in-domain scenario), got {self.calibration_fraction}"
             )
         if not self.extrapolation_margin > 0:
             raise ValueError(
@@ -207,8 +214,14 @@ class ScenarioDesign:
     def n_extrapolation(self, n_scenarios: int) -> int:
         return int(math.ceil(self.extrapolation_fraction * n_scenarios))
 
+    def n_calibration(self, n_scenarios: int) -> int:
+        return int(math.ceil(self.calibration_fraction * n_scenarios))
+
     def sample(self, system: PhysicsSystem, n_scenarios: int, seed: int) -> Scenarios:
-        """In-box scenarios (split train/val/test), then the extrapolation scenarios."""
+        """In-box scenarios (split train/val/test), then the extrapolation scenarios, then the
+        calibration scenarios (in-box, drawn by the design's sampler on their own stream: the
+        conformal scale's data, apart from the validation split early stopping selects on; the
+        others are the same with or without them)."""
         if isinstance(n_scenarios, bool) or not (
             isinstance(n_scenarios, (int, np.integer)) and n_scenarios > 0
         ):
@@ -221,9 +234,19 @@ class ScenarioDesign:
         split_in = self._split_labels(n_scenarios, seed)
         n_ex = self.n_extrapolation(n_scenarios)
         z_ex = self._extrapolation(box, n_ex, seed) if n_ex else np.zeros((0, d))
-        z = np.concatenate([z_in, z_ex])
+        n_cal = self.n_calibration(n_scenarios)
+        z_cal = (
+            box.low + self._unit_sample(d, n_cal, [seed, 4]) * (box.high - box.low)
+            if n_cal
+            else np.zeros((0, d))
+        )
+        z = np.concatenate([z_in, z_ex, z_cal])
         split = np.concatenate(
-            [split_in, np.full(n_ex, SPLITS.index("extrapolation"), dtype=np.int8)]
+            [
+                split_in,
+                np.full(n_ex, SPLITS.index("extrapolation"), dtype=np.int8),
+                np.full(n_cal, SPLITS.index("calibration"), dtype=np.int8),
+            ]
         )
         scen = _scenarios(system, box, z, split)
         if n_ex:
@@ -233,7 +256,7 @@ class ScenarioDesign:
             w = in_hi - in_lo
             ex_lo = np.maximum(in_lo - self.extrapolation_margin * w, box.limit_low[n_p + nx :: 2])
             ex_hi = np.minimum(in_hi + self.extrapolation_margin * w, box.limit_high[n_p + nx :: 2])
-            scen.clip[n_scenarios:] = np.stack([ex_lo, ex_hi], axis=-1)
+            scen.clip[n_scenarios : n_scenarios + n_ex] = np.stack([ex_lo, ex_hi], axis=-1)
         return scen
 
     def candidates(self, system: PhysicsSystem, n: int, *, key: list[int]) -> Scenarios:
@@ -313,6 +336,12 @@ class ScenarioDesign:
             "splits": dict(self.splits),
             "extrapolation_fraction": self.extrapolation_fraction,
             "extrapolation_margin": self.extrapolation_margin,
+            # only when set: a design without calibration scenarios keeps its settings hash
+            **(
+                {"calibration_fraction": self.calibration_fraction}
+                if self.calibration_fraction
+                else {}
+            ),
         }
 
 

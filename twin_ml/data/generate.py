@@ -889,7 +889,7 @@ def _finalize(out, system, solver, settings, settings_sha, scen, t, names, bound
         "seeds": {
             "seed": settings["seed"],
             "scheme": "SeedSequence([seed, stream, index]); streams: "
-            "0 design, 1 splits, 2 extrapolation, 3 per-scenario signals",
+            "0 design, 1 splits, 2 extrapolation, 3 per-scenario signals, 4 calibration",
         },
         "time": {
             "t0": float(t[0]),

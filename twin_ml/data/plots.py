@@ -15,6 +15,7 @@ _COLORS = {
     "val": "tab:green",
     "test": "tab:orange",
     "extrapolation": "tab:red",
+    "calibration": "tab:purple",
 }
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from twin_ml.data.dataset import Dataset, DatasetError
+from twin_ml.data.design import SPLITS
 from twin_ml.physics.system import PhysicsSystem
 
 FIELDS = ("index", "x0", "u", "p", "x", "y")
@@ -35,7 +36,8 @@ class EpochSampler(Sampler[int]):
 
 
 class ScenarioDataModule(L.LightningDataModule):
-    """Train/val/test/extrapolation splits of a twin-generate dataset as float32 tensors.
+    """Train/val/test/extrapolation/calibration splits of a twin-generate dataset as float32
+    tensors (a split the dataset lacks is empty).
 
     Checked before training starts: the dataset exists and its hashes match; it was made for
     `system` (name and options); train and val are not empty; no kept scenario holds a NaN;
@@ -68,7 +70,7 @@ class ScenarioDataModule(L.LightningDataModule):
         self.snapshot_stride = self.dataset.snapshot_stride
         self.t_snapshots = self.t_grid[:: self.snapshot_stride]
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
-        for split in ("train", "val", "test", "extrapolation"):
+        for split in SPLITS:
             self.splits[split] = self._load(split)
         for split in ("train", "val"):
             if len(self.splits[split]["index"]) == 0:

@@ -12,6 +12,7 @@ from twin_ml.contract.card import ConformalShift, DomainBox
 from twin_ml.evaluate.metrics import accuracy, error_vs_horizon, regime_masks
 from twin_ml.physics.solver import SolverSettings, solve_looped, solve_stacked
 from twin_ml.uq import ShiftFit, conformal_scale, cross_fit_shift, interval_report
+from twin_ml.uq.metrics import calibration_sd
 
 
 def predict_numpy(
@@ -30,14 +31,16 @@ def predict_numpy(
 
 
 def fit_conformal_scale(
-    model, val: dict[str, np.ndarray], t: np.ndarray, level: float = 0.9
-) -> np.ndarray:
-    """Split-conformal: set model.conformal_scale from the validation split; returns it [ny]."""
+    model, cal: dict[str, np.ndarray], t: np.ndarray, level: float = 0.9
+) -> tuple[np.ndarray, float]:
+    """Split-conformal: set model.conformal_scale from the calibration scenarios `cal`; returns
+    it [ny] and how precisely those scenarios fix the coverage
+    (`twin_ml.uq.metrics.calibration_sd`: the coverage's scatter from this sample alone)."""
     model.conformal_scale.fill_(1.0)
-    mean, std = predict_numpy(model, val, t)
-    scale = conformal_scale(val["y"], mean, std, level)
+    mean, std = predict_numpy(model, cal, t)
+    scale = conformal_scale(cal["y"], mean, std, level)
     model.conformal_scale.copy_(torch.tensor(scale, dtype=torch.float32))
-    return scale
+    return scale, calibration_sd(cal["y"], mean, std, level)
 
 
 def fit_conformal_shift(
