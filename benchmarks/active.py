@@ -52,7 +52,9 @@ GOAL_RATIO = 0.5
 def generate_base(system: str, data: Path, n0: int, val: int, test: int) -> None:
     n = n0 + val + test
     splits = f"{{train: {n0 / n!r}, val: {val / n!r}, test: {test / n!r}}}"
-    generate(system, n, data, extra=(f"design.splits={splits}",))
+    # val calibrates here (no calibration split): both curves share it, and only the train
+    # scenarios' count is the x axis
+    generate(system, n, data, extra=(f"design.splits={splits}", "design.calibration_fraction=0"))
 
 
 def extend(data: Path, n_new: int, acquisition: str, seed: int, run: Path | None, pool: int):

@@ -95,7 +95,7 @@ def scenarios(system, design: dict, n: int, seed: int) -> dict[str, np.ndarray]:
     from twin_ml.data.generate import scenario_inputs
 
     fields = {k: v for k, v in design.items() if k != "box"}
-    d = ScenarioDesign(**{**fields, "extrapolation_fraction": 0.0})
+    d = ScenarioDesign(**{**fields, "extrapolation_fraction": 0.0, "calibration_fraction": 0.0})
     scen = d.sample(system, n, seed)
     t = d.time_grid(system)
     return {

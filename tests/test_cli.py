@@ -33,7 +33,9 @@ def test_contract_command_writes_a_hashed_dataset_and_prints_the_summary_last(tm
     m = json.loads((out / "manifest.json").read_text())
     assert (
         s["dataset_sha256"] == m["dataset_sha256"]
-        and s["counts"]["total"] == 14
+        and s["counts"]["total"]
+        == 24  # 12 in-domain, ceil(0.1 x 12) outside, ceil(0.8 x 12) calibration
+        and s["counts"]["calibration"] == 10
         and s["n_failures"] == 0
     )
     assert m["system"]["name"] == "cascaded_tanks" and (out / "config.yaml").exists()
@@ -175,7 +177,7 @@ def test_api_and_cli_with_the_same_settings_make_the_same_dataset(tmp_path):
 
     api = generate_dataset(
         make_system("cascaded_tanks"),
-        ScenarioDesign(),
+        ScenarioDesign(calibration_fraction=0.8),  # configs/design/lhs.yaml's (the API's is 0)
         n_scenarios=6,
         seed=2,
         out_dir=tmp_path / "api",
@@ -362,7 +364,8 @@ def test_experiment_and_system_from_a_user_config_dir(tmp_path):
         r = run(*how, "experiment=my_exp", f"out_dir={tmp_path / out}", cwd=elsewhere)
         assert r.returncode == 0, r.stderr
         m = json.loads((tmp_path / out / "manifest.json").read_text())
-        assert m["system"]["name"] == "mass_spring" and m["counts"]["total"] == 4, how
+        # 3 in-domain, 1 outside the box, ceil(0.8 x 3) calibration
+        assert m["system"]["name"] == "mass_spring" and m["counts"]["total"] == 7, how
     r = run("--config-dir", str(user), "experiment=my_exq", f"out_dir={tmp_path / 'x'}")
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr

@@ -86,6 +86,9 @@ class ScenarioDesign:
     ``{"length": (0.9, 1.1)}``; one number (or low == high) fixes a value. signals: per-input signal
     options (see `twin_ml.physics.signals`), merged over the system's default for that input.
     t_end, dt: the time grid (None: the system's `default_horizon`).
+    calibration_fraction: in-box scenarios per in-domain one drawn on top, the "calibration"
+    split the conformal scale is fitted on (0 here: val calibrates; twin-generate's shipped
+    design, configs/design/lhs.yaml, draws 0.8).
     """
 
     sampler: str = "lhs"

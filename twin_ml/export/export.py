@@ -43,7 +43,13 @@ def in_domain_scenarios(
     """n scenarios sampled inside the training design's box (its signals too), on n_times points."""
     fields = {k: v for k, v in design.items() if k not in ("box", "t_end", "dt")}
     d = ScenarioDesign(
-        **{**fields, "extrapolation_fraction": 0.0, "t_end": dt * (n_times - 1), "dt": dt}
+        **{
+            **fields,
+            "extrapolation_fraction": 0.0,
+            "calibration_fraction": 0.0,
+            "t_end": dt * (n_times - 1),
+            "dt": dt,
+        }
     )
     scen = d.sample(model.system, n, seed)
     t = d.time_grid(model.system)
