@@ -257,13 +257,11 @@ def sensitivity(data: Path, n: int = 12, eps: float = 1e-6) -> dict | None:
     Around 1 or below: errors die out (a surrogate can track it); >> 100 along 10 s: chaotic or
     near a separatrix, where a rollout's relative error cannot stay at 1% however good the model."""
     from twin_ml.data.dataset import Dataset
-    from twin_ml.physics import make_system
     from twin_ml.physics.solver import SolverSettings, solve_looped
 
     ds = Dataset.open(data)
     d = ds.load()
-    card = json.loads((data / "manifest.json").read_text())["system"]
-    system = make_system(card["name"], **(card.get("options") or {}))
+    system = ds.card.system.build()  # as recorded (a registered name, an import path, an FMU)
     test = np.flatnonzero((d["split"] == 2) & (d["status"] == 0))[:n]
     if not len(test):
         return None

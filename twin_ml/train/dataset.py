@@ -18,9 +18,11 @@ import numpy as np
 from twin_ml.uq import ShiftFit
 
 log = logging.getLogger("twin_ml")
-# the calibration's own scatter of the 90% coverage above which twin-train says so: at 0.01 the
-# coverage of a well-calibrated model lands outside 0.88-0.92 about 5% of the time from it alone
-CALIBRATION_SD_WARN = 0.01
+# the calibration's own scatter (1 sd) of the 90% coverage above which twin-train says so: beyond
+# +-0.03 (2 sd). Measured in the training benchmark: 0.009-0.014 on 205 calibration scenarios
+# (design.calibration_fraction 0.8 at 256), 0.019 on 103; the 38 of a 0.15 val split at 256 leave
+# about 0.02-0.03
+CALIBRATION_SD_WARN = 0.015
 
 HEADLINE = (
     "test/rel_l2_median",
@@ -66,12 +68,18 @@ def evaluate_trained(
     cal = splits["val"] if cal_split == "val" else datamodule.numpy("calibration")
     scale, sd = fit_conformal_scale(model, cal, t)
     calibration = {"split": cal_split, "n_scenarios": len(cal["p"]), "coverage_90_sd": sd}
-    if not sd <= CALIBRATION_SD_WARN:
+    if not sd <= CALIBRATION_SD_WARN:  # NaN too: fewer than 2 scenarios tell nothing
+        n = len(cal["p"])
+        if np.isfinite(sd):
+            needed = int(np.ceil(n * (sd / 0.01) ** 2))  # the scatter shrinks as 1 / sqrt(n)
+            what = f"only to about +-{2 * sd:.3f} (2 sd)"
+            more = f"about {needed} calibration scenarios would fix it to +-0.02"
+        else:
+            what, more = "not at all", "a few hundred calibration scenarios are needed"
         log.warning(
-            f"the 90% intervals are calibrated on {len(cal['p'])} {cal_split} scenarios: their "
-            f"coverage on new data is fixed only to about +-{2 * sd:.3f} (2 sd) by that sample; "
-            "generate with design.calibration_fraction=0.8 (about 200 calibration scenarios at "
-            "n_scenarios=256) for about +-0.02"
+            f"the 90% intervals are calibrated on {n} {cal_split} scenarios: their coverage on "
+            f"new data is fixed {what} by that sample; {more} (generate with a larger "
+            "design.calibration_fraction: the shipped 0.8 draws 205 at n_scenarios=256)"
         )
     box = datamodule.dataset.card.domain
     ex = splits["extrapolation"]
