@@ -38,7 +38,6 @@ class Evaluation:
     metrics: dict[str, Any]  # per split, "speed", "conformal_scale", "conformal_shift"
     preds: dict[str, Any]  # per split: the model's predictions (for the report)
     splits: dict[str, dict[str, np.ndarray]]  # val, test, extrapolation (numpy)
-    calibration: dict[str, Any]  # the scale's data: split, n_scenarios, coverage_90_sd
     scale: np.ndarray  # the conformal scale, set in the model
     shift: ShiftFit  # the conformal shift: its beta goes into model.json and the model card
 
@@ -67,7 +66,7 @@ def evaluate_trained(
     cal_split = "calibration" if len(datamodule.splits["calibration"]["index"]) else "val"
     cal = splits["val"] if cal_split == "val" else datamodule.numpy("calibration")
     scale, sd = fit_conformal_scale(model, cal, t)
-    calibration = {"split": cal_split, "n_scenarios": len(cal["p"]), "coverage_90_sd": sd}
+    metrics_calibration = {"split": cal_split, "n_scenarios": len(cal["p"]), "coverage_90_sd": sd}
     if not sd <= CALIBRATION_SD_WARN:  # NaN too: fewer than 2 scenarios tell nothing
         n = len(cal["p"])
         if np.isfinite(sd):
@@ -98,6 +97,6 @@ def evaluate_trained(
         n=speed_scenarios,
     )
     metrics["conformal_scale"] = scale.tolist()
-    metrics["calibration"] = calibration
+    metrics["calibration"] = metrics_calibration
     metrics["conformal_shift"] = shift.summary()
-    return Evaluation(metrics, preds, splits, calibration, scale, shift)
+    return Evaluation(metrics, preds, splits, scale, shift)

@@ -1,6 +1,6 @@
 """Conformal scaling by distance to the training design: intervals that widen outside the box.
 
-The in-domain conformal scale (`conformal_scale`, fitted on the validation split) makes the
+The in-domain conformal scale (`conformal_scale`, fitted on the calibration split) makes the
 intervals cover in-domain scenarios; outside the design's box the model errs more and they do
 not. Per output j the served std becomes
 
