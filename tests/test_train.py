@@ -202,26 +202,10 @@ def test_loggers_work_offline(pendulum_data, tmp_path, logger):
         assert list(out.glob("wandb/offline-run-*"))
 
 
-def test_emulator_trains(pendulum_data, tmp_path):
-    no_curriculum = [
-        a for a in TINY if "curriculum" not in a
-    ]  # the emulator has no rollout windows
-    r = run(
-        "experiment=pendulum_emulator",
-        f"data_dir={pendulum_data}",
-        f"out_dir={tmp_path / 'e'}",
-        "logger=none",
-        *no_curriculum,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (
-        json.loads((tmp_path / "e" / "metrics.json").read_text())["detail"]["train"]["members"] == 2
-    )
-
-
-def test_the_conformal_scale_comes_from_the_calibration_split(tmp_path, caplog):
-    """A dataset with calibration scenarios calibrates on them, not on val; the record says so
-    and how precisely; 12 scenarios are too few, and the log says that with what to change."""
+def test_emulator_trains_and_calibrates_on_the_calibration_split(tmp_path):
+    """The emulator trains; a dataset with calibration scenarios calibrates on them, not on val;
+    the record says so and how precisely; 12 scenarios are too few, and the command says that
+    with what to change."""
     import numpy as np
 
     from twin_ml.data import ScenarioDesign, generate_dataset
@@ -234,16 +218,23 @@ def test_the_conformal_scale_comes_from_the_calibration_split(tmp_path, caplog):
     data, out = tmp_path / "data", tmp_path / "e"
     design = ScenarioDesign(t_end=2.0, dt=0.1, calibration_fraction=0.5)
     generate_dataset(make_system("pendulum"), design, n_scenarios=24, seed=0, out_dir=data)
-    no_curriculum = [a for a in TINY if "curriculum" not in a]
-    with caplog.at_level("WARNING", logger="twin_ml"):
-        train_here("experiment=pendulum_emulator", f"data_dir={data}", f"out_dir={out}",
-                   "logger=none", *no_curriculum)  # fmt: skip
-    cal = json.loads((out / "metrics.json").read_text())["detail"]["calibration"]
+    no_curriculum = [a for a in TINY if "curriculum" not in a]  # no rollout windows
+    r = run(
+        "experiment=pendulum_emulator",
+        f"data_dir={data}",
+        f"out_dir={out}",
+        "logger=none",
+        *no_curriculum,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    detail = json.loads((out / "metrics.json").read_text())["detail"]
+    assert detail["train"]["members"] == 2
+    cal = detail["calibration"]
     assert cal["split"] == "calibration" and cal["n_scenarios"] == 12
     assert cal["coverage_90_sd"] > 0.015
     needed = int(np.ceil(12 * (cal["coverage_90_sd"] / 0.01) ** 2))
-    assert "calibrated on 12 calibration scenarios" in caplog.text
-    assert f"about {needed} calibration scenarios would fix it to +-0.02" in caplog.text
+    assert "calibrated on 12 calibration scenarios" in r.stderr
+    assert f"about {needed} calibration scenarios would fix it to +-0.02" in r.stderr
     # the oracle: the scale recomputed from the trained ensemble's raw std on each split
     model, meta = load_trained(out / "model")
     dm = ScenarioDataModule(str(data), model.system, seed=0)
