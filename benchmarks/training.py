@@ -208,7 +208,7 @@ def test_scores(model, dm, level: float = 0.9, draws: int = 1000) -> dict:
     scale = model.conformal_scale.double().numpy()
     z = central_z(level)
     te = dm.numpy("test")
-    va = dm.numpy("calibration" if len(dm.splits["calibration"]["index"]) else "val")
+    va = dm.numpy(dm.calibration_split)
     mean, std = predict_numpy(model, te, dm.t_grid)
     vmean, vstd = predict_numpy(model, va, dm.t_grid)
     raw, vraw = std / scale, vstd / scale  # the ensemble's std before the conformal scale

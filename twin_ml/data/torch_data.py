@@ -121,6 +121,12 @@ class ScenarioDataModule(L.LightningDataModule):
     def numpy(self, split: str) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.splits[split].items()}
 
+    @property
+    def calibration_split(self) -> str:
+        """The split the conformal scale is fitted on: "calibration" when the dataset has one
+        (older datasets, and designs with calibration_fraction 0, have none), else "val"."""
+        return "calibration" if len(self.splits["calibration"]["index"]) else "val"
+
     def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
         s = self.splits[split]
         ds = TensorDataset(*(s[k] for k in FIELDS))

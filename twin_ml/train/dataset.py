@@ -63,12 +63,12 @@ def evaluate_trained(
     model.eval()
     t = datamodule.t_grid
     splits = {s: datamodule.numpy(s) for s in ("val", "test", "extrapolation")}
-    cal_split = "calibration" if len(datamodule.splits["calibration"]["index"]) else "val"
-    cal = splits["val"] if cal_split == "val" else datamodule.numpy("calibration")
+    cal_split = datamodule.calibration_split
+    cal = datamodule.numpy(cal_split)
+    n = len(cal["p"])
     scale, sd = fit_conformal_scale(model, cal, t)
-    metrics_calibration = {"split": cal_split, "n_scenarios": len(cal["p"]), "coverage_90_sd": sd}
+    metrics_calibration = {"split": cal_split, "n_scenarios": n, "coverage_90_sd": sd}
     if not sd <= CALIBRATION_SD_WARN:  # NaN too: fewer than 2 scenarios tell nothing
-        n = len(cal["p"])
         if np.isfinite(sd):
             needed = int(np.ceil(n * (sd / 0.01) ** 2))  # the scatter shrinks as 1 / sqrt(n)
             what = f"only to about +-{2 * sd:.3f} (2 sd)"
