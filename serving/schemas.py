@@ -202,6 +202,7 @@ def build_models(
                             "items": {"type": "number"},
                             "minItems": lo_steps + 1,
                             "maxItems": steps + 1,
+                            "uniqueItems": True,
                         },
                         {"type": "null"},
                     ]
@@ -395,6 +396,7 @@ def calibration_schemas(card: ModelCard) -> dict[str, Any]:
     times = {
         "items": _number(),
         **points,
+        "uniqueItems": True,
         "description": f"the observation timestamps: sorted, uniform with the model's dt = {dt}, "
         f"{points['minItems']} to {points['maxItems']}; every series of `outputs` and `inputs` "
         "has one value per timestamp. Give times, outputs and inputs, or `telemetry`, not both",
@@ -427,7 +429,7 @@ def calibration_schemas(card: ModelCard) -> dict[str, Any]:
             Field(
                 description=TelemetryObservations.model_fields["times"].description
                 + f" = {dt}; every signal has one value per time",
-                json_schema_extra={"items": _number(), **points},
+                json_schema_extra={"items": _number(), **points, "uniqueItems": True},
             ),
         ),
         signals=(

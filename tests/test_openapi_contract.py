@@ -16,6 +16,7 @@ import pytest
 from test_service import _start, _stop
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def _post(url, path, raw, content_type="application/json"):
         return e.code, json.loads(e.read() or b"null")
 
 
-def test_schemathesis_finds_nothing(served, tmp_path):
+def test_schemathesis_finds_nothing(served):
     """Every check, positive_data_acceptance included, at least 100 examples per operation,
     seeded and deterministic. JSON Schema cannot state every rule the document states in its
     descriptions: an input has as many values as the grid has points, `times` are uniform with
@@ -58,14 +59,14 @@ def test_schemathesis_finds_nothing(served, tmp_path):
     and priors name fitted names (low < high, a prior's std > 0 and its mean inside the bounds),
     a noise std is estimated only from more observed points than fitted values. A request
     generated from the schema alone breaks them and gets a 400 that names the rule, so the hooks
-    in tests/schemathesis_hooks.py make each positive request keep them with the smallest change
+    in serving/schemathesis_hooks.py make each positive request keep them with the smallest change
     that does (negative ones stay as generated), check that the repaired request is still valid
     under the schema, and hold /calibrate's cost settings low (one start, no corrections or
     refinement, an MCMC of 20 steps, the fewest the schema allows) so each fit runs fast. The few
     requests only invented data could repair are filtered out (see the hooks' module doc); none
     in this seeded run."""
     url, env = served
-    hooks = Path(__file__).with_name("schemathesis_hooks.py")
+    env = {k: v for k, v in env.items() if k != "SCHEMATHESIS_HOOKS"}
     r = subprocess.run(
         [
             str(BIN / "schemathesis"),
@@ -87,9 +88,12 @@ def test_schemathesis_finds_nothing(served, tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**env, "SCHEMATHESIS_HOOKS": str(hooks)},
-        cwd=tmp_path,  # its report folder and cache, if any, land here
+        env=env,
+        # the acceptance command as a user runs it in the checkout: its schemathesis.toml loads the
+        # hooks (no SCHEMATHESIS_HOOKS); its cache lands in .schemathesis/ (git-ignored)
+        cwd=ROOT,
     )
+    assert "serving.schemathesis_hooks" in (ROOT / "schemathesis.toml").read_text()
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "failures" not in r.stdout.splitlines()[-1], r.stdout[-3000:]
 

@@ -1,5 +1,8 @@
-"""Schemathesis hooks of tests/test_openapi_contract.py (the test loads this file through the
-SCHEMATHESIS_HOOKS environment variable).
+"""Schemathesis hooks for the service's /docs.json. `schemathesis.toml` at the checkout's root
+names this module, so `schemathesis run http://127.0.0.1:P/docs.json --checks all`, run anywhere
+in the checkout, loads it (tests/test_openapi_contract.py runs exactly that); elsewhere,
+`SCHEMATHESIS_HOOKS=serving.schemathesis_hooks` does the same (a dev install: it needs
+schemathesis).
 
 JSON Schema (OpenAPI 3.0) cannot state every rule of POST /simulate and POST /calibrate: most tie
 one field to another, a few constrain one position of a pair (a prior's std > 0) or one
