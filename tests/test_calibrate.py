@@ -423,6 +423,22 @@ def test_missing_noise_is_estimated_from_the_residuals(exported):
         assert abs(value - truth[name]) <= 3 * err
 
 
+
+def test_noise_that_no_finite_prediction_can_estimate_is_a_warning_not_a_refusal(exported):
+    """A request the schema allows (an initial speed at float32's largest value) where the model
+    predicts no finite value: with the noise given, the fit answers unverified; without it the
+    noise cannot be estimated there, and the fit answers the same way, weighing the output by its
+    rough scale (5% of the observations' std) and saying so, instead of refusing the request."""
+    _, manifest, _, _ = exported
+    request, _ = _request(manifest, missing=0.0)
+    request.pop("noise")
+    request["initial_state"]["omega"] = float(np.finfo(np.float32).max)
+    problem = Problem.build(request, manifest)
+    result = calibrate(problem, None, SolverBackend(manifest), backend="solver", n_starts=1)
+    rough = 0.05 * np.nanstd(problem.y[:, 0]) + 1e-12
+    assert result.noise_estimated == () and result.noise["theta"] == pytest.approx(rough)
+    assert any(w.startswith("noise.theta: not estimated: ") for w in result.warnings)
+
 @pytest.mark.numeric
 def test_a_surrogate_with_too_wide_intervals_still_gets_the_noise_right(exported):
     """The issue's silently wrong answer: a surrogate whose stated std is far wider than the noise

@@ -676,9 +676,22 @@ def point_estimate(
     )
 
 
-def estimate_noise(problem: Problem, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+def unpredicted(problem: Problem, y: np.ndarray) -> list[int]:
+    """The outputs with no declared noise where the prediction y [T, ny] has no finite value at
+    any observed point (a model far outside what it can predict): no residual to estimate from."""
+    return [
+        int(j)
+        for j in np.flatnonzero(np.isnan(problem.noise))
+        if not np.isfinite(y[~np.isnan(problem.y[:, j]), j]).any()
+    ]
+
+
+def estimate_noise(
+    problem: Problem, y: np.ndarray, sigma: np.ndarray, fallback: np.ndarray | None = None
+) -> np.ndarray:
     """`sigma` [ny] with its NaN entries (outputs with no declared noise) estimated from the
-    residuals of a prediction y [T, ny] at an estimate: per output j,
+    residuals of a prediction y [T, ny] at an estimate (an output with no finite prediction
+    there, `unpredicted`: `fallback`'s value, or a CalibrationError without one): per output j,
     sigma_j^2 = sum_j (obs - y)^2 / (n_j (N - n_fit) / N), n_j its observed points, N all observed
     points. At a least-squares optimum the residuals have N - n_fit degrees of freedom (shared out
     over the outputs by their share of the points), so this is about unbiased for sigma_j^2 there.
@@ -702,6 +715,9 @@ def estimate_noise(problem: Problem, y: np.ndarray, sigma: np.ndarray) -> np.nda
     dof = (n_total - problem.n_fit) / n_total
     for j in unknown:
         m = ~np.isnan(problem.y[:, j]) & np.isfinite(y[:, j])
+        if not m.any() and fallback is not None:
+            out[j] = fallback[j]
+            continue
         if not m.any():
             raise CalibrationError(
                 f"noise.{problem.outputs[j]}",
@@ -1179,13 +1195,17 @@ def calibrate(
     z0s = starts(problem, n_starts, seed)
     sigma = problem.noise.copy()
     unknown = bool(np.isnan(sigma).any())
+    blind: list[int] = []
     if unknown:  # a first fit with a rough scale, then the noise from its residuals
         rough = np.where(np.isnan(sigma), 0.05 * np.nanstd(problem.y, axis=0) + 1e-12, sigma)
         first = point_estimate(engine, problem, rough, z0s, max_nfev=max_nfev)
         # the solver's residual when it is the engine; else the surrogate's, provisional (an
         # upper bound: the surrogate's error is in it) until the solver simulates the estimate
         y_first, _ = engine.predict(problem, first.theta[None])
-        sigma = estimate_noise(problem, y_first[0], problem.noise)
+        # an output the model cannot predict there (no finite value) keeps the rough scale, said
+        # in a warning, as a fit with the noise given answers (its verification fails there)
+        blind = unpredicted(problem, y_first[0])
+        sigma = estimate_noise(problem, y_first[0], problem.noise, fallback=rough)
         z0s = np.vstack([first.z[None], z0s[: max(0, n_starts - 1)]])
     t0, model_s = time.perf_counter(), engine.seconds
     best = point_estimate(engine, problem, sigma, z0s, max_nfev=max_nfev)
@@ -1244,7 +1264,12 @@ def calibrate(
                     best = point_estimate(engine, problem, sigma, best.z[None], max_nfev=max_nfev)
     least_squares_s = time.perf_counter() - t0
     observed = [j for j in range(len(problem.outputs)) if not np.all(np.isnan(problem.y[:, j]))]
-    warns = list(problem.warnings)
+    warns = list(problem.warnings) + [
+        f"noise.{problem.outputs[j]}: not estimated: the model predicts no finite value at the "
+        f"first estimate (far outside what it can predict?), so the fit weighs it by 5% of the "
+        f"observations' std ({sigma[j]:.3g}); give the noise std"
+        for j in blind
+    ]
     samples = np.zeros((0, problem.n_fit))
     run: MCMCRun | None = None
     mcmc_s: float | None = None
@@ -1329,7 +1354,9 @@ def calibrate(
         corrections=tuple(history),
         correction_shifts=tuple(shifts),
         noise={problem.outputs[j]: float(sigma[j]) for j in observed},
-        noise_estimated=tuple(problem.outputs[j] for j in observed if np.isnan(problem.noise[j])),
+        noise_estimated=tuple(
+            problem.outputs[j] for j in observed if np.isnan(problem.noise[j]) and j not in blind
+        ),
         warnings=tuple(warns),
         timings=timings,
         evaluations=evaluations,
