@@ -423,7 +423,6 @@ def test_missing_noise_is_estimated_from_the_residuals(exported):
         assert abs(value - truth[name]) <= 3 * err
 
 
-
 def test_noise_that_no_finite_prediction_can_estimate_is_a_warning_not_a_refusal(exported):
     """A request the schema allows (an initial speed at float32's largest value) where the model
     predicts no finite value: with the noise given, the fit answers unverified; without it the
@@ -438,6 +437,7 @@ def test_noise_that_no_finite_prediction_can_estimate_is_a_warning_not_a_refusal
     rough = 0.05 * np.nanstd(problem.y[:, 0]) + 1e-12
     assert result.noise_estimated == () and result.noise["theta"] == pytest.approx(rough)
     assert any(w.startswith("noise.theta: not estimated: ") for w in result.warnings)
+
 
 @pytest.mark.numeric
 def test_a_surrogate_with_too_wide_intervals_still_gets_the_noise_right(exported):
