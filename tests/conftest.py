@@ -86,9 +86,11 @@ atomic_write_json(out / "manifest.json", card.to_json(store=True))
 
 
 def stored_pendulum(run: Path, root: Path, **env: str):
-    """The run exported as pend:v1 into a model store of its own under `root` (a process of its
-    own: the store's place is fixed when bentoml is imported): (env with BENTOML_HOME and the
-    extra `env`, the ONNX bytes, the card)."""
+    """The run exported as pend:v1 into a model store of its own under `root`: (env with
+    BENTOML_HOME and the extra `env`, the ONNX bytes, the card). The export runs once per run
+    and test session, in a process of its own (the store's place is fixed when bentoml is
+    imported), under a lock beside the run (the session's run is shared by the workers); each
+    caller gets a copy of that store, its own to write into."""
     from twin_ml.contract import ModelCard
 
     env = {
@@ -97,14 +99,25 @@ def stored_pendulum(run: Path, root: Path, **env: str):
         "BENTOML_DO_NOT_TRACK": "True",
         **env,
     }
-    r = subprocess.run(
-        [sys.executable, "-c", _STORE_EXPORT, str(run), str(root)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    made = run.parent / f"{run.name}-stored"
+    with open(run.parent / f"{run.name}-stored.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (made / "done").exists():  # not yet, or a worker failed half-way: from the start
+            shutil.rmtree(made, ignore_errors=True)
+            made.mkdir()
+            r = subprocess.run(
+                [sys.executable, "-c", _STORE_EXPORT, str(run), str(made)],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**env, "BENTOML_HOME": str(made / "store")},
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
+            (made / "done").touch()
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(made / "store", root / "store")
+    for name in ("model.onnx", "manifest.json"):
+        shutil.copy2(made / name, root / name)
     card = ModelCard.from_json((root / "manifest.json").read_text())
     return env, (root / "model.onnx").read_bytes(), card
 

@@ -4,8 +4,6 @@ shape, 415 for other media types, the request body's example, BentoML's client w
 scenario."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stored_pendulum
 from test_service import _start, _stop
 
 BIN = Path(sys.executable).parent
@@ -25,17 +24,7 @@ def served(pendulum_hybrid_run, tmp_path_factory):
     served."""
     run_dir, _ = pendulum_hybrid_run
     root = tmp_path_factory.mktemp("openapi")
-    run = root / "run"
-    shutil.copytree(run_dir, run)  # twin-export writes run/export: the shared run stays as it is
-    env = {**os.environ, "BENTOML_HOME": str(root / "store"), "BENTOML_DO_NOT_TRACK": "True"}
-    r = subprocess.run(
-        [str(BIN / "twin-export"), f"run_dir={run}", "name=pend", "version=v1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    env, _, _ = stored_pendulum(run_dir, root)
     proc, url = _start(env, root / "server.log", "pend:latest", "access_log=false")
     yield url, env
     _stop(proc)
