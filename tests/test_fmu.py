@@ -18,6 +18,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
@@ -672,3 +673,41 @@ def test_served_model_simulates_and_checks_the_domain(chain, exported):
         _stop(proc)
     log = (root / "server.log").read_text()
     assert "/calibrate is unavailable" not in log, log[-3000:]  # it rebuilt the FMU system
+
+
+def test_the_model_carries_its_fmu_and_calibrates_where_the_recorded_file_is_gone(
+    chain, exported, fmu
+):
+    """twin-export stores the .fmu with the model, hashed in its card. With the recorded file
+    gone (another machine, a Bento, the file moved), the server rebuilds the system from that
+    copy: /calibrate solves through the FMU. Before, it answered 503 there."""
+    from test_service import _start, _stop
+
+    root, data, _, _, env = chain
+    (stored,) = (root / "store" / "models" / "osc").glob("*/manifest.json")
+    sha = oscillator(fmu).fmu_sha256
+    assert json.loads(stored.read_text())["files"]["system.fmu"] == sha
+    assert (stored.parent / "system.fmu").read_bytes() == fmu.read_bytes()
+    request, truth = observations(data)
+    away = fmu.with_name(fmu.name + ".away")
+    fmu.rename(away)
+    try:
+        proc, url = _start(env, root / "server-away.log", "osc:production")
+        try:
+            body = {**request, "starts": 1, "corrections": 1, "refine": 30}
+            req = urllib.request.Request(
+                f"{url}/calibrate",
+                data=json.dumps({**body, "mcmc": {"steps": 40, "burn": 20, "walkers": 8}}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=120) as r:
+                status, result = r.status, json.loads(r.read())
+        finally:
+            _stop(proc)
+    finally:
+        away.rename(fmu)
+    assert status == 200 and result["evaluations"]["solver_scenarios"] > 0, result
+    # the refinement is a least-squares fit through the FMU (as twin-calibrate's above)
+    assert abs(result["refined"]["stiffness"] - truth) <= 0.01 * truth, (result["refined"], truth)
+    log = (root / "server-away.log").read_text()
+    assert "/calibrate is unavailable" not in log, log[-3000:]

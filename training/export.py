@@ -59,6 +59,8 @@ def export(cfg: DictConfig) -> dict:
         extra["report.html"] = run / "report.html"
     if (run / "metrics.json").exists():
         extra["metrics.json"] = run / "metrics.json"
+    if "fmu" in card.system.options:  # the physics travels with the model (registry.SYSTEM_FMU)
+        extra[registry.SYSTEM_FMU] = Path(str(card.system.options["fmu"]))
     tag = registry.save(
         name,
         version,

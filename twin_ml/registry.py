@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("staging", "production", "archived")
 ONNX_FILE, MANIFEST_FILE = "model.onnx", "manifest.json"
+# an FMU system's .fmu, stored with its model (twin-export): the model carries its physics
+SYSTEM_FMU = "system.fmu"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 
 
@@ -339,7 +341,24 @@ def _verify(bm, held: dict[str, bytes] | None = None) -> ModelCard:
                 f"{bm.tag}: {fname} does not match its sha256 in {MANIFEST_FILE} "
                 "(tampered, truncated or swapped); refusing it"
             )
-    return card
+    return with_stored_fmu(card, d)
+
+
+def with_stored_fmu(card: ModelCard, folder: Path) -> ModelCard:
+    """`card`, its FMU system pointed at the copy stored with the model (SYSTEM_FMU, hashed in
+    the card's files) where the recorded .fmu is gone or changed: on another machine, in a Bento,
+    after the file moved. /calibrate and live twins rebuild the system from it; FMUSystem still
+    refuses a file whose sha256 is not the recorded one. Any other card: as it is."""
+    options = card.system.options
+    if SYSTEM_FMU not in (card.files or {}) or "fmu" not in options:
+        return card
+    recorded = Path(str(options["fmu"]))
+    if recorded.is_file() and sha256_file(recorded) == options.get("sha256"):
+        return card
+    system = card.system.model_copy(
+        update={"options": {**options, "fmu": str(folder / SYSTEM_FMU)}}
+    )
+    return card.model_copy(update={"system": system})
 
 
 def onnx_path(ref: str) -> tuple[Path, ModelCard]:
