@@ -4,6 +4,7 @@ the Kalman filter's exactly (float64 rounding); the stochastic EnKF's are in exp
 Carlo tolerances from the ensemble size)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -278,6 +279,10 @@ def test_filter_settings_are_checked_by_name():
         FilterSettings(localization=((1.0,), (-0.1,))).check(names, 2, 1)
     with pytest.raises(ValueError, match="filter.localization is built for the ETKF"):
         FilterSettings(method="enkf", localization=((1.0,), (1.0,))).check(names, 2, 1)
+    with pytest.raises(ValueError, match=r"filter.band_scale needs one factor per output \(1\)"):
+        FilterSettings(band_scale=(1.0, 1.0)).check(names, 2, 1)
+    with pytest.raises(ValueError, match="filter.band_scale: factors must be finite and > 0"):
+        FilterSettings(band_scale=(0.0,)).check(names, 2, 1)
 
 
 # ---- the exported ensemble as the forecast ------------------------------------------------------
@@ -424,6 +429,45 @@ def test_the_filter_goes_on_from_its_json_state_bit_for_bit(method):
         ea, eb = a.step(t[k], u[k], y[k]), b.step(t[k], u[k], y[k])
         assert np.array_equal(ea.filtered_mean, eb.filtered_mean) and ea.innovation == eb.innovation
     assert np.array_equal(a.X, b.X)
+
+
+def test_a_band_scale_sets_the_band_the_filter_reports_not_its_gain():
+    """Process noise 10x the true one: the filter follows the measurements closely, and its
+    one-step band is far too wide (it covers nearly every measurement). The split-conformal
+    factor fitted on one record (`band_scale`) leaves every mean and every analysis as they were
+    and scales the reported std by itself; the band then covers that record as the conformal
+    quantile says (at least ceil((n+1) 0.9) of n points), and a fresh record of the same system
+    about 90%: n = 800 points on each record, whose binomial scatter (0.011 each, the errors
+    nearly independent) adds up to ~0.015 between fitting and scoring; 5 binomial stds (0.053)
+    allowed. Measured: 0.871; without the factor the band covers 1.0."""
+    from twin_ml.assimilate.filter import Z90, FilterSettings, band_scale, run_filter
+
+    def run(seed, **kw):
+        lin, t, u, _, y = _linear_record(steps=800, seed=seed)
+        settings = FilterSettings(members=40, process=(0.3, 0.3), **kw)
+        prior = (np.array([0.8, 0.0]), np.array([0.3, 0.3]))
+        res = run_filter(
+            lin, lin, t, u, y, np.array([0.1]), prior, (np.ones(1), np.zeros(1)), settings
+        )
+        return res, y
+
+    plain, y = run(4)
+    c = band_scale(plain, y, init=1)
+    assert c.shape == (1,) and 0 < c[0] < 1  # the band was too wide
+    scaled, _ = run(4, band_scale=tuple(c))
+    assert np.array_equal(scaled.predicted_mean, plain.predicted_mean)
+    assert np.array_equal(scaled.filtered_mean, plain.filtered_mean)
+    assert np.allclose(scaled.predicted_std, plain.predicted_std * c, rtol=4 * EPS, atol=0)
+    n = len(y) - 1
+    inside = np.abs(y[1:] - scaled.predicted_mean[1:]) <= Z90 * scaled.predicted_std[1:]
+    k = math.ceil((n + 1) * 0.9)  # at least k points inside (np.quantile's "higher" neighbour,
+    # and the boundary point's rounding through the factor: at most 2 more)
+    assert k <= inside.sum() <= k + 2
+    fresh, y2 = run(5, band_scale=tuple(c))
+    unscaled, _ = run(5)
+    cov = np.mean(np.abs(y2[1:] - fresh.predicted_mean[1:]) <= Z90 * fresh.predicted_std[1:])
+    wide = np.mean(np.abs(y2[1:] - unscaled.predicted_mean[1:]) <= Z90 * unscaled.predicted_std[1:])
+    assert wide > 0.97 and abs(cov - 0.9) <= 5 * math.sqrt(0.9 * 0.1 / n), (wide, cov)
 
 
 def test_a_gap_is_forecast_in_whole_steps_and_its_band_grows():
@@ -690,3 +734,24 @@ def test_a_twin_s_localization_weights_reach_its_analysis(exported_pendulum):
     assert not np.allclose(X["local"][:, 0], X["blind"][:, 0])  # theta: corrected
     again = Twin.restore(card, local.filter.forecast, json.loads(json.dumps(local.state())))
     assert again.filter.settings.localization == ((1.0,), (0.0,))
+
+
+def test_a_twin_s_band_factor_scales_its_one_step_band_and_is_checked(exported_pendulum):
+    """filter.band {output: factor}: the twin reports its one-step std times the factor, every
+    mean as without it; the factor is kept with the twin's state; a bad one is refused by field."""
+    from twin_ml.assimilate.twin import Twin
+    from twin_ml.contract import RequestError
+
+    plain, card = _twin(exported_pendulum)
+    banded, _ = _twin(exported_pendulum, filter={"members": 12, "band": {"theta": 0.25}})
+    a, b = (t.observe(_batch(card, 1, 3, theta=0.3)) for t in (plain, banded))
+    for sa, sb in zip(a["samples"], b["samples"]):
+        pa, pb = sa["predicted"]["theta"], sb["predicted"]["theta"]
+        assert pb["mean"] == pa["mean"] and pb["std"] == pytest.approx(
+            0.25 * pa["std"], rel=4 * EPS
+        )
+    again = Twin.restore(card, banded.filter.forecast, json.loads(json.dumps(banded.state())))
+    assert again.filter.settings.band_scale == (0.25,)
+    for band, field in (({"theta": 0}, "filter.band.theta"), ({"omega": 1}, "filter.band")):
+        with pytest.raises(RequestError, match=field):
+            _twin(exported_pendulum, filter={"members": 12, "band": band})

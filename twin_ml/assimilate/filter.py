@@ -31,7 +31,7 @@ while the model explains the data.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,11 @@ class FilterSettings:
     # state's analysis (the local ETKF, `analysis.letkf`; empty: every weight 1, the ETKF); the
     # estimated parameters take every measurement whole
     localization: tuple[tuple[float, ...], ...] = ()
+    # per output, the factor on the one-step prediction's std: the band the filter reports, not
+    # its gain (the process noise sets that); a split-conformal scale fitted on a tuning record
+    # (`band_scale`), so a process noise chosen for the best prediction keeps a band that covers
+    # 90% of new measurements; empty: 1 (the members' spread with the measurement noise)
+    band_scale: tuple[float, ...] = ()
 
     def check(
         self, parameter_names: list[str], n_states: int | None = None, n_outputs: int | None = None
@@ -89,6 +94,16 @@ class FilterSettings:
                 )
             if not (np.isfinite(W).all() and (W >= 0).all() and (W <= 1).all()):
                 raise ValueError("filter.localization: weights must lie in [0, 1]")
+        if self.band_scale:
+            if n_outputs is not None and len(self.band_scale) != n_outputs:
+                raise ValueError(
+                    f"filter.band_scale needs one factor per output ({n_outputs}), got "
+                    f"{len(self.band_scale)}"
+                )
+            if not all(np.isfinite(v) and v > 0 for v in self.band_scale):
+                raise ValueError(
+                    f"filter.band_scale: factors must be finite and > 0, got {self.band_scale}"
+                )
         unknown = sorted(set(self.parameters) - set(parameter_names))
         if unknown:
             raise ValueError(
@@ -346,6 +361,8 @@ class EnsembleFilter:
         HX = self.observe_members(self.X, u)
         pm, ps = _moments(HX)
         ps = np.sqrt(ps**2 * s.inflation + self.noise**2)
+        if s.band_scale:
+            ps = ps * np.asarray(s.band_scale)
         Z = np.concatenate([self.X, self.TH], axis=1)
         y = np.asarray(y, dtype=np.float64)
         if self._weights is not None:
@@ -558,11 +575,14 @@ class RecordScore:
     """The filter run over a record, scored as a live twin is: after each assimilated sample from
     `init` - 1 on (`every`-th), the members run on without data; the prediction h steps ahead is
     compared with the measurement there. h = 1 is the filter's own one-step prediction (with the
-    parameters' random walk); longer horizons hold the parameters. The open loop: the same filter
-    given only the first `init` samples (what fixes the initial state in a free-run benchmark),
-    then none, scored on every later sample. Per horizon: RMSE over the measured outputs (pooled,
-    and per output), the 90% band's coverage (mean +- 1.645 std with the measurement noise), the
-    number of scored points, and the RMSE over the open loop's on the same outputs."""
+    parameters' random walk); longer horizons hold the parameters. The open loop: the model's
+    simulation, the same filter without process noise or band factor given only the first `init`
+    samples (what fixes the initial state in a free-run benchmark), then none, scored on every
+    later sample: the same whatever process noise the filter runs with (with it, the members
+    would random-walk away and the ratio would flatter a large process noise). Per horizon: RMSE
+    over the measured outputs (pooled, and per output), the 90% band's coverage (mean +- 1.645
+    std with the measurement noise), the number of scored points, and the RMSE over the open
+    loop's on the same outputs."""
 
     horizons: list[int]
     rmse: dict[int, float]
@@ -589,6 +609,19 @@ class RecordScore:
             }
             for h in self.horizons
         ]
+
+
+def band_scale(result: FilterResult, y: np.ndarray, init: int = 1, level: float = 0.9):
+    """Per output, the split-conformal factor on a filter run's one-step std (`result`, run
+    without a band scale on the record y [T, ny], scored from sample `init` on, as
+    `score_record` scores) that makes its `level` band cover that record's measurements:
+    `FilterSettings.band_scale` for the records to come. Fit it on a tuning record, never on
+    the one it is scored on."""
+    from twin_ml.uq.metrics import conformal_scale
+
+    y = np.asarray(y, dtype=np.float64)[init:]
+    mean, std = result.predicted_mean[init:], result.predicted_std[init:]
+    return conformal_scale(y[None], mean[None], std[None], level)
 
 
 def _pooled(err: list[np.ndarray], inside: list[np.ndarray], ny: int):
@@ -633,7 +666,8 @@ def score_record(
     if init >= T:
         raise ValueError(f"init = {init} leaves no sample of the {T} to score")
     f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
-    ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
+    free = replace(settings, process=(), band_scale=())  # the model's own simulation
+    ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], free)
     tracker = Ahead(horizons, every, dt=float(np.median(np.diff(times))))
     err = {h: [] for h in horizons}
     inside = {h: [] for h in horizons}

@@ -12,9 +12,11 @@ twin has already passed):
   in log space), `filter` {method, members, inflation, walk, process {state: std per step},
   seed, localization {state: {output: weight in [0, 1]}} (the local ETKF: a measurement's weight
   in each state's analysis, missing pairs 1; `analysis.gaspari_cohn` turns distances into
-  weights)}, `alarms` {window, nis_low, nis_high, reference, slack, threshold}, `ahead` [h, ...]
-  (up to 4 horizons in steps: each sample then also reports what the twin predicted h steps
-  before it, from the analysis then and the inputs that came since, `filter.Ahead`).
+  weights), band {output: factor > 0} (the one-step band's factor, `filter.band_scale` fitted
+  on a tuning record; missing outputs 1)}, `alarms` {window, nis_low, nis_high, reference,
+  slack, threshold}, `ahead` [h, ...] (up to 4 horizons in steps: each sample then also
+  reports what the twin predicted h steps before it, from the analysis then and the inputs that
+  came since, `filter.Ahead`).
 - observe: `times` [T] (seconds, after the twin's time, on the model's grid from `t0`),
   `outputs` {output: [T] numbers or null (not measured)}, `inputs` {input: [T]}: the inputs that
   drove the asset at those times (required: the forecast needs them). A gap between samples is
@@ -234,6 +236,7 @@ class TwinSpec:
                 "parameters": tuple(f["parameters"]),
                 "process": tuple(f["process"]),
                 "localization": loc,
+                "band_scale": tuple(f.get("band_scale", ())),
             }
         )
 
@@ -325,7 +328,9 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
                 )
     f = _object(body.get("filter") or {}, "filter")
     _unknown(
-        f, ("method", "members", "inflation", "walk", "process", "seed", "localization"), "filter"
+        f,
+        ("method", "members", "inflation", "walk", "process", "seed", "localization", "band"),
+        "filter",
     )
     given_q = by_name(f.get("process"), system.state_names, "filter.process", required=False)
     process = [number(given_q.get(n, 0.0), f"filter.process.{n}") for n in system.state_names]
@@ -349,6 +354,13 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
     }
     if f.get("localization") is not None:
         settings["localization"] = _localization(system, f["localization"], method)
+    if f.get("band") is not None:  # the one-step band's factor per output (a pair not given: 1)
+        given_b = by_name(f["band"], system.output_names, "filter.band", required=False)
+        band = [number(given_b.get(o, 1.0), f"filter.band.{o}") for o in system.output_names]
+        for o, v in zip(system.output_names, band):
+            if not v > 0:
+                raise RequestError(f"filter.band.{o}", f"a factor > 0, got {v}")
+        settings["band_scale"] = band
     if not settings["inflation"] >= 1:
         raise RequestError("filter.inflation", f"must be >= 1, got {settings['inflation']}")
     if not 0 <= settings["walk"] <= 1:
