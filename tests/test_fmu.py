@@ -641,63 +641,50 @@ def test_twin_calibrate_fits_through_the_fmu(chain, exported):
     assert abs(result["refined"]["stiffness"] - truth) <= 0.01 * truth, (result["refined"], truth)
 
 
-def test_served_model_simulates_and_checks_the_domain(chain, exported):
+def test_served_model_simulates_checks_the_domain_and_carries_its_fmu(chain, exported, fmu):
+    """The served FMU model: /simulate answers and flags the domain. twin-export stored the .fmu
+    with the model, hashed in its card; with the recorded file gone (another machine, a Bento,
+    the file moved), the server rebuilds the system from that copy, and /calibrate solves
+    through the FMU (it answered 503 there before)."""
     from test_service import _start, _stop, post
-
-    root, _, _, _, env = chain
-    proc, url = _start(env, root / "server.log", "osc:production")
-    try:
-        steps = round(T_END / DT)
-        body = {
-            "parameters": {"stiffness": 4.0, "damping": 0.4},
-            "initial_state": {"position": 0.1, "velocity": 0.0},
-            "t_end": T_END,
-            "inputs": {"force": [0.2] * (steps + 1)},
-        }
-        status, answer = post(url, {"scenarios": [body]})
-        assert status == 200, answer
-        mean = answer[0]["outputs"]["position"]["mean"]
-        assert len(mean) == steps + 1 and np.isfinite(mean).all() and answer[0]["in_domain"]
-        # below the FMU's min of the stiffness: refused, naming the field and the range
-        status, err = post(
-            url, {"scenarios": [{**body, "parameters": {"stiffness": -1.0, "damping": 0.4}}]}
-        )
-        text = json.dumps(err)
-        assert status == 400 and "scenarios[0].parameters.stiffness" in text, text
-        # outside the design's box, inside the FMU's limits: answered, flagged
-        status, out = post(
-            url, {"scenarios": [{**body, "parameters": {"stiffness": 9.0, "damping": 0.4}}]}
-        )
-        assert status == 200 and not out[0]["in_domain"], out
-    finally:
-        _stop(proc)
-    log = (root / "server.log").read_text()
-    assert "/calibrate is unavailable" not in log, log[-3000:]  # it rebuilt the FMU system
-
-
-def test_the_model_carries_its_fmu_and_calibrates_where_the_recorded_file_is_gone(
-    chain, exported, fmu
-):
-    """twin-export stores the .fmu with the model, hashed in its card. With the recorded file
-    gone (another machine, a Bento, the file moved), the server rebuilds the system from that
-    copy: /calibrate solves through the FMU. Before, it answered 503 there."""
-    from test_service import _start, _stop
 
     root, data, _, _, env = chain
     (stored,) = (root / "store" / "models" / "osc").glob("*/manifest.json")
-    sha = oscillator(fmu).fmu_sha256
-    assert json.loads(stored.read_text())["files"]["system.fmu"] == sha
+    assert json.loads(stored.read_text())["files"]["system.fmu"] == oscillator(fmu).fmu_sha256
     assert (stored.parent / "system.fmu").read_bytes() == fmu.read_bytes()
     request, truth = observations(data)
     away = fmu.with_name(fmu.name + ".away")
     fmu.rename(away)
     try:
-        proc, url = _start(env, root / "server-away.log", "osc:production")
+        proc, url = _start(env, root / "server.log", "osc:production")
         try:
-            body = {**request, "starts": 1, "corrections": 1, "refine": 30}
+            steps = round(T_END / DT)
+            body = {
+                "parameters": {"stiffness": 4.0, "damping": 0.4},
+                "initial_state": {"position": 0.1, "velocity": 0.0},
+                "t_end": T_END,
+                "inputs": {"force": [0.2] * (steps + 1)},
+            }
+            status, answer = post(url, {"scenarios": [body]})
+            assert status == 200, answer
+            mean = answer[0]["outputs"]["position"]["mean"]
+            assert len(mean) == steps + 1 and np.isfinite(mean).all() and answer[0]["in_domain"]
+            # below the FMU's min of the stiffness: refused, naming the field and the range
+            status, err = post(
+                url, {"scenarios": [{**body, "parameters": {"stiffness": -1.0, "damping": 0.4}}]}
+            )
+            text = json.dumps(err)
+            assert status == 400 and "scenarios[0].parameters.stiffness" in text, text
+            # outside the design's box, inside the FMU's limits: answered, flagged
+            status, out = post(
+                url, {"scenarios": [{**body, "parameters": {"stiffness": 9.0, "damping": 0.4}}]}
+            )
+            assert status == 200 and not out[0]["in_domain"], out
+            fit = {**request, "starts": 1, "corrections": 1, "refine": 30}
+            fit["mcmc"] = {"steps": 40, "burn": 20, "walkers": 8}
             req = urllib.request.Request(
                 f"{url}/calibrate",
-                data=json.dumps({**body, "mcmc": {"steps": 40, "burn": 20, "walkers": 8}}).encode(),
+                data=json.dumps(fit).encode(),
                 headers={"Content-Type": "application/json"},
             )
             with urllib.request.urlopen(req, timeout=120) as r:
@@ -709,5 +696,5 @@ def test_the_model_carries_its_fmu_and_calibrates_where_the_recorded_file_is_gon
     assert status == 200 and result["evaluations"]["solver_scenarios"] > 0, result
     # the refinement is a least-squares fit through the FMU (as twin-calibrate's above)
     assert abs(result["refined"]["stiffness"] - truth) <= 0.01 * truth, (result["refined"], truth)
-    log = (root / "server-away.log").read_text()
-    assert "/calibrate is unavailable" not in log, log[-3000:]
+    log = (root / "server.log").read_text()
+    assert "/calibrate is unavailable" not in log, log[-3000:]  # it rebuilt the FMU system

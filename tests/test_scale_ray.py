@@ -344,7 +344,9 @@ def test_twin_generate_executor_ray_gives_the_local_commands_dataset(tmp_path):
     reference."""
     from training.generate import generate
 
+    # the executors, not the calibration split: without its 51 scenarios, still two shards
     args = ["system=pendulum", "n_scenarios=64", "seed=7", "progress=false"]
+    args.append("design.calibration_fraction=0")
     tmpdir = _ray_tmpdir()  # the command's runtime's own
     proc = subprocess.Popen(
         [str(BIN), *args, f"out_dir={tmp_path / 'ray'}", "executor=ray"],
