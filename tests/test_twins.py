@@ -156,9 +156,22 @@ class Server:
         pytest.fail("server did not become ready:\n" + self.log.read_text()[-3000:])
 
     def kill(self) -> None:
-        """SIGKILL to the server and its workers: no shutdown code runs."""
+        """SIGKILL to the server and its workers: no shutdown code runs. The workers are found
+        first: BentoML starts each in a session of its own, which a kill of the server's process
+        group misses (each such worker outlived the test suite, ~0.5 GB apiece)."""
+        import psutil
+
+        server = psutil.Process(self.proc.pid)
+        workers = server.children(recursive=True)
         os.killpg(self.proc.pid, signal.SIGKILL)
+        for w in workers:
+            try:
+                w.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, alive
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

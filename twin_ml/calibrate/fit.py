@@ -1232,6 +1232,7 @@ def calibrate(
             sigma_fit = sigma
             if unknown:  # the refit weighs by the solver's residual (simulated anyway)
                 sigma = estimate_noise(problem, y_solver[0], problem.noise)
+                blind = []  # the solver's finite prediction (checked above) estimated them all
             at_z = engine.predict(problem, problem.from_unit(z[None]))
             shifts.append(correction_shift(best, problem, sigma_fit, sigma, *at_z, y_solver[:1]))
             if shifts[-1] <= correction_tol:
@@ -1259,6 +1260,7 @@ def calibrate(
                 y_solver, _ = solver.predict(problem, best.theta[None])
                 if np.all(np.isfinite(y_solver[0])):  # else verification reports the failed solve
                     sigma = estimate_noise(problem, y_solver[0], problem.noise)
+                    blind = []
                     # a refit from the estimate with that noise (surrogate calls only): the
                     # weights, the standard errors and the posterior scale with it
                     best = point_estimate(engine, problem, sigma, best.z[None], max_nfev=max_nfev)
