@@ -30,7 +30,8 @@ def _tags(cell) -> list[str]:
 def run_notebook(path: Path, workdir: Path, monkeypatch) -> None:
     """Execute the notebook's code cells in order in one namespace, in `workdir`, as Jupyter would
     (the module's name is __main__), with the matplotlib backend Agg; `teardown` cells run even if
-    a cell before them fails."""
+    a cell before them fails. Then check what every notebook does: each code cell ran, and its
+    commands left their summary.json (or `generate_dataset` its manifest.json) in `workdir`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,6 +55,9 @@ def run_notebook(path: Path, workdir: Path, monkeypatch) -> None:
     try:
         for i in range(len(cells)):
             run(i)
+        assert ran == set(range(len(cells)))
+        records = [*workdir.rglob("summary.json"), *workdir.rglob("manifest.json")]
+        assert records, f"{path.name} wrote no summary.json or manifest.json in its directory"
     finally:
         try:
             for i, cell in enumerate(cells):

@@ -170,7 +170,7 @@ class Server:
             except psutil.NoSuchProcess:
                 pass
         self.proc.wait(timeout=30)
-        gone, alive = psutil.wait_procs(workers, timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, alive
 
     def stop(self) -> None:

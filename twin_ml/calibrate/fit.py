@@ -686,12 +686,10 @@ def unpredicted(problem: Problem, y: np.ndarray) -> list[int]:
     ]
 
 
-def estimate_noise(
-    problem: Problem, y: np.ndarray, sigma: np.ndarray, fallback: np.ndarray | None = None
-) -> np.ndarray:
+def estimate_noise(problem: Problem, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """`sigma` [ny] with its NaN entries (outputs with no declared noise) estimated from the
     residuals of a prediction y [T, ny] at an estimate (an output with no finite prediction
-    there, `unpredicted`: `fallback`'s value, or a CalibrationError without one): per output j,
+    there, `unpredicted`, is a CalibrationError: give it a value in `sigma` first): per output j,
     sigma_j^2 = sum_j (obs - y)^2 / (n_j (N - n_fit) / N), n_j its observed points, N all observed
     points. At a least-squares optimum the residuals have N - n_fit degrees of freedom (shared out
     over the outputs by their share of the points), so this is about unbiased for sigma_j^2 there.
@@ -715,9 +713,6 @@ def estimate_noise(
     dof = (n_total - problem.n_fit) / n_total
     for j in unknown:
         m = ~np.isnan(problem.y[:, j]) & np.isfinite(y[:, j])
-        if not m.any() and fallback is not None:
-            out[j] = fallback[j]
-            continue
         if not m.any():
             raise CalibrationError(
                 f"noise.{problem.outputs[j]}",
@@ -1205,7 +1200,9 @@ def calibrate(
         # an output the model cannot predict there (no finite value) keeps the rough scale, said
         # in a warning, as a fit with the noise given answers (its verification fails there)
         blind = unpredicted(problem, y_first[0])
-        sigma = estimate_noise(problem, y_first[0], problem.noise, fallback=rough)
+        given = problem.noise.copy()
+        given[blind] = rough[blind]
+        sigma = estimate_noise(problem, y_first[0], given)
         z0s = np.vstack([first.z[None], z0s[: max(0, n_starts - 1)]])
     t0, model_s = time.perf_counter(), engine.seconds
     best = point_estimate(engine, problem, sigma, z0s, max_nfev=max_nfev)
