@@ -57,7 +57,7 @@ def test_contract_command_writes_a_hashed_dataset_and_prints_the_summary_last(tm
 def test_killed_run_resumes_to_the_same_dataset(tmp_path):
     # resumption, not calibration: the shards of the in-domain and extrapolation scenarios do
     args = ["system=duffing", "n_scenarios=12", "seed=1", "shard_size=2", "progress=false"]
-    args.append("design.calibration_fraction=0")
+    args += ["design.calibration_fraction=0", "design.t_end=0.16384"]  # 100 samples
     ref = run(*args, f"out_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"

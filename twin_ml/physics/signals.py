@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import numpy as np
 from array_api_compat import array_namespace
-from scipy import signal as sps
 
 SIGNAL_KINDS = ("constant", "step", "ramp", "prbs", "multisine", "bandlimited")
 
@@ -105,6 +104,8 @@ def generate(
         nbits = max(3, int(np.ceil(np.log2(n_clocks + 1))))
         state = rng.integers(0, 2, size=nbits)
         state[rng.integers(0, nbits)] = 1  # an all-zero register never leaves zero
+        from scipy import signal as sps  # here: ~1 s to import, and most signals need none
+
         seq = sps.max_len_seq(nbits, state=state, length=n_clocks)[0]
         s = (2.0 * seq - 1.0)[np.minimum((tau // hold).astype(int), n_clocks - 1)]
     elif spec.kind == "multisine":
@@ -117,6 +118,8 @@ def generate(
     else:  # bandlimited
         f_cut = spec.f_cut or min(5.0 / span, 0.2 / dt)
         wn = min(f_cut * 2.0 * dt, 0.99)  # normalized to Nyquist
+        from scipy import signal as sps
+
         sos = sps.butter(4, wn, output="sos")
         pad = min(4 * int(np.ceil(1.0 / wn)), 10 * t.size)  # let the filter settle before t0
         noise = rng.standard_normal(t.size + pad)
