@@ -299,9 +299,11 @@ def test_the_onnx_forecast_steps_each_member_as_the_rollout_does(exported_pendul
     """Member i of the filter stepped by network i mod M from its own state (`x_members`) lands
     where the ensemble's own rollout puts network i's trajectory one step on (the `members`
     output at the next grid point, observed through the system's outputs), for M and 2M filter
-    members. One float32 graph, different batch compositions: float32 tolerances."""
+    members. One float32 graph, different batch compositions: float32 tolerances. The first step
+    runs the rollout's graph and checks the one-interval graph against it; the later steps run
+    the one-interval graph (no Loop, no outputs), so both are held to the rollout here."""
     from twin_ml._ort import session
-    from twin_ml.assimilate.filter import OnnxForecast
+    from twin_ml.assimilate.filter import OnnxForecast, one_interval_graph
 
     blob, card = exported_pendulum
     system = card.system.build()
@@ -325,6 +327,10 @@ def test_the_onnx_forecast_steps_each_member_as_the_rollout_does(exported_pendul
         y1 = system.observe(x1, np.zeros((n, 1)), P)
         want = rolled[np.arange(n) % m, 0, 1]
         assert np.allclose(y1, want, rtol=1e-5, atol=1e-6), (y1, want)
+        assert forecast.lean  # from the first step on, once checked
+    lean = session(one_interval_graph(blob))
+    assert {i.name for i in lean.get_inputs()} <= {"u", "p", "x_members"}
+    assert [o.name for o in lean.get_outputs()] == ["x_end"]
     with pytest.raises(ValueError, match="the model steps dt"):
         forecast(X, P, 0.0, 2 * dt, u, u)
 

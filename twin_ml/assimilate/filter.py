@@ -30,6 +30,7 @@ while the model explains the data.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,6 +40,8 @@ from tqdm import tqdm
 
 from twin_ml.assimilate.analysis import Innovation, enkf, etkf, letkf
 from twin_ml.physics.solver import SolverSettings, solve_stacked
+
+log = logging.getLogger(__name__)
 
 METHODS = ("etkf", "enkf")
 Z90 = 1.6448536269514722  # the standard normal's 95% quantile: a central 90% band is +- Z90 std
@@ -132,6 +135,86 @@ class SolverForecast:
         return out.x[:, -1]
 
 
+def one_interval_graph(onnx_model: str | bytes) -> bytes | None:
+    """The exported rollout graph cut down to what one forecast step needs: the Loop's body
+    inlined once, from the members' own states (`x_members`) to their states one interval on
+    (`x_end`), every node that only feeds the outputs (observation, ensemble mean and spread,
+    quantiles) left out. onnxruntime's cost for such a small graph is its per-node overhead, so
+    the step costs ~20% less than the rollout with a horizon of 1 (no Loop, fewer nodes). None
+    when the graph is not the export's (one Loop whose body carries the state as its third input
+    and second output). The same float32 operations in the same order: `OnnxForecast` checks
+    the two graphs agree before it uses this one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = (
+        onnx.load_model(onnx_model)
+        if isinstance(onnx_model, str)
+        else onnx.load_from_string(onnx_model)
+    )
+    g = m.graph
+    loops = [i for i, n in enumerate(g.node) if n.op_type == "Loop"]
+    if len(loops) != 1 or "x_end" not in {o.name for o in g.output}:
+        return None
+    loop = g.node[loops[0]]
+    body = next((a.g for a in loop.attribute if a.name == "body"), None)
+    if body is None or len(body.input) != 3 or len(body.output) < 2 or loop.output[0] != "x_end":
+        return None
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in body.node
+        for a in n.attribute
+    ):
+        return None  # a nested subgraph would need its outer-scope names renamed too
+    own = {o for n in body.node for o in n.output} | {t.name for t in body.initializer}
+    ren = {name: f"one_step/{name}" for name in own}
+    ren.update(
+        {
+            body.input[0].name: "one_step/iteration",
+            body.input[1].name: "one_step/condition",
+            body.input[2].name: "x_members",  # the carried state: the members' own
+        }
+    )
+    nodes = list(g.node[: loops[0]])
+    for n in body.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.name = f"one_step/{n.name}" if n.name else ""
+        del c.input[:], c.output[:]
+        c.input.extend(ren.get(i, i) if i else i for i in n.input)
+        c.output.extend(ren.get(o, o) for o in n.output)
+        nodes.append(c)
+    nodes.append(helper.make_node("Identity", [ren.get(body.output[1].name)], ["x_end"]))
+    inits = [*g.initializer]
+    for t in body.initializer:
+        c = TensorProto()
+        c.CopyFrom(t)
+        c.name = ren[t.name]
+        inits.append(c)
+    inits += [
+        helper.make_tensor("one_step/iteration", TensorProto.INT64, [], [0]),
+        helper.make_tensor("one_step/condition", TensorProto.BOOL, [], [True]),
+    ]
+    need, keep = {"x_end"}, []
+    for n in reversed(nodes):  # what x_end depends on, nothing else
+        if any(o in need for o in n.output):
+            keep.append(n)
+            need.update(i for i in n.input if i)
+    inputs = [i for i in g.input if i.name in need]
+    if "x_members" not in {i.name for i in inputs}:
+        return None
+    graph = helper.make_graph(
+        keep[::-1],
+        f"{g.name}_one_interval",
+        inputs,
+        [o for o in g.output if o.name == "x_end"],
+        initializer=[t for t in inits if t.name in need and t.name not in {"x_members"}],
+    )
+    out = helper.make_model(graph, opset_imports=m.opset_import, ir_version=m.ir_version)
+    onnx.checker.check_model(out)
+    return out.SerializeToString()
+
+
 class OnnxForecast:
     """The exported ensemble as the forecast (torch-free): filter member i is stepped by the
     ensemble's network i mod M, from its own state (the file's `x_members` input, its `x_end`
@@ -159,6 +242,11 @@ class OnnxForecast:
                 "(node, hybrid, flowmap, flowmap_hybrid) exported by this version"
             )
         self.session = session(onnx, threads=threads)
+        # the one-interval graph, once the first step showed it agrees with the rollout's
+        lean = one_interval_graph(onnx)
+        self._lean = None if lean is None else session(lean, threads=threads)
+        self._lean_inputs = [] if lean is None else [i.name for i in self._lean.get_inputs()]
+        self._lean_checked = False
         self.members, self.dt = self.card.members, self.card.time.dt
         self.held = np.array([v.interpolation == "zoh" for v in self.card.system.build().inputs])
         scale = float(np.median(self.card.conformal_scale)) if self.card.conformal_scale else 1.0
@@ -180,7 +268,12 @@ class OnnxForecast:
             "p": np.asarray(P, dtype=np.float32),
             "x_members": np.repeat(x32[None], m, axis=0),
         }
-        (x_end,) = self.session.run(["x_end"], feeds)  # [M, N, nx]
+        if self._lean is not None and self._lean_checked:
+            (x_end,) = self._lean.run(["x_end"], {k: feeds[k] for k in self._lean_inputs})
+        else:
+            (x_end,) = self.session.run(["x_end"], feeds)  # [M, N, nx]
+            if self._lean is not None:
+                self._check_lean(feeds, x_end)
         x_end = x_end.astype(np.float64)
         idx = self._own.get(n)
         if idx is None:
@@ -189,6 +282,28 @@ class OnnxForecast:
         if self.widening:
             own = own + self.widening * (own - x_end.sum(axis=0) / m)
         return own
+
+    @property
+    def lean(self) -> bool:
+        """Whether the steps run on the one-interval graph (`one_interval_graph`)."""
+        return self._lean is not None and self._lean_checked
+
+    def _check_lean(self, feeds: dict, x_end: np.ndarray) -> None:
+        """Use the one-interval graph from now on if it gives the rollout's step (float32: the
+        same operations; kernels chosen for another graph may round their last bits apart)."""
+        (lean,) = self._lean.run(["x_end"], {k: feeds[k] for k in self._lean_inputs})
+        scale = max(float(np.abs(x_end).max()), 1.0)
+        if lean.shape == x_end.shape and np.allclose(lean, x_end, rtol=1e-5, atol=1e-6 * scale):
+            self._lean_checked = True
+        else:
+            log.warning(
+                "model %s:%s: its one-interval graph disagrees with its rollout by %.3g; "
+                "stepping with the rollout",
+                self.card.name,
+                self.card.version,
+                float(np.abs(lean - x_end).max()) if lean.shape == x_end.shape else np.inf,
+            )
+            self._lean = None
 
 
 _EMPTY = np.zeros(0)
