@@ -20,7 +20,9 @@ one-step prediction there (lowest RMSE over a small grid; of settings within 2% 
 whose band needs the smallest factor), and the factor on its one-step std
 that makes the 90% band cover that record (`band_scale`, split-conformal: the process noise sets
 the filter's gain, the factor the band it reports); then the test record is scored with both,
-unseen. The k-step bands (k > 1) are the members' own spread, not scaled.
+unseen. The k-step bands (k > 1) get factors of their own (`horizon_scale`, split-conformal
+per horizon on the tuning record scored with that process noise and band); the table gives
+their coverage with them and without (the members' own spread).
 Scores (`twin_ml.assimilate.filter.score_record`): the k-step-ahead RMSE after
 assimilating every sample up to the origin, k = 1, 10, 50, over the open loop's RMSE (the same
 filter given only the first `init` samples: the benchmark's free run from an estimated initial
@@ -49,10 +51,12 @@ from _runs import BIN, ROOT, sh  # noqa: E402
 
 from twin_ml._io import atomic_write_bytes  # noqa: E402
 from twin_ml.assimilate.filter import (  # noqa: E402
+    Z90,
     FilterSettings,
     OnnxForecast,
     SolverForecast,
     band_scale,
+    horizon_scale,
     score_record,
 )
 from twin_ml.data.real import records  # noqa: E402
@@ -121,7 +125,7 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
     p = np.array(spec["parameters"])
     scale = np.array(spec.get("scale", [1.0] * len(system.state_names)))
 
-    def score(record, q: float, band: tuple[float, ...] = (), **kw):
+    def score(record, q: float, band: tuple[float, ...] = (), horizon=(), **kw):
         t, u, y = record
         return score_record(
             system,
@@ -132,7 +136,13 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
             np.array([spec["noise"]]),
             _prior(spec, y[0, 0]),
             (p, np.zeros(len(p))),
-            FilterSettings(members=MEMBERS, process=tuple(q * scale), seed=0, band_scale=band),
+            FilterSettings(
+                members=MEMBERS,
+                process=tuple(q * scale),
+                seed=0,
+                band_scale=band,
+                horizon_scale=horizon,
+            ),
             init=spec["init"],
             **kw,
         )
@@ -163,16 +173,26 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
     top = min(r["rmse_1"] for r in tried)
     near = [r for r in tried if r["rmse_1"] <= (1 + TIE) * top]
     best = min(near, key=lambda r: max(abs(np.log(b)) for b in r["band_scale"]))
+    band = tuple(best["band_scale"])
+    # the k-step bands' factors, on the tuning record with that process noise and band
+    tuned = score(tune, best["process"], band, horizons=HORIZONS, every=every)
+    horizon = horizon_scale(tuned)
     t, u, y = test
     t0 = time.perf_counter()
-    band = tuple(best["band_scale"])
-    sc = score(test, best["process"], band, horizons=HORIZONS, every=every)
+    sc = score(test, best["process"], band, horizon, horizons=HORIZONS, every=every)
     seconds = time.perf_counter() - t0
+    factors = FilterSettings(band_scale=band, horizon_scale=horizon)
+    unscaled = {}  # the same k-step bands without their factors: the members' own spread
+    for h in HORIZONS[1:]:
+        z = sc.z[h] * factors.band_at(h, sc.z[h].shape[1])
+        unscaled[h] = float(np.mean(z[np.isfinite(z)] <= Z90))
     return {
         "forecast": name,
         "process": best["process"],
         "noise": spec["noise"],
         "band_scale": list(band),
+        "horizon_scale": [[h, list(f)] for h, f in horizon],
+        "coverage_90_without_horizon_scale": unscaled,
         "tuning": tried,
         "open_loop_rmse": sc.open_loop_rmse,
         "open_loop_coverage_90": sc.open_loop_coverage_90,
@@ -308,15 +328,22 @@ def plot(results: dict, path: Path) -> None:
 
 def table(results: dict) -> str:
     lines = [
-        "| record | forecast | k | RMSE | open-loop RMSE | ratio | 90% coverage |",
-        "|---|---|---|---|---|---|---|",
+        "| record | forecast | k | RMSE | open-loop RMSE | ratio | 90% coverage | band factor "
+        "| coverage without the k-step factor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in ("tanks", "silverbox"):
         for r in results.get(rec, []):
+            factors = {1: r["band_scale"], **{h: f for h, f in r.get("horizon_scale", [])}}
+            bare = r.get("coverage_90_without_horizon_scale", {})
             for s in r["scores"]:
+                h = s["horizon"]
+                f = ", ".join(f"{v:.3g}" for v in factors.get(h, [])) or "-"
+                b = bare.get(h, bare.get(str(h)))
                 lines.append(
-                    f"| {rec} | {r['forecast']} | {s['horizon']} | {s['rmse']:.4g} | "
-                    f"{s['open_loop_rmse']:.4g} | {s['ratio']:.3f} | {s['coverage_90']:.3f} |"
+                    f"| {rec} | {r['forecast']} | {h} | {s['rmse']:.4g} | "
+                    f"{s['open_loop_rmse']:.4g} | {s['ratio']:.3f} | {s['coverage_90']:.3f} | "
+                    f"{f} | {'-' if b is None else f'{b:.3f}'} |"
                 )
     if "drift" in results:
         d = results["drift"]

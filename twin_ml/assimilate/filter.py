@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,28 @@ class FilterSettings:
     # (`band_scale`), so a process noise chosen for the best prediction keeps a band that covers
     # 90% of new measurements; empty: 1 (the members' spread with the measurement noise)
     band_scale: tuple[float, ...] = ()
+    # ((h, per output factor), ...) for horizons h > 1 steps: the same for the h-step
+    # predictions (the members run on without data, whose spread alone undercovers where the
+    # model's error grows faster than it), fitted on a tuning record (`horizon_scale`); between
+    # two fitted horizons the log factor is linear in log h (h = 1: band_scale), past the last
+    # it stays; empty: 1 beyond the first step
+    horizon_scale: tuple[tuple[int, tuple[float, ...]], ...] = ()
+
+    def band_at(self, h: int, n_outputs: int) -> np.ndarray:
+        """The factor [n_outputs] on the std of a prediction h >= 1 steps after the last
+        analysis."""
+        one = np.asarray(self.band_scale, dtype=np.float64) if self.band_scale else None
+        one = np.ones(n_outputs) if one is None else one
+        if h <= 1 or not self.horizon_scale:
+            return one if h <= 1 else np.ones(n_outputs)
+        knots = [(1, one), *((k, np.asarray(v, dtype=np.float64)) for k, v in self.horizon_scale)]
+        if h >= knots[-1][0]:
+            return knots[-1][1]
+        for (h0, f0), (h1, f1) in zip(knots, knots[1:]):
+            if h0 <= h <= h1:
+                w = np.log(h / h0) / np.log(h1 / h0)
+                return np.exp((1 - w) * np.log(f0) + w * np.log(f1))
+        return one  # not reached: the knots start at 1 and h > 1
 
     def check(
         self, parameter_names: list[str], n_states: int | None = None, n_outputs: int | None = None
@@ -107,6 +129,24 @@ class FilterSettings:
                 raise ValueError(
                     f"filter.band_scale: factors must be finite and > 0, got {self.band_scale}"
                 )
+        if self.horizon_scale:
+            hs = [h for h, _ in self.horizon_scale]
+            if any(isinstance(h, bool) or int(h) != h or h < 2 for h in hs) or hs != sorted(
+                set(hs)
+            ):
+                raise ValueError(
+                    f"filter.horizon_scale: horizons must be integers >= 2, increasing, got {hs}"
+                )
+            for h, v in self.horizon_scale:
+                if n_outputs is not None and len(v) != n_outputs:
+                    raise ValueError(
+                        f"filter.horizon_scale[{h}] needs one factor per output ({n_outputs}), "
+                        f"got {len(v)}"
+                    )
+                if not all(np.isfinite(x) and x > 0 for x in v):
+                    raise ValueError(
+                        f"filter.horizon_scale[{h}]: factors must be finite and > 0, got {v}"
+                    )
         unknown = sorted(set(self.parameters) - set(parameter_names))
         if unknown:
             raise ValueError(
@@ -497,15 +537,18 @@ class EnsembleFilter:
         """The members run on from the last analysis over `times` [K] (after it, on the model's
         grid) with inputs `u` [K, nu], no measurement and the parameters held: per time the
         outputs' member values [K, N, ny] (`outputs`), their mean and std, the std with the
-        measurement noise (`std_measured`, the band a new measurement falls in), and the states'
-        mean and std [K, nx]. The filter itself is left as it was."""
+        measurement noise (`std_measured`, the band a new measurement falls in: times its
+        horizon's factor, `FilterSettings.band_at`), and the states' mean and std [K, nx]. The
+        filter itself is left as it was."""
         times = np.asarray(times, dtype=np.float64)
         u = np.asarray(u, dtype=np.float64)
         rng = np.random.default_rng([self.settings.seed, len(times), int(self.t * 1e6) % 2**32])
         X, TH, t0, u0 = self.X.copy(), self.TH.copy(), self.t, self.u
-        members, states = [], []
+        members, states, steps = [], [], []
+        dt = getattr(self.forecast, "dt", None)
         try:
             for tk, uk in zip(times, u):
+                steps.append(round((tk - t0) / dt) if dt else len(steps) + 1)
                 X = self._advance(X, TH, tk, uk, walk=False, rng=rng)
                 self.t, self.u = float(tk), uk  # the next interval starts here
                 members.append(self.observe_members(X, uk, TH))
@@ -515,11 +558,13 @@ class EnsembleFilter:
         H = np.stack(members) if members else np.zeros((0, len(X), len(self.noise)))
         S = np.stack(states) if states else np.zeros((0, *X.shape))
         std = H.std(axis=1, ddof=1) * np.sqrt(self.settings.inflation)
+        ny = len(self.noise)
+        factor = np.array([self.settings.band_at(h, ny) for h in steps]).reshape(-1, ny)
         return {
             "outputs": H,
             "mean": H.mean(axis=1),
             "std": std,
-            "std_measured": np.sqrt(std**2 + self.noise**2),
+            "std_measured": np.sqrt(std**2 + self.noise**2) * factor,
             "state_mean": S.mean(axis=1),
             "state_std": S.std(axis=1, ddof=1),
         }
@@ -626,7 +671,8 @@ class Ahead:
     every open origin to the new sample's time and input with the filter's forecast (one call for
     all of them, the estimated parameters held, the process noise drawn from a generator seeded
     by the call's number: restorable without keeping its state) and returns, per horizon whose
-    origin is exactly h steps back, the outputs' mean and std (with the measurement noise).
+    origin is exactly h steps back, the outputs' mean and std (with the measurement noise, times
+    the horizon's factor `FilterSettings.band_at`).
     `every`: spawn at every `every`-th analysis only. `dt`: the grid step horizons count in
     (default: the forecast's own step; a forecast of any interval, the physics solver, needs it).
     `state()` / `Ahead(..., state=...)` go through JSON."""
@@ -674,7 +720,8 @@ class Ahead:
             h = round((t - origin) / dt)
             if h in self.horizons:
                 mean, std = _moments(f.observe_members(Xc, np.asarray(u, dtype=float), THc))
-                out[h] = (mean, np.sqrt(std**2 * f.settings.inflation + f.noise**2))
+                band = f.settings.band_at(h, len(f.noise))
+                out[h] = (mean, np.sqrt(std**2 * f.settings.inflation + f.noise**2) * band)
         longest = self.horizons[-1] if self.horizons else 0
         self.origins = [o for o in self.origins if round((t - o[0]) / dt) < longest]
         return out
@@ -708,6 +755,9 @@ class RecordScore:
     open_loop_rmse_per_output: list[float]
     open_loop_coverage_90: float
     result: FilterResult
+    # per horizon, every scored point's |error| over its band's std [n, ny] (NaN: not measured):
+    # what `horizon_scale` fits factors from
+    z: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def ratio(self, h: int) -> float:
         return self.rmse[h] / self.open_loop_rmse
@@ -737,6 +787,34 @@ def band_scale(result: FilterResult, y: np.ndarray, init: int = 1, level: float 
     y = np.asarray(y, dtype=np.float64)[init:]
     mean, std = result.predicted_mean[init:], result.predicted_std[init:]
     return conformal_scale(y[None], mean[None], std[None], level)
+
+
+def horizon_scale(
+    score: RecordScore, settings: FilterSettings | None = None, level: float = 0.9
+) -> tuple[tuple[int, tuple[float, ...]], ...]:
+    """`FilterSettings.horizon_scale` from a tuning record's score (`score_record` with the
+    horizons to calibrate, > 1): per horizon and output, the split-conformal factor that makes
+    the `level` band of the h-step predictions cover that record (as `band_scale` does for the
+    first step). `settings`: those the score ran with, when they held a horizon_scale already
+    (the factors found are then relative to it, and multiplied in). Fit it on a tuning record,
+    never on the one it is scored on."""
+    from twin_ml.uq.metrics import central_z, conformal_quantile
+
+    z = central_z(level)
+    out = []
+    for h in score.horizons:
+        if h < 2:
+            continue
+        r = score.z[h]
+        before = settings.band_at(h, r.shape[1]) if settings is not None else np.ones(r.shape[1])
+        f = [
+            conformal_quantile(r[np.isfinite(r[:, j]), j], level) / z
+            if np.isfinite(r[:, j]).any()
+            else 1.0
+            for j in range(r.shape[1])
+        ]
+        out.append((int(h), tuple(float(v) for v in np.asarray(f) * before)))
+    return tuple(out)
 
 
 def _pooled(err: list[np.ndarray], inside: list[np.ndarray], ny: int):
@@ -781,11 +859,14 @@ def score_record(
     if init >= T:
         raise ValueError(f"init = {init} leaves no sample of the {T} to score")
     f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
-    free = replace(settings, process=(), band_scale=())  # the model's own simulation
+    free = replace(
+        settings, process=(), band_scale=(), horizon_scale=()
+    )  # the model's own simulation
     ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], free)
     tracker = Ahead(horizons, every, dt=float(np.median(np.diff(times))))
     err = {h: [] for h in horizons}
     inside = {h: [] for h in horizons}
+    zs = {h: [] for h in horizons}
     err_ol, inside_ol = [], []
     steps = []
     for k in tqdm(range(T), desc="filter", disable=not progress, leave=False):
@@ -793,6 +874,7 @@ def score_record(
             e = y[k] - mean
             err[h].append(e[None])
             inside[h].append((np.abs(e) <= Z90 * std)[None])
+            zs[h].append((np.abs(e) / std)[None])
         est = f.step(times[k], u[k], y[k])
         steps.append(est)
         e_ol = ol.step(times[k], u[k], y[k] if k < init else np.full(ny, np.nan))
@@ -801,6 +883,7 @@ def score_record(
                 e = y[k] - est.predicted_mean
                 err[1].append(e[None])
                 inside[1].append((np.abs(e) <= Z90 * est.predicted_std)[None])
+                zs[1].append((np.abs(e) / est.predicted_std)[None])
             e = y[k] - e_ol.predicted_mean
             err_ol.append(e[None])
             inside_ol.append((np.abs(e) <= Z90 * e_ol.predicted_std)[None])
@@ -819,4 +902,5 @@ def score_record(
         ol_per,
         ol_cov,
         result,
+        {h: np.concatenate(v) if v else np.zeros((0, ny)) for h, v in zs.items()},
     )

@@ -13,10 +13,12 @@ twin has already passed):
   seed, localization {state: {output: weight in [0, 1]}} (the local ETKF: a measurement's weight
   in each state's analysis, missing pairs 1; `analysis.gaspari_cohn` turns distances into
   weights), band {output: factor > 0} (the one-step band's factor, `filter.band_scale` fitted
-  on a tuning record; missing outputs 1)}, `alarms` {window, nis_low, nis_high, reference,
-  slack, threshold}, `ahead` [h, ...] (up to 4 horizons in steps: each sample then also
-  reports what the twin predicted h steps before it, from the analysis then and the inputs that
-  came since, `filter.Ahead`).
+  on a tuning record; missing outputs 1), horizon_band {h: {output: factor > 0}} (the same for
+  the h-step predictions, h >= 2 steps: the `ahead` reports and forecast bands, log-linear in
+  log h between the given horizons, `filter.horizon_scale`)}, `alarms` {window, nis_low,
+  nis_high, reference, slack, threshold}, `ahead` [h, ...] (up to 4 horizons in steps: each
+  sample then also reports what the twin predicted h steps before it, from the analysis then and
+  the inputs that came since, `filter.Ahead`).
 - observe: `times` [T] (seconds, after the twin's time, on the model's grid from `t0`),
   `outputs` {output: [T] numbers or null (not measured)}, `inputs` {input: [T]}: the inputs that
   drove the asset at those times (required: the forecast needs them). A gap between samples is
@@ -58,6 +60,7 @@ MAX_AHEAD = 4  # horizons a twin may track
 OBSERVE_FIELDS = ("times", "outputs", "inputs")
 FORECAST_FIELDS = ("times", "steps", "inputs", "quantiles")
 MAX_MEMBERS = 512
+MAX_HORIZON_BANDS, MAX_HORIZON_BAND = 16, 100_000  # filter.horizon_band: horizons, steps
 
 
 class Conflict(RequestError):
@@ -237,8 +240,37 @@ class TwinSpec:
                 "process": tuple(f["process"]),
                 "localization": loc,
                 "band_scale": tuple(f.get("band_scale", ())),
+                "horizon_scale": tuple((int(h), tuple(v)) for h, v in f.get("horizon_scale", ())),
             }
         )
+
+
+def _horizon_band(system, given: Any) -> list[list]:
+    """filter.horizon_band {h: {output: factor > 0}} (h: whole steps >= 2, as a string in JSON;
+    an output not given: 1) -> [[h, [factor per output]], ...] by increasing h."""
+    given = _object(given, "filter.horizon_band")
+    if len(given) > MAX_HORIZON_BANDS:
+        raise RequestError("filter.horizon_band", f"at most {MAX_HORIZON_BANDS} horizons")
+    out = []
+    for key, factors in given.items():
+        try:
+            h = int(key)
+        except (TypeError, ValueError):
+            h = None
+        if h is None or str(h) != str(key).strip() or not 2 <= h <= MAX_HORIZON_BAND:
+            raise RequestError(
+                f"filter.horizon_band.{key}",
+                f"a horizon in whole steps from 2 to {MAX_HORIZON_BAND}",
+            )
+        row = by_name(factors, system.output_names, f"filter.horizon_band.{key}", required=False)
+        band = [
+            number(row.get(o, 1.0), f"filter.horizon_band.{key}.{o}") for o in system.output_names
+        ]
+        for o, v in zip(system.output_names, band):
+            if not v > 0:
+                raise RequestError(f"filter.horizon_band.{key}.{o}", f"a factor > 0, got {v}")
+        out.append([h, band])
+    return sorted(out)
 
 
 def _localization(system, given: Any, method: str) -> list[list[float]]:
@@ -329,7 +361,17 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
     f = _object(body.get("filter") or {}, "filter")
     _unknown(
         f,
-        ("method", "members", "inflation", "walk", "process", "seed", "localization", "band"),
+        (
+            "method",
+            "members",
+            "inflation",
+            "walk",
+            "process",
+            "seed",
+            "localization",
+            "band",
+            "horizon_band",
+        ),
         "filter",
     )
     given_q = by_name(f.get("process"), system.state_names, "filter.process", required=False)
@@ -361,6 +403,8 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
             if not v > 0:
                 raise RequestError(f"filter.band.{o}", f"a factor > 0, got {v}")
         settings["band_scale"] = band
+    if f.get("horizon_band") is not None:  # the same for h-step predictions: {h: {output: f}}
+        settings["horizon_scale"] = _horizon_band(system, f["horizon_band"])
     if not settings["inflation"] >= 1:
         raise RequestError("filter.inflation", f"must be >= 1, got {settings['inflation']}")
     if not 0 <= settings["walk"] <= 1:
