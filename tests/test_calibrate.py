@@ -10,14 +10,13 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import rollout_tol
+from conftest import rollout_tol, stored_pendulum
 
 from twin_ml.calibrate import CalibrationError, Problem, SolverBackend, SurrogateBackend, calibrate
 from twin_ml.calibrate.problem import SolverTarget, observations_from_telemetry, read_ingested
@@ -31,27 +30,13 @@ EPS64 = float(np.finfo(np.float64).eps)  # the solver, the corrections and the o
 def exported(tmp_path_factory, pendulum_hybrid_run):
     """A pendulum hybrid (undamped physics plus a learned residual), briefly trained, exported and
     stored: a rough surrogate, which is what verification is for. The run is the session's shared
-    one (conftest: 3 members, 2 epochs on 24 scenarios), copied: twin-export writes into it."""
+    one (conftest: 3 members, 2 epochs on 24 scenarios), exported once per session as pend:v1
+    (conftest's `stored_pendulum`, shared with the serving tests; the twin-export command itself
+    is test_export.py's); this module gets a copy of that store, its own."""
     root = tmp_path_factory.mktemp("calibrate")
-    run, home = root / "run", root / "store"
-    shutil.copytree(pendulum_hybrid_run[0], run)
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    r = subprocess.run(
-        [
-            str(BIN / "twin-export"),
-            f"run_dir={run}",
-            "name=pend",
-            "version=v1",
-            "parity_scenarios=8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    manifest = json.loads((run / "export" / "manifest.json").read_text())
-    return run / "export" / "model.onnx", manifest, env, root
+    env, _, _ = stored_pendulum(pendulum_hybrid_run[0], root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    return root / "model.onnx", manifest, env, root
 
 
 # the keys of the result's JSON (twin-calibrate's calibration.json, POST /calibrate's answer), in
