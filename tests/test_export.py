@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY, rollout_tol, train_here
+from conftest import TINY, rollout_tol, stored_pendulum, train_here
 
 from twin_ml.data import Dataset, ScenarioDesign, generate_dataset
 from twin_ml.export.export import export_run, in_domain_scenarios, parity_check
@@ -172,9 +172,10 @@ def _cli(*args, home):
 def test_export_cli_registry_promote_and_tamper(runs, tmp_path):
     run, _ = runs["cascaded_tanks_node"]
     home = tmp_path / "store"
-    r = _cli(
-        "twin-export", f"run_dir={run}", "name=tanks", "version=v1", "parity_scenarios=8", home=home
-    )
+    # the registry's commands are the subject: parity on 8 scenarios of the data's 20 steps (the
+    # ONNX/torch parity itself is tested above, in this process)
+    parity = ["parity_scenarios=8", "parity_steps=20"]
+    r = _cli("twin-export", f"run_dir={run}", "name=tanks", "version=v1", *parity, home=home)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(Path(r.stdout.strip().splitlines()[-1]).read_text())
     assert summary["tag"] == "tanks:v1" and summary["parity"]["passed"]
@@ -183,7 +184,7 @@ def test_export_cli_registry_promote_and_tamper(runs, tmp_path):
         f"run_dir={run}",
         "name=tanks",
         "version=v2",
-        "parity_scenarios=8",
+        *parity,
         "stage=staging",
         home=home,
     )
@@ -255,25 +256,23 @@ def test_parity_check_fails_a_graph_that_outputs_nan(runs):
     assert not parity_check(model, mp.SerializeToString(), s)["passed"]
 
 
-def test_registry_refuses_an_existing_version_or_a_bad_stage_before_exporting(runs, tmp_path):
+def test_registry_refuses_an_existing_version_or_a_bad_stage_before_exporting(
+    runs, pendulum_hybrid_run, tmp_path
+):
     run, _ = runs["pendulum_hybrid"]
-    home = tmp_path / "store"
-    assert (
-        _cli(
-            "twin-export", f"run_dir={run}", "name=p", "version=v1", "parity_scenarios=4", home=home
-        ).returncode
-        == 0
-    )
-    r = _cli(
-        "twin-export", f"run_dir={run}", "name=p", "version=v1", "parity_scenarios=4", home=home
-    )
-    assert r.returncode == 2 and "p:v1 is already in the store" in r.stderr
+    # a store that holds pend:v1 (this run, exported once per session: conftest's
+    # `stored_pendulum`; twin-export storing a model is the tests' above)
+    env, _, _ = stored_pendulum(pendulum_hybrid_run[0], tmp_path)
+    home = Path(env["BENTOML_HOME"])
+    args = [f"run_dir={run}", "name=pend", "version=v1", "parity_scenarios=4", "parity_steps=10"]
+    r = _cli("twin-export", *args, home=home)
+    assert r.returncode == 2 and "pend:v1 is already in the store" in r.stderr
     # the checks twin-export runs before exporting (in-process: each CLI start costs ~8 s)
     from twin_ml import registry
 
     with pytest.raises(registry.RegistryError, match="stage 'live' is unknown"):
-        registry.check_new("p", "v2", "live")
+        registry.check_new("pend", "v2", "live")
     with pytest.raises(registry.RegistryError, match="not 'latest' or a stage"):
-        registry.check_new("p", "production")
+        registry.check_new("pend", "production")
     listing = _cli("twin-models", "list", home=home).stdout
-    assert "p:v1" in listing and "p:v2" not in listing
+    assert "pend:v1" in listing and "pend:v2" not in listing
