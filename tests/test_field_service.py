@@ -71,6 +71,7 @@ def served(tmp_path_factory):
         "logger=none",
     )
     export = ["twin-export", f"run_dir={run}", "name=plate", "version=v1", "parity_scenarios=8"]
+    export.append("parity_steps=20")  # the data's 20 steps (parity is test_export.py's subject)
     r = subprocess.run(
         [os.path.join(BIN, export[0]), *export[1:]],
         capture_output=True,
