@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,18 +41,33 @@ def error_here(*overrides) -> str:
     return err.args[0] if isinstance(err, KeyError) else str(err)
 
 
-def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_path):
-    out = tmp_path / "run"
+# Each logger's test reads the run of a command another test starts anyway (each start of
+# twin-train costs ~6 s of imports): wandb's the node's below, csv's the emulator's.
+OFFLINE = {"WANDB_API_KEY": "", "NO_PROXY": "*"}
+
+
+@pytest.fixture(scope="module")
+def node_run(pendulum_data, tmp_path_factory):
+    """(run_dir, completed process): twin-train experiment=pendulum_node, 2 members for 3 epochs,
+    seed 1, logged to wandb offline. Shared by the module's tests: copy it before changing any
+    of its files."""
+    out = tmp_path_factory.mktemp("node") / "run"
     r = run(
         "experiment=pendulum_node",
         f"data_dir={pendulum_data}",
         f"out_dir={out}",
         "ensemble.size=2",
         "trainer.max_epochs=3",
-        "logger=none",
+        "logger=wandb",
         "seed=1",
         *TINY[2:],
+        env=OFFLINE,
     )
+    return out, r
+
+
+def test_contract_trains_and_writes_metrics_with_coverage(node_run, tmp_path):
+    out, r = node_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert Path(r.stdout.strip().splitlines()[-1]) == out / "summary.json"
     m = json.loads((out / "metrics.json").read_text())
@@ -98,6 +114,7 @@ def test_contract_trains_and_writes_metrics_with_coverage(pendulum_data, tmp_pat
     em = json.loads((out / "evaluation" / "metrics.json").read_text())
     for k in ("test/rel_l2_median", "test/coverage_90", "extrapolation/crps"):
         assert em[k] == pytest.approx(m[k], rel=1e-6), k
+    out = Path(shutil.copytree(out, tmp_path / "run"))  # the module's run stays as it was
     w = out / "model" / "model.pt"
     data = bytearray(w.read_bytes())
     data[len(data) // 2] ^= 1
@@ -183,39 +200,16 @@ def test_run_killed_mid_epoch_resumes_to_the_same_metrics(pendulum_data, uninter
         assert b[k] == pytest.approx(uninterrupted[k], **SAME_RUN), k
 
 
-@pytest.mark.parametrize("logger", ["csv", "wandb"])
-def test_loggers_work_offline(pendulum_data, tmp_path, logger):
-    out = tmp_path / logger
-    r = run(
-        "experiment=pendulum_node",
-        f"data_dir={pendulum_data}",
-        f"out_dir={out}",
-        f"logger={logger}",
-        *TINY,
-        "trainer.max_epochs=1",
-        env={"WANDB_API_KEY": "", "NO_PROXY": "*"},
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    if logger == "csv":
-        assert list(out.glob("csv/version_0/metrics.csv"))
-    else:
-        assert list(out.glob("wandb/offline-run-*"))
-
-
-def test_emulator_trains_and_calibrates_on_the_calibration_split(tmp_path):
-    """The emulator trains; a dataset with calibration scenarios calibrates on them, not on val;
-    the record says so and how precisely; 12 scenarios are too few, and the command says that
-    with what to change."""
-    import numpy as np
-
+@pytest.fixture(scope="module")
+def emulator_run(tmp_path_factory):
+    """(data_dir, run_dir, completed process): 24 pendulum scenarios of 2 s at dt 0.1 with half as
+    many calibration scenarios (12), and twin-train experiment=pendulum_emulator on them, logged
+    to csv."""
     from twin_ml.data import ScenarioDesign, generate_dataset
-    from twin_ml.data.torch_data import ScenarioDataModule
-    from twin_ml.evaluate.evaluate import predict_numpy
-    from twin_ml.models import load_trained
     from twin_ml.physics import make_system
-    from twin_ml.uq import conformal_scale
 
-    data, out = tmp_path / "data", tmp_path / "e"
+    root = tmp_path_factory.mktemp("emulator")
+    data, out = root / "data", root / "e"
     design = ScenarioDesign(t_end=2.0, dt=0.1, calibration_fraction=0.5)
     generate_dataset(make_system("pendulum"), design, n_scenarios=24, seed=0, out_dir=data)
     no_curriculum = [a for a in TINY if "curriculum" not in a]  # no rollout windows
@@ -223,9 +217,40 @@ def test_emulator_trains_and_calibrates_on_the_calibration_split(tmp_path):
         "experiment=pendulum_emulator",
         f"data_dir={data}",
         f"out_dir={out}",
-        "logger=none",
+        "logger=csv",
         *no_curriculum,
+        env=OFFLINE,
     )
+    return data, out, r
+
+
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_loggers_work_offline(request, logger):
+    """csv: the emulator's run (`emulator_run`); wandb, offline with no account: the node's
+    (`node_run`)."""
+    if logger == "csv":
+        _, out, r = request.getfixturevalue("emulator_run")
+    else:
+        out, r = request.getfixturevalue("node_run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    if logger == "csv":
+        assert list(out.glob("csv/version_0/metrics.csv"))
+    else:
+        assert list(out.glob("wandb/offline-run-*"))
+
+
+def test_emulator_trains_and_calibrates_on_the_calibration_split(emulator_run):
+    """The emulator trains; a dataset with calibration scenarios calibrates on them, not on val;
+    the record says so and how precisely; 12 scenarios are too few, and the command says that
+    with what to change."""
+    import numpy as np
+
+    from twin_ml.data.torch_data import ScenarioDataModule
+    from twin_ml.evaluate.evaluate import predict_numpy
+    from twin_ml.models import load_trained
+    from twin_ml.uq import conformal_scale
+
+    data, out, r = emulator_run
     assert r.returncode == 0, r.stderr[-3000:]
     detail = json.loads((out / "metrics.json").read_text())["detail"]
     assert detail["train"]["members"] == 2
