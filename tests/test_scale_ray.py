@@ -344,9 +344,10 @@ def test_twin_generate_executor_ray_gives_the_local_commands_dataset(tmp_path):
     reference."""
     from training.generate import generate
 
-    # the executors, not the calibration split: without its 51 scenarios, still two shards
+    # the executors, not the calibration split: without its 51 scenarios, still two shards; nor
+    # the horizon: 2 s at dt 0.1 (SMALL's) instead of the pendulum's 10 s at 0.05
     args = ["system=pendulum", "n_scenarios=64", "seed=7", "progress=false"]
-    args.append("design.calibration_fraction=0")
+    args += ["design.calibration_fraction=0", "design.t_end=2.0", "design.dt=0.1"]
     tmpdir = _ray_tmpdir()  # the command's runtime's own
     proc = subprocess.Popen(
         [str(BIN), *args, f"out_dir={tmp_path / 'ray'}", "executor=ray"],
