@@ -78,12 +78,12 @@ def _start(env, log_path, model="tanks:production", *settings):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    for _ in range(600):  # a minute at least; asked every 0.1 s, it is used as soon as it is ready
         try:
             if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
                 return proc, url
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.1)
     _stop(proc)
     pytest.fail("server did not become ready:\n" + Path(log_path).read_text()[-3000:])
 
