@@ -715,7 +715,9 @@ def test_the_correction_shift_predicts_how_far_the_solver_moves_the_estimate(exp
     in the data's standard errors, from the biased estimate to the solver's own fit of the same
     data. The linearization's error is second order in the shift: ~1% at this half a standard
     error, 14% at one (the pendulum's sensitivities change along the way), so the test stays
-    where the threshold (0.1 standard errors) acts, with 10x room."""
+    where the threshold (0.1 standard errors) acts, with 10x room. One start per fit: this
+    two-parameter problem has one optimum in the box (two starts land on the same one, to 1e-5
+    of its value), and each fit runs the tight solver."""
     from twin_ml.calibrate.backends import CorrectedSurrogate
     from twin_ml.physics import SolverSettings
 
@@ -731,10 +733,10 @@ def test_the_correction_shift_predicts_how_far_the_solver_moves_the_estimate(exp
     bias = 0.25 * ramp[:, None] * sigma[None, :]
     biased = CorrectedSurrogate(SolverBackend(manifest, settings=tight), bias)
     result = calibrate(
-        problem, biased, SolverBackend(manifest, settings=tight), n_starts=2, mcmc=None
+        problem, biased, SolverBackend(manifest, settings=tight), n_starts=1, mcmc=None
     )
     own = calibrate(
-        problem, None, SolverBackend(manifest, settings=tight), backend="solver", n_starts=2
+        problem, None, SolverBackend(manifest, settings=tight), backend="solver", n_starts=1
     )
     actual = max(
         abs(result.estimates[k].uncorrected - own.estimates[k].value) / own.estimates[k].std_error
