@@ -12,6 +12,8 @@ from scipy.stats import norm
 
 from twin_ml._io import atomic_write_bytes, save_figure
 
+MAX_TRAJECTORY_OUTPUTS = 4
+
 
 def _num(value, fmt: str) -> str:
     """A metric for the table ("-" when absent or not finite)."""
@@ -41,20 +43,22 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
     names, units = system.output_names, [o.unit for o in system.outputs]
     imgs = []
 
-    # trajectories with 90% bands
+    # trajectories with 90% bands: the first MAX_TRAJECTORY_OUTPUTS outputs (a field model's
+    # probes would make a figure of dozens of panels; the parity and the table show them all)
     shown = [
         (s, i)
         for s in ("test", "extrapolation")
         if s in preds
         for i in range(min(3, len(preds[s][0])))
     ]
+    drawn = names[:MAX_TRAJECTORY_OUTPUTS]
     fig, axes = plt.subplots(
-        len(shown), len(names), figsize=(5 * len(names), 2.3 * len(shown)), squeeze=False
+        len(shown), len(drawn), figsize=(5 * len(drawn), 2.3 * len(shown)), squeeze=False
     )
     z = norm.ppf(0.95)
     for r, (split, i) in enumerate(shown):
         mean, std = preds[split]
-        for j, name in enumerate(names):
+        for j, name in enumerate(drawn):
             ax = axes[r, j]
             ax.fill_between(
                 t,
@@ -71,9 +75,10 @@ def write_report(out_dir, model, system, splits, preds, metrics, t) -> Path:
             )
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
+    some = f" (the first {len(drawn)} of {len(names)} outputs)" if len(drawn) < len(names) else ""
     imgs.append(
         (
-            "Trajectories with 90% intervals over the solver truth",
+            f"Trajectories with 90% intervals over the solver truth{some}",
             _save(fig, out_dir / "trajectories.png"),
         )
     )
