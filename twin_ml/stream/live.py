@@ -32,9 +32,8 @@ newer ones, they would lie below the store's `last_seq` and be skipped. Estimate
 published before the save: a consumer killed between 6 and 7 handles the batch again and
 publishes its estimates again (at least once, the same values: the same state and random
 stream; each carries its stream sequence to tell); one killed after 7 had published them.
-The next batch is fetched and decoded while one is assimilated; it is acked in its own turn.
 MQTT: see `twin_ml.stream.brokers` (QoS 1 is acked on receipt by the client library, so a consumer
-killed mid-batch loses that batch's messages and those of the next, already fetched).
+killed mid-batch loses that batch's messages).
 
 The twin is created on the first message when the store has none under its id: `create` is a
 `Twin` create request (noise, filter, estimate, ...) whose `inputs` and `t0` come from that
@@ -358,18 +357,20 @@ async def consume(
 
         loop = asyncio.get_running_loop()
 
-        async def gather(want: int):
-            """The next batch: its deliveries (none: `idle_s` passed without one), decoded."""
+        while max_messages is None or result.delivered < max_messages:
             try:
-                got = [await pull(idle_s)]
+                first = await pull(idle_s)
             except TimeoutError:
-                return [], []
+                break
+            got = [first]
+            want = batch if max_messages is None else min(batch, max_messages - result.delivered)
             until = loop.time() + linger_s  # what arrives meanwhile joins the batch
             while len(got) < want and loop.time() < until:
                 try:
                     got.append(await pull(max(until - loop.time(), 1e-4)))
                 except TimeoutError:
                     break
+            result.delivered += len(got)
             items = []
             for d in got:
                 try:
@@ -378,53 +379,25 @@ async def consume(
                     result.refused += 1
                     result.reasons.append(f"sequence {d.sequence}: {e}")
                     log.warning("refused a message on %s: %s", d.subject, e)
-            return got, items
-
-        def wanted() -> int:
-            return batch if max_messages is None else min(batch, max_messages - taken)
-
-        # the next batch is fetched and decoded while this one is assimilated (in a thread:
-        # onnxruntime and numpy let go of the GIL); it is not acked before its own turn, so a
-        # consumer stopped with one fetched loses nothing (JetStream hands it out again)
-        taken, fetching = 0, None
-        try:
-            while max_messages is None or taken < max_messages:
-                got, items = await (fetching or gather(wanted()))
-                fetching = None
-                if not got:
-                    break
-                taken += len(got)
-                result.delivered += len(got)
-                if max_messages is None or taken < max_messages:
-                    fetching = asyncio.ensure_future(gather(wanted()))
-                out = (
-                    await asyncio.to_thread(live.handle, items, save=False) if items else Outcome()
+            out = await asyncio.to_thread(live.handle, items, save=False) if items else Outcome()
+            result.batches += 1
+            result.assimilated += out.assimilated
+            result.duplicates += out.duplicates
+            result.refused += out.refused
+            result.resets += out.resets
+            result.alarms += len(out.alarms)
+            result.reasons += out.reasons
+            if estimates and out.estimates:  # in the samples' order on the subject
+                await broker.publish_all(estimates, [json.dumps(e).encode() for e in out.estimates])
+                result.published += len(out.estimates)
+            if alarms and out.alarms:
+                await broker.publish_all(
+                    alarms, [json.dumps({"twin": live.twin_id, **a}).encode() for a in out.alarms]
                 )
-                result.batches += 1
-                result.assimilated += out.assimilated
-                result.duplicates += out.duplicates
-                result.refused += out.refused
-                result.resets += out.resets
-                result.alarms += len(out.alarms)
-                result.reasons += out.reasons
-                if estimates and out.estimates:  # in the samples' order on the subject
-                    await broker.publish_all(
-                        estimates, [json.dumps(e).encode() for e in out.estimates]
-                    )
-                    result.published += len(out.estimates)
-                if alarms and out.alarms:
-                    await broker.publish_all(
-                        alarms,
-                        [json.dumps({"twin": live.twin_id, **a}).encode() for a in out.alarms],
-                    )
-                if out.unsaved is not None:  # after the estimates: a death before it repeats them
-                    await asyncio.to_thread(live.save, out)
-                await ack_all(got)
-                bar.update(len(got))
-        finally:
-            if fetching is not None:
-                fetching.cancel()
-                await asyncio.gather(fetching, return_exceptions=True)
+            if out.unsaved is not None:  # after the estimates: a death before it repeats them
+                await asyncio.to_thread(live.save, out)
+            await ack_all(got)
+            bar.update(len(got))
         await sub.close()
     finally:
         bar.close()
