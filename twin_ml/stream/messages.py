@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -182,6 +183,11 @@ def _json_type(v: Any) -> str:
 # ---- field checks --------------------------------------------------------------------------------
 
 
+# date, time to the second or below (up to 9 digits), and an offset: a shape that pd.Timestamp
+# reads exactly as pd.to_datetime(format="ISO8601") does (tests/test_stream.py compares them)
+_ISO_FAST = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})\Z")
+
+
 def _timestamp(value: Any) -> pd.Timestamp:
     where = "timestamp"
     if isinstance(value, bool) or value is None or isinstance(value, _NonFinite):
@@ -198,8 +204,11 @@ def _timestamp(value: Any) -> pd.Timestamp:
                 where, f"{value} epoch seconds is outside 1677-2262 (pandas' time range)"
             ) from None
     if isinstance(value, str):
-        try:
-            ts = pd.to_datetime(value, format="ISO8601")
+        try:  # the usual shape parsed directly (pd.to_datetime's ISO8601 path costs ~20x more)
+            if _ISO_FAST.match(value):
+                ts = pd.Timestamp(value)
+            else:
+                ts = pd.to_datetime(value, format="ISO8601")
         except (ValueError, TypeError, OverflowError):
             ts = None
         if ts is None or pd.isna(ts):
@@ -216,7 +225,12 @@ def _timestamp(value: Any) -> pd.Timestamp:
             f"{value!s} has no timezone; write it with an offset (2024-05-02T08:00:04Z or "
             "+02:00) or as epoch seconds",
         )
-    return ts.tz_convert("UTC").as_unit("ns")
+    try:
+        return ts.tz_convert("UTC").as_unit("ns")
+    except (OverflowError, pd.errors.OutOfBoundsDatetime):  # read at another unit, say seconds
+        raise MessageError(
+            where, f"{value!s} is outside 1677-2262 (pandas' time range at nanoseconds)"
+        ) from None
 
 
 def _number(value: Any, where: str) -> float | None:
