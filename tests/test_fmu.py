@@ -18,7 +18,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
@@ -646,7 +645,7 @@ def test_served_model_simulates_checks_the_domain_and_carries_its_fmu(chain, exp
     with the model, hashed in its card; with the recorded file gone (another machine, a Bento,
     the file moved), the server rebuilds the system from that copy, and /calibrate solves
     through the FMU (it answered 503 there before)."""
-    from test_service import _start, _stop, post
+    from test_service import _post_path, _start, _stop, post
 
     root, data, _, _, env = chain
     (stored,) = (root / "store" / "models" / "osc").glob("*/manifest.json")
@@ -682,13 +681,7 @@ def test_served_model_simulates_checks_the_domain_and_carries_its_fmu(chain, exp
             assert status == 200 and not out[0]["in_domain"], out
             fit = {**request, "starts": 1, "corrections": 1, "refine": 30}
             fit["mcmc"] = {"steps": 40, "burn": 20, "walkers": 8}
-            req = urllib.request.Request(
-                f"{url}/calibrate",
-                data=json.dumps(fit).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(req, timeout=120) as r:
-                status, result = r.status, json.loads(r.read())
+            status, result = _post_path(url, "/calibrate", fit)
         finally:
             _stop(proc)
     finally:

@@ -75,10 +75,12 @@ class FilterSettings:
     def band_at(self, h: int, n_outputs: int) -> np.ndarray:
         """The factor [n_outputs] on the std of a prediction h >= 1 steps after the last
         analysis."""
-        one = np.asarray(self.band_scale, dtype=np.float64) if self.band_scale else None
-        one = np.ones(n_outputs) if one is None else one
-        if h <= 1 or not self.horizon_scale:
-            return one if h <= 1 else np.ones(n_outputs)
+        ones = np.ones(n_outputs)
+        one = np.asarray(self.band_scale, dtype=np.float64) if self.band_scale else ones
+        if h <= 1:
+            return one
+        if not self.horizon_scale:
+            return ones
         knots = [(1, one), *((k, np.asarray(v, dtype=np.float64)) for k, v in self.horizon_scale)]
         if h >= knots[-1][0]:
             return knots[-1][1]
@@ -798,28 +800,22 @@ def horizon_scale(
     first step). `settings`: those the score ran with, when they held a horizon_scale already
     (the factors found are then relative to it, and multiplied in). Fit it on a tuning record,
     never on the one it is scored on."""
-    from twin_ml.uq.metrics import central_z, conformal_quantile
+    from twin_ml.uq.metrics import conformal_scale
 
-    z = central_z(level)
     out = []
     for h in score.horizons:
         if h < 2:
             continue
-        r = score.z[h]
+        r = score.z[h]  # |error| / std: the scores of a zero mean and a unit std
         before = settings.band_at(h, r.shape[1]) if settings is not None else np.ones(r.shape[1])
-        f = [
-            conformal_quantile(r[np.isfinite(r[:, j]), j], level) / z
-            if np.isfinite(r[:, j]).any()
-            else 1.0
-            for j in range(r.shape[1])
-        ]
-        out.append((int(h), tuple(float(v) for v in np.asarray(f) * before)))
+        f = conformal_scale(r[None], 0.0, 1.0, level) * before
+        out.append((int(h), tuple(float(v) for v in f)))
     return tuple(out)
 
 
-def _pooled(err: list[np.ndarray], inside: list[np.ndarray], ny: int):
+def _pooled(err: list[np.ndarray], z: list[np.ndarray], ny: int):
     E = np.concatenate(err) if err else np.zeros((0, ny))
-    C = np.concatenate(inside) if inside else np.zeros((0, ny), dtype=bool)
+    C = (np.concatenate(z) if z else np.zeros((0, ny))) <= Z90  # inside the 90% band
     ok = np.isfinite(E)
     rmse = float(np.sqrt(np.mean(E[ok] ** 2))) if ok.any() else float("nan")
     per = [
@@ -859,21 +855,18 @@ def score_record(
     if init >= T:
         raise ValueError(f"init = {init} leaves no sample of the {T} to score")
     f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
-    free = replace(
-        settings, process=(), band_scale=(), horizon_scale=()
-    )  # the model's own simulation
+    # the open loop: the model's own simulation
+    free = replace(settings, process=(), band_scale=(), horizon_scale=())
     ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], free)
     tracker = Ahead(horizons, every, dt=float(np.median(np.diff(times))))
     err = {h: [] for h in horizons}
-    inside = {h: [] for h in horizons}
-    zs = {h: [] for h in horizons}
-    err_ol, inside_ol = [], []
+    zs = {h: [] for h in horizons}  # |error| / the band's std
+    err_ol, z_ol = [], []
     steps = []
     for k in tqdm(range(T), desc="filter", disable=not progress, leave=False):
         for h, (mean, std) in tracker.advance(f, times[k], u[k]).items():
             e = y[k] - mean
             err[h].append(e[None])
-            inside[h].append((np.abs(e) <= Z90 * std)[None])
             zs[h].append((np.abs(e) / std)[None])
         est = f.step(times[k], u[k], y[k])
         steps.append(est)
@@ -882,16 +875,15 @@ def score_record(
             if 1 in err:
                 e = y[k] - est.predicted_mean
                 err[1].append(e[None])
-                inside[1].append((np.abs(e) <= Z90 * est.predicted_std)[None])
                 zs[1].append((np.abs(e) / est.predicted_std)[None])
             e = y[k] - e_ol.predicted_mean
             err_ol.append(e[None])
-            inside_ol.append((np.abs(e) <= Z90 * e_ol.predicted_std)[None])
+            z_ol.append((np.abs(e) / e_ol.predicted_std)[None])
         if k >= init - 1 and k < T - 1:
             tracker.spawn(f)
     result = _result(system, settings, steps)
-    ol_rmse, ol_per, ol_cov, _ = _pooled(err_ol, inside_ol, ny)
-    scored = {h: _pooled(err[h], inside[h], ny) for h in horizons}
+    ol_rmse, ol_per, ol_cov, _ = _pooled(err_ol, z_ol, ny)
+    scored = {h: _pooled(err[h], zs[h], ny) for h in horizons}
     return RecordScore(
         sorted(horizons),
         {h: s[0] for h, s in scored.items()},

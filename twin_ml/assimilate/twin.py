@@ -262,15 +262,18 @@ def _horizon_band(system, given: Any) -> list[list]:
                 f"filter.horizon_band.{key}",
                 f"a horizon in whole steps from 2 to {MAX_HORIZON_BAND}",
             )
-        row = by_name(factors, system.output_names, f"filter.horizon_band.{key}", required=False)
-        band = [
-            number(row.get(o, 1.0), f"filter.horizon_band.{key}.{o}") for o in system.output_names
-        ]
-        for o, v in zip(system.output_names, band):
-            if not v > 0:
-                raise RequestError(f"filter.horizon_band.{key}.{o}", f"a factor > 0, got {v}")
-        out.append([h, band])
+        out.append([h, _factors(system, factors, f"filter.horizon_band.{key}")])
     return sorted(out)
+
+
+def _factors(system, given: Any, where: str) -> list[float]:
+    """{output: factor > 0} at `where` -> a factor per output (an output not given: 1)."""
+    row = by_name(given, system.output_names, where, required=False)
+    band = [number(row.get(o, 1.0), f"{where}.{o}") for o in system.output_names]
+    for o, v in zip(system.output_names, band):
+        if not v > 0:
+            raise RequestError(f"{where}.{o}", f"a factor > 0, got {v}")
+    return band
 
 
 def _localization(system, given: Any, method: str) -> list[list[float]]:
@@ -396,13 +399,8 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
     }
     if f.get("localization") is not None:
         settings["localization"] = _localization(system, f["localization"], method)
-    if f.get("band") is not None:  # the one-step band's factor per output (a pair not given: 1)
-        given_b = by_name(f["band"], system.output_names, "filter.band", required=False)
-        band = [number(given_b.get(o, 1.0), f"filter.band.{o}") for o in system.output_names]
-        for o, v in zip(system.output_names, band):
-            if not v > 0:
-                raise RequestError(f"filter.band.{o}", f"a factor > 0, got {v}")
-        settings["band_scale"] = band
+    if f.get("band") is not None:  # the one-step band's factor per output
+        settings["band_scale"] = _factors(system, f["band"], "filter.band")
     if f.get("horizon_band") is not None:  # the same for h-step predictions: {h: {output: f}}
         settings["horizon_scale"] = _horizon_band(system, f["horizon_band"])
     if not settings["inflation"] >= 1:
