@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from twin_ml.assimilate.analysis import Innovation, enkf, etkf, letkf
+from twin_ml.assimilate.analysis import Innovation, enkf, etkf, etkf_many, letkf
 from twin_ml.physics.solver import SolverSettings, solve_stacked
 
 log = logging.getLogger(__name__)
@@ -293,20 +293,28 @@ class OnnxForecast:
         self.held = np.array([v.interpolation == "zoh" for v in self.card.system.build().inputs])
         scale = float(np.median(self.card.conformal_scale)) if self.card.conformal_scale else 1.0
         self.widening = max(scale, 1.0) - 1.0 if widen and self.members > 1 else 0.0
-        self._own: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # N -> (network, member) index
+        # (rows, ensemble size) -> (network, member) index
+        self._own: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def __call__(self, X, P, t0: float, t1: float, u0, u1) -> np.ndarray:
+    def __call__(self, X, P, t0: float, t1: float, u0, u1, *, size: int | None = None):
+        """X [n, nx] stepped from t0 to t1 = t0 + dt with the parameters P [n, np] and the inputs
+        u0, u1 at both ends ([nu], or [n, nu] per member). `size`: the rows are ensembles of
+        `size` members each, stacked (several twins in one call); member j of each is stepped
+        by network j mod M, as it would be alone (default: one ensemble of n)."""
         if abs(t1 - t0 - self.dt) > 1e-6 * self.dt:
             raise ValueError(
                 f"the model steps dt = {self.dt:g}; an interval of {t1 - t0:g} cannot be "
                 "forecast (resample the telemetry onto the model's grid first)"
             )
         n, m = len(X), self.members
-        u = np.where(self.held, u0, (np.asarray(u0) + np.asarray(u1)) / 2)
+        size = n if size is None else size
+        if size < 1 or n % size:
+            raise ValueError(f"size must divide the {n} rows into whole ensembles, got {size}")
+        u = np.where(self.held, u0, (np.asarray(u0) + np.asarray(u1)) / 2).astype(np.float32)
         x32 = np.asarray(X, dtype=np.float32)
         feeds = {
             "x0": x32,
-            "u": np.repeat(u.astype(np.float32)[None, None], n, axis=0),
+            "u": u[:, None] if u.ndim == 2 else np.repeat(u[None, None], n, axis=0),
             "p": np.asarray(P, dtype=np.float32),
             "x_members": np.repeat(x32[None], m, axis=0),
         }
@@ -317,9 +325,9 @@ class OnnxForecast:
             if self._lean is not None:
                 self._check_lean(feeds, x_end)
         x_end = x_end.astype(np.float64)
-        idx = self._own.get(n)
+        idx = self._own.get((n, size))
         if idx is None:
-            idx = self._own[n] = (np.arange(n) % m, np.arange(n))
+            idx = self._own[n, size] = (np.arange(n) % size % m, np.arange(n))
         own = x_end[idx]
         if self.widening:
             own = own + self.widening * (own - x_end.sum(axis=0) / m)
@@ -605,6 +613,104 @@ class EnsembleFilter:
             u=np.asarray(state["u"]),
             rng=rng,
         )
+
+
+def step_many(filters: list[EnsembleFilter], t, u, y) -> list[Estimate]:
+    """`filters[i].step(t[i], u[i], y[i])` for every i (the filters of distinct twins), with one
+    forecast call and one vectorized analysis (`analysis.etkf_many`) for those that can share
+    them: one `OnnxForecast` object, the ETKF without localization, the same members, states and
+    estimated parameters' count, a sample one model step after the filter's time and every
+    output measured. The rest step alone. Each filter draws its process noise and random walk
+    from its own generator in the order `step` does, so a filter's estimates are those it gives
+    alone, up to the forecast's float32 rounding in a larger batch."""
+    if len(filters) == 1:
+        return [filters[0].step(t[0], u[0], y[0])]
+    ests: list[Estimate | None] = [None] * len(filters)
+    group = [i for i, f in enumerate(filters) if _can_join(f, t[i], y[i])]
+    group = [i for i in group if _alike(filters[i], filters[group[0]])]
+    if len(group) < 2:
+        group = []
+    for i in sorted(set(range(len(filters))) - set(group)):
+        ests[i] = filters[i].step(t[i], u[i], y[i])
+    if not group:
+        return ests  # type: ignore[return-value]
+    fs = [filters[i] for i in group]
+    f0, K, N = fs[0], len(fs), len(fs[0].X)
+    nx = f0.X.shape[1]
+    ts = [float(t[i]) for i in group]
+    us = np.array([np.asarray(u[i], dtype=np.float64) for i in group])  # [K, nu]
+    ys = np.array([np.asarray(y[i], dtype=np.float64) for i in group])  # [K, ny]
+
+    def rows(a: np.ndarray) -> np.ndarray:  # [K, ...] -> [K N, ...]: one row per member
+        return np.repeat(a, N, axis=0)
+
+    P = np.concatenate([f.parameters() for f in fs])
+    u0 = rows(np.array([f.u for f in fs]))
+    X = f0.forecast(np.concatenate([f.X for f in fs]), P, f0.t, f0.t + f0.forecast.dt, u0,
+                    rows(us), size=N).reshape(K, N, nx)  # fmt: skip
+    for k, f in enumerate(fs):  # as `_advance`, then `step`
+        if f._process.size:
+            X[k] = X[k] + f.rng.standard_normal((N, nx)) * f._process
+        f.TH += f.rng.standard_normal(f.TH.shape) * f.settings.walk
+        f.X, f.t, f.u = X[k], ts[k], us[k]
+    U = rows(us)
+    P = np.concatenate([f.parameters() for f in fs])
+    HX = np.asarray(f0.system.observe(X.reshape(K * N, nx), U, P), dtype=np.float64)
+    HX = HX.reshape(K, N, -1)
+    pm, ps = _moments_many(HX)
+    infl = np.array([f.settings.inflation for f in fs])
+    noise = np.array([f.noise for f in fs])
+    ps = np.sqrt(ps**2 * infl[:, None] + noise**2)
+    for k, f in enumerate(fs):
+        if f.settings.band_scale:
+            ps[k] = ps[k] * np.asarray(f.settings.band_scale)
+    Z = np.concatenate([X, np.stack([f.TH for f in fs])], axis=2)
+    Z, inns = etkf_many(Z, HX, ys, noise, infl)
+    for f, z in zip(fs, Z):
+        f.X, f.TH = z[:, :nx], z[:, nx:]
+    P = np.concatenate([f.parameters() for f in fs])
+    HX = np.asarray(f0.system.observe(Z[:, :, :nx].reshape(K * N, nx), U, P), dtype=np.float64)
+    fm, fsd = _moments_many(HX.reshape(K, N, -1))
+    sm, ssd = _moments_many(Z[:, :, :nx])
+    pe = _moments_many(np.exp(Z[:, :, nx:])) if f0.est else None
+    for k, i in enumerate(group):
+        e = (pe[0][k], pe[1][k]) if pe else (_EMPTY, _EMPTY)
+        ests[i] = Estimate(ts[k], pm[k], ps[k], fm[k], fsd[k], sm[k], ssd[k], *e, inns[k])
+    return ests  # type: ignore[return-value]
+
+
+def _can_join(f: EnsembleFilter, t: float, y) -> bool:
+    """Whether f's next step fits a shared forecast call and analysis (see `step_many`)."""
+    try:
+        one_step = t > f.t and f.steps_to(t) == 1
+    except ValueError:
+        return False  # step() raises it for this filter alone
+    return (
+        one_step
+        and isinstance(f.forecast, OnnxForecast)
+        and f.settings.method == "etkf"
+        and f._weights is None
+        and bool(np.isfinite(np.asarray(y, dtype=np.float64)).all())
+        and bool(np.isfinite(f.X).all() and np.isfinite(f.TH).all())
+    )
+
+
+def _alike(f: EnsembleFilter, f0: EnsembleFilter) -> bool:
+    """One forecast object, and ensembles of one shape (the same model's system)."""
+    return (
+        f.forecast is f0.forecast
+        and type(f.system) is type(f0.system)
+        and f.X.shape == f0.X.shape
+        and f.TH.shape == f0.TH.shape
+    )
+
+
+def _moments_many(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_moments` of K ensembles A [K, N, k] -> ([K, k], [K, k])."""
+    n = A.shape[1]
+    mean = A.sum(axis=1) / n
+    D = A - mean[:, None]
+    return mean, np.sqrt(np.einsum("kij,kij->kj", D, D) / (n - 1))
 
 
 @dataclass

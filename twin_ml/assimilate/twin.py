@@ -47,7 +47,14 @@ from typing import Any
 
 import numpy as np
 
-from twin_ml.assimilate.filter import METHODS, Ahead, EnsembleFilter, Estimate, FilterSettings
+from twin_ml.assimilate.filter import (
+    METHODS,
+    Ahead,
+    EnsembleFilter,
+    Estimate,
+    FilterSettings,
+    step_many,
+)
 from twin_ml.contract import ModelCard, RequestError
 from twin_ml.contract.requests import by_name, number, numbers, physical, quantile_levels
 from twin_ml.drift import cusum_step
@@ -559,25 +566,21 @@ class Twin:
         return self.assimilate(obs)
 
     def assimilate(self, obs: Observation) -> dict[str, Any]:
+        return assimilate_many([self], [obs])[0]
+
+    def _sample(self, est: Estimate, before: dict) -> dict[str, Any]:
+        """One assimilated sample's answer; `before`: the `Ahead` reports for it."""
         names = self.card.system.output_names
-        samples, alarms = [], []
-        for tk, uk, yk in zip(obs.times, obs.u, obs.y):
-            before = self.ahead.advance(self.filter, float(tk), uk) if self.ahead else {}
-            est = self.filter.step(float(tk), uk, yk)
-            if self.ahead:
-                self.ahead.spawn(self.filter)
-            alarms += self.watch.feed(est)
-            sample = {
-                "t": est.t,
-                "predicted": _by_name(names, est.predicted_mean, est.predicted_std),
-                "filtered": _by_name(names, est.filtered_mean, est.filtered_std),
-                "nis": est.innovation.nis,
-                "measured": est.innovation.measured,
-            }
-            if self.ahead:  # what the twin predicted h steps before (std with the noise)
-                sample["ahead"] = {str(h): _by_name(names, *before[h]) for h in sorted(before)}
-            samples.append(sample)
-        return {"samples": samples, "alarms": alarms, **self.estimate()}
+        sample = {
+            "t": est.t,
+            "predicted": _by_name(names, est.predicted_mean, est.predicted_std),
+            "filtered": _by_name(names, est.filtered_mean, est.filtered_std),
+            "nis": est.innovation.nis,
+            "measured": est.innovation.measured,
+        }
+        if self.ahead:  # what the twin predicted h steps before (std with the noise)
+            sample["ahead"] = {str(h): _by_name(names, *before[h]) for h in sorted(before)}
+        return sample
 
     def estimate(self) -> dict[str, Any]:
         f, sys = self.filter, self.card.system
@@ -628,6 +631,32 @@ class Twin:
                 "quantiles": {f"{q:g}": (mean + norm.ppf(q) * std).tolist() for q in qs},
             }
         return answer
+
+
+def assimilate_many(twins: list[Twin], observations: list[Observation]) -> list[dict[str, Any]]:
+    """`twin.assimilate(obs)` for each pair (distinct twins), their samples taken in rounds: the
+    r-th sample of every twin that has one in one `step_many` (one forecast call and one
+    vectorized analysis where the twins allow it; a fleet of twins of one model on one
+    consumer). Each twin's answer is the one it gives alone."""
+    if len(twins) != len(observations) or len({id(tw) for tw in twins}) != len(twins):
+        raise ValueError("assimilate_many takes distinct twins, one observation each")
+    answers = [{"samples": [], "alarms": []} for _ in twins]
+    for r in range(max((len(o.times) for o in observations), default=0)):
+        now = [k for k, o in enumerate(observations) if r < len(o.times)]
+        row = [(float(observations[k].times[r]), observations[k].u[r], observations[k].y[r])
+               for k in now]  # fmt: skip
+        before = [
+            twins[k].ahead.advance(twins[k].filter, tk, uk) if twins[k].ahead else {}
+            for k, (tk, uk, _) in zip(now, row)
+        ]
+        ests = step_many([twins[k].filter for k in now], *zip(*row))
+        for k, est, ahead in zip(now, ests, before):
+            tw, answer = twins[k], answers[k]
+            if tw.ahead:
+                tw.ahead.spawn(tw.filter)
+            answer["alarms"] += tw.watch.feed(est)
+            answer["samples"].append(tw._sample(est, ahead))
+    return [{**a, **tw.estimate()} for tw, a in zip(twins, answers)]
 
 
 def _by_name(names: list[str], mean: np.ndarray, std: np.ndarray) -> dict[str, dict[str, float]]:

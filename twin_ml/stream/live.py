@@ -90,6 +90,26 @@ class Outcome:
     unsaved: tuple | None = field(default=None, repr=False)  # for `LiveTwin.save`
 
 
+
+@dataclass
+class _Batch:
+    """One twin's part of a batch, ready to assimilate: the twin (made or restored), its store
+    record and stream state (None: new), the mapped samples, their stream sequences, and the
+    (t, u, y, row) to assimilate in order."""
+
+    twin: Twin
+    rec: Any
+    stream: dict[str, Any] | None
+    samples: Any
+    sequences: list[int]
+    pending: list[tuple[float, np.ndarray, np.ndarray, int]]
+
+    def observation(self) -> Observation | None:
+        if not self.pending:
+            return None
+        times, us, ys, _ = (np.asarray(v) for v in zip(*self.pending))
+        return Observation(times, us, ys)
+
 class LiveTwin:
     """One twin in the store, fed batches of (message, stream sequence) by `handle`."""
 
@@ -147,25 +167,35 @@ class LiveTwin:
         return Twin.create(self.card, self.forecast, body)
 
     # ---- one batch ---------------------------------------------------------------------------
-    def handle(self, items: list[tuple[Any, int | None]], *, save: bool = True) -> Outcome:
-        """Assimilate a batch of (TelemetryMessage, stream sequence or None), persist it
-        (`save` False: later, by `save(outcome)`, once its estimates are out)."""
+    def handle(self, items: list[tuple], *, save: bool = True) -> Outcome:
+        """Assimilate a batch of (TelemetryMessage, stream sequence or None[, subject]), persist
+        it (`save` False: later, by `save(outcome)`, once its estimates are out)."""
         try:
-            return self._handle(items, save)
+            out = Outcome()
+            batch = self._prepare(items, out)
+            if batch is not None:
+                obs = batch.observation()
+                self._collect(batch, None if obs is None else batch.twin.assimilate(obs), out)
+                self._finish(batch, out, save)
+            return out
         except BaseException:
             self._kept = None  # a batch that failed half-way: its twin is not the store's
             raise
 
-    def _handle(self, items: list[tuple[Any, int | None]], save: bool) -> Outcome:
+    def _prepare(self, items: list[tuple], out: Outcome) -> _Batch | None:
+        """Steps 1-3 of the module doc for this twin's items (and the assimilation of samples
+        before a reset, which needs the old twin): the samples to assimilate, or None when
+        nothing is new."""
         from twin_ml.stream.messages import iso, to_samples
 
-        out = Outcome()
         twin, rec, stream = self._load()
         last_seq = rec.last_seq if rec is not None else None
-        fresh = [(m, s) for m, s in items if s is None or last_seq is None or s > last_seq]
+        fresh = [(m, s) for m, s, *_ in items if s is None or last_seq is None or s > last_seq]
         out.duplicates += len(items) - len(fresh)
         if not fresh:
-            return out
+            if twin is not None:
+                self._kept = (twin, rec, stream)  # nothing changed: still the store's
+            return None
         sequences = [s for _, s in fresh if s is not None]
         if stream is None:  # a new twin: its clock starts at the first message
             stream = {"epoch": iso(min(m.timestamp for m, _ in fresh))}
@@ -219,14 +249,35 @@ class LiveTwin:
             pending.append((t, u, y_all[i], i))
             start = None if t != start else start
         if twin is None:
-            return out
-        self._assimilate(twin, pending, samples, out)
-        self._archive(samples, sequences)
-        state = {**twin.state(), "stream": stream}
-        out.unsaved = (rec, state, max(sequences) if sequences else None, twin, stream)
+            return None
+        return _Batch(twin, rec, stream, samples, sequences, pending)
+
+    def _collect(self, batch: _Batch, answer: dict[str, Any] | None, out: Outcome) -> None:
+        """Step 4's answer (None: nothing was pending) into `out`: one estimate per sample, the
+        last with the states and parameters; the alarms."""
+        if answer is None:
+            return
+        from twin_ml.stream.messages import iso
+
+        samples = batch.samples
+        for s, (_, _, _, i) in zip(answer["samples"], batch.pending):
+            s["twin"] = self.twin_id
+            s["timestamp"] = iso(samples.timestamps[i])
+            s["seq"] = int(samples.seq[i]) if samples.seq[i] >= 0 else None
+            out.estimates.append(s)
+        out.estimates[-1].update({k: answer[k] for k in ("states", "parameters", "alarm")})
+        out.alarms += answer["alarms"]
+        out.assimilated += len(batch.pending)
+
+    def _finish(self, batch: _Batch, out: Outcome, save: bool) -> None:
+        """Step 5, and the state step 7 saves (now with `save`, else by `save(out)`)."""
+        self._archive(batch.samples, batch.sequences)
+        state = {**batch.twin.state(), "stream": batch.stream}
+        seq = max(batch.sequences) if batch.sequences else None
+        out.unsaved = (batch.rec, state, seq, batch.twin, batch.stream)
         if save:
             self.save(out)
-        return out
+
 
     def save(self, out: Outcome) -> None:
         """Persist the twin as a batch's `handle(..., save=False)` left it (nothing to do when
@@ -243,20 +294,10 @@ class LiveTwin:
         out.unsaved = None
 
     def _assimilate(self, twin: Twin, pending, samples, out: Outcome) -> None:
-        from twin_ml.stream.messages import iso
-
-        if not pending:
-            return
-        times, us, ys, idx = (np.asarray(v) for v in zip(*pending))
-        answer = twin.assimilate(Observation(times, us, ys))
-        for s, i in zip(answer["samples"], idx):
-            s["twin"] = self.twin_id
-            s["timestamp"] = iso(samples.timestamps[i])
-            s["seq"] = int(samples.seq[i]) if samples.seq[i] >= 0 else None
-            out.estimates.append(s)
-        out.estimates[-1].update({k: answer[k] for k in ("states", "parameters", "alarm")})
-        out.alarms += answer["alarms"]
-        out.assimilated += len(times)
+        """The old twin's samples before a reset (see `_prepare`)."""
+        batch = _Batch(twin, None, None, samples, [], pending)
+        obs = batch.observation()
+        self._collect(batch, None if obs is None else twin.assimilate(obs), out)
 
     def _prune(self, last_seq: int | None) -> None:
         """Remove archive parts of batches the twin never saved (a consumer killed between
