@@ -43,6 +43,33 @@ def test_etkf_is_the_kalman_filter_for_a_linear_observation(inflation, m):
     assert inn.nis == pytest.approx(want_nis, rel=1e6 * EPS) and inn.measured == m
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_etkf_many_is_etkf_ensemble_by_ensemble(m):
+    """K ensembles of their own (each its own data, noise and inflation) analysed at once give
+    what `etkf` gives each alone: the same arithmetic, vectorized (float64 rounding apart)."""
+    from twin_ml.assimilate.analysis import etkf_many
+
+    rng = np.random.default_rng(5)
+    K, N, n = 4, 10, 3
+    X = rng.normal(size=(K, N, n)) * np.array([1.0, 10.0, 0.1])
+    H = rng.normal(size=(K, m, n))
+    HX = np.einsum("kni,kmi->knm", X, H)
+    y, r = rng.normal(size=(K, m)), rng.uniform(0.1, 1.0, size=(K, m))
+    inflation = np.array([1.0, 1.1, 1.3, 2.0])
+    got, inns = etkf_many(X, HX, y, r, inflation)
+    scale = np.abs(X).max() * N * n
+    for k in range(K):
+        want, inn = etkf(X[k], HX[k], y[k], r[k], inflation=inflation[k])
+        assert np.allclose(got[k], want, rtol=0, atol=1e3 * EPS * scale)
+        assert np.allclose(inns[k].d, inn.d, rtol=1e3 * EPS)
+        assert np.allclose(inns[k].std, inn.std, rtol=1e3 * EPS)
+        assert inns[k].nis == pytest.approx(inn.nis, rel=1e6 * EPS) and inns[k].measured == m
+    with pytest.raises(ValueError, match="fully measured"):
+        etkf_many(X, HX, np.where(np.arange(m) == 0, np.nan, y), r, inflation)
+    with pytest.raises(ValueError, match="must agree"):
+        etkf_many(X, HX[:, :, :1], y, r, inflation) if m > 1 else etkf_many(X, HX, y[:2], r, 1)
+
+
 def test_an_unmeasured_output_takes_no_part():
     rng = np.random.default_rng(1)
     n, N = 3, 8
@@ -333,6 +360,61 @@ def test_the_onnx_forecast_steps_each_member_as_the_rollout_does(exported_pendul
     assert [o.name for o in lean.get_outputs()] == ["x_end"]
     with pytest.raises(ValueError, match="the model steps dt"):
         forecast(X, P, 0.0, 2 * dt, u, u)
+
+
+def test_filters_stepped_together_step_as_each_alone(exported_pendulum):
+    """`step_many` over five twins' filters: three alike (their own seeds, inputs and
+    measurements) share one forecast call and one analysis; one with an output not measured,
+    one stochastic EnKF and, later, one whose sample comes after a gap step alone. Every filter's
+    estimates and members are those it gives stepped alone. The shared call steps 3 x 12
+    members instead of 12: float32 rounding may differ per batch size, so the tolerance is
+    float32's over the steps taken (a wrong network, input or random draw is off by the members'
+    spread, ~1e-2)."""
+    from twin_ml.assimilate.filter import EnsembleFilter, FilterSettings, OnnxForecast, step_many
+
+    blob, card = exported_pendulum
+    system, dt = card.system.build(), card.time.dt
+
+    class Counted(OnnxForecast):  # the calls that stepped several ensembles at once
+        shared = 0
+
+        def __call__(self, *args, size=None, **kwargs):
+            Counted.shared += size is not None and size < len(args[0])
+            return super().__call__(*args, size=size, **kwargs)
+
+    forecast = Counted(blob, card)
+    kinds = ("predicted", "filtered", "state", "parameter")
+    moments = [f"{kind}_{moment}" for kind in kinds for moment in ("mean", "std")]
+    methods = ["etkf", "etkf", "etkf", "etkf", "enkf"]
+
+    def start(k: int) -> EnsembleFilter:
+        settings = FilterSettings(
+            method=methods[k], members=12, seed=k, process=(0.01, 0.01), parameters=("damping",)
+        )
+        x0 = (np.array([0.3 + 0.05 * k, 0.0]), np.array([0.1, 0.1]))
+        p = (np.array([1.0, 0.2, 1.0]), np.array([0.0, 0.2, 0.0]))
+        return EnsembleFilter.start(system, forecast, [0.02], x0, p, 0.0, np.zeros(1), settings)
+
+    together, alone = [start(k) for k in range(5)], [start(k) for k in range(5)]
+    steps = 15
+    for i in range(1, steps + 1):
+        t = [i * dt] * 5
+        if i > 8:
+            t[2] = (i + 1) * dt  # twin 2 skips a grid point: its 9th sample is two steps on
+        u = [np.array([0.1 * np.sin(0.3 * i + k)]) for k in range(5)]
+        y = [np.array([0.3 * np.cos(0.2 * i) + 0.01 * k]) for k in range(5)]
+        y[3] = np.array([np.nan]) if i % 3 == 0 else y[3]
+        got = step_many(together, t, u, y)
+        for k in range(5):
+            want = alone[k].step(t[k], u[k], y[k])
+            scale = max(1.0, float(np.abs(want.state_mean).max()))
+            tol = 8 * np.finfo(np.float32).eps * steps * scale
+            for name in moments:
+                assert np.allclose(getattr(got[k], name), getattr(want, name), rtol=0, atol=tol)
+            assert got[k].t == want.t
+            assert np.allclose(together[k].X, alone[k].X, rtol=0, atol=tol)
+            assert together[k].rng.bit_generator.state == alone[k].rng.bit_generator.state
+    assert Counted.shared == steps  # the alike ones went together every time
 
 
 def test_filtering_a_record_with_the_exported_model_beats_its_open_loop(exported_pendulum):

@@ -85,14 +85,14 @@ def message(k: int, dt: float, torque: float, theta: float) -> TelemetryMessage:
 
 @pytest.fixture(scope="module")
 def reference(model, forecast, record):
-    """The in-process twin of CREATE fed samples [a, b) with `Twin.assimilate`, one batch:
-    (its state, its per-sample answers), as JSON."""
+    """The in-process twin of CREATE fed samples [a, b) with `Twin.assimilate`, one batch (of
+    the record's measurements, or of `y`): (its state, its per-sample answers), as JSON."""
     from twin_ml.assimilate.twin import Observation, Twin
 
     _, _, card = model
     t, u, y, _ = record
 
-    def fed(b: int = STEPS, a: int = 0):
+    def fed(b: int = STEPS, a: int = 0, y=y):
         twin = Twin.create(card, forecast, {**CREATE, "t0": t[a], "inputs": {"torque": u[a, 0]}})
         answer = twin.assimilate(Observation(t[a:b], u[a:b], y[a:b]))
         return as_json(twin.state()), as_json(answer["samples"])
@@ -132,9 +132,10 @@ def archived(folder: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p) for p in parts]).sort_values("t", kind="stable")
 
 
-def check_archive(folder: Path, record) -> None:
-    """The archive holds each sample of the record exactly once, with its values."""
-    t, u, y, _ = record
+def check_archive(folder: Path, record, y=None) -> None:
+    """The archive holds each sample of the record (measured `y`) exactly once, with its values."""
+    t, u, y_record, _ = record
+    y = y_record if y is None else y
     frame = archived(folder)
     assert frame["seq"].tolist() == list(range(STEPS))  # none missing, none twice
     assert np.array_equal(frame["torque"].to_numpy(), u[:, 0])
@@ -273,6 +274,142 @@ def test_a_consumer_that_dies_before_publishing_a_batch_s_estimates_publishes_th
         want = samples[e["seq"]]
         assert {k: e[k] for k in want} == want
     assert stored(store, name) == state
+
+
+# ---- a fleet: several twins on one consumer ------------------------------------------------------
+FLEET = ("a", "b", "c")  # twins pend-a, pend-b, pend-c on fleet.a.telemetry, ...
+
+
+def fleet_records(record) -> list[tuple[np.ndarray, list]]:
+    """Per fleet twin k: the record's theta measured 0.03 k higher, and its messages."""
+    t, u, y, _ = record
+    dt = t[1] - t[0]
+    ys = [y + 0.03 * k for k in range(len(FLEET))]
+    return [(yk, [message(i, dt, u[i, 0], yk[i, 0]) for i in range(STEPS)]) for yk in ys]
+
+
+def live_fleet(model, forecast, path: Path, subject: str):
+    from twin_ml.stream.live import LiveFleet, model_contract
+    from twin_ml.stream.store import TwinStore, sqlite_url
+
+    _, _, card = model
+    store = TwinStore(sqlite_url(path / "twins.sqlite"))
+    fleet = LiveFleet(
+        store, card, forecast, model_contract(card), subject, "pend-{1}", create=CREATE,
+        archive=path / "archive",
+    )  # fmt: skip
+    return fleet, store
+
+
+def assert_close(got, want, tol: float, where: str = "") -> None:
+    """JSON values equal, numbers within tol (a fleet steps its twins' members in one float32
+    batch, whose rounding may differ from a single twin's in the last bits)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_close(got[k], want[k], tol, f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, tol, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert abs(got - want) <= tol * max(1.0, abs(want)), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+# float32 rounding over the record's steps (a wrong member, input or draw is off by ~1e-2)
+FLEET_TOL = 8 * float(np.finfo(np.float32).eps) * STEPS
+
+
+def test_a_fleet_on_one_consumer_gives_each_twin_its_own_twin(
+    nats_server, model, forecast, record, reference, tmp_path
+):
+    """Three twins' records published interleaved on fleet.<twin>.telemetry and drained by one
+    `consume` of a `LiveFleet` (batches of 48, each holding samples of all three, assimilated
+    together): each twin in the store is the in-process twin fed its own record, one estimate
+    per sample went out per twin, in its order, with that twin's predictions, and each twin's
+    archive holds its samples once."""
+    from twin_ml.stream.live import consume
+
+    url, stream = nats_server.url, "FLEET"
+    fleet, store = live_fleet(model, forecast, tmp_path, "fleet.*.telemetry")
+    records = fleet_records(record)
+    n = len(FLEET) * STEPS
+
+    async def main():
+        async with await connect(url, stream=stream) as broker:
+            for i in range(STEPS):
+                for name, (_, messages) in zip(FLEET, records):
+                    await broker.publish(f"fleet.{name}.telemetry", encode(messages[i]))
+        result = await consume(
+            url, "fleet.*.telemetry", fleet, name="fleet", estimates="fleet.estimates",
+            batch=48, max_messages=n, idle_s=WAIT, stream=stream,
+        )  # fmt: skip
+        return result, await read_subject(url, "fleet.estimates", "fleet-reader", stream, n)
+
+    result, estimates = asyncio.run(main())
+    assert (result.delivered, result.assimilated, result.published) == (n, n, n)
+    assert (result.duplicates, result.refused, result.resets) == (0, 0, 0)
+    for name, (yk, _) in zip(FLEET, records):
+        state, samples = reference(y=yk)
+        assert_close(stored(store, f"pend-{name}"), state, FLEET_TOL, f"pend-{name}")
+        mine = [e for e in estimates if e["twin"] == f"pend-{name}"]
+        assert [e["seq"] for e in mine] == list(range(STEPS))
+        for e, want in zip(mine, samples):
+            assert_close({k: e[k] for k in want}, want, FLEET_TOL, f"pend-{name} {e['seq']}")
+        check_archive(tmp_path / "archive" / f"pend-{name}", record, yk)
+    store.close()
+
+
+def test_a_fleet_killed_between_two_twins_saves_assimilates_each_sample_once(
+    model, forecast, record, reference, tmp_path
+):
+    """A fleet consumer saves its batch's twins one by one; one killed after saving the first
+    twin of a batch gets the batch again: the saved twin skips its samples (its own stream
+    sequence), the others assimilate theirs. Every twin ends as the in-process twin fed its
+    record once. A subject that names no valid twin id is refused, and the rest goes on."""
+    records = fleet_records(record)
+    items = [
+        (records[k][1][i], len(FLEET) * i + k + 1, f"fleet.{name}.telemetry")
+        for i in range(STEPS)
+        for k, name in enumerate(FLEET)
+    ]
+    cut = len(FLEET) * 60
+    fleet, store = live_fleet(model, forecast, tmp_path, "fleet.*.telemetry")
+    first = fleet.handle([*items[:cut], (records[0][1][0], None, "fleet.a@b.telemetry")])
+    assert (first.assimilated, first.refused) == (cut, 1)
+    assert "'pend-a@b' is not a twin id" in first.reasons[0]
+    dying = fleet.handle(items[cut:], save=False)
+    (live, part), *_ = dying.unsaved
+    live.save(part)  # the first twin saved, then the consumer dies
+    store.close()
+    fleet, store = live_fleet(model, forecast, tmp_path, "fleet.*.telemetry")
+    again = fleet.handle(items[cut:])
+    per_twin = STEPS - 60
+    assert (again.duplicates, again.assimilated) == (per_twin, per_twin * (len(FLEET) - 1))
+    for name, (yk, _) in zip(FLEET, records):
+        assert_close(stored(store, f"pend-{name}"), reference(y=yk)[0], FLEET_TOL, name)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "subject, template, concrete, twin",
+    [
+        ("plant.*.telemetry", "tanks-{1}", "plant.a7.telemetry", "tanks-a7"),
+        ("site.*.*.data", "{2}.{1}", "site.north.pump3.data", "pump3.north"),
+        ("plant/+/telemetry", "t-{1}", "plant/a7/telemetry", "t-a7"),
+    ],
+)
+def test_a_fleet_names_each_twin_by_its_subject_s_wildcards(subject, template, concrete, twin):
+    from twin_ml.stream.live import fleet_ids
+
+    twin_of = fleet_ids(subject, template)
+    assert twin_of(concrete) == twin
+    with pytest.raises(ValueError, match="does not match"):
+        twin_of(concrete + ".extra" if "." in concrete else concrete + "/extra")
+    with pytest.raises(ValueError, match="'-x' is not a twin id"):
+        fleet_ids(subject, "{1}")(concrete.replace("a7", "-x").replace("north", "-x"))
 
 
 # ---- twin-stream killed and restarted ------------------------------------------------------------
@@ -471,6 +608,14 @@ def test_a_stream_through_mqtt_gives_the_in_process_twin(
             "batch must be >= 1",
         ),
         (["model=m:v", "url=nats://127.0.0.1:1", "subject=s", "twin=t", "create={x"], "create: "),
+        (
+            ["model=m:v", "url=nats://127.0.0.1:1", "subject=plant.*.telemetry", "twin=tanks"],
+            "twin: a fleet's twin id is a template of the subject's wildcards {1}...{1}",
+        ),
+        (
+            ["model=m:v", "url=nats://127.0.0.1:1", "subject=plant.*.>", "twin=t-{1}"],
+            "subject: a fleet's subject names each twin by single-level wildcards",
+        ),
     ],
 )
 def test_twin_stream_refuses_bad_settings_by_name(argv, message, capsys):

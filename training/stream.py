@@ -3,11 +3,17 @@ twin of a stored model (ensemble Kalman filter on its ONNX file), persists the t
 estimates and alarms, archives the aligned telemetry.
 
     twin-stream model=NAME:VERSION|NAME:<stage> url=nats://HOST:PORT|mqtt://[USER@]HOST:PORT
-                subject=SUBJECT twin=ID [create=JSON|FILE] [contract=NAME|FILE]
+                subject=SUBJECT twin=ID|TEMPLATE [create=JSON|FILE] [contract=NAME|FILE]
                 [estimates=SUBJECT] [alarms=SUBJECT] [archive=DIR] [twins_store=URL|FILE]
                 [batch=64] [max_messages=] [idle=] [stream=TELEMETRY] [ack_wait=30] [snap=0.25]
-                [progress=true] [out_dir=runs/stream]
+                [consumer=NAME] [progress=true] [out_dir=runs/stream]
 
+- A fleet: a `subject` with single-level wildcards (`plant.*.telemetry`, MQTT `plant/+/telemetry`)
+  and a `twin` template of their tokens (`tanks-{1}`): each message goes to the twin its subject
+  names (plant.a7.telemetry: twin tanks-a7), each twin made, saved, archived and estimated as
+  alone, and a batch's samples of all of them assimilated together (one forecast call and one
+  vectorized analysis per round: cheaper per message than a consumer per twin). `consumer`
+  names the durable consumer (default: the twin id, or the template with {i} as wi).
 - `twin`: the twin's id in the store (`twins_store`, by default the SQLite file twin-serve uses:
   <BENTOML_HOME>/twin-ml/twins.sqlite, so `GET /twins/ID` on a server of the same store shows
   it). A twin the store does not hold is created on the first message from `create`: a twin
@@ -61,6 +67,7 @@ SETTINGS = {
     "stream": Setting("TELEMETRY", "NATS only: the JetStream stream"),
     "ack_wait": Setting("30", "NATS only: seconds before an unacked delivery comes again"),
     "snap": Setting("0.25", "a time within snap x dt of a grid point is that point"),
+    "consumer": Setting(None, "the durable consumer / MQTT session (default: from the twin id)"),
     "progress": Setting("true", "a progress bar on stderr (true/false)"),
     "out_dir": Setting("runs/stream", "where summary.json goes"),
 }
@@ -125,7 +132,7 @@ def run(cfg: dict[str, Any]) -> Path:
     from twin_ml import registry
     from twin_ml.assimilate.filter import OnnxForecast
     from twin_ml.stream.brokers import parse_url, redact
-    from twin_ml.stream.live import LiveTwin, consume
+    from twin_ml.stream.live import LiveFleet, LiveTwin, consume, fleet_ids
     from twin_ml.stream.store import TwinStore, check_id, sqlite_url
 
     missing = [k for k in ("model", "url", "subject", "twin") if not cfg[k]]
@@ -135,7 +142,13 @@ def run(cfg: dict[str, Any]) -> Path:
             "url=nats://HOST:PORT subject=SUBJECT twin=ID)"
         )
     parse_url(cfg["url"])
-    check_id(cfg["twin"], "twin")
+    fleet = any(tok in ("*", "+") for tok in re.split(r"[./]", cfg["subject"]))
+    if fleet:
+        fleet_ids(cfg["subject"], cfg["twin"])  # a template of the subject's wildcards
+    else:
+        check_id(cfg["twin"], "twin")
+    consumer = cfg["consumer"] or re.sub(r"\{(\d+)\}", r"w\1", cfg["twin"]).replace(".", "_")
+    check_id(consumer, "consumer")
     batch = _number(cfg, "batch", int, 1)
     max_messages = _number(cfg, "max_messages", int, 1)
     idle = _number(cfg, "idle", float, 0)
@@ -151,23 +164,19 @@ def run(cfg: dict[str, Any]) -> Path:
         store_spec = sqlite_url(store_spec)
     store = TwinStore(str(store_spec))
     out = Path(cfg["out_dir"])
-    live = LiveTwin(
-        store,
-        card,
-        OnnxForecast(blob, card),
-        contract,
-        cfg["twin"],
-        create=create,
-        snap=snap,
-        archive=cfg["archive"] or out / "archive",
-    )
+    forecast = OnnxForecast(blob, card)
+    options = {"create": create, "snap": snap, "archive": cfg["archive"] or out / "archive"}
+    if fleet:
+        live = LiveFleet(store, card, forecast, contract, cfg["subject"], cfg["twin"], **options)
+    else:
+        live = LiveTwin(store, card, forecast, contract, cfg["twin"], **options)
     try:
         result = asyncio.run(
             consume(
                 cfg["url"],
                 cfg["subject"],
                 live,
-                name=cfg["twin"].replace(".", "_"),
+                name=consumer,
                 estimates=cfg["estimates"],
                 alarms=cfg["alarms"],
                 batch=batch,

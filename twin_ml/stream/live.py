@@ -46,6 +46,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -90,7 +91,6 @@ class Outcome:
     unsaved: tuple | None = field(default=None, repr=False)  # for `LiveTwin.save`
 
 
-
 @dataclass
 class _Batch:
     """One twin's part of a batch, ready to assimilate: the twin (made or restored), its store
@@ -109,6 +109,7 @@ class _Batch:
             return None
         times, us, ys, _ = (np.asarray(v) for v in zip(*self.pending))
         return Observation(times, us, ys)
+
 
 class LiveTwin:
     """One twin in the store, fed batches of (message, stream sequence) by `handle`."""
@@ -278,7 +279,6 @@ class LiveTwin:
         if save:
             self.save(out)
 
-
     def save(self, out: Outcome) -> None:
         """Persist the twin as a batch's `handle(..., save=False)` left it (nothing to do when
         the batch assimilated nothing)."""
@@ -335,6 +335,124 @@ class LiveTwin:
         atomic_write_bytes(self.archive / name, buf.getvalue())
 
 
+def fleet_ids(subject: str, twin: str):
+    """A fleet's twin ids from its messages' subjects: `subject` a NATS subject with `*`
+    tokens (or an MQTT topic with `+` levels), `twin` a template naming each twin by them,
+    `{1}` the first wildcard's token, `{2}` the second's... ("plant.*.telemetry" and
+    "tanks-{1}": plant.a7.telemetry is twin tanks-a7). -> the function subject -> twin id
+    (ValueError naming the subject when it does not fit)."""
+    from twin_ml.stream.store import check_id
+
+    sep = "/" if "/" in subject or "+" in subject.split("/") else "."
+    tokens = subject.split(sep)
+    wild = [i for i, tok in enumerate(tokens) if tok in ("*", "+")]
+    if not wild or any(tok in (">", "#") for tok in tokens):
+        raise ValueError(
+            f"subject: a fleet's subject names each twin by single-level wildcards (* on NATS, "
+            f"+ on MQTT) and no tail wildcard (> or #), got {subject!r}"
+        )
+    used = {int(n) for n in re.findall(r"\{(\d+)\}", twin)}
+    if not used or not used <= set(range(1, len(wild) + 1)):
+        raise ValueError(
+            f"twin: a fleet's twin id is a template of the subject's wildcards {{1}}..."
+            f"{{{len(wild)}}} (e.g. tanks-{{1}}), got {twin!r}"
+        )
+    check_id(re.sub(r"\{\d+\}", "x", twin), "twin")
+
+    def twin_of(concrete: str) -> str:
+        parts = concrete.split(sep)
+        if len(parts) != len(tokens):
+            raise ValueError(f"subject {concrete!r} does not match {subject!r}")
+        values = {str(n + 1): parts[i] for n, i in enumerate(wild)}
+        return check_id(re.sub(r"\{(\d+)\}", lambda m: values[m.group(1)], twin), "twin")
+
+    return twin_of
+
+
+class LiveFleet:
+    """Several twins of one model on one consumer: a message's twin is named by its subject
+    (`fleet_ids`); each twin is a `LiveTwin` (its own store row, stream sequence, archive and
+    estimates), and a batch's samples of all of them are assimilated together
+    (`assimilate_many`: one forecast call and one vectorized analysis per round of samples),
+    which is what makes a fleet cheaper per message than a consumer per twin. A subject that
+    names no valid twin is refused like a broken message."""
+
+    def __init__(
+        self,
+        store: TwinStore,
+        card: ModelCard,
+        forecast,
+        contract,
+        subject: str,
+        twin: str,
+        *,
+        create: dict[str, Any] | None = None,
+        snap: float = 0.25,
+        archive: str | Path | None = None,
+    ):
+        self.twin_of = fleet_ids(subject, twin)
+        self.twin_id = twin  # the template (progress bars, logs)
+        self._args = (store, card, forecast, contract)
+        self._options = {"create": create, "snap": snap, "archive": archive}
+        LiveTwin(*self._args, "settings-check", **self._options)  # refused now, not later
+        self.twins: dict[str, LiveTwin] = {}
+
+    def _live(self, twin_id: str) -> LiveTwin:
+        if twin_id not in self.twins:
+            self.twins[twin_id] = LiveTwin(*self._args, twin_id, **self._options)
+        return self.twins[twin_id]
+
+    def handle(self, items: list[tuple], *, save: bool = True) -> Outcome:
+        """`LiveTwin.handle` for items (message, sequence, subject) of any of the fleet's twins:
+        one Outcome for the batch (each twin's estimates in its samples' order)."""
+        from twin_ml.assimilate.twin import assimilate_many
+
+        out, groups = Outcome(), {}
+        for msg, seq, subject in items:
+            try:
+                twin_id = self.twin_of(subject)
+            except ValueError as e:
+                out.refused += 1
+                out.reasons.append(f"sequence {seq}: {e}")
+                continue
+            groups.setdefault(twin_id, []).append((msg, seq))
+        lives = [self._live(t) for t in groups]
+        try:
+            parts = [(live, Outcome()) for live in lives]
+            batches = [live._prepare(its, o) for (live, o), its in zip(parts, groups.values())]
+            ready = [k for k, b in enumerate(batches) if b is not None and b.pending]
+            answers = assimilate_many(
+                [batches[k].twin for k in ready], [batches[k].observation() for k in ready]
+            )
+            for k, answer in zip(ready, answers):
+                parts[k][0]._collect(batches[k], answer, parts[k][1])
+            for (live, o), b in zip(parts, batches):
+                if b is not None:
+                    live._finish(b, o, save=False)
+        except BaseException:
+            for live in lives:
+                live._kept = None
+            raise
+        for _, o in parts:
+            out.estimates += o.estimates
+            out.alarms += o.alarms
+            out.reasons += o.reasons
+            for key in ("assimilated", "duplicates", "refused", "resets"):
+                setattr(out, key, getattr(out, key) + getattr(o, key))
+        out.unsaved = tuple((live, o) for live, o in parts if o.unsaved is not None) or None
+        if save:
+            self.save(out)
+        return out
+
+    def save(self, out: Outcome) -> None:
+        """Persist every twin of a batch `handle(..., save=False)` left (one transaction each:
+        each twin skips what its own saved sequence covers, so a consumer killed between two
+        saves assimilates the unsaved twins' messages again and the saved ones' not)."""
+        for live, o in out.unsaved or ():
+            live.save(o)
+        out.unsaved = None
+
+
 # ---- the consumer loop ---------------------------------------------------------------------------
 @dataclass
 class StreamResult:
@@ -357,7 +475,7 @@ class StreamResult:
 async def consume(
     url: str,
     subject: str,
-    live: LiveTwin,
+    live: LiveTwin | LiveFleet,
     *,
     name: str,
     estimates: str | None = None,
@@ -415,7 +533,7 @@ async def consume(
             items = []
             for d in got:
                 try:
-                    items.append((d.message(), d.sequence))
+                    items.append((d.message(), d.sequence, d.subject))
                 except MessageError as e:
                     result.refused += 1
                     result.reasons.append(f"sequence {d.sequence}: {e}")
