@@ -372,8 +372,8 @@ def timed_live_twin():
         def _load(self):
             return self._timed("load", super()._load)
 
-        def _assimilate(self, twin, pending, samples, out):
-            return self._timed("assimilate", super()._assimilate, twin, pending, samples, out)
+        def _assimilate(self, batch, out):
+            return self._timed("assimilate", super()._assimilate, batch, out)
 
         def _archive(self, samples, sequences):
             return self._timed("archive", super()._archive, samples, sequences)
@@ -425,6 +425,96 @@ def throughput(url, blob, card, create, data, ref, ref_state, run: int) -> dict:
         "assimilated_twice": 0 if same else None,
         **counts(estimates, n),
         **stream_scores(estimates, y, ref, init),
+    }
+
+
+def fleet_messages(messages, k: int) -> list:
+    """Fleet twin k's record: the test record with its level sensor reading 0.01 k V higher."""
+    import dataclasses
+
+    return [
+        dataclasses.replace(m, values={**m.values, "h2": m.values["h2"] + 0.01 * k})
+        for m in messages
+    ]
+
+
+async def publish_fleet(url: str, subject: str, records: list[list]) -> float:
+    """The fleet's records published interleaved (sample i of every twin, then i + 1), as
+    assets publishing at once do; each publish confirmed by the stream. -> seconds."""
+    from twin_ml.stream.brokers import connect
+    from twin_ml.stream.messages import encode
+
+    t0 = time.perf_counter()
+    async with await connect(url, stream=STREAM) as broker:
+        for i in range(len(records[0])):
+            for k, rec in enumerate(records):
+                await broker.publish(subject.replace("*", f"t{k}"), encode(rec[i]))
+    return time.perf_counter() - t0
+
+
+def fleet(url, blob, card, create, data, messages, twins: int, batch: int, run: int) -> dict:
+    """`consume` of a `LiveFleet` drains `twins` records published interleaved (batch
+    `batch`): every twin assimilated, saved, archived and estimated as alone, a batch's
+    samples of all twins assimilated together. Side by side, just before: `assimilate_many`
+    alone on the same records (the ceiling), and Twin.assimilate of one twin per record (what a
+    consumer per twin can at best do). Each twin's state is checked against the in-process
+    twin fed its record."""
+    from twin_ml.assimilate.filter import OnnxForecast
+    from twin_ml.assimilate.twin import Observation, Twin, assimilate_many
+    from twin_ml.stream.live import LiveFleet, consume, model_contract
+    from twin_ml.stream.store import TwinStore, sqlite_url
+
+    t, u, y, init = data
+    n = len(t)
+    records = [fleet_messages(messages, k) for k in range(twins)]
+    ys = [y + 0.01 * k for k in range(twins)]
+    forecast = OnnxForecast(blob, card)
+    body = {**create, "t0": float(t[0]), "inputs": {"pump": float(u[0, 0])}}
+    made = [Twin.create(card, forecast, body) for _ in range(twins)]
+    t0 = time.perf_counter()
+    assimilate_many(made, [Observation(t, u, yk) for yk in ys])
+    together_s = time.perf_counter() - t0
+    refs = [json.loads(json.dumps(tw.state())) for tw in made]
+    _, one_s = reference_state(blob, card, create, t, u, y)
+    tag = f"fleet{run}"
+    root = WORK / tag
+    shutil.rmtree(root, ignore_errors=True)
+    telemetry = f"plant.{tag}.*.telemetry"  # a run's own: the stream keeps earlier runs'
+    published_s = asyncio.run(publish_fleet(url, telemetry, records))
+    store = TwinStore(sqlite_url(root / "twins.sqlite"))
+    live = LiveFleet(
+        store, card, forecast, model_contract(card), telemetry, f"tanks-{tag}-{{1}}",
+        create=create, archive=root / "archive",
+    )  # fmt: skip
+    subject = f"plant.fleet.estimates.{tag}"
+    result = asyncio.run(
+        consume(
+            url, telemetry, live, name=tag, estimates=subject, batch=batch,
+            max_messages=n * twins, idle_s=WAIT, stream=STREAM,
+        )
+    )  # fmt: skip
+    estimates = asyncio.run(read_all(url, subject, f"read-{tag}"))
+    worst, per_twin = 0.0, []
+    for k in range(twins):
+        name = f"tanks-{tag}-t{k}"
+        got, want = stored_state(store, name)["filter"], refs[k]["filter"]
+        worst = max(worst, float(np.abs(np.subtract(got["X"], want["X"])).max()))
+        per_twin.append(counts([e for e in estimates if e["twin"] == name], n))
+    store.close()
+    return {
+        "twins": twins,
+        "batch": batch,
+        "messages_per_s": result.delivered / result.wall_s,
+        "assimilate_many_alone_messages_per_s": n * twins / together_s,
+        "one_twin_assimilate_alone_messages_per_s": n / one_s,
+        "published_s": published_s,
+        "wall_s": result.wall_s,
+        "delivered": result.delivered,
+        "assimilated": result.assimilated,
+        "batches": result.batches,
+        "max_abs_state_diff_from_in_process": worst,
+        "lost": sum(c["lost"] for c in per_twin),
+        "duplicated_estimates": sum(c["duplicated_estimates"] for c in per_twin),
     }
 
 
@@ -778,6 +868,21 @@ def table(res: dict) -> str:
         lines.append(
             row("messages/s, twin-stream process", f"{tp['command']['messages_per_s']:.1f}")
         )
+    for f in res.get("fleet", []):
+        lines.append(
+            row(
+                f"messages/s, a fleet of {f['twins']} twins (batch {f['batch']})",
+                f"{f['messages_per_s']:.1f}",
+                ">= 2000",
+            )
+        )
+        lines.append(
+            row(
+                "  assimilate_many alone | max |state diff|",
+                f"{f['assimilate_many_alone_messages_per_s']:.0f} | "
+                f"{f['max_abs_state_diff_from_in_process']:.2g}",
+            )
+        )
     lines += [
         row(f"latency p50 ms at {rate}/s", f"{lat['p50_ms']:.1f}"),
         row(f"latency p99 ms ({lat['count']} samples)", f"{lat['p99_ms']:.1f}", "<= 50"),
@@ -842,7 +947,13 @@ def main() -> None:
     ap.add_argument("--tanks-run", type=Path, default=ROOT / "runs" / "tanks-real")
     ap.add_argument("--quick", action="store_true", help="one run; no command run, no profile")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument(
+        "--fleet", type=int, nargs="*", default=[4, 8, 16, 32],
+        help="fleet sizes (twins on one consumer, batch 64 per twin; --quick: 16)",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.quick and args.fleet == ap.get_default("fleet"):
+        args.fleet = [16]
     runs = 1 if args.quick else args.runs
     os.environ["BENTOML_HOME"] = str(WORK / "store")  # before the registry imports bentoml
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
@@ -880,6 +991,12 @@ def main() -> None:
         for i in range(runs):
             tp_runs.append(throughput(url, blob, card, create, data, score_ref, ref_state, i))
             log(f"throughput run {i}: {tp_runs[-1]['messages_per_s']:.1f} messages/s")
+        fleets = []
+        for i, twins in enumerate(args.fleet):
+            fleets.append(
+                fleet(url, blob, card, create, data, messages, twins, BATCH * twins, i)
+            )  # fmt: skip
+            log(f"fleet of {twins}: {fleets[-1]['messages_per_s']:.1f} messages/s")
         timed = [parts(url, blob, card, create, BATCH, n), parts(url, blob, card, create, 1, 200)]
         rates = ", ".join(f"{r['messages_per_s']:.1f}" for r in timed)
         log(f"timed runs (batch 64, 1): {rates} messages/s")
@@ -923,8 +1040,8 @@ def main() -> None:
         "latency_p99_ms": lat["p99_ms"],
         "rmse_1step_ratio": first["rmse_1step_ratio"],
         "coverage_90": first["coverage_90"],
-        "lost": max(r["lost"] for r in clean),
-        "duplicated": max(r["duplicated_estimates"] for r in clean)
+        "lost": max(r["lost"] for r in [*clean, *fleets]),
+        "duplicated": max(r["duplicated_estimates"] for r in [*clean, *fleets])
         + (0 if all(v == 0 for v in twice) else 1),
         "goals": GOALS,
         "met": {},
@@ -954,6 +1071,8 @@ def main() -> None:
                 r["assimilate_alone_messages_per_s"] for r in tp_runs
             ),
         },
+        "fleet": fleets,
+        "fleet_messages_per_s": {str(f["twins"]): f["messages_per_s"] for f in fleets},
         "latency": {**lat, **lat_counts, "slower_rates": slower},
         "quality": quality,
         "kill_restart": kr,

@@ -160,6 +160,10 @@ class Subscription(ABC):
         """Stop receiving. The durable state stays on the broker (the JetStream consumer, the
         MQTT session and its subscription): a new subscription under the same name resumes."""
 
+    def buffered(self) -> int:
+        """Deliveries received and not handed out yet (`next` returns them without waiting)."""
+        return 0
+
     def __aiter__(self) -> Subscription:
         return self
 
@@ -525,6 +529,9 @@ class JetStreamBroker(Broker):
             ack_wait=self.ack_wait,
             deliver_policy=api.DeliverPolicy.ALL,
             filter_subject=subject,
+            # room for two fetches unacked (JetStream's default 1000 would hold back a fetch of
+            # more: it then waits out its expiry)
+            max_ack_pending=max(1000, 2 * self.batch),
         )
         try:
             info = await self._js.consumer_info(self.stream, self.name)
@@ -538,8 +545,10 @@ class JetStreamBroker(Broker):
                     f"{old.filter_subject!r} with ack policy {old.ack_policy}, not {subject!r} "
                     "with explicit ack; give another name"
                 )
-        if info is None or info.config.ack_wait != self.ack_wait:
-            try:  # create, or update its ack_wait (the server keeps its acks and position)
+        room = info.config.max_ack_pending if info is not None else None
+        small = bool(room and room < 2 * self.batch)
+        if info is None or info.config.ack_wait != self.ack_wait or small:
+            try:  # create, or update it (the server keeps its acks and position)
                 await self._js.add_consumer(self.stream, config)
             except jserr.APIError as e:
                 raise BrokerError(f"consumer {self.name!r}: {e.description}") from None
@@ -593,6 +602,9 @@ class JetStreamSubscription(Subscription):
                 f"ack of stream sequence {msg.metadata.sequence.stream}: the server did not "
                 "confirm it in time; it will be redelivered"
             ) from None
+
+    def buffered(self) -> int:
+        return len(self._buffer)
 
     async def next(self, timeout: float | None = None) -> Delivery:
         import nats.errors

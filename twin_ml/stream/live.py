@@ -175,8 +175,7 @@ class LiveTwin:
             out = Outcome()
             batch = self._prepare(items, out)
             if batch is not None:
-                obs = batch.observation()
-                self._collect(batch, None if obs is None else batch.twin.assimilate(obs), out)
+                self._assimilate(batch, out)
                 self._finish(batch, out, save)
             return out
         except BaseException:
@@ -230,7 +229,7 @@ class LiveTwin:
                     )
                     continue
                 if twin is not None:  # a gap past the longest rollout: start again here
-                    self._assimilate(twin, pending, samples, out)
+                    self._assimilate(_Batch(twin, None, None, samples, [], pending), out)
                     pending = []
                     out.resets += 1
                     out.alarms.append(
@@ -293,11 +292,10 @@ class LiveTwin:
         self._kept = (twin, rec, stream)
         out.unsaved = None
 
-    def _assimilate(self, twin: Twin, pending, samples, out: Outcome) -> None:
-        """The old twin's samples before a reset (see `_prepare`)."""
-        batch = _Batch(twin, None, None, samples, [], pending)
+    def _assimilate(self, batch: _Batch, out: Outcome) -> None:
+        """Step 4 for one twin alone (a fleet assimilates its twins' batches together)."""
         obs = batch.observation()
-        self._collect(batch, None if obs is None else twin.assimilate(obs), out)
+        self._collect(batch, None if obs is None else batch.twin.assimilate(obs), out)
 
     def _prune(self, last_seq: int | None) -> None:
         """Remove archive parts of batches the twin never saved (a consumer killed between
@@ -524,8 +522,8 @@ async def consume(
             got = [first]
             want = batch if max_messages is None else min(batch, max_messages - result.delivered)
             until = loop.time() + linger_s  # what arrives meanwhile joins the batch
-            while len(got) < want and loop.time() < until:
-                try:
+            while len(got) < want and (ahead or sub.buffered() or loop.time() < until):
+                try:  # fetched already (a backlog): it has arrived, whatever the time
                     got.append(await pull(max(until - loop.time(), 1e-4)))
                 except TimeoutError:
                     break
