@@ -327,7 +327,8 @@ def test_a_fleet_on_one_consumer_gives_each_twin_its_own_twin(
 ):
     """Three twins' records published interleaved on fleet.<twin>.telemetry and drained by one
     `consume` of a `LiveFleet` (batches of 48, each holding samples of all three, assimilated
-    together): each twin in the store is the in-process twin fed its own record, one estimate
+    together; full batches although nothing lingers for more: the deliveries fetched already
+    have arrived): each twin in the store is the in-process twin fed its own record, one estimate
     per sample went out per twin, in its order, with that twin's predictions, and each twin's
     archive holds its samples once."""
     from twin_ml.stream.live import consume
@@ -344,13 +345,14 @@ def test_a_fleet_on_one_consumer_gives_each_twin_its_own_twin(
                     await broker.publish(f"fleet.{name}.telemetry", encode(messages[i]))
         result = await consume(
             url, "fleet.*.telemetry", fleet, name="fleet", estimates="fleet.estimates",
-            batch=48, max_messages=n, idle_s=WAIT, stream=stream,
+            batch=48, max_messages=n, idle_s=WAIT, stream=stream, linger_s=0.0,
         )  # fmt: skip
         return result, await read_subject(url, "fleet.estimates", "fleet-reader", stream, n)
 
     result, estimates = asyncio.run(main())
     assert (result.delivered, result.assimilated, result.published) == (n, n, n)
     assert (result.duplicates, result.refused, result.resets) == (0, 0, 0)
+    assert result.batches == -(-n // 48)  # a backlog fetched fills each batch, linger or not
     for name, (yk, _) in zip(FLEET, records):
         state, samples = reference(y=yk)
         assert_close(stored(store, f"pend-{name}"), state, FLEET_TOL, f"pend-{name}")
