@@ -2,7 +2,7 @@
 the in-process filter's.
 
     python benchmarks/live.py [--out benchmarks/results/live.json] [--quick] [--runs 3]
-        [--rate 200] [--tanks-run runs/tanks-real] [--no-profile]
+        [--rate 200] [--tanks-run runs/tanks-real] [--no-profile] [--fleet 4 8 16 32]
 
 The Cascaded Tanks test record (1024 samples at 4 s, data/real, `load_messages`), the trained
 `experiment=cascaded_tanks_real` hybrid (M = 5 networks; trained when runs/tanks-real is missing)
@@ -22,6 +22,12 @@ nats-server with JetStream started here (tests/brokers.py's start_nats). One con
   it). Two further runs time the parts of the loop per message with a timed LiveTwin subclass
   (load and restore the twin, map, assimilate, archive, save; the rest: fetch, decode, publish,
   ack): batch 64 over the record, batch 1 over its first 200 samples (a batch's fixed cost).
+- Fleets (`--fleet 4 8 16 32`; --quick: 16): that many twins' records (the test record, each
+  twin's level reading offset by 0.01 V x its index) published interleaved on
+  plant.<run>.t<k>.telemetry, drained by one `consume` of a `LiveFleet` (batch 64 per twin):
+  the same work per message as one twin's run, a batch's samples of all twins assimilated
+  together. Beside it: `assimilate_many` alone on the same records, and each twin's members
+  against that in-process twin; lost / duplicated estimates per twin.
 - Latency: twin-stream in a process of its own; a publisher here paced at `--rate` messages/s
   (each publish confirmed by the stream) records when it sends each sample; a core NATS
   subscriber on the estimates subject records when each sample's estimate arrives (both
@@ -44,7 +50,8 @@ nats-server with JetStream started here (tests/brokers.py's start_nats). One con
   on-CPU samples each part takes (inclusive; waiting on the broker is not on-CPU, the timed
   runs show it).
 
-Goals (issue): >= 2000 messages/s with assimilation on, M = 5, on 2 cores; p99 <= 50 ms at
+Goals (issue): >= 2000 messages/s with assimilation on, M = 5, on 2 cores (`messages_per_s`
+is one twin's; `fleet_messages_per_s` a fleet's per size); p99 <= 50 ms at
 200 messages/s; the stream's RMSE and coverage those of the in-process filter within 1e-6.
 Misses are reported as misses.
 """
