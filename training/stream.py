@@ -142,7 +142,8 @@ def run(cfg: dict[str, Any]) -> Path:
             "url=nats://HOST:PORT subject=SUBJECT twin=ID)"
         )
     parse_url(cfg["url"])
-    fleet = any(tok in ("*", "+") for tok in re.split(r"[./]", cfg["subject"]))
+    subject = str(cfg["subject"])
+    fleet = "*" in subject.split(".") or "+" in subject.split("/")
     if fleet:
         fleet_ids(cfg["subject"], cfg["twin"])  # a template of the subject's wildcards
     else:

@@ -341,10 +341,11 @@ def fleet_ids(subject: str, twin: str):
     (ValueError naming the subject when it does not fit)."""
     from twin_ml.stream.store import check_id
 
-    sep = "/" if "/" in subject or "+" in subject.split("/") else "."
+    mqtt = "/" in subject or subject == "+"
+    sep, one, tail = ("/", "+", "#") if mqtt else (".", "*", ">")
     tokens = subject.split(sep)
-    wild = [i for i, tok in enumerate(tokens) if tok in ("*", "+")]
-    if not wild or any(tok in (">", "#") for tok in tokens):
+    wild = [i for i, tok in enumerate(tokens) if tok == one]
+    if not wild or tail in tokens:
         raise ValueError(
             f"subject: a fleet's subject names each twin by single-level wildcards (* on NATS, "
             f"+ on MQTT) and no tail wildcard (> or #), got {subject!r}"
