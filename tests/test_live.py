@@ -520,6 +520,38 @@ def test_twin_stream_killed_mid_stream_and_restarted_loses_nothing(
     store.close()
 
 
+def test_twin_stream_serves_a_fleet_from_a_wildcard_subject(
+    nats_server, model, record, reference, tmp_path
+):
+    """The command with subject cmdfleet.*.telemetry and twin pend-{1}: two twins' records
+    published interleaved, drained by one process (batches of 8, a durable consumer
+    named from the template). Each twin is in the store as the in-process twin fed its record,
+    and the summary counts both."""
+    from twin_ml.stream.store import TwinStore, sqlite_url
+
+    env, _, _ = model
+    url, records = nats_server.url, fleet_records(record)[:2]
+
+    async def publish():
+        async with await connect(url, stream="KILL") as broker:
+            for i in range(STEPS):
+                for name, (_, messages) in zip(FLEET, records):
+                    await broker.publish(f"cmdfleet.{name}.telemetry", encode(messages[i]))
+
+    asyncio.run(publish())
+    proc = twin_stream(
+        env, url, "cmdfleet.*.telemetry", "pend-{1}", tmp_path, f"max_messages={2 * STEPS}"
+    )
+    assert proc.wait(timeout=STARTUP_S + WAIT) == 0, proc.log.read_text()[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["delivered"], summary["assimilated"]) == (2 * STEPS, 2 * STEPS)
+    assert (summary["duplicates"], summary["refused"], summary["twin"]) == (0, 0, "pend-{1}")
+    store = TwinStore(sqlite_url(tmp_path / "twins.sqlite"))
+    for name, (yk, _) in zip(FLEET, records):
+        assert_close(stored(store, f"pend-{name}"), reference(y=yk)[0], FLEET_TOL, name)
+    store.close()
+
+
 # ---- bad traffic ---------------------------------------------------------------------------------
 
 
