@@ -217,7 +217,7 @@ FILE_SECONDS = {
     "test_bento.py": 20,
     "test_field_service.py": 60,
     "test_calibrate.py": 45,
-    "test_live.py": 35,
+    "test_live.py": 45,
     "test_monitor.py": 45,
     "test_twins.py": 45,
     "test_physics_oracles.py": 40,
