@@ -362,6 +362,38 @@ def test_the_onnx_forecast_steps_each_member_as_the_rollout_does(exported_pendul
         forecast(X, P, 0.0, 2 * dt, u, u)
 
 
+def test_the_onnx_forecast_takes_a_linear_input_inside_the_interval_as_the_rollout_does(
+    exported_pendulum,
+):
+    """The torque (a linear input) ramps from 0.1 to 0.9 over one interval. Each member's step
+    lands where the rollout's first interval over [0.1, 0.9] puts that network's trajectory (its
+    `members` output at the next grid point): the model's own input inside the interval, as it
+    was trained. Holding the midpoint torque instead (what a one-value step does) lands
+    measurably elsewhere: the check can tell the two apart."""
+    from twin_ml._ort import session
+    from twin_ml.assimilate.filter import OnnxForecast
+
+    blob, card = exported_pendulum
+    system = card.system.build()
+    forecast = OnnxForecast(blob, card, widen=False)
+    m, dt = card.members, card.time.dt
+    x0, p = np.array([0.3, -0.2]), np.array([1.0, 0.2, 1.0])
+    u0, u1 = np.array([0.1]), np.array([0.9])
+
+    def rolled(u):
+        feeds = {"x0": x0[None].astype(np.float32), "p": p[None].astype(np.float32)}
+        return session(blob).run(["members"], {**feeds, "u": np.asarray(u, np.float32)})[0]
+
+    ramp = rolled([[[0.1], [0.9]]])[:, 0, 1]  # [M, ny]: one interval on, over the ramp
+    held = rolled([[[0.5], [0.5]]])[:, 0, 1]  # the midpoint held
+    X, P = np.broadcast_to(x0, (m, 2)), np.broadcast_to(p, (m, 3))
+    y1 = system.observe(forecast(X, P, 0.0, dt, u0, u1), np.broadcast_to(u1, (m, 1)), P)
+    tol = 1e-5 * max(1.0, float(np.abs(ramp).max()))
+    assert np.allclose(y1, ramp, rtol=0, atol=tol), (y1, ramp)
+    assert forecast.lean
+    assert np.abs(held - ramp).max() > 10 * tol, np.abs(held - ramp).max()
+
+
 def test_filters_stepped_together_step_as_each_alone(exported_pendulum):
     """`step_many` over five twins' filters: three alike (their own seeds, inputs and
     measurements) share one forecast call and one analysis; one with an output not measured,

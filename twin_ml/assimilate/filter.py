@@ -260,11 +260,17 @@ def one_interval_graph(onnx_model: str | bytes) -> bytes | None:
 class OnnxForecast:
     """The exported ensemble as the forecast (torch-free): filter member i is stepped by the
     ensemble's network i mod M, from its own state (the file's `x_members` input, its `x_end`
-    output), one grid interval of the model's dt per call. Within the interval the graph is
-    given one input value: held inputs their value at the interval's start, linear ones the
-    interval's midpoint value (exact for a flow map, which evaluates its network at the middle;
-    second order for the RK4 kinds). Every network steps every member's state in one call (M x N
-    member-intervals): the file's batch, one onnxruntime call per step.
+    output), one grid interval of the model's dt per call. Every network steps every member's
+    state in one call (M x N member-intervals): the file's batch, one onnxruntime call per step.
+
+    Inputs inside the interval are the model's own: the one-interval graph (`one_interval_graph`)
+    is given the interval's two ends [u0, u1], and its prelude interpolates them at each stage
+    time as the rollout and the training did (linear inputs; held ones stay at u0). The first
+    call checks that graph against the rollout (two intervals of the rollout against the graph
+    twice, state for state) and steps with it from then on. A file whose graph cannot be cut, or
+    disagrees, is stepped by the rollout with a horizon of 1, whose one input value per interval
+    is the midpoint of linear inputs: second order for the RK4 kinds, and a worse model where
+    the input changes fast within a step (the Silverbox's multisine: its free run 3x off).
 
     `widen`: the networks' disagreement is the ensemble's estimate of its own error, and the
     model card's conformal scale c says how much wider the calibrated band is than the raw
@@ -310,20 +316,23 @@ class OnnxForecast:
         size = n if size is None else size
         if size < 1 or n % size:
             raise ValueError(f"size must divide the {n} rows into whole ensembles, got {size}")
-        u = np.where(self.held, u0, (np.asarray(u0) + np.asarray(u1)) / 2).astype(np.float32)
         x32 = np.asarray(X, dtype=np.float32)
+        u0, u1 = (np.asarray(v, dtype=np.float32) for v in (u0, u1))
+        ends = np.stack(np.broadcast_arrays(u0, u1), axis=-2)  # [(n,) 2, nu]
         feeds = {
             "x0": x32,
-            "u": u[:, None] if u.ndim == 2 else np.repeat(u[None, None], n, axis=0),
+            "u": ends if ends.ndim == 3 else np.repeat(ends[None], n, axis=0),
             "p": np.asarray(P, dtype=np.float32),
             "x_members": np.repeat(x32[None], m, axis=0),
         }
-        if self._lean is not None and self._lean_checked:
+        if self._lean is not None and not self._lean_checked:
+            self._check_lean(feeds)
+        if self._lean is not None:
             (x_end,) = self._lean.run(["x_end"], {k: feeds[k] for k in self._lean_inputs})
-        else:
+        else:  # the rollout, one interval: one input value, linear ones at the midpoint
+            start, end = feeds["u"][:, :1], feeds["u"][:, 1:]
+            feeds["u"] = np.where(self.held, start, (start + end) / 2)
             (x_end,) = self.session.run(["x_end"], feeds)  # [M, N, nx]
-            if self._lean is not None:
-                self._check_lean(feeds, x_end)
         x_end = x_end.astype(np.float64)
         idx = self._own.get((n, size))
         if idx is None:
@@ -338,20 +347,27 @@ class OnnxForecast:
         """Whether the steps run on the one-interval graph (`one_interval_graph`)."""
         return self._lean is not None and self._lean_checked
 
-    def _check_lean(self, feeds: dict, x_end: np.ndarray) -> None:
-        """Use the one-interval graph from now on if it gives the rollout's step (float32: the
-        same operations; kernels chosen for another graph may round their last bits apart)."""
-        (lean,) = self._lean.run(["x_end"], {k: feeds[k] for k in self._lean_inputs})
-        scale = max(float(np.abs(x_end).max()), 1.0)
-        if lean.shape == x_end.shape and np.allclose(lean, x_end, rtol=1e-5, atol=1e-6 * scale):
+    def _check_lean(self, feeds: dict) -> None:
+        """Use the one-interval graph from now on if, given [u0, u1] and then [u1] (held), it
+        lands where the rollout's two intervals over [u0, u1] do (float32: the same operations;
+        kernels chosen for another graph may round their last bits apart)."""
+        lean = {k: feeds[k] for k in self._lean_inputs}
+        (first,) = self._lean.run(["x_end"], lean)
+        lean.update(x_members=first, u=feeds["u"][:, 1:])
+        (second,) = self._lean.run(["x_end"], {k: lean[k] for k in self._lean_inputs})
+        (rolled,) = self.session.run(["x_end"], feeds)
+        scale = max(float(np.abs(rolled).max()), 1.0)
+        if second.shape == rolled.shape and np.allclose(
+            second, rolled, rtol=1e-5, atol=1e-6 * scale
+        ):
             self._lean_checked = True
         else:
             log.warning(
                 "model %s:%s: its one-interval graph disagrees with its rollout by %.3g; "
-                "stepping with the rollout",
+                "stepping with the rollout (inputs at the interval's midpoint)",
                 self.card.name,
                 self.card.version,
-                float(np.abs(lean - x_end).max()) if lean.shape == x_end.shape else np.inf,
+                float(np.abs(second - rolled).max()) if second.shape == rolled.shape else np.inf,
             )
             self._lean = None
 
