@@ -628,6 +628,36 @@ def test_a_stream_through_mqtt_gives_the_in_process_twin(
     check_archive(tmp_path / "archive" / name, record)
 
 
+def test_a_fleet_through_mqtt_gives_each_twin_its_own_twin(
+    mqtt_broker, model, forecast, record, reference, tmp_path
+):
+    """Two twins' records published interleaved on fleet/<twin>/telemetry while the fleet's
+    persistent session (subscribed to fleet/+/telemetry) is offline, then consumed by one
+    `LiveFleet`: each twin is the in-process twin fed its record."""
+    from twin_ml.stream.live import consume
+
+    url, topic, name = mqtt_broker.url, "fleet/+/telemetry", "pend-fleet-mqtt"
+    fleet, store = live_fleet(model, forecast, tmp_path, topic)
+    records = fleet_records(record)[:2]
+
+    async def main():
+        async with await connect(url, name=name) as b:  # the session and its subscription
+            await b.subscribe(topic)
+        async with await connect(url) as broker:
+            for i in range(STEPS):
+                for twin, (_, messages) in zip(FLEET, records):
+                    await broker.publish(f"fleet/{twin}/telemetry", encode(messages[i]))
+        return await consume(
+            url, topic, fleet, name=name, batch=16, max_messages=2 * STEPS, idle_s=WAIT
+        )
+
+    result = asyncio.run(main())
+    assert (result.delivered, result.assimilated, result.duplicates) == (2 * STEPS,) * 2 + (0,)
+    for twin, (yk, _) in zip(FLEET, records):
+        assert_close(stored(store, f"pend-{twin}"), reference(y=yk)[0], FLEET_TOL, twin)
+    store.close()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
