@@ -48,6 +48,24 @@ SHIPPED = [
 ]
 
 
+def assert_close(got, want, tol: float, where: str = "") -> None:
+    """JSON-like values (dicts, lists, numbers) equal, floats within tol relative to
+    max(1, |want|): twins stepped in one larger float32 forecast batch (a fleet) against each
+    stepped alone, whose last bits may round apart."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_close(got[k], want[k], tol, f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, tol, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert abs(got - want) <= tol * max(1.0, abs(want)), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import assert_close, rollout_tol
 
 from twin_ml.assimilate import enkf, etkf, gaspari_cohn, letkf
 
@@ -439,8 +440,7 @@ def test_filters_stepped_together_step_as_each_alone(exported_pendulum):
         got = step_many(together, t, u, y)
         for k in range(5):
             want = alone[k].step(t[k], u[k], y[k])
-            scale = max(1.0, float(np.abs(want.state_mean).max()))
-            tol = 8 * np.finfo(np.float32).eps * steps * scale
+            tol = rollout_tol(steps, max(1.0, float(np.abs(want.state_mean).max())))
             for name in moments:
                 assert np.allclose(getattr(got[k], name), getattr(want, name), rtol=0, atol=tol)
             assert got[k].t == want.t
@@ -887,6 +887,43 @@ def test_a_twin_reports_its_k_step_predictions_as_the_record_score_does(exported
     assert sc.points[3] == len(e)
     assert sc.rmse[3] == pytest.approx(np.sqrt(np.mean(e**2)), rel=1e-12)
     assert sc.coverage_90[3] == pytest.approx(np.mean(z <= Z90), abs=1e-12)
+
+
+def test_twins_assimilated_together_answer_as_each_alone(exported_pendulum):
+    """`assimilate_many` over three twins (one with `ahead` [3] and an estimated parameter, one
+    given fewer samples than the others, one plain) answers each as `Twin.assimilate` alone:
+    every sample's prediction, filtered outputs, NIS and k-step report, the alarms and the
+    estimate after the batch; float32 rounding of the larger forecast batch apart."""
+    from twin_ml.assimilate.filter import OnnxForecast
+    from twin_ml.assimilate.twin import Observation, Twin, assimilate_many
+
+    blob, card = exported_pendulum
+    dt = card.time.dt
+    forecast = OnnxForecast(blob, card)
+    base = {"inputs": {"torque": 0.0}, "noise": {"theta": 0.02}, "filter": {"members": 12}}
+    bodies = [
+        {**base, "ahead": [3], "estimate": {"damping": 0.2}},
+        {**base, "filter": {"members": 12, "seed": 4}},
+        {**base, "alarms": {"window": 5}},
+    ]
+    lengths = [30, 12, 30]
+    obs = []
+    for k, n in enumerate(lengths):
+        t = np.arange(1, n + 1) * dt
+        u = (0.2 * np.sin(0.7 * t + k))[:, None]
+        y = (0.3 * np.cos(2.0 * t) + 0.05 * k)[:, None]
+        obs.append(Observation(t, u, y))
+    together = assimilate_many([Twin.create(card, forecast, b) for b in bodies], obs)
+    alone = [Twin.create(card, forecast, b).assimilate(o) for b, o in zip(bodies, obs)]
+    tol = rollout_tol(max(lengths), 1.0)  # float32 rounding of another batch size, relative
+
+    for k, (got, want) in enumerate(zip(together, alone)):
+        assert len(got["samples"]) == lengths[k]
+        assert_close(got, want, tol, f"twin {k}")
+    assert any("ahead" in smp for smp in together[0]["samples"])
+    with pytest.raises(ValueError, match="distinct twins"):
+        twin = Twin.create(card, forecast, base)
+        assimilate_many([twin, twin], obs[:2])
 
 
 def test_a_twin_s_localization_weights_reach_its_analysis(exported_pendulum):

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from brokers import STARTUP_S
-from conftest import stored_pendulum
+from conftest import assert_close, rollout_tol, stored_pendulum
 
 from twin_ml.stream.brokers import connect
 from twin_ml.stream.messages import TelemetryMessage, encode
@@ -301,25 +301,9 @@ def live_fleet(model, forecast, path: Path, subject: str):
     return fleet, store
 
 
-def assert_close(got, want, tol: float, where: str = "") -> None:
-    """JSON values equal, numbers within tol (a fleet steps its twins' members in one float32
-    batch, whose rounding may differ from a single twin's in the last bits)."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), where
-        for k in want:
-            assert_close(got[k], want[k], tol, f"{where}.{k}")
-    elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), where
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert_close(a, b, tol, f"{where}[{i}]")
-    elif isinstance(want, float) and not isinstance(want, bool):
-        assert abs(got - want) <= tol * max(1.0, abs(want)), (where, got, want)
-    else:
-        assert got == want, (where, got, want)
-
-
-# float32 rounding over the record's steps (a wrong member, input or draw is off by ~1e-2)
-FLEET_TOL = 8 * float(np.finfo(np.float32).eps) * STEPS
+# float32 rounding over the record's steps, relative (a wrong member, input or draw is off by
+# ~1e-2)
+FLEET_TOL = rollout_tol(STEPS, 1.0)
 
 
 def test_a_fleet_on_one_consumer_gives_each_twin_its_own_twin(
