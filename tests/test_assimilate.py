@@ -786,6 +786,9 @@ def test_a_twin_refuses_what_it_cannot_assimilate_by_field(exported_pendulum):
         with pytest.raises(error, match=message):
             twin.observe(body)
     assert twin.t == pytest.approx(3 * card.time.dt)  # nothing half-assimilated
+    # a torque float32 cannot hold: the members' forecast turns non-finite (a refusal, not a 500)
+    with pytest.raises(RequestError, match="inputs: the forecast across these samples diverged"):
+        twin.observe(_batch(card, 4, 2, torque=1e39))
     for body, message in [
         ({"inputs": {"torque": 0.0}}, r"noise: missing \['theta'\]"),
         ({"inputs": {"torque": 0.0}, "noise": {"theta": 0.0}}, r"noise.theta: must be > 0"),

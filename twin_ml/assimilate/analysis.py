@@ -27,6 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class Diverged(ValueError):
+    """The ensemble holds non-finite values: the forecast into this analysis diverged (inputs or
+    states far outside what the model can step). The filter cannot go on from it."""
+
+
 @dataclass(frozen=True)
 class Innovation:
     """What one analysis saw: per measured output the innovation d = y - mean(HX) and its
@@ -53,7 +58,7 @@ def _check(X: np.ndarray, HX: np.ndarray, y: np.ndarray, r: np.ndarray, inflatio
     if not inflation >= 1:
         raise ValueError(f"inflation must be >= 1, got {inflation}")
     if not (np.isfinite(X).all() and np.isfinite(HX).all()):
-        raise ValueError("the ensemble holds non-finite values (a diverged forecast?)")
+        raise Diverged("the ensemble holds non-finite values (a diverged forecast?)")
     return X, HX, y, r
 
 
@@ -156,7 +161,7 @@ def etkf_many(
     if not np.isfinite(y).all():
         raise ValueError("etkf_many takes fully measured samples; give those with NaNs to etkf")
     if not (np.isfinite(X).all() and np.isfinite(HX).all()):
-        raise ValueError("the ensemble holds non-finite values (a diverged forecast?)")
+        raise Diverged("the ensemble holds non-finite values (a diverged forecast?)")
     nm1 = N - 1.0
     root = np.sqrt(infl)[:, None, None]
     xm = X.sum(axis=1, keepdims=True) / N

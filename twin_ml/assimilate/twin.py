@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from twin_ml.assimilate.analysis import Diverged
 from twin_ml.assimilate.filter import (
     METHODS,
     Ahead,
@@ -563,7 +564,14 @@ class Twin:
         """Assimilate a batch (see the module doc): per sample the one-step prediction and the
         filtered outputs, then the estimate after the last one, and the alarms raised."""
         obs = parse_observe(self.card, body, self.t, self.spec.t0)
-        return self.assimilate(obs)
+        try:
+            return self.assimilate(obs)
+        except Diverged as e:  # the request's doing; this object is left part-way (not to save)
+            raise RequestError(
+                "inputs",
+                f"the forecast across these samples diverged ({e}): nothing was assimilated "
+                "(inputs or measurements far outside what the model was trained on?)",
+            ) from None
 
     def assimilate(self, obs: Observation) -> dict[str, Any]:
         return assimilate_many([self], [obs])[0]

@@ -15,7 +15,10 @@ Per batch of deliveries (up to `batch`, gathered as they arrive), in this order:
    and align onto the model's grid: a time within `snap` x dt of a grid point t0 + k dt is that
    point; others are refused; an input not valid in a sample holds its last value;
 4. assimilate each sample (`Twin.assimilate`); a gap longer than the model's longest rollout
-   starts the twin again from its creation settings at that sample (reported as a reset);
+   starts the twin again from its creation settings at that sample (reported as a reset); a
+   batch whose forecast diverges (`analysis.Diverged`: non-finite members) is refused whole,
+   with a `diverged` alarm, and the twin stays as last saved (stopping instead would block the
+   stream: the batch would come again);
 5. archive the batch's aligned samples (a Parquet part per batch, named by its first and last
    stream sequence, written to a temporary file and renamed: a redelivered batch rewrites the
    same part);
@@ -55,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from twin_ml.assimilate.analysis import Diverged
 from twin_ml.assimilate.twin import Observation, Twin
 from twin_ml.contract import ModelCard
 from twin_ml.stream.store import TwinNotFound, TwinStore
@@ -178,9 +182,28 @@ class LiveTwin:
                 self._assimilate(batch, out)
                 self._finish(batch, out, save)
             return out
+        except Diverged as e:  # refused, not a stuck stream: it would come again and again
+            self._kept = None
+            return self._diverged(items, e)
         except BaseException:
             self._kept = None  # a batch that failed half-way: its twin is not the store's
             raise
+
+    def _diverged(self, items: list[tuple], error: Diverged) -> Outcome:
+        """A batch whose forecast diverged: its messages refused (acked: the same batch would
+        diverge again), the twin left as last saved, and a `diverged` alarm raised."""
+        from twin_ml.stream.messages import iso
+
+        stamps = [m.timestamp for m, *_ in items]
+        span = f"{iso(min(stamps))} .. {iso(max(stamps))}" if stamps else "an empty batch"
+        why = (
+            f"twin {self.twin_id}: the forecast diverged in the batch of {span} ({error}): "
+            f"its {len(items)} messages are refused and the twin stays as last saved (inputs "
+            "far outside what the model was trained on?)"
+        )
+        log.warning(why)
+        alarm = {"t": None, "kind": "diverged", "output": None, "message": why}
+        return Outcome(alarms=[alarm], refused=len(items), reasons=[why])
 
     def _prepare(self, items: list[tuple], out: Outcome) -> _Batch | None:
         """Steps 1-3 of the module doc for this twin's items (and the assimilation of samples
@@ -428,6 +451,12 @@ class LiveFleet:
             for (live, o), b in zip(parts, batches):
                 if b is not None:
                     live._finish(b, o, save=False)
+        except Diverged:  # one twin's forecast: again twin by twin, each from its saved state
+            for live in lives:
+                live._kept = None
+            parts = [
+                (live, live.handle(its, save=False)) for live, its in zip(lives, groups.values())
+            ]
         except BaseException:
             for live in lives:
                 live._kept = None
