@@ -786,7 +786,10 @@ def test_a_twin_refuses_what_it_cannot_assimilate_by_field(exported_pendulum):
         with pytest.raises(error, match=message):
             twin.observe(body)
     assert twin.t == pytest.approx(3 * card.time.dt)  # nothing half-assimilated
-    # a torque float32 cannot hold: the members' forecast turns non-finite (a refusal, not a 500)
+    # a torque float32 cannot hold: the members' forecast turns non-finite (a refusal, not a 500,
+    # nor a forecast of nulls)
+    with pytest.raises(RequestError, match="forecast.inputs: the forecast diverged"):
+        twin.forecast({"steps": 3, "inputs": {"torque": [1e39] * 3}})
     with pytest.raises(RequestError, match="inputs: the forecast across these samples diverged"):
         twin.observe(_batch(card, 4, 2, torque=1e39))
     for body, message in [

@@ -628,6 +628,12 @@ class Twin:
         u = _inputs(self.card, body.get("inputs"), len(times), "forecast.inputs")
         qs = quantile_levels(body.get("quantiles"), "forecast.quantiles")
         out = self.filter.forecast_ahead(times, u)
+        if not (np.isfinite(out["mean"]).all() and np.isfinite(out["std_measured"]).all()):
+            raise RequestError(
+                "forecast.inputs",
+                "the forecast diverged (non-finite members): inputs far outside what the model "
+                "was trained on?",
+            )
         from scipy.stats import norm
 
         answer = {"times": times.tolist(), "outputs": {}}
