@@ -16,9 +16,9 @@ Per batch of deliveries (up to `batch`, gathered as they arrive), in this order:
    point; others are refused; an input not valid in a sample holds its last value;
 4. assimilate each sample (`Twin.assimilate`); a gap longer than the model's longest rollout
    starts the twin again from its creation settings at that sample (reported as a reset); a
-   batch whose forecast diverges (`analysis.Diverged`: non-finite members) is refused whole,
-   with a `diverged` alarm, and the twin stays as last saved (stopping instead would block the
-   stream: the batch would come again);
+   batch whose forecast diverges (`analysis.Diverged`: non-finite members) is assimilated again
+   from the saved twin sample by sample, a sample whose step diverges refused with a `diverged`
+   alarm (stopping instead would block the stream: the batch would come again);
 5. archive the batch's aligned samples (a Parquet part per batch, named by its first and last
    stream sequence, written to a temporary file and renamed: a redelivered batch rewrites the
    same part);
@@ -182,28 +182,58 @@ class LiveTwin:
                 self._assimilate(batch, out)
                 self._finish(batch, out, save)
             return out
-        except Diverged as e:  # refused, not a stuck stream: it would come again and again
+        except Diverged:  # not a stuck stream (the batch would come again): sample by sample
             self._kept = None
-            return self._diverged(items, e)
-        except BaseException:
-            self._kept = None  # a batch that failed half-way: its twin is not the store's
-            raise
+            try:
+                return self._one_by_one(items, save)
+            except BaseException:
+                self._kept = None
+                raise
 
-    def _diverged(self, items: list[tuple], error: Diverged) -> Outcome:
-        """A batch whose forecast diverged: its messages refused (acked: the same batch would
-        diverge again), the twin left as last saved, and a `diverged` alarm raised."""
+    def _one_by_one(self, items: list[tuple], save: bool) -> Outcome:
+        """A batch whose forecast diverged, again from the twin as saved, one sample at a time:
+        a sample whose step diverges (`Diverged`) is refused with a `diverged` alarm and the
+        twin goes on from before it (its next step spans the gap); the others are assimilated
+        as usual. Should the batch's preparation itself diverge (a reset's last samples), the
+        whole batch is refused and the twin stays as saved."""
         from twin_ml.stream.messages import iso
 
-        stamps = [m.timestamp for m, *_ in items]
-        span = f"{iso(min(stamps))} .. {iso(max(stamps))}" if stamps else "an empty batch"
-        why = (
-            f"twin {self.twin_id}: the forecast diverged in the batch of {span} ({error}): "
-            f"its {len(items)} messages are refused and the twin stays as last saved (inputs "
-            "far outside what the model was trained on?)"
-        )
-        log.warning(why)
-        alarm = {"t": None, "kind": "diverged", "output": None, "message": why}
-        return Outcome(alarms=[alarm], refused=len(items), reasons=[why])
+        out = Outcome()
+        try:
+            batch = self._prepare(items, out)
+        except Diverged as e:
+            self._kept = None
+            why = f"twin {self.twin_id}: a batch of {len(items)} messages refused: {e}"
+            log.warning(why)
+            alarm = {"t": None, "kind": "diverged", "output": None, "message": why}
+            return Outcome(alarms=[alarm], refused=len(items), reasons=[why])
+        if batch is None:
+            return out
+        twin, kept, answer = batch.twin, [], {"samples": [], "alarms": []}
+        for row in batch.pending:
+            before = json.loads(json.dumps(twin.state()))  # as the store keeps it: a copy
+            t, u, y, i = row
+            try:
+                one = twin.assimilate(Observation(np.array([t]), u[None], y[None]))
+            except Diverged as e:
+                twin = Twin.restore(self.card, self.forecast, before)
+                why = (
+                    f"twin {self.twin_id}, {iso(batch.samples.timestamps[i])}: the forecast to "
+                    f"this sample diverged ({e}): refused, the twin goes on from before it "
+                    "(inputs far outside what the model was trained on?)"
+                )
+                log.warning(why)
+                out.refused += 1
+                out.reasons.append(why)
+                out.alarms.append({"t": t, "kind": "diverged", "output": None, "message": why})
+                continue
+            kept.append(row)
+            answer = {**one, "samples": answer["samples"] + one["samples"],
+                      "alarms": answer["alarms"] + one["alarms"]}  # fmt: skip
+        batch.twin, batch.pending = twin, kept
+        self._collect(batch, answer if kept else None, out)
+        self._finish(batch, out, save)
+        return out
 
     def _prepare(self, items: list[tuple], out: Outcome) -> _Batch | None:
         """Steps 1-3 of the module doc for this twin's items (and the assimilation of samples
