@@ -395,6 +395,22 @@ def test_the_onnx_forecast_takes_a_linear_input_inside_the_interval_as_the_rollo
     assert np.abs(held - ramp).max() > 10 * tol, np.abs(held - ramp).max()
 
 
+def test_a_diverging_first_step_does_not_decide_the_one_interval_graph(exported_pendulum):
+    """The first call checks the one-interval graph against the rollout. A first call whose
+    members turn non-finite (an input float32 cannot hold) judges nothing: the graph is checked
+    on the next call instead of being dropped for the process's life."""
+    from twin_ml.assimilate.filter import OnnxForecast
+
+    blob, card = exported_pendulum
+    forecast = OnnxForecast(blob, card)
+    m, dt = card.members, card.time.dt
+    X, P = np.full((m, 2), 0.3), np.broadcast_to(np.array([1.0, 0.2, 1.0]), (m, 3))
+    assert not np.isfinite(forecast(X, P, 0.0, dt, np.array([1e39]), np.array([1e39]))).all()
+    assert not forecast.lean
+    assert np.isfinite(forecast(X, P, 0.0, dt, np.array([0.1]), np.array([0.2]))).all()
+    assert forecast.lean
+
+
 def test_filters_stepped_together_step_as_each_alone(exported_pendulum):
     """`step_many` over five twins' filters: three alike (their own seeds, inputs and
     measurements) share one forecast call and one analysis; one with an output not measured,
@@ -421,12 +437,20 @@ def test_filters_stepped_together_step_as_each_alone(exported_pendulum):
     methods = ["etkf", "etkf", "etkf", "etkf", "enkf"]
 
     def start(k: int) -> EnsembleFilter:
-        settings = FilterSettings(
-            method=methods[k], members=12, seed=k, process=(0.01, 0.01), parameters=("damping",)
+        settings = FilterSettings(  # each its own settings: none may leak into another's
+            method=methods[k],
+            members=12,
+            seed=k,
+            process=(0.01 * (k + 1), 0.02),
+            parameters=("damping",),
+            inflation=1.0 + 0.05 * k,
+            walk=0.01 * (k + 1),
+            band_scale=(1.0 + 0.1 * k,),
         )
         x0 = (np.array([0.3 + 0.05 * k, 0.0]), np.array([0.1, 0.1]))
         p = (np.array([1.0, 0.2, 1.0]), np.array([0.0, 0.2, 0.0]))
-        return EnsembleFilter.start(system, forecast, [0.02], x0, p, 0.0, np.zeros(1), settings)
+        noise = [0.02 + 0.01 * k]
+        return EnsembleFilter.start(system, forecast, noise, x0, p, 0.0, np.zeros(1), settings)
 
     together, alone = [start(k) for k in range(5)], [start(k) for k in range(5)]
     steps = 15
@@ -790,8 +814,12 @@ def test_a_twin_refuses_what_it_cannot_assimilate_by_field(exported_pendulum):
     # nor a forecast of nulls)
     with pytest.raises(RequestError, match="forecast.inputs: the forecast diverged"):
         twin.forecast({"steps": 3, "inputs": {"torque": [1e39] * 3}})
-    with pytest.raises(RequestError, match="inputs: the forecast across these samples diverged"):
+    with pytest.raises(RequestError, match="inputs: these samples' forecast or analysis diverged"):
         twin.observe(_batch(card, 4, 2, torque=1e39))
+    # a measurement float32 cannot hold: blamed on its own sample, not on the next forecast
+    twin, card = _twin(exported_pendulum)
+    with pytest.raises(RequestError, match="outputs: these samples' .* beyond float32's range"):
+        twin.observe(_batch(card, 1, 1, theta=1e39))
     for body, message in [
         ({"inputs": {"torque": 0.0}}, r"noise: missing \['theta'\]"),
         ({"inputs": {"torque": 0.0}, "noise": {"theta": 0.0}}, r"noise.theta: must be > 0"),

@@ -416,8 +416,14 @@ def test_a_sample_whose_forecast_diverges_is_refused_and_the_stream_goes_on(
     ]
     done = [fleet.handle(items[:20]), fleet.handle(items[20:])]
     assert (done[1].assimilated, done[1].refused) == (19, 1)
-    assert [a["kind"] for a in done[1].alarms].count("diverged") == 1
+    assert [a["twin"] for a in done[1].alarms if a["kind"] == "diverged"] == ["pend-a"]
+    assert all(a["twin"] in ("pend-a", "pend-b") for d in done for a in d.alarms)
     assert_close(stored(store, "pend-b"), reference(20, y=yb)[0], FLEET_TOL, "pend-b")
+    # a twin id the store holds on another model: that twin's messages refused, the rest go on
+    store.create("pend-c", "other:v1", {})
+    other = [(clean[20], 99, "fleet.c.telemetry"), (clean[20], 100, "fleet.b.telemetry")]
+    late = fleet.handle(other)
+    assert (late.assimilated, late.refused) == (1, 1) and "other:v1" in late.reasons[0]
     store.close()
 
 
@@ -699,7 +705,7 @@ def test_a_fleet_through_mqtt_gives_each_twin_its_own_twin(
         ),
         (["model=m:v", "url=nats://127.0.0.1:1", "subject=s", "twin=t", "create={x"], "create: "),
         (
-            ["model=m:v", "url=nats://127.0.0.1:1", "subject=plant.*.telemetry", "twin=tanks"],
+            ["model=m:v", "url=nats://127.0.0.1:1", "subject=plant.*.telemetry", "twin=t-{2}"],
             "twin: a fleet's twin id is a template of the subject's wildcards {1}...{1}",
         ),
         (

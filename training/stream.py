@@ -9,7 +9,8 @@ estimates and alarms, archives the aligned telemetry.
                 [consumer=NAME] [progress=true] [out_dir=runs/stream]
 
 - A fleet: a `subject` with single-level wildcards (`plant.*.telemetry`, MQTT `plant/+/telemetry`)
-  and a `twin` template of their tokens (`tanks-{1}`): each message goes to the twin its subject
+  and a `twin` template of their tokens (`tanks-{1}`; a plain id: one twin fed by them all, as
+  before): each message goes to the twin its subject
   names (plant.a7.telemetry: twin tanks-a7), each twin made, saved, archived and estimated as
   alone, and a batch's samples of all of them assimilated together (one forecast call and one
   vectorized analysis per round: cheaper per message than a consumer per twin). `consumer`
@@ -143,7 +144,8 @@ def run(cfg: dict[str, Any]) -> Path:
         )
     parse_url(cfg["url"])
     subject = str(cfg["subject"])
-    fleet = "*" in subject.split(".") or "+" in subject.split("/")
+    wildcard = "*" in subject.split(".") or "+" in subject.split("/")
+    fleet = wildcard and "{" in str(cfg["twin"])  # else one twin fed by every matching subject
     if fleet:
         fleet_ids(cfg["subject"], cfg["twin"])  # a template of the subject's wildcards
     else:

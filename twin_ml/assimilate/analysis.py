@@ -29,7 +29,13 @@ import numpy as np
 
 class Diverged(ValueError):
     """The ensemble holds non-finite values: the forecast into this analysis diverged (inputs or
-    states far outside what the model can step). The filter cannot go on from it."""
+    states far outside what the model can step), or an analysis moved it where the forecast
+    cannot step from. The filter cannot go on from it. `field`: what the request gave that
+    caused it (inputs, or outputs for a measurement)."""
+
+    def __init__(self, message: str, field: str = "inputs"):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)

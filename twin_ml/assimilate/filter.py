@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from twin_ml.assimilate.analysis import Innovation, enkf, etkf, etkf_many, letkf
+from twin_ml.assimilate.analysis import Diverged, Innovation, enkf, etkf, etkf_many, letkf
 from twin_ml.physics.solver import SolverSettings, solve_stacked
 
 log = logging.getLogger(__name__)
@@ -327,8 +327,9 @@ class OnnxForecast:
         }
         if self._lean is not None and not self._lean_checked:
             self._check_lean(feeds)
-        if self._lean is not None:
-            (x_end,) = self._lean.run(["x_end"], {k: feeds[k] for k in self._lean_inputs})
+        lean = self._lean if self._lean_checked else None  # one read: another thread may drop it
+        if lean is not None:
+            (x_end,) = lean.run(["x_end"], {k: feeds[k] for k in self._lean_inputs})
         else:  # the rollout, one interval: one input value, linear ones at the midpoint
             start, end = feeds["u"][:, :1], feeds["u"][:, 1:]
             feeds["u"] = np.where(self.held, start, (start + end) / 2)
@@ -352,10 +353,13 @@ class OnnxForecast:
         lands where the rollout's two intervals over [u0, u1] do (float32: the same operations;
         kernels chosen for another graph may round their last bits apart)."""
         lean = {k: feeds[k] for k in self._lean_inputs}
-        (first,) = self._lean.run(["x_end"], lean)
+        graph = self._lean
+        (first,) = graph.run(["x_end"], lean)
         lean.update(x_members=first, u=feeds["u"][:, 1:])
-        (second,) = self._lean.run(["x_end"], {k: lean[k] for k in self._lean_inputs})
+        (second,) = graph.run(["x_end"], {k: lean[k] for k in self._lean_inputs})
         (rolled,) = self.session.run(["x_end"], feeds)
+        if not all(np.isfinite(a).all() for a in (first, second, rolled, *feeds.values())):
+            return  # nothing to judge by (a diverging call): decided on a later one
         scale = max(float(np.abs(rolled).max()), 1.0)
         if second.shape == rolled.shape and np.allclose(
             second, rolled, rtol=1e-5, atol=1e-6 * scale
@@ -504,9 +508,12 @@ class EnsembleFilter:
         n = self.steps_to(t1)
         u0, u1 = self.u, np.asarray(u1, dtype=np.float64)
         process = self._process
+        # X may stack several ensembles of this filter's size (`Ahead`'s origins): member j of
+        # each keeps its network
+        kw = {"size": len(self.X)} if isinstance(self.forecast, OnnxForecast) else {}
         for i in range(n):
             if n == 1:
-                X = self.forecast(X, self.parameters(TH), self.t, t1, u0, u1)
+                X = self.forecast(X, self.parameters(TH), self.t, t1, u0, u1, **kw)
             else:
                 a, b = i / n, (i + 1) / n
                 X = self.forecast(
@@ -516,6 +523,7 @@ class EnsembleFilter:
                     self.t + b * (t1 - self.t),
                     u0 + a * (u1 - u0),
                     u0 + b * (u1 - u0),
+                    **kw,
                 )
             if process.size:
                 X = X + rng.standard_normal(X.shape) * process
@@ -552,6 +560,7 @@ class EnsembleFilter:
             Z, inn = etkf(Z, HX, y, self.noise, s.inflation)
         else:
             Z, inn = enkf(Z, HX, y, self.noise, self.rng, s.inflation)
+        _in_range(Z)
         nx = self.X.shape[1]
         self.X, self.TH = Z[:, :nx], Z[:, nx:]
         HX = self.observe_members(self.X, u)
@@ -682,6 +691,7 @@ def step_many(filters: list[EnsembleFilter], t, u, y) -> list[Estimate]:
             ps[k] = ps[k] * np.asarray(f.settings.band_scale)
     Z = np.concatenate([X, np.stack([f.TH for f in fs])], axis=2)
     Z, inns = etkf_many(Z, HX, ys, noise, infl)
+    _in_range(Z)
     for f, z in zip(fs, Z):
         f.X, f.TH = z[:, :nx], z[:, nx:]
     P = np.concatenate([f.parameters() for f in fs])
@@ -693,6 +703,16 @@ def step_many(filters: list[EnsembleFilter], t, u, y) -> list[Estimate]:
         e = (pe[0][k], pe[1][k]) if pe else (_EMPTY, _EMPTY)
         ests[i] = Estimate(ts[k], pm[k], ps[k], fm[k], fsd[k], sm[k], ssd[k], *e, inns[k])
     return ests  # type: ignore[return-value]
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _in_range(Z: np.ndarray) -> None:
+    """An analysis the exported (float32) forecast can step from; else `Diverged`, blamed on
+    the sample that moved the members there (e.g. a measurement float32 cannot hold)."""
+    if not np.abs(Z).max(initial=0.0) < _F32_MAX:
+        raise Diverged("the analysis moved the members beyond float32's range", "outputs")
 
 
 def _can_join(f: EnsembleFilter, t: float, y) -> bool:

@@ -568,9 +568,9 @@ class Twin:
             return self.assimilate(obs)
         except Diverged as e:  # the request's doing; this object is left part-way (not to save)
             raise RequestError(
-                "inputs",
-                f"the forecast across these samples diverged ({e}): nothing was assimilated "
-                "(inputs or measurements far outside what the model was trained on?)",
+                e.field,
+                f"these samples' forecast or analysis diverged ({e}): nothing was assimilated "
+                "(values far outside what the model was trained on?)",
             ) from None
 
     def assimilate(self, obs: Observation) -> dict[str, Any]:

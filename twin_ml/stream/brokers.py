@@ -546,7 +546,7 @@ class JetStreamBroker(Broker):
                     "with explicit ack; give another name"
                 )
         room = info.config.max_ack_pending if info is not None else None
-        small = bool(room and room < 2 * self.batch)
+        small = room is not None and 0 < room < 2 * self.batch  # -1: unlimited
         if info is None or info.config.ack_wait != self.ack_wait or small:
             try:  # create, or update it (the server keeps its acks and position)
                 await self._js.add_consumer(self.stream, config)

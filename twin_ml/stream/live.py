@@ -95,6 +95,10 @@ class Outcome:
     unsaved: tuple | None = field(default=None, repr=False)  # for `LiveTwin.save`
 
 
+class WrongModel(ValueError):
+    """The store holds the twin id on another model."""
+
+
 @dataclass
 class _Batch:
     """One twin's part of a batch, ready to assimilate: the twin (made or restored), its store
@@ -160,7 +164,7 @@ class LiveTwin:
             self._prune(None)
             return None, None, None
         if rec.model != self.model:
-            raise ValueError(
+            raise WrongModel(
                 f"twin {self.twin_id!r} was created on model {rec.model}; this stream runs "
                 f"{self.model}: use another twin id, or the twin's model"
             )
@@ -181,14 +185,20 @@ class LiveTwin:
             if batch is not None:
                 self._assimilate(batch, out)
                 self._finish(batch, out, save)
-            return out
+            return self._named(out)
         except Diverged:  # not a stuck stream (the batch would come again): sample by sample
             self._kept = None
             try:
-                return self._one_by_one(items, save)
+                return self._named(self._one_by_one(items, save))
             except BaseException:
                 self._kept = None
                 raise
+
+    def _named(self, out: Outcome) -> Outcome:
+        """Each alarm names its twin (a fleet publishes several twins' alarms on one subject);
+        copies: the twin's own list of alarms raised holds the same dicts."""
+        out.alarms = [a if "twin" in a else {**a, "twin": self.twin_id} for a in out.alarms]
+        return out
 
     def _one_by_one(self, items: list[tuple], save: bool) -> Outcome:
         """A batch whose forecast diverged, again from the twin as saved, one sample at a time:
@@ -471,7 +481,8 @@ class LiveFleet:
         lives = [self._live(t) for t in groups]
         try:
             parts = [(live, Outcome()) for live in lives]
-            batches = [live._prepare(its, o) for (live, o), its in zip(parts, groups.values())]
+            todo = zip(parts, groups.values())
+            batches = [self._prepare(live, its, o) for (live, o), its in todo]
             ready = [k for k, b in enumerate(batches) if b is not None and b.pending]
             answers = assimilate_many(
                 [batches[k].twin for k in ready], [batches[k].observation() for k in ready]
@@ -484,16 +495,14 @@ class LiveFleet:
         except Diverged:  # one twin's forecast: again twin by twin, each from its saved state
             for live in lives:
                 live._kept = None
-            parts = [
-                (live, live.handle(its, save=False)) for live, its in zip(lives, groups.values())
-            ]
+            parts = [(live, self._alone(live, its)) for live, its in zip(lives, groups.values())]
         except BaseException:
             for live in lives:
                 live._kept = None
             raise
-        for _, o in parts:
+        for live, o in parts:
             out.estimates += o.estimates
-            out.alarms += o.alarms
+            out.alarms += live._named(o).alarms
             out.reasons += o.reasons
             for key in ("assimilated", "duplicates", "refused", "resets"):
                 setattr(out, key, getattr(out, key) + getattr(o, key))
@@ -501,6 +510,25 @@ class LiveFleet:
         if save:
             self.save(out)
         return out
+
+    @staticmethod
+    def _alone(live: LiveTwin, items: list[tuple]) -> Outcome:
+        try:
+            return live.handle(items, save=False)
+        except WrongModel as e:
+            return Outcome(refused=len(items), reasons=[f"{len(items)} messages refused: {e}"])
+
+    @staticmethod
+    def _prepare(live: LiveTwin, items: list[tuple], out: Outcome) -> _Batch | None:
+        """`live._prepare`, a twin id the store holds on another model refused with its
+        messages (a publisher's subject must not stop the other twins)."""
+        try:
+            return live._prepare(items, out)
+        except WrongModel as e:
+            live._kept = None
+            out.refused += len(items)
+            out.reasons.append(f"{len(items)} messages refused: {e}")
+            return None
 
     def save(self, out: Outcome) -> None:
         """Persist every twin of a batch `handle(..., save=False)` left (one transaction each:
