@@ -727,8 +727,7 @@ def _can_join(f: EnsembleFilter, t: float, y) -> bool:
         and f.settings.method == "etkf"
         and f._weights is None
         and bool(np.isfinite(np.asarray(y, dtype=np.float64)).all())
-        and bool(np.isfinite(f.X).all() and np.isfinite(f.TH).all())
-    )
+    )  # the members are finite: every analysis checks them (`_in_range`)
 
 
 def _alike(f: EnsembleFilter, f0: EnsembleFilter) -> bool:

@@ -439,24 +439,13 @@ class LiveFleet:
     which is what makes a fleet cheaper per message than a consumer per twin. A subject that
     names no valid twin is refused like a broken message."""
 
-    def __init__(
-        self,
-        store: TwinStore,
-        card: ModelCard,
-        forecast,
-        contract,
-        subject: str,
-        twin: str,
-        *,
-        create: dict[str, Any] | None = None,
-        snap: float = 0.25,
-        archive: str | Path | None = None,
-    ):
+    def __init__(self, store: TwinStore, card: ModelCard, forecast, contract, subject: str,
+                 twin: str, **options: Any):  # fmt: skip
+        """`options`: each twin's `LiveTwin` keyword arguments (create, snap, archive)."""
         self.twin_of = fleet_ids(subject, twin)
         self.twin_id = twin  # the template (progress bars, logs)
-        self._args = (store, card, forecast, contract)
-        self._options = {"create": create, "snap": snap, "archive": archive}
-        LiveTwin(*self._args, "settings-check", **self._options)  # refused now, not later
+        self._args, self._options = (store, card, forecast, contract), options
+        LiveTwin(*self._args, "settings-check", **options)  # refused now, not later
         self.twins: dict[str, LiveTwin] = {}
 
     def _live(self, twin_id: str) -> LiveTwin:
