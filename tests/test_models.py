@@ -7,7 +7,7 @@ import torch
 from twin_ml.data import ScenarioDesign
 from twin_ml.data.generate import scenario_inputs
 from twin_ml.models import build_model, compute_stats, model_from_config
-from twin_ml.models.ensemble import StackedMLP
+from twin_ml.models.ensemble import StackedMLP, StackedTCN
 from twin_ml.physics import SolverSettings, make_system, solve_looped
 
 # numeric: also run in `make test-portable`; not the float64 dopri5 test (its 1e-5 is far from
@@ -156,11 +156,13 @@ def test_incomplete_physics_differs_and_learnable_parameters_start_at_nominal():
 
 
 @pytest.mark.numeric
-@pytest.mark.parametrize("kind", ["node", "hybrid", "emulator"])
+@pytest.mark.parametrize("kind", ["node", "hybrid", "emulator", "emulator-tcn"])
 def test_model_rebuilds_from_its_config(kind):
     sys_, t, u, p, x0, ref = _scenarios("cascaded_tanks", n=3)
     stats = compute_stats(ref.x, u, p, ref.y, t)
-    kw = {"n_times": t.size} if kind == "emulator" else {}
+    kw = {"n_times": t.size} if kind.startswith("emulator") else {}
+    if kind == "emulator-tcn":
+        kind, kw["arch"] = "emulator", "tcn"
     m = build_model(kind, sys_, stats, members=3, seed=4, **kw)
     m.conformal_scale.fill_(1.7)
     again = model_from_config(m.config)
@@ -170,6 +172,56 @@ def test_model_rebuilds_from_its_config(kind):
     torch.testing.assert_close(a["mean"], b["mean"])
     torch.testing.assert_close(a["std"], b["std"])
     assert a["members"].shape == (3, 3, t.size, 1)
+
+
+@pytest.mark.numeric
+def test_stacked_tcn_members_are_separate_causal_dilated_convolutions():
+    """Oracle: each member's network written out tap by tap (out[t] = sum_j W_j h[t - (k-1-j) d]
+    + b, zero before the first step) from its slice of the grouped weights."""
+    torch.manual_seed(0)
+    members, c_in, c_out, ch, k = 3, 4, 2, 5, 3
+    net = StackedTCN(members, c_in, c_out, channels=ch, levels=3, kernel=k, seed=2).double()
+    assert net.receptive_field == 1 + (k - 1) * (1 + 2 + 4)
+    n_t = 20
+    z = torch.randn(2, c_in, n_t, dtype=torch.float64)
+    out = net(z.repeat(1, members, 1)).reshape(2, members, c_out, n_t)
+
+    def taps(conv, h, m, a, b, d):  # member m's causal convolution, one tap at a time
+        w, bias = conv.weight[m * b : (m + 1) * b], conv.bias[m * b : (m + 1) * b]
+        y = bias[None, :, None].expand(h.shape[0], b, n_t).clone()
+        for j in range(w.shape[-1]):
+            lag = (w.shape[-1] - 1 - j) * d
+            y[..., lag:] += torch.einsum("oc,bct->bot", w[..., j], h[..., : n_t - lag])
+        return y
+
+    for m in range(members):
+        h = taps(net.lift, z, m, c_in, ch, 1)
+        for d, block in zip(net.dilations, net.blocks):
+            h = h + torch.nn.functional.silu(taps(block, h, m, ch, ch, d))
+        ref = taps(net.head, torch.nn.functional.silu(h), m, ch, c_out, 1)
+        torch.testing.assert_close(out[:, m], ref)
+    # members start apart (seeds), and a loss on one member moves only its own weights
+    w = net.blocks[0].weight
+    assert not torch.equal(w[:ch], w[ch : 2 * ch])
+    out[:, 0].sum().backward()
+    assert w.grad[ch:].abs().max() == 0 and w.grad[:ch].abs().max() > 0
+
+
+@pytest.mark.numeric
+def test_tcn_emulator_is_causal_and_its_members_are_the_single_models():
+    sys_, t, u, p, x0, ref = _scenarios("pendulum", n=3)
+    stats = compute_stats(ref.x, u, p, ref.y, t)
+    args = [torch.tensor(a, dtype=torch.float32) for a in (x0, u, p, t)]
+    m = build_model("emulator", sys_, stats, n_times=t.size, arch="tcn", members=3, seed=1)
+    _, y = m(*args)
+    bumped = args[1].clone()
+    bumped[:, 25] += 0.5  # the torque from step 25 on: nothing before it may move
+    _, y2 = m(args[0], bumped, *args[2:])
+    assert torch.equal(y2[:, :, :25], y[:, :, :25]) and (y2[:, :, 25:] != y[:, :, 25:]).any()
+    one = build_model("emulator", sys_, stats, n_times=t.size, arch="tcn", members=1, seed=1)
+    torch.testing.assert_close(one(*args)[1][0], y[0])  # member 0 is the seed's own network
+    with pytest.raises(ValueError, match="model.net.arch must be 'mlp' or 'tcn', got 'rnn'"):
+        build_model("emulator", sys_, stats, n_times=t.size, arch="rnn")
 
 
 @pytest.mark.numeric

@@ -68,3 +68,68 @@ class StackedMLP(nn.Module):
             if k < n - 1:
                 z = act(z)
         return z
+
+
+class StackedTCN(nn.Module):
+    """M independent causal temporal convolution networks evaluated together, as grouped
+    convolutions: z [B, M * c_in, T] -> [B, M * c_out, T].
+
+    A 1x1 convolution lifts the c_in channels to `channels`; `levels` residual blocks follow, block
+    k a causal convolution of `kernel` taps dilated by 2^k (left-padded: the output at step t
+    sees the inputs at steps <= t only), h <- h + act(conv(h)); a 1x1 convolution maps to c_out.
+    The receptive field is 1 + (kernel - 1)(2^levels - 1) steps. The map is the same at every
+    step, so each trajectory is T training examples of it, not one: an input-driven response is
+    learned from far fewer trajectories than a map of the whole input sequence would need.
+    Members differ by initialization seed, as `StackedMLP`'s; `groups=M` keeps their weights
+    apart.
+    """
+
+    def __init__(
+        self,
+        members: int,
+        c_in: int,
+        c_out: int,
+        *,
+        channels: int = 64,
+        levels: int = 7,
+        kernel: int = 3,
+        activation: str = "silu",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if members < 1 or channels < 1 or levels < 1 or kernel < 2:
+            raise ValueError(
+                "members, channels and levels must be >= 1 and kernel >= 2, got "
+                f"{members}, {channels}, {levels}, {kernel}"
+            )
+        self.members, self.activation, self.kernel = members, activation, kernel
+        self.dilations = [2**k for k in range(levels)]
+
+        def conv(a: int, b: int, k: int, dilation: int, index: int) -> nn.Conv1d:
+            c = nn.Conv1d(members * a, members * b, k, dilation=dilation, groups=members)
+            bound = 1.0 / math.sqrt(a * k)  # PyTorch's default bound, per member
+            with torch.no_grad():
+                for m in range(members):
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + m * 7919 + index)
+                    c.weight[m * b : (m + 1) * b].uniform_(-bound, bound, generator=g)
+                c.bias.zero_()
+            return c
+
+        self.lift = conv(c_in, channels, 1, 1, 0)
+        self.blocks = nn.ModuleList(
+            conv(channels, channels, kernel, d, k + 1) for k, d in enumerate(self.dilations)
+        )
+        self.head = conv(channels, c_out, 1, 1, levels + 1)
+
+    @property
+    def receptive_field(self) -> int:
+        return 1 + (self.kernel - 1) * sum(self.dilations)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation]
+        h = self.lift(z)
+        for d, block in zip(self.dilations, self.blocks):
+            h = h + act(block(nn.functional.pad(h, ((self.kernel - 1) * d, 0))))
+        return self.head(act(h))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from twin_ml._io import sha256_file
-from twin_ml.models.ensemble import StackedMLP
+from twin_ml.models.ensemble import StackedMLP, StackedTCN
 from twin_ml.physics import system_from_description
 from twin_ml.physics.system import PhysicsSystem
 
@@ -400,6 +400,14 @@ class Emulator(Surrogate):
 
     The input signal is given by its samples (step levels, PRBS bits and multisine phases are
     random, so a handful of design variables would not determine it). Fixed to the training grid.
+
+    `arch="mlp"`: one MLP maps (p, x0, all T input samples) to all T outputs; a trajectory is one
+    training example, which suits smooth responses without inputs (Robertson). `arch="tcn"`: a
+    causal temporal convolution network (`StackedTCN`) over per-step channels (the inputs at the
+    step, p, x0 and the step's place on the grid, t / t_end): the output at step k sees the inputs
+    up to k only, through the same map at every step, so each trajectory is T examples of it. That
+    is what an input-driven system needs (the pendulum under a PRBS torque); the receptive field
+    (`levels`, `kernel`) should span the system's memory.
     """
 
     kind = "emulator"
@@ -412,42 +420,77 @@ class Emulator(Surrogate):
         n_times: int,
         members: int = 5,
         seed: int = 0,
+        arch: str = "mlp",
         hidden: int = 256,
         depth: int = 3,
         activation: str = "silu",
+        channels: int = 64,
+        levels: int = 7,
+        kernel: int = 3,
     ):
         super().__init__(system, stats, members, seed)
         if n_times < 2:
             raise ValueError(f"emulator n_times must be >= 2, got {n_times}")
-        self.n_times = n_times
-        self.net = StackedMLP(
-            members,
-            self.n_p + self.nx + n_times * self.nu,
-            n_times * self.ny,
-            hidden=hidden,
-            depth=depth,
-            activation=activation,
-            seed=seed,
-        )
-        self._config.update(n_times=n_times, hidden=hidden, depth=depth, activation=activation)
+        if arch not in ("mlp", "tcn"):
+            raise ValueError(f"model.net.arch must be 'mlp' or 'tcn', got {arch!r}")
+        self.n_times, self.arch = n_times, arch
+        if arch == "mlp":
+            self.net = StackedMLP(
+                members,
+                self.n_p + self.nx + n_times * self.nu,
+                n_times * self.ny,
+                hidden=hidden,
+                depth=depth,
+                activation=activation,
+                seed=seed,
+            )
+            self._config.update(
+                n_times=n_times, arch=arch, hidden=hidden, depth=depth, activation=activation
+            )
+        else:
+            self.net = StackedTCN(
+                members,
+                self.nu + self.n_p + self.nx + 1,
+                self.ny,
+                channels=channels,
+                levels=levels,
+                kernel=kernel,
+                activation=activation,
+                seed=seed,
+            )
+            self.register_buffer("grid_place", torch.linspace(0.0, 1.0, n_times), persistent=False)
+            self._config.update(
+                n_times=n_times,
+                arch=arch,
+                channels=channels,
+                levels=levels,
+                kernel=kernel,
+                activation=activation,
+            )
 
     def forward(self, x0, u, p, t):
         if u.shape[1] != self.n_times or t.shape[0] != self.n_times:
             raise ValueError(
                 f"the emulator is fixed to {self.n_times} time steps, got {u.shape[1]}"
             )
-        b = x0.shape[0]
-        z = torch.cat(
-            [
-                (p - self.p_mean) / self.p_std,
-                (x0 - self.x_mean) / self.x_std,
-                ((u - self.u_mean) / self.u_std).reshape(b, -1),
-            ],
-            dim=-1,
-        )
-        yn = self.net(z.unsqueeze(0).expand(self.members, -1, -1)).reshape(
-            self.members, b, self.n_times, self.ny
-        )
+        b, m = x0.shape[0], self.members
+        pn, xn = (p - self.p_mean) / self.p_std, (x0 - self.x_mean) / self.x_std
+        un = (u - self.u_mean) / self.u_std
+        if self.arch == "tcn":
+            steps = self.n_times
+            z = torch.cat(
+                [
+                    un.transpose(1, 2),  # [B, nu, T]
+                    torch.cat([pn, xn], dim=-1)[:, :, None].expand(-1, -1, steps),
+                    self.grid_place.expand(b, 1, steps),
+                ],
+                dim=1,
+            )  # [B, C, T]
+            out = self.net(z.repeat(1, m, 1))  # [B, M ny, T]
+            yn = out.reshape(b, m, self.ny, steps).permute(1, 0, 3, 2)  # [M, B, T, ny]
+            return None, yn * self.y_std + self.y_mean
+        z = torch.cat([pn, xn, un.reshape(b, -1)], dim=-1)
+        yn = self.net(z.unsqueeze(0).expand(m, -1, -1)).reshape(m, b, self.n_times, self.ny)
         return None, yn * self.y_std + self.y_mean
 
 
