@@ -693,6 +693,18 @@ def test_calibrate_endpoint_fits_verifies_and_names_bad_fields(server):
     assert post(url, {"scenarios": [scenario(manifest)]})[0] == 200
 
 
+def _heavy_calibration(manifest) -> dict:
+    """A /calibrate request far longer than the timeouts these tests set (8 s, a client's 3 s),
+    with a wide margin: all five tank parameters, 32 starts and the longest MCMC the schema allows
+    (measured in process on a shared 2-core machine: ~33 s; the same request fitting k1 and k3
+    took ~7 s, within a faster CPU's reach of the 8 s timeout, because the MCMC stops once its
+    chains settle)."""
+    from twin_ml.calibrate.synthetic import synthetic_request
+
+    request, _ = synthetic_request(manifest, ["k1", "k2", "k3", "k4", "k5"], seed=2)
+    return {**request, "starts": 32, "mcmc": {"steps": 5000, "burn": 100, "walkers": 128}}
+
+
 def test_timed_out_calibrations_stop_and_free_the_server(server, tmp_path):
     """timeout=8: two long MCMCs at once both get BentoML's 504. The running fit stops at its next
     model call and the queued one never starts (both counted as cancelled) instead of holding the
@@ -715,7 +727,7 @@ def test_timed_out_calibrations_stop_and_free_the_server(server, tmp_path):
         assert _metrics(main_url)[0].get(answered) == before + 1
         assert _metrics(url)[0].get(answered, 0) == 0
         request, _ = synthetic_request(manifest, ["k1", "k3"], seed=2)
-        heavy = {**request, "starts": 32, "mcmc": {"steps": 5000, "burn": 100, "walkers": 128}}
+        heavy = _heavy_calibration(manifest)
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda _: _post_path(url, "/calibrate", heavy), range(2)))
         assert [status for status, _ in answers] == [504, 504], answers
@@ -741,7 +753,7 @@ def test_a_calibration_whose_client_goes_away_stops(server):
     disconnected = 'twin_ml_calibrations_total{outcome="disconnected"}'
     before = _metrics(url)[0].get(disconnected, 0)
     request, _ = synthetic_request(manifest, ["k1", "k3"], seed=2)
-    heavy = {**request, "starts": 32, "mcmc": {"steps": 5000, "burn": 100, "walkers": 128}}
+    heavy = _heavy_calibration(manifest)
     req = urllib.request.Request(
         f"{url}/calibrate",
         data=json.dumps(heavy).encode(),
