@@ -15,6 +15,12 @@ from torch import nn
 ACTIVATIONS = {"tanh": torch.tanh, "silu": nn.functional.silu, "gelu": nn.functional.gelu}
 
 
+def _init_generator(seed: int, member: int, layer: int) -> torch.Generator:
+    """The generator of one member's initial weights in one layer, fixed by (seed, member, layer):
+    member m of an ensemble starts as the single model of its seed would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + member * 7919 + layer)
+
+
 class StackedMLP(nn.Module):
     """M independent MLPs d_in -> d_out evaluated together: z [M, B, d_in] -> [M, B, d_out].
 
@@ -48,7 +54,7 @@ class StackedMLP(nn.Module):
         for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             w = torch.empty(members, a, b)
             for m in range(members):
-                g = torch.Generator().manual_seed(seed * 1_000_003 + m * 7919 + k)
+                g = _init_generator(seed, m, k)
                 bound = 1.0 / math.sqrt(a)  # PyTorch's default (Kaiming-uniform with a = sqrt(5))
                 w[m].uniform_(-bound, bound, generator=g)
             if zero_last and k == len(dims) - 2:
@@ -112,7 +118,7 @@ class StackedTCN(nn.Module):
             bound = 1.0 / math.sqrt(a * k)  # PyTorch's default bound, per member
             with torch.no_grad():
                 for m in range(members):
-                    g = torch.Generator().manual_seed(seed * 1_000_003 + m * 7919 + index)
+                    g = _init_generator(seed, m, index)
                     c.weight[m * b : (m + 1) * b].uniform_(-bound, bound, generator=g)
                 c.bias.zero_()
             return c

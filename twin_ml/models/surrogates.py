@@ -434,6 +434,7 @@ class Emulator(Surrogate):
         if arch not in ("mlp", "tcn"):
             raise ValueError(f"model.net.arch must be 'mlp' or 'tcn', got {arch!r}")
         self.n_times, self.arch = n_times, arch
+        self._config.update(n_times=n_times, arch=arch, activation=activation)
         if arch == "mlp":
             self.net = StackedMLP(
                 members,
@@ -444,9 +445,7 @@ class Emulator(Surrogate):
                 activation=activation,
                 seed=seed,
             )
-            self._config.update(
-                n_times=n_times, arch=arch, hidden=hidden, depth=depth, activation=activation
-            )
+            self._config.update(hidden=hidden, depth=depth)
         else:
             self.net = StackedTCN(
                 members,
@@ -459,14 +458,7 @@ class Emulator(Surrogate):
                 seed=seed,
             )
             self.register_buffer("grid_place", torch.linspace(0.0, 1.0, n_times), persistent=False)
-            self._config.update(
-                n_times=n_times,
-                arch=arch,
-                channels=channels,
-                levels=levels,
-                kernel=kernel,
-                activation=activation,
-            )
+            self._config.update(channels=channels, levels=levels, kernel=kernel)
 
     def forward(self, x0, u, p, t):
         if u.shape[1] != self.n_times or t.shape[0] != self.n_times:
