@@ -56,7 +56,9 @@ from twin_ml.assimilate.filter import (  # noqa: E402
     OnnxForecast,
     SolverForecast,
     band_scale,
+    error_model,
     horizon_scale,
+    run_filter,
     score_record,
 )
 from twin_ml.data.real import records  # noqa: E402
@@ -67,6 +69,9 @@ REAL = ROOT / "data" / "real"
 GOALS = {"ratio_1": 0.5, "cov_lo": 0.85, "cov_hi": 0.95, "drift_samples": 50}
 HORIZONS = (1, 10, 50)
 TIE = 0.02  # one-step RMSEs this close on the tuning record count as equal (see tune_and_score)
+# with an error model, the filter's measurement noise on this grid (factors on the sensor's):
+# the model's error is then fitted on residuals that hold the sensor noise too
+NOISE_FACTORS = (1.0, 1 / 3, 1 / 10)
 MEMBERS = 30  # a multiple of the ensembles' 5 networks: every filter member keeps its network
 
 TANKS = {
@@ -85,7 +90,7 @@ SILVERBOX = {
     "parameters": [419.67, 0.044274, 5.6865e5, 1.49990e5],
     "x0": ([None, 0.0], [0.001, 1.0]),
     "noise": 2e-4,  # V
-    "process": [0.008, 0.032, 0.128, 0.5],  # grid, relative to each state's scale below
+    "process": [0.0005, 0.002, 0.008, 0.032, 0.128, 0.5],  # grid, relative to the scale below
     "scale": [0.05, 20.0],  # typical |y| [V] and |dy/dt| [V/s] on the multisine
     "init": 50,
     "signals": ("u", "y"),
@@ -118,14 +123,42 @@ def _prior(spec, y0: float):
     return mean, np.array(spec["x0"][1], dtype=float)
 
 
-def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every: int) -> dict:
+def open_loop_residuals(spec: dict, system, forecast, record) -> np.ndarray:
+    """[T - init, ny]: a record's measurements less the model's open loop (its simulation from
+    the initial state the first `init` samples estimate), what `error_model` is fitted on."""
+    t, u, y = record
+    p = np.array(spec["parameters"])
+    free = y.copy()
+    free[spec["init"] :] = np.nan
+    res = run_filter(
+        system,
+        forecast,
+        t,
+        u,
+        free,
+        np.array([spec["noise"]]),
+        _prior(spec, y[0, 0]),
+        (p, np.zeros(len(p))),
+        FilterSettings(members=MEMBERS, seed=0),
+    )
+    return (y - res.predicted_mean)[spec["init"] :]
+
+
+def tune_and_score(
+    name: str, spec: dict, system, forecast, tune, test, *, every: int, error: bool = False
+) -> dict:
     """On `tune`: the process noise of the best one-step prediction (lowest RMSE), then the
     split-conformal factor on its one-step std that makes the 90% band cover `tune`
-    (`band_scale`); `test` scored with both, unseen."""
+    (`band_scale`); `test` scored with both, unseen. `error`: with the model's output error as
+    an autoregressive process in the filter (`FilterSettings.error_ar`), fitted on `tune`'s
+    open-loop residuals; the measurement noise is then tuned too (`NOISE_FACTORS`)."""
     p = np.array(spec["parameters"])
     scale = np.array(spec.get("scale", [1.0] * len(system.state_names)))
+    ar, ar_std = (
+        error_model(open_loop_residuals(spec, system, forecast, tune)) if error else ((), ())
+    )
 
-    def score(record, q: float, band: tuple[float, ...] = (), horizon=(), **kw):
+    def score(record, q: float, r: float, band: tuple[float, ...] = (), horizon=(), **kw):
         t, u, y = record
         return score_record(
             system,
@@ -133,7 +166,7 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
             t,
             u,
             y,
-            np.array([spec["noise"]]),
+            np.array([r]),
             _prior(spec, y[0, 0]),
             (p, np.zeros(len(p))),
             FilterSettings(
@@ -142,19 +175,25 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
                 seed=0,
                 band_scale=band,
                 horizon_scale=horizon,
+                error_ar=ar,
+                error_std=ar_std,
             ),
             init=spec["init"],
             **kw,
         )
 
     tried = []
-    for q in spec["process"]:
+    grid = [
+        (q, spec["noise"] * f) for q in spec["process"] for f in (NOISE_FACTORS if error else (1,))
+    ]
+    for q, r in grid:
         t0 = time.perf_counter()
-        sc = score(tune, q, horizons=(1,))
+        sc = score(tune, q, r, horizons=(1,))
         band = band_scale(sc.result, tune[2], init=spec["init"])
         tried.append(
             {
                 "process": q,
+                "noise": r,
                 "rmse_1": sc.rmse[1],
                 "ratio_1": sc.ratio(1),
                 "coverage_90": sc.coverage_90[1],
@@ -163,8 +202,8 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
             }
         )
         print(
-            f"  {name} tune process={q:g}: ratio {sc.ratio(1):.3f} cov {sc.coverage_90[1]:.3f} "
-            f"band scale {band[0]:.3g}"
+            f"  {name} tune process={q:g} noise={r:g}: ratio {sc.ratio(1):.3f} "
+            f"cov {sc.coverage_90[1]:.3f} band scale {band[0]:.3g}"
         )
     # the best one-step RMSE (the open loop is the same for every q); among the settings within
     # TIE of it (apart by less than the RMSE's own sampling error on the tuning record, ~1.6% at
@@ -175,11 +214,12 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
     best = min(near, key=lambda r: max(abs(np.log(b)) for b in r["band_scale"]))
     band = tuple(best["band_scale"])
     # the k-step bands' factors, on the tuning record with that process noise and band
-    tuned = score(tune, best["process"], band, horizons=HORIZONS, every=every)
+    q, r = best["process"], best["noise"]
+    tuned = score(tune, q, r, band, horizons=HORIZONS, every=every)
     horizon = horizon_scale(tuned)
     t, u, y = test
     t0 = time.perf_counter()
-    sc = score(test, best["process"], band, horizon, horizons=HORIZONS, every=every)
+    sc = score(test, q, r, band, horizon, horizons=HORIZONS, every=every)
     seconds = time.perf_counter() - t0
     factors = FilterSettings(band_scale=band, horizon_scale=horizon)
     unscaled = {}  # the same k-step bands without their factors: the members' own spread
@@ -188,8 +228,10 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
         unscaled[h] = float(np.mean(z[np.isfinite(z)] <= Z90))
     return {
         "forecast": name,
-        "process": best["process"],
-        "noise": spec["noise"],
+        "process": q,
+        "noise": r,
+        "error_ar": [list(a) for a in ar],
+        "error_std": list(ar_std),
         "band_scale": list(band),
         "horizon_scale": [[h, list(f)] for h, f in horizon],
         "coverage_90_without_horizon_scale": unscaled,
@@ -210,15 +252,24 @@ def tune_and_score(name: str, spec: dict, system, forecast, tune, test, *, every
     }
 
 
+def _both(name: str, spec: dict, system, forecast, tune, test, *, every: int) -> list[dict]:
+    """The forecast's filter without and with an error model (`tune_and_score`)."""
+    return [
+        tune_and_score(name, spec, system, forecast, tune, test, every=every),
+        tune_and_score(
+            f"{name} + error model", spec, system, forecast, tune, test, every=every, error=True
+        ),
+    ]
+
+
 def tanks(run: Path) -> list[dict]:
     frames = records("cascaded_tanks", REAL / "cascaded_tanks" / "dataBenchmark.csv")
     tune, test = (arrays(frames[r], TANKS["signals"]) for r in ("estimation", "test"))
     system = make_system("cascaded_tanks", **TANKS["system"])
-    out = [tune_and_score("physics", TANKS, system, SolverForecast(system), tune, test, every=1)]
+    out = _both("physics", TANKS, system, SolverForecast(system), tune, test, every=1)
     blob, card = exported(trained(TANKS["experiment"], run))
     forecast = OnnxForecast(blob, card)
-    out.append(tune_and_score("hybrid", TANKS, card.system.build(), forecast, tune, test, every=1))
-    return out
+    return out + _both("hybrid", TANKS, card.system.build(), forecast, tune, test, every=1)
 
 
 def silverbox(run: Path, samples: int) -> list[dict]:
@@ -228,15 +279,10 @@ def silverbox(run: Path, samples: int) -> list[dict]:
     t, u, y = arrays(frames["test_multisine"], SILVERBOX["signals"])
     test = (t[:samples], u[:samples], y[:samples])
     system = make_system("duffing")
-    out = [
-        tune_and_score("physics", SILVERBOX, system, SolverForecast(system), tune, test, every=10)
-    ]
+    out = _both("physics", SILVERBOX, system, SolverForecast(system), tune, test, every=10)
     blob, card = exported(trained(SILVERBOX["experiment"], run))
     forecast = OnnxForecast(blob, card)
-    out.append(
-        tune_and_score("hybrid", SILVERBOX, card.system.build(), forecast, tune, test, every=10)
-    )
-    return out
+    return out + _both("hybrid", SILVERBOX, card.system.build(), forecast, tune, test, every=10)
 
 
 def drift() -> dict:

@@ -1039,3 +1039,165 @@ def test_a_twin_s_horizon_bands_scale_its_forecast_and_are_checked(exported_pend
     ):
         with pytest.raises(RequestError, match=field):
             _twin(exported_pendulum, filter={"members": 12, "horizon_band": band})
+
+
+# ---- the model's own output error, an autoregressive process in the members --------------------
+def _ar_series(phi, s, n, seed):
+    """An AR(p) series by scipy's IIR filter (not twin-ml's recursion), 500 samples of burn-in."""
+    from scipy.signal import lfilter
+
+    e = np.random.default_rng(seed).normal(size=n + 500) * s
+    return lfilter([1.0], np.r_[1.0, -np.asarray(phi)], e)[500:]
+
+
+def test_error_model_fits_an_autoregressive_error_by_yule_walker():
+    """An AR(2) error (a resonance, as the Silverbox hybrid's) of 20000 samples: the fitted
+    coefficients and driving std within 5 of their asymptotic standard errors (Box & Jenkins:
+    var(phi_hat) ~ (1 - phi2^2) / n for an AR(2); var(s_hat) ~ s^2 / 2n); AIC picks order 2;
+    a second output with NaN (not measured) is fitted on its measured samples; the fit is
+    stationary (the settings' own check passes)."""
+    from twin_ml.assimilate.filter import FilterSettings, error_model
+
+    phi, s, n = (1.5, -0.75), 0.1, 20000
+    R = np.stack([_ar_series(phi, s, n, 1), _ar_series((0.9,), 0.05, n, 2)], axis=1)
+    R[::7, 1] = np.nan
+    ar, std = error_model(R)
+    assert len(ar[0]) == 2  # AIC's order, the second output's AR(1) zero-padded
+    se = np.sqrt((1 - phi[1] ** 2) / n)
+    assert np.allclose(ar[0], phi, rtol=0, atol=5 * se), ar
+    assert abs(std[0] - s) < 5 * s / np.sqrt(2 * n)
+    # the second output: its lags run across the dropped samples, so only loosely an AR(1)
+    assert ar[1][1] == pytest.approx(0.0, abs=0.1) and ar[1][0] == pytest.approx(0.9, abs=0.1)
+    FilterSettings(error_ar=ar, error_std=std).check([], 2, 2)
+    forced, _ = error_model(R[:, :1], orders=(4,))
+    assert len(forced[0]) == 4 and np.allclose(forced[0][2:], 0.0, atol=5 / np.sqrt(n))
+    with pytest.raises(ValueError, match="cannot fit an order up to 16"):
+        error_model(R[:40])
+    with pytest.raises(ValueError, match=r"residuals\[:, 0\] are constant"):
+        error_model(np.ones((200, 1)))
+    with pytest.raises(ValueError, match="orders: one per output"):
+        error_model(R, orders=(2,))
+
+
+def test_error_settings_are_checked_by_name():
+    from twin_ml.assimilate.filter import FilterSettings
+
+    with pytest.raises(ValueError, match=r"filter.error_ar\[0\]: not a stationary process"):
+        FilterSettings(error_ar=((1.0,),), error_std=(0.1,)).check([], 2, 1)
+    with pytest.raises(ValueError, match=r"filter.error_ar\[0\]: not a stationary process"):
+        FilterSettings(error_ar=((1.5, -1.0),), error_std=(0.1,)).check([], 2, 1)  # |root| 1
+    with pytest.raises(ValueError, match="filter.error_std: one std per output"):
+        FilterSettings(error_ar=((0.5,),), error_std=()).check([], 2, 1)
+    with pytest.raises(ValueError, match="filter.error_ar: one list of coefficients per output"):
+        FilterSettings(error_ar=((0.5,), (0.5,)), error_std=(0.1, 0.1)).check([], 2, 1)
+    with pytest.raises(ValueError, match="finite coefficients and stds >= 0"):
+        FilterSettings(error_ar=((0.5,),), error_std=(-0.1,)).check([], 2, 1)
+
+
+def test_the_members_start_from_the_error_process_s_stationary_law():
+    """AR(1) phi 0.9, driving std 0.1, carried as two lags: the stationary variance is
+    s^2 / (1 - phi^2) and the lag-one covariance phi times it (analytic); 4000 members' sample
+    moments within 5 of their standard errors (sqrt(2 / N) relative)."""
+    lin, t, u, _, _ = _linear_record(steps=2)
+    f = _linear_filter(lin, t, u, members=4000, error_ar=((0.9, 0.0),), error_std=(0.1,))
+    var = 0.01 / (1 - 0.81)
+    C = np.cov(f.D, rowvar=False)
+    assert f.D.shape == (4000, 2)
+    tol = 5 * np.sqrt(2 / 4000)
+    assert C[0, 0] == pytest.approx(var, rel=tol) and C[1, 1] == pytest.approx(var, rel=tol)
+    assert C[0, 1] == pytest.approx(0.9 * var, rel=2 * tol)
+
+
+def test_an_error_model_s_analysis_is_the_kalman_filter_of_the_augmented_state():
+    """At the first sample (no forecast) the ETKF analyses [x, d] with y = x1 + d_k + v: its mean
+    and sample covariance are the Kalman filter's on the augmented vector, prior the members'
+    own sample moments, H = [1, 0, 1, 0] (float64 rounding); the one-step prediction is the
+    members' x1 + d_k."""
+    lin, t, u, _, y = _linear_record(steps=2)
+    f = _linear_filter(lin, t, u, error_ar=((1.2, -0.5),), error_std=(0.2,))
+    Z0 = np.concatenate([f.X, f.D], axis=1)
+    mean0, P0 = _moments(Z0)
+    H = np.array([[1.0, 0.0, 1.0, 0.0]])
+    est = f.step(t[0], u[0], y[0])
+    want_mean, want_P, want_nis = _kalman(mean0, P0, H, y[0], np.array([0.1]))
+    got_mean, got_P = _moments(np.concatenate([f.X, f.D], axis=1))
+    scale = np.abs(Z0).max()
+    assert np.allclose(got_mean, want_mean, rtol=0, atol=64 * EPS * scale)
+    assert np.allclose(got_P, want_P, rtol=0, atol=64 * EPS * scale**2)
+    assert est.innovation.nis == pytest.approx(want_nis, rel=1e-10)
+    assert est.predicted_mean[0] == pytest.approx((H @ mean0)[0], rel=0, abs=8 * EPS * scale)
+
+
+def test_the_error_steps_by_its_recursion_in_the_filter_forecast_and_k_step_reports():
+    """With no driving noise and no process noise the members' errors follow
+    d_k = 1.2 d_k-1 - 0.5 d_k-2 exactly: unmeasured samples' predictions are x1 + d (the
+    recursion written out here, the states by the linear oracle); `forecast_ahead` and `Ahead`'s
+    k-step reports from one analysis give the same means, and both carry the errors; the
+    filter and its origins go on bit for bit through JSON."""
+    from twin_ml.assimilate.filter import Ahead, EnsembleFilter, FilterSettings
+
+    lin, t, u, _, y = _linear_record(steps=12)
+    settings = FilterSettings(members=8, error_ar=((1.2, -0.5),), error_std=(0.0,))
+    rng = np.random.default_rng(5)
+    X0, D0 = rng.normal(size=(8, 2)), rng.normal(size=(8, 2)) * 0.3
+    f = EnsembleFilter(
+        lin, lin, [0.1], settings, X=X0.copy(), TH=np.zeros((8, 0)), p=np.ones(1), t=t[0],
+        u=u[0], rng=np.random.default_rng(0), D=D0.copy(),
+    )  # fmt: skip
+    x, d1, d2 = X0.copy(), D0[:, 0].copy(), D0[:, 1].copy()
+    for k in range(1, 6):
+        est = f.step(t[k], u[k], [np.nan])
+        x = lin(x, None, t[k - 1], t[k], u[k - 1], u[k])
+        d1, d2 = 1.2 * d1 - 0.5 * d2, d1
+        want = np.mean(x[:, 0] + d1)
+        assert est.predicted_mean[0] == pytest.approx(want, rel=0, abs=64 * EPS)
+    ahead = f.forecast_ahead(t[6:9], u[6:9])  # members run on from the analysis at t5
+    want = []
+    for k in (6, 7, 8):
+        x = lin(x, None, t[k - 1], t[k], u[k - 1], u[k])
+        d1, d2 = 1.2 * d1 - 0.5 * d2, d1
+        want.append(np.mean(x[:, 0] + d1))
+    assert np.allclose(ahead["mean"][:, 0], want, rtol=0, atol=64 * EPS)
+    tracker = Ahead([3], dt=lin.dt)
+    tracker.spawn(f)  # an origin at t5, through JSON with the filter
+    tracker = Ahead([3], dt=lin.dt, state=json.loads(json.dumps(tracker.state())))
+    g = EnsembleFilter.restore(lin, lin, [0.1], settings, json.loads(json.dumps(f.state())))
+    assert np.array_equal(g.D, f.D)
+    for k in (6, 7, 8):
+        report = tracker.advance(g, t[k], u[k])
+        g.step(t[k], u[k], [np.nan])
+    assert report[3][0][0] == pytest.approx(want[2], rel=0, abs=64 * EPS)
+
+
+def test_a_twin_s_error_model_goes_through_its_state_and_is_checked(exported_pendulum):
+    """filter.error {output: {ar, std}}: the twin's members carry the error's lags; written to
+    JSON and read back between two batches (`ahead` origins too) it answers as the twin never
+    stopped; its one-step predictions differ from a twin without it; bad ones are refused by
+    field."""
+    from twin_ml.assimilate.twin import Twin
+    from twin_ml.contract import RequestError
+
+    error = {"theta": {"ar": [0.8, 0.1], "std": 0.01}}
+    body = {"filter": {"members": 12, "error": error}, "ahead": [3]}
+    a, card = _twin(exported_pendulum, **body)
+    b, _ = _twin(exported_pendulum, **body)
+    plain, _ = _twin(exported_pendulum, filter={"members": 12}, ahead=[3])
+    assert a.filter.D.shape == (12, 2) and a.filter.settings.error_ar == ((0.8, 0.1),)
+    first = [tw.observe(_batch(card, 1, 4, theta=0.3)) for tw in (a, b, plain)]
+    assert first[0] == first[1]
+    assert first[0]["samples"][-1]["predicted"] != first[2]["samples"][-1]["predicted"]
+    b = Twin.restore(card, b.filter.forecast, json.loads(json.dumps(b.state())))
+    ra, rb = (tw.observe(_batch(card, 5, 4, theta=0.25)) for tw in (a, b))
+    assert ra == rb and "3" in ra["samples"][-1]["ahead"]
+    bad = [
+        ({"theta": {"ar": [1.0], "std": 0.1}}, r"filter.error.theta.ar: not a stationary"),
+        ({"theta": {"ar": [0.5], "std": -1}}, r"filter.error.theta.std: a std >= 0"),
+        ({"theta": {"ar": [0.5]}}, r"filter.error.theta: give ar"),
+        ({"theta": {"ar": [0.1] * 33, "std": 0.1}}, r"filter.error.theta.ar: a list of 1 to 32"),
+        ({"theta": {"ar": [0.5], "std": 0.1, "ma": [1]}}, r"filter.error.theta"),
+        ({"omega": {"ar": [0.5], "std": 0.1}}, r"filter.error"),
+        ({}, r"filter.error: name at least one of"),
+    ]
+    for err, message in bad:
+        with pytest.raises(RequestError, match=message):
+            _twin(exported_pendulum, filter={"members": 12, "error": err})

@@ -71,6 +71,14 @@ class FilterSettings:
     # two fitted horizons the log factor is linear in log h (h = 1: band_scale), past the last
     # it stays; empty: 1 beyond the first step
     horizon_scale: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    # the model's own error on each output as an autoregressive process, carried in the members
+    # (a coloured measurement error in the filtered vector, Bryson & Henrikson 1968; Box &
+    # Jenkins' noise model): y = h(x) + d + v, d_k = sum_i error_ar[o][i] d_{k-i} + e_k with
+    # e_k ~ N(0, error_std[o]^2) per step. Per output the coefficients (one count for all,
+    # zero-padded; a stationary process) and the driving std, fitted on a tuning record's
+    # open-loop residuals (`error_model`); empty: none
+    error_ar: tuple[tuple[float, ...], ...] = ()
+    error_std: tuple[float, ...] = ()
 
     def band_at(self, h: int, n_outputs: int) -> np.ndarray:
         """The factor [n_outputs] on the std of a prediction h >= 1 steps after the last
@@ -149,6 +157,8 @@ class FilterSettings:
                     raise ValueError(
                         f"filter.horizon_scale[{h}]: factors must be finite and > 0, got {v}"
                     )
+        if self.error_ar or self.error_std:
+            check_error_model(self.error_ar, self.error_std, n_outputs)
         unknown = sorted(set(self.parameters) - set(parameter_names))
         if unknown:
             raise ValueError(
@@ -156,6 +166,81 @@ class FilterSettings:
                 f"{', '.join(parameter_names)}"
             )
         return self
+
+
+def check_error_model(ar, std, n_outputs: int | None) -> None:
+    A = np.asarray(ar, dtype=np.float64)
+    if A.ndim != 2 or A.shape[1] < 1 or (n_outputs is not None and len(A) != n_outputs):
+        raise ValueError(
+            f"filter.error_ar: one list of coefficients per output ({n_outputs}), all of one "
+            f"length >= 1, got {list(ar)}"
+        )
+    if len(std) != len(A):
+        raise ValueError(
+            f"filter.error_std: one std per output ({len(A)}), got {len(std)}: give it with "
+            "filter.error_ar"
+        )
+    if not (np.isfinite(A).all() and all(np.isfinite(v) and v >= 0 for v in std)):
+        raise ValueError("filter.error_ar / error_std: finite coefficients and stds >= 0")
+    for o, row in enumerate(A):
+        radius = np.abs(np.linalg.eigvals(_companion(row))).max()
+        if not radius < 1:
+            raise ValueError(
+                f"filter.error_ar[{o}]: not a stationary process (its companion matrix's "
+                f"spectral radius is {radius:.4g}, must be < 1)"
+            )
+
+
+def _companion(ar: np.ndarray) -> np.ndarray:
+    """[p, p]: the lags (d_k, ..., d_{k-p+1}) one step on, of d_k = sum_i ar[i] d_{k-i}."""
+    p = len(ar)
+    C = np.eye(p, k=-1)
+    C[0] = ar
+    return C
+
+
+def error_model(
+    residuals: np.ndarray, max_order: int = 16, orders: tuple[int, ...] | None = None
+) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
+    """`FilterSettings.error_ar` / `error_std` from a tuning record's residuals [T, ny] (the
+    measurements less the model's open loop from an estimated initial state; NaN: not
+    measured, left out, the lags running across it): per output the Yule-Walker fit (Box &
+    Jenkins; stationary by construction) of the order from 1 to `max_order` with the least AIC,
+    or the given `orders` per output; zero-padded to one length. Fit it on a tuning record,
+    never on the one it is scored on."""
+    from scipy.linalg import solve_toeplitz
+
+    R = np.asarray(residuals, dtype=np.float64)
+    if R.ndim != 2:
+        raise ValueError(f"residuals must be [T, ny], got shape {R.shape}")
+    if orders is not None and (
+        len(orders) != R.shape[1] or not all(1 <= int(p) <= max_order for p in orders)
+    ):
+        raise ValueError(f"orders: one per output ({R.shape[1]}) in [1, {max_order}], got {orders}")
+    fits = []
+    for o in range(R.shape[1]):
+        r = R[:, o][np.isfinite(R[:, o])]
+        n = len(r)
+        if n < 4 * max_order + 8:
+            raise ValueError(
+                f"residuals[:, {o}]: {n} finite values cannot fit an order up to {max_order} "
+                f"(need >= {4 * max_order + 8})"
+            )
+        r = r - r.mean()
+        acov = np.array([r[: n - k] @ r[k:] / n for k in range(max_order + 1)])
+        if not acov[0] > 0:
+            raise ValueError(f"residuals[:, {o}] are constant: no error process to fit")
+        best = None
+        for p in range(1, max_order + 1) if orders is None else (int(orders[o]),):
+            phi = solve_toeplitz(acov[:p], acov[1 : p + 1])
+            var = acov[0] - phi @ acov[1 : p + 1]
+            aic = n * np.log(var) + 2 * p
+            if best is None or aic < best[0]:
+                best = (aic, phi, var)
+        fits.append(best[1:])
+    p = max(len(phi) for phi, _ in fits)
+    ar = tuple(tuple(float(v) for v in np.pad(phi, (0, p - len(phi)))) for phi, _ in fits)
+    return ar, tuple(float(np.sqrt(max(var, 0.0))) for _, var in fits)
 
 
 class SolverForecast:
@@ -408,8 +493,9 @@ class Estimate:
 
 class EnsembleFilter:
     """The running filter: members X [N, nx], the estimated parameters' logs TH [N, q], the
-    parameters' values `p` [np] (the estimated ones overwritten per member), the time `t` and the
-    inputs `u` [nu] of the last analysis."""
+    output errors' lags D [N, ny * p] (`FilterSettings.error_ar`; output o's d_{k-i} in column
+    o p + i; p = 0 without an error model), the parameters' values `p` [np] (the estimated ones
+    overwritten per member), the time `t` and the inputs `u` [nu] of the last analysis."""
 
     def __init__(
         self,
@@ -424,6 +510,7 @@ class EnsembleFilter:
         t: float,
         u: np.ndarray,
         rng: np.random.Generator,
+        D: np.ndarray | None = None,
     ):
         self.system, self.forecast = system, forecast
         self.settings = settings.check(
@@ -441,6 +528,14 @@ class EnsembleFilter:
         self.t, self.u = float(t), np.asarray(u, dtype=np.float64)
         self.rng = rng
         self._process = np.asarray(self.settings.process, dtype=np.float64)
+        ny = len(system.output_names)
+        self._ar = np.asarray(self.settings.error_ar, dtype=np.float64).reshape(ny, -1)
+        self._ar_std = np.asarray(self.settings.error_std, dtype=np.float64)
+        self.D = (
+            np.zeros((len(self.X), self._ar.size))
+            if D is None
+            else np.asarray(D, dtype=np.float64).reshape(len(self.X), self._ar.size)
+        )
         self._fixed: np.ndarray | None = None  # parameters() when none is estimated
         self._weights = None  # the localization's weights [nx + q, ny] (parameters' rows 1)
         if self.settings.localization:
@@ -474,7 +569,10 @@ class EnsembleFilter:
             np.log(np.broadcast_to(values[est], (n, len(est))))
             + rng.standard_normal((n, len(est))) * np.asarray(p[1], dtype=np.float64)[est]
         )
-        return cls(system, forecast, noise, settings, X=X, TH=TH, p=values, t=t0, u=u0, rng=rng)
+        D = _stationary_draw(settings, len(system.output_names), n, rng)
+        return cls(
+            system, forecast, noise, settings, X=X, TH=TH, p=values, t=t0, u=u0, rng=rng, D=D
+        )
 
     # ---- the members -----------------------------------------------------------------------
     def parameters(self, TH: np.ndarray | None = None) -> np.ndarray:
@@ -502,9 +600,10 @@ class EnsembleFilter:
             )
         return n
 
-    def _advance(self, X, TH, t1: float, u1, *, walk: bool, rng) -> np.ndarray:
+    def _advance(self, X, TH, t1: float, u1, *, walk: bool, rng, D=None) -> np.ndarray:
         """X stepped from (self.t, self.u) to (t1, u1), in whole forecast steps; `walk`: the
-        estimated parameters' random walk per step (TH is updated in place)."""
+        estimated parameters' random walk per step (TH is updated in place); `D`: the output
+        errors' lags of these members, stepped by their process (in place)."""
         n = self.steps_to(t1)
         u0, u1 = self.u, np.asarray(u1, dtype=np.float64)
         process = self._process
@@ -529,12 +628,27 @@ class EnsembleFilter:
                 X = X + rng.standard_normal(X.shape) * process
             if walk:
                 TH += rng.standard_normal(TH.shape) * self.settings.walk
+            if D is not None and D.size:
+                D[:] = self._error_step(D, rng)
         return X
 
-    def observe_members(self, X, u, TH=None) -> np.ndarray:
+    def _error_step(self, D: np.ndarray, rng) -> np.ndarray:
+        """The output errors' lags D [N, ny p] one step on."""
+        ny, p = self._ar.shape
+        L = D.reshape(len(D), ny, p)
+        new = (
+            np.einsum("nop,op->no", L, self._ar) + rng.standard_normal((len(D), ny)) * self._ar_std
+        )
+        return np.concatenate([new[:, :, None], L[:, :, :-1]], axis=2).reshape(len(D), ny * p)
+
+    def observe_members(self, X, u, TH=None, D=None) -> np.ndarray:
+        """[N, ny]: the members' outputs h(x) (+ their output errors' current values, with D)."""
         P = self.parameters(TH)
         U = np.repeat(np.asarray(u)[None], len(X), axis=0)
-        return np.asarray(self.system.observe(X, U, P), dtype=np.float64)
+        H = np.asarray(self.system.observe(X, U, P), dtype=np.float64)
+        if D is not None and D.size:
+            H = H + D[:, :: self._ar.shape[1]]
+        return H
 
     # ---- one sample --------------------------------------------------------------------------
     def step(self, t: float, u, y) -> Estimate:
@@ -542,28 +656,30 @@ class EnsembleFilter:
         the measurements `y` [ny] (NaN: not measured) taken with inputs `u` [nu]."""
         u = np.asarray(u, dtype=np.float64)
         if t > self.t:
-            self.X = self._advance(self.X, self.TH, t, u, walk=True, rng=self.rng)
+            self.X = self._advance(self.X, self.TH, t, u, walk=True, rng=self.rng, D=self.D)
         elif t < self.t:
             raise ValueError(f"t = {t:g} is before the filter's time {self.t:g}")
         self.t, self.u = float(t), u
         s = self.settings
-        HX = self.observe_members(self.X, u)
+        HX = self.observe_members(self.X, u, D=self.D)
         pm, ps = _moments(HX)
         ps = np.sqrt(ps**2 * s.inflation + self.noise**2)
         if s.band_scale:
             ps = ps * np.asarray(s.band_scale)
-        Z = np.concatenate([self.X, self.TH], axis=1)
+        Z = np.concatenate([self.X, self.TH, self.D], axis=1)
         y = np.asarray(y, dtype=np.float64)
         if self._weights is not None:
-            Z, inn = letkf(Z, HX, y, self.noise, self._weights, s.inflation)
+            W = self._weights  # the output errors' rows: every measurement whole
+            W = np.vstack([W, np.ones((self.D.shape[1], W.shape[1]))]) if self.D.size else W
+            Z, inn = letkf(Z, HX, y, self.noise, W, s.inflation)
         elif s.method == "etkf":
             Z, inn = etkf(Z, HX, y, self.noise, s.inflation)
         else:
             Z, inn = enkf(Z, HX, y, self.noise, self.rng, s.inflation)
         _in_range(Z)
-        nx = self.X.shape[1]
-        self.X, self.TH = Z[:, :nx], Z[:, nx:]
-        HX = self.observe_members(self.X, u)
+        nx, q = self.X.shape[1], self.TH.shape[1]
+        self.X, self.TH, self.D = Z[:, :nx], Z[:, nx : nx + q], Z[:, nx + q :]
+        HX = self.observe_members(self.X, u, D=self.D)
         pe = _moments(np.exp(self.TH)) if self.est else (_EMPTY, _EMPTY)
         return Estimate(float(t), pm, ps, *_moments(HX), *_moments(self.X), *pe, inn)
 
@@ -578,15 +694,15 @@ class EnsembleFilter:
         times = np.asarray(times, dtype=np.float64)
         u = np.asarray(u, dtype=np.float64)
         rng = np.random.default_rng([self.settings.seed, len(times), int(self.t * 1e6) % 2**32])
-        X, TH, t0, u0 = self.X.copy(), self.TH.copy(), self.t, self.u
+        X, TH, D, t0, u0 = self.X.copy(), self.TH.copy(), self.D.copy(), self.t, self.u
         members, states, steps = [], [], []
         dt = getattr(self.forecast, "dt", None)
         try:
             for tk, uk in zip(times, u):
                 steps.append(round((tk - t0) / dt) if dt else len(steps) + 1)
-                X = self._advance(X, TH, tk, uk, walk=False, rng=rng)
+                X = self._advance(X, TH, tk, uk, walk=False, rng=rng, D=D)
                 self.t, self.u = float(tk), uk  # the next interval starts here
-                members.append(self.observe_members(X, uk, TH))
+                members.append(self.observe_members(X, uk, TH, D))
                 states.append(X)
         finally:
             self.t, self.u = t0, u0
@@ -613,6 +729,7 @@ class EnsembleFilter:
             "u": self.u.tolist(),
             "X": self.X.tolist(),
             "TH": self.TH.tolist(),
+            **({"D": self.D.tolist()} if self.D.size else {}),
             "p": self.p.tolist(),
             "rng": self.rng.bit_generator.state,
         }
@@ -637,6 +754,7 @@ class EnsembleFilter:
             t=state["t"],
             u=np.asarray(state["u"]),
             rng=rng,
+            D=np.asarray(state["D"], dtype=np.float64) if "D" in state else None,
         )
 
 
@@ -726,6 +844,7 @@ def _can_join(f: EnsembleFilter, t: float, y) -> bool:
         and isinstance(f.forecast, OnnxForecast)
         and f.settings.method == "etkf"
         and f._weights is None
+        and not f.D.size
         and bool(np.isfinite(np.asarray(y, dtype=np.float64)).all())
     )  # the members are finite: every analysis checks them (`_in_range`)
 
@@ -831,14 +950,20 @@ class Ahead:
         self.every, self.dt = every, dt
         s = state or {}
         self.calls, self.spawned = int(s.get("calls", 0)), int(s.get("spawned", 0))
-        # (origin time, X, TH) per open origin
-        self.origins = [(o[0], np.asarray(o[1]), np.asarray(o[2])) for o in s.get("origins", [])]
+        # (origin time, X, TH, D) per open origin (D: the output errors' lags, `EnsembleFilter`)
+        self.origins = [
+            (o[0], *(np.asarray(a, dtype=np.float64) for a in o[1:3]), _lags(o, len(o[1])))
+            for o in s.get("origins", [])
+        ]
 
     def state(self) -> dict[str, Any]:
         return {
             "calls": self.calls,
             "spawned": self.spawned,
-            "origins": [[t, X.tolist(), TH.tolist()] for t, X, TH in self.origins],
+            "origins": [
+                [t, X.tolist(), TH.tolist(), *([D.tolist()] if D.size else [])]
+                for t, X, TH, D in self.origins
+            ],
         }
 
     def advance(self, f: EnsembleFilter, t: float, u) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -849,6 +974,7 @@ class Ahead:
             raise ValueError("Ahead needs dt: the forecast steps any interval")
         rng = np.random.default_rng([f.settings.seed, 1, self.calls])
         self.calls += 1
+        D = np.concatenate([o[3] for o in self.origins])
         X = f._advance(
             np.concatenate([o[1] for o in self.origins]),
             np.concatenate([o[2] for o in self.origins]),
@@ -856,13 +982,17 @@ class Ahead:
             u,
             walk=False,
             rng=rng,
+            D=D,
         )
-        self.origins = [(o, X[i * n : (i + 1) * n], c) for i, (o, _, c) in enumerate(self.origins)]
+        self.origins = [
+            (o, X[i * n : (i + 1) * n], c, D[i * n : (i + 1) * n])
+            for i, (o, _, c, _) in enumerate(self.origins)
+        ]
         out = {}
-        for origin, Xc, THc in self.origins:
+        for origin, Xc, THc, Dc in self.origins:
             h = round((t - origin) / dt)
             if h in self.horizons:
-                mean, std = _moments(f.observe_members(Xc, np.asarray(u, dtype=float), THc))
+                mean, std = _moments(f.observe_members(Xc, np.asarray(u, dtype=float), THc, Dc))
                 band = f.settings.band_at(h, len(f.noise))
                 out[h] = (mean, np.sqrt(std**2 * f.settings.inflation + f.noise**2) * band)
         longest = self.horizons[-1] if self.horizons else 0
@@ -871,8 +1001,32 @@ class Ahead:
 
     def spawn(self, f: EnsembleFilter) -> None:
         if self.horizons and self.spawned % self.every == 0:
-            self.origins.append((f.t, f.X.copy(), f.TH.copy()))
+            self.origins.append((f.t, f.X.copy(), f.TH.copy(), f.D.copy()))
         self.spawned += 1
+
+
+def _lags(origin: list, n: int) -> np.ndarray:
+    """An origin's output-error lags from its JSON (none stored: no error model)."""
+    return np.asarray(origin[3], dtype=np.float64) if len(origin) > 3 else np.zeros((n, 0))
+
+
+def _stationary_draw(settings: FilterSettings, ny: int, n: int, rng) -> np.ndarray:
+    """[n, ny p]: the output errors' lags drawn from their process's stationary law (each
+    output's lag covariance solves P = C P C' + e e' s^2, C its companion matrix)."""
+    if not settings.error_ar:
+        return np.zeros((n, 0))
+    from scipy.linalg import solve_discrete_lyapunov
+
+    ar = np.asarray(settings.error_ar, dtype=np.float64)
+    p = ar.shape[1]
+    D = np.empty((n, ny, p))
+    for o in range(ny):
+        Q = np.zeros((p, p))
+        Q[0, 0] = settings.error_std[o] ** 2
+        P = solve_discrete_lyapunov(_companion(ar[o]), Q)
+        w, V = np.linalg.eigh((P + P.T) / 2)
+        D[:, o] = (rng.standard_normal((n, p)) * np.sqrt(np.maximum(w, 0.0))) @ V.T
+    return D.reshape(n, ny * p)
 
 
 @dataclass
@@ -997,7 +1151,7 @@ def score_record(
         raise ValueError(f"init = {init} leaves no sample of the {T} to score")
     f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
     # the open loop: the model's own simulation
-    free = replace(settings, process=(), band_scale=(), horizon_scale=())
+    free = replace(settings, process=(), band_scale=(), horizon_scale=(), error_ar=(), error_std=())
     ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], free)
     tracker = Ahead(horizons, every, dt=float(np.median(np.diff(times))))
     err = {h: [] for h in horizons}

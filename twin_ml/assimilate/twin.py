@@ -15,8 +15,11 @@ twin has already passed):
   weights), band {output: factor > 0} (the one-step band's factor, `filter.band_scale` fitted
   on a tuning record; missing outputs 1), horizon_band {h: {output: factor > 0}} (the same for
   the h-step predictions, h >= 2 steps: the `ahead` reports and forecast bands, log-linear in
-  log h between the given horizons, `filter.horizon_scale`)}, `alarms` {window, nis_low,
-  nis_high, reference, slack, threshold}, `ahead` [h, ...] (up to 4 horizons in steps: each
+  log h between the given horizons, `filter.horizon_scale`), error {output: {ar: [c1, ...],
+  std}} (the model's error on that output as an autoregressive process carried in the members,
+  d_k = sum_i c_i d_{k-i} + N(0, std^2), stationary, up to 32 coefficients: `filter.error_ar`,
+  fitted by `filter.error_model` on a tuning record's open-loop residuals)}, `alarms` {window,
+  nis_low, nis_high, reference, slack, threshold}, `ahead` [h, ...] (up to 4 horizons in steps: each
   sample then also reports what the twin predicted h steps before it, from the analysis then and
   the inputs that came since, `filter.Ahead`).
 - observe: `times` [T] (seconds, after the twin's time, on the model's grid from `t0`),
@@ -54,6 +57,7 @@ from twin_ml.assimilate.filter import (
     EnsembleFilter,
     Estimate,
     FilterSettings,
+    check_error_model,
     step_many,
 )
 from twin_ml.contract import ModelCard, RequestError
@@ -69,6 +73,7 @@ OBSERVE_FIELDS = ("times", "outputs", "inputs")
 FORECAST_FIELDS = ("times", "steps", "inputs", "quantiles")
 MAX_MEMBERS = 512
 MAX_HORIZON_BANDS, MAX_HORIZON_BAND = 16, 100_000  # filter.horizon_band: horizons, steps
+MAX_ERROR_ORDER = 32  # filter.error: coefficients per output
 
 
 class Conflict(RequestError):
@@ -249,6 +254,8 @@ class TwinSpec:
                 "localization": loc,
                 "band_scale": tuple(f.get("band_scale", ())),
                 "horizon_scale": tuple((int(h), tuple(v)) for h, v in f.get("horizon_scale", ())),
+                "error_ar": tuple(tuple(row) for row in f.get("error_ar", ())),
+                "error_std": tuple(f.get("error_std", ())),
             }
         )
 
@@ -282,6 +289,36 @@ def _factors(system, given: Any, where: str) -> list[float]:
         if not v > 0:
             raise RequestError(f"{where}.{o}", f"a factor > 0, got {v}")
     return band
+
+
+def _error(system, given: Any) -> tuple[list[list[float]], list[float]]:
+    """filter.error {output: {ar: [coefficients], std: s >= 0}} (an output not given: none) ->
+    (coefficients per output, zero-padded to one length; driving std per output)."""
+    rows = by_name(given, system.output_names, "filter.error", required=False)
+    if not rows:
+        raise RequestError("filter.error", f"name at least one of {system.output_names}")
+    ar, std = {}, {}
+    for name, row in rows.items():
+        where = f"filter.error.{name}"
+        row = _object(row, where)
+        _unknown(row, ("ar", "std"), where)
+        if "ar" not in row or "std" not in row:
+            raise RequestError(where, "give ar (the coefficients) and std (the driving std)")
+        if not isinstance(row["ar"], list) or not 1 <= len(row["ar"]) <= MAX_ERROR_ORDER:
+            raise RequestError(f"{where}.ar", f"a list of 1 to {MAX_ERROR_ORDER} coefficients")
+        ar[name] = [float(v) for v in numbers(row["ar"], f"{where}.ar")]
+        std[name] = number(row["std"], f"{where}.std")
+        if not std[name] >= 0:
+            raise RequestError(f"{where}.std", f"a std >= 0, got {std[name]}")
+        try:
+            check_error_model([ar[name]], [std[name]], 1)
+        except ValueError as e:
+            raise RequestError(f"{where}.ar", str(e).split(": ", 1)[-1]) from None
+    p = max(len(a) for a in ar.values())
+    return (
+        [ar.get(o, []) + [0.0] * (p - len(ar.get(o, []))) for o in system.output_names],
+        [std.get(o, 0.0) for o in system.output_names],
+    )
 
 
 def _localization(system, given: Any, method: str) -> list[list[float]]:
@@ -382,6 +419,7 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
             "localization",
             "band",
             "horizon_band",
+            "error",
         ),
         "filter",
     )
@@ -411,6 +449,8 @@ def parse_create(card: ModelCard, body: Any) -> TwinSpec:
         settings["band_scale"] = _factors(system, f["band"], "filter.band")
     if f.get("horizon_band") is not None:  # the same for h-step predictions: {h: {output: f}}
         settings["horizon_scale"] = _horizon_band(system, f["horizon_band"])
+    if f.get("error") is not None:  # the model's output error: {output: {ar: [...], std}}
+        settings["error_ar"], settings["error_std"] = _error(system, f["error"])
     if not settings["inflation"] >= 1:
         raise RequestError("filter.inflation", f"must be >= 1, got {settings['inflation']}")
     if not 0 <= settings["walk"] <= 1:
@@ -593,7 +633,7 @@ class Twin:
     def estimate(self) -> dict[str, Any]:
         f, sys = self.filter, self.card.system
         X = f.X
-        H = f.observe_members(X, f.u)
+        H = f.observe_members(X, f.u, D=f.D)
         P = np.exp(f.TH)
         return {
             "t": f.t,
