@@ -411,11 +411,13 @@ def test_a_diverging_first_step_does_not_decide_the_one_interval_graph(exported_
     assert forecast.lean
 
 
-def test_filters_stepped_together_step_as_each_alone(exported_pendulum):
+@pytest.mark.parametrize("error", [False, True])
+def test_filters_stepped_together_step_as_each_alone(exported_pendulum, error):
     """`step_many` over five twins' filters: three alike (their own seeds, inputs and
     measurements) share one forecast call and one analysis; one with an output not measured,
     one stochastic EnKF and, later, one whose sample comes after a gap step alone. Every filter's
-    estimates and members are those it gives stepped alone. The shared call steps 3 x 12
+    estimates and members are those it gives stepped alone; with `error`, each its own output
+    error process too. The shared call steps 3 x 12
     members instead of 12: float32 rounding may differ per batch size, so the tolerance is
     float32's over the steps taken (a wrong network, input or random draw is off by the members'
     spread, ~1e-2)."""
@@ -446,6 +448,8 @@ def test_filters_stepped_together_step_as_each_alone(exported_pendulum):
             inflation=1.0 + 0.05 * k,
             walk=0.01 * (k + 1),
             band_scale=(1.0 + 0.1 * k,),
+            error_ar=((0.7 + 0.05 * k, -0.1),) if error else (),
+            error_std=(0.01 * (k + 1),) if error else (),
         )
         x0 = (np.array([0.3 + 0.05 * k, 0.0]), np.array([0.1, 0.1]))
         p = (np.array([1.0, 0.2, 1.0]), np.array([0.0, 0.2, 0.0]))
@@ -469,8 +473,11 @@ def test_filters_stepped_together_step_as_each_alone(exported_pendulum):
                 assert np.allclose(getattr(got[k], name), getattr(want, name), rtol=0, atol=tol)
             assert got[k].t == want.t
             assert np.allclose(together[k].X, alone[k].X, rtol=0, atol=tol)
+            assert np.allclose(together[k].D, alone[k].D, rtol=0, atol=tol)
+            assert together[k].D.shape == (12, 2 if error else 0)
             assert together[k].rng.bit_generator.state == alone[k].rng.bit_generator.state
     assert Counted.shared == steps  # the alike ones went together every time
+    Counted.shared = 0
 
 
 def test_filtering_a_record_with_the_exported_model_beats_its_open_loop(exported_pendulum):

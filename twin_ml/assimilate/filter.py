@@ -761,11 +761,12 @@ class EnsembleFilter:
 def step_many(filters: list[EnsembleFilter], t, u, y) -> list[Estimate]:
     """`filters[i].step(t[i], u[i], y[i])` for every i (the filters of distinct twins), with one
     forecast call and one vectorized analysis (`analysis.etkf_many`) for those that can share
-    them: one `OnnxForecast` object, the ETKF without localization, the same members, states and
-    estimated parameters' count, a sample one model step after the filter's time and every
-    output measured. The rest step alone. Each filter draws its process noise and random walk
-    from its own generator in the order `step` does, so a filter's estimates are those it gives
-    alone, up to the forecast's float32 rounding in a larger batch."""
+    them: one `OnnxForecast` object, the ETKF without localization, the same members, states,
+    estimated parameters' count and output error lags, a sample one model step after the
+    filter's time and every output measured. The rest step alone. Each filter draws its process
+    noise, random walk and output error from its own generator in the order `step` does, so a
+    filter's estimates are those it gives alone, up to the forecast's float32 rounding in a
+    larger batch."""
     if len(filters) == 1:
         return [filters[0].step(t[0], u[0], y[0])]
     ests: list[Estimate | None] = [None] * len(filters)
@@ -795,11 +796,20 @@ def step_many(filters: list[EnsembleFilter], t, u, y) -> list[Estimate]:
         if f._process.size:
             X[k] = X[k] + f.rng.standard_normal((N, nx)) * f._process
         f.TH += f.rng.standard_normal(f.TH.shape) * f.settings.walk
+        if f.D.size:
+            f.D = f._error_step(f.D, f.rng)
         f.X, f.t, f.u = X[k], ts[k], us[k]
     U = rows(us)
     P = np.concatenate([f.parameters() for f in fs])
-    HX = np.asarray(f0.system.observe(X.reshape(K * N, nx), U, P), dtype=np.float64)
-    HX = HX.reshape(K, N, -1)
+
+    def observe(X: np.ndarray) -> np.ndarray:  # [K, N, nx] -> [K, N, ny], the errors added
+        H = np.asarray(f0.system.observe(X.reshape(K * N, nx), U, P), dtype=np.float64)
+        H = H.reshape(K, N, -1)
+        if f0.D.size:
+            H = H + np.stack([f.D[:, :: f._ar.shape[1]] for f in fs])
+        return H
+
+    HX = observe(X)
     pm, ps = _moments_many(HX)
     infl = np.array([f.settings.inflation for f in fs])
     noise = np.array([f.noise for f in fs])
@@ -807,16 +817,16 @@ def step_many(filters: list[EnsembleFilter], t, u, y) -> list[Estimate]:
     for k, f in enumerate(fs):
         if f.settings.band_scale:
             ps[k] = ps[k] * np.asarray(f.settings.band_scale)
-    Z = np.concatenate([X, np.stack([f.TH for f in fs])], axis=2)
+    Z = np.concatenate([X, np.stack([f.TH for f in fs]), np.stack([f.D for f in fs])], axis=2)
     Z, inns = etkf_many(Z, HX, ys, noise, infl)
     _in_range(Z)
+    q = f0.TH.shape[1]
     for f, z in zip(fs, Z):
-        f.X, f.TH = z[:, :nx], z[:, nx:]
+        f.X, f.TH, f.D = z[:, :nx], z[:, nx : nx + q], z[:, nx + q :]
     P = np.concatenate([f.parameters() for f in fs])
-    HX = np.asarray(f0.system.observe(Z[:, :, :nx].reshape(K * N, nx), U, P), dtype=np.float64)
-    fm, fsd = _moments_many(HX.reshape(K, N, -1))
+    fm, fsd = _moments_many(observe(Z[:, :, :nx]))
     sm, ssd = _moments_many(Z[:, :, :nx])
-    pe = _moments_many(np.exp(Z[:, :, nx:])) if f0.est else None
+    pe = _moments_many(np.exp(Z[:, :, nx : nx + q])) if f0.est else None
     for k, i in enumerate(group):
         e = (pe[0][k], pe[1][k]) if pe else (_EMPTY, _EMPTY)
         ests[i] = Estimate(ts[k], pm[k], ps[k], fm[k], fsd[k], sm[k], ssd[k], *e, inns[k])
@@ -844,7 +854,6 @@ def _can_join(f: EnsembleFilter, t: float, y) -> bool:
         and isinstance(f.forecast, OnnxForecast)
         and f.settings.method == "etkf"
         and f._weights is None
-        and not f.D.size
         and bool(np.isfinite(np.asarray(y, dtype=np.float64)).all())
     )  # the members are finite: every analysis checks them (`_in_range`)
 
@@ -856,6 +865,7 @@ def _alike(f: EnsembleFilter, f0: EnsembleFilter) -> bool:
         and type(f.system) is type(f0.system)
         and f.X.shape == f0.X.shape
         and f.TH.shape == f0.TH.shape
+        and f.D.shape == f0.D.shape
     )
 
 
