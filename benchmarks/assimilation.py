@@ -241,6 +241,7 @@ def tune_and_score(
         "scores": sc.table(),
         "seconds": seconds,
         "samples": len(t),
+        "init": spec["init"],
         "every": every,
         "nis_mean": float(np.mean(sc.result.nis[spec["init"] :])),
         "series": {
@@ -343,16 +344,13 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(n, 1, figsize=(10, 2.6 * n), squeeze=False)
     for ax, (rec, r) in zip(axes[:, 0], panels):
         s = {k: np.asarray(v) for k, v in r["series"].items()}
-        end = min(len(s["t"]), 600)
-        ax.plot(s["t"][:end], s["y"][:end], "k.", ms=2, label="measured")
-        ax.plot(s["t"][:end], s["mean"][:end], lw=1, label="one-step prediction")
-        ax.fill_between(
-            s["t"][:end],
-            (s["mean"] - 1.645 * s["std"])[:end],
-            (s["mean"] + 1.645 * s["std"])[:end],
-            alpha=0.3,
-            label="90% band",
-        )
+        # the one-step error and the 90% band around zero: what the filter leaves unexplained,
+        # over the scored samples (from `init` on), 600 of them
+        at = slice(r["init"], r["init"] + 600)
+        err, half = (s["y"] - s["mean"])[at], Z90 * s["std"][at]
+        ax.fill_between(s["t"][at], -half, half, alpha=0.3, label="90% band")
+        ax.plot(s["t"][at], err, "k.", ms=2, label="measured - one-step prediction")
+        ax.axhline(0.0, color="k", lw=0.5)
         one = r["scores"][0]
         ax.set_title(
             f"{rec} test record, {r['forecast']}: 1-step RMSE {one['ratio']:.2f}x open loop, "

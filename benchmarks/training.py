@@ -18,7 +18,9 @@ diagnostics of what limits an experiment that misses the goals:
 - `error_growth`: the normalized RMSE over the horizon's last quarter over that of its first
   quarter (a rollout that drifts or a chaotic regime grows; a calibrated one stays flat);
 - `data_probe` (`--data-probe a,b`): the same experiment trained on half the scenarios; the test
-  error's ratio (half / full) says how much data is buying.
+  error's ratio (half / full) says how much data is buying;
+- `train/rel_l2_median`: the test error's measure on the training scenarios themselves. Near
+  the test error and above the goal: the fit limits it (optimization or capacity), not data.
 A run is reused when its stamp (experiment files, overrides, dataset hash) matches; `--force`
 retrains. Writes benchmarks/results/training.json (or --out) and prints the table.
 """
@@ -249,6 +251,21 @@ def test_scores(model, dm, level: float = 0.9, draws: int = 1000) -> dict:
     }
 
 
+def train_scores(model, dm) -> dict:
+    """The same rollout error on the scenarios the model was trained on: how well training fits
+    them. A train error near the test error, itself above the goal, says the fit limits the
+    experiment (optimization or capacity), not the data; a train error far below says the
+    model does not generalize (more data, or regularization)."""
+    from twin_ml.evaluate.evaluate import predict_numpy
+    from twin_ml.evaluate.metrics import accuracy
+
+    tr = dm.numpy("train")
+    mean, _ = predict_numpy(model, tr, dm.t_grid)
+    y_scale = model.y_std.numpy().astype(np.float64)
+    acc = accuracy(tr["y"], mean, y_scale, model.system.output_names)
+    return {f"train/{k}": acc[k] for k in ("rel_l2_median", "rel_l2_p95")}
+
+
 def sensitivity(data: Path, n: int = 12, eps: float = 1e-6) -> dict | None:
     """How the physics itself amplifies a small error, measured with the solver (no surrogate):
     for n test scenarios, the initial state moved by eps x each state's spread (a seeded random
@@ -318,6 +335,7 @@ def row(experiment: str, run: Path, data: Path, wall: float | None) -> dict:
             )
         },
         **test_scores(model, dm),
+        **train_scores(model, dm),
         **extrapolation_scores(model, meta, dm),
         "test/error_growth": error_growth(test),
         "physics/sensitivity": sensitivity(data),
@@ -350,12 +368,13 @@ def fmt(v, spec=".4f") -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| experiment | epochs | fit s | test rel L2 median | p95 | cov90 [90% CI] | "
+        "| experiment | epochs | fit s | test rel L2 median | p95 | train median / p95 | "
+        "cov90 [90% CI] | "
         "calibration sd | cov90, calibration + half test calibrate | NLL | CRPS | "
         "extrap rel L2 median | extrap cov90 (unwidened) | extrap NLL | flagged | "
         "error growth (test) | physics amplification (median / max) | data probe (half/full) | "
         "x looped | x stacked | goals missed |",
-        "|" + "---|" * 20,
+        "|" + "---|" * 21,
     ]
     for r in rows:
         if "error" in r:
@@ -372,6 +391,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['experiment']} | {r['epochs']} | {fmt(r['fit_s'], '.0f')} | "
             f"{fmt(r['test/rel_l2_median'])} | {fmt(r['test/rel_l2_p95'])} | "
+            f"{fmt(r.get('train/rel_l2_median'))} / {fmt(r.get('train/rel_l2_p95'))} | "
             f"{fmt(r['test/coverage_90'], '.3f')} {ci} | "
             f"{fmt(r.get('test/coverage_90_sd_calibration'), '.3f')} | "
             f"{fmt(r.get('test/coverage_90_cal_val_test'), '.3f')} | {fmt(r['test/nll'], '.2f')} | "
