@@ -58,7 +58,7 @@ from twin_ml.assimilate.filter import (  # noqa: E402
     band_scale,
     error_model,
     horizon_scale,
-    run_filter,
+    open_loop_residuals,
     score_record,
 )
 from twin_ml.data.real import records  # noqa: E402
@@ -123,25 +123,14 @@ def _prior(spec, y0: float):
     return mean, np.array(spec["x0"][1], dtype=float)
 
 
-def open_loop_residuals(spec: dict, system, forecast, record) -> np.ndarray:
-    """[T - init, ny]: a record's measurements less the model's open loop (its simulation from
-    the initial state the first `init` samples estimate), what `error_model` is fitted on."""
+def residuals(spec: dict, system, forecast, record) -> np.ndarray:
+    """The record's open-loop residuals from its first `init` samples (`open_loop_residuals`)."""
     t, u, y = record
     p = np.array(spec["parameters"])
-    free = y.copy()
-    free[spec["init"] :] = np.nan
-    res = run_filter(
-        system,
-        forecast,
-        t,
-        u,
-        free,
-        np.array([spec["noise"]]),
-        _prior(spec, y[0, 0]),
-        (p, np.zeros(len(p))),
-        FilterSettings(members=MEMBERS, seed=0),
-    )
-    return (y - res.predicted_mean)[spec["init"] :]
+    return open_loop_residuals(
+        system, forecast, t, u, y, np.array([spec["noise"]]), _prior(spec, y[0, 0]),
+        (p, np.zeros(len(p))), members=MEMBERS, init=spec["init"],
+    )  # fmt: skip
 
 
 def tune_and_score(
@@ -154,9 +143,7 @@ def tune_and_score(
     open-loop residuals; the measurement noise is then tuned too (`NOISE_FACTORS`)."""
     p = np.array(spec["parameters"])
     scale = np.array(spec.get("scale", [1.0] * len(system.state_names)))
-    ar, ar_std = (
-        error_model(open_loop_residuals(spec, system, forecast, tune)) if error else ((), ())
-    )
+    ar, ar_std = error_model(residuals(spec, system, forecast, tune)) if error else ((), ())
 
     def score(record, q: float, r: float, band: tuple[float, ...] = (), horizon=(), **kw):
         t, u, y = record

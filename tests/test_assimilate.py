@@ -1208,3 +1208,31 @@ def test_a_twin_s_error_model_goes_through_its_state_and_is_checked(exported_pen
     for err, message in bad:
         with pytest.raises(RequestError, match=message):
             _twin(exported_pendulum, filter={"members": 12, "error": err})
+
+
+def test_open_loop_residuals_are_the_measurements_less_the_model_s_free_run():
+    """After the first `init` samples the members run on without data: with an exact linear
+    forecast and no process noise the ensemble mean moves as the system does, so the residuals
+    are y - H m_k with m_k stepped from the analysis mean after `init` samples (written out
+    here); a model without error leaves the measurement noise, which `error_model` finds
+    white (coefficients within 5 standard errors of 0)."""
+    from twin_ml.assimilate.filter import error_model, open_loop_residuals
+
+    lin, t, u, _, y = _linear_record(steps=1200, q=0.0)
+    prior = (np.array([0.8, 0.0]), np.array([0.3, 0.3]))
+    p = (np.ones(1), np.zeros(1))
+    r = open_loop_residuals(lin, lin, t, u, y, [0.1], prior, p, members=40, init=10)
+    f = _linear_filter(lin, t, u, process=())
+    for k in range(10):
+        m = f.step(t[k], u[k], y[k]).state_mean
+    want = []
+    for k in range(10, len(t)):
+        m = lin(m[None], None, t[k - 1], t[k], u[k - 1], u[k])[0]
+        want.append(y[k, 0] - m[0])
+    assert r.shape == (len(t) - 10, 1)
+    assert np.allclose(r[:, 0], want, rtol=0, atol=1e3 * EPS)
+    ar, std = error_model(r[200:], orders=(2,))  # past the initial state's transient
+    assert np.allclose(ar[0], 0.0, atol=5 / np.sqrt(1000))
+    assert std[0] == pytest.approx(0.1, rel=5 / np.sqrt(2 * 1000))
+    with pytest.raises(ValueError, match="init must be in"):
+        open_loop_residuals(lin, lin, t, u, y, [0.1], prior, p, init=0)

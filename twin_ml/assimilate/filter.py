@@ -243,6 +243,34 @@ def error_model(
     return ar, tuple(float(np.sqrt(max(var, 0.0))) for _, var in fits)
 
 
+def open_loop_residuals(
+    system,
+    forecast: Callable[..., np.ndarray],
+    times: np.ndarray,
+    u: np.ndarray,
+    y: np.ndarray,
+    noise: np.ndarray,
+    x0: tuple[np.ndarray, np.ndarray],
+    p: tuple[np.ndarray, np.ndarray],
+    *,
+    members: int = 32,
+    init: int = 1,
+    seed: int = 0,
+) -> np.ndarray:
+    """[T - init, ny]: a record's measurements less the model's open loop, what `error_model` is
+    fitted on: the filter (`run_filter`'s arguments, no process noise) given the first `init`
+    samples (an estimated initial state), then none, so its one-step predictions are the
+    model's simulation from there (as `score_record`'s open loop)."""
+    y = np.asarray(y, dtype=np.float64)
+    if not 1 <= init < len(y):
+        raise ValueError(f"init must be in [1, {len(y) - 1}], got {init}")
+    free = y.copy()
+    free[init:] = np.nan
+    settings = FilterSettings(members=members, seed=seed)
+    res = run_filter(system, forecast, times, u, free, noise, x0, p, settings)
+    return (y - res.predicted_mean)[init:]
+
+
 class SolverForecast:
     """The physics system stepped over one interval for every member at once (its reference
     solver on the stacked states), inputs linear across the interval (held where the system
