@@ -129,7 +129,7 @@ def residuals(spec: dict, system, forecast, record) -> np.ndarray:
     p = np.array(spec["parameters"])
     return open_loop_residuals(
         system, forecast, t, u, y, np.array([spec["noise"]]), _prior(spec, y[0, 0]),
-        (p, np.zeros(len(p))), members=MEMBERS, init=spec["init"],
+        (p, np.zeros(len(p))), FilterSettings(members=MEMBERS, seed=0), init=spec["init"],
     )  # fmt: skip
 
 

@@ -1216,12 +1216,13 @@ def test_open_loop_residuals_are_the_measurements_less_the_model_s_free_run():
     are y - H m_k with m_k stepped from the analysis mean after `init` samples (written out
     here); a model without error leaves the measurement noise, which `error_model` finds
     white (coefficients within 5 standard errors of 0)."""
-    from twin_ml.assimilate.filter import error_model, open_loop_residuals
+    from twin_ml.assimilate.filter import FilterSettings, error_model, open_loop_residuals
 
     lin, t, u, _, y = _linear_record(steps=1200, q=0.0)
     prior = (np.array([0.8, 0.0]), np.array([0.3, 0.3]))
     p = (np.ones(1), np.zeros(1))
-    r = open_loop_residuals(lin, lin, t, u, y, [0.1], prior, p, members=40, init=10)
+    settings = FilterSettings(members=40, process=(0.03, 0.03))  # the open loop drops it
+    r = open_loop_residuals(lin, lin, t, u, y, [0.1], prior, p, settings, init=10)
     f = _linear_filter(lin, t, u, process=())
     for k in range(10):
         m = f.step(t[k], u[k], y[k]).state_mean

@@ -252,23 +252,26 @@ def open_loop_residuals(
     noise: np.ndarray,
     x0: tuple[np.ndarray, np.ndarray],
     p: tuple[np.ndarray, np.ndarray],
+    settings: FilterSettings = FilterSettings(),
     *,
-    members: int = 32,
     init: int = 1,
-    seed: int = 0,
 ) -> np.ndarray:
     """[T - init, ny]: a record's measurements less the model's open loop, what `error_model` is
-    fitted on: the filter (`run_filter`'s arguments, no process noise) given the first `init`
-    samples (an estimated initial state), then none, so its one-step predictions are the
-    model's simulation from there (as `score_record`'s open loop)."""
+    fitted on: `score_record`'s open loop (`run_filter`'s arguments; the filter without process
+    noise, error model or factors) given the first `init` samples (an estimated initial
+    state), then none, so its one-step predictions are the model's simulation from there."""
     y = np.asarray(y, dtype=np.float64)
     if not 1 <= init < len(y):
         raise ValueError(f"init must be in [1, {len(y) - 1}], got {init}")
     free = y.copy()
     free[init:] = np.nan
-    settings = FilterSettings(members=members, seed=seed)
-    res = run_filter(system, forecast, times, u, free, noise, x0, p, settings)
+    res = run_filter(system, forecast, times, u, free, noise, x0, p, _open_loop(settings))
     return (y - res.predicted_mean)[init:]
+
+
+def _open_loop(settings: FilterSettings) -> FilterSettings:
+    """The settings of the model's own simulation: no process noise, error model or factors."""
+    return replace(settings, process=(), band_scale=(), horizon_scale=(), error_ar=(), error_std=())
 
 
 class SolverForecast:
@@ -1189,8 +1192,7 @@ def score_record(
         raise ValueError(f"init = {init} leaves no sample of the {T} to score")
     f = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], settings)
     # the open loop: the model's own simulation
-    free = replace(settings, process=(), band_scale=(), horizon_scale=(), error_ar=(), error_std=())
-    ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], free)
+    ol = EnsembleFilter.start(system, forecast, noise, x0, p, times[0], u[0], _open_loop(settings))
     tracker = Ahead(horizons, every, dt=float(np.median(np.diff(times))))
     err = {h: [] for h in horizons}
     zs = {h: [] for h in horizons}  # |error| / the band's std
