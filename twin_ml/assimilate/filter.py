@@ -169,6 +169,8 @@ class FilterSettings:
 
 
 def check_error_model(ar, std, n_outputs: int | None) -> None:
+    """Refuse, naming the setting, an output error model that is not one stationary
+    autoregressive process per output (coefficients `ar`, driving stds `std`)."""
     A = np.asarray(ar, dtype=np.float64)
     if A.ndim != 2 or A.shape[1] < 1 or (n_outputs is not None and len(A) != n_outputs):
         raise ValueError(
@@ -204,8 +206,9 @@ def error_model(
 ) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
     """`FilterSettings.error_ar` / `error_std` from a tuning record's residuals [T, ny] (the
     measurements less the model's open loop from an estimated initial state; NaN: not
-    measured, left out, the lags running across it): per output the Yule-Walker fit (Box &
-    Jenkins; stationary by construction) of the order from 1 to `max_order` with the least AIC,
+    measured, left out, the lags running across it; the mean removed: the process is
+    zero-mean): per output the Yule-Walker fit (Box & Jenkins; stationary by construction) of
+    the order from 1 to `max_order` with the least AIC,
     or the given `orders` per output; zero-padded to one length. Fit it on a tuning record,
     never on the one it is scored on."""
     from scipy.linalg import solve_toeplitz
