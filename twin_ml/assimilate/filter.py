@@ -681,8 +681,12 @@ class EnsembleFilter:
         U = np.repeat(np.asarray(u)[None], len(X), axis=0)
         H = np.asarray(self.system.observe(X, U, P), dtype=np.float64)
         if D is not None and D.size:
-            H = H + D[:, :: self._ar.shape[1]]
+            H = H + self._errors_now(D)
         return H
+
+    def _errors_now(self, D: np.ndarray) -> np.ndarray:
+        """[N, ny]: each output's current error d_k from the lags D [N, ny p]."""
+        return D[:, :: self._ar.shape[1]]
 
     # ---- one sample --------------------------------------------------------------------------
     def step(self, t: float, u, y) -> Estimate:
@@ -840,7 +844,7 @@ def step_many(filters: list[EnsembleFilter], t, u, y) -> list[Estimate]:
         H = np.asarray(f0.system.observe(X.reshape(K * N, nx), U, P), dtype=np.float64)
         H = H.reshape(K, N, -1)
         if f0.D.size:
-            H = H + np.stack([f.D[:, :: f._ar.shape[1]] for f in fs])
+            H = H + np.stack([f._errors_now(f.D) for f in fs])
         return H
 
     HX = observe(X)
