@@ -436,11 +436,11 @@ class OnnxForecast:
         if size < 1 or n % size:
             raise ValueError(f"size must divide the {n} rows into whole ensembles, got {size}")
         x32 = np.asarray(X, dtype=np.float32)
-        u0, u1 = (np.asarray(v, dtype=np.float32) for v in (u0, u1))
-        ends = np.stack(np.broadcast_arrays(u0, u1), axis=-2)  # [(n,) 2, nu]
+        ends = np.empty((n, 2, np.shape(u0)[-1]), dtype=np.float32)  # [n, 2, nu]
+        ends[:, 0], ends[:, 1] = u0, u1  # [nu] or [n, nu] each
         feeds = {
             "x0": x32,
-            "u": ends if ends.ndim == 3 else np.repeat(ends[None], n, axis=0),
+            "u": ends,
             "p": np.asarray(P, dtype=np.float32),
             "x_members": np.repeat(x32[None], m, axis=0),
         }
@@ -719,7 +719,9 @@ class EnsembleFilter:
         self.X, self.TH, self.D = Z[:, :nx], Z[:, nx : nx + q], Z[:, nx + q :]
         HX = self.observe_members(self.X, u, D=self.D)
         pe = _moments(np.exp(self.TH)) if self.est else (_EMPTY, _EMPTY)
-        return Estimate(float(t), pm, ps, *_moments(HX), *_moments(self.X), *pe, inn)
+        mean, std = _moments(np.concatenate([HX, self.X], axis=1))  # column by column
+        ny = HX.shape[1]
+        return Estimate(float(t), pm, ps, mean[:ny], std[:ny], mean[ny:], std[ny:], *pe, inn)
 
     # ---- ahead of the data --------------------------------------------------------------------
     def forecast_ahead(self, times, u) -> dict[str, np.ndarray]:

@@ -42,9 +42,10 @@ _NAMESPACES: dict[type, Any] = {}  # array type -> its array-api namespace (see 
 
 
 def _clip(x, /, min=None, max=None, **kwargs):
-    """The array API's clip for numpy: numpy's own for a float array and number bounds (the
-    same result as array-api-compat's, which checks and casts its bounds first and costs ~5x as
-    much: solvers and filters call it every step), array-api-compat's for anything else."""
+    """The array API's clip for numpy: numpy's maximum / minimum for a float array and number
+    bounds (np.clip's result, as array-api-compat's, which checks and casts its bounds first and
+    costs ~5x as much: solvers and filters call it every step), array-api-compat's for anything
+    else."""
     if (
         not kwargs
         and getattr(x, "dtype", None) is not None
@@ -53,7 +54,11 @@ def _clip(x, /, min=None, max=None, **kwargs):
         and (max is None or type(max) in (float, int))
         and not (min is None and max is None)
     ):
-        return np.clip(x, min, max)
+        if max is None:  # the ufuncs alone: np.clip's own checks cost more than the work
+            return np.maximum(x, min)
+        if min is None:
+            return np.minimum(x, max)
+        return np.minimum(np.maximum(x, min), max)
     return _NP_COMPAT.clip(x, min=min, max=max, **kwargs)
 
 
