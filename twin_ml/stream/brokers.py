@@ -242,6 +242,17 @@ def redact(url: str) -> str:
         return "(an unreadable URL)"
 
 
+def load_client(url: str) -> None:
+    """Import the client library of url's scheme (nats-py, amqtt) now: either takes ~0.2 s to
+    import (its HTTP and TLS modules), a process's start-up that should not count as the first
+    connection's time."""
+    scheme, _, _ = parse_url(url)
+    if scheme == "nats":
+        import nats.js  # noqa: F401
+    else:
+        import amqtt.client  # noqa: F401
+
+
 async def connect(
     url: str,
     *,

@@ -571,12 +571,13 @@ async def consume(
     subjects or MQTT topics; on NATS the same JetStream stream stores them)."""
     from tqdm import tqdm
 
-    from twin_ml.stream.brokers import ack_all, connect
+    from twin_ml.stream.brokers import ack_all, connect, load_client
     from twin_ml.stream.messages import MessageError
 
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     result = StreamResult()
+    load_client(url)  # start-up: wall_s counts from the connection on
     t0 = time.perf_counter()
     broker = await connect(
         url, name=name, stream=stream, ack_wait=ack_wait, batch=batch, timeout=timeout
