@@ -243,8 +243,8 @@ def redact(url: str) -> str:
 
 
 def load_client(url: str) -> None:
-    """Import the client library of url's scheme (nats-py, amqtt) now: either takes ~0.2 s to
-    import (its HTTP and TLS modules), a process's start-up that should not count as the first
+    """Import the client library of url's scheme (nats-py, amqtt) now: a process's start-up
+    (nats-py takes ~0.2 s, its HTTP and TLS modules), which should not count as the first
     connection's time."""
     scheme, _, _ = parse_url(url)
     if scheme == "nats":
