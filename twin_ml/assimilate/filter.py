@@ -208,9 +208,8 @@ def error_model(
     measurements less the model's open loop from an estimated initial state; NaN: not
     measured, left out, the lags running across it; the mean removed: the process is
     zero-mean): per output the Yule-Walker fit (Box & Jenkins; stationary by construction) of
-    the order from 1 to `max_order` with the least AIC,
-    or the given `orders` per output; zero-padded to one length. Fit it on a tuning record,
-    never on the one it is scored on."""
+    the order from 1 to `max_order` with the least AIC, or the given `orders` per output;
+    zero-padded to one length. Fit it on a tuning record, never on the one it is scored on."""
     from scipy.linalg import solve_toeplitz
 
     R = np.asarray(residuals, dtype=np.float64)
