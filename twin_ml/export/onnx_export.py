@@ -128,6 +128,13 @@ class IntervalStep(nn.Module):
         self.constant_u = model.nu == 0 or self.all_held
         self.increments = not (self.flow_map or model.physics)
         out_scale = model.dx_std.detach()
+        # a second-order neural ODE: the positions' rates are the velocities (`kinematics`),
+        # x @ kin, the step folded in like the network's
+        self.kinematics = model.has_kinematics
+        if self.kinematics:
+            out_scale = out_scale * model.free_rate
+            kin = model.kin.detach() * (self.dt / self.n_sub if self.increments else 1.0)
+            self.register_buffer("kin", kin)
         if self.flow_map:
             out_scale = out_scale * self.dt
         elif self.increments:
@@ -217,6 +224,8 @@ class IntervalStep(nn.Module):
 
         def f(xx, s):
             dx = self._net(xx, pre_at(s))
+            if self.kinematics:
+                dx = dx + torch.matmul(xx, self.kin)
             if m.physics:
                 dx = dx + m.physics_system.rhs(None, xx, u_at(s), pm)
             return dx

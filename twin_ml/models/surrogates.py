@@ -128,6 +128,11 @@ class VectorFieldODE(Surrogate):
     and parameters; its output is scaled by the data's typical rate of change. In the hybrid,
     g_theta starts at zero, and `learn_parameters` names physical parameters that get a learnable
     per-member factor exp(theta) (starting at 1).
+
+    `kinematics` (neural ODE only) maps a state to the state that is its rate, {position:
+    velocity}: that state's rate is the velocity itself, exactly, and the network learns the
+    others only (a second-order neural ODE: a mechanical system's positions integrate its
+    velocities, which the data's system card says and a black box would have to learn).
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class VectorFieldODE(Surrogate):
         physics: bool = False,
         physics_options: dict[str, Any] | None = None,
         learn_parameters: list[str] | tuple[str, ...] = (),
+        kinematics: dict[str, str] | None = None,
     ):
         super().__init__(system, stats, members, seed)
         # the physics term may be a deliberately incomplete variant of the data's system
@@ -174,6 +180,11 @@ class VectorFieldODE(Surrogate):
             raise ValueError("model.learn_parameters needs the physics term (a hybrid model)")
         self.solver, self.step_fraction, self.rtol, self.atol = solver, step_fraction, rtol, atol
         self.physics = physics
+        kinematics = dict(kinematics or {})
+        free, kin = _kinematics(self.system, kinematics, self.kind_name(physics))
+        # from the config, not the weights (a model saved before kinematics existed loads)
+        self.register_buffer("free_rate", free, persistent=False)  # [nx]: 0 for a position
+        self.register_buffer("kin", kin, persistent=False)  # [nx, nx]: kin[v, x] = 1: dx/dt = v
         self.net = StackedMLP(
             members,
             self.nx + self.nu + self.n_p,
@@ -200,10 +211,21 @@ class VectorFieldODE(Surrogate):
             physics_options=dict(physics_options or {}),
             learn_parameters=list(learn_parameters),
         )
+        if kinematics:  # absent from the config otherwise: a run without it reads as before
+            self._config["kinematics"] = kinematics
+
+    def kind_name(self, physics: bool) -> str:
+        """The kind this class has with or without the physics term (`kind`, before `physics` is
+        set)."""
+        return "hybrid" if physics else "node"
 
     @property
     def kind(self) -> str:  # type: ignore[override]
-        return "hybrid" if self.physics else "node"
+        return self.kind_name(self.physics)
+
+    @property
+    def has_kinematics(self) -> bool:
+        return bool(self._config.get("kinematics"))
 
     def physical_parameters(self, p: torch.Tensor) -> torch.Tensor:
         """p [B, np] -> [M, B, np] with the learned factors applied."""
@@ -234,7 +256,8 @@ class VectorFieldODE(Surrogate):
 
     def learned_rate(self, x: torch.Tensor, u_t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """g_theta(x, u_t, p) [M, B, nx], a rate: the network on normalized (x [M, B, nx],
-        u_t [B, nu], p [B, np]), its output scaled by the data's typical rate of change."""
+        u_t [B, nu], p [B, np]), its output scaled by the data's typical rate of change (with
+        `kinematics`, a position's rate is its velocity instead)."""
         m, b = x.shape[0], x.shape[1]
         z = torch.cat(
             [
@@ -244,6 +267,8 @@ class VectorFieldODE(Surrogate):
             ],
             dim=-1,
         )
+        if self.has_kinematics:
+            return self.net(z) * (self.dx_std * self.free_rate) + torch.matmul(x, self.kin)
         return self.net(z) * self.dx_std
 
     @property
@@ -302,6 +327,37 @@ class VectorFieldODE(Surrogate):
             xs.append(x)
         x = torch.stack(xs, dim=2)  # [M, B, T, nx]
         return x, self.observe(x, u, p)
+
+
+def _kinematics(system, kinematics: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.net.kinematics` checked against the system's states: the rate mask [nx] (0 for a
+    position) and the matrix [nx, nx] that maps the states to the positions' rates."""
+    names = [s.name for s in system.states]
+    nx = len(names)
+    free, kin = torch.ones(nx), torch.zeros(nx, nx)
+    if not kinematics:
+        return free, kin
+    if kind != "node":
+        raise ValueError(
+            f"model.net.kinematics applies to a neural ODE (kind node), not {kind!r}: a hybrid's "
+            "physics gives the kinematics already, and a flow map has no rate to set"
+        )
+    for pos, vel in kinematics.items():
+        for role, name in (("position", pos), ("velocity", vel)):
+            if name not in names:
+                raise ValueError(
+                    f"model.net.kinematics: unknown {role} state {name!r}; states: {names}"
+                )
+        if pos == vel:
+            raise ValueError(f"model.net.kinematics: state {pos!r} cannot be its own rate")
+        if vel in kinematics:
+            raise ValueError(
+                f"model.net.kinematics: {vel!r}, the rate of {pos!r}, is a position itself; "
+                "its own rate must be learned"
+            )
+        free[names.index(pos)] = 0.0
+        kin[names.index(vel), names.index(pos)] = 1.0
+    return free, kin
 
 
 def fixed_steps(f, x, h: float, n: int, solver: str, *, increments: bool = False):
@@ -368,9 +424,8 @@ class FlowMap(VectorFieldODE):
             )
         super().__init__(system, stats, **kwargs)
 
-    @property
-    def kind(self) -> str:  # type: ignore[override]
-        return "flowmap_hybrid" if self.physics else "flowmap"
+    def kind_name(self, physics: bool) -> str:
+        return "flowmap_hybrid" if physics else "flowmap"
 
     def interval_step(self, x, u0, du, p, pm, h: float) -> torch.Tensor:
         """One map evaluation (see the class doc), same arguments as the ODE's."""
