@@ -109,28 +109,21 @@ def test_bad_kinematics_are_refused_naming_the_field(kind, kinematics, match):
         build_model(kind, sys_, stats, members=1, kinematics=kinematics)
 
 
-def test_the_second_order_experiment_is_pendulum_node_with_the_kinematics():
-    """`pendulum_node_second_order` differs from `pendulum_node` in the kinematics alone, so the
-    training benchmark's two rows compare the structure, not the recipe."""
+def test_the_setting_composes_and_builds_a_second_order_model():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from training._common import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfgs = [
-            compose(config_name="train", overrides=[f"experiment={e}"])
-            for e in ("pendulum_node", "pendulum_node_second_order")
-        ]
-    plain, second = (OmegaConf.to_container(c, resolve=False) for c in cfgs)
-    assert second["model"]["net"].pop("kinematics") == KIN
-    assert plain["model"]["net"].pop("kinematics") is None
-    # neither overwrites the other's run
-    assert cfgs[1].out_dir.endswith("runs/pendulum-node-second-order-s0")
-    assert cfgs[0].out_dir.endswith("runs/pendulum-node-s0")
-    second.pop("out_dir"), plain.pop("out_dir")
-    assert second == plain
+        plain = compose(config_name="train", overrides=["experiment=pendulum_node"])
+        second = compose(
+            config_name="train",
+            overrides=["experiment=pendulum_node", "model.net.kinematics={theta: omega}"],
+        )
+    assert plain.model.net.kinematics is None  # off by default
+    net = OmegaConf.to_container(second.model.net, resolve=True)
+    net.pop("_target_")
     sys_, t, u, p, x0, stats = _scenarios("pendulum", n=1, steps=3)
-    net = {k: v for k, v in second["model"]["net"].items() if k != "_target_"}
-    model = build_model(system=sys_, stats=stats, kinematics=KIN, **net)
-    assert model.kind == "node" and model.has_kinematics
+    model = build_model(system=sys_, stats=stats, **net)
+    assert model.kind == "node" and model.has_kinematics and model.config["kinematics"] == KIN
