@@ -203,8 +203,14 @@ def test_scores(model, dm, level: float = 0.9, draws: int = 1000) -> dict:
       away from 0.9 is expected to scatter by;
     - `coverage_90_cal_val_test`: the coverage with a larger calibration set, cross-fitted: the
       scale fitted on the calibration scenarios + one half of test scores the other half, and the
-      reverse."""
+      reverse;
+    - `error_drivers`: where the error sits, the Spearman rank correlation of each test
+      scenario's relative L2 error with each parameter and each input's RMS over the scenario
+      (e.g. +0.5: the larger that quantity, the larger the error, in rank)."""
+    from scipy.stats import spearmanr
+
     from twin_ml.evaluate.evaluate import predict_numpy
+    from twin_ml.evaluate.metrics import rel_l2
     from twin_ml.uq.metrics import central_z, conformal_scale, measured
 
     scale = model.conformal_scale.double().numpy()
@@ -241,7 +247,17 @@ def test_scores(model, dm, level: float = 0.9, draws: int = 1000) -> dict:
             level,
         )
         crossed[~fit_half] = hits(c)[~fit_half]
+    rel = rel_l2(te["y"], mean)
+    drivers = {}
+    quantities = {name: te["p"][:, j] for j, name in enumerate(model.system.parameter_names)}
+    for j, inp in enumerate(model.system.inputs):
+        quantities[f"{inp.name} rms"] = np.sqrt(np.mean(te["u"][:, :, j] ** 2, axis=1))
+    for name, v in quantities.items():
+        keep = np.isfinite(rel) & np.isfinite(v)
+        if keep.sum() > 2 and np.ptp(v[keep]) > 0:  # a parameter held fixed has no rank
+            drivers[name] = float(spearmanr(rel[keep], v[keep]).statistic)
     return {
+        "test/error_drivers": drivers,
         "test/n_scenarios": n,
         "calibration/n_scenarios": nv,
         "test/coverage_90_ci": [float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))],
@@ -366,6 +382,14 @@ def fmt(v, spec=".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def driver(drivers: dict | None) -> str:
+    """The quantity the test error ranks with most strongly, and its Spearman correlation."""
+    if not drivers:
+        return "-"
+    name, rho = max(drivers.items(), key=lambda kv: abs(kv[1]))
+    return f"{name} {rho:+.2f}"
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| experiment | epochs | fit s | test rel L2 median | p95 | train median / p95 | "
@@ -373,8 +397,8 @@ def table(rows: list[dict]) -> str:
         "calibration sd | cov90, calibration + half test calibrate | NLL | CRPS | "
         "extrap rel L2 median | extrap cov90 (unwidened) | extrap NLL | flagged | "
         "error growth (test) | physics amplification (median / max) | data probe (half/full) | "
-        "x looped | x stacked | goals missed |",
-        "|" + "---|" * 21,
+        "error driver (Spearman) | x looped | x stacked | goals missed |",
+        "|" + "---|" * 22,
     ]
     for r in rows:
         if "error" in r:
@@ -401,7 +425,8 @@ def table(rows: list[dict]) -> str:
             f"{fmt(r.get('extrapolation/nll'), '.2f')} | "
             f"{fmt(r.get('extrapolation/flagged'), '.2f')} | "
             f"{fmt(r['test/error_growth'], '.1f')} | {amp} | "
-            f"{fmt(probe, '.2f')} | {fmt(r['speedup_vs_looped'], '.1f')} | "
+            f"{fmt(probe, '.2f')} | {driver(r.get('test/error_drivers'))} | "
+            f"{fmt(r['speedup_vs_looped'], '.1f')} | "
             f"{fmt(r['speedup_vs_stacked'], '.2f')} | {', '.join(missed) or 'none'} |"
         )
     return "\n".join(lines)

@@ -193,3 +193,18 @@ def test_calibration_sd_counts_scenarios_not_points():
     # 200 bootstrap draws estimate an sd to ~5% (1 / sqrt(2 x 199)): 4 of those either side
     assert 0.8 < sd_together / np.sqrt(0.09 / n) < 1.25
     assert sd_together / sd_apart > np.sqrt(t) / 2
+
+
+def test_per_scenario_relative_error_is_what_accuracy_summarizes():
+    """rel_l2: each scenario's ||y_hat - y|| / ||y|| over its measured points, by hand; NaN for a
+    scenario with none, which accuracy's median and p95 leave out."""
+    from twin_ml.evaluate.metrics import accuracy, rel_l2
+
+    y = np.array([[[3.0], [4.0]], [[1.0], [np.nan]], [[np.nan], [np.nan]]])
+    mean = np.array([[[3.3], [3.6]], [[2.0], [9.0]], [[1.0], [1.0]]])
+    rel = rel_l2(y, mean)
+    assert rel[0] == pytest.approx(np.hypot(0.3, 0.4) / 5.0, rel=1e-15)
+    assert rel[1] == pytest.approx(1.0, rel=1e-15)  # the unmeasured second step is left out
+    assert np.isnan(rel[2])
+    acc = accuracy(y, mean, np.ones(1), ["a"])
+    assert acc["rel_l2_median"] == pytest.approx(np.median(rel[:2]), rel=1e-15)

@@ -15,11 +15,8 @@ def accuracy(
     points only (a NaN in y is a point not measured); a value with no measured point is None."""
     ok = np.isfinite(y)
     err = np.where(ok, mean - np.where(ok, y, 0.0), 0.0)
-    n_ok = ok.reshape(len(y), -1).sum(axis=1)
-    rel = np.linalg.norm(err.reshape(len(y), -1), axis=1) / np.maximum(
-        np.linalg.norm(np.where(ok, y, 0.0).reshape(len(y), -1), axis=1), 1e-12
-    )
-    rel = rel[n_ok > 0]
+    rel = rel_l2(y, mean)
+    rel = rel[np.isfinite(rel)]
     out: dict[str, float | None] = {
         "rel_l2_median": float(np.median(rel)) if len(rel) else None,
         "rel_l2_p95": float(np.percentile(rel, 95)) if len(rel) else None,
@@ -31,6 +28,18 @@ def accuracy(
         out[f"mae_{name}"] = float(np.mean(np.abs(e))) if e.size else None
         out[f"max_err_{name}"] = float(np.max(np.abs(e))) if e.size else None
     return out
+
+
+def rel_l2(y: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Each scenario's relative L2 error ||y_hat - y|| / ||y|| over its measured points [N]
+    (NaN for a scenario with none): the per-scenario values `accuracy` summarizes."""
+    ok = np.isfinite(y)
+    err = np.where(ok, mean - np.where(ok, y, 0.0), 0.0)
+    n_ok = ok.reshape(len(y), -1).sum(axis=1)
+    rel = np.linalg.norm(err.reshape(len(y), -1), axis=1) / np.maximum(
+        np.linalg.norm(np.where(ok, y, 0.0).reshape(len(y), -1), axis=1), 1e-12
+    )
+    return np.where(n_ok > 0, rel, np.nan)
 
 
 def error_vs_horizon(y: np.ndarray, mean: np.ndarray, y_scale: np.ndarray) -> list[float | None]:
