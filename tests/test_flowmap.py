@@ -361,16 +361,21 @@ def test_the_loop_body_steps_the_state_alone():
 @pytest.mark.numeric
 @pytest.mark.parametrize("kind", ["hybrid", "flowmap_hybrid"])
 def test_onnx_reproduces_a_hybrid_with_learned_parameter_factors(kind):
-    from twin_ml._ort import session
-    from twin_ml.export.onnx_export import build_onnx
-
     sys_, t, u, p, x0, stats = _scenarios("pendulum", n=3, steps=12)
     model = build_model(kind, sys_, stats, members=3, seed=1, learn_parameters=["length"]).eval()
     _randomize(model.net, scale=0.1)
     with torch.no_grad():
         model.log_factors.copy_(torch.tensor([[0.1], [-0.2], [0.05]]))
+    assert_onnx_reproduces(model, t, u, p, x0, evals_per_step=4 if kind == "hybrid" else 5)
+
+
+def assert_onnx_reproduces(model, t, u, p, x0, *, evals_per_step: int) -> None:
+    """The exported graph's members against torch's, for 1, 2 and all steps and batches of 1 and
+    3, within the float32 rollout bound (in output stds)."""
+    from twin_ml._ort import session
+    from twin_ml.export.onnx_export import build_onnx
+
     sess = session(build_onnx(model, float(t[1] - t[0])).SerializeToString())
-    evals = 4 if kind == "hybrid" else 5
     for n_t in (1, 2, len(t)):
         for b in (1, 3):
             feeds = {
@@ -383,7 +388,7 @@ def test_onnx_reproduces_a_hybrid_with_learned_parameter_factors(kind):
             ref = model.predict(*(torch.tensor(feeds[k]) for k in ("x0", "u", "p")), tt)
             y_std = model.y_std.numpy()
             scale = np.abs(ref["members"].numpy() / y_std).max()
-            tol = rollout_tol(n_t, max(scale, 1.0), evals_per_step=evals)
+            tol = rollout_tol(n_t, max(scale, 1.0), evals_per_step=evals_per_step)
             assert np.abs(members - ref["members"].numpy()).max() / y_std.min() < tol, (n_t, b)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rollout_tol
-from test_flowmap import _randomize, _scenarios
+from test_flowmap import _randomize, _scenarios, assert_onnx_reproduces
 
 from twin_ml.models import build_model, load_trained, model_from_config, save_model
 
@@ -54,27 +54,10 @@ def test_with_the_network_at_zero_the_rollout_is_uniform_motion():
 
 @pytest.mark.numeric
 def test_onnx_reproduces_a_second_order_neural_ode():
-    from twin_ml._ort import session
-    from twin_ml.export.onnx_export import build_onnx
-
     sys_, t, u, p, x0, stats = _scenarios("pendulum", n=3, steps=12)
     model = build_model("node", sys_, stats, members=3, seed=1, kinematics=KIN).eval()
     _randomize(model.net, scale=0.1)
-    sess = session(build_onnx(model, float(t[1] - t[0])).SerializeToString())
-    for n_t in (1, 2, len(t)):
-        for b in (1, 3):
-            feeds = {
-                "x0": x0[:b].astype(np.float32),
-                "u": u[:b, :n_t].astype(np.float32),
-                "p": p[:b].astype(np.float32),
-            }
-            members = sess.run(["members"], feeds)[0]
-            tt = torch.tensor(t[:n_t], dtype=torch.float32)
-            ref = model.predict(*(torch.tensor(feeds[k]) for k in ("x0", "u", "p")), tt)
-            y_std = model.y_std.numpy()
-            scale = np.abs(ref["members"].numpy() / y_std).max()
-            tol = rollout_tol(n_t, max(scale, 1.0))
-            assert np.abs(members - ref["members"].numpy()).max() / y_std.min() < tol, (n_t, b)
+    assert_onnx_reproduces(model, t, u, p, x0, evals_per_step=4)
 
 
 @pytest.mark.numeric
