@@ -42,7 +42,6 @@ def test_with_the_network_at_zero_the_rollout_is_uniform_motion():
         for w, b in zip(model.net.weights, model.net.biases):
             w.zero_()
             b.zero_()
-    with torch.no_grad():
         x, _ = model(*(torch.tensor(a, dtype=torch.float32) for a in (x0, u, p, t)))
     tt = t - t[0]
     omega = np.broadcast_to(x0[:, 1:2], (3, len(t)))

@@ -13,8 +13,7 @@ def accuracy(
     """Relative L2 error per scenario (||y_hat - y|| / ||y|| over steps and outputs): median, p95;
     per output: NRMSE (RMSE / y_scale, the training data's std), MAE, max error. Over the measured
     points only (a NaN in y is a point not measured); a value with no measured point is None."""
-    ok = np.isfinite(y)
-    err = np.where(ok, mean - np.where(ok, y, 0.0), 0.0)
+    ok, err = _errors(y, mean)
     rel = rel_l2(y, mean)
     rel = rel[np.isfinite(rel)]
     out: dict[str, float | None] = {
@@ -30,11 +29,16 @@ def accuracy(
     return out
 
 
+def _errors(y: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The measured points (finite y) and the error there (0 elsewhere)."""
+    ok = np.isfinite(y)
+    return ok, np.where(ok, mean - np.where(ok, y, 0.0), 0.0)
+
+
 def rel_l2(y: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Each scenario's relative L2 error ||y_hat - y|| / ||y|| over its measured points [N]
     (NaN for a scenario with none): the per-scenario values `accuracy` summarizes."""
-    ok = np.isfinite(y)
-    err = np.where(ok, mean - np.where(ok, y, 0.0), 0.0)
+    ok, err = _errors(y, mean)
     n_ok = ok.reshape(len(y), -1).sum(axis=1)
     rel = np.linalg.norm(err.reshape(len(y), -1), axis=1) / np.maximum(
         np.linalg.norm(np.where(ok, y, 0.0).reshape(len(y), -1), axis=1), 1e-12

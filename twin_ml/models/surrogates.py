@@ -181,7 +181,13 @@ class VectorFieldODE(Surrogate):
         self.solver, self.step_fraction, self.rtol, self.atol = solver, step_fraction, rtol, atol
         self.physics = physics
         kinematics = dict(kinematics or {})
-        free, kin = _kinematics(self.system, kinematics, self.kind_name(physics))
+        if kinematics and self.kind != "node":
+            raise ValueError(
+                f"model.net.kinematics applies to a neural ODE (kind node), not {self.kind!r}: a "
+                "hybrid's physics gives the kinematics already, and a flow map has no rate to set"
+            )
+        self.has_kinematics = bool(kinematics)
+        free, kin = _kinematics(self.system, kinematics)
         # from the config, not the weights (a model saved before kinematics existed loads)
         self.register_buffer("free_rate", free, persistent=False)  # [nx]: 0 for a position
         self.register_buffer("kin", kin, persistent=False)  # [nx, nx]: kin[v, x] = 1: dx/dt = v
@@ -214,18 +220,9 @@ class VectorFieldODE(Surrogate):
         if kinematics:  # absent from the config otherwise: a run without it reads as before
             self._config["kinematics"] = kinematics
 
-    def kind_name(self, physics: bool) -> str:
-        """The kind this class has with or without the physics term (`kind`, before `physics` is
-        set)."""
-        return "hybrid" if physics else "node"
-
     @property
     def kind(self) -> str:  # type: ignore[override]
-        return self.kind_name(self.physics)
-
-    @property
-    def has_kinematics(self) -> bool:
-        return bool(self._config.get("kinematics"))
+        return "hybrid" if self.physics else "node"
 
     def physical_parameters(self, p: torch.Tensor) -> torch.Tensor:
         """p [B, np] -> [M, B, np] with the learned factors applied."""
@@ -329,19 +326,12 @@ class VectorFieldODE(Surrogate):
         return x, self.observe(x, u, p)
 
 
-def _kinematics(system, kinematics: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _kinematics(system, kinematics: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`model.net.kinematics` checked against the system's states: the rate mask [nx] (0 for a
     position) and the matrix [nx, nx] that maps the states to the positions' rates."""
     names = [s.name for s in system.states]
     nx = len(names)
     free, kin = torch.ones(nx), torch.zeros(nx, nx)
-    if not kinematics:
-        return free, kin
-    if kind != "node":
-        raise ValueError(
-            f"model.net.kinematics applies to a neural ODE (kind node), not {kind!r}: a hybrid's "
-            "physics gives the kinematics already, and a flow map has no rate to set"
-        )
     for pos, vel in kinematics.items():
         for role, name in (("position", pos), ("velocity", vel)):
             if name not in names:
@@ -424,8 +414,9 @@ class FlowMap(VectorFieldODE):
             )
         super().__init__(system, stats, **kwargs)
 
-    def kind_name(self, physics: bool) -> str:
-        return "flowmap_hybrid" if physics else "flowmap"
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "flowmap_hybrid" if self.physics else "flowmap"
 
     def interval_step(self, x, u0, du, p, pm, h: float) -> torch.Tensor:
         """One map evaluation (see the class doc), same arguments as the ODE's."""
